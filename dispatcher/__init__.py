@@ -1,0 +1,3 @@
+"""Anti-fraud SMS and ringback-tone campaign dispatcher."""
+
+__version__ = "0.1.0"

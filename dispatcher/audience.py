@@ -1,0 +1,176 @@
+"""The resident registry's import format: reading CSV row by row, and a synthetic generator.
+
+Format (UTF-8, header required)::
+
+    phone,name,district,grid,segments,language,opted_out
+    13812345678,张伟,横林镇,HL-03,workers;parents,zh-CN,false
+
+``district`` and ``segments`` take ids or Chinese names; ``segments`` is separated
+by ``;``; ``opted_out`` is true/false (or 1/0, 是/否). Rows stream through in
+chunks; nothing holds the whole file.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from . import domain
+from .phones import InvalidPhone, normalise
+from .store.base import Resident
+
+COLUMNS = ("phone", "name", "district", "grid", "segments", "language", "opted_out")
+_TRUE = {"true", "1", "yes", "y", "是", "t"}
+_FALSE = {"false", "0", "no", "n", "否", "f", ""}
+
+
+@dataclass(frozen=True)
+class RowError:
+    path: str
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.field}: {self.reason}"
+
+
+def parse_row(row: dict[str, str | None]) -> Resident:
+    """One CSV row to a ``Resident``; raises ``ValueError(field, reason)`` on the first problem."""
+    raw_phone = (row.get("phone") or "").strip()
+    try:
+        phone = normalise(raw_phone)
+    except InvalidPhone as exc:
+        raise ValueError("phone", str(exc)) from exc
+    district_name = (row.get("district") or "").strip()
+    district = domain.district(district_name)
+    if district is None:
+        raise ValueError("district", f"unknown district {district_name!r} (known: {domain.district_names()})")
+    grid = (row.get("grid") or "").strip().upper()
+    if grid:
+        owner = domain.district_of_grid(grid)
+        if owner is None or owner.id != district.id:
+            raise ValueError("grid", f"grid {grid!r} is not in {district.name} (expected {district.grid_prefix}-NN)")
+    segments: list[str] = []
+    for name in (row.get("segments") or "").replace("|", ";").split(";"):
+        if not name.strip():
+            continue
+        seg = domain.segment(name)
+        if seg is None:
+            raise ValueError("segments", f"unknown segment {name.strip()!r} (known: {domain.segment_names()})")
+        segments.append(seg.id)
+    opted = (row.get("opted_out") or "").strip().lower()
+    if opted not in _TRUE | _FALSE:
+        raise ValueError("opted_out", f"expected true or false, got {opted!r}")
+    name = (row.get("name") or "").strip()
+    if len(name) > 64:
+        raise ValueError("name", "longer than 64 characters")
+    return Resident(
+        phone=phone,
+        name=name,
+        district=district.id,
+        grid=grid,
+        segments=tuple(segments),
+        language=(row.get("language") or "zh-CN").strip() or "zh-CN",
+        opted_out=opted in _TRUE,
+    )
+
+
+def read_csv(path: Path, stream: TextIO) -> Iterator[Resident | RowError]:
+    """Yield a ``Resident`` per good row and a ``RowError`` per bad one, in file order."""
+    reader = csv.DictReader(stream)
+    header = reader.fieldnames or []
+    missing = [c for c in ("phone", "district") if c not in header]
+    if missing:
+        yield RowError(str(path), 1, ",".join(missing), f"header lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}")
+        return
+    unknown = [c for c in header if c not in COLUMNS]
+    if unknown:
+        yield RowError(str(path), 1, ",".join(unknown), f"unknown column(s); expected {','.join(COLUMNS)}")
+        return
+    for row in reader:
+        line = reader.line_num
+        if None in row:  # more cells than the header has columns
+            yield RowError(str(path), line, "row", f"{len(header) + len(row[None])} cells, header has {len(header)}")  # type: ignore[index]
+            continue
+        if any(v is None for v in row.values()):
+            yield RowError(str(path), line, "row", f"fewer cells than the header's {len(header)} columns")
+            continue
+        try:
+            yield parse_row(row)
+        except ValueError as exc:
+            field, reason = exc.args if len(exc.args) == 2 else ("row", str(exc))
+            yield RowError(str(path), line, field, reason)
+
+
+# ------------------------------------------------------------------ synthetic registry
+
+_SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔向汤"
+_GIVEN = "伟芳娜秀英敏静丽强磊军洋勇艳杰娟涛明超秀兰霞平刚桂英华建国玉兰志强红梅晓东海燕春梅立新德明建华文博子涵梓轩浩然欣怡雨萱一诺思远佳怡宇轩"
+_PREFIXES = ("130", "131", "132", "133", "135", "136", "137", "138", "139", "150", "151", "152", "153",
+             "155", "156", "157", "158", "159", "176", "177", "180", "181", "182", "183", "186", "187",
+             "188", "189", "198", "199")  # fmt: skip
+
+
+def _segments_for(rng: random.Random) -> list[str]:
+    roll = rng.random()
+    segs: list[str] = []
+    if roll < 0.12:  # students (some also counted as youth)
+        segs.append("students")
+        if rng.random() < 0.5:
+            segs.append("youth")
+    elif roll < 0.30:  # retirees
+        segs.append("retirees")
+        if rng.random() < 0.15:
+            segs.append("party_members")
+    else:  # working age
+        for seg, share in (
+            ("workers", 0.55), ("parents", 0.35), ("taxpayers", 0.40), ("youth", 0.30),
+            ("accountants", 0.07), ("enterprise_owners", 0.06), ("gatekeepers", 0.03),
+            ("financial_staff", 0.05), ("party_members", 0.09), ("service_hall_visitors", 0.14),
+        ):  # fmt: skip
+            if rng.random() < share:
+                segs.append(seg)
+    if rng.random() < 0.48:
+        segs.append("women")
+    return segs
+
+
+def generate(size: int, seed: int) -> Iterator[dict[str, str]]:
+    """A deterministic synthetic registry: same size and seed, same rows, byte for byte."""
+    rng = random.Random(seed)
+    weights = [d.weight for d in domain.DISTRICTS]
+    seen: set[str] = set()
+    produced = 0
+    while produced < size:
+        phone = rng.choice(_PREFIXES) + f"{rng.randrange(10**8):08d}"
+        if phone in seen:
+            continue
+        seen.add(phone)
+        district = rng.choices(domain.DISTRICTS, weights)[0]
+        grid = f"{district.grid_prefix}-{rng.randrange(1, domain.GRIDS_PER_DISTRICT + 1):02d}"
+        name = rng.choice(_SURNAMES) + "".join(rng.choice(_GIVEN) for _ in range(rng.choice((1, 2))))
+        produced += 1
+        yield {
+            "phone": phone,
+            "name": name,
+            "district": district.name,
+            "grid": grid,
+            "segments": ";".join(_segments_for(rng)),
+            "language": "zh-CN",
+            "opted_out": "true" if rng.random() < 0.01 else "false",
+        }
+
+
+def write_csv(rows: Iterator[dict[str, str]], out: TextIO) -> int:
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    n = 0
+    for row in rows:
+        writer.writerow(row)
+        n += 1
+    return n

@@ -1,0 +1,47 @@
+"""Dramatiq brokers: the embedded in-memory default, or Redis when ``DISPATCH_BROKER_URL`` is set.
+
+The embedded broker lets ``make demo`` and a laptop run a whole campaign in one
+process with no services. With Redis, ``dispatch run`` only enqueues and
+``dispatch worker`` processes send. Either way a message carries
+``(run_id, batch_no)``: the database says which recipients that means.
+"""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.brokers.stub import StubBroker
+
+from .errors import BrokerError
+from .settings import Settings
+
+BULK_QUEUE = "bulk"
+
+
+def make_broker(settings: Settings) -> dramatiq.Broker:
+    if settings.embedded:
+        broker: dramatiq.Broker = StubBroker()
+        broker.emit_after("process_boot")
+        return broker
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        raise BrokerError(f"DISPATCH_BROKER_URL: only redis:// URLs are supported, got {settings.broker_url.split(':')[0]}://")
+    import redis
+    from dramatiq.brokers.redis import RedisBroker
+
+    broker = RedisBroker(url=settings.broker_url, namespace=settings.broker_namespace)
+    try:
+        broker.client.ping()
+    except redis.RedisError as exc:
+        raise BrokerError(f"cannot reach the Redis broker: {exc}") from exc
+    return broker
+
+
+def ping(broker: dramatiq.Broker) -> None:
+    client = getattr(broker, "client", None)
+    if client is None:
+        return
+    import redis
+
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise BrokerError(f"cannot reach the Redis broker: {exc}") from exc

@@ -1,0 +1,438 @@
+"""Campaign files: YAML parsed with line numbers, validated with pydantic, checked against the world.
+
+Three layers, each reporting ``path:line:column: field: message``:
+
+1. YAML syntax (PyYAML's marks give the position);
+2. the schema (pydantic; each error's ``loc`` is mapped back to the YAML node it came from);
+3. the world: districts, segments and departments exist, templates exist and parse,
+   every variable a template reads is given, and the message can fit 500 characters.
+
+``load_campaign`` stops at the first error; ``check_paths`` collects every error of
+every file so that ``dispatch validate`` can show them all at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import domain
+from .errors import CampaignError, InputError, TemplateError
+from .sms import MAX_MESSAGE_CHARS
+from .templates import BUILTIN_NAMES, SAMPLE_RECIPIENT, Composer, TemplateSource, load, undeclared
+
+DEFAULT_SIGNATURE = "【常州经开区反诈中心】"
+DEFAULT_OPT_OUT = "回T退订"
+QUARTERS = ("Q1", "Q2", "Q3", "Q4")
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``5s``, ``10m``, ``1h``, ``1d``, ``2w`` -> timedelta."""
+    match = _DURATION_RE.match(str(text))
+    if not match:
+        raise ValueError(f"expected a duration such as 5s, 10m, 1h, 1d or 2w, got {text!r}")
+    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Audience(_Model):
+    districts: list[str] | Literal["all"] = "all"
+    grids: list[str] = Field(default_factory=list)
+    segments: list[str] = Field(default_factory=list)
+    exclude_segments: list[str] = Field(default_factory=list)
+
+    @field_validator("districts", mode="before")
+    @classmethod
+    def _one_district(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) and value != "all" else value
+
+    def district_ids(self) -> list[str]:
+        if self.districts == "all":
+            return [d.id for d in domain.DISTRICTS]
+        return [d.id for name in self.districts if (d := domain.district(name))]
+
+    def segment_ids(self) -> list[str]:
+        return [s.id for name in self.segments if (s := domain.segment(name))]
+
+    def excluded_segment_ids(self) -> list[str]:
+        return [s.id for name in self.exclude_segments if (s := domain.segment(name))]
+
+
+class Quarterly(_Model):
+    month: int = Field(1, ge=1, le=3, description="month within each quarter (1-3)")
+    day: int = Field(1, ge=1, le=31)
+    at: str = "09:00"
+
+    @field_validator("at")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        if not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", value):
+            raise ValueError(f"expected HH:MM, got {value!r}")
+        return value
+
+
+class Schedule(_Model):
+    cron: str | None = None
+    quarterly: Quarterly | None = None
+    interval: str | None = None
+    timezone: str = "Asia/Shanghai"
+    start: datetime | None = None
+    end: datetime | None = None
+    misfire_grace: str = "1h"
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("interval", "misfire_grace")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if len(value.split()) != 5:
+            raise ValueError(f"expected the five standard cron fields, got {value!r}")
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"invalid cron expression {value!r}: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Schedule:
+        given = [k for k in ("cron", "quarterly", "interval") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of cron, quarterly or interval")
+        return self
+
+
+class Campaign(_Model):
+    id: str
+    title: str
+    owner: str
+    channel: Literal["sms"] = "sms"
+    template: str | None = None
+    themes: dict[Literal["Q1", "Q2", "Q3", "Q4"], str] | None = None
+    variables: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    audience: Audience = Field(default_factory=Audience)
+    signature: str = DEFAULT_SIGNATURE
+    opt_out_text: str = DEFAULT_OPT_OUT
+    send_by: datetime | date | None = None
+    schedule: Schedule | None = None
+    priority: Literal["bulk", "urgent"] = "bulk"
+    reason: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _ID_RE.match(value):
+            raise ValueError("use 2-64 lower-case letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("signature")
+    @classmethod
+    def _signature(cls, value: str) -> str:
+        if not (value.startswith("【") and value.endswith("】") and len(value) > 2):
+            raise ValueError("a signature is written 【name】 and leads every message")
+        return value
+
+    @model_validator(mode="after")
+    def _template_or_themes(self) -> Campaign:
+        if (self.template is None) == (self.themes is None):
+            raise ValueError("give either template or themes (quarter -> template), not both or neither")
+        if self.priority == "urgent" and not (self.reason or "").strip():
+            raise ValueError("an urgent campaign must state a reason")
+        return self
+
+    def template_for(self, when: datetime | None = None) -> str:
+        """The template of the quarter ``when`` falls in (Asia/Shanghai), or the single template."""
+        if self.template is not None:
+            return self.template
+        assert self.themes is not None
+        when = when or datetime.now(ZoneInfo("Asia/Shanghai"))
+        quarter = f"Q{(when.month - 1) // 3 + 1}"
+        if quarter not in self.themes:
+            raise CampaignError(f"no theme for {quarter}", field="themes")
+        return self.themes[quarter]  # type: ignore[index]  # quarter is one of the Literal keys
+
+    def template_names(self) -> list[str]:
+        if self.template is not None:
+            return [self.template]
+        assert self.themes is not None
+        return list(dict.fromkeys(self.themes.values()))
+
+    def send_by_datetime(self) -> datetime | None:
+        if self.send_by is None:
+            return None
+        value = self.send_by
+        if not isinstance(value, datetime):
+            value = datetime(value.year, value.month, value.day, 23, 59, 59)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=ZoneInfo("Asia/Shanghai"))
+        return value
+
+    def owner_department(self) -> domain.Department | None:
+        return domain.department(self.owner)
+
+
+# --------------------------------------------------------------------------- YAML with positions
+
+
+@dataclass
+class Located:
+    """A parsed campaign and where each of its fields sits in the file."""
+
+    path: Path
+    text: str
+    data: dict[str, Any]
+    marks: dict[tuple[Any, ...], tuple[int, int]] = field(default_factory=dict)
+
+    def position(self, loc: Iterable[Any]) -> tuple[int | None, int | None]:
+        key = tuple(loc)
+        while key:
+            if key in self.marks:
+                return self.marks[key]
+            key = key[:-1]
+        return self.marks.get((), (1, 1))
+
+    def error(self, message: str, loc: tuple[Any, ...], cls: type[InputError] = CampaignError) -> InputError:
+        line, column = self.position(loc)
+        field_name = ".".join(str(p) for p in loc) or None
+        return cls(message, path=str(self.path), line=line, column=column, field=field_name)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def _walk(node: yaml.Node, path: tuple[Any, ...], marks: dict[tuple[Any, ...], tuple[int, int]]) -> None:
+    marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            _walk(value_node, (*path, key), marks)
+            # point a field's errors at its key, which is where an operator looks
+            marks[(*path, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, (*path, index), marks)
+
+
+def parse_yaml(path: Path) -> Located:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise CampaignError("file not found", path=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise CampaignError("not UTF-8 text", path=str(path)) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise CampaignError(f"invalid YAML: {problem}", path=str(path), line=line, column=column) from exc
+    except yaml.YAMLError as exc:
+        raise CampaignError(f"invalid YAML: {exc}", path=str(path)) from exc
+    if not isinstance(data, dict) or node is None:
+        raise CampaignError("a campaign file is a mapping of fields (id, title, owner, ...)", path=str(path), line=1)
+    located = Located(path=path, text=text, data=data)
+    _walk(node, (), located.marks)
+    return located
+
+
+def _schema(located: Located) -> Campaign:
+    try:
+        return Campaign.model_validate(located.data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p in {"list[str]", "literal['all']"}))
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown field (check its spelling)"
+        elif first["type"] == "missing":
+            message = "required field is missing"
+        message = message.removeprefix("Value error, ")
+        raise located.error(message, loc) from exc
+
+
+@dataclass(frozen=True)
+class LoadedCampaign:
+    campaign: Campaign
+    located: Located
+    templates: dict[str, TemplateSource]
+
+    @property
+    def path(self) -> Path:
+        return self.located.path
+
+    def composer(self, when: datetime | None = None) -> Composer:
+        return self.composer_for(self.campaign.template_for(when))
+
+    def composer_for(self, template_name: str) -> Composer:
+        c = self.campaign
+        owner = c.owner_department()
+        return Composer(
+            source=self.templates[template_name],
+            signature=c.signature,
+            opt_out_text=c.opt_out_text,
+            variables=c.variables,
+            campaign={"id": c.id, "title": c.title, "owner": owner.name if owner else c.owner},
+        )
+
+
+def _world_errors(located: Located, campaign: Campaign, templates_dir: Path) -> Iterator[InputError]:
+    if campaign.owner_department() is None:
+        yield located.error(f"unknown department {campaign.owner!r}", ("owner",))
+    audience = campaign.audience
+    if audience.districts != "all":
+        for index, name in enumerate(audience.districts):
+            if domain.district(name) is None:
+                yield located.error(
+                    f"unknown district {name!r} (known: {domain.district_names()})",
+                    ("audience", "districts", index),
+                )
+    for key in ("segments", "exclude_segments"):
+        for index, name in enumerate(getattr(audience, key)):
+            if domain.segment(name) is None:
+                yield located.error(
+                    f"unknown segment {name!r} (known: {domain.segment_names()})", ("audience", key, index)
+                )
+    chosen = set(audience.district_ids())
+    for index, grid in enumerate(audience.grids):
+        owner = domain.district_of_grid(grid)
+        if owner is None:
+            yield located.error(f"grid {grid!r} belongs to no known district", ("audience", "grids", index))
+        elif owner.id not in chosen:
+            yield located.error(
+                f"grid {grid!r} is in {owner.name}, which the audience does not include",
+                ("audience", "grids", index),
+            )
+
+
+def _template_errors(located: Located, campaign: Campaign, templates_dir: Path) -> Iterator[InputError | TemplateSource]:
+    names: list[tuple[str, tuple[Any, ...]]]
+    if campaign.template is not None:
+        names = [(campaign.template, ("template",))]
+    else:
+        assert campaign.themes is not None
+        names = [(name, ("themes", quarter)) for quarter, name in campaign.themes.items()]
+    seen: set[str] = set()
+    for name, loc in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            source = load(templates_dir, name)
+            needed = undeclared(source)
+        except TemplateError as exc:
+            if exc.path and exc.line:  # syntax error inside the template: point into the template
+                yield TemplateError(exc.message, path=str(templates_dir / name), line=exc.line, field="template")
+            else:
+                yield located.error(exc.message, loc, TemplateError)
+            continue
+        missing = sorted(needed - BUILTIN_NAMES - set(campaign.variables))
+        if missing:
+            yield located.error(
+                f"template {name} needs {', '.join(missing)}, which the campaign does not give",
+                ("variables",) if "variables" in located.data else loc,
+                TemplateError,
+            )
+            continue
+        lc = LoadedCampaign(campaign, located, {name: source})
+        try:
+            text = lc.composer_for(name).compose(SAMPLE_RECIPIENT)
+        except TemplateError as exc:
+            yield located.error(f"template {name}: {exc.message}", loc, TemplateError)
+            continue
+        if len(text) > MAX_MESSAGE_CHARS:
+            yield located.error(
+                f"template {name} renders to {len(text)} characters with signature and opt-out; "
+                f"the limit is {MAX_MESSAGE_CHARS}",
+                loc,
+                TemplateError,
+            )
+            continue
+        yield source
+
+
+def check_file(path: Path, templates_dir: Path) -> tuple[LoadedCampaign | None, list[InputError]]:
+    """Every problem with one campaign file (empty list = valid)."""
+    try:
+        located = parse_yaml(path)
+        campaign = _schema(located)
+    except InputError as exc:
+        return None, [exc]
+    errors: list[InputError] = list(_world_errors(located, campaign, templates_dir))
+    templates: dict[str, TemplateSource] = {}
+    for item in _template_errors(located, campaign, templates_dir):
+        if isinstance(item, TemplateSource):
+            templates[item.name] = item
+        else:
+            errors.append(item)
+    if errors:
+        return None, errors
+    return LoadedCampaign(campaign, located, templates), []
+
+
+def load_campaign(path: Path, templates_dir: Path) -> LoadedCampaign:
+    """The campaign at ``path``, fully checked; raises the first ``InputError`` found."""
+    loaded, errors = check_file(path, templates_dir)
+    if errors:
+        raise errors[0]
+    assert loaded is not None
+    return loaded
+
+
+def campaign_files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix in {".yaml", ".yml"})
+        else:
+            yield path
+
+
+def check_paths(paths: Iterable[Path], templates_dir: Path) -> tuple[list[LoadedCampaign], list[InputError]]:
+    loaded: list[LoadedCampaign] = []
+    errors: list[InputError] = []
+    ids: dict[str, Path] = {}
+    for path in campaign_files(paths):
+        campaign, file_errors = check_file(path, templates_dir)
+        errors.extend(file_errors)
+        if campaign is not None:
+            other = ids.get(campaign.campaign.id)
+            if other is not None:
+                errors.append(campaign.located.error(f"id {campaign.campaign.id!r} is also used by {other}", ("id",)))
+                continue
+            ids[campaign.campaign.id] = path
+            loaded.append(campaign)
+    return loaded, errors

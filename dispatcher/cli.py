@@ -1,0 +1,425 @@
+"""The ``dispatch`` command line.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad input. Every ``InputError`` is printed
+as one line (``path:line:column: field: message``) with no traceback, before
+anything is written or sent.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import domain, logs
+from .errors import DispatchError, InputError, UsageError
+from .runtime import Runtime
+from .settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Anti-fraud SMS campaign dispatcher.")
+audience_app = typer.Typer(no_args_is_help=True, help="The resident registry.")
+app.add_typer(audience_app, name="audience")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class State:
+    runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    if State.runtime is None:
+        settings = Settings.from_env()
+        logs.configure(settings.log_format or ("console" if sys.stderr.isatty() else "json"), settings.log_level)
+        State.runtime = Runtime(settings)
+    return State.runtime
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
+
+
+def _district_name(district_id: str) -> str:
+    d = domain.district(district_id)
+    return d.name if d else district_id
+
+
+# ------------------------------------------------------------------ validate / preview
+
+
+@app.command()
+def validate(paths: list[Path] = typer.Argument(None, help="campaign files or folders (default: campaigns/)")) -> None:
+    """Check campaign files: schema, districts, segments, templates, variables, length."""
+    from .campaigns import check_paths
+
+    rt = runtime()
+    loaded, errors = check_paths(paths or [rt.settings.campaigns_dir], rt.settings.templates_dir)
+    for error in errors:
+        err.print(str(error), markup=False)
+    if errors:
+        raise typer.Exit(2)
+    for lc in loaded:
+        out.print(f"ok {lc.path} ({lc.campaign.id}: {', '.join(lc.campaign.template_names())})", markup=False)
+
+
+@app.command()
+def preview(
+    campaign: Path,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Show who would be messaged and exactly what they would read. Sends nothing."""
+    from .campaigns import load_campaign
+    from .runs import audience_filter
+    from .templates import SAMPLE_RECIPIENT
+
+    rt = runtime()
+    loaded = load_campaign(campaign, rt.settings.templates_dir)
+    matrix = rt.store.audience_matrix(audience_filter(loaded))
+    variants = []
+    for name in loaded.campaign.template_names():
+        text, seg = loaded.composer_for(name).render(SAMPLE_RECIPIENT)
+        variants.append({"template": name, "text": text, "encoding": seg.encoding, "chars": seg.chars, "parts": seg.parts})
+    current = loaded.campaign.template_for(rt.clock())
+    composer = loaded.composer_for(current)
+    total_parts = recipients = 0
+    for row in rt.store.iter_audience(audience_filter(loaded)):
+        if row.opted_out:
+            continue
+        recipients += 1
+        total_parts += composer.render({"name": row.name, "district": row.district, "grid": row.grid})[1].parts
+    report = {
+        "campaign_id": loaded.campaign.id,
+        "recipients": recipients,
+        "opted_out": sum(v["opted_out"] for v in matrix["by_district"].values()),
+        "by_district": matrix["by_district"],
+        "by_district_segment": matrix["by_district_segment"],
+        "variants": variants,
+        "template_now": current,
+        "total_parts": total_parts,
+    }
+    if as_json:
+        emit_json(report)
+        return
+    table = Table(title=f"{loaded.campaign.title} — audience (opted-out excluded)")
+    segs = sorted({s for cells in matrix["by_district_segment"].values() for s in cells})
+    table.add_column("district")
+    table.add_column("recipients", justify="right")
+    for s in segs:
+        table.add_column(s, justify="right")
+    for d in domain.DISTRICTS:
+        if d.id not in matrix["by_district"]:
+            continue
+        info = matrix["by_district"][d.id]
+        cells = matrix["by_district_segment"].get(d.id, {})
+        table.add_row(d.name, str(info["selected"] - info["opted_out"]), *[str(cells.get(s, 0)) for s in segs])
+    out.print(table)
+    for v in variants:
+        marker = " (this quarter)" if v["template"] == current else ""
+        out.print(f"\n[bold]{v['template']}[/bold]{marker}: {v['encoding']}, {v['chars']} characters, {v['parts']} part(s)")
+        out.print(v["text"], markup=False)
+    out.print(f"\nrecipients {recipients}, opted out {report['opted_out']}, total parts {total_parts}")
+
+
+# ------------------------------------------------------------------ runs
+
+
+def _progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) -> dict[str, Any]:
+    """Poll the delivery log until the run has nothing open (or, embedded, the broker is idle)."""
+    from .runs import status
+    from .workers import start_worker, stop_worker, stub_idle
+
+    worker = heartbeat = None
+    if embedded:
+        worker, heartbeat = start_worker(rt)
+    try:
+        st = status(rt, run_id)
+        total = max(1, st["total"])
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not show,
+            transient=False,
+        ) as progress:
+            task = progress.add_task(run_id, total=total)
+            idle_since: float | None = None
+            while True:
+                st = status(rt, run_id)
+                progress.update(task, completed=st["total"] - st["open"])
+                if st["open"] == 0 or st["status"] in ("completed", "cancelled"):
+                    break
+                if embedded:
+                    # nothing queued and nothing in flight: what is still open waits on an operator (unknown rows)
+                    if stub_idle(rt):
+                        idle_since = idle_since or time.monotonic()
+                        if time.monotonic() - idle_since > 1.0:
+                            break
+                    else:
+                        idle_since = None
+                time.sleep(0.2)
+    finally:
+        if worker is not None and heartbeat is not None:
+            stop_worker(rt, worker, heartbeat)
+    rt.store.finish_if_done(run_id)
+    return status(rt, run_id)
+
+
+def _print_summary(st: dict[str, Any]) -> None:
+    table = Table(title=f"run {st['run_id']} — {st['campaign_id']} ({st['status']})")
+    states = [s for s in ("sent", "delivered", "failed", "skipped", "pending", "sending", "unknown", "expired", "cancelled") if any(s in v for v in st["by_district"].values())]
+    table.add_column("district")
+    for s in states:
+        table.add_column(s, justify="right")
+    table.add_column("total", justify="right")
+    for district_id, counts in sorted(st["by_district"].items()):
+        table.add_row(_district_name(district_id), *[str(counts.get(s, 0)) for s in states], str(sum(counts.values())))
+    out.print(table)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items()))
+    out.print(f"total {st['total']}: {counts}; parts sent {st['parts_sent']}", markup=False)
+
+
+@app.command()
+def run(
+    campaign: Path,
+    dry_run: bool = typer.Option(False, "--dry-run", help="select and render, write and send nothing"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="with Redis: enqueue and return at once"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Create a run of CAMPAIGN and send it (embedded) or enqueue it for workers (Redis)."""
+    from .campaigns import load_campaign
+    from .runs import dry_run as do_dry_run
+    from .runs import start_run, status
+
+    rt = runtime()
+    loaded = load_campaign(campaign, rt.settings.templates_dir)
+    if dry_run:
+        summary: dict[str, Any] = {"campaign_id": loaded.campaign.id, "dry_run": True, "recipients": 0, "skipped": 0, "parts": 0, "by_district": {}}
+        for row in do_dry_run(rt, loaded):
+            bucket = summary["by_district"].setdefault(row.district, {"recipients": 0, "skipped": 0, "parts": 0})
+            if row.skipped:
+                summary["skipped"] += 1
+                bucket["skipped"] += 1
+            else:
+                summary["recipients"] += 1
+                summary["parts"] += row.parts
+                bucket["recipients"] += 1
+                bucket["parts"] += row.parts
+        if as_json:
+            emit_json(summary)
+        else:
+            for district_id, b in sorted(summary["by_district"].items()):
+                out.print(f"{_district_name(district_id)}: {b['recipients']} recipients, {b['parts']} parts, {b['skipped']} opted out")
+            out.print(f"dry run: {summary['recipients']} would be sent ({summary['parts']} parts), {summary['skipped']} skipped; nothing written or sent")
+        return
+    if not rt.settings.embedded:
+        from .broker import ping
+
+        ping(rt.broker)
+    created = start_run(rt, loaded)
+    if not as_json:
+        err.print(f"run {created['run_id']}: {created['pending']} to send in {created['batches']} batches", markup=False)
+    if no_wait and not rt.settings.embedded:
+        st = status(rt, created["run_id"])
+    else:
+        st = _progress_follow(rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty())
+    if as_json:
+        emit_json(st)
+    else:
+        _print_summary(st)
+    if st["open"] and rt.settings.embedded:
+        raise typer.Exit(1)
+
+
+@app.command()
+def runs(
+    limit: int = typer.Option(50, help="newest first"),
+    campaign: str | None = typer.Option(None, help="only this campaign id"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List runs, newest first."""
+    rt = runtime()
+    rows = rt.store.list_runs(limit=limit, campaign_id=campaign)
+    keys = ("id", "campaign_id", "status", "fire_time", "created_at", "finished_at", "total", "template_name", "priority")
+    items = [{("run_id" if k == "id" else k): (r[k].isoformat() if hasattr(r[k], "isoformat") else r[k]) for k in keys} for r in rows]
+    if as_json:
+        emit_json({"runs": items})
+        return
+    table = Table()
+    for col in ("run", "campaign", "status", "total", "created", "template"):
+        table.add_column(col)
+    for item in items:
+        table.add_row(item["run_id"], item["campaign_id"], item["status"], str(item["total"]), str(item["created_at"])[:19], item["template_name"])
+    out.print(table)
+
+
+@app.command("status")
+def status_cmd(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A run's counts by state and by district."""
+    from .runs import status
+
+    st = status(runtime(), run_id)
+    if as_json:
+        emit_json(st)
+    else:
+        _print_summary(st)
+
+
+@app.command()
+def resume(
+    run_id: str,
+    no_wait: bool = typer.Option(False, "--no-wait", help="with Redis: enqueue and return at once"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Reconcile rows a crash left in flight and send what is still pending, nobody twice."""
+    from .runs import resume_run, status
+
+    rt = runtime()
+    rt.store.get_run(run_id)
+    result = resume_run(rt, run_id)
+    if not as_json:
+        err.print(
+            f"resume {run_id}: {result['orphans']} orphaned in flight ({result['already_sent']} had been sent, "
+            f"{result['requeued']} requeued); {result['batches']} batches enqueued",
+            markup=False,
+        )
+    if no_wait and not rt.settings.embedded:
+        st = status(rt, run_id)
+    else:
+        st = _progress_follow(rt, run_id, embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty())
+    if as_json:
+        emit_json({**st, "resume": result})
+    else:
+        _print_summary(st)
+
+
+@app.command()
+def worker(
+    queues: str | None = typer.Option(None, help="comma-separated queues (default: all)"),
+    threads: int | None = typer.Option(None, help="worker threads (default DISPATCH_WORKER_THREADS)"),
+) -> None:
+    """Process batches from the Redis broker until SIGTERM/SIGINT."""
+    from .workers import serve
+
+    rt = runtime()
+    if rt.settings.embedded:
+        raise UsageError("dispatch worker needs DISPATCH_BROKER_URL=redis://...; without it `dispatch run` sends in-process")
+    serve(rt, queues={q.strip() for q in queues.split(",") if q.strip()} if queues else None, threads=threads)
+
+
+# ------------------------------------------------------------------ audience
+
+
+@audience_app.command("import")
+def audience_import(file: Path, chunk: int = typer.Option(1000, help="rows per database write")) -> None:
+    """Import residents from CSV: bad rows reported as file:line, good rows kept, deduplicated by phone."""
+    from .audience import RowError, read_csv
+    from .store.sql import iter_chunks
+
+    rt = runtime()
+    if not file.is_file():
+        raise UsageError("file not found", path=str(file))
+    seen: set[str] = set()
+    bad = dup = written = 0
+
+    def good_rows(stream: Any) -> Any:
+        nonlocal bad, dup
+        for item in read_csv(file, stream):
+            if isinstance(item, RowError):
+                bad += 1
+                err.print(str(item), markup=False)
+                continue
+            if item.phone in seen:
+                dup += 1
+                continue
+            seen.add(item.phone)
+            yield item
+
+    try:
+        with file.open(encoding="utf-8-sig", newline="") as stream:
+            for rows in iter_chunks(good_rows(stream), chunk):
+                written += rt.store.upsert_residents(rows)
+    except UnicodeDecodeError as exc:
+        raise InputError("not UTF-8 text", path=str(file)) from exc
+    out.print(f"imported {written} residents from {file} ({dup} duplicate phone rows merged, {bad} bad rows)", markup=False)
+    if bad:
+        raise typer.Exit(2)
+
+
+@audience_app.command("generate")
+def audience_generate(
+    size: int = typer.Option(..., "--size", min=1, help="number of residents"),
+    seed: int = typer.Option(1, "--seed"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="file to write (default: standard output)"),
+) -> None:
+    """Write a deterministic synthetic registry in the import format."""
+    from .audience import generate, write_csv
+
+    if output is None:
+        write_csv(generate(size, seed), sys.stdout)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8", newline="") as fh:
+        n = write_csv(generate(size, seed), fh)
+    err.print(f"wrote {n} residents to {output}", markup=False)
+
+
+@audience_app.command("stats")
+def audience_stats(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Residents by district and population group."""
+    stats = runtime().store.audience_stats()
+    if as_json:
+        emit_json(stats)
+        return
+    table = Table(title="residents")
+    table.add_column("district")
+    table.add_column("residents", justify="right")
+    table.add_column("opted out", justify="right")
+    for s in domain.SEGMENTS:
+        table.add_column(s.id, justify="right")
+    for d in domain.DISTRICTS:
+        info = stats["by_district"].get(d.id, {"residents": 0, "opted_out": 0})
+        cells = stats["by_district_segment"].get(d.id, {})
+        table.add_row(d.name, str(info["residents"]), str(info["opted_out"]), *[str(cells.get(s.id, 0)) for s in domain.SEGMENTS])
+    out.print(table)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except DispatchError as exc:
+        err.print(str(exc), markup=False)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted", markup=False)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        return 130
+    finally:
+        if State.runtime is not None:
+            State.runtime.close()
+            State.runtime = None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

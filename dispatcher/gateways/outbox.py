@@ -1,0 +1,118 @@
+"""The local outbox gateway: one JSON line per message in a file, for demos, drills and tests.
+
+Several worker processes append to the same file. Each message is one ``write``
+of one complete line under an exclusive ``flock``, so lines never interleave and
+a line is either wholly there or not at all (a torn last line after a crash is
+ignored by ``lookup`` and ``read_outbox``). ``lookup`` answers from the file
+itself, which is what makes ``dispatch resume`` exact after ``kill -9``.
+
+Fault injection (``DISPATCH_OUTBOX_FAIL_PERMANENT`` / ``_TRANSIENT``): listed
+numbers fail with ``outbox.rejected`` (permanent) or ``outbox.busy`` (retryable,
+nothing written).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import PermanentSendError, RetryableSendError, SendError
+from .base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
+
+
+class OutboxGateway(BaseGateway):
+    name = "outbox"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fail_permanent: frozenset[str] = frozenset(),
+        fail_transient: frozenset[str] = frozenset(),
+    ) -> None:
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fail_permanent = fail_permanent
+        self.fail_transient = fail_transient
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def _line(self, message: OutgoingMessage) -> bytes:
+        record = {
+            "key": message.key,
+            "run_id": message.run_id,
+            "campaign_id": message.campaign_id,
+            "to": message.to,
+            "body": message.body,
+            "parts": message.parts,
+            "encoding": message.encoding,
+            "at": datetime.now(UTC).isoformat(),
+        }
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+    def _check(self, message: OutgoingMessage) -> None:
+        if message.to in self.fail_permanent:
+            raise PermanentSendError("outbox told to reject this number", code="outbox.rejected")
+        if message.to in self.fail_transient:
+            raise RetryableSendError("outbox told to refuse this number for now", code="outbox.busy")
+
+    def _append(self, data: bytes) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            os.write(self._fd, data)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def send(self, message: OutgoingMessage) -> SendResult:
+        self._check(message)
+        self._append(self._line(message))
+        return SendResult(provider_id=f"outbox:{message.key}")
+
+    def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
+        """All accepted messages of a batch in one locked write (one line each)."""
+        results: list[SendResult | SendError] = []
+        lines: list[bytes] = []
+        for message in messages:
+            try:
+                self._check(message)
+            except SendError as exc:
+                results.append(exc)
+                continue
+            lines.append(self._line(message))
+            results.append(SendResult(provider_id=f"outbox:{message.key}"))
+        if lines:
+            self._append(b"".join(lines))
+        return results
+
+    def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
+        wanted = {r.key for r in requests}
+        found: dict[str, SendResult] = {}
+        for record in read_outbox(self.path):
+            key = record.get("key")
+            if key in wanted:
+                found[key] = SendResult(provider_id=f"outbox:{key}")
+        return found
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def read_outbox(path: Path) -> Iterator[dict[str, Any]]:
+    """Every complete line of the outbox (a torn last line from a crash is skipped)."""
+    if not path.exists():
+        return
+    with path.open("rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                continue
+            try:
+                yield json.loads(raw)
+            except json.JSONDecodeError:
+                continue

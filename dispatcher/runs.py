@@ -1,0 +1,176 @@
+"""Creating, following and resuming runs.
+
+``start_run`` snapshots the campaign and its template (text and sha256), writes
+one delivery row per selected resident in the database and enqueues one Dramatiq
+message per batch. ``resume_run`` reconciles rows a crash left in ``sending``
+(asking the gateway which keys it has) and re-enqueues whatever is pending.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from .campaigns import LoadedCampaign
+from .gateways.base import LookupRequest
+from .store.base import FAILED, SENT, UNKNOWN, AudienceFilter, Outcome, RunSpec
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = structlog.get_logger("dispatcher.runs")
+
+
+def new_run_id(now: datetime) -> str:
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def audience_filter(loaded: LoadedCampaign) -> AudienceFilter:
+    a = loaded.campaign.audience
+    return AudienceFilter(
+        districts=tuple(a.district_ids()),
+        grids=tuple(a.grids),
+        segments=tuple(a.segment_ids()),
+        exclude_segments=tuple(a.excluded_segment_ids()),
+    )
+
+
+def run_spec(runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None) -> RunSpec:
+    c = loaded.campaign
+    now = runtime.clock()
+    template_name = c.template_for(fire_time or now)
+    source = loaded.templates[template_name]
+    return RunSpec(
+        run_id=new_run_id(now),
+        campaign_id=c.id,
+        title=c.title,
+        owner=(c.owner_department().id if c.owner_department() else c.owner),  # type: ignore[union-attr]
+        channel=c.channel,
+        priority=c.priority,
+        reason=c.reason,
+        gateway=runtime.settings.gateway,
+        campaign_path=str(loaded.path),
+        campaign_yaml=loaded.located.text,
+        campaign_sha256=loaded.located.sha256,
+        template_name=template_name,
+        template_text=source.text,
+        template_sha256=source.sha256,
+        send_by=c.send_by_datetime(),
+        batch_size=runtime.settings.batch_size,
+        fire_time=fire_time,
+        signature=c.signature,
+        opt_out_text=c.opt_out_text,
+    )
+
+
+def enqueue_batches(runtime: Runtime, run_id: str, batches: list[int]) -> int:
+    actor = runtime.actors["send_batch"]
+    for batch_no in batches:
+        actor.send(run_id, batch_no)
+    return len(batches)
+
+
+def start_run(runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None) -> dict[str, Any]:
+    """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
+    spec = run_spec(runtime, loaded, fire_time=fire_time)
+    created = runtime.store.create_run(spec, audience_filter(loaded))
+    with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
+        enqueue_batches(runtime, spec.run_id, list(range(created["batches"])))
+        log.info("run.created", total=created["total"], pending=created["pending"], batches=created["batches"])
+    return created
+
+
+@dataclass(frozen=True)
+class DryRunRow:
+    phone: str
+    district: str
+    text: str
+    parts: int
+    encoding: str
+    skipped: str | None
+
+
+def dry_run(runtime: Runtime, loaded: LoadedCampaign) -> Iterator[DryRunRow]:
+    """Select and render exactly as a run would, streaming; writes and sends nothing."""
+    composer = loaded.composer(runtime.clock())
+    for row in runtime.store.iter_audience(audience_filter(loaded)):
+        if row.opted_out:
+            yield DryRunRow(row.phone, row.district, "", 0, "", "opted_out")
+            continue
+        text, seg = composer.render({"name": row.name, "district": row.district, "grid": row.grid})
+        yield DryRunRow(row.phone, row.district, text, seg.parts, seg.encoding, None)
+
+
+def resume_run(runtime: Runtime, run_id: str) -> dict[str, int]:
+    """Reconcile rows orphaned in ``sending`` by a dead worker, then re-enqueue pending batches.
+
+    An orphaned row the gateway already holds becomes ``sent`` (with its provider id),
+    never sent again; one the gateway never saw goes back to ``pending``. Rows held by a
+    worker that is still alive are left to it.
+    """
+    store = runtime.store
+    run = store.get_run(run_id)
+    orphans = store.orphans(run_id, runtime.settings.worker_stale_after)
+    found_sent = requeued = 0
+    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run["campaign_id"]):
+        if orphans:
+            gateway = runtime.gateway
+            known = gateway.lookup([LookupRequest(o.key, o.phone, "", o.claimed_at) for o in orphans])
+            outcomes = [
+                Outcome(
+                    id=o.id,
+                    run_id=run_id,
+                    state=SENT,
+                    attempt=o.attempts,
+                    gateway=gateway.name,
+                    outcome="found",
+                    provider_id=known[o.key].provider_id,
+                    reason="reconciled",
+                )
+                for o in orphans
+                if o.key in known
+            ]
+            store.record(outcomes)
+            found_sent = len(outcomes)
+            requeued = store.requeue([o.id for o in orphans if o.key not in known])
+            log.info("run.reconciled", orphans=len(orphans), already_sent=found_sent, requeued=requeued)
+        if run["status"] in ("cancelled",):
+            return {"orphans": len(orphans), "already_sent": found_sent, "requeued": requeued, "batches": 0}
+        if run["status"] == "completed" and (requeued or store.counts(run_id).get("pending")):
+            store.set_run_status(run_id, "running")
+        batches = store.pending_batches(run_id)
+        enqueue_batches(runtime, run_id, batches)
+        store.finish_if_done(run_id)
+    return {"orphans": len(orphans), "already_sent": found_sent, "requeued": requeued, "batches": len(batches)}
+
+
+def status(runtime: Runtime, run_id: str) -> dict[str, Any]:
+    store = runtime.store
+    run = store.get_run(run_id)
+    counts = store.counts(run_id)
+    return {
+        "run_id": run_id,
+        "campaign_id": run["campaign_id"],
+        "title": run["title"],
+        "status": run["status"],
+        "channel": run["channel"],
+        "gateway": run["gateway"],
+        "fire_time": run["fire_time"].isoformat() if run["fire_time"] else None,
+        "created_at": run["created_at"].isoformat() if run["created_at"] else None,
+        "finished_at": run["finished_at"].isoformat() if run["finished_at"] else None,
+        "template": run["template_name"],
+        "template_sha256": run["template_sha256"],
+        "campaign_sha256": run["campaign_sha256"],
+        "total": run["total"],
+        "batches": run["batches"],
+        "counts": counts,
+        "by_district": store.by_district(run_id),
+        "parts_sent": store.parts_sent(run_id),
+        "open": sum(counts.get(s, 0) for s in ("pending", "sending", UNKNOWN)),
+        "failed": counts.get(FAILED, 0),
+    }

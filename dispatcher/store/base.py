@@ -1,0 +1,115 @@
+"""What the pipeline needs from a delivery-log store, and the records it passes around.
+
+``SqlStore`` (``store/sql.py``) implements this for SQLite (the local default,
+shipped in the package, no service needed) and PostgreSQL. The states a delivery
+moves through::
+
+    pending ──claim──> sending ──> sent ──(callback)──> delivered / undelivered
+       ^                  │  └───> failed (permanent, or attempts exhausted)
+       └──retryable───────┘  └───> unknown (ambiguous: reconciled by lookup, never resent blindly)
+    pending ──> skipped (opted_out, ...) / cancelled / expired
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+PENDING = "pending"
+SENDING = "sending"
+SENT = "sent"
+DELIVERED = "delivered"
+UNDELIVERED = "undelivered"
+FAILED = "failed"
+SKIPPED = "skipped"
+UNKNOWN = "unknown"
+EXPIRED = "expired"
+CANCELLED = "cancelled"
+
+STATES = (PENDING, SENDING, SENT, DELIVERED, UNDELIVERED, FAILED, SKIPPED, UNKNOWN, EXPIRED, CANCELLED)
+#: states in which a row still needs work
+OPEN_STATES = (PENDING, SENDING, UNKNOWN)
+
+
+@dataclass(frozen=True)
+class Resident:
+    phone: str
+    name: str
+    district: str
+    grid: str
+    segments: tuple[str, ...]
+    language: str = "zh-CN"
+    opted_out: bool = False
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run snapshots at creation: the campaign and template exactly as they were."""
+
+    run_id: str
+    campaign_id: str
+    title: str
+    owner: str
+    channel: str
+    priority: str
+    reason: str | None
+    gateway: str
+    campaign_path: str
+    campaign_yaml: str
+    campaign_sha256: str
+    template_name: str
+    template_text: str
+    template_sha256: str
+    send_by: datetime | None
+    batch_size: int
+    fire_time: datetime | None = None
+    signature: str = ""
+    opt_out_text: str = ""
+
+
+@dataclass(frozen=True)
+class AudienceFilter:
+    districts: tuple[str, ...]
+    grids: tuple[str, ...] = ()
+    segments: tuple[str, ...] = ()
+    exclude_segments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A delivery row claimed by a worker for sending, with what is needed to render it."""
+
+    id: int
+    key: str
+    run_id: str
+    phone: str
+    name: str
+    district: str
+    grid: str
+    attempts: int
+    opted_out: bool
+    claimed_at: datetime | None = None
+
+
+@dataclass
+class Outcome:
+    """What happened to one claimed row; written back in bulk at the end of a batch."""
+
+    id: int
+    run_id: str
+    state: str
+    attempt: int
+    gateway: str
+    outcome: str
+    provider_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    reason: str | None = None
+    parts: int | None = None
+    encoding: str | None = None
+    body: str | None = None
+    next_attempt_at: datetime | None = None
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    #: opt the recipient out in the registry (gateway said they sent STOP)
+    opt_out_phone: str | None = None

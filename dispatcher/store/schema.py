@@ -1,0 +1,154 @@
+"""The delivery log's tables (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+The database is the source of truth for what was sent: one ``deliveries`` row per
+(run, recipient) with a unique idempotency key, moved through its states by
+atomic conditional UPDATEs; Dramatiq messages only say "work on batch N of run R".
+``SCHEMA_VERSION`` is stored in ``meta``; ``SqlStore.migrate`` creates or upgrades.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+SCHEMA_VERSION = 1
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a log that grows
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+meta = Table(
+    "dispatch_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+residents = Table(
+    "residents",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("phone", String(20), nullable=False, unique=True),
+    Column("name", String(64), nullable=False, default=""),
+    Column("district", String(32), nullable=False),
+    Column("grid", String(16), nullable=False, default=""),
+    Column("language", String(16), nullable=False, default="zh-CN"),
+    Column("opted_out", Boolean, nullable=False, default=False),
+    Column("opted_out_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_residents_district_grid", "district", "grid"),
+)
+
+resident_segments = Table(
+    "resident_segments",
+    metadata,
+    Column("resident_id", BigId, primary_key=True),
+    Column("segment", String(32), primary_key=True),
+    Index("ix_resident_segments_segment", "segment", "resident_id"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("campaign_id", String(64), nullable=False),
+    Column("title", Text, nullable=False),
+    Column("owner", String(32), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("priority", String(16), nullable=False, default="bulk"),
+    Column("reason", Text),
+    #: the scheduler's fire time; unique with campaign_id so a duplicate fire creates nothing
+    Column("fire_time", DateTime(timezone=True)),
+    Column("status", String(16), nullable=False),
+    Column("gateway", String(32), nullable=False),
+    Column("campaign_path", Text, nullable=False),
+    Column("campaign_yaml", Text, nullable=False),
+    Column("campaign_sha256", String(64), nullable=False),
+    Column("template_name", Text, nullable=False),
+    Column("template_text", Text, nullable=False),
+    Column("template_sha256", String(64), nullable=False),
+    Column("send_by", DateTime(timezone=True)),
+    Column("batch_size", Integer, nullable=False),
+    Column("batches", Integer, nullable=False, default=0),
+    Column("total", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    UniqueConstraint("campaign_id", "fire_time", name="uq_runs_campaign_fire"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("run_id", String(32), nullable=False),
+    #: idempotency key: run + phone. Unique, so no recipient can be written twice into a run
+    Column("key", String(64), nullable=False, unique=True),
+    Column("resident_id", BigId, nullable=False),
+    Column("phone", String(20), nullable=False),
+    Column("district", String(32), nullable=False),
+    Column("grid", String(16), nullable=False),
+    Column("batch_no", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", String(64)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("gateway", String(32)),
+    Column("provider_id", String(64)),
+    Column("error_code", String(32)),
+    Column("error_message", Text),
+    Column("parts", Integer),
+    Column("encoding", String(8)),
+    Column("body", Text),
+    Column("claim_token", String(40)),
+    Column("claimed_by", String(64)),
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_deliveries_run_batch_state", "run_id", "batch_no", "state"),
+    Index("ix_deliveries_run_state", "run_id", "state"),
+    Index("ix_deliveries_claim", "claim_token"),
+    Index("ix_deliveries_phone", "phone"),
+)
+
+#: every attempt to hand a message to a gateway, kept for auditors (one row per try)
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("delivery_id", BigId, nullable=False),
+    Column("run_id", String(32), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("gateway", String(32), nullable=False),
+    Column("outcome", String(16), nullable=False),  # sent, failed, retry, unknown, found
+    Column("provider_id", String(64)),
+    Column("error_code", String(32)),
+    Column("error_message", Text),
+    #: JSON list of redacted HTTP exchanges (adapters that speak HTTP fill it)
+    Column("trace", Text),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Index("ix_attempts_delivery", "delivery_id"),
+    Index("ix_attempts_run", "run_id"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", String(128), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,725 @@
+"""The delivery log on SQLAlchemy Core: SQLite (WAL, the local default) or PostgreSQL.
+
+Design points:
+- Fan-out is one ``INSERT ... SELECT`` in the database: the audience is never
+  loaded into Python, and each row gets its batch number from ``ROW_NUMBER()``.
+- A worker claims a batch with one conditional ``UPDATE ... WHERE state='pending'``
+  stamped with a fresh claim token; a redelivered Dramatiq message finds nothing
+  left to claim, so at-least-once delivery never becomes at-least-twice sending.
+- Results are written back in bulk (``executemany``) once per batch. A crash
+  between sending and recording leaves rows in ``sending``; ``resume`` asks the
+  gateway which of those keys went out instead of guessing.
+- On SQLite, write transactions start with ``BEGIN IMMEDIATE`` so that two
+  worker processes queue for the write lock instead of failing on upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, func, literal, select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from ..errors import StoreError, UsageError
+from . import schema as t
+from .base import (
+    CANCELLED,
+    OPEN_STATES,
+    PENDING,
+    SENDING,
+    SKIPPED,
+    AudienceFilter,
+    Claimed,
+    Outcome,
+    Resident,
+    RunSpec,
+)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; everything we store is UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class DuplicateRun(StoreError):
+    """A run for this (campaign, fire time) exists already: the fire was a duplicate."""
+
+    def __init__(self, campaign_id: str, fire_time: datetime | None) -> None:
+        super().__init__(f"campaign {campaign_id} already has a run for fire time {fire_time}")
+        self.campaign_id = campaign_id
+        self.fire_time = fire_time
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # let SQLAlchemy's begin event decide how transactions start (deferred or immediate)
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+
+    return engine
+
+
+def create_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            from pathlib import Path
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return _sqlite_engine(url)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+class SqlStore:
+    """The delivery log. One instance per process; thread-safe through SQLAlchemy's pool."""
+
+    def __init__(self, url: str, *, clock: Clock = utcnow) -> None:
+        self.url = url
+        self.clock = clock
+        try:
+            self.engine = create_engine(url)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise StoreError(f"cannot open the delivery log at {_safe_url(url)}: {exc}") from exc
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        try:
+            with self._writer.begin() as conn:
+                yield conn
+        except (OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreError(f"delivery log write failed: {exc.orig or exc}") from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except (OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreError(f"delivery log read failed: {exc.orig or exc}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def migrate(self) -> None:
+        """Create the schema if missing; refuse a database written by a newer program."""
+        try:
+            with self._write() as conn:
+                t.metadata.create_all(conn)
+                row = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "schema_version")).first()
+                if row is None:
+                    conn.execute(sa.insert(t.meta).values(key="schema_version", value=str(t.SCHEMA_VERSION)))
+                elif int(row[0]) > t.SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the delivery log has schema version {row[0]}; this program knows {t.SCHEMA_VERSION}"
+                    )
+        except IntegrityError:
+            # another process created the schema at the same moment; it is there now
+            pass
+        except OperationalError as exc:
+            raise StoreError(f"cannot prepare the delivery log at {_safe_url(self.url)}: {exc.orig}") from exc
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            row = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "schema_version")).first()
+        return int(row[0]) if row else 0
+
+    def _insert(self) -> Any:
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        return insert
+
+    # ------------------------------------------------------------------ residents
+
+    def upsert_residents(self, rows: Sequence[Resident]) -> int:
+        """Insert or update residents by phone (the registry's key); returns rows written."""
+        if not rows:
+            return 0
+        now = self.clock()
+        insert = self._insert()
+        stmt = insert(t.residents).values(
+            [
+                {
+                    "phone": r.phone,
+                    "name": r.name,
+                    "district": r.district,
+                    "grid": r.grid,
+                    "language": r.language,
+                    "opted_out": r.opted_out,
+                    "opted_out_at": now if r.opted_out else None,
+                    "updated_at": now,
+                }
+                for r in rows
+            ]
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.residents.c.phone],
+            set_={
+                "name": stmt.excluded.name,
+                "district": stmt.excluded.district,
+                "grid": stmt.excluded.grid,
+                "language": stmt.excluded.language,
+                "opted_out": stmt.excluded.opted_out,
+                "opted_out_at": stmt.excluded.opted_out_at,
+                "updated_at": stmt.excluded.updated_at,
+            },
+        ).returning(t.residents.c.id, t.residents.c.phone)
+        with self._write() as conn:
+            ids = {phone: rid for rid, phone in conn.execute(stmt)}
+            conn.execute(sa.delete(t.resident_segments).where(t.resident_segments.c.resident_id.in_(ids.values())))
+            seg_rows = [{"resident_id": ids[r.phone], "segment": s} for r in rows for s in dict.fromkeys(r.segments)]
+            if seg_rows:
+                conn.execute(sa.insert(t.resident_segments), seg_rows)
+        return len(ids)
+
+    def set_opted_out(self, phone: str, opted_out: bool = True) -> bool:
+        """Record a resident's opt-out (or opt back in); False if the number is not in the registry."""
+        with self._write() as conn:
+            result = conn.execute(
+                sa.update(t.residents)
+                .where(t.residents.c.phone == phone)
+                .values(opted_out=opted_out, opted_out_at=self.clock() if opted_out else None, updated_at=self.clock())
+            )
+        return bool(result.rowcount)
+
+    def resident_count(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).select_from(t.residents)).scalar_one())
+
+    def audience_stats(self) -> dict[str, Any]:
+        """Residents by district, by segment and by district x segment (opted-out counted apart)."""
+        with self._read() as conn:
+            by_district = {
+                d: {"residents": int(n), "opted_out": int(o or 0)}
+                for d, n, o in conn.execute(
+                    select(
+                        t.residents.c.district,
+                        func.count(),
+                        func.sum(sa.case((t.residents.c.opted_out, 1), else_=0)),
+                    ).group_by(t.residents.c.district)
+                )
+            }
+            cells: dict[str, dict[str, int]] = defaultdict(dict)
+            for d, s, n in conn.execute(
+                select(t.residents.c.district, t.resident_segments.c.segment, func.count())
+                .select_from(t.residents.join(t.resident_segments, t.resident_segments.c.resident_id == t.residents.c.id))
+                .group_by(t.residents.c.district, t.resident_segments.c.segment)
+            ):
+                cells[d][s] = int(n)
+        return {"by_district": by_district, "by_district_segment": dict(cells)}
+
+    # ------------------------------------------------------------------ audience selection
+
+    def _audience_where(self, audience: AudienceFilter) -> list[Any]:
+        r, rs = t.residents, t.resident_segments
+        where: list[Any] = [r.c.district.in_(audience.districts)]
+        if audience.grids:
+            where.append(r.c.grid.in_(audience.grids))
+        if audience.segments:
+            where.append(
+                sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.segments))
+            )
+        if audience.exclude_segments:
+            where.append(
+                ~sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.exclude_segments))
+            )
+        return where
+
+    def iter_audience(self, audience: AudienceFilter, chunk: int = 2000) -> Iterator[sa.Row[Any]]:
+        """Stream the selected residents (id order) without holding them in memory."""
+        r = t.residents
+        last = 0
+        while True:
+            # keyset pagination: constant memory and no long-lived cursor holding a read lock
+            with self._read() as conn:
+                rows = conn.execute(
+                    select(r.c.id, r.c.phone, r.c.name, r.c.district, r.c.grid, r.c.opted_out)
+                    .where(*self._audience_where(audience), r.c.id > last)
+                    .order_by(r.c.id)
+                    .limit(chunk)
+                ).all()
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1].id
+
+    def audience_matrix(self, audience: AudienceFilter) -> dict[str, Any]:
+        """Counts of the selection: per district (eligible/opted-out) and per district x segment."""
+        r, rs = t.residents, t.resident_segments
+        where = self._audience_where(audience)
+        with self._read() as conn:
+            per_district = {
+                d: {"selected": int(n), "opted_out": int(o or 0)}
+                for d, n, o in conn.execute(
+                    select(r.c.district, func.count(), func.sum(sa.case((r.c.opted_out, 1), else_=0)))
+                    .where(*where)
+                    .group_by(r.c.district)
+                )
+            }
+            cells: dict[str, dict[str, int]] = defaultdict(dict)
+            for d, s, n in conn.execute(
+                select(r.c.district, rs.c.segment, func.count())
+                .select_from(r.join(rs, rs.c.resident_id == r.c.id))
+                .where(*where, r.c.opted_out.is_(False))
+                .group_by(r.c.district, rs.c.segment)
+            ):
+                cells[d][s] = int(n)
+        return {"by_district": per_district, "by_district_segment": dict(cells)}
+
+    # ------------------------------------------------------------------ runs
+
+    def create_run(self, spec: RunSpec, audience: AudienceFilter) -> dict[str, Any]:
+        """Snapshot the run and write one delivery row per selected resident, in one transaction.
+
+        Opted-out residents get a ``skipped`` row (reason ``opted_out``) so the log shows
+        they were selected and deliberately not messaged.
+        """
+        now = self.clock()
+        r, d = t.residents, t.deliveries
+        pending_first = sa.case((r.c.opted_out, 1), else_=0)
+        batch_no = (func.row_number().over(order_by=(pending_first, r.c.id)) - 1) // spec.batch_size
+        selection = select(
+            literal(spec.run_id),
+            literal(spec.run_id + ":") + r.c.phone,
+            r.c.id,
+            r.c.phone,
+            r.c.district,
+            r.c.grid,
+            batch_no,
+            sa.case((r.c.opted_out, literal(SKIPPED)), else_=literal(PENDING)),
+            sa.case((r.c.opted_out, literal("opted_out")), else_=sa.null()),
+            literal(0),
+            literal(now, sa.DateTime(timezone=True)),
+            literal(now, sa.DateTime(timezone=True)),
+        ).where(*self._audience_where(audience))
+        columns = [
+            "run_id", "key", "resident_id", "phone", "district", "grid", "batch_no",
+            "state", "reason", "attempts", "created_at", "updated_at",
+        ]  # fmt: skip
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    sa.insert(t.runs).values(
+                        id=spec.run_id,
+                        campaign_id=spec.campaign_id,
+                        title=spec.title,
+                        owner=spec.owner,
+                        channel=spec.channel,
+                        priority=spec.priority,
+                        reason=spec.reason,
+                        fire_time=spec.fire_time,
+                        status="creating",
+                        gateway=spec.gateway,
+                        campaign_path=spec.campaign_path,
+                        campaign_yaml=spec.campaign_yaml,
+                        campaign_sha256=spec.campaign_sha256,
+                        template_name=spec.template_name,
+                        template_text=spec.template_text,
+                        template_sha256=spec.template_sha256,
+                        send_by=spec.send_by,
+                        batch_size=spec.batch_size,
+                        created_at=now,
+                    )
+                )
+                conn.execute(sa.insert(d).from_select(columns, selection))
+                total, pending, batches = conn.execute(
+                    select(
+                        func.count(),
+                        func.sum(sa.case((d.c.state == PENDING, 1), else_=0)),
+                        func.max(sa.case((d.c.state == PENDING, d.c.batch_no), else_=None)),
+                    ).where(d.c.run_id == spec.run_id)
+                ).one()
+                pending = int(pending or 0)
+                batches = 0 if batches is None else int(batches) + 1
+                conn.execute(
+                    sa.update(t.runs)
+                    .where(t.runs.c.id == spec.run_id)
+                    .values(
+                        total=int(total),
+                        batches=batches,
+                        status="running" if pending else "completed",
+                        finished_at=None if pending else now,
+                    )
+                )
+        except IntegrityError as exc:
+            detail = str(exc.orig)
+            if spec.fire_time is not None and ("uq_runs" in detail or "fire_time" in detail):
+                raise DuplicateRun(spec.campaign_id, spec.fire_time) from exc
+            raise StoreError(f"cannot create run {spec.run_id}: {exc.orig}") from exc
+        return {"run_id": spec.run_id, "total": int(total), "pending": pending, "batches": batches}
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        with self._read() as conn:
+            row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().first()
+        if row is None:
+            raise UsageError(f"no run with id {run_id!r} (see `dispatch runs`)", field="run")
+        return _run_dict(row)
+
+    def list_runs(self, limit: int = 50, campaign_id: str | None = None) -> list[dict[str, Any]]:
+        query = select(t.runs).order_by(t.runs.c.created_at.desc()).limit(limit)
+        if campaign_id:
+            query = query.where(t.runs.c.campaign_id == campaign_id)
+        with self._read() as conn:
+            return [_run_dict(row) for row in conn.execute(query).mappings()]
+
+    def set_run_status(self, run_id: str, status: str) -> None:
+        with self._write() as conn:
+            conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(status=status))
+
+    def finish_if_done(self, run_id: str) -> bool:
+        """Mark the run completed once no row needs work; True if it is (now) finished."""
+        d = t.deliveries
+        with self._write() as conn:
+            open_rows = conn.execute(
+                select(func.count()).where(d.c.run_id == run_id, d.c.state.in_(OPEN_STATES))
+            ).scalar_one()
+            if open_rows:
+                return False
+            conn.execute(
+                sa.update(t.runs)
+                .where(t.runs.c.id == run_id, t.runs.c.status.in_(("running", "creating")))
+                .values(status="completed", finished_at=self.clock())
+            )
+        return True
+
+    # ------------------------------------------------------------------ worker side
+
+    def pending_batches(self, run_id: str) -> list[int]:
+        d = t.deliveries
+        with self._read() as conn:
+            return [
+                int(b)
+                for (b,) in conn.execute(
+                    select(d.c.batch_no).where(d.c.run_id == run_id, d.c.state == PENDING).distinct().order_by(d.c.batch_no)
+                )
+            ]
+
+    def claim(self, run_id: str, batch_no: int, worker_id: str) -> list[Claimed]:
+        """Atomically take this batch's pending rows; rows another worker holds are not touched."""
+        d, r = t.deliveries, t.residents
+        token = uuid.uuid4().hex
+        now = self.clock()
+        with self._write() as conn:
+            claimed = conn.execute(
+                sa.update(d)
+                .where(
+                    d.c.run_id == run_id,
+                    d.c.batch_no == batch_no,
+                    d.c.state == PENDING,
+                    sa.or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now),
+                )
+                .values(
+                    state=SENDING,
+                    claim_token=token,
+                    claimed_by=worker_id,
+                    claimed_at=now,
+                    attempts=d.c.attempts + 1,
+                    updated_at=now,
+                )
+            ).rowcount
+            if not claimed:
+                return []
+            rows = conn.execute(
+                select(d.c.id, d.c.key, d.c.run_id, d.c.phone, r.c.name, d.c.district, d.c.grid, d.c.attempts, r.c.opted_out)
+                .select_from(d.join(r, r.c.id == d.c.resident_id))
+                .where(d.c.claim_token == token)
+                .order_by(d.c.id)
+            ).all()
+        return [
+            Claimed(
+                id=row.id,
+                key=row.key,
+                run_id=row.run_id,
+                phone=row.phone,
+                name=row.name,
+                district=row.district,
+                grid=row.grid,
+                attempts=row.attempts,
+                opted_out=bool(row.opted_out),
+                claimed_at=now,
+            )
+            for row in rows
+        ]
+
+    def next_retry_at(self, run_id: str, batch_no: int) -> datetime | None:
+        """When the earliest postponed row of this batch becomes due (None if nothing is postponed)."""
+        d = t.deliveries
+        with self._read() as conn:
+            value = conn.execute(
+                select(func.min(d.c.next_attempt_at)).where(
+                    d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == PENDING
+                )
+            ).scalar_one()
+        return as_utc(value)
+
+    def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Write a batch's results and its attempts in one transaction."""
+        if not outcomes:
+            return
+        d = t.deliveries
+        now = self.clock()
+        updates = [
+            {
+                "_id": o.id,
+                "state": o.state,
+                "gateway": o.gateway,
+                "provider_id": o.provider_id,
+                "error_code": o.error_code,
+                "error_message": o.error_message,
+                "reason": o.reason,
+                "parts": o.parts,
+                "encoding": o.encoding,
+                "body": o.body,
+                "next_attempt_at": o.next_attempt_at,
+                "sent_at": now if o.state == "sent" else None,
+                "updated_at": now,
+            }
+            for o in outcomes
+        ]
+        attempt_rows = [
+            {
+                "delivery_id": o.id,
+                "run_id": o.run_id,
+                "attempt": o.attempt,
+                "gateway": o.gateway,
+                "outcome": o.outcome,
+                "provider_id": o.provider_id,
+                "error_code": o.error_code,
+                "error_message": o.error_message,
+                "trace": json.dumps(o.trace, ensure_ascii=False) if o.trace else None,
+                "at": now,
+            }
+            for o in outcomes
+            if o.outcome != "skipped"
+        ]
+        stmt = (
+            sa.update(d)
+            .where(d.c.id == sa.bindparam("_id"), d.c.state == SENDING)
+            .values(
+                {
+                    name: sa.bindparam(name)
+                    for name in (
+                        "state", "gateway", "provider_id", "error_code", "error_message", "reason",
+                        "parts", "encoding", "body", "next_attempt_at", "sent_at", "updated_at",
+                    )
+                }  # fmt: skip
+            )
+        )
+        opt_outs = {o.opt_out_phone for o in outcomes if o.opt_out_phone}
+        with self._write() as conn:
+            conn.execute(stmt, updates)
+            if attempt_rows:
+                conn.execute(sa.insert(t.attempts), attempt_rows)
+            for phone in opt_outs:
+                conn.execute(
+                    sa.update(t.residents)
+                    .where(t.residents.c.phone == phone)
+                    .values(opted_out=True, opted_out_at=now, updated_at=now)
+                )
+
+    def release(self, ids: Sequence[int]) -> None:
+        """Give claimed rows back to ``pending`` without counting an attempt (worker shutting down)."""
+        if not ids:
+            return
+        d = t.deliveries
+        with self._write() as conn:
+            conn.execute(
+                sa.update(d)
+                .where(d.c.id.in_(ids), d.c.state == SENDING)
+                .values(state=PENDING, attempts=d.c.attempts - 1, claim_token=None, updated_at=self.clock())
+            )
+
+    def orphans(self, run_id: str, stale_after_seconds: int) -> list[Claimed]:
+        """Rows left in ``sending`` by a worker that is gone (no heartbeat within the window)."""
+        d, r, w = t.deliveries, t.residents, t.workers
+        cutoff = self.clock().timestamp() - stale_after_seconds
+        with self._read() as conn:
+            alive = {
+                wid
+                for wid, beat in conn.execute(select(w.c.id, w.c.heartbeat_at))
+                if (as_utc(beat) or datetime.min.replace(tzinfo=UTC)).timestamp() >= cutoff
+            }
+            rows = conn.execute(
+                select(
+                    d.c.id, d.c.key, d.c.run_id, d.c.phone, r.c.name, d.c.district, d.c.grid,
+                    d.c.attempts, r.c.opted_out, d.c.claimed_by, d.c.claimed_at,
+                )  # fmt: skip
+                .select_from(d.join(r, r.c.id == d.c.resident_id))
+                .where(d.c.run_id == run_id, d.c.state == SENDING)
+                .order_by(d.c.id)
+            ).all()
+        return [
+            Claimed(
+                id=row.id,
+                key=row.key,
+                run_id=row.run_id,
+                phone=row.phone,
+                name=row.name,
+                district=row.district,
+                grid=row.grid,
+                attempts=row.attempts,
+                opted_out=bool(row.opted_out),
+                claimed_at=as_utc(row.claimed_at),
+            )
+            for row in rows
+            if row.claimed_by not in alive
+        ]
+
+    def requeue(self, ids: Sequence[int]) -> int:
+        """Orphaned rows the gateway never received go back to ``pending`` (attempt already counted)."""
+        if not ids:
+            return 0
+        d = t.deliveries
+        with self._write() as conn:
+            return int(
+                conn.execute(
+                    sa.update(d)
+                    .where(d.c.id.in_(ids), d.c.state == SENDING)
+                    .values(state=PENDING, claim_token=None, updated_at=self.clock())
+                ).rowcount
+            )
+
+    def cancel_open(self, run_id: str) -> int:
+        d = t.deliveries
+        with self._write() as conn:
+            n = conn.execute(
+                sa.update(d)
+                .where(d.c.run_id == run_id, d.c.state == PENDING)
+                .values(state=CANCELLED, reason="cancelled", updated_at=self.clock())
+            ).rowcount
+            conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(status="cancelled"))
+        return int(n)
+
+    def heartbeat(self, worker_id: str, host: str, pid: int) -> None:
+        now = self.clock()
+        insert = self._insert()
+        stmt = insert(t.workers).values(id=worker_id, host=host, pid=pid, started_at=now, heartbeat_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=[t.workers.c.id], set_={"heartbeat_at": now})
+        with self._write() as conn:
+            conn.execute(stmt)
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(sa.delete(t.workers).where(t.workers.c.id == worker_id))
+
+    # ------------------------------------------------------------------ reading the log
+
+    def counts(self, run_id: str) -> dict[str, int]:
+        d = t.deliveries
+        with self._read() as conn:
+            return {
+                state: int(n)
+                for state, n in conn.execute(
+                    select(d.c.state, func.count()).where(d.c.run_id == run_id).group_by(d.c.state)
+                )
+            }
+
+    def by_district(self, run_id: str) -> dict[str, dict[str, int]]:
+        d = t.deliveries
+        out: dict[str, dict[str, int]] = defaultdict(dict)
+        with self._read() as conn:
+            for district, state, n in conn.execute(
+                select(d.c.district, d.c.state, func.count())
+                .where(d.c.run_id == run_id)
+                .group_by(d.c.district, d.c.state)
+            ):
+                out[district][state] = int(n)
+        return dict(out)
+
+    def parts_sent(self, run_id: str) -> int:
+        d = t.deliveries
+        with self._read() as conn:
+            value = conn.execute(
+                select(func.coalesce(func.sum(d.c.parts), 0)).where(d.c.run_id == run_id, d.c.state == "sent")
+            ).scalar_one()
+        return int(value)
+
+    def deliveries(self, run_id: str, chunk: int = 5000) -> Iterator[dict[str, Any]]:
+        """Stream a run's delivery rows in id order."""
+        d = t.deliveries
+        last = 0
+        while True:
+            with self._read() as conn:
+                rows = conn.execute(
+                    select(d).where(d.c.run_id == run_id, d.c.id > last).order_by(d.c.id).limit(chunk)
+                ).mappings().all()
+            if not rows:
+                return
+            for row in rows:
+                yield dict(row)
+            last = rows[-1]["id"]
+
+    def attempts_for(self, delivery_id: int) -> list[dict[str, Any]]:
+        a = t.attempts
+        with self._read() as conn:
+            return [dict(row) for row in conn.execute(select(a).where(a.c.delivery_id == delivery_id).order_by(a.c.id)).mappings()]
+
+    def drop_all(self) -> None:
+        """Remove every table (tests only)."""
+        with self._write() as conn:
+            t.metadata.drop_all(conn)
+
+
+def _run_dict(row: Any) -> dict[str, Any]:
+    out = dict(row)
+    for key in ("fire_time", "send_by", "created_at", "finished_at"):
+        out[key] = as_utc(out[key])
+    return out
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL is reported as the scheme only
+        return url.split(":", 1)[0] + "://…"
+
+
+def open_store(url: str, *, clock: Clock = utcnow, migrate: bool = True) -> SqlStore:
+    store = SqlStore(url, clock=clock)
+    if migrate:
+        store.migrate()
+    return store
+
+
+def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

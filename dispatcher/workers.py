@@ -1,0 +1,102 @@
+"""Running Dramatiq workers: in-process for the embedded broker, or as a ``dispatch worker`` process.
+
+Each worker process registers itself in the ``workers`` table and beats every
+couple of seconds; ``resume`` treats rows claimed by a worker without a recent
+beat as orphaned (the process died with them in hand).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+from dramatiq import Worker
+
+from .errors import StoreError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = structlog.get_logger("dispatcher.worker")
+HEARTBEAT_SECONDS = 2.0
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, runtime: Runtime, interval: float = HEARTBEAT_SECONDS) -> None:
+        super().__init__(name="dispatch-heartbeat", daemon=True)
+        self.runtime = runtime
+        self.interval = interval
+        self.stopped = threading.Event()
+
+    def beat(self) -> None:
+        try:
+            self.runtime.store.heartbeat(self.runtime.worker_id, socket.gethostname(), os.getpid())
+        except StoreError as exc:  # a missed beat is not fatal; the next one may succeed
+            log.warning("worker.heartbeat_failed", error=str(exc))
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.beat()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def start_worker(runtime: Runtime, *, queues: set[str] | None = None, threads: int | None = None) -> tuple[Worker, Heartbeat]:
+    runtime.actors  # noqa: B018 - declare the actors on the broker before consuming
+    heartbeat = Heartbeat(runtime)
+    heartbeat.beat()
+    heartbeat.start()
+    worker = Worker(
+        runtime.broker,
+        queues=queues,
+        worker_threads=threads or runtime.settings.worker_threads,
+        worker_timeout=100,
+    )
+    worker.start()
+    return worker, heartbeat
+
+
+def stop_worker(runtime: Runtime, worker: Worker, heartbeat: Heartbeat) -> None:
+    worker.stop(timeout=30_000)
+    heartbeat.stop()
+    try:
+        runtime.store.forget_worker(runtime.worker_id)
+    except StoreError:
+        pass
+
+
+def serve(runtime: Runtime, *, queues: set[str] | None, threads: int | None, ready: Callable[[], None] | None = None) -> None:
+    """Run a worker until SIGTERM or SIGINT; finishes in-flight batches before exiting."""
+    stop = threading.Event()
+
+    def _signal(signum: int, _frame: object) -> None:
+        log.info("worker.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    worker, heartbeat = start_worker(runtime, queues=queues, threads=threads)
+    log.info("worker.started", worker_id=runtime.worker_id, queues=sorted(queues or []) or "all", threads=worker.worker_threads)
+    if ready:
+        ready()
+    while not stop.wait(0.5):
+        pass
+    stop_worker(runtime, worker, heartbeat)
+    log.info("worker.stopped", worker_id=runtime.worker_id)
+
+
+def stub_idle(runtime: Runtime) -> bool:
+    """True when the embedded broker has no message queued, delayed or in flight."""
+    queues = getattr(runtime.broker, "queues", {})
+    return all(q.unfinished_tasks == 0 for q in queues.values())
+
+
+def wait(seconds: float) -> None:
+    time.sleep(seconds)
