@@ -1,0 +1,32 @@
+"""The ASGI application (Starlette) served by ``dispatch web``.
+
+Each concern lives in its own module exposing ``routes(runtime) -> list[Route]``;
+this module only assembles them around one ``Runtime``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+
+def create_app(runtime: Runtime) -> Starlette:
+    async def health(_request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "schema_version": runtime.store.schema_version()})
+
+    routes: list[BaseRoute] = [Route("/healthz", health)]
+    # each concern adds its routes from its own module (webhooks, dashboard, ...)
+    from . import ROUTE_MODULES
+
+    for module in ROUTE_MODULES:
+        routes.extend(module.routes(runtime))
+    app = Starlette(routes=routes)
+    app.state.runtime = runtime
+    return app

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# End-to-end demo on the embedded defaults: synthetic registry -> validate -> preview -> run -> check.
+set -euo pipefail
+DEMO=var/demo
+rm -rf "$DEMO"
+mkdir -p "$DEMO"
+export DISPATCH_DATABASE_URL="sqlite:///$DEMO/dispatch.db"
+export DISPATCH_OUTBOX_PATH="$DEMO/outbox.jsonl"
+export DISPATCH_LOG_LEVEL="${DISPATCH_LOG_LEVEL:-WARNING}"
+unset DISPATCH_BROKER_URL DISPATCH_GATEWAY || true
+CAMPAIGN=campaigns/quarterly-themes.yaml
+
+echo "== 1. a synthetic registry of 20,000 residents over the six towns and streets"
+dispatch audience generate --size 20000 --seed 2021 --output "$DEMO/residents.csv"
+dispatch audience import "$DEMO/residents.csv"
+dispatch audience stats
+
+echo "== 2. validate every campaign"
+dispatch validate campaigns
+
+echo "== 3. preview $CAMPAIGN (sends nothing)"
+dispatch preview "$CAMPAIGN"
+
+echo "== 4. run it on the embedded broker and the outbox gateway"
+dispatch run "$CAMPAIGN"
+
+echo "== 5. check: one outbox line per eligible recipient, and the delivery log agrees"
+python scripts/demo_check.py "$DEMO/outbox.jsonl"

@@ -1,0 +1,201 @@
+"""Shared fixtures: real Redis, real PostgreSQL, real `dispatch` subprocesses.
+
+A test that needs a service that is not reachable skips with the reason locally
+and fails when ``CI`` is set, so a green CI run means the real parts were used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = bool(os.environ.get("CI"))
+REDIS_URL = os.environ.get("DISPATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("DISPATCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def missing_service(reason: str) -> None:
+    """Skip locally, fail in CI: a CI run must exercise the real service."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+def _port_open(url: str, default_port: int) -> bool:
+    parsed = urlparse(url.replace("postgresql+psycopg", "postgresql"))
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or default_port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError as exc:
+        missing_service(f"Redis not reachable at {REDIS_URL}: {exc}")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> str:
+    if not _port_open(POSTGRES_URL, 5432):
+        missing_service(f"PostgreSQL not reachable at {POSTGRES_URL}")
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_available: str) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
+    import sqlalchemy as sa
+
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(postgres_available)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in postgres_available else "?"
+    yield f"{postgres_available}{sep}options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store test runs against SQLite and against PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'dispatch.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@dataclass
+class Project:
+    """A working folder with the shipped campaigns and templates, and the env a command sees."""
+
+    root: Path
+    env: dict[str, str]
+    runtimes: list[Runtime] = field(default_factory=list)
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / self.env["DISPATCH_OUTBOX_PATH"]
+
+    def settings(self, **overrides: Any) -> Settings:
+        return Settings.from_env({**self.env, **overrides})
+
+    def runtime(self, **kwargs: Any) -> Runtime:
+        cwd = Path.cwd()
+        os.chdir(self.root)  # relative paths in settings resolve against the project
+        try:
+            rt = Runtime(self.settings(), **kwargs)
+            rt.store  # noqa: B018 - open while in the project folder
+        finally:
+            os.chdir(cwd)
+        self.runtimes.append(rt)
+        return rt
+
+    def dispatch(self, *args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real `dispatch` command in a subprocess."""
+        return subprocess.run(
+            [sys.executable, "-m", "dispatcher", *args],
+            cwd=self.root,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def popen(self, *args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", *args],
+            cwd=self.root,
+            env={**self.env, **(env or {})},
+            text=True,
+            **kwargs,
+        )
+
+    def write(self, relative: str, text: str) -> Path:
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def registry(self, size: int = 500, seed: int = 1) -> Path:
+        csv_path = self.root / "var" / f"residents-{size}-{seed}.csv"
+        gen = self.dispatch("audience", "generate", "--size", str(size), "--seed", str(seed), "--output", str(csv_path))
+        assert gen.returncode == 0, gen.stderr
+        imp = self.dispatch("audience", "import", str(csv_path))
+        assert imp.returncode == 0, imp.stderr
+        return csv_path
+
+
+def _base_env(root: Path, database_url: str) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "TWILIO_"))}
+    return {
+        **keep,
+        "PYTHONPATH": str(ROOT),
+        "DISPATCH_DATABASE_URL": database_url,
+        "DISPATCH_OUTBOX_PATH": "var/outbox.jsonl",
+        "DISPATCH_LOG_FORMAT": "json",
+        "DISPATCH_LOG_LEVEL": "INFO",
+        "DISPATCH_BROKER_NAMESPACE": f"dispatch-test-{uuid.uuid4().hex[:8]}",
+    }
+
+
+def _make_project(root: Path, database_url: str) -> Project:
+    shutil.copytree(ROOT / "campaigns", root / "campaigns")
+    shutil.copytree(ROOT / "templates", root / "templates")
+    (root / "var").mkdir()
+    return Project(root=root, env=_base_env(root, database_url))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Project]:
+    """A project on SQLite and the embedded broker."""
+    p = _make_project(tmp_path / "project", f"sqlite:///{tmp_path / 'project' / 'var' / 'dispatch.db'}")
+    yield p
+    for rt in p.runtimes:
+        rt.close()
+
+
+@pytest.fixture
+def any_db_project(tmp_path: Path, database_url: str) -> Iterator[Project]:
+    """A project on SQLite or PostgreSQL (parametrised)."""
+    p = _make_project(tmp_path / "project", database_url)
+    yield p
+    for rt in p.runtimes:
+        rt.close()
+
+
+@pytest.fixture
+def redis_project(tmp_path: Path, redis_url: str, postgres_url: str) -> Iterator[Project]:
+    """A project on PostgreSQL and Redis, as production runs."""
+    p = _make_project(tmp_path / "project", postgres_url)
+    p.env["DISPATCH_BROKER_URL"] = redis_url
+    yield p
+    for rt in p.runtimes:
+        rt.close()
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{p.env['DISPATCH_BROKER_NAMESPACE']}*"):
+        client.delete(key)
