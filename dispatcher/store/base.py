@@ -66,6 +66,8 @@ class RunSpec:
     fire_time: datetime | None = None
     signature: str = ""
     opt_out_text: str = ""
+    #: who created the run (operator name, "scheduler"), recorded at the head of its ledger
+    actor: str = "operator"
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,9 @@ runs = Table(
     Column("total", Integer, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
+    #: tail of the run's ledger chain (store/ledger.py): last sequence number and its hash
+    Column("ledger_seq", Integer),
+    Column("ledger_hash", String(64)),
     UniqueConstraint("campaign_id", "fire_time", name="uq_runs_campaign_fire"),
 )
 
@@ -141,6 +144,31 @@ attempts = Table(
     Column("at", DateTime(timezone=True), nullable=False),
     Index("ix_attempts_delivery", "delivery_id"),
     Index("ix_attempts_run", "run_id"),
+)
+
+#: the append-only, hash-chained ledger of every delivery state change (store/ledger.py)
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("run_id", String(32), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("key", String(64)),
+    Column("delivery_id", BigId),
+    Column("from_state", String(16)),
+    Column("to_state", String(16)),
+    Column("provider_id", String(64)),
+    Column("error_code", String(32)),
+    Column("reason", String(64)),
+    Column("actor", String(128), nullable=False),
+    Column("payload", Text),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    UniqueConstraint("run_id", "seq", name="uq_events_run_seq"),
+    Index("ix_events_key", "key"),
+    Index("ix_events_at", "at"),
 )
 
 workers = Table(

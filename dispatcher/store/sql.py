@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from ..errors import StoreError, UsageError
+from . import ledger
 from . import schema as t
 from .base import (
     CANCELLED,
@@ -364,6 +365,30 @@ class SqlStore:
                 ).one()
                 pending = int(pending or 0)
                 batches = 0 if batches is None else int(batches) + 1
+                digest = ledger.keys_digest(
+                    conn.execute(select(d.c.key, d.c.state).where(d.c.run_id == spec.run_id).order_by(d.c.id))
+                )
+                ledger.append(
+                    conn,
+                    spec.run_id,
+                    [
+                        ledger.Event(
+                            kind="run.created",
+                            actor=spec.actor,
+                            payload={
+                                "campaign_id": spec.campaign_id,
+                                "campaign_sha256": spec.campaign_sha256,
+                                "template_name": spec.template_name,
+                                "template_sha256": spec.template_sha256,
+                                "fire_time": spec.fire_time.isoformat() if spec.fire_time else None,
+                                "total": int(total),
+                                "pending": pending,
+                                "keys_sha256": digest,
+                            },
+                        )
+                    ],
+                    now,
+                )
                 conn.execute(
                     sa.update(t.runs)
                     .where(t.runs.c.id == spec.run_id)
@@ -458,6 +483,12 @@ class SqlStore:
                 .where(d.c.claim_token == token)
                 .order_by(d.c.id)
             ).all()
+            ledger.append(
+                conn,
+                run_id,
+                [ledger.Event("delivery.state", row.key, row.id, PENDING, SENDING, actor=worker_id) for row in rows],
+                now,
+            )
         return [
             Claimed(
                 id=row.id,
@@ -485,7 +516,7 @@ class SqlStore:
             ).scalar_one()
         return as_utc(value)
 
-    def record(self, outcomes: Sequence[Outcome]) -> None:
+    def record(self, outcomes: Sequence[Outcome], actor: str = "worker") -> None:
         """Write a batch's results and its attempts in one transaction."""
         if not outcomes:
             return
@@ -540,7 +571,31 @@ class SqlStore:
         )
         opt_outs = {o.opt_out_phone for o in outcomes if o.opt_out_phone}
         with self._write() as conn:
-            conn.execute(stmt, updates)
+            result = conn.execute(stmt, updates)
+            current = {
+                row.id: row
+                for row in conn.execute(
+                    select(d.c.id, d.c.key, d.c.state, d.c.updated_at).where(d.c.id.in_([o.id for o in outcomes]))
+                )
+            }
+            keys = {i: row.key for i, row in current.items()}
+            if result.rowcount not in (-1, len(outcomes)):
+                # some rows were settled by someone else meanwhile (e.g. resume); log only what we moved
+                outcomes = [
+                    o for o in outcomes
+                    if o.id in current and current[o.id].state == o.state and as_utc(current[o.id].updated_at) == as_utc(now)
+                ]  # fmt: skip
+            by_run: dict[str, list[ledger.Event]] = defaultdict(list)
+            for o in outcomes:
+                by_run[o.run_id].append(
+                    ledger.Event(
+                        "delivery.state", keys.get(o.id), o.id, SENDING, o.state,
+                        provider_id=o.provider_id, error_code=o.error_code, reason=o.reason or (o.outcome if o.outcome == "retry" else None),
+                        actor=actor,
+                    )  # fmt: skip
+                )
+            for run_id, events in by_run.items():
+                ledger.append(conn, run_id, events, now)
             if attempt_rows:
                 conn.execute(sa.insert(t.attempts), attempt_rows)
             for phone in opt_outs:
@@ -556,11 +611,8 @@ class SqlStore:
             return
         d = t.deliveries
         with self._write() as conn:
-            conn.execute(
-                sa.update(d)
-                .where(d.c.id.in_(ids), d.c.state == SENDING)
-                .values(state=PENDING, attempts=d.c.attempts - 1, claim_token=None, updated_at=self.clock())
-            )
+            self._transition(conn, ids, SENDING, PENDING, actor="worker", reason="released",
+                             values={"attempts": d.c.attempts - 1, "claim_token": None})
 
     def orphans(self, run_id: str, stale_after_seconds: int) -> list[Claimed]:
         """Rows left in ``sending`` by a worker that is gone (no heartbeat within the window)."""
@@ -598,30 +650,56 @@ class SqlStore:
             if row.claimed_by not in alive
         ]
 
-    def requeue(self, ids: Sequence[int]) -> int:
+    def requeue(self, ids: Sequence[int], actor: str = "resume") -> int:
         """Orphaned rows the gateway never received go back to ``pending`` (attempt already counted)."""
         if not ids:
             return 0
-        d = t.deliveries
         with self._write() as conn:
-            return int(
-                conn.execute(
-                    sa.update(d)
-                    .where(d.c.id.in_(ids), d.c.state == SENDING)
-                    .values(state=PENDING, claim_token=None, updated_at=self.clock())
-                ).rowcount
-            )
+            return self._transition(conn, ids, SENDING, PENDING, actor=actor, reason="requeued", values={"claim_token": None})
 
-    def cancel_open(self, run_id: str) -> int:
+    def cancel_open(self, run_id: str, actor: str = "operator") -> int:
+        """End every still-pending row of the run as ``cancelled`` and mark the run cancelled."""
         d = t.deliveries
+        n = 0
         with self._write() as conn:
-            n = conn.execute(
-                sa.update(d)
-                .where(d.c.run_id == run_id, d.c.state == PENDING)
-                .values(state=CANCELLED, reason="cancelled", updated_at=self.clock())
-            ).rowcount
+            ids = [i for (i,) in conn.execute(select(d.c.id).where(d.c.run_id == run_id, d.c.state == PENDING).order_by(d.c.id))]
+            for chunk in iter_chunks(ids, 5000):
+                n += self._transition(conn, chunk, PENDING, CANCELLED, actor=actor, reason="cancelled", values={"reason": "cancelled"})
             conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(status="cancelled"))
-        return int(n)
+        return n
+
+    def _transition(
+        self,
+        conn: Connection,
+        ids: Sequence[int],
+        from_state: str,
+        to_state: str,
+        *,
+        actor: str,
+        reason: str | None = None,
+        values: dict[str, Any] | None = None,
+    ) -> int:
+        """Move rows ``from_state`` -> ``to_state`` and append one ledger event per row moved.
+
+        Every state change outside claim/record goes through here, inside the caller's
+        transaction, so the delivery log and the ledger can never disagree.
+        """
+        if not ids:
+            return 0
+        d = t.deliveries
+        now = self.clock()
+        moved = conn.execute(
+            sa.update(d)
+            .where(d.c.id.in_(ids), d.c.state == from_state)
+            .values(state=to_state, updated_at=now, **(values or {}))
+            .returning(d.c.id, d.c.key, d.c.run_id)
+        ).all()
+        by_run: dict[str, list[ledger.Event]] = defaultdict(list)
+        for row in sorted(moved, key=lambda r: r.id):
+            by_run[row.run_id].append(ledger.Event("delivery.state", row.key, row.id, from_state, to_state, reason=reason, actor=actor))
+        for run_id, events in by_run.items():
+            ledger.append(conn, run_id, events, now)
+        return len(moved)
 
     def heartbeat(self, worker_id: str, host: str, pid: int) -> None:
         now = self.clock()
