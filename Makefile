@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-http lint clean prism
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,29 @@ demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 ## test: install dev extras, make sure Redis is reachable, run the whole suite
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev prism
 	$(BIN)/python scripts/with_redis.py $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## prism: install the pinned Prism (Twilio's OpenAPI served as a mock) under .cache/ when npm is present;
+## without it the Twilio contract tests skip locally and fail under CI
+PRISM_VERSION := 5.16.0
+PRISM := .cache/prism/node_modules/.bin/prism
+prism:
+	@if [ -x $(PRISM) ] && grep -q '"version": "$(PRISM_VERSION)"' .cache/prism/node_modules/@stoplight/prism-cli/package.json 2>/dev/null; then \
+		:; \
+	elif command -v npm >/dev/null 2>&1; then \
+		npm install --no-audit --no-fund --silent --save-exact --prefix .cache/prism @stoplight/prism-cli@$(PRISM_VERSION); \
+	else \
+		echo "npm not found: Prism not installed, the Twilio contract tests will skip (and fail under CI)"; \
+	fi
 
 ## bench: print throughput and memory figures (needs Redis; starts a throwaway one if needed)
 bench: $(VENV)/.installed-dev
 	$(BIN)/python scripts/with_redis.py $(BIN)/python bench/bench_pipeline.py $(BENCH_ARGS)
+
+## bench-http: the HTTP adapter sending a 10,000-person campaign in batched calls to a local provider
+bench-http: $(VENV)/.installed-dev
+	$(BIN)/python bench/bench_http_gateway.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check dispatcher tests bench scripts

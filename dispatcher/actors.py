@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import dramatiq
 
-from .broker import BULK_QUEUE
+from .broker import BULK_QUEUE, URGENT_QUEUE
 from .sender import process_batch
 
 if TYPE_CHECKING:
@@ -27,13 +27,31 @@ def declare(broker: dramatiq.Broker, runtime: Runtime) -> dict[str, Any]:
             actor.send_with_options(args=(run_id, batch_no), delay=int(result.retry_in * 1000) + 50)
 
     actor = dramatiq.actor(
-        send_batch,
         broker=broker,
         actor_name="send_batch",
         queue_name=BULK_QUEUE,
+        priority=10,
         max_retries=10,
         min_backoff=1000,
         max_backoff=60_000,
         time_limit=15 * 60 * 1000,
-    )
-    return {"send_batch": actor}
+    )(send_batch)
+
+    def send_urgent_batch(run_id: str, batch_no: int) -> None:
+        result = process_batch(runtime, run_id, batch_no)
+        if result.retry_in is not None:
+            urgent.send_with_options(args=(run_id, batch_no), delay=int(result.retry_in * 1000) + 50)
+
+    # its own queue, and a higher priority (lower number) so that a worker consuming both lanes
+    # takes urgent messages ahead of bulk ones it has already prefetched
+    urgent = dramatiq.actor(
+        broker=broker,
+        actor_name="send_urgent_batch",
+        queue_name=URGENT_QUEUE,
+        priority=0,
+        max_retries=10,
+        min_backoff=500,
+        max_backoff=30_000,
+        time_limit=15 * 60 * 1000,
+    )(send_urgent_batch)
+    return {"send_batch": actor, "send_urgent_batch": urgent}

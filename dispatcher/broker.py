@@ -15,6 +15,8 @@ from .errors import BrokerError
 from .settings import Settings
 
 BULK_QUEUE = "bulk"
+#: urgent runs (early-warning alerts, campaigns with priority: urgent) have their own lane
+URGENT_QUEUE = "urgent"
 
 
 def make_broker(settings: Settings) -> dramatiq.Broker:

@@ -85,6 +85,14 @@ class Quarterly(_Model):
             raise ValueError(f"expected HH:MM, got {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _day_in_every_quarter(self) -> Quarterly:
+        # a cron day that a month lacks is silently skipped: {month: 2, day: 30} would never fire in Q1
+        shortest = {1: 30, 2: 28, 3: 30}[self.month]  # Jan/Apr/Jul/Oct, Feb/May/Aug/Nov, Mar/Jun/Sep/Dec
+        if self.day > shortest:
+            raise ValueError(f"day {self.day} does not exist in every quarter's month {self.month}; use 1-{shortest}")
+        return self
+
 
 class Schedule(_Model):
     cron: str | None = None
@@ -134,11 +142,74 @@ class Schedule(_Model):
         return self
 
 
+def _hhmm(value: str) -> str:
+    if not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", str(value)):
+        raise ValueError(f"expected HH:MM, got {value!r}")
+    return value
+
+
+class SendWindow(_Model):
+    """Daily hours in which bulk messages may go out (local time of the campaign's time zone).
+
+    China's rules allow bulk SMS only 08:00-21:00; ``end`` before ``start`` means a window across midnight.
+    """
+
+    start: str = "08:00"
+    end: str = "21:00"
+
+    @field_validator("start", "end")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        return _hhmm(value)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SendWindow:
+        if self.start == self.end:
+            raise ValueError("start and end are equal: the window would never open")
+        return self
+
+
+class FrequencyCap(_Model):
+    """At most ``max`` bulk messages per person within any rolling ``per`` (across all campaigns)."""
+
+    max: int = Field(2, ge=1)
+    per: str = "7d"
+
+    @field_validator("per")
+    @classmethod
+    def _per(cls, value: str) -> str:
+        if parse_duration(value).total_seconds() <= 0:
+            raise ValueError("the period must be longer than 0")
+        return value
+
+
+class RingbackWindow(_Model):
+    """When a ringback campaign's tone plays: numbers are enrolled at ``start`` and restored at ``end``.
+
+    Times without a zone are read as Asia/Shanghai, like ``send_by``.
+    """
+
+    start: datetime
+    end: datetime
+
+    @field_validator("start", "end")
+    @classmethod
+    def _zone(cls, value: datetime) -> datetime:
+        return value if value.tzinfo is not None else value.replace(tzinfo=ZoneInfo("Asia/Shanghai"))
+
+    @model_validator(mode="after")
+    def _order(self) -> RingbackWindow:
+        if self.end <= self.start:
+            raise ValueError("the window must end after it starts")
+        return self
+
+
 class Campaign(_Model):
     id: str
     title: str
     owner: str
-    channel: Literal["sms"] = "sms"
+    #: "sms", or "ringback": numbers are enrolled with a warning tone for ``window`` and restored after
+    channel: Literal["sms", "ringback"] = "sms"
     template: str | None = None
     themes: dict[Literal["Q1", "Q2", "Q3", "Q4"], str] | None = None
     variables: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -149,6 +220,20 @@ class Campaign(_Model):
     schedule: Schedule | None = None
     priority: Literal["bulk", "urgent"] = "bulk"
     reason: str | None = None
+    #: daily bulk hours (urgent campaigns ignore it); default 08:00-21:00 local
+    send_window: SendWindow = Field(default_factory=SendWindow)
+    #: overrides the deployment's default cap (DISPATCH_FREQUENCY_CAP_MAX / _PERIOD) for this campaign
+    frequency_cap: FrequencyCap | None = None
+    #: ringback campaigns only: when callers hear the tone (enrol at start, restore at end)
+    window: RingbackWindow | None = None
+
+    @model_validator(mode="after")
+    def _ringback_window(self) -> Campaign:
+        if self.channel == "ringback" and self.window is None:
+            raise ValueError("a ringback campaign needs a window with start and end")
+        if self.channel != "ringback" and self.window is not None:
+            raise ValueError("window is for ringback campaigns (channel: ringback); SMS hours are send_window")
+        return self
 
     @field_validator("id")
     @classmethod
@@ -178,10 +263,17 @@ class Campaign(_Model):
             return self.template
         assert self.themes is not None
         when = when or datetime.now(ZoneInfo("Asia/Shanghai"))
+        if when.tzinfo is not None:
+            # a fire time arrives in UTC: 1 April 00:30 in Shanghai is still 31 March in UTC
+            when = when.astimezone(self.zone())
         quarter = f"Q{(when.month - 1) // 3 + 1}"
         if quarter not in self.themes:
             raise CampaignError(f"no theme for {quarter}", field="themes")
         return self.themes[quarter]  # type: ignore[index]  # quarter is one of the Literal keys
+
+    def zone(self) -> ZoneInfo:
+        """The campaign's local time zone: its schedule's, else Asia/Shanghai."""
+        return ZoneInfo(self.schedule.timezone if self.schedule else "Asia/Shanghai")
 
     def template_names(self) -> list[str]:
         if self.template is not None:
@@ -258,6 +350,8 @@ def parse_yaml(path: Path) -> Located:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if exc.context_mark is not None and exc.problem and "<stream end>" in exc.problem:
+            mark = exc.context_mark  # an unclosed bracket: point at where it was opened
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         problem = exc.problem or exc.context or "invalid YAML"
         raise CampaignError(f"invalid YAML: {problem}", path=str(path), line=line, column=column) from exc
@@ -270,12 +364,30 @@ def parse_yaml(path: Path) -> Located:
     return located
 
 
+def _data_path(data: Any, loc: Iterable[Any]) -> tuple[Any, ...]:
+    """Keep the parts of a pydantic error location that exist in the YAML (drop union member tags)."""
+    path: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, dict) and isinstance(part, str) and part.isidentifier():
+            path.append(part)  # a missing or unknown field: still name it
+            break
+        # anything else is a pydantic union-member tag such as "datetime" or "list[str]": dropped
+    return tuple(path)
+
+
 def _schema(located: Located) -> Campaign:
     try:
         return Campaign.model_validate(located.data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p in {"list[str]", "literal['all']"}))
+        loc = _data_path(located.data, first["loc"])
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = "unknown field (check its spelling)"

@@ -24,11 +24,19 @@ from .errors import DispatchError, InputError, UsageError
 from .runtime import Runtime
 from .settings import Settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Anti-fraud SMS campaign dispatcher.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Anti-fraud SMS campaign dispatcher.",
+)
 audience_app = typer.Typer(no_args_is_help=True, help="The resident registry.")
 app.add_typer(audience_app, name="audience")
+schedule_app = typer.Typer(no_args_is_help=True, help="Campaign schedules.")
+app.add_typer(schedule_app, name="schedule")
 
-out = Console(highlight=False, soft_wrap=True)
+# piped or captured output (CI logs, `make demo | tee`) gets room for six district columns
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -36,10 +44,11 @@ class State:
     runtime: Runtime | None = None
 
 
-def runtime() -> Runtime:
+def runtime(default_level: str = "WARNING") -> Runtime:
+    """The process's Runtime, built once from the environment; long-running commands pass INFO."""
     if State.runtime is None:
         settings = Settings.from_env()
-        logs.configure(settings.log_format or ("console" if sys.stderr.isatty() else "json"), settings.log_level)
+        logs.configure(settings.log_format or ("console" if sys.stderr.isatty() else "json"), settings.log_level or default_level)
         State.runtime = Runtime(settings)
     return State.runtime
 
@@ -109,19 +118,9 @@ def preview(
     if as_json:
         emit_json(report)
         return
-    table = Table(title=f"{loaded.campaign.title} — audience (opted-out excluded)")
-    segs = sorted({s for cells in matrix["by_district_segment"].values() for s in cells})
-    table.add_column("district")
-    table.add_column("recipients", justify="right")
-    for s in segs:
-        table.add_column(s, justify="right")
-    for d in domain.DISTRICTS:
-        if d.id not in matrix["by_district"]:
-            continue
-        info = matrix["by_district"][d.id]
-        cells = matrix["by_district_segment"].get(d.id, {})
-        table.add_row(d.name, str(info["selected"] - info["opted_out"]), *[str(cells.get(s, 0)) for s in segs])
-    out.print(table)
+    districts = [d for d in domain.DISTRICTS if d.id in matrix["by_district"]]
+    totals = {d.id: matrix["by_district"][d.id]["selected"] - matrix["by_district"][d.id]["opted_out"] for d in districts}
+    out.print(_matrix_table(f"{loaded.campaign.title} — audience (opted-out excluded)", districts, totals, matrix["by_district_segment"]))
     for v in variants:
         marker = " (this quarter)" if v["template"] == current else ""
         out.print(f"\n[bold]{v['template']}[/bold]{marker}: {v['encoding']}, {v['chars']} characters, {v['parts']} part(s)")
@@ -226,15 +225,21 @@ def run(
         from .broker import ping
 
         ping(rt.broker)
+    # a misconfigured gateway is reported (exit 2) before any row is written
+    _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway
+    started = time.perf_counter()
     created = start_run(rt, loaded)
+    fanout_seconds = time.perf_counter() - started
+    enqueued_at = created.get("enqueue_started_at", time.time())
     if not as_json:
         err.print(f"run {created['run_id']}: {created['pending']} to send in {created['batches']} batches", markup=False)
-    if no_wait and not rt.settings.embedded:
+    deferred = _deferred_embedded(rt, created["run_id"])
+    if (no_wait and not rt.settings.embedded) or deferred:
         st = status(rt, created["run_id"])
     else:
         st = _progress_follow(rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty())
     if as_json:
-        emit_json(st)
+        emit_json({**st, "fanout_seconds": round(fanout_seconds, 4), "enqueued_at": enqueued_at})
     else:
         _print_summary(st)
     if st["open"] and rt.settings.embedded:
@@ -293,7 +298,7 @@ def resume(
             f"{result['requeued']} requeued); {result['batches']} batches enqueued",
             markup=False,
         )
-    if no_wait and not rt.settings.embedded:
+    if (no_wait and not rt.settings.embedded) or _deferred_embedded(rt, run_id):
         st = status(rt, run_id)
     else:
         st = _progress_follow(rt, run_id, embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty())
@@ -311,10 +316,204 @@ def worker(
     """Process batches from the Redis broker until SIGTERM/SIGINT."""
     from .workers import serve
 
-    rt = runtime()
+    rt = runtime("INFO")
     if rt.settings.embedded:
         raise UsageError("dispatch worker needs DISPATCH_BROKER_URL=redis://...; without it `dispatch run` sends in-process")
     serve(rt, queues={q.strip() for q in queues.split(",") if q.strip()} if queues else None, threads=threads)
+
+
+@app.command()
+def web(
+    host: str | None = typer.Option(None, help="address to bind (default DISPATCH_WEB_HOST or 127.0.0.1)"),
+    port: int | None = typer.Option(None, help="port (default DISPATCH_WEB_PORT, PORT or 8000)"),
+) -> None:
+    """Serve the web process: Twilio webhooks, delivery reports, ringback TwiML (uvicorn)."""
+    import uvicorn
+
+    from .web.app import create_app
+
+    rt = runtime()
+    uvicorn.run(
+        create_app(rt),
+        host=host or rt.settings.web_host,
+        port=port or rt.settings.web_port,
+        log_level=rt.settings.log_level.lower(),
+        access_log=False,  # the access log would print callers' query strings; our handlers log masked
+    )
+
+
+# ------------------------------------------------------------------ run control and the scheduler (issue 4)
+
+
+def _deferred_embedded(rt: Runtime, run_id: str) -> bool:
+    """On the embedded broker, a bulk run outside its send window cannot wait in this process:
+    say so and leave it pending for `dispatch resume` (with Redis, workers defer it themselves)."""
+    if not rt.settings.embedded:
+        return False
+    from .sender import context_from_run, window_opening
+
+    opens_at = window_opening(rt, context_from_run(rt.store.get_run(run_id)))
+    if opens_at is None:
+        return False
+    err.print(
+        f"outside the send window: nothing is sent before {opens_at.isoformat()}; "
+        f"then `dispatch resume {run_id}` sends it",
+        markup=False,
+    )
+    return True
+
+
+@app.command()
+def pause(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stop new sends of RUN on every worker within about a second; `dispatch resume RUN` continues."""
+    from .runs import pause_run
+
+    result = pause_run(runtime(), run_id)
+    if as_json:
+        emit_json(result)
+    elif result["paused"]:
+        err.print(f"paused {run_id}; `dispatch resume {run_id}` continues it", markup=False)
+    else:
+        err.print(f"{run_id} is {result['was']}, not running: nothing to pause", markup=False)
+
+
+@app.command()
+def cancel(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """End every row of RUN still pending as `cancelled` (what was sent stays sent)."""
+    from .runs import cancel_run
+
+    result = cancel_run(runtime(), run_id)
+    if as_json:
+        emit_json(result)
+    else:
+        err.print(f"cancelled {run_id}: {result['cancelled']} pending rows cancelled", markup=False)
+
+
+@app.command()
+def scheduler(
+    campaigns: Path | None = typer.Option(None, "--campaigns", help="campaign folder (default: campaigns/)"),
+) -> None:
+    """Fire campaign schedules until SIGTERM; run several for failover (one leads at a time)."""
+    from .scheduler import Scheduler
+
+    rt = runtime("INFO")
+    sched = Scheduler(rt, campaigns or rt.settings.campaigns_dir)
+    sched.load(strict=True)
+    if rt.settings.embedded:
+        # no broker: the runs this process creates are sent by a worker inside it
+        from .workers import start_worker, stop_worker
+
+        worker, heartbeat = start_worker(rt)
+        try:
+            sched.serve()
+        finally:
+            stop_worker(rt, worker, heartbeat)
+    else:
+        sched.serve()
+
+
+def _when(text: str | None, option: str) -> Any:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        message = f"expected an ISO date or date-time such as 2021-01-01, got {text!r}"
+        raise UsageError(message, field=option) from exc
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=ZoneInfo("Asia/Shanghai"))
+    return value.astimezone(UTC)
+
+
+@schedule_app.command("list")
+def schedule_list(
+    since: str | None = typer.Option(None, "--from", help="ISO date(-time), Shanghai time if no zone"),
+    until: str | None = typer.Option(None, "--until", help="ISO date(-time), exclusive"),
+    count: int = typer.Option(5, "--count", min=1, max=1000, help="fire times per campaign"),
+    campaigns: Path | None = typer.Option(None, "--campaigns", help="folder of campaign files"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Every scheduled campaign's next fire times (from now unless --from), with the template of each fire."""
+    from .campaigns import check_paths
+    from .scheduler import fire_times
+
+    rt = runtime()
+    loaded, errors = check_paths([campaigns or rt.settings.campaigns_dir], rt.settings.templates_dir)
+    if errors:
+        raise errors[0]
+    start = _when(since, "--from") or rt.clock()
+    end = _when(until, "--until")
+    items: list[dict[str, Any]] = []
+    for lc in loaded:
+        schedule = lc.campaign.schedule
+        if schedule is None:
+            continue
+        fires = [
+            {"fire_time": ft.isoformat(), "template": lc.campaign.template_for(ft)}
+            for ft in fire_times(schedule, start, end, count)
+        ]
+        kind = "cron" if schedule.cron else "quarterly" if schedule.quarterly else "interval"
+        items.append({
+            "campaign_id": lc.campaign.id, "path": str(lc.path), "kind": kind, "timezone": schedule.timezone,
+            "misfire_grace": schedule.misfire_grace, "priority": lc.campaign.priority, "fires": fires,
+        })  # fmt: skip
+    if as_json:
+        emit_json({"campaigns": items})
+        return
+    if not items:
+        out.print("no campaign has a schedule", markup=False)
+    for item in items:
+        out.print(f"{item['campaign_id']} ({item['kind']}, {item['timezone']}):", markup=False)
+        for fire in item["fires"]:
+            out.print(f"  {fire['fire_time']}  {fire['template']}", markup=False)
+
+
+ringback_app = typer.Typer(no_args_is_help=True, help="Ringback-tone campaigns: restore numbers at the window's end.")
+app.add_typer(ringback_app, name="ringback")
+
+
+@ringback_app.command("restore")
+def ringback_restore(
+    run_id: str,
+    no_wait: bool = typer.Option(False, "--no-wait", help="with Redis: enqueue and return at once"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Put back every number the ringback enrol run RUN_ID changed (also after a cancel). Idempotent."""
+    from .ringback import start_restore
+    from .runs import status
+
+    rt = runtime()
+    rt.ringback  # noqa: B018 - a misconfigured ringback adapter is reported (exit 2) before any row is written
+    created = start_restore(rt, run_id)
+    if not as_json:
+        err.print(f"restore run {created['run_id']}: {created['total']} numbers", markup=False)
+    if no_wait and not rt.settings.embedded:
+        st = status(rt, created["run_id"])
+    else:
+        st = _progress_follow(rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty())
+    if as_json:
+        emit_json(st)
+    else:
+        _print_summary(st)
+    if st["open"] and rt.settings.embedded:
+        raise typer.Exit(1)
+
+
+@ringback_app.command("sweep")
+def ringback_sweep(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Start the restore of every ringback enrol run whose window has ended (for cron or the scheduler)."""
+    from .ringback import due_restores, start_restore
+
+    rt = runtime()
+    started = [start_restore(rt, run_id, actor="sweep") for run_id in due_restores(rt)]
+    if as_json:
+        emit_json({"restores": started})
+    else:
+        for item in started:
+            out.print(f"restore run {item['run_id']}: {item['total']} numbers", markup=False)
 
 
 # ------------------------------------------------------------------ audience
@@ -381,25 +580,48 @@ def audience_stats(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         emit_json(stats)
         return
-    table = Table(title="residents")
-    table.add_column("district")
-    table.add_column("residents", justify="right")
-    table.add_column("opted out", justify="right")
-    for s in domain.SEGMENTS:
-        table.add_column(s.id, justify="right")
-    for d in domain.DISTRICTS:
-        info = stats["by_district"].get(d.id, {"residents": 0, "opted_out": 0})
-        cells = stats["by_district_segment"].get(d.id, {})
-        table.add_row(d.name, str(info["residents"]), str(info["opted_out"]), *[str(cells.get(s.id, 0)) for s in domain.SEGMENTS])
-    out.print(table)
+    totals = {d.id: stats["by_district"].get(d.id, {}).get("residents", 0) for d in domain.DISTRICTS}
+    opted = {d.id: stats["by_district"].get(d.id, {}).get("opted_out", 0) for d in domain.DISTRICTS}
+    out.print(_matrix_table("residents by district and group", list(domain.DISTRICTS), totals, stats["by_district_segment"], opted))
 
+
+def _matrix_table(
+    title: str,
+    districts: list[domain.District],
+    totals: dict[str, int],
+    cells: dict[str, dict[str, int]],
+    opted_out: dict[str, int] | None = None,
+) -> Table:
+    """Groups down, districts across: six district columns fit a terminal, thirteen groups would not."""
+    table = Table(title=title)
+    table.add_column("group")
+    for d in districts:
+        table.add_column(d.name, justify="right")
+    table.add_column("total", justify="right")
+    table.add_row("[bold]all residents[/bold]", *[str(totals.get(d.id, 0)) for d in districts], str(sum(totals.values())))
+    if opted_out is not None:
+        table.add_row("opted out", *[str(opted_out.get(d.id, 0)) for d in districts], str(sum(opted_out.values())))
+    present = {s for c in cells.values() for s in c}
+    for seg in domain.SEGMENTS:
+        if seg.id not in present:
+            continue
+        row = [cells.get(d.id, {}).get(seg.id, 0) for d in districts]
+        table.add_row(seg.id, *[str(n) for n in row], str(sum(row)))
+    return table
+
+
+# the auditors' commands (audit, report, users) register themselves on ``app``
+from . import cli_audit  # noqa: E402, F401
 
 # ------------------------------------------------------------------ entry point
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # with standalone_mode=False click returns the code of a typer.Exit instead of raising it
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int):
+            return code
     except DispatchError as exc:
         err.print(str(exc), markup=False)
         return exc.exit_code
@@ -414,6 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         return 130
+    except Exception as exc:  # the last line of defence: one line for the operator, details in the log
+        logs.get_logger("dispatcher.cli").exception("internal_error")
+        err.print(f"internal error: {type(exc).__name__}: {exc}", markup=False)
+        return 1
     finally:
         if State.runtime is not None:
             State.runtime.close()

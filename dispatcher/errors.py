@@ -25,6 +25,8 @@ alone::
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DispatchError(Exception):
     """Base of every error raised on purpose by the dispatcher."""
@@ -112,6 +114,8 @@ class SendError(DispatchError):
         self.code = code
         if retryable is not None:
             self.retryable = retryable
+        #: redacted HTTP exchanges of the failed send, stored with the attempt like a success's
+        self.trace: list[dict[str, Any]] = []
 
 
 class PermanentSendError(SendError):

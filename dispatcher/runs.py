@@ -8,7 +8,9 @@ message per batch. ``resume_run`` reconciles rows a crash left in ``sending``
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,7 +55,7 @@ def run_spec(runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | 
         channel=c.channel,
         priority=c.priority,
         reason=c.reason,
-        gateway=runtime.settings.gateway,
+        gateway=runtime.settings.ringback_gateway if c.channel == "ringback" else runtime.settings.gateway,
         campaign_path=str(loaded.path),
         campaign_yaml=loaded.located.text,
         campaign_sha256=loaded.located.sha256,
@@ -68,19 +70,25 @@ def run_spec(runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | 
     )
 
 
-def enqueue_batches(runtime: Runtime, run_id: str, batches: list[int]) -> int:
-    actor = runtime.actors["send_batch"]
+def enqueue_batches(runtime: Runtime, run_id: str, batches: list[int], priority: str | None = None) -> int:
+    """One message per batch, on the run's lane: urgent runs never queue behind bulk work."""
+    if priority is None:
+        priority = runtime.store.get_run(run_id)["priority"]
+    actor = runtime.actors["send_urgent_batch" if priority == "urgent" else "send_batch"]
     for batch_no in batches:
         actor.send(run_id, batch_no)
     return len(batches)
 
 
-def start_run(runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None) -> dict[str, Any]:
+def start_run(
+    runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None, actor: str = "operator"
+) -> dict[str, Any]:
     """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
-    spec = run_spec(runtime, loaded, fire_time=fire_time)
+    spec = dataclasses.replace(run_spec(runtime, loaded, fire_time=fire_time), actor=actor)
     created = runtime.store.create_run(spec, audience_filter(loaded))
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
-        enqueue_batches(runtime, spec.run_id, list(range(created["batches"])))
+        created["enqueue_started_at"] = time.time()  # workers may start from here (benchmarks time from it)
+        enqueue_batches(runtime, spec.run_id, list(range(created["batches"])), spec.priority)
         log.info("run.created", total=created["total"], pending=created["pending"], batches=created["batches"])
     return created
 
@@ -118,6 +126,15 @@ def resume_run(runtime: Runtime, run_id: str) -> dict[str, int]:
     orphans = store.orphans(run_id, runtime.settings.worker_stale_after)
     found_sent = requeued = 0
     with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run["campaign_id"]):
+        if orphans and run["channel"].startswith("ringback"):
+            # enrolment and restore are idempotent (ringback adapters): doing one again is safe
+            requeued = store.requeue([o.id for o in orphans])
+            orphans = []
+        if orphans and not getattr(runtime.gateway, "can_lookup", True):
+            # the provider cannot say what it took: resending could double-send, an operator decides
+            settled = store.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
+            log.warning("run.orphans_unknown", orphans=len(orphans), marked=settled)
+            orphans = []
         if orphans:
             gateway = runtime.gateway
             known = gateway.lookup([LookupRequest(o.key, o.phone, "", o.claimed_at) for o in orphans])
@@ -139,14 +156,50 @@ def resume_run(runtime: Runtime, run_id: str) -> dict[str, int]:
             found_sent = len(outcomes)
             requeued = store.requeue([o.id for o in orphans if o.key not in known])
             log.info("run.reconciled", orphans=len(orphans), already_sent=found_sent, requeued=requeued)
+        store.drain_status_backlog()  # delivery reports that overtook the recording of their ids
+        unknown_found, unknown_requeued = reconcile_unknown(runtime, run_id)
+        found_sent += unknown_found
+        requeued += unknown_requeued
         if run["status"] in ("cancelled",):
             return {"orphans": len(orphans), "already_sent": found_sent, "requeued": requeued, "batches": 0}
+        if run["status"] == "paused":
+            store.unpause_run(run_id)
+            log.info("run.resumed")
         if run["status"] == "completed" and (requeued or store.counts(run_id).get("pending")):
             store.set_run_status(run_id, "running")
         batches = store.pending_batches(run_id)
         enqueue_batches(runtime, run_id, batches)
         store.finish_if_done(run_id)
     return {"orphans": len(orphans), "already_sent": found_sent, "requeued": requeued, "batches": len(batches)}
+
+
+def reconcile_unknown(runtime: Runtime, run_id: str) -> tuple[int, int]:
+    """Settle rows an ambiguous reply left ``unknown``: ask the gateway, never resend blindly.
+
+    The gateway looks for a message to that number with that text since the attempt
+    (Twilio: list messages to the number). Found -> ``sent`` with the provider's id;
+    not found -> ``pending``, sent again by the next batch. Returns (found, requeued).
+    """
+    store = runtime.store
+    rows = store.unknown_rows(run_id)
+    if not rows:
+        return 0, 0
+    if store.get_run(run_id)["channel"].startswith("ringback"):
+        # ringback enrol/restore calls are idempotent: try them again rather than ask
+        return store.settle_unknown(run_id, {}, [r["id"] for r in rows], gateway="ringback")
+    gateway = runtime.gateway
+    if not getattr(gateway, "can_lookup", True):
+        # the provider cannot tell us what it took: resending could double-send, so an operator decides
+        log.warning("run.unknown_left", unknown=len(rows), gateway=gateway.name)
+        return 0, 0
+    known = gateway.lookup(
+        [LookupRequest(r["key"], r["phone"], r["body"] or "", r["claimed_at"] or r["updated_at"]) for r in rows]
+    )
+    found = {r["id"]: known[r["key"]].provider_id for r in rows if r["key"] in known}
+    missing = [r["id"] for r in rows if r["key"] not in known]
+    result = store.settle_unknown(run_id, found, missing, gateway=gateway.name)
+    log.info("run.unknown_reconciled", unknown=len(rows), found=result[0], requeued=result[1])
+    return result
 
 
 def status(runtime: Runtime, run_id: str) -> dict[str, Any]:
@@ -174,3 +227,33 @@ def status(runtime: Runtime, run_id: str) -> dict[str, Any]:
         "open": sum(counts.get(s, 0) for s in ("pending", "sending", UNKNOWN)),
         "failed": counts.get(FAILED, 0),
     }
+
+
+def pause_run(runtime: Runtime, run_id: str) -> dict[str, Any]:
+    """Stop new sends of a run on every worker; its pending rows wait for ``resume``.
+
+    Workers read the run's status before claiming a batch and every fraction of a second
+    while sending one, so sends stop within about a second; rows a worker had claimed but
+    not handed over go back to ``pending`` without counting an attempt.
+    """
+    store = runtime.store
+    run = store.get_run(run_id)
+    paused = store.pause_run(run_id)
+    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run["campaign_id"]):
+        log.info("run.paused" if paused else "run.pause_ignored", was=run["status"])
+    return {"run_id": run_id, "paused": paused, "was": run["status"]}
+
+
+def cancel_run(runtime: Runtime, run_id: str, actor: str = "operator") -> dict[str, Any]:
+    """End every row still pending as ``cancelled``; rows a worker holds are cancelled by it.
+
+    A message already handed to the gateway stays ``sent``: cancelling cannot unsend it.
+    """
+    store = runtime.store
+    run = store.get_run(run_id)
+    if run["status"] == "completed":
+        return {"run_id": run_id, "cancelled": 0, "was": "completed"}
+    n = store.cancel_open(run_id, actor=actor)
+    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run["campaign_id"]):
+        log.info("run.cancelled", cancelled=n, was=run["status"])
+    return {"run_id": run_id, "cancelled": n, "was": run["status"]}

@@ -36,6 +36,28 @@ class Runtime:
     _broker: dramatiq.Broker | None = None
     _actors: dict[str, Any] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _rate_limiter: Any = None
+    #: builds the ringback adapter (tests inject one); default: DISPATCH_RINGBACK_GATEWAY
+    ringback_factory: Callable[[Settings], Any] | None = None
+    _ringback: Any = None
+
+    def __post_init__(self) -> None:
+        # DISPATCH_CLOCK_OFFSET / DISPATCH_FAKE_NOW move a subprocess's business clock (tests, drills);
+        # a clock injected by the caller wins
+        if self.clock is utcnow and self.settings.clock_offset:
+            from .clock import offset_clock
+
+            self.clock = offset_clock(self.settings.clock_offset)
+
+    @property
+    def rate_limiter(self) -> Any:
+        """The gateway's shared pacer (Redis across processes, in-memory on the embedded broker), or None."""
+        with self._lock:
+            if self._rate_limiter is None and self.settings.rate_limit > 0:
+                from .ratelimit import make_rate_limiter
+
+                self._rate_limiter = make_rate_limiter(self.settings)
+            return self._rate_limiter
 
     @property
     def store(self) -> SqlStore:
@@ -55,6 +77,19 @@ class Runtime:
 
                     self._gateway = create_gateway(self.settings)
             return self._gateway
+
+    @property
+    def ringback(self) -> Any:
+        """The ringback-tone adapter (``gateways/ringback.py``), built on first use."""
+        with self._lock:
+            if self._ringback is None:
+                if self.ringback_factory is not None:
+                    self._ringback = self.ringback_factory(self.settings)
+                else:
+                    from .gateways.ringback import create_ringback
+
+                    self._ringback = create_ringback(self.settings)
+            return self._ringback
 
     @property
     def broker(self) -> dramatiq.Broker:
@@ -78,6 +113,8 @@ class Runtime:
     def close(self) -> None:
         if self._gateway is not None:
             self._gateway.close()
+        if self._ringback is not None:
+            self._ringback.close()
         if self._store is not None:
             self._store.close()
         if self._broker is not None:

@@ -8,6 +8,7 @@ rows still ``pending``, so a second delivery of the message finds nothing to do.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -15,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import yaml
 
-from .campaigns import Campaign
+from .campaigns import Campaign, parse_duration
 from .errors import AmbiguousSendError, PermanentSendError, RetryableSendError, SendError, TemplateError
 from .gateways.base import OutgoingMessage, SendResult
+from .send_window import campaign_may_send
 from .store.base import EXPIRED, FAILED, PENDING, SENT, SKIPPED, UNKNOWN, Claimed, Outcome
 from .templates import Composer, TemplateSource
 
@@ -37,6 +39,8 @@ class RunContext:
     send_by: datetime | None
     composer: Composer
     status: str
+    #: the campaign as snapshotted: its send window, time zone and frequency cap
+    campaign: Campaign | None = None
 
 
 def context_from_run(run: dict[str, Any]) -> RunContext:
@@ -56,6 +60,7 @@ def context_from_run(run: dict[str, Any]) -> RunContext:
         send_by=run["send_by"],
         composer=composer,
         status=run["status"],
+        campaign=campaign,
     )
 
 
@@ -105,6 +110,12 @@ def _outcome_for(
     if isinstance(result, RetryableSendError) or (result.retryable and not isinstance(result, PermanentSendError)):
         if row.attempts < max_attempts:
             delay = backoff(row.attempts, getattr(result, "retry_after", None))
+            if message.send_by is not None and now + timedelta(seconds=delay) > message.send_by:
+                # a retry is never scheduled past the campaign's deadline: the row expires now
+                return Outcome(
+                    state=EXPIRED, outcome="expired", error_code=result.code, reason="send_by_passed",
+                    error_message=result.message, trace=trace, **common,
+                )  # fmt: skip
             return Outcome(
                 state=PENDING,
                 outcome="retry",
@@ -125,8 +136,15 @@ def _outcome_for(
     )  # fmt: skip
 
 
-def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed]) -> list[Outcome]:
-    """Render and send already-claimed rows; returns the outcomes (not yet recorded)."""
+def send_rows(
+    runtime: Runtime, context: RunContext, rows: list[Claimed], gate: Gate | None = None
+) -> list[Outcome]:
+    """Render and send already-claimed rows; returns the outcomes (not yet recorded).
+
+    With a ``gate``, messages are handed over in small chunks paced by the shared rate
+    limiter, and the gate is asked between chunks whether the run was paused or cancelled
+    or the send window closed; rows not handed over then are left in ``gate.unsent``.
+    """
     now = runtime.clock()
     gateway = runtime.gateway
     outcomes: list[Outcome] = []
@@ -162,11 +180,132 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed]) -> lis
                 ),
             )
         )
-    if to_send:
+    to_send = _apply_frequency_cap(runtime, context, to_send, outcomes, now)
+    if to_send and gate is None:
         results = gateway.send_many([m for _, m in to_send])
         for (row, message), result in zip(to_send, results, strict=True):
             outcomes.append(_outcome_for(row, message, result, gateway.name, now, runtime.settings.max_attempts))
+    elif to_send and gate is not None:
+        index = 0
+        while index < len(to_send):
+            if gate.should_stop():
+                gate.unsent = [row for row, _ in to_send[index:]]
+                break
+            chunk = to_send[index : index + gate.chunk]
+            gate.pace(chunk)
+            if context.send_by is not None and runtime.clock() > context.send_by:
+                # the deadline passed while this batch was being paced: nothing more goes out
+                for row, _ in to_send[index:]:
+                    outcomes.append(
+                        Outcome(
+                            id=row.id, run_id=row.run_id, state=EXPIRED, attempt=row.attempts,
+                            gateway=gateway.name, outcome="skipped", reason="send_by_passed",
+                        )
+                    )  # fmt: skip
+                break
+            results = gateway.send_many([m for _, m in chunk])
+            sent_at = runtime.clock()
+            attempts = runtime.settings.max_attempts
+            for (row, message), result in zip(chunk, results, strict=True):
+                outcomes.append(_outcome_for(row, message, result, gateway.name, sent_at, attempts))
+            index += len(chunk)
     return outcomes
+
+
+def _apply_frequency_cap(
+    runtime: Runtime,
+    context: RunContext,
+    to_send: list[tuple[Claimed, OutgoingMessage]],
+    outcomes: list[Outcome],
+    now: datetime,
+) -> list[tuple[Claimed, OutgoingMessage]]:
+    """Skip (reason ``frequency_cap``) people who already had their bulk allowance this period.
+
+    Counts bulk messages in ``sent``/``delivered`` across every run within the rolling period;
+    urgent runs are neither capped nor counted.
+    """
+    if not to_send or context.priority != "bulk":
+        return to_send
+    cap = context.campaign.frequency_cap if context.campaign is not None else None
+    limit = cap.max if cap is not None else runtime.settings.frequency_cap_max
+    period = parse_duration(cap.per if cap is not None else runtime.settings.frequency_cap_period)
+    if limit <= 0:
+        return to_send
+    phones = [row.phone for row, _ in to_send]
+    counts = runtime.store.bulk_sends_since(phones, now - period, exclude_run=context.run_id)
+    keep = []
+    for row, message in to_send:
+        if counts.get(row.phone, 0) >= limit:
+            outcomes.append(
+                Outcome(
+                    id=row.id, run_id=row.run_id, state=SKIPPED, attempt=row.attempts,
+                    gateway=runtime.gateway.name, outcome="skipped", reason="frequency_cap",
+                )
+            )
+        else:
+            keep.append((row, message))
+    return keep
+
+
+class Gate:
+    """Asked between chunks of a batch: may we go on, and when may the next chunk leave?
+
+    The run's status is read at most every ``CHECK_EVERY`` seconds so that a pause or a
+    cancel reaches every worker within a fraction of a second without a query per message.
+    """
+
+    CHECK_EVERY = 0.25
+
+    def __init__(self, runtime: Runtime, context: RunContext) -> None:
+        self.runtime = runtime
+        self.context = context
+        self.limiter = runtime.rate_limiter
+        #: one message at a time when paced, so the limiter spaces every single send; a gateway that
+        #: takes many numbers in one call (HTTP adapter in batch mode) gets whole calls' worth
+        self.chunk = 1 if self.limiter is not None else max(20, getattr(runtime.gateway, "batch_capacity", 0))
+        self.unsent: list[Claimed] = []
+        self.stop_reason: str | None = None
+        self.opens_at: datetime | None = None
+        self._checked = 0.0
+
+    def should_stop(self) -> bool:
+        if self.stop_reason is not None:
+            return True
+        now = time.monotonic()
+        if now - self._checked < self.CHECK_EVERY:
+            return False
+        self._checked = now
+        status = self.runtime.store.run_status(self.context.run_id)
+        if status in ("paused", "cancelled"):
+            self.stop_reason = status
+            return True
+        self.opens_at = window_opening(self.runtime, self.context)
+        if self.opens_at is not None:
+            self.stop_reason = "send_window"
+            return True
+        return False
+
+    def pace(self, chunk: list[tuple[Claimed, OutgoingMessage]]) -> None:
+        if self.limiter is None:
+            return
+        per_parts = self.runtime.settings.rate_unit == "parts"
+        self.limiter.acquire(sum(m.parts for _, m in chunk) if per_parts else len(chunk))
+
+
+def window_opening(runtime: Runtime, context: RunContext) -> datetime | None:
+    """When the run's send window next opens, or None if it may send now."""
+    if context.campaign is not None and context.campaign.window is not None:
+        # a ringback campaign: its own window (start..end), not the SMS hours, decides when it may start
+        now = runtime.clock()
+        return context.campaign.window.start if now < context.campaign.window.start else None
+    if not runtime.settings.send_window_enforced or context.campaign is None:
+        return None
+    return campaign_may_send(context.campaign, context.priority, runtime.clock())
+
+
+def _window_delay(runtime: Runtime, opens_at: datetime) -> float:
+    """Seconds to defer a batch: until the opening, but never longer than the recheck cap."""
+    return min(runtime.settings.window_recheck, max(0.05, (opens_at - runtime.clock()).total_seconds()))
 
 
 @dataclass(frozen=True)
@@ -180,17 +319,32 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
     """Send what is pending in one batch of one run and record it; return when to retry, if needed."""
     store = runtime.store
     context = RUNS.get(runtime, run_id)
-    status = store.get_run(run_id)["status"]
+    if context.campaign is not None and context.campaign.channel == "ringback":
+        # enrol/restore a ringback tone instead of sending an SMS: same claims, retries and log
+        from .ringback import process_ringback_batch
+
+        return process_ringback_batch(runtime, run_id, batch_no)
+    status = store.run_status(run_id)
     if status in ("cancelled", "completed"):
         return BatchResult(0, {}, None)
     with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=context.campaign_id, batch=batch_no):
+        if status == "paused":
+            # parked: the rows stay pending and `dispatch resume` re-enqueues every pending batch
+            log.info("batch.parked", reason="paused")
+            return BatchResult(0, {"parked": 1}, None)
+        opens_at = window_opening(runtime, context)
+        if opens_at is not None:
+            # outside the send window: neither sent nor dropped, the message comes back at the opening
+            log.info("batch.deferred", reason="send_window", opens_at=opens_at.isoformat())
+            return BatchResult(0, {"deferred": 1}, _window_delay(runtime, opens_at))
         rows = store.claim(run_id, batch_no, runtime.worker_id)
         if not rows:
             log.debug("batch.nothing_to_claim")
             retry_at = store.next_retry_at(run_id, batch_no)
             return BatchResult(0, {}, _seconds_until(runtime, retry_at))
+        gate = Gate(runtime, context)
         try:
-            outcomes = send_rows(runtime, context, rows)
+            outcomes = send_rows(runtime, context, rows, gate)
         except BaseException:
             # an unexpected failure before anything was handed over must not strand the claim;
             # rows the gateway may have taken stay in `sending` for resume to reconcile
@@ -200,10 +354,29 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[o.outcome] = counts.get(o.outcome, 0) + 1
+        stop_in: float | None = None
+        if gate.unsent:
+            counts["stopped"] = len(gate.unsent)
+            unsent_ids = [r.id for r in gate.unsent]
+            if gate.stop_reason == "cancelled":
+                store.cancel_claimed(unsent_ids, actor=runtime.worker_id)
+            else:
+                # paused or window closed: back to pending, the attempt not counted
+                store.release(unsent_ids)
+                if gate.stop_reason == "send_window" and gate.opens_at is not None:
+                    stop_in = _window_delay(runtime, gate.opens_at)
+                elif store.run_status(run_id) == "running":
+                    # resumed while this batch was stopping: resume found none of these rows
+                    # pending, so this batch must come back by itself
+                    stop_in = 0.0
+            log.info("batch.stopped", reason=gate.stop_reason, unsent=len(gate.unsent))
         log.info("batch.done", claimed=len(rows), **counts)
         retry_at = store.next_retry_at(run_id, batch_no) if counts.get("retry") else None
         store.finish_if_done(run_id)
-        return BatchResult(len(rows), counts, _seconds_until(runtime, retry_at))
+        retry_in = _seconds_until(runtime, retry_at)
+        if stop_in is not None:
+            retry_in = stop_in if retry_in is None else min(retry_in, stop_in)
+        return BatchResult(len(rows), counts, retry_in)
 
 
 def _seconds_until(runtime: Runtime, when: datetime | None) -> float | None:

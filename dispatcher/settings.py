@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -22,6 +23,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from exc
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from exc
+    if value <= 0:
+        raise ConfigError(f"{name}: must be more than 0, got {raw!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -45,12 +59,61 @@ class Settings:
     worker_stale_after: int = 10
     #: where the embedded worker and ``dispatch worker`` log: "json" or "console"; empty = auto
     log_format: str = ""
-    log_level: str = "INFO"
+    #: empty = per command: INFO for long-running processes (worker, scheduler, web), WARNING otherwise
+    log_level: str = ""
     #: the Redis namespace Dramatiq's keys live under (tests isolate themselves with it)
     broker_namespace: str = "dispatch"
     #: outbox fault injection for drills and tests: comma separated E.164 numbers
     outbox_fail_permanent: frozenset[str] = field(default_factory=frozenset)
     outbox_fail_transient: frozenset[str] = field(default_factory=frozenset)
+    #: simulated per-message latency of the outbox (drills: a slow gateway); 0 = none
+    outbox_latency_ms: int = 0
+    # --- real gateways (issue 3) -------------------------------------------------
+    #: where providers reach our web process (status callbacks, TwiML); signatures are checked against it
+    public_url: str = ""
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    twilio_from: str = ""
+    twilio_messaging_service_sid: str = ""
+    #: redirects the Twilio client (a regional edge, or a local Twilio peer such as Prism)
+    twilio_base_url: str = ""
+    #: seconds to wait for a provider's reply before the send counts as ambiguous
+    gateway_timeout: float = 10.0
+    #: config file of the generic HTTP adapter (DISPATCH_GATEWAY=http)
+    http_config: Path | None = None
+    #: shared secret of the HTTP adapter's delivery reports (HMAC-SHA256 of the body)
+    http_report_secret: str = ""
+    #: ringback adapter: outbox (default), twilio-announce, carrier-http
+    ringback_gateway: str = "outbox"
+    #: config file of the carrier-http ringback adapter
+    ringback_config: Path | None = None
+    #: signs dashboard session cookies (HMAC-SHA256); empty = random per process (logins end on restart)
+    session_secret: str = ""
+    #: seconds a dashboard login lasts
+    session_max_age: int = 8 * 3600
+    web_host: str = "127.0.0.1"
+    web_port: int = 8000
+    # --- scheduler and run control (issue 4) -------------------------------------
+    #: seconds added to the real clock: drills and tests move every process to another hour or quarter
+    #: without sleeping through it (DISPATCH_CLOCK_OFFSET, or DISPATCH_FAKE_NOW as an ISO time)
+    clock_offset: float = 0.0
+    #: gateway rate shared by every worker process (0 = unlimited); counted in ``rate_unit``
+    rate_limit: float = 0.0
+    #: "messages" or "parts": what the gateway contract counts
+    rate_unit: str = "messages"
+    #: default frequency cap: at most this many bulk messages per person per rolling period (0 = no cap)
+    frequency_cap_max: int = 2
+    frequency_cap_period: str = "7d"
+    #: False only with DISPATCH_SEND_WINDOW=ignore: local outbox demos and tests not about the window
+    send_window_enforced: bool = True
+    #: longest a batch deferred by the send window sleeps before it looks at the clock again
+    window_recheck: float = 300.0
+    #: seconds a scheduler's leadership lasts unless renewed; a dead leader is replaced after this
+    scheduler_lease: float = 10.0
+    #: how often the scheduler looks for due fires and renews its lease
+    scheduler_tick: float = 0.5
+    #: threads a ``dispatch worker`` on all lanes keeps for urgent work alone
+    urgent_threads: int = 2
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -75,10 +138,27 @@ class Settings:
             max_attempts=_int(env, "DISPATCH_MAX_ATTEMPTS", 5),
             worker_stale_after=_int(env, "DISPATCH_WORKER_STALE_AFTER", 10),
             log_format=env.get("DISPATCH_LOG_FORMAT", ""),
-            log_level=env.get("DISPATCH_LOG_LEVEL", "INFO"),
+            log_level=env.get("DISPATCH_LOG_LEVEL", ""),
             broker_namespace=env.get("DISPATCH_BROKER_NAMESPACE") or "dispatch",
             outbox_fail_permanent=numbers("DISPATCH_OUTBOX_FAIL_PERMANENT"),
             outbox_fail_transient=numbers("DISPATCH_OUTBOX_FAIL_TRANSIENT"),
+            outbox_latency_ms=_int(env, "DISPATCH_OUTBOX_LATENCY_MS", 0),
+            public_url=(env.get("DISPATCH_PUBLIC_URL") or "").rstrip("/"),
+            twilio_account_sid=env.get("TWILIO_ACCOUNT_SID", ""),
+            twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", ""),
+            twilio_from=env.get("TWILIO_FROM", ""),
+            twilio_messaging_service_sid=env.get("TWILIO_MESSAGING_SERVICE_SID", ""),
+            twilio_base_url=(env.get("DISPATCH_TWILIO_BASE_URL") or "").rstrip("/"),
+            gateway_timeout=_float(env, "DISPATCH_GATEWAY_TIMEOUT", 10.0),
+            http_config=Path(env["DISPATCH_HTTP_CONFIG"]) if env.get("DISPATCH_HTTP_CONFIG") else None,
+            http_report_secret=env.get("DISPATCH_HTTP_REPORT_SECRET", ""),
+            ringback_gateway=env.get("DISPATCH_RINGBACK_GATEWAY") or "outbox",
+            ringback_config=Path(env["DISPATCH_RINGBACK_CONFIG"]) if env.get("DISPATCH_RINGBACK_CONFIG") else None,
+            session_secret=env.get("DISPATCH_SESSION_SECRET", ""),
+            session_max_age=_int(env, "DISPATCH_SESSION_MAX_AGE", 8 * 3600),
+            web_host=env.get("DISPATCH_WEB_HOST") or "127.0.0.1",
+            web_port=_int(env, "DISPATCH_WEB_PORT", _int(env, "PORT", 8000)),
+            **_issue4_settings(env),
             extra={k: v for k, v in env.items() if k.startswith(("DISPATCH_", "TWILIO_"))},
         )
 
@@ -89,3 +169,63 @@ class Settings:
     def embedded(self) -> bool:
         """True when no broker URL is set: runs are processed inside the ``dispatch run`` process."""
         return not self.broker_url
+
+
+def _issue4_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """Scheduler, clock, send-window, frequency-cap and rate-limit settings (validated here, once)."""
+    from datetime import UTC, datetime, timedelta
+
+    offset = 0.0
+    if env.get("DISPATCH_FAKE_NOW"):
+        raw = env["DISPATCH_FAKE_NOW"]
+        try:
+            fake = datetime.fromisoformat(raw)
+        except ValueError as exc:
+            raise ConfigError(
+                f"DISPATCH_FAKE_NOW: expected an ISO date-time such as 2023-04-01T22:00+08:00, got {raw!r}"
+            ) from exc
+        if fake.tzinfo is None:
+            raise ConfigError(f"DISPATCH_FAKE_NOW: give a UTC offset (e.g. +08:00), got {raw!r}")
+        offset = (fake - datetime.now(UTC)).total_seconds()
+    elif env.get("DISPATCH_CLOCK_OFFSET"):
+        raw = env["DISPATCH_CLOCK_OFFSET"]
+        try:
+            offset = float(raw)
+        except ValueError as exc:
+            raise ConfigError(f"DISPATCH_CLOCK_OFFSET: expected seconds, got {raw!r}") from exc
+    rate_raw = env.get("DISPATCH_RATE_LIMIT") or "0"
+    try:
+        rate = float(rate_raw)
+    except ValueError as exc:
+        raise ConfigError(f"DISPATCH_RATE_LIMIT: expected messages per second, got {rate_raw!r}") from exc
+    if rate < 0:
+        raise ConfigError(f"DISPATCH_RATE_LIMIT: must be 0 (unlimited) or more, got {rate_raw!r}")
+    unit = env.get("DISPATCH_RATE_UNIT") or "messages"
+    if unit not in ("messages", "parts"):
+        raise ConfigError(f"DISPATCH_RATE_UNIT: expected messages or parts, got {unit!r}")
+    period = env.get("DISPATCH_FREQUENCY_CAP_PERIOD") or "7d"
+    from .campaigns import parse_duration
+
+    try:
+        if parse_duration(period) <= timedelta(0):
+            raise ValueError("the period must be longer than 0")
+    except ValueError as exc:
+        raise ConfigError(f"DISPATCH_FREQUENCY_CAP_PERIOD: {exc}") from exc
+    cap_max = _int(env, "DISPATCH_FREQUENCY_CAP_MAX", 2)
+    if cap_max < 0:
+        raise ConfigError(f"DISPATCH_FREQUENCY_CAP_MAX: must be 0 or more, got {cap_max}")
+    window = env.get("DISPATCH_SEND_WINDOW") or "enforce"
+    if window not in ("enforce", "ignore"):
+        raise ConfigError(f"DISPATCH_SEND_WINDOW: expected enforce or ignore, got {window!r}")
+    return {
+        "clock_offset": offset,
+        "send_window_enforced": window == "enforce",
+        "rate_limit": rate,
+        "rate_unit": unit,
+        "frequency_cap_max": cap_max,
+        "frequency_cap_period": period,
+        "window_recheck": _float(env, "DISPATCH_WINDOW_RECHECK", 300.0),
+        "scheduler_lease": _float(env, "DISPATCH_SCHEDULER_LEASE", 10.0),
+        "scheduler_tick": _float(env, "DISPATCH_SCHEDULER_TICK", 0.5),
+        "urgent_threads": _int(env, "DISPATCH_URGENT_THREADS", 2),
+    }

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from dramatiq import Worker
@@ -53,14 +53,53 @@ def start_worker(runtime: Runtime, *, queues: set[str] | None = None, threads: i
     heartbeat = Heartbeat(runtime)
     heartbeat.beat()
     heartbeat.start()
-    worker = Worker(
-        runtime.broker,
-        queues=queues,
-        worker_threads=threads or runtime.settings.worker_threads,
-        worker_timeout=100,
-    )
+    worker: Any
+    urgent_threads = runtime.settings.urgent_threads
+    if queues is None and urgent_threads > 0 and not runtime.settings.embedded:
+        worker = LaneWorkers(runtime, threads or runtime.settings.worker_threads, urgent_threads)
+    else:
+        worker = Worker(
+            runtime.broker,
+            queues=queues,
+            worker_threads=threads or runtime.settings.worker_threads,
+            worker_timeout=100,
+        )
     worker.start()
     return worker, heartbeat
+
+
+class LaneWorkers:
+    """A worker on every lane, with threads kept for urgent work alone.
+
+    Dramatiq's actor priority only reorders messages a worker has already prefetched; when
+    every thread is busy with a long bulk batch, an urgent message still waits for one to
+    finish. So one Dramatiq worker serves both lanes (urgent first by priority) and a second,
+    small one serves only the urgent queue: an urgent run starts at once behind any backlog.
+    """
+
+    def __init__(self, runtime: Runtime, threads: int, urgent_threads: int) -> None:
+        from .broker import URGENT_QUEUE
+
+        # each Dramatiq worker registers its own consumer-adding middleware on the shared broker,
+        # which Dramatiq warns about; here two workers on one broker is the intent
+        runtime.broker.logger.addFilter(lambda record: "same type twice" not in record.getMessage())
+        self.all_lanes = Worker(runtime.broker, worker_threads=threads, worker_timeout=100)
+        self.urgent = Worker(
+            runtime.broker, queues={URGENT_QUEUE}, worker_threads=urgent_threads, worker_timeout=100
+        )
+        self.worker_threads = threads + urgent_threads
+
+    def start(self) -> None:
+        self.urgent.start()
+        self.all_lanes.start()
+
+    def stop(self, timeout: int = 600_000) -> None:
+        self.all_lanes.stop(timeout=timeout)
+        self.urgent.stop(timeout=timeout)
+
+    def join(self) -> None:
+        self.all_lanes.join()
+        self.urgent.join()
 
 
 def stop_worker(runtime: Runtime, worker: Worker, heartbeat: Heartbeat) -> None:

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,7 +101,13 @@ class Project:
         return self.root / self.env["DISPATCH_OUTBOX_PATH"]
 
     def settings(self, **overrides: Any) -> Settings:
-        return Settings.from_env({**self.env, **overrides})
+        """Settings as a command in this project sees them, with paths made absolute for in-process use."""
+        absolute = {
+            "DISPATCH_OUTBOX_PATH": str(self.outbox),
+            "DISPATCH_TEMPLATES_DIR": str(self.root / "templates"),
+            "DISPATCH_CAMPAIGNS_DIR": str(self.root / "campaigns"),
+        }
+        return Settings.from_env({**self.env, **absolute, **overrides})
 
     def runtime(self, **kwargs: Any) -> Runtime:
         cwd = Path.cwd()
@@ -148,6 +155,25 @@ class Project:
         return csv_path
 
 
+def daytime_offset(hour: int = 10) -> float:
+    """Seconds to add to the clock so that it reads a weekday-independent daytime hour in Asia/Shanghai.
+
+    Bulk sends only go out 08:00-21:00 Shanghai time; tests that are not about the window run
+    at 10:00 whatever the real hour is (0 when it is already daytime there). Tests about the
+    window set DISPATCH_FAKE_NOW / DISPATCH_CLOCK_OFFSET themselves, which override this.
+    """
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    now = datetime.now(ZoneInfo("Asia/Shanghai"))
+    if 8 <= now.hour < 20:
+        return 0.0
+    target = now.replace(hour=hour, minute=0, second=0, microsecond=0)
+    if target < now:
+        target += timedelta(days=1)
+    return (target - now).total_seconds()
+
+
 def _base_env(root: Path, database_url: str) -> dict[str, str]:
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "TWILIO_"))}
     return {
@@ -158,6 +184,7 @@ def _base_env(root: Path, database_url: str) -> dict[str, str]:
         "DISPATCH_LOG_FORMAT": "json",
         "DISPATCH_LOG_LEVEL": "INFO",
         "DISPATCH_BROKER_NAMESPACE": f"dispatch-test-{uuid.uuid4().hex[:8]}",
+        "DISPATCH_CLOCK_OFFSET": str(daytime_offset()),
     }
 
 
@@ -199,3 +226,23 @@ def redis_project(tmp_path: Path, redis_url: str, postgres_url: str) -> Iterator
     client = redis.Redis.from_url(redis_url)
     for key in client.scan_iter(f"{p.env['DISPATCH_BROKER_NAMESPACE']}*"):
         client.delete(key)
+
+
+# ------------------------------------------------------------------ artifacts for humans
+
+#: screenshots and other files tests save for a person to look at (the dashboard's heat map)
+ARTIFACTS_DIR = ROOT / "test-artifacts"
+#: conftest is imported as the run starts; anything in the folder older than that is from an earlier run
+_SESSION_STARTED = time.time()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the path of every artifact written during this run: `make test` output shows where they are."""
+    if not ARTIFACTS_DIR.is_dir():
+        return
+    started = _SESSION_STARTED
+    fresh = sorted(p for p in ARTIFACTS_DIR.iterdir() if p.is_file() and p.stat().st_mtime >= started)
+    if fresh:
+        terminalreporter.section("test artifacts")
+        for path in fresh:
+            terminalreporter.write_line(f"saved: {path}")

@@ -8,7 +8,8 @@ itself, which is what makes ``dispatch resume`` exact after ``kill -9``.
 
 Fault injection (``DISPATCH_OUTBOX_FAIL_PERMANENT`` / ``_TRANSIENT``): listed
 numbers fail with ``outbox.rejected`` (permanent) or ``outbox.busy`` (retryable,
-nothing written).
+nothing written); ``DISPATCH_OUTBOX_LATENCY_MS`` makes every message take that long
+(a slow provider), and then messages are written one by one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,11 +36,13 @@ class OutboxGateway(BaseGateway):
         *,
         fail_permanent: frozenset[str] = frozenset(),
         fail_transient: frozenset[str] = frozenset(),
+        latency_ms: int = 0,
     ) -> None:
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fail_permanent = fail_permanent
         self.fail_transient = fail_transient
+        self.latency = latency_ms / 1000
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def _line(self, message: OutgoingMessage) -> bytes:
@@ -69,11 +73,16 @@ class OutboxGateway(BaseGateway):
 
     def send(self, message: OutgoingMessage) -> SendResult:
         self._check(message)
+        if self.latency:
+            time.sleep(self.latency)
         self._append(self._line(message))
         return SendResult(provider_id=f"outbox:{message.key}")
 
     def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
         """All accepted messages of a batch in one locked write (one line each)."""
+        if self.latency:
+            # a slow provider: hand over one by one so a crash can land between messages
+            return super().send_many(messages)
         results: list[SendResult | SendError] = []
         lines: list[bytes] = []
         for message in messages:

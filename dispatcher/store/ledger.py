@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +31,9 @@ from sqlalchemy.engine import Connection
 from . import schema as t
 
 GENESIS = "0" * 64
+#: the chain of audit events that belong to no run (``audit.export``: who exported unmasked numbers).
+#: Run ids look like ``20210315-080000-a1b2c3``, so this id can never collide with one.
+AUDIT_CHAIN = "audit"
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ def append(conn: Connection, run_id: str, events: Sequence[Event], at: datetime)
     """Append ``events`` to the run's chain inside the caller's transaction."""
     if not events:
         return
-    runs = t.runs
+    # a run keeps its tail on its own row; chains that belong to no run (the audit chain) in ledger_chains
+    runs = t.runs if run_id != AUDIT_CHAIN else _chain_row(conn, run_id, at)
     query = sa.select(runs.c.ledger_seq, runs.c.ledger_hash).where(runs.c.id == run_id)
     if conn.dialect.name != "sqlite":
         query = query.with_for_update()
@@ -107,13 +111,29 @@ def append(conn: Connection, run_id: str, events: Sequence[Event], at: datetime)
             "error_code": event.error_code,
             "reason": event.reason,
             "actor": event.actor,
-            "payload": json.dumps(event.payload, ensure_ascii=False, sort_keys=True, default=str) if event.payload else None,
+            "payload": _payload_text(event.payload),
         }
         digest = event_hash(prev, run_id, seq, at, data)
         rows.append({**data, "run_id": run_id, "seq": seq, "at": at, "prev_hash": prev, "hash": digest})
         prev = digest
-    conn.execute(sa.insert(t.events), rows)
+    conn.execute(sa.insert(t.events), rows)  # executemany; batched into multi-row VALUES by the engine
     conn.execute(sa.update(runs).where(runs.c.id == run_id).values(ledger_seq=seq, ledger_hash=prev))
+
+
+def _payload_text(payload: dict[str, Any]) -> str | None:
+    return json.dumps(payload, ensure_ascii=False, sort_keys=True, default=str) if payload else None
+
+
+def _chain_row(conn: Connection, chain_id: str, at: datetime) -> sa.Table:
+    """Make sure the non-run chain has its tail row (created once, concurrently safe) and return the table."""
+    exists = conn.execute(sa.select(t.ledger_chains.c.id).where(t.ledger_chains.c.id == chain_id)).first()
+    if exists is None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect_insert = sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert
+        stmt = dialect_insert(t.ledger_chains).values(id=chain_id, created_at=at)
+        conn.execute(stmt.on_conflict_do_nothing())
+    return t.ledger_chains
 
 
 @dataclass(frozen=True)
@@ -126,40 +146,183 @@ class Break:
     problem: str
 
     def __str__(self) -> str:
-        where = f"event {self.event_id} (run {self.run_id}, seq {self.seq})" if self.event_id is not None else f"run {self.run_id}"
+        if self.event_id is not None:
+            where = f"event {self.event_id} (chain {self.run_id}, seq {self.seq})"
+        else:
+            where = f"chain {self.run_id}" + (f" at seq {self.seq}" if self.seq is not None else "")
         return f"{where}: {self.problem}"
 
 
-def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
-    """Recompute one run's chain from its head; return the first break, or None if it is intact."""
+Step = tuple[dict[str, Any] | None, Break | None]
+
+
+@dataclass
+class _Walked:
+    """Where a walk ended: the last good sequence number and hash (what the tail must equal)."""
+
+    seq: int = -1
+    hash: str = GENESIS
+
+
+def _walk(conn: Connection, chain_id: str, chunk: int, walked: _Walked) -> Iterator[Step]:
+    """Recompute a chain event by event (keyset pages, constant memory).
+
+    Yields ``(event, None)`` for each event that checks out, ``(None, break)`` at the first
+    one that does not (and stops), and finally ``(None, None)``; ``walked`` then holds the
+    end of the chain, for the caller to compare with the recorded tail.
+    """
     e = t.events
     prev = GENESIS
     expected_seq = 0
     last_id = 0
-    head_payload: dict[str, Any] | None = None
     while True:
         rows = conn.execute(
-            sa.select(e).where(e.c.run_id == run.id, e.c.id > last_id).order_by(e.c.id).limit(chunk)
+            sa.select(e).where(e.c.run_id == chain_id, e.c.id > last_id).order_by(e.c.id).limit(chunk)
         ).mappings().all()
         if not rows:
             break
         for ev in rows:
             if ev["seq"] != expected_seq:
-                return Break(run.id, ev["seq"], ev["id"], f"sequence jumps from {expected_seq - 1} to {ev['seq']} (an event is missing or moved)")
+                problem = (
+                    f"expected seq {expected_seq} here but found seq {ev['seq']}: "
+                    "an event was deleted here, or events were swapped or re-ordered"
+                )
+                yield None, Break(chain_id, ev["seq"], ev["id"], problem)
+                return
             if ev["prev_hash"] != prev:
-                return Break(run.id, ev["seq"], ev["id"], "does not link to the event before it")
+                problem = "does not link to the event before it (prev_hash differs)"
+                yield None, Break(chain_id, ev["seq"], ev["id"], problem)
+                return
             at = ev["at"] if ev["at"].tzinfo else ev["at"].replace(tzinfo=UTC)
-            if event_hash(prev, run.id, ev["seq"], at, dict(ev)) != ev["hash"]:
-                return Break(run.id, ev["seq"], ev["id"], "content does not match its hash (edited)")
-            if ev["seq"] == 0:
-                head_payload = json.loads(ev["payload"] or "{}")
-                if head_payload.get("campaign_sha256") != run.campaign_sha256 or head_payload.get("template_sha256") != run.template_sha256:
-                    return Break(run.id, 0, ev["id"], "head does not match the run's campaign/template snapshot")
+            if event_hash(prev, chain_id, ev["seq"], at, dict(ev)) != ev["hash"]:
+                problem = "content does not match its hash (edited after it was written)"
+                yield None, Break(chain_id, ev["seq"], ev["id"], problem)
+                return
+            yield dict(ev), None
             prev = ev["hash"]
+            walked.seq, walked.hash = expected_seq, prev
             expected_seq += 1
             last_id = ev["id"]
+    yield None, None
+
+
+def _tail_break(chain_id: str, walked: _Walked, recorded: tuple[int | None, str | None]) -> Break | None:
+    walked_seq, walked_hash = walked.seq, walked.hash
+    rec_seq = -1 if recorded[0] is None else int(recorded[0])
+    rec_hash = recorded[1] or GENESIS
+    if (walked_seq, walked_hash) == (rec_seq, rec_hash):
+        return None
+    if walked_seq < rec_seq:
+        problem = f"events seq {walked_seq + 1}..{rec_seq} missing: the chain ends before its recorded tail"
+        return Break(chain_id, walked_seq + 1, None, problem)
+    problem = f"the chain's last event (seq {walked_seq}) is not the recorded tail (seq {rec_seq})"
+    return Break(chain_id, walked_seq, None, problem)
+
+
+def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
+    """Recompute one run's chain from its head; return the first break, or None if it is intact.
+
+    Beyond the chain itself, the head must match the run's snapshot (and the snapshot its
+    own text), the chain must end at the recorded tail, and the deliveries table must agree
+    with the chain: every row's state is the ``to_state`` of its last event, and the
+    (key, initial state) digest equals the one sealed in the head. So an event edited,
+    deleted, swapped or re-ordered, and a delivery row changed behind the ledger's back,
+    are all caught.
+    """
+    head_payload: dict[str, Any] | None = None
+    walked = _Walked()
+    for ev, brk in _walk(conn, run.id, chunk, walked):
+        if brk is not None:
+            return brk
+        if ev is None:
+            break
+        if ev["seq"] == 0:
+            head_payload = json.loads(ev["payload"] or "{}")
+            if ev["kind"] != "run.created":
+                return Break(run.id, 0, ev["id"], f"the head is a {ev['kind']!r} event, not run.created")
+            if (head_payload.get("campaign_sha256"), head_payload.get("template_sha256")) != (
+                run.campaign_sha256,
+                run.template_sha256,
+            ):
+                return Break(run.id, 0, ev["id"], "head does not match the run's campaign/template snapshot")
     if head_payload is None:
-        return Break(run.id, None, None, "the run has no ledger head")
-    if (run.ledger_seq, run.ledger_hash) != (expected_seq - 1, prev):
-        return Break(run.id, expected_seq - 1, None, "the chain ends before the run's recorded tail (events removed)")
+        return Break(run.id, None, None, "the run has no ledger head (event seq 0 missing)")
+    brk = _tail_break(run.id, walked, (run.ledger_seq, run.ledger_hash))
+    if brk is not None:
+        return brk
+    if _sha(run.campaign_yaml) != run.campaign_sha256 or _sha(run.template_text) != run.template_sha256:
+        return Break(run.id, None, None, "the run's stored campaign/template text does not match its sha256")
+    return _check_deliveries(conn, run, head_payload, chunk)
+
+
+def verify_chain(conn: Connection, chain_id: str, chunk: int = 5000) -> Break | None:
+    """Recompute a chain that belongs to no run (the audit chain); None if intact or never written."""
+    tail = conn.execute(
+        sa.select(t.ledger_chains.c.ledger_seq, t.ledger_chains.c.ledger_hash)
+        .where(t.ledger_chains.c.id == chain_id)
+    ).first()
+    walked = _Walked()
+    for _ev, brk in _walk(conn, chain_id, chunk, walked):
+        if brk is not None:
+            return brk
+    if tail is None:
+        if walked.seq >= 0:
+            return Break(chain_id, None, None, "events exist but the chain's recorded tail is gone")
+        return None
+    return _tail_break(chain_id, walked, (tail.ledger_seq, tail.ledger_hash))
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: int) -> Break | None:
+    """Cross-check the deliveries table against the (already verified) chain, one page of rows at a time."""
+    d, e = t.deliveries, t.events
+    digest = hashlib.sha256()
+    last_id = 0
+    total = 0
+    while True:
+        rows = conn.execute(
+            sa.select(d.c.id, d.c.key, d.c.state, d.c.phone)
+            .where(d.c.run_id == run.id, d.c.id > last_id)
+            .order_by(d.c.id)
+            .limit(chunk)
+        ).all()
+        if not rows:
+            break
+        first_from: dict[str, str] = {}
+        last_to: dict[str, tuple[str, int, int]] = {}
+        # select by key only (ix_events_key) and order here: with run_id or ORDER BY seq in the query
+        # SQLite picks the (run_id, seq) index and scans the whole chain once per page
+        found = conn.execute(
+            sa.select(e.c.key, e.c.from_state, e.c.to_state, e.c.seq, e.c.id, e.c.run_id, e.c.kind)
+            .where(e.c.key.in_([r.key for r in rows]))
+        ).all()
+        for key, from_state, to_state, seq, event_id, chain, kind in sorted(found, key=lambda ev: ev.seq):
+            if chain != run.id or kind != "delivery.state":
+                continue
+            first_from.setdefault(key, from_state)
+            last_to[key] = (to_state, seq, event_id)
+        for row in rows:
+            if row.key != f"{run.id}:{row.phone}":
+                # the key (run + number) is sealed in the head's digest; the number column must agree with it
+                return Break(run.id, None, None, f"delivery {row.id}: phone column differs from its key")
+            if row.key in last_to and last_to[row.key][0] != row.state:
+                to_state, seq, event_id = last_to[row.key]
+                return Break(
+                    run.id, seq, event_id,
+                    f"delivery {row.id} is {row.state!r} in the deliveries table "
+                    f"but its last event says {to_state!r}",
+                )  # fmt: skip
+            digest.update(f"{row.key}\t{first_from.get(row.key, row.state)}\n".encode())
+        total += len(rows)
+        last_id = rows[-1].id
+    if digest.hexdigest() != head.get("keys_sha256") or total != head.get("total"):
+        return Break(
+            run.id, 0, None,
+            f"the deliveries table ({total} rows) does not match the keys and initial states "
+            f"sealed in the head "
+            f"({head.get('total')} rows): a delivery row was added, deleted or changed outside the ledger",
+        )  # fmt: skip
     return None

@@ -171,6 +171,28 @@ events = Table(
     Index("ix_events_at", "at"),
 )
 
+#: tails of hash chains that do not belong to a run (the ``audit`` chain of unmasked exports);
+#: a run's tail lives on its ``runs`` row instead
+ledger_chains = Table(
+    "ledger_chains",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("ledger_seq", Integer),
+    Column("ledger_hash", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+#: dashboard accounts (dispatcher/accounts.py): role ``auditor`` or ``operator``, scrypt password hash
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("password_hash", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
 workers = Table(
     "workers",
     metadata,
@@ -179,4 +201,55 @@ workers = Table(
     Column("pid", Integer, nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+)
+
+#: every fire the scheduler handled (issue 4): ``fired`` with its run, or ``skipped`` with the reason
+#: (missed beyond the campaign's misfire_grace). Unique per (campaign, fire time) like ``runs``.
+schedule_fires = Table(
+    "schedule_fires",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("campaign_id", String(64), nullable=False),
+    Column("fire_time", DateTime(timezone=True), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("run_id", String(32)),
+    Column("reason", Text),
+    Column("scheduler", String(128), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("campaign_id", "fire_time", name="uq_schedule_fires_campaign_fire"),
+)
+
+#: the scheduler leader's lease when no Redis is configured (one row per lock name)
+scheduler_leases = Table(
+    "scheduler_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+#: what a ringback enrolment changed on a number and must put back at the window's end (issue 3):
+#: for Twilio-hosted numbers the voice URL (and method) the number had before we pointed it at our TwiML
+ringback_numbers = Table(
+    "ringback_numbers",
+    metadata,
+    Column("run_id", String(32), primary_key=True),  # the enrol run
+    Column("phone", String(20), primary_key=True),
+    Column("provider_id", String(64)),
+    Column("kept", Text),  # JSON: what restore needs (e.g. {"voice_url": ..., "voice_method": ...})
+    Column("enrolled_at", DateTime(timezone=True), nullable=False),
+)
+
+#: provider status reports that arrived before the row held the provider's id (issue 3): a callback can
+#: overtake the batch that records the SIDs; kept here and applied once the row has its id
+status_backlog = Table(
+    "status_backlog",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("provider_id", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("error_code", String(32)),
+    Column("actor", String(32), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Index("ix_status_backlog_provider", "provider_id"),
 )

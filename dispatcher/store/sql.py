@@ -43,6 +43,8 @@ from .base import (
     Resident,
     RunSpec,
 )
+from .control import RunControlMixin
+from .provider import ProviderEventsMixin
 
 Clock = Callable[[], datetime]
 
@@ -96,10 +98,14 @@ def create_engine(url: str) -> Engine:
 
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         return _sqlite_engine(url)
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # batch executemany INSERTs (ledger events, attempts) into multi-row VALUES statements
+    # instead of one pipelined statement per row; SQLAlchemy renders them from a cached compile
+    engine.dialect.use_insertmanyvalues_wo_returning = True
+    return engine
 
 
-class SqlStore:
+class SqlStore(ProviderEventsMixin, RunControlMixin):
     """The delivery log. One instance per process; thread-safe through SQLAlchemy's pool."""
 
     def __init__(self, url: str, *, clock: Clock = utcnow) -> None:
@@ -365,9 +371,7 @@ class SqlStore:
                 ).one()
                 pending = int(pending or 0)
                 batches = 0 if batches is None else int(batches) + 1
-                digest = ledger.keys_digest(
-                    conn.execute(select(d.c.key, d.c.state).where(d.c.run_id == spec.run_id).order_by(d.c.id))
-                )
+                digest = self._keys_digest(conn, spec.run_id)
                 ledger.append(
                     conn,
                     spec.run_id,
@@ -406,6 +410,27 @@ class SqlStore:
             raise StoreError(f"cannot create run {spec.run_id}: {exc.orig}") from exc
         return {"run_id": spec.run_id, "total": int(total), "pending": pending, "batches": batches}
 
+    def _keys_digest(self, conn: Connection, run_id: str) -> str:
+        """sha256 of every (key, state) of the run in id order (ledger.keys_digest's format).
+
+        PostgreSQL computes it server-side (no 200,000 rows shipped to Python); SQLite's cursor
+        streams rows lazily, so hashing them here keeps memory flat.
+        """
+        d = t.deliveries
+        if self.is_sqlite:
+            return ledger.keys_digest(
+                conn.execute(select(d.c.key, d.c.state).where(d.c.run_id == run_id).order_by(d.c.id))
+            )
+        line = d.c.key + literal("\t") + d.c.state + literal("\n")
+        digest = conn.execute(
+            select(
+                func.encode(
+                    func.sha256(func.convert_to(func.string_agg(line, sa.text("'' ORDER BY id")), "UTF8")), "hex"
+                )
+            ).where(d.c.run_id == run_id)
+        ).scalar_one()
+        return digest or ledger.keys_digest([])
+
     def get_run(self, run_id: str) -> dict[str, Any]:
         with self._read() as conn:
             row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().first()
@@ -427,11 +452,13 @@ class SqlStore:
     def finish_if_done(self, run_id: str) -> bool:
         """Mark the run completed once no row needs work; True if it is (now) finished."""
         d = t.deliveries
+        # EXISTS, not COUNT: this runs after every batch, and counting a 200,000-row run each time is quadratic
+        any_open = sa.exists().where(d.c.run_id == run_id, d.c.state.in_(OPEN_STATES))
+        with self._read() as conn:
+            if conn.execute(select(any_open)).scalar_one():
+                return False
         with self._write() as conn:
-            open_rows = conn.execute(
-                select(func.count()).where(d.c.run_id == run_id, d.c.state.in_(OPEN_STATES))
-            ).scalar_one()
-            if open_rows:
+            if conn.execute(select(any_open)).scalar_one():
                 return False
             conn.execute(
                 sa.update(t.runs)
@@ -556,22 +583,8 @@ class SqlStore:
             for o in outcomes
             if o.outcome != "skipped"
         ]
-        stmt = (
-            sa.update(d)
-            .where(d.c.id == sa.bindparam("_id"), d.c.state == SENDING)
-            .values(
-                {
-                    name: sa.bindparam(name)
-                    for name in (
-                        "state", "gateway", "provider_id", "error_code", "error_message", "reason",
-                        "parts", "encoding", "body", "next_attempt_at", "sent_at", "updated_at",
-                    )
-                }  # fmt: skip
-            )
-        )
-        opt_outs = {o.opt_out_phone for o in outcomes if o.opt_out_phone}
         with self._write() as conn:
-            result = conn.execute(stmt, updates)
+            result_rows = self._update_from_values(conn, updates)
             current = {
                 row.id: row
                 for row in conn.execute(
@@ -579,7 +592,7 @@ class SqlStore:
                 )
             }
             keys = {i: row.key for i, row in current.items()}
-            if result.rowcount not in (-1, len(outcomes)):
+            if result_rows != len(outcomes):
                 # some rows were settled by someone else meanwhile (e.g. resume); log only what we moved
                 outcomes = [
                     o for o in outcomes
@@ -596,14 +609,35 @@ class SqlStore:
                 )
             for run_id, events in by_run.items():
                 ledger.append(conn, run_id, events, now)
-            if attempt_rows:
-                conn.execute(sa.insert(t.attempts), attempt_rows)
+            applied = {o.id for o in outcomes}
+            attempt_rows = [row for row in attempt_rows if row["delivery_id"] in applied]
+            insert_many(conn, t.attempts, attempt_rows)
+            opt_outs = {o.opt_out_phone for o in outcomes if o.opt_out_phone}
             for phone in opt_outs:
                 conn.execute(
                     sa.update(t.residents)
                     .where(t.residents.c.phone == phone)
                     .values(opted_out=True, opted_out_at=now, updated_at=now)
                 )
+
+    _RECORD_COLUMNS = (
+        "state", "gateway", "provider_id", "error_code", "error_message", "reason",
+        "parts", "encoding", "body", "next_attempt_at", "sent_at", "updated_at",
+    )  # fmt: skip
+
+    def _update_from_values(self, conn: Connection, updates: list[dict[str, Any]]) -> int:
+        """executemany UPDATE of the rows still ``sending``; returns how many were updated.
+
+        (A single UPDATE ... FROM (VALUES ...) was tried: SQLAlchemy's compile time for 500-row
+        VALUES costs more than the round trips it saves.)
+        """
+        d = t.deliveries
+        stmt = (
+            sa.update(d)
+            .where(d.c.id == sa.bindparam("_id"), d.c.state == SENDING)
+            .values({n: sa.bindparam(n) for n in self._RECORD_COLUMNS})
+        )
+        return int(conn.execute(stmt, updates).rowcount)
 
     def release(self, ids: Sequence[int]) -> None:
         """Give claimed rows back to ``pending`` without counting an attempt (worker shutting down)."""
@@ -790,6 +824,12 @@ def open_store(url: str, *, clock: Clock = utcnow, migrate: bool = True) -> SqlS
     if migrate:
         store.migrate()
     return store
+
+
+def insert_many(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
+    """executemany INSERT; the engine batches it into multi-row VALUES (see ``create_engine``)."""
+    if rows:
+        conn.execute(sa.insert(table), list(rows))
 
 
 def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

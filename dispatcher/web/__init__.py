@@ -9,3 +9,13 @@ from __future__ import annotations
 from types import ModuleType
 
 ROUTE_MODULES: list[ModuleType] = []
+
+# provider webhooks and ringback TwiML (issue 3)
+from . import twiml, webhooks  # noqa: E402 - the list above must exist before modules register
+
+ROUTE_MODULES.extend([webhooks, twiml])
+
+# the auditors' dashboard (issue 5): login, runs, coverage heat map, delivery rates, ledger search
+from . import dashboard  # noqa: E402
+
+ROUTE_MODULES.append(dashboard)

@@ -1,0 +1,280 @@
+"""What auditors ask of the delivery log: is it intact, and who was sent what, when, with what result.
+
+``verify`` recomputes every hash chain (store/ledger.py) and cross-checks the
+deliveries table against it. ``iter_log`` streams ledger events joined with their
+delivery and run, filtered, in keyset pages: a million rows go out without ever
+being held in memory. Phone numbers are masked unless the caller unmasks, and an
+unmasked export is itself appended to the ``audit`` chain (who, when, which
+filter) *before* the first row leaves, so an interrupted export is still on record.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, time
+from typing import Any, TextIO
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+
+from . import domain
+from .errors import UsageError
+from .phones import InvalidPhone, mask, mask_text, normalise
+from .store import ledger
+from .store import schema as t
+from .store.base import STATES
+from .store.sql import SqlStore, as_utc
+
+#: the programme's local time: periods, dates typed without a zone and the dashboard use it
+LOCAL_TZ = ZoneInfo("Asia/Shanghai")
+
+LOG_COLUMNS = (
+    "event_id", "at", "run_id", "campaign_id", "owner", "key", "phone", "district", "grid",
+    "from_state", "to_state", "gateway", "provider_id", "error_code", "reason", "actor",
+)  # fmt: skip
+FORMATS = ("table", "csv", "jsonl")
+
+
+# ------------------------------------------------------------------ verify
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    chain: str
+    events: int
+    problem: ledger.Break | None
+
+
+def verify(store: SqlStore, run_id: str | None = None) -> Iterator[ChainResult]:
+    """Verify one run's chain, or every run's and the audit chain; yields one result per chain."""
+    if run_id is not None:
+        store.get_run(run_id)  # unknown id -> UsageError (exit 2)
+    with store._read() as conn:
+        query = sa.select(t.runs.c.id).order_by(t.runs.c.created_at, t.runs.c.id)
+        if run_id is not None:
+            query = query.where(t.runs.c.id == run_id)
+        ids = [i for (i,) in conn.execute(query)]
+    for rid in ids:
+        with store._read() as conn:
+            run = conn.execute(sa.select(t.runs).where(t.runs.c.id == rid)).one()
+            problem = ledger.verify_run(conn, run)
+        yield ChainResult(rid, 0 if run.ledger_seq is None else run.ledger_seq + 1, problem)
+    if run_id is None:
+        with store._read() as conn:
+            problem = ledger.verify_chain(conn, ledger.AUDIT_CHAIN)
+            tail = conn.execute(
+                sa.select(t.ledger_chains.c.ledger_seq).where(t.ledger_chains.c.id == ledger.AUDIT_CHAIN)
+            ).scalar()
+        yield ChainResult(ledger.AUDIT_CHAIN, 0 if tail is None else tail + 1, problem)
+
+
+# ------------------------------------------------------------------ filters
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    """What ``dispatch audit log`` and the dashboard's ledger search narrow the events to."""
+
+    campaign: str | None = None
+    run: str | None = None
+    district: str | None = None
+    segment: str | None = None
+    state: str | None = None
+    error_code: str | None = None
+    phone: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @classmethod
+    def parse(cls, **raw: str | None) -> LogFilter:
+        """Build from text (CLI options, query strings); a bad value is a ``UsageError`` naming the option."""
+        values: dict[str, Any] = {k: (v.strip() if isinstance(v, str) else v) or None for k, v in raw.items()}
+        if values.get("district"):
+            d = domain.district(values["district"])
+            if d is None:
+                raise UsageError(
+                    f"unknown district {values['district']!r}; known: {domain.district_names()}",
+                    field="district",
+                )
+            values["district"] = d.id
+        if values.get("segment"):
+            s = domain.segment(values["segment"])
+            if s is None:
+                raise UsageError(
+                    f"unknown segment {values['segment']!r}; known: {domain.segment_names()}", field="segment"
+                )
+            values["segment"] = s.id
+        if values.get("state") and values["state"] not in STATES:
+            raise UsageError(f"unknown state {values['state']!r}; known: {', '.join(STATES)}", field="state")
+        if values.get("phone"):
+            try:
+                values["phone"] = normalise(values["phone"])
+            except InvalidPhone as exc:
+                raise UsageError(f"{exc} (give the exact number)", field="phone") from exc
+        for name in ("since", "until"):
+            if values.get(name):
+                values[name] = parse_time(values[name], name, end=name == "until")
+        return cls(**values)
+
+    def describe(self) -> dict[str, Any]:
+        """The filter as recorded in the ledger: the number searched masked, with its digest to match on."""
+        out: dict[str, Any] = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.phone:
+            out["phone"] = mask(self.phone)
+            out["phone_sha256"] = hashlib.sha256(self.phone.encode()).hexdigest()
+        for name in ("since", "until"):
+            if name in out:
+                out[name] = out[name].isoformat()
+        return out
+
+
+def parse_time(text: str, name: str, *, end: bool = False) -> datetime:
+    """``2021-03-31`` (a local day; as an upper bound the whole day) or an ISO time; naive = Asia/Shanghai."""
+    try:
+        if len(text) == 10:
+            day = datetime.fromisoformat(text).date()
+            value = datetime.combine(day, time.max if end else time.min, LOCAL_TZ)
+        else:
+            value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(
+            f"--{name}: expected a date (2021-03-31) or ISO time, got {text!r}", field=name
+        ) from exc
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=LOCAL_TZ)
+    return value.astimezone(UTC)
+
+
+def _where(f: LogFilter) -> list[Any]:
+    e, d, r = t.events, t.deliveries, t.runs
+    where: list[Any] = [e.c.kind == "delivery.state"]
+    if f.run:
+        where.append(e.c.run_id == f.run)
+    if f.campaign:
+        where.append(r.c.campaign_id == f.campaign)
+    if f.district:
+        where.append(d.c.district == f.district)
+    if f.segment:
+        rs = t.resident_segments
+        where.append(sa.exists().where(rs.c.resident_id == d.c.resident_id, rs.c.segment == f.segment))
+    if f.state:
+        where.append(e.c.to_state == f.state)
+    if f.error_code:
+        where.append(e.c.error_code == f.error_code)
+    if f.phone:
+        where.append(d.c.phone == f.phone)
+    if f.since:
+        where.append(e.c.at >= f.since)
+    if f.until:
+        where.append(e.c.at <= f.until)
+    return where
+
+
+def iter_log(
+    store: SqlStore, f: LogFilter, *, unmask: bool = False, limit: int | None = None, chunk: int = 5000
+) -> Iterator[dict[str, Any]]:
+    """Stream matching events (oldest first) as flat dicts, one keyset page in memory at a time."""
+    e, d, r = t.events, t.deliveries, t.runs
+    cols = [
+        e.c.id.label("event_id"), e.c.at, e.c.run_id, r.c.campaign_id, r.c.owner, e.c.key, d.c.phone,
+        d.c.district, d.c.grid, e.c.from_state, e.c.to_state, d.c.gateway, e.c.provider_id,
+        e.c.error_code, e.c.reason, e.c.actor,
+    ]  # fmt: skip
+    base = (
+        sa.select(*cols)
+        .select_from(e.join(d, d.c.id == e.c.delivery_id).join(r, r.c.id == e.c.run_id))
+        .where(*_where(f))
+    )
+    for row in _pages(store, base, e.c.id, "event_id", limit, chunk):
+        item = dict(row)
+        item["at"] = as_utc(item["at"]).isoformat()  # type: ignore[union-attr]
+        if not unmask:
+            item["phone"] = mask(item["phone"])
+            item["key"] = mask_text(item["key"] or "")
+            # provider ids may embed the number (the outbox's do); never let one through masked output
+            item["provider_id"] = mask_text(item["provider_id"]) if item["provider_id"] else None
+        yield item
+
+
+def _pages(store: SqlStore, base: Any, order: Any, label: str, limit: int | None, chunk: int) -> Iterator:
+    """Rows of ``base`` in ``order`` (selected as ``label``) with one page in memory at a time.
+
+    PostgreSQL: one query on a server-side cursor (psycopg fetches ``chunk`` rows per
+    round trip), so the plan runs once instead of once per page. SQLite: keyset pages,
+    each a short read, so an export never pins the WAL against checkpoints.
+    """
+    if not store.is_sqlite:
+        query = base.order_by(order) if limit is None else base.order_by(order).limit(limit)
+        with store._read() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
+            yield from result.mappings()
+        return
+    last = 0
+    left = limit
+    while left is None or left > 0:
+        page = chunk if left is None else min(chunk, left)
+        with store._read() as conn:
+            rows = conn.execute(base.where(order > last).order_by(order).limit(page)).mappings().all()
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1][label]
+        if left is not None:
+            left -= len(rows)
+
+
+def record_export(store: SqlStore, *, actor: str, f: LogFilter, fmt: str, via: str) -> None:
+    """Append an ``audit.export`` event to the audit chain: who unmasked which numbers, when, how."""
+    with store._write() as conn:
+        ledger.append(
+            conn,
+            ledger.AUDIT_CHAIN,
+            [
+                ledger.Event(
+                    "audit.export", actor=actor, payload={"filter": f.describe(), "format": fmt, "via": via}
+                )
+            ],
+            store.clock(),
+        )
+
+
+def audit_events(store: SqlStore, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest audit-chain events (unmasked exports), for the CLI and the dashboard."""
+    e = t.events
+    with store._read() as conn:
+        rows = (
+            conn.execute(
+                sa.select(e.c.id, e.c.seq, e.c.kind, e.c.actor, e.c.at, e.c.payload)
+                .where(e.c.run_id == ledger.AUDIT_CHAIN)
+                .order_by(e.c.id.desc())
+                .limit(limit)
+            )
+            .mappings()
+            .all()
+        )
+    return [
+        {**dict(row), "at": as_utc(row["at"]).isoformat(), "payload": json.loads(row["payload"] or "{}")}  # type: ignore[union-attr]
+        for row in rows
+    ]
+
+
+def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: TextIO) -> int:
+    """Write streamed rows as CSV or JSON lines; returns how many were written."""
+    n = 0
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(LOG_COLUMNS)
+        for row in rows:
+            writer.writerow(["" if row[c] is None else row[c] for c in LOG_COLUMNS])
+            n += 1
+    elif fmt == "jsonl":
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            n += 1
+    else:
+        raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}", field="format")
+    return n

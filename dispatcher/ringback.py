@@ -1,0 +1,210 @@
+"""Ringback-tone campaigns: enrol every eligible number for the window, restore every one at its end.
+
+A ringback campaign (``channel: ringback``, ``window: {start, end}``) runs through the
+same delivery log as SMS: ``dispatch run`` creates the *enrol* run (one row per
+resident, opted-out people ``skipped``), and its batches are processed here instead
+of by the SMS sender (``sender.process_batch`` hands them over). At the window's end
+``restore`` creates a *restore* run (channel ``ringback-restore``) whose rows are
+every number the enrol run may have changed, and processes it the same way. So both
+steps get the same claims, retries with backoff, ``unknown`` on ambiguous replies,
+per-attempt traces, ledger events and idempotency keys as a send.
+
+Rules:
+- a number opted out is never enrolled (checked at run creation and again at claim);
+- enrolment does not start before the window and never retries past its end;
+- restore does not depend on the enrol run's status: a cancelled campaign is restored too,
+  and restoring is retried until the attempts are exhausted (then the row fails, visibly).
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from .errors import SendError, UsageError
+from .gateways.base import OutgoingMessage, SendResult
+from .gateways.ringback import RingbackRequest, RingbackResult
+from .sender import RUNS, BatchResult, _outcome_for, _seconds_until, context_from_run
+from .store.base import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome, RunSpec
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = structlog.get_logger("dispatcher.ringback")
+
+ENROL_CHANNEL = "ringback"
+RESTORE_CHANNEL = "ringback-restore"
+#: enrol-run states whose number may have been changed and so must be restored
+MAY_BE_ENROLLED = (SENT, DELIVERED, UNKNOWN, SENDING)
+_NOBODY = {"name": "", "district": "", "grid": ""}
+
+
+def announcement_text(context: Any) -> str:
+    """The warning callers hear: who speaks and the campaign's text, without brackets or the SMS opt-out."""
+    composer = context.composer
+    return composer.signature.strip("【】") + "提醒您：" + composer.body(_NOBODY)
+
+
+def _restore_reason(enrol_run_id: str) -> str:
+    return f"restore of {enrol_run_id}"
+
+
+def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
+    """Enrol or restore the pending rows of one batch; record every attempt like a send."""
+    store = runtime.store
+    run = store.get_run(run_id)
+    restoring = run["channel"] == RESTORE_CHANNEL
+    context = RUNS.get(runtime, run_id)
+    campaign = context.campaign
+    assert campaign is not None and campaign.window is not None
+    window = campaign.window
+    if run["status"] in ("cancelled", "completed"):
+        return BatchResult(0, {}, None)
+    with structlog.contextvars.bound_contextvars(
+        run_id=run_id, campaign_id=context.campaign_id, batch=batch_no
+    ):
+        now = runtime.clock()
+        if run["status"] == "paused":
+            return BatchResult(0, {"parked": 1}, None)
+        if not restoring and now < window.start:
+            log.info("ringback.deferred", opens_at=window.start.isoformat())
+            delay = min(runtime.settings.window_recheck, max(0.05, (window.start - now).total_seconds()))
+            return BatchResult(0, {"deferred": 1}, delay)
+        rows = store.claim(run_id, batch_no, runtime.worker_id)
+        if not rows:
+            return BatchResult(0, {}, _seconds_until(runtime, store.next_retry_at(run_id, batch_no)))
+        adapter = runtime.ringback
+        enrol_run_id = (run["reason"] or "").removeprefix("restore of ") if restoring else run_id
+        text = announcement_text(context)
+        outcomes: list[Outcome] = []
+        for row in rows:
+            common = {"id": row.id, "run_id": row.run_id, "attempt": row.attempts, "gateway": adapter.name}
+            if not restoring and row.opted_out:
+                outcomes.append(Outcome(state=SKIPPED, outcome="skipped", reason="opted_out", **common))
+                continue
+            if not restoring and now >= window.end:
+                outcomes.append(Outcome(state=EXPIRED, outcome="skipped", reason="window_ended", **common))
+                continue
+            request = RingbackRequest(
+                key=row.key,
+                run_id=row.run_id,
+                campaign_id=context.campaign_id,
+                phone=row.phone,
+                text=text,
+                start=window.start,
+                end=window.end,
+                kept=store.ringback_kept(enrol_run_id, row.phone) if restoring else None,
+            )
+            result: SendResult | SendError
+            try:
+                done: RingbackResult = adapter.restore(request) if restoring else adapter.enrol(request)
+            except SendError as exc:
+                result = exc
+            else:
+                if not restoring:
+                    store.keep_ringback(run_id, row.phone, done.provider_id, done.kept)
+                result = SendResult(
+                    provider_id=done.provider_id,
+                    status="restored" if restoring else "enrolled",
+                    trace=done.trace,
+                )
+            message = OutgoingMessage(
+                key=row.key,
+                run_id=row.run_id,
+                campaign_id=context.campaign_id,
+                to=row.phone,
+                body=text,
+                parts=1,
+                encoding="voice",
+                send_by=None if restoring else window.end,
+                priority=context.priority,
+            )
+            outcomes.append(
+                _outcome_for(
+                    row, message, result, adapter.name, runtime.clock(), runtime.settings.max_attempts
+                )
+            )
+        store.record(outcomes)
+        counts: dict[str, int] = {}
+        for o in outcomes:
+            counts[o.outcome] = counts.get(o.outcome, 0) + 1
+        log.info(
+            "ringback.batch_done", action="restore" if restoring else "enrol", claimed=len(rows), **counts
+        )
+        retry_at = store.next_retry_at(run_id, batch_no) if counts.get("retry") else None
+        store.finish_if_done(run_id)
+        return BatchResult(len(rows), counts, _seconds_until(runtime, retry_at))
+
+
+def find_restore_run(runtime: Runtime, enrol_run_id: str) -> dict[str, Any] | None:
+    enrol = runtime.store.get_run(enrol_run_id)
+    for run in runtime.store.list_runs(limit=500, campaign_id=enrol["campaign_id"]):
+        if run["channel"] == RESTORE_CHANNEL and run["reason"] == _restore_reason(enrol_run_id):
+            return run
+    return None
+
+
+def start_restore(runtime: Runtime, enrol_run_id: str, *, actor: str = "operator") -> dict[str, Any]:
+    """Create (once) and enqueue the restore run of an enrol run; returns its summary.
+
+    Idempotent: a second call finds the restore run and re-enqueues whatever it still has pending.
+    """
+    from .runs import enqueue_batches
+
+    store = runtime.store
+    enrol = store.get_run(enrol_run_id)
+    if enrol["channel"] != ENROL_CHANNEL:
+        raise UsageError(
+            f"run {enrol_run_id} is not a ringback enrolment (channel {enrol['channel']})", field="run"
+        )
+    existing = find_restore_run(runtime, enrol_run_id)
+    if existing is not None:
+        batches = store.pending_batches(existing["id"])
+        enqueue_batches(runtime, existing["id"], batches)
+        return {
+            "run_id": existing["id"],
+            "total": existing["total"],
+            "batches": len(batches),
+            "created": False,
+        }
+    now = runtime.clock()
+    spec = RunSpec(
+        run_id=f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}",
+        campaign_id=enrol["campaign_id"],
+        title=enrol["title"],
+        owner=enrol["owner"],
+        channel=RESTORE_CHANNEL,
+        priority=enrol["priority"],
+        reason=_restore_reason(enrol_run_id),
+        gateway=enrol["gateway"],
+        campaign_path=enrol["campaign_path"],
+        campaign_yaml=enrol["campaign_yaml"],
+        campaign_sha256=enrol["campaign_sha256"],
+        template_name=enrol["template_name"],
+        template_text=enrol["template_text"],
+        template_sha256=enrol["template_sha256"],
+        send_by=None,
+        batch_size=enrol["batch_size"],
+        actor=actor,
+    )
+    created = store.create_restore_run(spec, enrol_run_id, MAY_BE_ENROLLED)
+    with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
+        enqueue_batches(runtime, spec.run_id, list(range(created["batches"])))
+        log.info("ringback.restore_created", restores=enrol_run_id, total=created["total"])
+    return {**created, "created": True}
+
+
+def due_restores(runtime: Runtime, now: datetime | None = None) -> list[str]:
+    """Enrol runs whose window has ended and that have no restore run yet (cancelled ones included)."""
+    now = now or runtime.clock()
+    due = []
+    for run in runtime.store.list_runs(limit=500):
+        if run["channel"] != ENROL_CHANNEL:
+            continue
+        window = context_from_run(run).campaign.window  # type: ignore[union-attr]
+        if window is not None and now >= window.end and find_restore_run(runtime, run["id"]) is None:
+            due.append(run["id"])
+    return due

@@ -1,0 +1,395 @@
+"""The scheduler: fires each campaign's schedule, exactly once per fire time, from one leader.
+
+APScheduler 3.x cannot share a job store between processes, so this module uses only
+its *triggers* (cron, interval) to compute fire times and keeps all state in the
+database:
+
+- **One leader.** Every ``dispatch scheduler`` process tries to take a lease (Redis
+  ``SET NX PX`` with renewal when a broker URL is set, else a row in the database);
+  only the holder fires. A leader that dies stops renewing and another takes over
+  when the lease runs out.
+- **Exactly once.** A fire creates a run keyed by (campaign, fire time), unique in the
+  database, and is then recorded in ``schedule_fires`` (also unique). Two leaders
+  overlapping (a paused process waking after its lease expired) collide on the key
+  and the second creates nothing.
+- **Catch-up.** The leader walks from the campaign's last recorded fire to now: each
+  fire within ``misfire_grace`` is made up once; older ones are recorded ``skipped``
+  with the reason. A campaign seen for the first time looks back only ``misfire_grace``.
+- **Themes.** The run's template is the one of the quarter the *fire time* falls in,
+  in the schedule's time zone (``Campaign.template_for``).
+- **Clock.** Fire times are computed from ``Runtime.clock`` (tests and drills shift it);
+  the lease uses real time, because it is about live processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from zoneinfo import ZoneInfo
+
+import structlog
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from .campaigns import LoadedCampaign, Schedule, campaign_files, check_paths, parse_duration
+from .errors import DispatchError, InputError
+from .store.sql import DuplicateRun
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = structlog.get_logger("dispatcher.scheduler")
+
+LEASE_NAME = "scheduler"
+#: interval schedules without a ``start`` are anchored here, so every process computes the same fire times
+INTERVAL_ANCHOR = datetime(2000, 1, 1, tzinfo=UTC)
+#: at most this many missed fires are walked per campaign per tick (a long outage catches up over ticks)
+MAX_FIRES_PER_TICK = 500
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _crontab_days(field: str) -> str:
+    """Standard cron weekdays (0 or 7 = Sunday) as names, since APScheduler 3.x reads 0 as Monday."""
+    if not any(ch.isdigit() for ch in field):
+        return field
+    days: list[str] = []
+    for token in field.split(","):
+        step = 1
+        if "/" in token:
+            token, step_text = token.split("/", 1)
+            step = int(step_text)
+        if token == "*":
+            low, high = 0, 6
+        elif "-" in token:
+            low_text, high_text = token.split("-", 1)
+            low, high = int(low_text), int(high_text)
+        else:
+            low = high = int(token)
+        days.extend(_CRON_DAYS[d] for d in range(low, high + 1, step))
+    return ",".join(dict.fromkeys(days))
+
+
+def _local(value: datetime | None, zone: ZoneInfo) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=zone) if value.tzinfo is None else value
+
+
+def make_trigger(schedule: Schedule) -> BaseTrigger:
+    """The APScheduler trigger of a validated schedule, in the schedule's time zone."""
+    zone = ZoneInfo(schedule.timezone)
+    start, end = _local(schedule.start, zone), _local(schedule.end, zone)
+    if schedule.cron is not None:
+        minute, hour, day, month, weekday = schedule.cron.split()
+        return CronTrigger(
+            minute=minute, hour=hour, day=day, month=month, day_of_week=_crontab_days(weekday),
+            timezone=zone, start_date=start, end_date=end,
+        )  # fmt: skip
+    if schedule.quarterly is not None:
+        q = schedule.quarterly
+        at_hour, at_minute = (int(x) for x in q.at.split(":"))
+        months = ",".join(str(q.month + 3 * i) for i in range(4))
+        return CronTrigger(
+            month=months, day=q.day, hour=at_hour, minute=at_minute, second=0,
+            timezone=zone, start_date=start, end_date=end,
+        )  # fmt: skip
+    assert schedule.interval is not None
+    return IntervalTrigger(
+        seconds=int(parse_duration(schedule.interval).total_seconds()),
+        start_date=start or INTERVAL_ANCHOR.astimezone(zone),
+        end_date=end,
+        timezone=zone,
+    )
+
+
+def next_after(trigger: BaseTrigger, when: datetime) -> datetime | None:
+    """The first fire time strictly after ``when`` (None once the schedule has ended)."""
+    value = trigger.get_next_fire_time(None, when + timedelta(microseconds=1))
+    return value.astimezone(UTC) if value is not None else None
+
+
+def fire_times(
+    schedule: Schedule, since: datetime, until: datetime | None = None, limit: int = 10
+) -> Iterator[datetime]:
+    """Fire times after ``since`` (and before ``until``), in the schedule's time zone."""
+    trigger = make_trigger(schedule)
+    zone = ZoneInfo(schedule.timezone)
+    current = since - timedelta(microseconds=1)
+    for _ in range(limit):
+        nxt = next_after(trigger, current)
+        if nxt is None or (until is not None and nxt >= until):
+            return
+        yield nxt.astimezone(zone)
+        current = nxt
+
+
+# ------------------------------------------------------------------ leader lease
+
+
+class Lease(Protocol):
+    def hold(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisLease:
+    """Leadership as a Redis key with a TTL: taken with SET NX PX, renewed only by its holder."""
+
+    def __init__(self, client: Any, key: str, holder: str, seconds: float) -> None:
+        self.client = client
+        self.key = key
+        self.holder = holder
+        self.ms = int(seconds * 1000)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def hold(self) -> bool:
+        import redis
+
+        try:
+            return bool(self._renew(keys=[self.key], args=[self.holder, self.ms]))
+        except redis.RedisError as exc:
+            log.warning("scheduler.lease_unreachable", error=str(exc))
+            return False
+
+    def release(self) -> None:
+        import redis
+
+        with contextlib.suppress(redis.RedisError):  # else the lease runs out by itself
+            self._release(keys=[self.key], args=[self.holder])
+
+
+class DatabaseLease:
+    """Leadership as a row in the delivery log, for set-ups without Redis."""
+
+    def __init__(self, runtime: Runtime, holder: str, seconds: float) -> None:
+        self.runtime = runtime
+        self.holder = holder
+        self.seconds = seconds
+
+    def hold(self) -> bool:
+        try:
+            return self.runtime.store.acquire_lease(LEASE_NAME, self.holder, self.seconds)
+        except DispatchError as exc:
+            log.warning("scheduler.lease_unreachable", error=str(exc))
+            return False
+
+    def release(self) -> None:
+        with contextlib.suppress(DispatchError):  # else the lease runs out by itself
+            self.runtime.store.release_lease(LEASE_NAME, self.holder)
+
+
+def make_lease(runtime: Runtime, holder: str) -> Lease:
+    settings = runtime.settings
+    if settings.embedded:
+        return DatabaseLease(runtime, holder, settings.scheduler_lease)
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url)
+    key = f"{settings.broker_namespace}:scheduler:leader"
+    return RedisLease(client, key, holder, settings.scheduler_lease)
+
+
+# ------------------------------------------------------------------ the scheduler
+
+
+@dataclass
+class Entry:
+    loaded: LoadedCampaign
+    trigger: BaseTrigger
+    grace: timedelta
+
+
+class Scheduler:
+    """Loads the campaigns with a schedule and, while leader, fires what is due."""
+
+    def __init__(
+        self, runtime: Runtime, campaigns_dir: Path, *, holder: str | None = None, lease: Lease | None = None
+    ) -> None:
+        self.runtime = runtime
+        self.campaigns_dir = campaigns_dir
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lease = lease or make_lease(runtime, self.holder)
+        self.entries: dict[Path, Entry] = {}
+        self.is_leader = False
+        self._signature: tuple[Any, ...] = ()
+
+    # ---- campaign files
+
+    def _files_signature(self) -> tuple[Any, ...]:
+        items = []
+        for path in campaign_files([self.campaigns_dir]):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            items.append((str(path), st.st_mtime_ns, st.st_size))
+        return tuple(items)
+
+    def load(self, *, strict: bool) -> None:
+        """(Re-)read the campaign files. At start (``strict``) the first error is raised (exit 2);
+        on a reload a broken file is logged and its previous version kept, so a typo does not
+        silently unschedule a quarterly campaign."""
+        self._signature = self._files_signature()
+        loaded, errors = check_paths([self.campaigns_dir], self.runtime.settings.templates_dir)
+        if errors and strict:
+            raise errors[0]
+        entries: dict[Path, Entry] = {}
+        for lc in loaded:
+            schedule = lc.campaign.schedule
+            if schedule is None:
+                continue
+            entries[lc.path] = Entry(lc, make_trigger(schedule), parse_duration(schedule.misfire_grace))
+        for error in errors:
+            log.error("scheduler.campaign_invalid", error=str(error))
+            path = Path(error.path) if isinstance(error, InputError) and error.path else None
+            if path is not None and path in self.entries and path.exists():
+                entries[path] = self.entries[path]
+        self.entries = entries
+        log.info("scheduler.loaded", campaigns=sorted(e.loaded.campaign.id for e in entries.values()))
+
+    def reload_if_changed(self) -> None:
+        if self._files_signature() != self._signature:
+            self.load(strict=False)
+
+    # ---- firing
+
+    def tick(self) -> int:
+        """One pass: hold (or try to take) the lease; as leader, fire what is due. Returns fires made."""
+        leader = self.lease.hold()
+        if leader != self.is_leader:
+            log.info("scheduler.leader" if leader else "scheduler.follower", holder=self.holder)
+            self.is_leader = leader
+        if not leader:
+            return 0
+        fired = 0
+        for entry in list(self.entries.values()):
+            try:
+                fired += self.fire_due(entry)
+            except DispatchError as exc:
+                log.error("scheduler.fire_failed", campaign_id=entry.loaded.campaign.id, error=str(exc))
+        return fired
+
+    def fire_due(self, entry: Entry) -> int:
+        store = self.runtime.store
+        campaign_id = entry.loaded.campaign.id
+        now = self.runtime.clock().astimezone(UTC)
+        cursor = store.last_fire(campaign_id) or self._first_cursor(entry, now)
+        fired = 0
+        for _ in range(MAX_FIRES_PER_TICK):
+            fire_time = next_after(entry.trigger, cursor)
+            if fire_time is None or fire_time > now:
+                break
+            late = now - fire_time
+            if late > entry.grace:
+                reason = f"missed by {_human(late)}, beyond misfire_grace {_human(entry.grace)}"
+                store.record_fire(campaign_id, fire_time, "skipped", scheduler=self.holder, reason=reason)
+                log.warning("scheduler.fire_skipped", fire_time=fire_time, reason=reason)
+            else:
+                self.fire(entry, fire_time)
+                fired += 1
+            cursor = fire_time
+        return fired
+
+    @staticmethod
+    def _first_cursor(entry: Entry, now: datetime) -> datetime:
+        """Where a campaign with no recorded fire starts: just before its latest fire within the grace.
+
+        Nothing was missed for a campaign never seen before, so only its most recent due fire
+        (a deployment a few minutes after a quarterly fire) is made up, not every interval of the hour.
+        """
+        latest = None
+        current = now - entry.grace
+        for _ in range(100_000):
+            nxt = next_after(entry.trigger, current)
+            if nxt is None or nxt > now:
+                break
+            latest = current = nxt
+        return latest - timedelta(microseconds=1) if latest is not None else now
+
+    def fire(self, entry: Entry, fire_time: datetime) -> str | None:
+        """Create the run of one fire (or find the one a previous leader created) and record the fire."""
+        from .runs import enqueue_batches, start_run
+
+        store = self.runtime.store
+        campaign_id = entry.loaded.campaign.id
+        bound = {"campaign_id": campaign_id, "fire_time": fire_time.isoformat()}
+        with structlog.contextvars.bound_contextvars(**bound):
+            try:
+                actor = f"scheduler:{self.holder}"
+                created = start_run(self.runtime, entry.loaded, fire_time=fire_time, actor=actor)
+                run_id: str | None = created["run_id"]
+                late = (self.runtime.clock() - fire_time).total_seconds()
+                log.info("scheduler.fired", run_id=run_id, late_s=round(late, 3))
+            except DuplicateRun:
+                run_id = store.run_for_fire(campaign_id, fire_time)
+                if run_id and not store.fire_recorded(campaign_id, fire_time):
+                    # a leader died between creating the run and recording the fire: its batches may
+                    # never have been enqueued. Enqueueing again is harmless (claims are atomic).
+                    enqueue_batches(self.runtime, run_id, store.pending_batches(run_id))
+                log.info("scheduler.duplicate_fire", run_id=run_id)
+            store.record_fire(campaign_id, fire_time, "fired", scheduler=self.holder, run_id=run_id)
+        return run_id
+
+    # ---- the process
+
+    def serve(self, stop: threading.Event | None = None) -> None:
+        """Tick until SIGTERM/SIGINT; SIGHUP (or a changed file) re-reads the campaigns."""
+        stop = stop or threading.Event()
+        reload = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            signal.signal(signal.SIGHUP, lambda *_: reload.set())
+        log.info("scheduler.started", holder=self.holder, lease_s=self.runtime.settings.scheduler_lease)
+        try:
+            while True:
+                if reload.is_set():
+                    reload.clear()
+                    self.load(strict=False)
+                else:
+                    self.reload_if_changed()
+                self.tick()
+                if stop.wait(self.runtime.settings.scheduler_tick):
+                    break
+        finally:
+            self.lease.release()
+            log.info("scheduler.stopped", holder=self.holder)
+
+
+def _human(delta: timedelta) -> str:
+    """``3d4h``, ``2h5m``, ``40s``: precise enough for a skip reason."""
+    seconds = int(delta.total_seconds())
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{n}{u}" for n, u in ((days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")) if n]
+    return "".join(parts[:2]) or "0s"

@@ -1,0 +1,447 @@
+"""Delivery-log changes that come from providers after the hand-over (issue 3), as a ``SqlStore`` mixin.
+
+- ``apply_status``: a status callback or delivery report moves a row *forward only*
+  (``sent`` -> ``delivered``); a late or replayed ``sent`` never overwrites
+  ``delivered``, and a repeat changes nothing.
+- ``unknown_rows`` / ``settle_unknown``: rows an ambiguous reply (5xx, read timeout)
+  left in ``unknown`` are settled from the gateway's ``lookup``: found -> ``sent``
+  with the provider's id; not found -> back to ``pending`` for another attempt.
+
+Every state change here is written in one transaction with its ledger event, as
+``record`` does, so the hash-chained ledger sees every move a callback makes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from . import schema as t
+from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN
+
+#: provider status words -> our state
+PROVIDER_STATES: dict[str, str] = {
+    "accepted": SENT,
+    "scheduled": SENT,
+    "queued": SENT,
+    "sending": SENT,
+    "sent": SENT,
+    "delivered": DELIVERED,
+    "read": DELIVERED,
+    "undelivered": UNDELIVERED,
+    "failed": FAILED,
+    "canceled": FAILED,
+}
+#: how far along a row is; a report may only move a row to a higher rank
+_RANK = {PENDING: 0, SENDING: 0, UNKNOWN: 0, SENT: 1, DELIVERED: 2, UNDELIVERED: 2, FAILED: 2}
+
+
+@dataclass(frozen=True)
+class StateChange:
+    run_id: str
+    delivery_id: int
+    key: str
+    from_state: str
+    to_state: str
+    provider_id: str | None = None
+    error_code: str | None = None
+    reason: str | None = None
+
+
+class ProviderEventsMixin:
+    """Mixed into ``SqlStore``; uses its ``_write``/``_read``/``clock``."""
+
+    clock: Callable[[], datetime]
+    _write: Callable[[], AbstractContextManager[Connection]]
+    _read: Callable[[], AbstractContextManager[Connection]]
+
+    def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str) -> None:
+        """Append one ledger event per state change, inside the caller's transaction."""
+        if not changes:
+            return
+        from .ledger import Event, append
+
+        by_run: dict[str, list[Event]] = defaultdict(list)
+        for c in changes:
+            by_run[c.run_id].append(
+                Event(
+                    kind="delivery.state",
+                    key=c.key,
+                    delivery_id=c.delivery_id,
+                    from_state=c.from_state,
+                    to_state=c.to_state,
+                    provider_id=c.provider_id,
+                    error_code=c.error_code,
+                    reason=c.reason,
+                    actor=actor,
+                )
+            )
+        now = self.clock()
+        for run_id, events in by_run.items():
+            append(conn, run_id, events, now)
+
+    def apply_status(
+        self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"
+    ) -> list[StateChange]:
+        """Move the rows holding ``provider_id`` forward to what ``status`` means; returns what changed.
+
+        A callback can overtake our own bookkeeping: Twilio may report ``sent`` for the first
+        message of a batch before the batch has recorded its SIDs. A report for an id no row
+        holds yet is kept in ``status_backlog`` and applied by the next report that comes in
+        (or by ``drain_status_backlog``) once the row has its id, so no final status is lost.
+        """
+        if PROVIDER_STATES.get(status.strip().lower()) is None or not provider_id:
+            return []
+        now = self.clock()
+        with self._write() as conn:
+            drained = self._drain(conn, now)
+            mine, known = self._apply_one(conn, provider_id, status, error_code, actor, now)
+            if not known:
+                conn.execute(
+                    sa.insert(t.status_backlog).values(
+                        provider_id=provider_id,
+                        status=status,
+                        error_code=error_code,
+                        actor=actor,
+                        received_at=now,
+                    )
+                )
+            self._ledger_changes(conn, [*drained, *mine], actor)
+        return mine
+
+    def drain_status_backlog(self) -> list[StateChange]:
+        """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
+        now = self.clock()
+        with self._write() as conn:
+            changes = self._drain(conn, now)
+            self._ledger_changes(conn, changes, "provider")
+        return changes
+
+    def _drain(self, conn: Connection, now: datetime) -> list[StateChange]:
+        b, d = t.status_backlog, t.deliveries
+        pending = conn.execute(
+            select(b.c.id, b.c.provider_id, b.c.status, b.c.error_code, b.c.actor)
+            .where(sa.exists().where(d.c.provider_id == b.c.provider_id))
+            .order_by(b.c.id)
+        ).all()
+        changes: list[StateChange] = []
+        for item in pending:
+            changes += self._apply_one(conn, item.provider_id, item.status, item.error_code, item.actor, now)[
+                0
+            ]
+            conn.execute(sa.delete(b).where(b.c.id == item.id))
+        # reports for ids that never turn up (another system's messages) are not kept for ever
+        conn.execute(sa.delete(b).where(b.c.received_at < now - timedelta(days=7)))
+        return changes
+
+    def _apply_one(
+        self,
+        conn: Connection,
+        provider_id: str,
+        status: str,
+        error_code: str | None,
+        actor: str,
+        now: datetime,
+    ) -> tuple[list[StateChange], bool]:
+        """Apply one report inside ``conn``; returns (changes, whether any row holds the id)."""
+        target = PROVIDER_STATES[status.strip().lower()]
+        d = t.deliveries
+        lower = [s for s, rank in _RANK.items() if rank < _RANK[target]]
+        rows = conn.execute(
+            select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway).where(
+                d.c.provider_id == provider_id
+            )
+        ).all()
+        changes: list[StateChange] = []
+        for row in rows:
+            if row.state not in lower:
+                continue  # already as far or further: a late or repeated report changes nothing
+            values: dict[str, Any] = {"state": target, "updated_at": now}
+            if target in (UNDELIVERED, FAILED):
+                values.update(error_code=error_code or f"status.{status}", reason="provider_status")
+            if row.state != SENT and target == SENT:
+                values["sent_at"] = now
+            done = conn.execute(
+                sa.update(d).where(d.c.id == row.id, d.c.state == row.state).values(**values)
+            ).rowcount
+            if not done:
+                continue
+            changes.append(
+                StateChange(
+                    row.run_id, row.id, row.key, row.state, target, provider_id, error_code, "provider_status"
+                )
+            )
+            conn.execute(
+                sa.insert(t.attempts).values(
+                    delivery_id=row.id,
+                    run_id=row.run_id,
+                    attempt=row.attempts,
+                    gateway=row.gateway or actor,
+                    outcome="callback",
+                    provider_id=provider_id,
+                    error_code=error_code,
+                    error_message=f"status {status}",
+                    at=now,
+                )
+            )
+        return changes, bool(rows)
+
+    def state_of(self, provider_id: str) -> list[str]:
+        """States of the rows holding ``provider_id`` (for status pages and tests)."""
+        d = t.deliveries
+        with self._read() as conn:
+            return [s for (s,) in conn.execute(select(d.c.state).where(d.c.provider_id == provider_id))]
+
+    def unknown_rows(self, run_id: str) -> list[dict[str, Any]]:
+        """Rows left ``unknown`` by an ambiguous reply, with what a lookup needs (number, text, when)."""
+        from .sql import as_utc
+
+        d = t.deliveries
+        with self._read() as conn:
+            rows = conn.execute(
+                select(d.c.id, d.c.key, d.c.phone, d.c.body, d.c.attempts, d.c.claimed_at, d.c.updated_at)
+                .where(d.c.run_id == run_id, d.c.state == UNKNOWN)
+                .order_by(d.c.id)
+            ).mappings()
+            return [
+                {**dict(r), "claimed_at": as_utc(r["claimed_at"]), "updated_at": as_utc(r["updated_at"])}
+                for r in rows
+            ]
+
+    def settle_unknown(
+        self, run_id: str, found: dict[int, str], not_found: Sequence[int], *, gateway: str
+    ) -> tuple[int, int]:
+        """``unknown`` rows the provider has -> ``sent`` (with its id); the rest go back to ``pending``."""
+        d = t.deliveries
+        now = self.clock()
+        changes: list[StateChange] = []
+        with self._write() as conn:
+            keys = {
+                row.id: (row.key, row.attempts)
+                for row in conn.execute(
+                    select(d.c.id, d.c.key, d.c.attempts).where(
+                        d.c.id.in_([*found, *not_found]), d.c.state == UNKNOWN
+                    )
+                )
+            }
+            for delivery_id, provider_id in found.items():
+                if delivery_id not in keys:
+                    continue
+                conn.execute(
+                    sa.update(d)
+                    .where(d.c.id == delivery_id, d.c.state == UNKNOWN)
+                    .values(
+                        state=SENT, provider_id=provider_id, reason="reconciled", sent_at=now, updated_at=now
+                    )
+                )
+                key, attempts = keys[delivery_id]
+                changes.append(
+                    StateChange(run_id, delivery_id, key, UNKNOWN, SENT, provider_id, None, "reconciled")
+                )
+                conn.execute(
+                    sa.insert(t.attempts).values(
+                        delivery_id=delivery_id,
+                        run_id=run_id,
+                        attempt=attempts,
+                        gateway=gateway,
+                        outcome="found",
+                        provider_id=provider_id,
+                        at=now,
+                    )
+                )
+            for delivery_id in not_found:
+                if delivery_id not in keys:
+                    continue
+                conn.execute(
+                    sa.update(d)
+                    .where(d.c.id == delivery_id, d.c.state == UNKNOWN)
+                    .values(
+                        state=PENDING,
+                        claim_token=None,
+                        next_attempt_at=None,
+                        reason="not_at_provider",
+                        updated_at=now,
+                    )
+                )
+                changes.append(
+                    StateChange(
+                        run_id,
+                        delivery_id,
+                        keys[delivery_id][0],
+                        UNKNOWN,
+                        PENDING,
+                        None,
+                        None,
+                        "not_at_provider",
+                    )
+                )
+            self._ledger_changes(conn, changes, "reconcile")
+        found_n = sum(1 for c in changes if c.to_state == SENT)
+        return found_n, len(changes) - found_n
+
+    def mark_unknown(self, run_id: str, ids: Sequence[int], *, reason: str) -> int:
+        """Rows left in ``sending`` that nobody can look up become ``unknown`` (an operator decides)."""
+        if not ids:
+            return 0
+        d = t.deliveries
+        now = self.clock()
+        with self._write() as conn:
+            rows = conn.execute(
+                select(d.c.id, d.c.key).where(
+                    d.c.id.in_(list(ids)), d.c.run_id == run_id, d.c.state == SENDING
+                )
+            ).all()
+            changes = []
+            for row in rows:
+                done = conn.execute(
+                    sa.update(d)
+                    .where(d.c.id == row.id, d.c.state == SENDING)
+                    .values(state=UNKNOWN, reason=reason, claim_token=None, updated_at=now)
+                ).rowcount
+                if done:
+                    changes.append(StateChange(run_id, row.id, row.key, SENDING, UNKNOWN, None, None, reason))
+            self._ledger_changes(conn, changes, "resume")
+        return len(changes)
+
+    def iter_provider_rows(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """(id, phone, state, provider_id) of a run, for reports and tests."""
+        d = t.deliveries
+        with self._read() as conn:
+            yield from (
+                dict(r)
+                for r in conn.execute(
+                    select(d.c.id, d.c.phone, d.c.state, d.c.provider_id)
+                    .where(d.c.run_id == run_id)
+                    .order_by(d.c.id)
+                ).mappings()
+            )
+
+    # ------------------------------------------------------------------ ringback (issue 3)
+
+    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
+        """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back.
+
+        Written like ``create_run``: run snapshot, one row per number with its own idempotency
+        key, and the ledger head, in one transaction. Opted-out people are restored too: restoring
+        undoes what we did to their number.
+        """
+        from . import ledger
+
+        now = self.clock()
+        d = t.deliveries
+        batch_no = (sa.func.row_number().over(order_by=d.c.id) - 1) // spec.batch_size
+        selection = select(
+            sa.literal(spec.run_id),
+            sa.literal(spec.run_id + ":") + d.c.phone,
+            d.c.resident_id,
+            d.c.phone,
+            d.c.district,
+            d.c.grid,
+            batch_no,
+            sa.literal(PENDING),
+            sa.literal(0),
+            sa.literal(now, sa.DateTime(timezone=True)),
+            sa.literal(now, sa.DateTime(timezone=True)),
+        ).where(d.c.run_id == enrol_run_id, d.c.state.in_(list(states)))
+        columns = [
+            "run_id",
+            "key",
+            "resident_id",
+            "phone",
+            "district",
+            "grid",
+            "batch_no",
+            "state",
+            "attempts",
+            "created_at",
+            "updated_at",
+        ]
+        with self._write() as conn:
+            conn.execute(
+                sa.insert(t.runs).values(
+                    id=spec.run_id,
+                    campaign_id=spec.campaign_id,
+                    title=spec.title,
+                    owner=spec.owner,
+                    channel=spec.channel,
+                    priority=spec.priority,
+                    reason=spec.reason,
+                    fire_time=spec.fire_time,
+                    status="creating",
+                    gateway=spec.gateway,
+                    campaign_path=spec.campaign_path,
+                    campaign_yaml=spec.campaign_yaml,
+                    campaign_sha256=spec.campaign_sha256,
+                    template_name=spec.template_name,
+                    template_text=spec.template_text,
+                    template_sha256=spec.template_sha256,
+                    send_by=spec.send_by,
+                    batch_size=spec.batch_size,
+                    created_at=now,
+                )
+            )
+            conn.execute(sa.insert(d).from_select(columns, selection))
+            total = int(conn.execute(select(sa.func.count()).where(d.c.run_id == spec.run_id)).scalar_one())
+            batches = -(-total // spec.batch_size)
+            digest = ledger.keys_digest(
+                conn.execute(select(d.c.key, d.c.state).where(d.c.run_id == spec.run_id).order_by(d.c.id))
+            )
+            payload = {
+                "campaign_id": spec.campaign_id,
+                "campaign_sha256": spec.campaign_sha256,
+                "template_name": spec.template_name,
+                "template_sha256": spec.template_sha256,
+                "fire_time": spec.fire_time.isoformat() if spec.fire_time else None,
+                "total": total,
+                "pending": total,
+                "keys_sha256": digest,
+                "restores": enrol_run_id,
+            }
+            ledger.append(
+                conn, spec.run_id, [ledger.Event(kind="run.created", actor=spec.actor, payload=payload)], now
+            )
+            conn.execute(
+                sa.update(t.runs)
+                .where(t.runs.c.id == spec.run_id)
+                .values(
+                    total=total,
+                    batches=batches,
+                    status="running" if total else "completed",
+                    finished_at=None if total else now,
+                )
+            )
+        return {"run_id": spec.run_id, "total": total, "pending": total, "batches": batches}
+
+    def keep_ringback(self, run_id: str, phone: str, provider_id: str, kept: Any) -> None:
+        """Remember what an enrolment changed, so the restore run can put it back (first write wins)."""
+        import json as _json
+
+        r = t.ringback_numbers
+        with self._write() as conn:
+            exists = conn.execute(select(r.c.phone).where(r.c.run_id == run_id, r.c.phone == phone)).first()
+            if exists is None:
+                conn.execute(
+                    sa.insert(r).values(
+                        run_id=run_id,
+                        phone=phone,
+                        provider_id=provider_id,
+                        kept=_json.dumps(kept, ensure_ascii=False) if kept is not None else None,
+                        enrolled_at=self.clock(),
+                    )
+                )
+
+    def ringback_kept(self, run_id: str, phone: str) -> dict[str, Any] | None:
+        import json as _json
+
+        r = t.ringback_numbers
+        with self._read() as conn:
+            value = conn.execute(select(r.c.kept).where(r.c.run_id == run_id, r.c.phone == phone)).scalar()
+        return dict(_json.loads(value)) if value else None

@@ -1,0 +1,404 @@
+# ruff: noqa: E501 - HTML and SVG fragments read better as whole lines than split mid-tag
+"""The auditors' read-only dashboard: runs and progress, coverage heat map, delivery rates, ledger search.
+
+Every page needs a login (accounts.py: roles ``auditor`` and ``operator``, scrypt
+hashes, no default account). The session is a cookie carrying the account name,
+role and expiry, signed with HMAC-SHA256 under ``DISPATCH_SESSION_SECRET``; the
+account is looked up again on every request, so a removed account or changed role
+takes effect at once. An anonymous browser is sent to the login page (303), any
+other anonymous client gets 401 and no data.
+
+Numbers are masked for everyone; only an operator may tick "unmask" in the ledger
+search, and each such view is appended to the audit chain like a CLI export.
+Plain HTML and inline SVG: the dashboard works with no internet (no CDN, no JS).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections import defaultdict
+from datetime import datetime
+from html import escape
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, quote
+
+import sqlalchemy as sa
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from .. import accounts, audit, domain, reports
+from ..errors import InputError
+from ..store import schema as t
+from ..store.base import OPEN_STATES
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+COOKIE = "dispatch_session"
+_HEADERS = {
+    # pages carry personal data: never cached, never framed, nothing loaded from elsewhere
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'",
+    "Referrer-Policy": "same-origin",
+}
+
+
+class Sessions:
+    """Signed, expiring session cookies (no server-side state to lose or share between processes)."""
+
+    def __init__(self, secret: str, max_age: int) -> None:
+        # without a configured secret each process invents one: logins then end when it restarts
+        self.key = secret.encode() if secret else secrets.token_bytes(32)
+        self.max_age = max_age
+
+    def _sign(self, body: bytes) -> str:
+        return hmac.new(self.key, body, hashlib.sha256).hexdigest()
+
+    def issue(self, account: accounts.Account) -> str:
+        body = base64.urlsafe_b64encode(
+            json.dumps(
+                {"u": account.name, "r": account.role, "exp": int(time.time()) + self.max_age}
+            ).encode()
+        )
+        return f"{body.decode()}.{self._sign(body)}"
+
+    def read(self, value: str | None) -> str | None:
+        """The account name in a valid, unexpired cookie; None otherwise."""
+        if not value or "." not in value:
+            return None
+        body, sig = value.rsplit(".", 1)
+        if not hmac.compare_digest(sig, self._sign(body.encode())):
+            return None
+        try:
+            data = json.loads(base64.urlsafe_b64decode(body.encode()))
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or int(data.get("exp", 0)) < time.time():
+            return None
+        return str(data.get("u"))
+
+
+# ------------------------------------------------------------------ HTML
+
+
+_STYLE = """
+body{font-family:system-ui,"Noto Sans CJK SC",sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+header{background:#1d3557;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.2rem;align-items:center}
+header a{color:#fff;text-decoration:none}header form{margin-left:auto}
+main{padding:1rem 1.2rem}table{border-collapse:collapse;background:#fff}
+td,th{border:1px solid #d8dce3;padding:.3rem .5rem;font-size:.85rem;text-align:right}
+th{background:#eef1f5}td.l,th.l{text-align:left}.bar{background:#e3e7ee;width:10rem;height:.7rem}
+.bar div{background:#2a9d8f;height:100%}.err{color:#b00020}.muted{color:#667}
+form.search label{margin-right:.6rem}input,select{font-size:.85rem}
+"""
+
+
+def _page(title: str, body: str, account: accounts.Account | None) -> HTMLResponse:
+    nav = ""
+    if account is not None:
+        nav = (
+            '<a href="/dashboard">Runs</a><a href="/dashboard/coverage">Coverage</a>'
+            '<a href="/dashboard/rates">Delivery rates</a><a href="/dashboard/ledger">Ledger</a>'
+            f'<span class="muted">{escape(account.name)} ({escape(account.role)})</span>'
+            '<form method="post" action="/logout"><button>Log out</button></form>'
+        )
+    html = (
+        f'<!doctype html><html lang="zh-CN"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f"<style>{_STYLE}</style></head><body><header><strong>反诈短信 · 审计</strong>{nav}</header>"
+        f"<main><h1>{escape(title)}</h1>{body}</main></body></html>"
+    )
+    return HTMLResponse(html, headers=_HEADERS)
+
+
+def _heat(percent: float) -> str:
+    """Red (0%) through amber to green (100%): the cells an auditor must look at stand out."""
+    hue = int(120 * max(0.0, min(percent, 100.0)) / 100)
+    return f"hsl({hue},70%,{85 if percent == 0 else 70}%)"
+
+
+# ------------------------------------------------------------------ routes
+
+
+def routes(runtime: Runtime) -> list[Route]:
+    sessions = Sessions(runtime.settings.session_secret, runtime.settings.session_max_age)
+    secure = runtime.settings.public_url.startswith("https://")
+    store = runtime.store
+
+    def current(request: Request) -> accounts.Account | None:
+        name = sessions.read(request.cookies.get(COOKIE))
+        return accounts.get(store, name) if name else None
+
+    async def who(request: Request) -> accounts.Account | Response:
+        account = await run_in_threadpool(current, request)
+        if account is not None:
+            return account
+        if "text/html" in request.headers.get("accept", ""):
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+        return JSONResponse(
+            {"error": "login required"}, status_code=401, headers={"WWW-Authenticate": "Cookie"}
+        )
+
+    # ---------------------------------------------------------- login
+
+    def login_form(message: str = "", next_url: str = "/dashboard", status: int = 200) -> HTMLResponse:
+        body = (
+            (f'<p class="err" role="alert">{escape(message)}</p>' if message else "")
+            + '<form method="post" action="/login">'
+            f'<input type="hidden" name="next" value="{escape(next_url)}">'
+            '<p><label>Account <input name="name" autocomplete="username" required></label></p>'
+            '<p><label>Password <input name="password" type="password" autocomplete="current-password" required>'
+            '</label></p><p><button type="submit">Log in</button></p></form>'
+        )
+        response = _page("Log in", body, None)
+        response.status_code = status
+        return response
+
+    async def login_page(request: Request) -> Response:
+        return login_form(next_url=_safe_next(request.query_params.get("next")))
+
+    async def login(request: Request) -> Response:
+        form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
+        next_url = _safe_next(form.get("next"))
+        account = await run_in_threadpool(
+            accounts.authenticate, store, form.get("name", "").strip(), form.get("password", "")
+        )
+        if account is None:
+            return login_form("Wrong account name or password.", next_url, status=401)
+        response = RedirectResponse(next_url, status_code=303)
+        response.set_cookie(
+            COOKIE,
+            sessions.issue(account),
+            max_age=sessions.max_age,
+            httponly=True,
+            samesite="strict",
+            secure=secure,
+        )
+        return response
+
+    async def logout(_request: Request) -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+    # ---------------------------------------------------------- pages
+
+    async def runs_page(request: Request) -> Response:
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        rows = await run_in_threadpool(_runs_with_progress, runtime)
+        body = ['<table id="runs"><tr><th class="l">run</th><th class="l">campaign</th><th class="l">owner</th>'
+                "<th>status</th><th>total</th><th>sent</th><th>failed</th><th>open</th><th>progress</th></tr>"]  # fmt: skip
+        for r in rows:
+            pct = 100.0 * r["done"] / r["total"] if r["total"] else 100.0
+            body.append(
+                f'<tr><td class="l">{escape(r["id"])}</td><td class="l">{escape(r["campaign_id"])}</td>'
+                f'<td class="l">{escape(r["owner_name"])}</td><td>{escape(r["status"])}</td><td>{r["total"]}</td>'
+                f"<td>{r['sent']}</td><td>{r['failed']}</td><td>{r['open']}</td>"
+                f'<td><div class="bar" title="{pct:.0f}%"><div style="width:{pct:.0f}%"></div></div></td></tr>'
+            )
+        body.append("</table>")
+        return _page("Runs and progress", "".join(body), account)
+
+    async def coverage_page(request: Request) -> Response:
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        raw = request.query_params.get("period") or _quarter_of(runtime.clock())
+        try:
+            period = reports.parse_period(raw)
+        except InputError as exc:
+            return _page("Coverage", f'<p class="err">{escape(str(exc))}</p>', account)
+        report = await run_in_threadpool(reports.coverage, store, period)
+        cells = {(c["district"], c["segment"]): c for c in report["cells"]}
+        html = [
+            f'<form><label>Period <input name="period" value="{escape(report["period"])}"></label>'
+            f'<button>Show</button></form><p class="muted">{report["runs"]} runs; percent of eligible residents '
+            "(registry, opted-out excluded) reached by a sent or delivered message.</p>"
+            '<table id="heatmap"><tr><th class="l">group</th>'
+            + "".join(f"<th>{escape(d.name)}</th>" for d in domain.DISTRICTS)
+            + "</tr>"
+        ]
+        for s in domain.SEGMENTS:
+            html.append(f'<tr><th class="l">{escape(s.name)}</th>')
+            for d in domain.DISTRICTS:
+                c = cells[(d.id, s.id)]
+                if not c["eligible"]:
+                    # nobody of this group lives there (in the registry): not a coverage gap, so not red
+                    html.append(f'<td data-district="{d.id}" data-segment="{s.id}" data-percent="0.0" data-empty="1" style="background:#eceef2" title="no eligible residents">–</td>')
+                    continue
+                html.append(
+                    f'<td data-district="{d.id}" data-segment="{s.id}" data-percent="{c["percent"]}" '
+                    f'style="background:{_heat(c["percent"])}" title="{c["reached"]} of {c["eligible"]} reached, '
+                    f'{c["delivered"]} delivered">{c["percent"]}%</td>'
+                )
+            html.append("</tr>")
+        html.append('<tr><th class="l">all residents</th>')
+        for d in report["districts"]:
+            html.append(
+                f'<td data-district="{d["district"]}" data-percent="{d["percent"]}" '
+                f'style="background:{_heat(d["percent"])}"><strong>{d["percent"]}%</strong>'
+                f' <span class="muted">of {d["eligible"]}</span></td>'
+            )
+        html.append("</tr></table>")
+        return _page(f"Coverage {report['period']}", "".join(html), account)
+
+    async def rates_page(request: Request) -> Response:
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        days = await run_in_threadpool(_daily_rates, runtime)
+        return _page("Delivery rate by day", _rates_svg(days), account)
+
+    async def ledger_page(request: Request) -> Response:
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        q = request.query_params
+        fields = ("campaign", "run", "district", "segment", "state", "error_code", "phone", "since", "until")
+        raw = {k: q.get(k) for k in fields}
+        unmask = account.may_unmask and q.get("unmask") == "1"
+        form = ['<form class="search" id="ledger-search">']
+        for k in fields:
+            form.append(f'<label>{k} <input name="{k}" value="{escape(raw[k] or "")}" size="12"></label>')
+        if account.may_unmask:
+            form.append(f'<label><input type="checkbox" name="unmask" value="1"{" checked" if unmask else ""}>'
+                        " unmask (recorded in the ledger)</label>")  # fmt: skip
+        form.append("<button>Search</button></form>")
+        if not any(raw.values()):
+            return _page(
+                "Ledger search", "".join(form) + '<p class="muted">Give at least one filter.</p>', account
+            )
+        try:
+            f = audit.LogFilter.parse(**raw)
+        except InputError as exc:
+            return _page("Ledger search", "".join(form) + f'<p class="err">{escape(str(exc))}</p>', account)
+
+        def search() -> list[dict[str, Any]]:
+            if unmask:
+                audit.record_export(store, actor=f"web:{account.name}", f=f, fmt="html", via="dashboard")
+            return list(audit.iter_log(store, f, unmask=unmask, limit=200))
+
+        rows = await run_in_threadpool(search)
+        cols = ("at", "run_id", "phone", "district", "from_state", "to_state", "gateway", "provider_id",
+                "error_code", "actor")  # fmt: skip
+        table = ['<table id="ledger"><tr>' + "".join(f'<th class="l">{c}</th>' for c in cols) + "</tr>"]
+        for row in rows:
+            table.append(
+                "<tr>" + "".join(f'<td class="l">{escape(str(row[c] or ""))}</td>' for c in cols) + "</tr>"
+            )
+        table.append(
+            f'</table><p class="muted">{len(rows)} events (at most 200; use `dispatch audit log` for all)</p>'
+        )
+        return _page("Ledger search", "".join(form) + "".join(table), account)
+
+    return [
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/dashboard", runs_page),
+        Route("/dashboard/coverage", coverage_page),
+        Route("/dashboard/rates", rates_page),
+        Route("/dashboard/ledger", ledger_page),
+    ]
+
+
+def _safe_next(value: str | None) -> str:
+    """Only paths inside the dashboard: a login must not become an open redirect."""
+    return value if value and value.startswith("/dashboard") and "//" not in value else "/dashboard"
+
+
+def _quarter_of(now: datetime) -> str:
+    local = now.astimezone(audit.LOCAL_TZ)
+    return f"{local.year}Q{(local.month - 1) // 3 + 1}"
+
+
+def _counts_by_run(runtime: Runtime, run_ids: list[str]) -> dict[str, dict[str, int]]:
+    d = t.deliveries
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    if not run_ids:
+        return out
+    with runtime.store._read() as conn:
+        for run_id, state, n in conn.execute(
+            sa.select(d.c.run_id, d.c.state, sa.func.count())
+            .where(d.c.run_id.in_(run_ids))
+            .group_by(d.c.run_id, d.c.state)
+        ):
+            out[run_id][state] = int(n)
+    return out
+
+
+def _runs_with_progress(runtime: Runtime) -> list[dict[str, Any]]:
+    runs = runtime.store.list_runs(limit=50)
+    counts = _counts_by_run(runtime, [r["id"] for r in runs])
+    out = []
+    for r in runs:
+        c = counts.get(r["id"], {})
+        total = sum(c.values())
+        dep = domain.department(r["owner"])
+        out.append({
+            **r, "owner_name": dep.name if dep else r["owner"], "total": total,
+            "sent": c.get("sent", 0) + c.get("delivered", 0), "failed": sum(c.get(s, 0) for s in reports.FAILED_STATES),
+            "open": sum(c.get(s, 0) for s in OPEN_STATES), "done": total - sum(c.get(s, 0) for s in OPEN_STATES),
+        })  # fmt: skip
+    return out
+
+
+def _daily_rates(runtime: Runtime, limit: int = 500) -> list[dict[str, Any]]:
+    """Per local day of the runs' fire/creation time: messages attempted and the share sent or delivered."""
+    runs = runtime.store.list_runs(limit=limit)
+    counts = _counts_by_run(runtime, [r["id"] for r in runs])
+    days: dict[str, dict[str, int]] = defaultdict(lambda: {"attempted": 0, "reached": 0, "delivered": 0})
+    for r in runs:
+        when = (r["fire_time"] or r["created_at"]).astimezone(audit.LOCAL_TZ).date().isoformat()
+        c = counts.get(r["id"], {})
+        day = days[when]
+        day["attempted"] += sum(n for s, n in c.items() if s not in ("skipped", "cancelled", "pending"))
+        day["reached"] += sum(c.get(s, 0) for s in reports.REACHED_STATES)
+        day["delivered"] += c.get("delivered", 0)
+    return [
+        {"day": k, **v, "rate": round(100.0 * v["reached"] / v["attempted"], 1) if v["attempted"] else 0.0}
+        for k, v in sorted(days.items())
+    ]
+
+
+def _rates_svg(days: list[dict[str, Any]]) -> str:
+    if not days:
+        return '<p class="muted">No runs yet.</p>'
+    width, height, pad = max(320, 40 * len(days) + 60), 240, 40
+    bar = (width - pad - 20) / len(days)
+    parts = [f'<svg id="rates" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 60}" '
+             'role="img" aria-label="delivery rate by day">']  # fmt: skip
+    for pct in (0, 50, 100):
+        y = pad + height - height * pct / 100 - pad
+        parts.append(f'<line x1="{pad}" x2="{width - 10}" y1="{y:.0f}" y2="{y:.0f}" stroke="#ccd"/>'
+                     f'<text x="4" y="{y + 4:.0f}" font-size="11">{pct}%</text>')  # fmt: skip
+    for i, d in enumerate(days):
+        h = (height - pad) * d["rate"] / 100
+        x = pad + i * bar + 4
+        y = height - h
+        parts.append(
+            f'<rect x="{x:.0f}" y="{y:.0f}" width="{max(bar - 8, 4):.0f}" height="{h:.0f}" fill="{_heat(d["rate"])}" '
+            f'stroke="#2a9d8f" data-day="{d["day"]}" data-rate="{d["rate"]}"><title>{d["day"]}: {d["rate"]}% of '
+            f"{d['attempted']} ({d['delivered']} delivered)</title></rect>"
+            f'<text x="{x:.0f}" y="{height + 16}" font-size="10">{d["day"][5:]}</text>'
+            f'<text x="{x:.0f}" y="{y - 4:.0f}" font-size="10">{d["rate"]}%</text>'
+        )
+    parts.append("</svg>")
+    table = "".join(
+        f"<tr><td class='l'>{d['day']}</td><td>{d['attempted']}</td><td>{d['reached']}</td><td>{d['delivered']}</td>"
+        f"<td>{d['rate']}%</td></tr>"
+        for d in days
+    )
+    return ("".join(parts) + "<table><tr><th class='l'>day</th><th>attempted</th><th>sent or delivered</th>"
+            f"<th>delivered</th><th>rate</th></tr>{table}</table>")  # fmt: skip

@@ -1,0 +1,108 @@
+"""Lanes: urgent runs have their own queue, jump a bulk backlog, and `--queues` chooses lanes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import pytest
+
+from dispatcher.gateways.outbox import read_outbox
+
+if TYPE_CHECKING:
+    from tests.conftest import Project
+
+pytestmark = pytest.mark.slow
+URGENT = "\npriority: urgent\nreason: 预警中心：本网格正发生冒充公检法诈骗\n"
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _worker(project: Project, name: str, *args: str) -> subprocess.Popen[str]:
+    log = project.root / "var" / f"{name}.log"
+    proc = project.popen("worker", *args, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    _wait(lambda: "worker.started" in log.read_text(), 30, f"{name} to start")
+    return proc
+
+
+def _stop(*procs: subprocess.Popen[str]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait(30)
+
+
+def _urgent_campaign(project: Project) -> str:
+    text = (project.root / "campaigns/refund-scam-lucheng.yaml").read_text(encoding="utf-8")
+    text = text.replace("id: refund-scam-lucheng", "id: urgent-alert")
+    text = text.replace("  districts: [lucheng, dingyan]", "  districts: [dingyan]\n  grids: [DY-01, DY-02]")
+    project.write("campaigns/urgent-alert.yaml", text + URGENT)
+    return "campaigns/urgent-alert.yaml"
+
+
+def _run(project: Project, campaign: str) -> dict:  # type: ignore[type-arg]
+    result = project.dispatch("run", campaign, "--no-wait", "--json")
+    assert result.returncode == 0, result.stderr
+    st = json.loads(result.stdout)
+    st["pending"] = st["total"] - st["counts"].get("skipped", 0)
+    return st
+
+
+def _stamps(project: Project, run_id: str) -> list[float]:
+    return sorted(
+        datetime.fromisoformat(line["at"]).timestamp()
+        for line in read_outbox(project.outbox)
+        if line["run_id"] == run_id
+    )
+
+
+def test_urgent_run_starts_at_once_behind_a_bulk_backlog(redis_project: Project) -> None:
+    project = redis_project
+    # one worker, every bulk thread busy for ~20 s: 2,000 recipients paced at 100/s
+    project.env.update({"DISPATCH_RATE_LIMIT": "100", "DISPATCH_BATCH_SIZE": "100"})
+    project.registry(size=2500, seed=41)
+    urgent_campaign = _urgent_campaign(project)
+    worker = _worker(project, "worker", "--threads", "2")
+    try:
+        bulk = _run(project, "campaigns/quarterly-themes.yaml")
+        _wait(lambda: len(_stamps(project, bulk["run_id"])) >= 50, 30, "bulk sending")
+        urgent = _run(project, urgent_campaign)
+        _wait(lambda: len(_stamps(project, urgent["run_id"])) >= 1, 10, "the first urgent message")
+        first = _stamps(project, urgent["run_id"])[0] - float(urgent["enqueued_at"])
+        assert first < 2.0, f"the urgent run waited {first:.2f}s behind the bulk backlog"
+        _wait(lambda: len(_stamps(project, urgent["run_id"])) == urgent["pending"], 30, "the urgent run")
+        assert len(_stamps(project, bulk["run_id"])) < bulk["pending"], (
+            "bulk finished first: no backlog was tested"
+        )
+        project.dispatch("cancel", bulk["run_id"])
+    finally:
+        _stop(worker)
+
+
+def test_queues_option_chooses_lanes(redis_project: Project) -> None:
+    project = redis_project
+    project.registry(size=400, seed=42)
+    urgent_campaign = _urgent_campaign(project)
+    bulk_only = _worker(project, "bulk-worker", "--queues", "bulk", "--threads", "2")
+    urgent_only = None
+    try:
+        urgent = _run(project, urgent_campaign)
+        bulk = _run(project, "campaigns/refund-scam-lucheng.yaml")
+        _wait(lambda: len(_stamps(project, bulk["run_id"])) == bulk["pending"], 30, "the bulk run")
+        assert _stamps(project, urgent["run_id"]) == [], "a bulk-only worker took urgent work"
+        urgent_only = _worker(project, "urgent-worker", "--queues", "urgent", "--threads", "1")
+        _wait(lambda: len(_stamps(project, urgent["run_id"])) == urgent["pending"], 30, "the urgent run")
+    finally:
+        _stop(bulk_only, *([urgent_only] if urgent_only else []))

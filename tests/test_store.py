@@ -1,0 +1,137 @@
+"""The delivery log behaves the same on SQLite and PostgreSQL: runs, claims, results, orphans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from dispatcher.store import AudienceFilter, DuplicateRun, Outcome, Resident, RunSpec, open_store
+from dispatcher.store import schema as t
+
+ALL = AudienceFilter(districts=("henglin", "yaoguan"))
+
+
+def _residents(n: int) -> list[Resident]:
+    return [
+        Resident(
+            phone=f"+86138{i:08d}",
+            name=f"居民{i}",
+            district="henglin" if i % 2 else "yaoguan",
+            grid="HL-01" if i % 2 else "YG-01",
+            segments=("retirees",) if i % 3 == 0 else ("workers", "parents"),
+            opted_out=(i == 7),
+        )
+        for i in range(n)
+    ]
+
+
+def _spec(run_id: str, batch_size: int = 10, fire_time=None) -> RunSpec:  # type: ignore[no-untyped-def]
+    return RunSpec(
+        run_id=run_id, campaign_id="c1", title="t", owner="police", channel="sms", priority="bulk", reason=None,
+        gateway="outbox", campaign_path="c.yaml", campaign_yaml="id: c1", campaign_sha256="a" * 64,
+        template_name="x.j2", template_text="hi", template_sha256="b" * 64, send_by=None,
+        batch_size=batch_size, fire_time=fire_time,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def store(database_url: str):  # type: ignore[no-untyped-def]
+    s = open_store(database_url)
+    yield s
+    s.close()
+
+
+def test_schema_is_created_and_versioned(store) -> None:  # type: ignore[no-untyped-def]
+    assert store.schema_version() == t.SCHEMA_VERSION
+    store.migrate()  # idempotent
+    assert store.schema_version() == t.SCHEMA_VERSION
+
+
+def test_run_writes_one_row_per_selected_resident_with_opted_out_skipped(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(45))
+    created = store.create_run(_spec("r1"), ALL)
+    assert created == {"run_id": "r1", "total": 45, "pending": 44, "batches": 5}
+    counts = store.counts("r1")
+    assert counts == {"pending": 44, "skipped": 1}
+    rows = list(store.deliveries("r1"))
+    assert len({r["key"] for r in rows}) == 45
+    assert all(r["key"] == f"r1:{r['phone']}" for r in rows)
+    skipped = [r for r in rows if r["state"] == "skipped"]
+    assert skipped[0]["reason"] == "opted_out" and skipped[0]["phone"] == "+8613800000007"
+
+
+def test_segment_and_grid_filters_select_in_the_database(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(30))
+    only_retirees = AudienceFilter(districts=("henglin",), segments=("retirees",))
+    created = store.create_run(_spec("r1"), only_retirees)
+    expected = sum(1 for i in range(30) if i % 2 and i % 3 == 0)
+    assert created["total"] == expected
+    not_parents = AudienceFilter(districts=("henglin", "yaoguan"), exclude_segments=("parents",))
+    assert store.create_run(_spec("r2"), not_parents)["total"] == sum(1 for i in range(30) if i % 3 == 0)
+
+
+def test_a_batch_is_claimed_once_even_when_the_message_is_delivered_twice(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(25))
+    store.create_run(_spec("r1"), ALL)
+    first = store.claim("r1", 0, "worker-a")
+    second = store.claim("r1", 0, "worker-b")
+    assert len(first) == 10 and second == []
+    assert all(c.attempts == 1 for c in first)
+
+
+def test_results_are_recorded_with_attempts_and_only_for_rows_in_flight(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(5))
+    store.create_run(_spec("r1"), ALL)
+    claimed = store.claim("r1", 0, "w")
+    outcomes = [
+        Outcome(id=c.id, run_id="r1", state="sent", attempt=1, gateway="outbox", outcome="sent", provider_id=f"p{c.id}", parts=2)
+        for c in claimed
+    ]
+    store.record(outcomes)
+    assert store.counts("r1") == {"sent": 5}
+    assert store.parts_sent("r1") == 10
+    assert store.finish_if_done("r1") is True
+    assert store.get_run("r1")["status"] == "completed"
+    store.record(outcomes)  # a replay changes nothing: rows are no longer in flight
+    assert len(store.attempts_for(claimed[0].id)) == 1
+
+
+def test_rows_of_a_dead_worker_are_orphans_and_live_workers_keep_theirs(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(20))
+    store.create_run(_spec("r1"), ALL)
+    store.heartbeat("alive", "h", 1)
+    store.claim("r1", 0, "alive")
+    dead = store.claim("r1", 1, "dead")
+    orphans = store.orphans("r1", stale_after_seconds=10)
+    assert {o.id for o in orphans} == {c.id for c in dead}
+    assert store.requeue([o.id for o in orphans]) == len(dead)
+    assert store.counts("r1") == {"pending": 9, "sending": 10, "skipped": 1}
+
+
+def test_duplicate_fire_of_the_same_campaign_creates_nothing(store) -> None:  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    store.upsert_residents(_residents(5))
+    fire = datetime(2021, 1, 5, 2, 0, tzinfo=UTC)
+    store.create_run(_spec("r1", fire_time=fire), ALL)
+    with pytest.raises(DuplicateRun):
+        store.create_run(_spec("r2", fire_time=fire), ALL)
+    assert [r["id"] for r in store.list_runs()] == ["r1"]
+    assert store.counts("r2") == {}
+
+
+def test_idempotency_key_is_unique_in_the_database(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(3))
+    store.create_run(_spec("r1"), ALL)
+    row = next(store.deliveries("r1"))
+    with pytest.raises(sa.exc.IntegrityError), store.engine.begin() as conn:
+        conn.execute(sa.insert(t.deliveries).values({**{k: v for k, v in row.items() if k != "id"}}))
+
+
+def test_sqlite_store_uses_wal(tmp_path: Path) -> None:
+    s = open_store(f"sqlite:///{tmp_path / 'x.db'}")
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    s.close()
