@@ -47,13 +47,8 @@ class Provider:
                         provider.calls += 1
                         provider.recipients += len(data["mobiles"])
                         call = provider.calls
-                    results = [
-                        {"mobile": m, "code": 0, "msgid": f"{call}-{i}"}
-                        for i, m in enumerate(data["mobiles"])
-                    ]
-                    payload = json.dumps(
-                        {"code": 0, "data": {"batch_id": f"b{call}", "results": results}}
-                    ).encode()
+                    results = [{"mobile": m, "code": 0, "msgid": f"{call}-{i}"} for i, m in enumerate(data["mobiles"])]
+                    payload = json.dumps({"code": 0, "data": {"batch_id": f"b{call}", "results": results}}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -104,9 +99,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--max-size", type=int, default=500, help="numbers per provider call")
-    parser.add_argument(
-        "--batch-size", type=int, default=500, help="DISPATCH_BATCH_SIZE (rows per Dramatiq message)"
-    )
+    parser.add_argument("--batch-size", type=int, default=500, help="DISPATCH_BATCH_SIZE (rows per Dramatiq message)")
     args = parser.parse_args()
 
     provider = Provider()
@@ -115,13 +108,9 @@ def main() -> int:
         (root / "campaigns").mkdir()
         (root / "templates").mkdir()
         (root / "var").mkdir()
-        (root / "templates" / "plain.sms.j2").write_text(
-            "请警惕冒充客服退款诈骗，核实请拨96110。", encoding="utf-8"
-        )
+        (root / "templates" / "plain.sms.j2").write_text("请警惕冒充客服退款诈骗，核实请拨96110。", encoding="utf-8")
         (root / "campaigns" / "bench.yaml").write_text(CAMPAIGN, encoding="utf-8")
-        (root / "gateway.yaml").write_text(
-            GATEWAY.format(url=provider.url, max_size=args.max_size), encoding="utf-8"
-        )
+        (root / "gateway.yaml").write_text(GATEWAY.format(url=provider.url, max_size=args.max_size), encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "TWILIO_"))}
         env.update(
             PYTHONPATH=str(ROOT),
@@ -164,9 +153,7 @@ def main() -> int:
             f"{args.batch_size} rows per Dramatiq batch)"
         )
         print(f"recipients per call        {provider.recipients / max(1, provider.calls):.1f}")
-        print(
-            f"dispatch run wall time     {elapsed:.2f} s (process start to exit, incl. fan-out and recording)"
-        )
+        print(f"dispatch run wall time     {elapsed:.2f} s (process start to exit, incl. fan-out and recording)")
         print(f"recipients per second      {sent / elapsed:.0f}")
         provider.server.shutdown()
         return 0 if sent == provider.recipients else 1

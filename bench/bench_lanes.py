@@ -36,19 +36,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--urgent-threads", type=int, default=2)
-    parser.add_argument(
-        "--rate", type=float, default=1000.0, help="gateway rate shared by all (0 = unlimited)"
-    )
+    parser.add_argument("--rate", type=float, default=1000.0, help="gateway rate shared by all (0 = unlimited)")
     args = parser.parse_args()
-    project = BenchProject(
-        DISPATCH_RATE_LIMIT=str(args.rate), DISPATCH_URGENT_THREADS=str(args.urgent_threads)
-    )
+    project = BenchProject(DISPATCH_RATE_LIMIT=str(args.rate), DISPATCH_URGENT_THREADS=str(args.urgent_threads))
     try:
         text = (project.root / "campaigns/refund-scam-lucheng.yaml").read_text(encoding="utf-8")
         urgent_yaml = text.replace("id: refund-scam-lucheng", "id: urgent-alert")
-        urgent_yaml = urgent_yaml.replace(
-            "  districts: [lucheng, dingyan]", "  districts: [dingyan]\n  grids: [DY-01]"
-        )
+        urgent_yaml = urgent_yaml.replace("  districts: [lucheng, dingyan]", "  districts: [dingyan]\n  grids: [DY-01]")
         (project.root / "campaigns/urgent-alert.yaml").write_text(urgent_yaml + URGENT, encoding="utf-8")
         t0 = time.perf_counter()
         project.registry(args.bulk, seed=100)
@@ -57,16 +51,10 @@ def main() -> None:
             project.popen("worker", "--threads", str(args.threads), log=f"worker-{i}.log")
         for i in range(args.workers):
             project.wait_log(f"worker-{i}.log", "worker.started")
-        bulk = json.loads(
-            project.dispatch("run", "campaigns/quarterly-themes.yaml", "--no-wait", "--json").stdout
-        )
+        bulk = json.loads(project.dispatch("run", "campaigns/quarterly-themes.yaml", "--no-wait", "--json").stdout)
         print(f"bulk run: {bulk['total']} recipients in {bulk['batches']} batches enqueued")
-        wait_for(
-            lambda: project.outbox.exists() and project.outbox.stat().st_size > 100_000, 120, "bulk sending"
-        )
-        urgent = json.loads(
-            project.dispatch("run", "campaigns/urgent-alert.yaml", "--no-wait", "--json").stdout
-        )
+        wait_for(lambda: project.outbox.exists() and project.outbox.stat().st_size > 100_000, 120, "bulk sending")
+        urgent = json.loads(project.dispatch("run", "campaigns/urgent-alert.yaml", "--no-wait", "--json").stdout)
         enqueued = float(urgent["enqueued_at"])
 
         def urgent_lines() -> list[float]:
@@ -84,13 +72,9 @@ def main() -> None:
         project.dispatch("cancel", bulk["run_id"])
     finally:
         project.close()
+    print(f"workers={args.workers} threads={args.threads} urgent_threads={args.urgent_threads} rate={args.rate:g}/s")
     print(
-        f"workers={args.workers} threads={args.threads} urgent_threads={args.urgent_threads} "
-        f"rate={args.rate:g}/s"
-    )
-    print(
-        f"bulk backlog when the urgent run was enqueued: at least {bulk['total'] - bulk_sent} "
-        f"of {bulk['total']} unsent"
+        f"bulk backlog when the urgent run was enqueued: at least {bulk['total'] - bulk_sent} of {bulk['total']} unsent"
     )
     print(
         f"urgent run: {len(stamps)} messages; first sent {stamps[0] - enqueued:.3f}s after enqueue, "

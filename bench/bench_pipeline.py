@@ -43,6 +43,7 @@ REDIS_URL = os.environ.get("DISPATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 POSTGRES_URL = os.environ.get("DISPATCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CAMPAIGN = "campaigns/quarterly-themes.yaml"
 WORKER_THREADS = 4
+DISPATCH = (sys.executable, "-m", "dispatcher")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -150,7 +151,7 @@ def pipeline(size: int, kind: str) -> dict[str, float]:
                 time.sleep(0.05)
         # fan-out: the `dispatch run --no-wait` process (it reports its own fan-out time)
         run = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "maxrss.py"), sys.executable, "-m", "dispatcher", "run", CAMPAIGN, "--no-wait", "--json"],
+            [sys.executable, str(ROOT / "bench" / "maxrss.py"), *DISPATCH, "run", CAMPAIGN, "--no-wait", "--json"],
             cwd=workdir, env=env, capture_output=True, text=True,
         )  # fmt: skip
         if run.returncode != 0:
@@ -170,7 +171,8 @@ def pipeline(size: int, kind: str) -> dict[str, float]:
         for w in workers:
             w.wait(60)
         sent = store.counts(run_id).get("sent", 0)
-        lines = sum(1 for _ in open(workdir / "var" / "outbox.jsonl", "rb"))
+        with open(workdir / "var" / "outbox.jsonl", "rb") as fh:
+            lines = sum(1 for _ in fh)
         store.close()
         return {
             "size": size,
@@ -208,7 +210,8 @@ def main() -> int:
     for r in results:
         print(
             f"recipients {r['size']:>7}: fan-out {r['fanout_rate']:9.0f}/s ({r['fanout_seconds']:.2f} s)  "
-            f"end-to-end {r['e2e_rate']:8.0f}/s ({r['e2e_seconds']:.2f} s)  sent {r['sent']} = outbox {r['outbox_lines']}  "
+            f"end-to-end {r['e2e_rate']:8.0f}/s ({r['e2e_seconds']:.2f} s)  "
+            f"sent {r['sent']} = outbox {r['outbox_lines']}  "
             f"peak RSS run {r['run_rss_mb']:.0f} MB, worker {r['worker_rss_mb']:.0f} MB"
         )
     big = results[-1]

@@ -39,15 +39,11 @@ def main() -> None:
             project.popen("worker", "--threads", str(args.threads), log=f"worker-{i}.log")
         for i in range(args.workers):
             project.wait_log(f"worker-{i}.log", "worker.started")
-        run = json.loads(
-            project.dispatch("run", "campaigns/quarterly-themes.yaml", "--no-wait", "--json").stdout
-        )
+        run = json.loads(project.dispatch("run", "campaigns/quarterly-themes.yaml", "--no-wait", "--json").stdout)
         wait_for(lambda: project.outbox.exists() and project.outbox.stat().st_size > 0, 30, "the first send")
         time.sleep(args.seconds + 1.5)
         project.dispatch("cancel", run["run_id"])
-        stamps = sorted(
-            datetime.fromisoformat(line["at"]).timestamp() for line in read_outbox(project.outbox)
-        )
+        stamps = sorted(datetime.fromisoformat(line["at"]).timestamp() for line in read_outbox(project.outbox))
     finally:
         project.close()
     start = stamps[0]
@@ -55,14 +51,8 @@ def main() -> None:
     achieved = len(window) / args.seconds
     worst = max(bisect.bisect_left(stamps, t + 1.0) - i for i, t in enumerate(stamps))
     per_second = [sum(1 for t in window if start + s <= t < start + s + 1) for s in range(int(args.seconds))]
-    print(
-        f"workers={args.workers} threads/worker={args.threads} limit={args.rate:g} msg/s "
-        f"window={args.seconds:g}s"
-    )
-    print(
-        f"sent in window: {len(window)} -> {achieved:.2f} msg/s "
-        f"= {100 * achieved / args.rate:.1f}% of the limit"
-    )
+    print(f"workers={args.workers} threads/worker={args.threads} limit={args.rate:g} msg/s window={args.seconds:g}s")
+    print(f"sent in window: {len(window)} -> {achieved:.2f} msg/s = {100 * achieved / args.rate:.1f}% of the limit")
     print(f"max in any sliding 1 s window: {worst} (limit + 1 = {args.rate + 1:g})")
     print(f"per whole second: min {min(per_second)} max {max(per_second)}")
     ok = 0.95 * args.rate <= achieved <= args.rate * 1.0 + 1 / args.seconds and worst <= args.rate + 1

@@ -39,9 +39,7 @@ def main() -> None:
             project.popen("worker", "--threads", "4", log=f"worker-{i}.log")
         for i in range(args.workers):
             project.wait_log(f"worker-{i}.log", "worker.started")
-        run = json.loads(
-            project.dispatch("run", "campaigns/quarterly-themes.yaml", "--no-wait", "--json").stdout
-        )
+        run = json.loads(project.dispatch("run", "campaigns/quarterly-themes.yaml", "--no-wait", "--json").stdout)
         run_id = run["run_id"]
 
         def lines() -> list[dict]:  # type: ignore[type-arg]
@@ -62,9 +60,7 @@ def main() -> None:
             "the resumed run",
             every=0.5,
         )
-        rows = [
-            r for r in json.loads(project.dispatch("status", run_id, "--json").stdout)["by_district"].values()
-        ]
+        rows = [r for r in json.loads(project.dispatch("status", run_id, "--json").stdout)["by_district"].values()]
         keys = collections.Counter(line["key"] for line in lines())
         eligible = run["total"] - run["counts"].get("skipped", 0)
     finally:
@@ -72,10 +68,7 @@ def main() -> None:
     print(f"workers={args.workers} rate={args.rate:g}/s recipients={run['total']} eligible={eligible}")
     print(f"paused after {len(stamps) - after_pause} sent; {after_pause} more handed over after the command")
     print(f"last message {last - paused_at:.3f}s after `dispatch pause` was started (target <= 2 s)")
-    print(
-        f"while paused: pending {status['counts'].get('pending', 0)}, "
-        f"sending {status['counts'].get('sending', 0)}"
-    )
+    print(f"while paused: pending {status['counts'].get('pending', 0)}, sending {status['counts'].get('sending', 0)}")
     dupes = sum(1 for n in keys.values() if n > 1)
     print(
         f"after resume: sent {len(keys)} distinct of {eligible} eligible, duplicates {dupes}, "

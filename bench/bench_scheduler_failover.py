@@ -69,9 +69,7 @@ def main() -> None:
                 p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(30)
-        runs = json.loads(
-            project.dispatch("runs", "--campaign", "drill", "--limit", "1000", "--json").stdout
-        )["runs"]
+        runs = json.loads(project.dispatch("runs", "--campaign", "drill", "--limit", "1000", "--json").stdout)["runs"]
         takeovers = [_ts(e) for i in range(3) if i != leader for e in _events(logs[i], "scheduler.leader")]
         fired = [e for i in range(3) for e in _events(logs[i], "scheduler.fired")]
     finally:
@@ -81,21 +79,11 @@ def main() -> None:
     expected = int((times[-1] - times[0]).total_seconds() // 5) + 1
     handover = min(t for t in takeovers if t > killed_at) - killed_at
     late = [e["late_s"] for e in fired]
-    print(
-        f"3 schedulers, interval 5 s, {args.seconds:g} s, "
-        f"leader (process {leader}) killed at {args.kill_after:g} s"
-    )
-    print(
-        f"runs: {len(runs)} for {len(per_time)} fire times; max runs per fire time {max(per_time.values())}"
-    )
-    print(
-        f"fire times from first to last: {len(times)} of {expected} expected -> lost {expected - len(times)}"
-    )
+    print(f"3 schedulers, interval 5 s, {args.seconds:g} s, leader (process {leader}) killed at {args.kill_after:g} s")
+    print(f"runs: {len(runs)} for {len(per_time)} fire times; max runs per fire time {max(per_time.values())}")
+    print(f"fire times from first to last: {len(times)} of {expected} expected -> lost {expected - len(times)}")
     print(f"handover: new leader {handover:.2f}s after the kill (lease {args.lease:g} s)")
-    print(
-        f"fire lateness: median {sorted(late)[len(late) // 2]:.3f}s, max {max(late):.3f}s "
-        "(made-up fires included)"
-    )
+    print(f"fire lateness: median {sorted(late)[len(late) // 2]:.3f}s, max {max(late):.3f}s (made-up fires included)")
     ok = max(per_time.values()) == 1 and expected == len(times) and handover <= args.lease + 1
     print("PASS" if ok else "FAIL")
 

@@ -65,9 +65,7 @@ def check_password(password: str, stored: str) -> bool:
 def add_user(store: SqlStore, name: str, role: str, password: str, *, replace: bool = False) -> Account:
     """Create (or with ``replace`` reset) an account; bad name, role or weak password is a ``UsageError``."""
     if not _NAME_RE.match(name):
-        raise UsageError(
-            f"account name {name!r}: use 2-64 letters, digits, '_', '.', '@' or '-'", field="name"
-        )
+        raise UsageError(f"account name {name!r}: use 2-64 letters, digits, '_', '.', '@' or '-'", field="name")
     if role not in ROLES:
         raise UsageError(f"unknown role {role!r}; use one of {', '.join(ROLES)}", field="role")
     if len(password) < MIN_PASSWORD:

@@ -86,7 +86,12 @@ def read_csv(path: Path, stream: TextIO) -> Iterator[Resident | RowError]:
     header = reader.fieldnames or []
     missing = [c for c in ("phone", "district") if c not in header]
     if missing:
-        yield RowError(str(path), 1, ",".join(missing), f"header lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}")
+        yield RowError(
+            str(path),
+            1,
+            ",".join(missing),
+            f"header lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}",
+        )
         return
     unknown = [c for c in header if c not in COLUMNS]
     if unknown:
@@ -95,7 +100,7 @@ def read_csv(path: Path, stream: TextIO) -> Iterator[Resident | RowError]:
     for row in reader:
         line = reader.line_num
         if None in row:  # more cells than the header has columns
-            yield RowError(str(path), line, "row", f"{len(header) + len(row[None])} cells, header has {len(header)}")  # type: ignore[index]
+            yield RowError(str(path), line, "row", f"{len(header) + len(row[None])} cells, header has {len(header)}")
             continue
         if any(v is None for v in row.values()):
             yield RowError(str(path), line, "row", f"fewer cells than the header's {len(header)} columns")
@@ -109,8 +114,8 @@ def read_csv(path: Path, stream: TextIO) -> Iterator[Resident | RowError]:
 
 # ------------------------------------------------------------------ synthetic registry
 
-_SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔向汤"
-_GIVEN = "伟芳娜秀英敏静丽强磊军洋勇艳杰娟涛明超秀兰霞平刚桂英华建国玉兰志强红梅晓东海燕春梅立新德明建华文博子涵梓轩浩然欣怡雨萱一诺思远佳怡宇轩"
+_SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔向汤"  # noqa: E501 - a list of names, clearer on one line
+_GIVEN = "伟芳娜秀英敏静丽强磊军洋勇艳杰娟涛明超秀兰霞平刚桂英华建国玉兰志强红梅晓东海燕春梅立新德明建华文博子涵梓轩浩然欣怡雨萱一诺思远佳怡宇轩"  # noqa: E501 - as above
 _PREFIXES = ("130", "131", "132", "133", "135", "136", "137", "138", "139", "150", "151", "152", "153",
              "155", "156", "157", "158", "159", "176", "177", "180", "181", "182", "183", "186", "187",
              "188", "189", "198", "199")  # fmt: skip

@@ -25,7 +25,9 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
         broker.emit_after("process_boot")
         return broker
     if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
-        raise BrokerError(f"DISPATCH_BROKER_URL: only redis:// URLs are supported, got {settings.broker_url.split(':')[0]}://")
+        raise BrokerError(
+            f"DISPATCH_BROKER_URL: only redis:// URLs are supported, got {settings.broker_url.split(':')[0]}://"
+        )
     import redis
     from dramatiq.brokers.redis import RedisBroker
 

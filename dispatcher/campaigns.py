@@ -269,7 +269,7 @@ class Campaign(_Model):
         quarter = f"Q{(when.month - 1) // 3 + 1}"
         if quarter not in self.themes:
             raise CampaignError(f"no theme for {quarter}", field="themes")
-        return self.themes[quarter]  # type: ignore[index]  # quarter is one of the Literal keys
+        return self.themes[quarter]
 
     def zone(self) -> ZoneInfo:
         """The campaign's local time zone: its schedule's, else Asia/Shanghai."""
@@ -369,10 +369,9 @@ def _data_path(data: Any, loc: Iterable[Any]) -> tuple[Any, ...]:
     path: list[Any] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-            path.append(part)
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
             node = node[part]
             path.append(part)
         elif isinstance(node, dict) and isinstance(part, str) and part.isidentifier():
@@ -451,7 +450,9 @@ def _world_errors(located: Located, campaign: Campaign, templates_dir: Path) -> 
             )
 
 
-def _template_errors(located: Located, campaign: Campaign, templates_dir: Path) -> Iterator[InputError | TemplateSource]:
+def _template_errors(
+    located: Located, campaign: Campaign, templates_dir: Path
+) -> Iterator[InputError | TemplateSource]:
     names: list[tuple[str, tuple[Any, ...]]]
     if campaign.template is not None:
         names = [(campaign.template, ("template",))]

@@ -48,7 +48,9 @@ def runtime(default_level: str = "WARNING") -> Runtime:
     """The process's Runtime, built once from the environment; long-running commands pass INFO."""
     if State.runtime is None:
         settings = Settings.from_env()
-        logs.configure(settings.log_format or ("console" if sys.stderr.isatty() else "json"), settings.log_level or default_level)
+        logs.configure(
+            settings.log_format or ("console" if sys.stderr.isatty() else "json"), settings.log_level or default_level
+        )
         State.runtime = Runtime(settings)
     return State.runtime
 
@@ -96,7 +98,9 @@ def preview(
     variants = []
     for name in loaded.campaign.template_names():
         text, seg = loaded.composer_for(name).render(SAMPLE_RECIPIENT)
-        variants.append({"template": name, "text": text, "encoding": seg.encoding, "chars": seg.chars, "parts": seg.parts})
+        variants.append(
+            {"template": name, "text": text, "encoding": seg.encoding, "chars": seg.chars, "parts": seg.parts}
+        )
     current = loaded.campaign.template_for(rt.clock())
     composer = loaded.composer_for(current)
     total_parts = recipients = 0
@@ -119,11 +123,19 @@ def preview(
         emit_json(report)
         return
     districts = [d for d in domain.DISTRICTS if d.id in matrix["by_district"]]
-    totals = {d.id: matrix["by_district"][d.id]["selected"] - matrix["by_district"][d.id]["opted_out"] for d in districts}
-    out.print(_matrix_table(f"{loaded.campaign.title} — audience (opted-out excluded)", districts, totals, matrix["by_district_segment"]))
+    totals = {
+        d.id: matrix["by_district"][d.id]["selected"] - matrix["by_district"][d.id]["opted_out"] for d in districts
+    }
+    out.print(
+        _matrix_table(
+            f"{loaded.campaign.title} — audience (opted-out excluded)", districts, totals, matrix["by_district_segment"]
+        )
+    )
     for v in variants:
         marker = " (this quarter)" if v["template"] == current else ""
-        out.print(f"\n[bold]{v['template']}[/bold]{marker}: {v['encoding']}, {v['chars']} characters, {v['parts']} part(s)")
+        out.print(
+            f"\n[bold]{v['template']}[/bold]{marker}: {v['encoding']}, {v['chars']} characters, {v['parts']} part(s)"
+        )
         out.print(v["text"], markup=False)
     out.print(f"\nrecipients {recipients}, opted out {report['opted_out']}, total parts {total_parts}")
 
@@ -176,7 +188,11 @@ def _progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) ->
 
 def _print_summary(st: dict[str, Any]) -> None:
     table = Table(title=f"run {st['run_id']} — {st['campaign_id']} ({st['status']})")
-    states = [s for s in ("sent", "delivered", "failed", "skipped", "pending", "sending", "unknown", "expired", "cancelled") if any(s in v for v in st["by_district"].values())]
+    states = [
+        s
+        for s in ("sent", "delivered", "failed", "skipped", "pending", "sending", "unknown", "expired", "cancelled")
+        if any(s in v for v in st["by_district"].values())
+    ]
     table.add_column("district")
     for s in states:
         table.add_column(s, justify="right")
@@ -203,7 +219,14 @@ def run(
     rt = runtime()
     loaded = load_campaign(campaign, rt.settings.templates_dir)
     if dry_run:
-        summary: dict[str, Any] = {"campaign_id": loaded.campaign.id, "dry_run": True, "recipients": 0, "skipped": 0, "parts": 0, "by_district": {}}
+        summary: dict[str, Any] = {
+            "campaign_id": loaded.campaign.id,
+            "dry_run": True,
+            "recipients": 0,
+            "skipped": 0,
+            "parts": 0,
+            "by_district": {},
+        }
         for row in do_dry_run(rt, loaded):
             bucket = summary["by_district"].setdefault(row.district, {"recipients": 0, "skipped": 0, "parts": 0})
             if row.skipped:
@@ -218,8 +241,14 @@ def run(
             emit_json(summary)
         else:
             for district_id, b in sorted(summary["by_district"].items()):
-                out.print(f"{_district_name(district_id)}: {b['recipients']} recipients, {b['parts']} parts, {b['skipped']} opted out")
-            out.print(f"dry run: {summary['recipients']} would be sent ({summary['parts']} parts), {summary['skipped']} skipped; nothing written or sent")
+                out.print(
+                    f"{_district_name(district_id)}: {b['recipients']} recipients, {b['parts']} parts, "
+                    f"{b['skipped']} opted out"
+                )
+            out.print(
+                f"dry run: {summary['recipients']} would be sent ({summary['parts']} parts), "
+                f"{summary['skipped']} skipped; nothing written or sent"
+            )
         return
     if not rt.settings.embedded:
         from .broker import ping
@@ -227,17 +256,22 @@ def run(
         ping(rt.broker)
     # a misconfigured gateway is reported (exit 2) before any row is written
     _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway
+    rt.store, rt.actors  # noqa: B018 - open the delivery log and declare actors before timing the fan-out
     started = time.perf_counter()
     created = start_run(rt, loaded)
     fanout_seconds = time.perf_counter() - started
     enqueued_at = created.get("enqueue_started_at", time.time())
     if not as_json:
-        err.print(f"run {created['run_id']}: {created['pending']} to send in {created['batches']} batches", markup=False)
+        err.print(
+            f"run {created['run_id']}: {created['pending']} to send in {created['batches']} batches", markup=False
+        )
     deferred = _deferred_embedded(rt, created["run_id"])
     if (no_wait and not rt.settings.embedded) or deferred:
         st = status(rt, created["run_id"])
     else:
-        st = _progress_follow(rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty())
+        st = _progress_follow(
+            rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty()
+        )
     if as_json:
         emit_json({**st, "fanout_seconds": round(fanout_seconds, 4), "enqueued_at": enqueued_at})
     else:
@@ -255,8 +289,21 @@ def runs(
     """List runs, newest first."""
     rt = runtime()
     rows = rt.store.list_runs(limit=limit, campaign_id=campaign)
-    keys = ("id", "campaign_id", "status", "fire_time", "created_at", "finished_at", "total", "template_name", "priority")
-    items = [{("run_id" if k == "id" else k): (r[k].isoformat() if hasattr(r[k], "isoformat") else r[k]) for k in keys} for r in rows]
+    keys = (
+        "id",
+        "campaign_id",
+        "status",
+        "fire_time",
+        "created_at",
+        "finished_at",
+        "total",
+        "template_name",
+        "priority",
+    )
+    items = [
+        {("run_id" if k == "id" else k): (r[k].isoformat() if hasattr(r[k], "isoformat") else r[k]) for k in keys}
+        for r in rows
+    ]
     if as_json:
         emit_json({"runs": items})
         return
@@ -264,7 +311,14 @@ def runs(
     for col in ("run", "campaign", "status", "total", "created", "template"):
         table.add_column(col)
     for item in items:
-        table.add_row(item["run_id"], item["campaign_id"], item["status"], str(item["total"]), str(item["created_at"])[:19], item["template_name"])
+        table.add_row(
+            item["run_id"],
+            item["campaign_id"],
+            item["status"],
+            str(item["total"]),
+            str(item["created_at"])[:19],
+            item["template_name"],
+        )
     out.print(table)
 
 
@@ -318,7 +372,9 @@ def worker(
 
     rt = runtime("INFO")
     if rt.settings.embedded:
-        raise UsageError("dispatch worker needs DISPATCH_BROKER_URL=redis://...; without it `dispatch run` sends in-process")
+        raise UsageError(
+            "dispatch worker needs DISPATCH_BROKER_URL=redis://...; without it `dispatch run` sends in-process"
+        )
     serve(rt, queues={q.strip() for q in queues.split(",") if q.strip()} if queues else None, threads=threads)
 
 
@@ -493,7 +549,9 @@ def ringback_restore(
     if no_wait and not rt.settings.embedded:
         st = status(rt, created["run_id"])
     else:
-        st = _progress_follow(rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty())
+        st = _progress_follow(
+            rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty()
+        )
     if as_json:
         emit_json(st)
     else:
@@ -550,7 +608,9 @@ def audience_import(file: Path, chunk: int = typer.Option(1000, help="rows per d
                 written += rt.store.upsert_residents(rows)
     except UnicodeDecodeError as exc:
         raise InputError("not UTF-8 text", path=str(file)) from exc
-    out.print(f"imported {written} residents from {file} ({dup} duplicate phone rows merged, {bad} bad rows)", markup=False)
+    out.print(
+        f"imported {written} residents from {file} ({dup} duplicate phone rows merged, {bad} bad rows)", markup=False
+    )
     if bad:
         raise typer.Exit(2)
 
@@ -582,7 +642,11 @@ def audience_stats(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     totals = {d.id: stats["by_district"].get(d.id, {}).get("residents", 0) for d in domain.DISTRICTS}
     opted = {d.id: stats["by_district"].get(d.id, {}).get("opted_out", 0) for d in domain.DISTRICTS}
-    out.print(_matrix_table("residents by district and group", list(domain.DISTRICTS), totals, stats["by_district_segment"], opted))
+    out.print(
+        _matrix_table(
+            "residents by district and group", list(domain.DISTRICTS), totals, stats["by_district_segment"], opted
+        )
+    )
 
 
 def _matrix_table(
@@ -598,7 +662,9 @@ def _matrix_table(
     for d in districts:
         table.add_column(d.name, justify="right")
     table.add_column("total", justify="right")
-    table.add_row("[bold]all residents[/bold]", *[str(totals.get(d.id, 0)) for d in districts], str(sum(totals.values())))
+    table.add_row(
+        "[bold]all residents[/bold]", *[str(totals.get(d.id, 0)) for d in districts], str(sum(totals.values()))
+    )
     if opted_out is not None:
         table.add_row("opted out", *[str(opted_out.get(d.id, 0)) for d in districts], str(sum(opted_out.values())))
     present = {s for c in cells.values() for s in c}

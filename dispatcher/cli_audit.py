@@ -18,9 +18,7 @@ from . import audit, reports
 from .cli import app, emit_json, err, out, runtime
 from .errors import UsageError
 
-audit_app = typer.Typer(
-    no_args_is_help=True, help="The tamper-evident ledger: verify it, query and export it."
-)
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident ledger: verify it, query and export it.")
 report_app = typer.Typer(no_args_is_help=True, help="Coverage, department and failure reports.")
 users_app = typer.Typer(no_args_is_help=True, help="Dashboard accounts (roles auditor and operator).")
 app.add_typer(audit_app, name="audit")
@@ -78,17 +76,11 @@ def audit_log(
     state: str | None = typer.Option(None, help="events that moved a delivery INTO this state"),
     error_code: str | None = typer.Option(None, "--error-code"),
     phone: str | None = typer.Option(None, help="exact phone number (no patterns)"),
-    since: str | None = typer.Option(
-        None, help="from this date/time (2021-01-01; local time unless a zone is given)"
-    ),
+    since: str | None = typer.Option(None, help="from this date/time (2021-01-01; local time unless a zone is given)"),
     until: str | None = typer.Option(None, help="up to this date/time (a date includes the whole day)"),
-    fmt: str = typer.Option(
-        "table", "--format", help="table, csv or jsonl (csv/jsonl stream any number of rows)"
-    ),
+    fmt: str = typer.Option("table", "--format", help="table, csv or jsonl (csv/jsonl stream any number of rows)"),
     limit: int | None = typer.Option(None, min=1, help="at most this many events (table: 100 by default)"),
-    unmask: bool = typer.Option(
-        False, "--unmask", help="show full numbers; the export is recorded in the ledger"
-    ),
+    unmask: bool = typer.Option(False, "--unmask", help="show full numbers; the export is recorded in the ledger"),
 ) -> None:
     """Ledger events joined with their delivery and run, oldest first; numbers masked unless --unmask."""
     if fmt not in audit.FORMATS:
@@ -146,9 +138,7 @@ def audit_log(
 
 
 @audit_app.command("exports")
-def audit_exports(
-    limit: int = typer.Option(50, min=1), as_json: bool = typer.Option(False, "--json")
-) -> None:
+def audit_exports(limit: int = typer.Option(50, min=1), as_json: bool = typer.Option(False, "--json")) -> None:
     """Who exported or viewed unmasked numbers, newest first (the audit chain)."""
     rows = audit.audit_events(runtime().store, limit)
     if as_json:
@@ -199,9 +189,7 @@ def report_coverage(
     cells = {(c["district"], c["segment"]): c for c in report["cells"]}
     for s in domain.SEGMENTS:
         table.add_row(s.name, *[f"{cells[(d.id, s.id)]['percent']}%" for d in domain.DISTRICTS])
-    table.add_row(
-        "all residents", *[f"{d['percent']}% of {d['eligible']}" for d in report["districts"]], style="bold"
-    )
+    table.add_row("all residents", *[f"{d['percent']}% of {d['eligible']}" for d in report["districts"]], style="bold")
     out.print(table)
 
 
@@ -232,10 +220,7 @@ def report_departments(
         causes = ", ".join(f"{k} {v}" for k, v in sorted(d["failed_by_cause"].items()))
         table.add_row(
             d["name"],
-            *[
-                str(d[k])
-                for k in ("campaigns", "runs", "recipients", "sent", "delivered", "failed", "parts_sent")
-            ],
+            *[str(d[k]) for k in ("campaigns", "runs", "recipients", "sent", "delivered", "failed", "parts_sent")],
             causes,
         )
     out.print(table)

@@ -96,15 +96,11 @@ def coverage(store: SqlStore, period: Period) -> dict[str, Any]:
     delivered = sa.func.coalesce(sa.func.sum(per_resident.c.delivered), 0)
     eligible_only = r.c.opted_out.is_(False)
     with store._read() as conn:
-        runs = int(
-            conn.execute(sa.select(sa.func.count()).select_from(_runs_in(period).subquery())).scalar_one()
-        )
+        runs = int(conn.execute(sa.select(sa.func.count()).select_from(_runs_in(period).subquery())).scalar_one())
         cells_q = (
             sa.select(r.c.district, rs.c.segment, sa.func.count(), reached, delivered)
             .select_from(
-                r.join(rs, rs.c.resident_id == r.c.id).outerjoin(
-                    per_resident, per_resident.c.resident_id == r.c.id
-                )
+                r.join(rs, rs.c.resident_id == r.c.id).outerjoin(per_resident, per_resident.c.resident_id == r.c.id)
             )
             .where(eligible_only)
             .group_by(r.c.district, rs.c.segment)
@@ -200,9 +196,7 @@ def departments(store: SqlStore, period: Period) -> dict[str, Any]:
                 sa.func.sum(sa.case((d.c.state != "skipped", 1), else_=0)),
                 sa.func.sum(sa.case((d.c.state.in_(REACHED_STATES), 1), else_=0)),
                 sa.func.sum(sa.case((d.c.state == "delivered", 1), else_=0)),
-                sa.func.sum(
-                    sa.case((d.c.state.in_(REACHED_STATES), sa.func.coalesce(d.c.parts, 0)), else_=0)
-                ),
+                sa.func.sum(sa.case((d.c.state.in_(REACHED_STATES), sa.func.coalesce(d.c.parts, 0)), else_=0)),
             )
             .select_from(joined)
             .where(*in_period)
@@ -245,9 +239,7 @@ def failures(store: SqlStore, period: Period | None = None) -> dict[str, Any]:
     if period is not None:
         query = query.where(d.c.run_id.in_(_runs_in(period)))
     with store._read() as conn:
-        rows = [
-            {"error_code": c, "gateway": g, "state": s, "count": int(n)} for c, g, s, n in conn.execute(query)
-        ]
+        rows = [{"error_code": c, "gateway": g, "state": s, "count": int(n)} for c, g, s, n in conn.execute(query)]
     totals: dict[str, int] = defaultdict(int)
     for row in rows:
         totals[row["error_code"]] += row["count"]

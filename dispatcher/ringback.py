@@ -63,9 +63,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
     window = campaign.window
     if run["status"] in ("cancelled", "completed"):
         return BatchResult(0, {}, None)
-    with structlog.contextvars.bound_contextvars(
-        run_id=run_id, campaign_id=context.campaign_id, batch=batch_no
-    ):
+    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=context.campaign_id, batch=batch_no):
         now = runtime.clock()
         if run["status"] == "paused":
             return BatchResult(0, {"parked": 1}, None)
@@ -123,17 +121,13 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
                 priority=context.priority,
             )
             outcomes.append(
-                _outcome_for(
-                    row, message, result, adapter.name, runtime.clock(), runtime.settings.max_attempts
-                )
+                _outcome_for(row, message, result, adapter.name, runtime.clock(), runtime.settings.max_attempts)
             )
         store.record(outcomes)
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[o.outcome] = counts.get(o.outcome, 0) + 1
-        log.info(
-            "ringback.batch_done", action="restore" if restoring else "enrol", claimed=len(rows), **counts
-        )
+        log.info("ringback.batch_done", action="restore" if restoring else "enrol", claimed=len(rows), **counts)
         retry_at = store.next_retry_at(run_id, batch_no) if counts.get("retry") else None
         store.finish_if_done(run_id)
         return BatchResult(len(rows), counts, _seconds_until(runtime, retry_at))
@@ -157,9 +151,7 @@ def start_restore(runtime: Runtime, enrol_run_id: str, *, actor: str = "operator
     store = runtime.store
     enrol = store.get_run(enrol_run_id)
     if enrol["channel"] != ENROL_CHANNEL:
-        raise UsageError(
-            f"run {enrol_run_id} is not a ringback enrolment (channel {enrol['channel']})", field="run"
-        )
+        raise UsageError(f"run {enrol_run_id} is not a ringback enrolment (channel {enrol['channel']})", field="run")
     existing = find_restore_run(runtime, enrol_run_id)
     if existing is not None:
         batches = store.pending_batches(existing["id"])

@@ -296,7 +296,37 @@ class Scheduler:
                 fired += self.fire_due(entry)
             except DispatchError as exc:
                 log.error("scheduler.fire_failed", campaign_id=entry.loaded.campaign.id, error=str(exc))
+        self.restore_ended_ringback_windows()
         return fired
+
+    #: monotonic time of the next ringback sweep (the leader sweeps every RINGBACK_SWEEP_SECONDS)
+    _ringback_due_at: float = 0.0
+    RINGBACK_SWEEP_SECONDS = 30.0
+
+    def restore_ended_ringback_windows(self) -> int:
+        """As leader, start the restore of every ringback enrolment whose window has ended.
+
+        Callers must hear a normal ring again once a campaign's window closes, whether or not an
+        operator remembers ``dispatch ringback sweep``; ``start_restore`` is idempotent, so a sweep
+        repeated by a new leader creates nothing twice.
+        """
+        import time
+
+        from .ringback import due_restores, start_restore
+
+        if time.monotonic() < self._ringback_due_at:
+            return 0
+        self._ringback_due_at = time.monotonic() + self.RINGBACK_SWEEP_SECONDS
+        started = 0
+        try:
+            for run_id in due_restores(self.runtime):
+                start_restore(self.runtime, run_id, actor="scheduler")
+                started += 1
+        except DispatchError as exc:
+            log.error("scheduler.ringback_sweep_failed", error=str(exc))
+        if started:
+            log.info("scheduler.ringback_restores_started", count=started)
+        return started
 
     def fire_due(self, entry: Entry) -> int:
         store = self.runtime.store

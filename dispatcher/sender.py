@@ -91,7 +91,12 @@ def backoff(attempt: int, retry_after: float | None = None) -> float:
 
 
 def _outcome_for(
-    row: Claimed, message: OutgoingMessage, result: SendResult | SendError, gateway: str, now: datetime, max_attempts: int
+    row: Claimed,
+    message: OutgoingMessage,
+    result: SendResult | SendError,
+    gateway: str,
+    now: datetime,
+    max_attempts: int,
 ) -> Outcome:
     common: dict[str, Any] = {
         "id": row.id,
@@ -106,7 +111,14 @@ def _outcome_for(
         return Outcome(state=SENT, outcome="sent", provider_id=result.provider_id, trace=result.trace, **common)
     trace = getattr(result, "trace", None) or []
     if isinstance(result, AmbiguousSendError):
-        return Outcome(state=UNKNOWN, outcome="unknown", error_code=result.code, error_message=result.message, trace=trace, **common)
+        return Outcome(
+            state=UNKNOWN,
+            outcome="unknown",
+            error_code=result.code,
+            error_message=result.message,
+            trace=trace,
+            **common,
+        )
     if isinstance(result, RetryableSendError) or (result.retryable and not isinstance(result, PermanentSendError)):
         if row.attempts < max_attempts:
             delay = backoff(row.attempts, getattr(result, "retry_after", None))
@@ -136,9 +148,7 @@ def _outcome_for(
     )  # fmt: skip
 
 
-def send_rows(
-    runtime: Runtime, context: RunContext, rows: list[Claimed], gate: Gate | None = None
-) -> list[Outcome]:
+def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: Gate | None = None) -> list[Outcome]:
     """Render and send already-claimed rows; returns the outcomes (not yet recorded).
 
     With a ``gate``, messages are handed over in small chunks paced by the shared rate
@@ -154,15 +164,46 @@ def send_rows(
         if row.opted_out:
             skip_reason = "opted_out"
         if skip_reason:
-            outcomes.append(Outcome(id=row.id, run_id=row.run_id, state=SKIPPED, attempt=row.attempts, gateway=gateway.name, outcome="skipped", reason=skip_reason))
+            outcomes.append(
+                Outcome(
+                    id=row.id,
+                    run_id=row.run_id,
+                    state=SKIPPED,
+                    attempt=row.attempts,
+                    gateway=gateway.name,
+                    outcome="skipped",
+                    reason=skip_reason,
+                )
+            )
             continue
         if context.send_by is not None and now > context.send_by:
-            outcomes.append(Outcome(id=row.id, run_id=row.run_id, state=EXPIRED, attempt=row.attempts, gateway=gateway.name, outcome="skipped", reason="send_by_passed"))
+            outcomes.append(
+                Outcome(
+                    id=row.id,
+                    run_id=row.run_id,
+                    state=EXPIRED,
+                    attempt=row.attempts,
+                    gateway=gateway.name,
+                    outcome="skipped",
+                    reason="send_by_passed",
+                )
+            )
             continue
         try:
             body, seg = context.composer.render({"name": row.name, "district": row.district, "grid": row.grid})
         except TemplateError as exc:
-            outcomes.append(Outcome(id=row.id, run_id=row.run_id, state=FAILED, attempt=row.attempts, gateway=gateway.name, outcome="failed", error_code="template.render", error_message=exc.message))
+            outcomes.append(
+                Outcome(
+                    id=row.id,
+                    run_id=row.run_id,
+                    state=FAILED,
+                    attempt=row.attempts,
+                    gateway=gateway.name,
+                    outcome="failed",
+                    error_code="template.render",
+                    error_message=exc.message,
+                )
+            )
             continue
         to_send.append(
             (
@@ -238,8 +279,13 @@ def _apply_frequency_cap(
         if counts.get(row.phone, 0) >= limit:
             outcomes.append(
                 Outcome(
-                    id=row.id, run_id=row.run_id, state=SKIPPED, attempt=row.attempts,
-                    gateway=runtime.gateway.name, outcome="skipped", reason="frequency_cap",
+                    id=row.id,
+                    run_id=row.run_id,
+                    state=SKIPPED,
+                    attempt=row.attempts,
+                    gateway=runtime.gateway.name,
+                    outcome="skipped",
+                    reason="frequency_cap",
                 )
             )
         else:

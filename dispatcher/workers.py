@@ -7,6 +7,7 @@ beat as orphaned (the process died with them in hand).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -48,7 +49,9 @@ class Heartbeat(threading.Thread):
         self.stopped.set()
 
 
-def start_worker(runtime: Runtime, *, queues: set[str] | None = None, threads: int | None = None) -> tuple[Worker, Heartbeat]:
+def start_worker(
+    runtime: Runtime, *, queues: set[str] | None = None, threads: int | None = None
+) -> tuple[Worker, Heartbeat]:
     runtime.actors  # noqa: B018 - declare the actors on the broker before consuming
     heartbeat = Heartbeat(runtime)
     heartbeat.beat()
@@ -84,9 +87,7 @@ class LaneWorkers:
         # which Dramatiq warns about; here two workers on one broker is the intent
         runtime.broker.logger.addFilter(lambda record: "same type twice" not in record.getMessage())
         self.all_lanes = Worker(runtime.broker, worker_threads=threads, worker_timeout=100)
-        self.urgent = Worker(
-            runtime.broker, queues={URGENT_QUEUE}, worker_threads=urgent_threads, worker_timeout=100
-        )
+        self.urgent = Worker(runtime.broker, queues={URGENT_QUEUE}, worker_threads=urgent_threads, worker_timeout=100)
         self.worker_threads = threads + urgent_threads
 
     def start(self) -> None:
@@ -105,13 +106,14 @@ class LaneWorkers:
 def stop_worker(runtime: Runtime, worker: Worker, heartbeat: Heartbeat) -> None:
     worker.stop(timeout=30_000)
     heartbeat.stop()
-    try:
+    # unregistering is a courtesy: a worker left in the table simply goes stale
+    with contextlib.suppress(StoreError):
         runtime.store.forget_worker(runtime.worker_id)
-    except StoreError:
-        pass
 
 
-def serve(runtime: Runtime, *, queues: set[str] | None, threads: int | None, ready: Callable[[], None] | None = None) -> None:
+def serve(
+    runtime: Runtime, *, queues: set[str] | None, threads: int | None, ready: Callable[[], None] | None = None
+) -> None:
     """Run a worker until SIGTERM or SIGINT; finishes in-flight batches before exiting."""
     stop = threading.Event()
 
@@ -122,7 +124,12 @@ def serve(runtime: Runtime, *, queues: set[str] | None, threads: int | None, rea
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
     worker, heartbeat = start_worker(runtime, queues=queues, threads=threads)
-    log.info("worker.started", worker_id=runtime.worker_id, queues=sorted(queues or []) or "all", threads=worker.worker_threads)
+    log.info(
+        "worker.started",
+        worker_id=runtime.worker_id,
+        queues=sorted(queues or []) or "all",
+        threads=worker.worker_threads,
+    )
     if ready:
         ready()
     while not stop.wait(0.5):

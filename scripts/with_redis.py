@@ -45,7 +45,19 @@ def main() -> int:
             port = free_port()
             workdir = tempfile.mkdtemp(prefix="dispatch-redis-")
             server = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    workdir,
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -56,7 +68,9 @@ def main() -> int:
                 time.sleep(0.05)
             print(f"with_redis: started a throwaway redis-server on port {port}", file=sys.stderr)
         else:
-            print("with_redis: no Redis reachable and no redis-server installed; Redis tests will skip", file=sys.stderr)
+            print(
+                "with_redis: no Redis reachable and no redis-server installed; Redis tests will skip", file=sys.stderr
+            )
     env["DISPATCH_TEST_REDIS_URL"] = url
     try:
         return subprocess.call(sys.argv[1:], env=env)

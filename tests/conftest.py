@@ -120,7 +120,9 @@ class Project:
         self.runtimes.append(rt)
         return rt
 
-    def dispatch(self, *args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def dispatch(
+        self, *args: str, timeout: float = 180, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run the real `dispatch` command in a subprocess."""
         return subprocess.run(
             [sys.executable, "-m", "dispatcher", *args],

@@ -98,16 +98,12 @@ def _request_fields(request: httpx.Request) -> dict[str, Any]:
         return dict(json.loads(raw))
     if request.url.query:
         return dict(
-            parse_qsl(
-                request.url.query.decode() if isinstance(request.url.query, bytes) else request.url.query
-            )
+            parse_qsl(request.url.query.decode() if isinstance(request.url.query, bytes) else request.url.query)
         )
     return dict(parse_qsl(raw, keep_blank_values=True))
 
 
-def run_case(
-    make_gateway: Callable[[httpx.MockTransport], Gateway], case: Case, secrets: Sequence[str]
-) -> None:
+def run_case(make_gateway: Callable[[httpx.MockTransport], Gateway], case: Case, secrets: Sequence[str]) -> None:
     pending = list(case.exchanges)
     made: list[str] = []
 
@@ -137,9 +133,7 @@ def run_case(
             results = gateway.send_many(list(case.messages))
         finally:
             gateway.close()
-    assert not pending, (
-        f"{case.label}: mock exchanges left unused: {[f'{e.method} {e.path}' for e in pending]}"
-    )
+    assert not pending, f"{case.label}: mock exchanges left unused: {[f'{e.method} {e.path}' for e in pending]}"
     assert len(results) == len(case.expect), case.label
     traced = 0
     for msg, result, want in zip(case.messages, results, case.expect, strict=True):
@@ -148,9 +142,7 @@ def run_case(
             assert result.provider_id == want.provider_id, case.label
             trace = result.trace
         else:
-            assert isinstance(result, want.error), (
-                f"{case.label}: {msg.to}: got {result!r}, want {want.error.__name__}"
-            )
+            assert isinstance(result, want.error), f"{case.label}: {msg.to}: got {result!r}, want {want.error.__name__}"
             assert result.code == want.code, f"{case.label}: code {result.code}, want {want.code}"
             assert getattr(result, "opt_out", False) == want.opt_out, f"{case.label}: opt_out"
             trace = result.trace
@@ -165,6 +157,4 @@ def assert_redacted(label: str, trace: Any, secrets: Sequence[str], phones: Sequ
     for secret in secrets:
         assert secret not in blob, f"{label}: secret left in the trace"
     for phone in phones:
-        assert phone not in blob and phone.lstrip("+") not in blob, (
-            f"{label}: unmasked phone number in the trace"
-        )
+        assert phone not in blob and phone.lstrip("+") not in blob, f"{label}: unmasked phone number in the trace"

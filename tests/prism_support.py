@@ -72,9 +72,7 @@ def prism_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrismServ
         missing_service(f"Twilio OpenAPI description not found at {SPEC}")
     command = _prism_command()
     if command is None:
-        missing_service(
-            f"Prism not installed at {PRISM_BIN} (run `make test`, which installs it when npm is present)"
-        )
+        missing_service(f"Prism not installed at {PRISM_BIN} (run `make test`, which installs it when npm is present)")
     assert command is not None
     port = free_port()
     log_path = tmp_path_factory.mktemp("prism") / "prism.log"

@@ -35,9 +35,7 @@ audience:
 def run_campaign(project: Any, size: int = 300, **env: str) -> str:
     project.registry(size, seed=7)
     project.write("campaigns/ledger-test.yaml", THREE_DISTRICTS)
-    result = project.dispatch(
-        "run", "campaigns/ledger-test.yaml", "--json", env={"DISPATCH_FAKE_NOW": FAKE_NOW, **env}
-    )
+    result = project.dispatch("run", "campaigns/ledger-test.yaml", "--json", env={"DISPATCH_FAKE_NOW": FAKE_NOW, **env})
     assert result.returncode == 0, result.stderr
     runs = project.dispatch("runs", "--json")
     import json
@@ -181,9 +179,7 @@ def test_verify_catches_delivery_rows_changed_behind_the_ledger(any_db_project: 
     engine = engine_of(any_db_project)
     with engine.begin() as conn:
         victim = conn.execute(
-            sa.text(
-                "SELECT id, key FROM deliveries WHERE run_id = :r AND state = 'sent' ORDER BY id LIMIT 1"
-            ),
+            sa.text("SELECT id, key FROM deliveries WHERE run_id = :r AND state = 'sent' ORDER BY id LIMIT 1"),
             {"r": run_id},
         ).one()
         conn.execute(sa.text("UPDATE deliveries SET state = 'failed' WHERE id = :i"), {"i": victim.id})

@@ -42,9 +42,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "run", "campaigns/refund-scam-lucheng.yaml", "--json", env={"DISPATCH_FAKE_NOW": SECOND_RUN_AT}
     )
     assert second.returncode == 0, second.stderr
-    runs = {
-        r["campaign_id"]: r["run_id"] for r in json.loads(project.dispatch("runs", "--json").stdout)["runs"]
-    }
+    runs = {r["campaign_id"]: r["run_id"] for r in json.loads(project.dispatch("runs", "--json").stdout)["runs"]}
     return {"project": project, "rows": rows, "failing": failing, "runs": runs}
 
 
@@ -54,9 +52,7 @@ def test_numbers_are_masked_everywhere_unless_unmasked(logged: dict[str, Any]) -
     body = out.stdout
     assert body.count("\n") > 500
     full_numbers = {r["phone"] for r in logged["rows"]}
-    found = set(re.findall(r"\+86\d{11}", body)) | {
-        "+86" + m for m in re.findall(r"(?<!\d)(1\d{10})(?!\d)", body)
-    }
+    found = set(re.findall(r"\+86\d{11}", body)) | {"+86" + m for m in re.findall(r"(?<!\d)(1\d{10})(?!\d)", body)}
     assert not (found & full_numbers), "a full number leaked into a masked export"
     assert "****" in body
 
@@ -68,9 +64,7 @@ def test_phone_filter_finds_exactly_that_numbers_events_across_runs(logged: dict
         if r["district"] == "lucheng" and not r["opted_out"] and "students" not in r["segments"]
     )
     bare = target["phone"].removeprefix("+86")  # typed as people write it; normalised before matching
-    events = jsonl(
-        logged["project"].dispatch("audit", "log", "--phone", bare, "--format", "jsonl", "--unmask")
-    )
+    events = jsonl(logged["project"].dispatch("audit", "log", "--phone", bare, "--format", "jsonl", "--unmask"))
     # both campaigns include this resident: pending->sending and sending->sent in each run
     assert [(e["campaign_id"], e["from_state"], e["to_state"]) for e in events] == [
         ("ledger-test", "pending", "sending"),
@@ -127,9 +121,7 @@ def test_time_range_and_campaign_filters_split_the_two_runs(logged: dict[str, An
     assert {e["campaign_id"] for e in q2} == {"refund-scam-lucheng"}
     everything = jsonl(project.dispatch("audit", "log", "--format", "jsonl"))
     assert len(q1) + len(q2) == len(everything)
-    by_campaign = jsonl(
-        project.dispatch("audit", "log", "--campaign", "refund-scam-lucheng", "--format", "jsonl")
-    )
+    by_campaign = jsonl(project.dispatch("audit", "log", "--campaign", "refund-scam-lucheng", "--format", "jsonl"))
     assert [e["event_id"] for e in by_campaign] == [e["event_id"] for e in q2]
     # an exact instant with a zone: the second run happened at 01:30 UTC on 10 May
     at = jsonl(

@@ -54,7 +54,11 @@ def test_shipped_campaigns_validate(project: Project) -> None:
     ],
 )
 def test_bad_campaign_is_refused_with_file_line_and_field(
-    project: Project, edit, line: int, field: str | None, words: str  # type: ignore[no-untyped-def]
+    project: Project,
+    edit,
+    line: int,
+    field: str | None,
+    words: str,  # type: ignore[no-untyped-def]
 ) -> None:
     path = project.write("campaigns/drill.yaml", edit(GOOD))
     for command in (("validate", str(path)), ("run", str(path))):
@@ -100,7 +104,9 @@ def test_sandbox_refuses_access_to_python_internals(project: Project) -> None:
 
 def test_validate_reports_every_problem_of_every_file(project: Project) -> None:
     project.write("campaigns/a.yaml", GOOD.replace("[横林镇]", "[火星]").replace("id: drill", "id: drill-a"))
-    project.write("campaigns/b.yaml", GOOD.replace("owner: 公安分局", "owner: nobody").replace("id: drill", "id: drill-b"))
+    project.write(
+        "campaigns/b.yaml", GOOD.replace("owner: 公安分局", "owner: nobody").replace("id: drill", "id: drill-b")
+    )
     result = project.dispatch("validate", "campaigns")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.strip()]
@@ -125,7 +131,10 @@ def test_themes_pick_the_template_of_the_quarter(project: Project) -> None:
 
     loaded = load_campaign(project.root / "campaigns/quarterly-themes.yaml", Path(project.root / "templates"))
     tz = ZoneInfo("Asia/Shanghai")
-    picks = {q: loaded.campaign.template_for(datetime(2021, m, 1, 0, 30, tzinfo=tz)) for q, m in (("Q1", 1), ("Q2", 4), ("Q3", 7), ("Q4", 10))}
+    picks = {
+        q: loaded.campaign.template_for(datetime(2021, m, 1, 0, 30, tzinfo=tz))
+        for q, m in (("Q1", 1), ("Q2", 4), ("Q3", 7), ("Q4", 10))
+    }
     assert picks == {
         "Q1": "themes/brushing.sms.j2",
         "Q2": "themes/impersonating_police.sms.j2",

@@ -63,9 +63,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         "DISPATCH_SESSION_SECRET": "test-secret-" + os.urandom(8).hex(),
         "DISPATCH_FAKE_NOW": "2021-02-15T10:00:00+08:00",
     }
-    proc = project.popen(
-        "web", "--port", str(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = project.popen("web", "--port", str(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -159,16 +157,10 @@ def test_auditor_logs_in_sees_heat_map_and_masked_ledger_operator_unmasks(served
             page.wait_for_selector("#heatmap")
             assert "/dashboard/coverage" in page.url
             lucheng = float(
-                page.get_attribute(
-                    "#heatmap td[data-district=lucheng][data-segment=retirees]", "data-percent"
-                )
-                or -1
+                page.get_attribute("#heatmap td[data-district=lucheng][data-segment=retirees]", "data-percent") or -1
             )
             henglin = float(
-                page.get_attribute(
-                    "#heatmap td[data-district=henglin][data-segment=retirees]", "data-percent"
-                )
-                or -1
+                page.get_attribute("#heatmap td[data-district=henglin][data-segment=retirees]", "data-percent") or -1
             )
             assert lucheng > 90.0 and henglin == 0.0
             page.locator("#heatmap").screenshot(path=str(shot))
@@ -212,6 +204,22 @@ def test_auditor_logs_in_sees_heat_map_and_masked_ledger_operator_unmasks(served
     assert project.dispatch("audit", "verify").returncode == 0
 
 
+def test_repeated_failed_logins_lock_that_account_name_for_a_while(served: dict[str, Any]) -> None:
+    base, project = served["base"], served["project"]
+    assert add_user(project, "erin", "auditor", "erin's long password").returncode == 0
+    for _ in range(5):
+        r = httpx.post(base + "/login", data={"name": "erin", "password": "guess"}, follow_redirects=False)
+        assert r.status_code == 401
+    # even the right password is refused now, and nothing is issued
+    locked = httpx.post(
+        base + "/login", data={"name": "erin", "password": "erin's long password"}, follow_redirects=False
+    )
+    assert locked.status_code == 429 and "dispatch_session" not in locked.headers.get("set-cookie", "")
+    # other accounts are not affected
+    ok = httpx.post(base + "/login", data={"name": "alice", "password": AUDITOR_PW}, follow_redirects=False)
+    assert ok.status_code == 303 and "dispatch_session=" in ok.headers["set-cookie"]
+
+
 def test_users_add_reads_the_password_from_stdin_stores_only_a_hash_and_refuses_bad_input(
     project: Project,
 ) -> None:
@@ -247,6 +255,5 @@ def test_session_cookies_are_refused_when_forged_or_expired() -> None:
     body, sig = cookie.rsplit(".", 1)
     assert sessions.read(body.replace("a", "b", 1) + "." + sig) is None
     assert (
-        Sessions("secret", max_age=-1).read(Sessions("secret", max_age=-1).issue(Account("alice", "auditor")))
-        is None
+        Sessions("secret", max_age=-1).read(Sessions("secret", max_age=-1).issue(Account("alice", "auditor"))) is None
     )

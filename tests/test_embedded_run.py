@@ -92,7 +92,7 @@ def test_permanent_gateway_failure_fails_the_row_after_one_attempt(project: Proj
     st = json.loads(result.stdout)
     assert st["counts"] == {"sent": 1, "failed": 1}
     rt = project.runtime()
-    failed = [r for r in rt.store.deliveries(st["run_id"]) if r["state"] == "failed"][0]
+    failed = next(r for r in rt.store.deliveries(st["run_id"]) if r["state"] == "failed")
     assert failed["error_code"] == "outbox.rejected" and failed["attempts"] == 1
     assert [line["to"] for line in read_outbox(project.outbox)] == ["+8613800000001"]
 
@@ -104,7 +104,10 @@ def test_transient_failure_is_retried_then_fails_when_attempts_run_out(project: 
     )
     assert project.dispatch("audience", "import", "var/r.csv").returncode == 0
     result = project.dispatch(
-        "run", CAMPAIGN, "--json", env={"DISPATCH_OUTBOX_FAIL_TRANSIENT": "+8613800000001", "DISPATCH_MAX_ATTEMPTS": "2"}
+        "run",
+        CAMPAIGN,
+        "--json",
+        env={"DISPATCH_OUTBOX_FAIL_TRANSIENT": "+8613800000001", "DISPATCH_MAX_ATTEMPTS": "2"},
     )
     st = json.loads(result.stdout)
     assert st["counts"] == {"failed": 1}
@@ -118,7 +121,7 @@ def test_transient_failure_is_retried_then_fails_when_attempts_run_out(project: 
 def test_a_batch_message_delivered_twice_sends_nobody_twice(project: Project) -> None:
     project.registry(size=120)
     from dispatcher.campaigns import load_campaign
-    from dispatcher.runs import run_spec, audience_filter
+    from dispatcher.runs import audience_filter, run_spec
 
     rt = project.runtime()
     loaded = load_campaign(project.root / CAMPAIGN, project.root / "templates")

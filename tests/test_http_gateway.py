@@ -311,9 +311,7 @@ def test_harness_fails_on_an_unused_mock(tmp_path: Path) -> None:
 def test_harness_fails_on_a_secret_left_in_a_trace(tmp_path: Path) -> None:
     cfg = config(tmp_path, SINGLE)
     leaky = cfg.model_copy(update={"secrets": []})  # a gateway that does not know what to redact
-    case = Case(
-        "leak", [message(A)], [Exchange("POST", SEND, 200, {"code": 0, "data": {"msgid": "m"}})], [Sent("m")]
-    )
+    case = Case("leak", [message(A)], [Exchange("POST", SEND, 200, {"code": 0, "data": {"msgid": "m"}})], [Sent("m")])
     with pytest.raises(AssertionError, match="secret left in the trace"):
         run_case(gateway_maker(leaky), case, secrets=[SIGN_KEY])
 
@@ -395,9 +393,7 @@ class BatchProvider:
         data = json.loads(body)
         self.calls += 1
         self.recipients += len(data["mobiles"])
-        results = [
-            {"mobile": m, "code": 0, "msgid": f"{self.calls}-{i}"} for i, m in enumerate(data["mobiles"])
-        ]
+        results = [{"mobile": m, "code": 0, "msgid": f"{self.calls}-{i}"} for i, m in enumerate(data["mobiles"])]
         return json_reply(200, {"code": 0, "data": {"batch_id": f"b{self.calls}", "results": results}})
 
 
@@ -450,8 +446,7 @@ def test_rows_orphaned_with_a_provider_that_cannot_be_asked_become_unknown_not_r
         rt = project.runtime(clock=clock)
         path = project.write(
             "campaigns/plain.yaml",
-            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\n"
-            "audience:\n  districts: all\n",
+            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
         )
         run_id = start(rt, path)
         held = rt.store.claim(run_id, 0, "worker-that-died")  # no heartbeat: its claim is orphaned

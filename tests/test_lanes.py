@@ -83,9 +83,7 @@ def test_urgent_run_starts_at_once_behind_a_bulk_backlog(redis_project: Project)
         first = _stamps(project, urgent["run_id"])[0] - float(urgent["enqueued_at"])
         assert first < 2.0, f"the urgent run waited {first:.2f}s behind the bulk backlog"
         _wait(lambda: len(_stamps(project, urgent["run_id"])) == urgent["pending"], 30, "the urgent run")
-        assert len(_stamps(project, bulk["run_id"])) < bulk["pending"], (
-            "bulk finished first: no backlog was tested"
-        )
+        assert len(_stamps(project, bulk["run_id"])) < bulk["pending"], "bulk finished first: no backlog was tested"
         project.dispatch("cancel", bulk["run_id"])
     finally:
         _stop(worker)

@@ -19,7 +19,12 @@ def test_log_lines_mask_numbers_and_redact_secrets_wherever_they_appear() -> Non
     logs.configure("json", "INFO", stream)
     log = structlog.get_logger("t")
     with structlog.contextvars.bound_contextvars(run_id="r1", campaign_id="c1", batch=3):
-        log.info("sent", to="+8613812345678", detail={"phone": "13912345678", "auth_token": "s3cr3t"}, note="call 13712345678 now")
+        log.info(
+            "sent",
+            to="+8613812345678",
+            detail={"phone": "13912345678", "auth_token": "s3cr3t"},
+            note="call 13712345678 now",
+        )
     line = json.loads(stream.getvalue())
     assert (line["run_id"], line["campaign_id"], line["batch"]) == ("r1", "c1", 3)
     assert line["to"] == "+86138****5678"

@@ -63,8 +63,7 @@ def test_three_worker_processes_together_never_exceed_the_limit(redis_project: P
     project.registry(size=260, seed=31)
     logs = [project.root / "var" / f"worker-{i}.log" for i in range(3)]
     workers = [
-        project.popen("worker", "--threads", "2", stdout=log.open("w"), stderr=subprocess.STDOUT)
-        for log in logs
+        project.popen("worker", "--threads", "2", stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs
     ]
     try:
         for log in logs:
@@ -91,7 +90,5 @@ def test_three_worker_processes_together_never_exceed_the_limit(redis_project: P
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     assert 0.85 * 40 <= rate <= 41, f"paced at {rate:.1f} msg/s"
     # all three processes shared the work
-    senders = {
-        a.get("claimed_by") for a in project.runtime().store.deliveries(run_id) if a["state"] == "sent"
-    }
+    senders = {a.get("claimed_by") for a in project.runtime().store.deliveries(run_id) if a["state"] == "sent"}
     assert len(senders) == 3

@@ -82,12 +82,16 @@ def _claimers(project: Project, run_id: str):  # type: ignore[no-untyped-def]
     from dispatcher.store import schema as t
 
     with project.runtime().store.engine.connect() as conn:
-        return conn.execute(sa.select(t.deliveries.c.claimed_by).where(t.deliveries.c.run_id == run_id).distinct()).all()
+        return conn.execute(
+            sa.select(t.deliveries.c.claimed_by).where(t.deliveries.c.run_id == run_id).distinct()
+        ).all()
 
 
 def test_kill_9_of_a_worker_mid_run_then_resume_sends_everyone_exactly_once(redis_project: Project) -> None:
     project = redis_project
-    project.env.update({"DISPATCH_OUTBOX_LATENCY_MS": "3", "DISPATCH_BATCH_SIZE": "50", "DISPATCH_WORKER_STALE_AFTER": "3"})
+    project.env.update(
+        {"DISPATCH_OUTBOX_LATENCY_MS": "3", "DISPATCH_BATCH_SIZE": "50", "DISPATCH_WORKER_STALE_AFTER": "3"}
+    )
     project.registry(size=4000, seed=12)
     victim, survivor = _worker(project, "victim.log"), _worker(project, "survivor.log")
     replacement = None

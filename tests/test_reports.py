@@ -67,12 +67,8 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"project": project, "rows": rows, "failing": failing}
 
 
-def expected_coverage(
-    rows: list[dict[str, Any]], failing: set[str]
-) -> dict[tuple[str, str], tuple[int, int]]:
-    cells: dict[tuple[str, str], list[int]] = {
-        (d.id, s.id): [0, 0] for d in domain.DISTRICTS for s in domain.SEGMENTS
-    }
+def expected_coverage(rows: list[dict[str, Any]], failing: set[str]) -> dict[tuple[str, str], tuple[int, int]]:
+    cells: dict[tuple[str, str], list[int]] = {(d.id, s.id): [0, 0] for d in domain.DISTRICTS for s in domain.SEGMENTS}
     for r in rows:
         if r["opted_out"]:
             continue
@@ -109,9 +105,7 @@ def test_coverage_of_a_three_district_run_matches_an_independent_count(reported:
 
 
 def test_coverage_of_a_period_without_runs_is_all_zero(reported: dict[str, Any]) -> None:
-    report = json.loads(
-        reported["project"].dispatch("report", "coverage", "--period", "2021Q2", "--json").stdout
-    )
+    report = json.loads(reported["project"].dispatch("report", "coverage", "--period", "2021Q2", "--json").stdout)
     assert report["runs"] == 0
     assert all(c["reached"] == 0 and c["percent"] == 0.0 for c in report["cells"])
     assert sum(c["eligible"] for c in report["cells"]) > 0
@@ -124,8 +118,7 @@ def test_coverage_csv_has_the_same_cells_as_json(reported: dict[str, Any]) -> No
     assert as_csv.returncode == 0, as_csv.stderr
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert [
-        (r["district"], r["segment"], int(r["eligible"]), int(r["reached"]), float(r["percent"]))
-        for r in rows
+        (r["district"], r["segment"], int(r["eligible"]), int(r["reached"]), float(r["percent"])) for r in rows
     ] == [(c["district"], c["segment"], c["eligible"], c["reached"], c["percent"]) for c in as_json["cells"]]
 
 
@@ -181,9 +174,7 @@ def test_failures_report_groups_by_error_code_and_gateway(reported: dict[str, An
         (["failures", "--format", "xls"], "--format"),
     ],
 )
-def test_reports_refuse_bad_periods_and_formats_with_one_line(
-    project: Project, args: list[str], needle: str
-) -> None:
+def test_reports_refuse_bad_periods_and_formats_with_one_line(project: Project, args: list[str], needle: str) -> None:
     result = project.dispatch("report", *args)
     assert result.returncode == 2
     assert needle in result.stderr and "Traceback" not in result.stderr
@@ -214,27 +205,17 @@ def test_reports_on_postgresql_match_a_raw_sql_count(tmp_path: Path, postgres_ur
                 )
             )
         }
-        sent_rows = int(
-            conn.execute(sa.text("SELECT COUNT(*) FROM deliveries WHERE state = 'sent'")).scalar_one()
-        )
-        parts = int(
-            conn.execute(sa.text("SELECT SUM(parts) FROM deliveries WHERE state = 'sent'")).scalar_one()
-        )
+        sent_rows = int(conn.execute(sa.text("SELECT COUNT(*) FROM deliveries WHERE state = 'sent'")).scalar_one())
+        parts = int(conn.execute(sa.text("SELECT SUM(parts) FROM deliveries WHERE state = 'sent'")).scalar_one())
     engine.dispose()
-    got = {
-        (c["district"], c["segment"]): (c["eligible"], c["reached"]) for c in report["cells"] if c["eligible"]
-    }
+    got = {(c["district"], c["segment"]): (c["eligible"], c["reached"]) for c in report["cells"] if c["eligible"]}
     assert got == raw
     assert {d["district"] for d in report["districts"] if d["reached"]} == set(THREE)
-    deps = json.loads(project.dispatch("report", "departments", "--year", "2021", "--json").stdout)[
-        "departments"
-    ]
+    deps = json.loads(project.dispatch("report", "departments", "--year", "2021", "--json").stdout)["departments"]
     police = next(d for d in deps if d["department"] == "police")
     assert (police["sent"], police["parts_sent"], police["runs"]) == (sent_rows, parts, 1)
     assert project.dispatch("report", "failures", "--json").returncode == 0
     # the audit chain's tail row is created on PostgreSQL too, and verify covers it
     assert project.dispatch("audit", "log", "--unmask", "--format", "csv", "--limit", "1").returncode == 0
     verified = project.dispatch("audit", "verify")
-    assert verified.returncode == 0 and "ok audit: 1 events" in verified.stdout, (
-        verified.stdout + verified.stderr
-    )
+    assert verified.returncode == 0 and "ok audit: 1 events" in verified.stdout, verified.stdout + verified.stderr

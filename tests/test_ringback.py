@@ -75,9 +75,7 @@ def test_outbox_ringback_enrols_eligible_numbers_and_restores_them_even_after_ca
     project.registry(size=12, seed=21)
     clock = Clock()
     rt = project.runtime(clock=clock)
-    opted = next(
-        rt.store.iter_audience(AudienceFilter(districts=tuple(d.id for d in domain.DISTRICTS)))
-    ).phone
+    opted = next(rt.store.iter_audience(AudienceFilter(districts=tuple(d.id for d in domain.DISTRICTS)))).phone
     rt.store.set_opted_out(opted, True)
 
     enrol_run, restore_run = enrol_then_restore(project, rt, clock, "rb-outbox", cancel=True)
@@ -105,9 +103,7 @@ def test_enrolment_waits_for_the_window_to_open(project: Any) -> None:
     project.registry(size=4, seed=22)
     clock = Clock()
     rt = project.runtime(clock=clock)
-    path = project.write(
-        "campaigns/rb-later.yaml", ringback_yaml("rb-later", clock, starts_in=timedelta(hours=2))
-    )
+    path = project.write("campaigns/rb-later.yaml", ringback_yaml("rb-later", clock, starts_in=timedelta(hours=2)))
     run_id = start(rt, path)
     drive(rt, run_id, clock, rounds=1, step=60)
     assert "sent" not in states(rt, run_id).values()
@@ -174,9 +170,7 @@ def test_twilio_announce_against_prism_points_numbers_at_our_twiml_and_puts_them
     signature = RequestValidator(AUTH_TOKEN).compute_signature(
         PUBLIC_URL + path, {"To": FROM, "From": "+8613800000000"}
     )
-    reply = client.post(
-        path, data={"To": FROM, "From": "+8613800000000"}, headers={"X-Twilio-Signature": signature}
-    )
+    reply = client.post(path, data={"To": FROM, "From": "+8613800000000"}, headers={"X-Twilio-Signature": signature})
     assert reply.status_code == 200
     assert '<Say language="zh-CN"' in reply.text and "电商客服" in reply.text and "回T退订" not in reply.text
     if kept["voice_url"]:
@@ -264,3 +258,27 @@ def test_carrier_http_ringback_retries_and_restores_every_number(project: Any) -
         assert traces and not any("crbt-token-3344" in (t or "") for t in traces)
     finally:
         server.close()
+
+
+def test_scheduler_leader_restores_numbers_once_the_window_has_ended(project: Any) -> None:
+    """Nobody has to remember `dispatch ringback sweep`: the scheduler's leader starts the restore."""
+    from dispatcher.scheduler import Scheduler
+
+    project.registry(size=8, seed=22)
+    clock = Clock()
+    rt = project.runtime(clock=clock)
+    path = project.write("campaigns/rb-sweep.yaml", ringback_yaml("rb-sweep", clock))
+    enrol_run = start(rt, path)
+    drive(rt, enrol_run, clock)
+    scheduler = Scheduler(rt, project.root / "campaigns")
+    assert scheduler.restore_ended_ringback_windows() == 0  # window still open: nothing to restore
+    clock.advance(8 * 86400)
+    scheduler._ringback_due_at = 0.0  # the next sweep is due now rather than in 30 s
+    scheduler.tick()
+    restore = find_restore_run(rt, enrol_run)
+    assert restore is not None
+    drive(rt, restore["id"], clock)
+    enrolled = {p for p, s in states(rt, enrol_run).items() if s == "sent"}
+    assert set(states(rt, restore["id"])) == enrolled and set(states(rt, restore["id"]).values()) == {"sent"}
+    scheduler._ringback_due_at = 0.0
+    assert scheduler.restore_ended_ringback_windows() == 0  # a repeated sweep starts nothing twice

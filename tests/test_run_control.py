@@ -127,14 +127,10 @@ def test_cancel_leaves_nothing_pending_and_nothing_sent_after_it_settles(paced: 
         result = project.dispatch("cancel", run_id, "--json")
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["cancelled"] > 0
-        _wait(
-            lambda: _status(project, run_id)["counts"].get("sending", 0) == 0, 10, "in-flight rows to settle"
-        )
+        _wait(lambda: _status(project, run_id)["counts"].get("sending", 0) == 0, 10, "in-flight rows to settle")
         st = _status(project, run_id)
         time.sleep(1.0)
-        assert len(_lines(project, run_id)) == st["counts"]["sent"], (
-            "a message went out after the cancel settled"
-        )
+        assert len(_lines(project, run_id)) == st["counts"]["sent"], "a message went out after the cancel settled"
     finally:
         _stop(workers)
     assert st["status"] == "cancelled"

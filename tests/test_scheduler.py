@@ -89,11 +89,7 @@ def test_quarterly_schedule_lists_the_right_shanghai_dates_and_themes_for_2021_t
 def test_schedule_list_rejects_a_bad_date_with_one_line(project: Project) -> None:
     result = project.dispatch("schedule", "list", "--from", "next tuesday")
     assert result.returncode == 2
-    assert (
-        result.stderr.strip().count("\n") == 0
-        and "--from" in result.stderr
-        and "Traceback" not in result.stderr
-    )
+    assert result.stderr.strip().count("\n") == 0 and "--from" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_themes_campaign_fires_once_per_quarter_with_that_quarters_template(project: Project) -> None:
@@ -152,9 +148,7 @@ def test_a_duplicate_fire_creates_nothing(project: Project) -> None:
     entry = next(iter(sched.entries.values()))
     fire_time = datetime(2023, 7, 5, 10, 0, tzinfo=SH).astimezone(UTC)
     first = sched.fire(entry, fire_time)
-    second = Scheduler(rt, project.root / "campaigns", holder="another", lease=sched.lease).fire(
-        entry, fire_time
-    )
+    second = Scheduler(rt, project.root / "campaigns", holder="another", lease=sched.lease).fire(entry, fire_time)
     assert first == second
     assert len(rt.store.list_runs(campaign_id="quarterly-themes")) == 1
     assert len(rt.store.list_fires("quarterly-themes")) == 1
@@ -170,9 +164,7 @@ def test_three_schedulers_fire_each_time_exactly_once_and_survive_killing_the_le
     project.registry(size=20, seed=6)
     env = {"DISPATCH_SCHEDULER_LEASE": "3", "DISPATCH_SCHEDULER_TICK": "0.25"}
     logs = [project.root / "var" / f"scheduler-{i}.log" for i in range(3)]
-    procs = [
-        project.popen("scheduler", env=env, stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs
-    ]
+    procs = [project.popen("scheduler", env=env, stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs]
     killed_at = None
     leader = None
     try:
@@ -214,14 +206,10 @@ def test_changed_campaign_files_are_reloaded_and_a_broken_edit_keeps_the_last_go
     cwd = Path.cwd()
     os.chdir(project.root)
     try:
-        path.write_text(
-            path.read_text(encoding="utf-8").replace("interval: 1h", "interval: 2h"), encoding="utf-8"
-        )
+        path.write_text(path.read_text(encoding="utf-8").replace("interval: 1h", "interval: 2h"), encoding="utf-8")
         sched.reload_if_changed()
         assert [e.loaded.campaign.schedule.interval for e in sched.entries.values()] == ["2h"]  # type: ignore[union-attr]
-        path.write_text(
-            path.read_text(encoding="utf-8").replace("interval: 2h", "interval: often"), encoding="utf-8"
-        )
+        path.write_text(path.read_text(encoding="utf-8").replace("interval: 2h", "interval: often"), encoding="utf-8")
         sched.reload_if_changed()
         assert [e.loaded.campaign.schedule.interval for e in sched.entries.values()] == ["2h"]  # type: ignore[union-attr]
     finally:

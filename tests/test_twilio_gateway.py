@@ -72,9 +72,7 @@ def opted_out(rt: Any, phone: str) -> bool:
 
     with rt.store.engine.connect() as conn:
         return bool(
-            conn.execute(
-                sa.select(schema.residents.c.opted_out).where(schema.residents.c.phone == phone)
-            ).scalar_one()
+            conn.execute(sa.select(schema.residents.c.opted_out).where(schema.residents.c.phone == phone)).scalar_one()
         )
 
 
@@ -87,9 +85,7 @@ def all_traces(rt: Any, run_id: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_campaign_through_prism_holds_sids_and_follows_twilio_error_semantics(
-    project: Any, prism: PrismServer
-) -> None:
+def test_campaign_through_prism_holds_sids_and_follows_twilio_error_semantics(project: Any, prism: PrismServer) -> None:
     project.registry(size=30, seed=3)
     clock = Clock()
     scenario = Scenario()
@@ -108,9 +104,7 @@ def test_campaign_through_prism_holds_sids_and_follows_twilio_error_semantics(
     by_phone = {r["phone"]: r for r in rt.store.deliveries(run_id)}
     assert by_phone[invalid]["state"] == "failed" and by_phone[invalid]["error_code"] == "twilio.21211"
     assert by_phone[invalid]["attempts"] == 1
-    assert (
-        by_phone[unsubscribed]["state"] == "failed" and by_phone[unsubscribed]["error_code"] == "twilio.21610"
-    )
+    assert by_phone[unsubscribed]["state"] == "failed" and by_phone[unsubscribed]["error_code"] == "twilio.21610"
     assert opted_out(rt, unsubscribed) and not opted_out(rt, invalid)
     limited_attempts = rt.store.attempts_for(by_phone[limited]["id"])
     assert [a["outcome"] for a in limited_attempts] == ["retry", "sent"]
@@ -188,9 +182,7 @@ def test_refused_connection_is_retryable_because_nothing_was_sent() -> None:
 
 
 def test_read_timeout_is_ambiguous_not_retried() -> None:
-    def slow(
-        method: str, path: str, headers: Mapping[str, str], body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
+    def slow(method: str, path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         time.sleep(1.5)
         return json_reply(201, {"sid": "SM" + "0" * 32, "status": "queued"})
 
@@ -231,10 +223,7 @@ def test_ambiguous_reply_leaves_row_unknown_and_resume_reconciles_without_resend
         stored = {m["to"]: m["sid"] for m in peer.messages}
         assert rows[went_out]["state"] == "sent" and rows[went_out]["provider_id"] == stored[went_out]
         assert sum(1 for m in peer.messages if m["to"] == went_out) == 1  # never sent twice
-        assert (
-            rows[never_arrived]["state"] == "sent"
-            and rows[never_arrived]["provider_id"] == stored[never_arrived]
-        )
+        assert rows[never_arrived]["state"] == "sent" and rows[never_arrived]["provider_id"] == stored[never_arrived]
         assert [r.problem for r in verify(rt.store, run_id)] == [None]  # reconciliation is in the ledger
     finally:
         server.close()
@@ -320,12 +309,8 @@ TWILIO_TABLE = [
         _twilio_error(400, 21606, "From cannot send"),
         Failed(PermanentSendError, "twilio.21606"),
     ),
-    _twilio_case(
-        "unverified", _twilio_error(400, 21608, "unverified"), Failed(PermanentSendError, "twilio.21608")
-    ),
-    _twilio_case(
-        "cannot route", _twilio_error(400, 21612, "cannot route"), Failed(PermanentSendError, "twilio.21612")
-    ),
+    _twilio_case("unverified", _twilio_error(400, 21608, "unverified"), Failed(PermanentSendError, "twilio.21608")),
+    _twilio_case("cannot route", _twilio_error(400, 21612, "cannot route"), Failed(PermanentSendError, "twilio.21612")),
     _twilio_case(
         "replied STOP",
         _twilio_error(400, 21610, "unsubscribed"),
@@ -336,15 +321,9 @@ TWILIO_TABLE = [
         _twilio_error(429, 20429, "Too Many Requests"),
         Failed(RetryableSendError, "twilio.20429"),
     ),
-    _twilio_case(
-        "queue full", _twilio_error(400, 21611, "queue full"), Failed(RetryableSendError, "twilio.21611")
-    ),
-    _twilio_case(
-        "server error", _twilio_error(500, 20500, "Internal"), Failed(AmbiguousSendError, "twilio.20500")
-    ),
-    _twilio_case(
-        "unavailable", _twilio_error(503, 20503, "Unavailable"), Failed(AmbiguousSendError, "twilio.20503")
-    ),
+    _twilio_case("queue full", _twilio_error(400, 21611, "queue full"), Failed(RetryableSendError, "twilio.21611")),
+    _twilio_case("server error", _twilio_error(500, 20500, "Internal"), Failed(AmbiguousSendError, "twilio.20500")),
+    _twilio_case("unavailable", _twilio_error(503, 20503, "Unavailable"), Failed(AmbiguousSendError, "twilio.20503")),
     _twilio_case(
         "bad credentials",
         _twilio_error(401, 20003, "Authenticate"),

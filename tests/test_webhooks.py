@@ -61,9 +61,7 @@ def sent_run(any_db_project: Any, twilio_peer: tuple[FakeTwilio, LocalServer]) -
     return project, run_id, rt
 
 
-def signed_post(
-    client: TestClient, path: str, params: dict[str, str], *, token: str = AUTH_TOKEN
-) -> httpx.Response:
+def signed_post(client: TestClient, path: str, params: dict[str, str], *, token: str = AUTH_TOKEN) -> httpx.Response:
     signature = RequestValidator(token).compute_signature(PUBLIC_URL + path, params)
     return client.post(path, data=params, headers={"X-Twilio-Signature": signature})
 
@@ -93,9 +91,7 @@ def test_signed_callback_moves_row_to_delivered_and_forged_or_late_ones_change_n
     assert signed_post(client, path, forged, token="not-the-auth-token").status_code == 403
     assert client.post(path, data=forged).status_code == 403
     # a valid signature for other fields does not cover tampered ones
-    signature = RequestValidator(AUTH_TOKEN).compute_signature(
-        PUBLIC_URL + path, {**forged, "MessageStatus": "sent"}
-    )
+    signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC_URL + path, {**forged, "MessageStatus": "sent"})
     assert client.post(path, data=forged, headers={"X-Twilio-Signature": signature}).status_code == 403
     assert rt.store.state_of(second["provider_id"]) == ["sent"]
 
@@ -132,9 +128,7 @@ def test_start_opts_back_in_and_forged_inbound_changes_nothing(sent_run: Any) ->
     )
     assert forged.status_code == 403
     assert signed_post(client, "/webhooks/twilio/inbound", {"From": phone, "Body": "TD"}).status_code == 200
-    assert (
-        signed_post(client, "/webhooks/twilio/inbound", {"From": phone, "Body": " Start "}).status_code == 200
-    )
+    assert signed_post(client, "/webhooks/twilio/inbound", {"From": phone, "Body": " Start "}).status_code == 200
     second = start(rt, project.root / "campaigns/hooks.yaml")
     row = next(r for r in rt.store.deliveries(second) if r["phone"] == phone)
     assert row["state"] == "pending"
@@ -178,12 +172,8 @@ def test_dispatch_web_serves_signed_callbacks_as_a_process(sent_run: Any) -> Non
             assert time.monotonic() < deadline, "dispatch web did not come up"
             time.sleep(0.2)
         params = {"MessageSid": row["provider_id"], "MessageStatus": "delivered"}
-        signature = RequestValidator(AUTH_TOKEN).compute_signature(
-            PUBLIC_URL + "/webhooks/twilio/status", params
-        )
-        reply = httpx.post(
-            base + "/webhooks/twilio/status", data=params, headers={"X-Twilio-Signature": signature}
-        )
+        signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC_URL + "/webhooks/twilio/status", params)
+        reply = httpx.post(base + "/webhooks/twilio/status", data=params, headers={"X-Twilio-Signature": signature})
         assert reply.status_code == 204
         assert rt.store.state_of(row["provider_id"]) == ["delivered"]
     finally:

@@ -189,9 +189,7 @@ def load_config(path: Path, *, env: Mapping[str, str], section: str | None = Non
     if section is not None:
         if not isinstance(data.get(section), dict):
             line, column = _position(marks, (section,))
-            raise HttpConfigError(
-                "required section is missing", path=where, line=line, column=column, field=section
-            )
+            raise HttpConfigError("required section is missing", path=where, line=line, column=column, field=section)
         data, prefix = data[section], (section,)
         marks = {key[1:]: pos for key, pos in marks.items() if key[:1] == prefix} | {(): marks[prefix]}
     secrets: list[str] = []
@@ -319,9 +317,7 @@ class HttpGateway(BaseGateway):
             try:
                 response = self.http.request(self.config.method, self.config.url, **kwargs)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                error: SendError = RetryableSendError(
-                    f"could not connect: {type(exc).__name__}", code="http.connect"
-                )
+                error: SendError = RetryableSendError(f"could not connect: {type(exc).__name__}", code="http.connect")
                 error.trace = list(trace)
                 raise error from exc
             except httpx.HTTPError as exc:
@@ -431,9 +427,7 @@ class HttpGateway(BaseGateway):
                     error.trace = this_trace
                     out.append(error)
                     continue
-                provider_id = dig(item, batch.result_message_id) or (
-                    f"{call_id}#{position}" if call_id else None
-                )
+                provider_id = dig(item, batch.result_message_id) or (f"{call_id}#{position}" if call_id else None)
             else:
                 provider_id = f"{call_id}#{position}" if call_id not in (None, "") else None
             if provider_id in (None, ""):

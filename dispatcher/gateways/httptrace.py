@@ -90,11 +90,7 @@ class Redactor:
         elif "x-www-form-urlencoded" in content_type:
             parsed = {}
             for k, v in parse_qsl(text, keep_blank_values=True):
-                parsed[k] = (
-                    v
-                    if k not in parsed
-                    else [*(parsed[k] if isinstance(parsed[k], list) else [parsed[k]]), v]
-                )
+                parsed[k] = v if k not in parsed else [*(parsed[k] if isinstance(parsed[k], list) else [parsed[k]]), v]
         redacted = self.value(parsed)
         if isinstance(redacted, str) and len(redacted) > MAX_BODY_CHARS:
             return redacted[:MAX_BODY_CHARS] + f"…[{len(redacted) - MAX_BODY_CHARS} more characters]"

@@ -14,6 +14,7 @@ nothing written); ``DISPATCH_OUTBOX_LATENCY_MS`` makes every message take that l
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -107,10 +108,8 @@ class OutboxGateway(BaseGateway):
         return found
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # closing twice is harmless
             os.close(self._fd)
-        except OSError:
-            pass
 
 
 def read_outbox(path: Path) -> Iterator[dict[str, Any]]:

@@ -288,6 +288,5 @@ def create_ringback(
             HttpGateway(restore, timeout=settings.gateway_timeout, transport=transport),
         )
     raise ConfigError(
-        f"DISPATCH_RINGBACK_GATEWAY: unknown ringback adapter {name!r} "
-        f"(known: {', '.join(RINGBACK_GATEWAYS)})"
+        f"DISPATCH_RINGBACK_GATEWAY: unknown ringback adapter {name!r} (known: {', '.join(RINGBACK_GATEWAYS)})"
     )

@@ -172,9 +172,7 @@ class TwilioGateway(BaseGateway):
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         if not account_sid or not auth_token:
-            raise ConfigError(
-                "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set for DISPATCH_GATEWAY=twilio"
-            )
+            raise ConfigError("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set for DISPATCH_GATEWAY=twilio")
         if not (from_ or messaging_service_sid):
             raise ConfigError("set TWILIO_FROM or TWILIO_MESSAGING_SERVICE_SID for DISPATCH_GATEWAY=twilio")
         if not public_url:
@@ -222,9 +220,7 @@ class TwilioGateway(BaseGateway):
                 error = classify(exc)
                 error.trace = list(trace)
                 raise error from exc
-        return SendResult(
-            provider_id=str(created.sid), status=str(created.status or "queued"), trace=list(trace)
-        )
+        return SendResult(provider_id=str(created.sid), status=str(created.status or "queued"), trace=list(trace))
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
         """Which of these messages Twilio holds: messages to that number created since the attempt.
@@ -256,9 +252,7 @@ class TwilioGateway(BaseGateway):
                     continue
                 if request.body and m.body and m.body != request.body:
                     continue
-                found[request.key] = SendResult(
-                    provider_id=str(m.sid), status=str(m.status), trace=list(trace)
-                )
+                found[request.key] = SendResult(provider_id=str(m.sid), status=str(m.status), trace=list(trace))
                 break
         return found
 

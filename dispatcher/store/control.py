@@ -48,9 +48,7 @@ class RunControlMixin:
     def unpause_run(self, run_id: str) -> bool:
         with self._write() as conn:
             moved = conn.execute(
-                sa.update(t.runs)
-                .where(t.runs.c.id == run_id, t.runs.c.status == "paused")
-                .values(status="running")
+                sa.update(t.runs).where(t.runs.c.id == run_id, t.runs.c.status == "paused").values(status="running")
             ).rowcount
         return bool(moved)
 
@@ -82,9 +80,11 @@ class RunControlMixin:
         """How many bulk messages each phone was sent since ``since``, across all runs."""
         if not phones:
             return {}
-        d, r = t.deliveries, t.runs
+        d, r, res = t.deliveries, t.runs, t.residents
+        # phone -> resident (unique index) -> deliveries (resident index): the delivery log is
+        # indexed by resident, which is cheap to maintain at fan-out, rather than by phone
         where = [
-            d.c.phone.in_(list(set(phones))),
+            res.c.phone.in_(list(set(phones))),
             d.c.state.in_(CAPPED_STATES),
             d.c.sent_at >= since,
             r.c.priority == "bulk",
@@ -95,10 +95,10 @@ class RunControlMixin:
             return {
                 phone: int(n)
                 for phone, n in conn.execute(
-                    select(d.c.phone, func.count())
-                    .select_from(d.join(r, r.c.id == d.c.run_id))
+                    select(res.c.phone, func.count())
+                    .select_from(res.join(d, d.c.resident_id == res.c.id).join(r, r.c.id == d.c.run_id))
                     .where(*where)
-                    .group_by(d.c.phone)
+                    .group_by(res.c.phone)
                 )
             }
 
@@ -135,9 +135,7 @@ class RunControlMixin:
     def last_fire(self, campaign_id: str) -> datetime | None:
         with self._read() as conn:
             value = conn.execute(
-                select(func.max(t.schedule_fires.c.fire_time)).where(
-                    t.schedule_fires.c.campaign_id == campaign_id
-                )
+                select(func.max(t.schedule_fires.c.fire_time)).where(t.schedule_fires.c.campaign_id == campaign_id)
             ).scalar_one()
         return _utc(value)
 
@@ -162,9 +160,7 @@ class RunControlMixin:
     def run_for_fire(self, campaign_id: str, fire_time: datetime) -> str | None:
         with self._read() as conn:
             return conn.execute(
-                select(t.runs.c.id).where(
-                    t.runs.c.campaign_id == campaign_id, t.runs.c.fire_time == fire_time
-                )
+                select(t.runs.c.id).where(t.runs.c.campaign_id == campaign_id, t.runs.c.fire_time == fire_time)
             ).scalar_one_or_none()
 
     # ------------------------------------------------------------------ leader lease (no Redis)

@@ -116,7 +116,7 @@ def append(conn: Connection, run_id: str, events: Sequence[Event], at: datetime)
         digest = event_hash(prev, run_id, seq, at, data)
         rows.append({**data, "run_id": run_id, "seq": seq, "at": at, "prev_hash": prev, "hash": digest})
         prev = digest
-    conn.execute(sa.insert(t.events), rows)  # executemany; batched into multi-row VALUES by the engine
+    conn.execute(sa.insert(t.events), rows)  # executemany: psycopg pipelines it
     conn.execute(sa.update(runs).where(runs.c.id == run_id).values(ledger_seq=seq, ledger_hash=prev))
 
 
@@ -165,45 +165,64 @@ class _Walked:
 
 
 def _walk(conn: Connection, chain_id: str, chunk: int, walked: _Walked) -> Iterator[Step]:
-    """Recompute a chain event by event (keyset pages, constant memory).
+    """Recompute a chain event by event (constant memory: see ``_chain_events``).
 
     Yields ``(event, None)`` for each event that checks out, ``(None, break)`` at the first
     one that does not (and stops), and finally ``(None, None)``; ``walked`` then holds the
     end of the chain, for the caller to compare with the recorded tail.
     """
-    e = t.events
     prev = GENESIS
-    expected_seq = 0
+    for expected_seq, ev in enumerate(_chain_events(conn, chain_id, chunk)):
+        if ev["seq"] != expected_seq:
+            problem = (
+                f"expected seq {expected_seq} here but found seq {ev['seq']}: "
+                "an event was deleted here, or events were swapped or re-ordered"
+            )
+            yield None, Break(chain_id, ev["seq"], ev["id"], problem)
+            return
+        if ev["prev_hash"] != prev:
+            problem = "does not link to the event before it (prev_hash differs)"
+            yield None, Break(chain_id, ev["seq"], ev["id"], problem)
+            return
+        at = ev["at"] if ev["at"].tzinfo else ev["at"].replace(tzinfo=UTC)
+        if event_hash(prev, chain_id, ev["seq"], at, dict(ev)) != ev["hash"]:
+            problem = "content does not match its hash (edited after it was written)"
+            yield None, Break(chain_id, ev["seq"], ev["id"], problem)
+            return
+        yield dict(ev), None
+        prev = ev["hash"]
+        walked.seq, walked.hash = expected_seq, prev
+    yield None, None
+
+
+def _chain_events(conn: Connection, chain_id: str, chunk: int) -> Iterator[Any]:
+    """A chain's events in id order, one page in memory at a time.
+
+    PostgreSQL streams one query through a server-side cursor: keyset pages there can
+    make the planner sort the rest of the chain once per page when statistics are stale
+    (just after a bulk load). SQLite reads keyset pages, each a short read.
+    """
+    e = t.events
+    if conn.dialect.name != "sqlite":
+        result = conn.execution_options(stream_results=True, yield_per=chunk).execute(
+            sa.select(e).where(e.c.run_id == chain_id).order_by(e.c.id)
+        )
+        try:
+            yield from result.mappings()
+        finally:
+            result.close()
+        return
     last_id = 0
     while True:
-        rows = conn.execute(
-            sa.select(e).where(e.c.run_id == chain_id, e.c.id > last_id).order_by(e.c.id).limit(chunk)
-        ).mappings().all()
+        rows = (
+            conn.execute(sa.select(e).where(e.c.run_id == chain_id, e.c.id > last_id).order_by(e.c.id).limit(chunk))
+            .mappings()
+            .all()
+        )
         if not rows:
-            break
-        for ev in rows:
-            if ev["seq"] != expected_seq:
-                problem = (
-                    f"expected seq {expected_seq} here but found seq {ev['seq']}: "
-                    "an event was deleted here, or events were swapped or re-ordered"
-                )
-                yield None, Break(chain_id, ev["seq"], ev["id"], problem)
-                return
-            if ev["prev_hash"] != prev:
-                problem = "does not link to the event before it (prev_hash differs)"
-                yield None, Break(chain_id, ev["seq"], ev["id"], problem)
-                return
-            at = ev["at"] if ev["at"].tzinfo else ev["at"].replace(tzinfo=UTC)
-            if event_hash(prev, chain_id, ev["seq"], at, dict(ev)) != ev["hash"]:
-                problem = "content does not match its hash (edited after it was written)"
-                yield None, Break(chain_id, ev["seq"], ev["id"], problem)
-                return
-            yield dict(ev), None
-            prev = ev["hash"]
-            walked.seq, walked.hash = expected_seq, prev
-            expected_seq += 1
-            last_id = ev["id"]
-    yield None, None
+            return
+        yield from rows
+        last_id = rows[-1]["id"]
 
 
 def _tail_break(chain_id: str, walked: _Walked, recorded: tuple[int | None, str | None]) -> Break | None:
@@ -258,8 +277,7 @@ def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
 def verify_chain(conn: Connection, chain_id: str, chunk: int = 5000) -> Break | None:
     """Recompute a chain that belongs to no run (the audit chain); None if intact or never written."""
     tail = conn.execute(
-        sa.select(t.ledger_chains.c.ledger_seq, t.ledger_chains.c.ledger_hash)
-        .where(t.ledger_chains.c.id == chain_id)
+        sa.select(t.ledger_chains.c.ledger_seq, t.ledger_chains.c.ledger_hash).where(t.ledger_chains.c.id == chain_id)
     ).first()
     walked = _Walked()
     for _ev, brk in _walk(conn, chain_id, chunk, walked):
@@ -296,8 +314,9 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
         # select by key only (ix_events_key) and order here: with run_id or ORDER BY seq in the query
         # SQLite picks the (run_id, seq) index and scans the whole chain once per page
         found = conn.execute(
-            sa.select(e.c.key, e.c.from_state, e.c.to_state, e.c.seq, e.c.id, e.c.run_id, e.c.kind)
-            .where(e.c.key.in_([r.key for r in rows]))
+            sa.select(e.c.key, e.c.from_state, e.c.to_state, e.c.seq, e.c.id, e.c.run_id, e.c.kind).where(
+                e.c.key.in_([r.key for r in rows])
+            )
         ).all()
         for key, from_state, to_state, seq, event_id, chain, kind in sorted(found, key=lambda ev: ev.seq):
             if chain != run.id or kind != "delivery.state":

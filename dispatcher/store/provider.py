@@ -134,9 +134,7 @@ class ProviderEventsMixin:
         ).all()
         changes: list[StateChange] = []
         for item in pending:
-            changes += self._apply_one(conn, item.provider_id, item.status, item.error_code, item.actor, now)[
-                0
-            ]
+            changes += self._apply_one(conn, item.provider_id, item.status, item.error_code, item.actor, now)[0]
             conn.execute(sa.delete(b).where(b.c.id == item.id))
         # reports for ids that never turn up (another system's messages) are not kept for ever
         conn.execute(sa.delete(b).where(b.c.received_at < now - timedelta(days=7)))
@@ -169,15 +167,11 @@ class ProviderEventsMixin:
                 values.update(error_code=error_code or f"status.{status}", reason="provider_status")
             if row.state != SENT and target == SENT:
                 values["sent_at"] = now
-            done = conn.execute(
-                sa.update(d).where(d.c.id == row.id, d.c.state == row.state).values(**values)
-            ).rowcount
+            done = conn.execute(sa.update(d).where(d.c.id == row.id, d.c.state == row.state).values(**values)).rowcount
             if not done:
                 continue
             changes.append(
-                StateChange(
-                    row.run_id, row.id, row.key, row.state, target, provider_id, error_code, "provider_status"
-                )
+                StateChange(row.run_id, row.id, row.key, row.state, target, provider_id, error_code, "provider_status")
             )
             conn.execute(
                 sa.insert(t.attempts).values(
@@ -212,8 +206,7 @@ class ProviderEventsMixin:
                 .order_by(d.c.id)
             ).mappings()
             return [
-                {**dict(r), "claimed_at": as_utc(r["claimed_at"]), "updated_at": as_utc(r["updated_at"])}
-                for r in rows
+                {**dict(r), "claimed_at": as_utc(r["claimed_at"]), "updated_at": as_utc(r["updated_at"])} for r in rows
             ]
 
     def settle_unknown(
@@ -227,9 +220,7 @@ class ProviderEventsMixin:
             keys = {
                 row.id: (row.key, row.attempts)
                 for row in conn.execute(
-                    select(d.c.id, d.c.key, d.c.attempts).where(
-                        d.c.id.in_([*found, *not_found]), d.c.state == UNKNOWN
-                    )
+                    select(d.c.id, d.c.key, d.c.attempts).where(d.c.id.in_([*found, *not_found]), d.c.state == UNKNOWN)
                 )
             }
             for delivery_id, provider_id in found.items():
@@ -238,14 +229,10 @@ class ProviderEventsMixin:
                 conn.execute(
                     sa.update(d)
                     .where(d.c.id == delivery_id, d.c.state == UNKNOWN)
-                    .values(
-                        state=SENT, provider_id=provider_id, reason="reconciled", sent_at=now, updated_at=now
-                    )
+                    .values(state=SENT, provider_id=provider_id, reason="reconciled", sent_at=now, updated_at=now)
                 )
                 key, attempts = keys[delivery_id]
-                changes.append(
-                    StateChange(run_id, delivery_id, key, UNKNOWN, SENT, provider_id, None, "reconciled")
-                )
+                changes.append(StateChange(run_id, delivery_id, key, UNKNOWN, SENT, provider_id, None, "reconciled"))
                 conn.execute(
                     sa.insert(t.attempts).values(
                         delivery_id=delivery_id,
@@ -295,9 +282,7 @@ class ProviderEventsMixin:
         now = self.clock()
         with self._write() as conn:
             rows = conn.execute(
-                select(d.c.id, d.c.key).where(
-                    d.c.id.in_(list(ids)), d.c.run_id == run_id, d.c.state == SENDING
-                )
+                select(d.c.id, d.c.key).where(d.c.id.in_(list(ids)), d.c.run_id == run_id, d.c.state == SENDING)
             ).all()
             changes = []
             for row in rows:
@@ -318,9 +303,7 @@ class ProviderEventsMixin:
             yield from (
                 dict(r)
                 for r in conn.execute(
-                    select(d.c.id, d.c.phone, d.c.state, d.c.provider_id)
-                    .where(d.c.run_id == run_id)
-                    .order_by(d.c.id)
+                    select(d.c.id, d.c.phone, d.c.state, d.c.provider_id).where(d.c.run_id == run_id).order_by(d.c.id)
                 ).mappings()
             )
 
@@ -405,9 +388,7 @@ class ProviderEventsMixin:
                 "keys_sha256": digest,
                 "restores": enrol_run_id,
             }
-            ledger.append(
-                conn, spec.run_id, [ledger.Event(kind="run.created", actor=spec.actor, payload=payload)], now
-            )
+            ledger.append(conn, spec.run_id, [ledger.Event(kind="run.created", actor=spec.actor, payload=payload)], now)
             conn.execute(
                 sa.update(t.runs)
                 .where(t.runs.c.id == spec.run_id)

@@ -98,11 +98,9 @@ def create_engine(url: str) -> Engine:
 
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         return _sqlite_engine(url)
-    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-    # batch executemany INSERTs (ledger events, attempts) into multi-row VALUES statements
-    # instead of one pipelined statement per row; SQLAlchemy renders them from a cached compile
-    engine.dialect.use_insertmanyvalues_wo_returning = True
-    return engine
+    # executemany stays psycopg's pipelined executemany: measured 7.5 ms per 500 ledger events,
+    # against 30 ms with SQLAlchemy's insertmanyvalues (use_insertmanyvalues_wo_returning)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
 class SqlStore(ProviderEventsMixin, RunControlMixin):
@@ -163,11 +161,10 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         return int(row[0]) if row else 0
 
     def _insert(self) -> Any:
-        if self.is_sqlite:
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert
-        return insert
+        """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        return sqlite.insert if self.is_sqlite else postgresql.insert
 
     # ------------------------------------------------------------------ residents
 
@@ -242,7 +239,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             cells: dict[str, dict[str, int]] = defaultdict(dict)
             for d, s, n in conn.execute(
                 select(t.residents.c.district, t.resident_segments.c.segment, func.count())
-                .select_from(t.residents.join(t.resident_segments, t.resident_segments.c.resident_id == t.residents.c.id))
+                .select_from(
+                    t.residents.join(t.resident_segments, t.resident_segments.c.resident_id == t.residents.c.id)
+                )
                 .group_by(t.residents.c.district, t.resident_segments.c.segment)
             ):
                 cells[d][s] = int(n)
@@ -256,16 +255,12 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         if audience.grids:
             where.append(r.c.grid.in_(audience.grids))
         if audience.segments:
-            where.append(
-                sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.segments))
-            )
+            where.append(sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.segments)))
         if audience.exclude_segments:
-            where.append(
-                ~sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.exclude_segments))
-            )
+            where.append(~sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.exclude_segments)))
         return where
 
-    def iter_audience(self, audience: AudienceFilter, chunk: int = 2000) -> Iterator[sa.Row[Any]]:
+    def iter_audience(self, audience: AudienceFilter, chunk: int = 2000) -> Iterator[Any]:
         """Stream the selected residents (id order) without holding them in memory."""
         r = t.residents
         last = 0
@@ -316,8 +311,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         """
         now = self.clock()
         r, d = t.residents, t.deliveries
-        pending_first = sa.case((r.c.opted_out, 1), else_=0)
-        batch_no = (func.row_number().over(order_by=(pending_first, r.c.id)) - 1) // spec.batch_size
+        # numbered in resident-id order (no sort beyond the primary key); opted-out residents take a
+        # place in a batch but are written `skipped`, so a batch may carry a few fewer sends
+        batch_no = (func.row_number().over(order_by=r.c.id) - 1) // spec.batch_size
         selection = select(
             literal(spec.run_id),
             literal(spec.run_id + ":") + r.c.phone,
@@ -338,6 +334,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         ]  # fmt: skip
         try:
             with self._write() as conn:
+                if not self.is_sqlite:
+                    # numbering the selection sorts it; give the sort memory instead of spilling to disk
+                    conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
                 conn.execute(
                     sa.insert(t.runs).values(
                         id=spec.run_id,
@@ -475,7 +474,10 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             return [
                 int(b)
                 for (b,) in conn.execute(
-                    select(d.c.batch_no).where(d.c.run_id == run_id, d.c.state == PENDING).distinct().order_by(d.c.batch_no)
+                    select(d.c.batch_no)
+                    .where(d.c.run_id == run_id, d.c.state == PENDING)
+                    .distinct()
+                    .order_by(d.c.batch_no)
                 )
             ]
 
@@ -505,9 +507,20 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             if not claimed:
                 return []
             rows = conn.execute(
-                select(d.c.id, d.c.key, d.c.run_id, d.c.phone, r.c.name, d.c.district, d.c.grid, d.c.attempts, r.c.opted_out)
+                select(
+                    d.c.id,
+                    d.c.key,
+                    d.c.run_id,
+                    d.c.phone,
+                    r.c.name,
+                    d.c.district,
+                    d.c.grid,
+                    d.c.attempts,
+                    r.c.opted_out,
+                )
                 .select_from(d.join(r, r.c.id == d.c.resident_id))
-                .where(d.c.claim_token == token)
+                # the (run, batch, state) index finds the batch; the token picks this claim's rows
+                .where(d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == SENDING, d.c.claim_token == token)
                 .order_by(d.c.id)
             ).all()
             ledger.append(
@@ -595,17 +608,26 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             if result_rows != len(outcomes):
                 # some rows were settled by someone else meanwhile (e.g. resume); log only what we moved
                 outcomes = [
-                    o for o in outcomes
-                    if o.id in current and current[o.id].state == o.state and as_utc(current[o.id].updated_at) == as_utc(now)
-                ]  # fmt: skip
+                    o
+                    for o in outcomes
+                    if o.id in current
+                    and current[o.id].state == o.state
+                    and as_utc(current[o.id].updated_at) == as_utc(now)
+                ]
             by_run: dict[str, list[ledger.Event]] = defaultdict(list)
             for o in outcomes:
                 by_run[o.run_id].append(
                     ledger.Event(
-                        "delivery.state", keys.get(o.id), o.id, SENDING, o.state,
-                        provider_id=o.provider_id, error_code=o.error_code, reason=o.reason or (o.outcome if o.outcome == "retry" else None),
+                        "delivery.state",
+                        keys.get(o.id),
+                        o.id,
+                        SENDING,
+                        o.state,
+                        provider_id=o.provider_id,
+                        error_code=o.error_code,
+                        reason=o.reason or (o.outcome if o.outcome == "retry" else None),
                         actor=actor,
-                    )  # fmt: skip
+                    )
                 )
             for run_id, events in by_run.items():
                 ledger.append(conn, run_id, events, now)
@@ -645,8 +667,15 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             return
         d = t.deliveries
         with self._write() as conn:
-            self._transition(conn, ids, SENDING, PENDING, actor="worker", reason="released",
-                             values={"attempts": d.c.attempts - 1, "claim_token": None})
+            self._transition(
+                conn,
+                ids,
+                SENDING,
+                PENDING,
+                actor="worker",
+                reason="released",
+                values={"attempts": d.c.attempts - 1, "claim_token": None},
+            )
 
     def orphans(self, run_id: str, stale_after_seconds: int) -> list[Claimed]:
         """Rows left in ``sending`` by a worker that is gone (no heartbeat within the window)."""
@@ -660,9 +689,18 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             }
             rows = conn.execute(
                 select(
-                    d.c.id, d.c.key, d.c.run_id, d.c.phone, r.c.name, d.c.district, d.c.grid,
-                    d.c.attempts, r.c.opted_out, d.c.claimed_by, d.c.claimed_at,
-                )  # fmt: skip
+                    d.c.id,
+                    d.c.key,
+                    d.c.run_id,
+                    d.c.phone,
+                    r.c.name,
+                    d.c.district,
+                    d.c.grid,
+                    d.c.attempts,
+                    r.c.opted_out,
+                    d.c.claimed_by,
+                    d.c.claimed_at,
+                )
                 .select_from(d.join(r, r.c.id == d.c.resident_id))
                 .where(d.c.run_id == run_id, d.c.state == SENDING)
                 .order_by(d.c.id)
@@ -689,16 +727,25 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         if not ids:
             return 0
         with self._write() as conn:
-            return self._transition(conn, ids, SENDING, PENDING, actor=actor, reason="requeued", values={"claim_token": None})
+            return self._transition(
+                conn, ids, SENDING, PENDING, actor=actor, reason="requeued", values={"claim_token": None}
+            )
 
     def cancel_open(self, run_id: str, actor: str = "operator") -> int:
         """End every still-pending row of the run as ``cancelled`` and mark the run cancelled."""
         d = t.deliveries
         n = 0
         with self._write() as conn:
-            ids = [i for (i,) in conn.execute(select(d.c.id).where(d.c.run_id == run_id, d.c.state == PENDING).order_by(d.c.id))]
+            ids = [
+                i
+                for (i,) in conn.execute(
+                    select(d.c.id).where(d.c.run_id == run_id, d.c.state == PENDING).order_by(d.c.id)
+                )
+            ]
             for chunk in iter_chunks(ids, 5000):
-                n += self._transition(conn, chunk, PENDING, CANCELLED, actor=actor, reason="cancelled", values={"reason": "cancelled"})
+                n += self._transition(
+                    conn, chunk, PENDING, CANCELLED, actor=actor, reason="cancelled", values={"reason": "cancelled"}
+                )
             conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(status="cancelled"))
         return n
 
@@ -730,7 +777,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         ).all()
         by_run: dict[str, list[ledger.Event]] = defaultdict(list)
         for row in sorted(moved, key=lambda r: r.id):
-            by_run[row.run_id].append(ledger.Event("delivery.state", row.key, row.id, from_state, to_state, reason=reason, actor=actor))
+            by_run[row.run_id].append(
+                ledger.Event("delivery.state", row.key, row.id, from_state, to_state, reason=reason, actor=actor)
+            )
         for run_id, events in by_run.items():
             ledger.append(conn, run_id, events, now)
         return len(moved)
@@ -785,9 +834,11 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         last = 0
         while True:
             with self._read() as conn:
-                rows = conn.execute(
-                    select(d).where(d.c.run_id == run_id, d.c.id > last).order_by(d.c.id).limit(chunk)
-                ).mappings().all()
+                rows = (
+                    conn.execute(select(d).where(d.c.run_id == run_id, d.c.id > last).order_by(d.c.id).limit(chunk))
+                    .mappings()
+                    .all()
+                )
             if not rows:
                 return
             for row in rows:
@@ -797,7 +848,10 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
     def attempts_for(self, delivery_id: int) -> list[dict[str, Any]]:
         a = t.attempts
         with self._read() as conn:
-            return [dict(row) for row in conn.execute(select(a).where(a.c.delivery_id == delivery_id).order_by(a.c.id)).mappings()]
+            return [
+                dict(row)
+                for row in conn.execute(select(a).where(a.c.delivery_id == delivery_id).order_by(a.c.id)).mappings()
+            ]
 
     def drop_all(self) -> None:
         """Remove every table (tests only)."""
@@ -827,7 +881,7 @@ def open_store(url: str, *, clock: Clock = utcnow, migrate: bool = True) -> SqlS
 
 
 def insert_many(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
-    """executemany INSERT; the engine batches it into multi-row VALUES (see ``create_engine``)."""
+    """executemany INSERT (pipelined by psycopg; see ``create_engine``)."""
     if rows:
         conn.execute(sa.insert(table), list(rows))
 

@@ -65,9 +65,7 @@ class Sessions:
 
     def issue(self, account: accounts.Account) -> str:
         body = base64.urlsafe_b64encode(
-            json.dumps(
-                {"u": account.name, "r": account.role, "exp": int(time.time()) + self.max_age}
-            ).encode()
+            json.dumps({"u": account.name, "r": account.role, "exp": int(time.time()) + self.max_age}).encode()
         )
         return f"{body.decode()}.{self._sign(body)}"
 
@@ -85,6 +83,35 @@ class Sessions:
         if not isinstance(data, dict) or int(data.get("exp", 0)) < time.time():
             return None
         return str(data.get("u"))
+
+
+class LoginThrottle:
+    """Per account name: after ``limit`` failed logins within ``window`` seconds, refuse logins until they age out.
+
+    In-process (each web process counts its own), which is enough to turn password guessing at
+    scrypt speed into a handful of guesses per name per window.
+    """
+
+    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, list[float]] = defaultdict(list)
+
+    def _recent(self, name: str) -> list[float]:
+        cutoff = time.monotonic() - self.window
+        recent = [at for at in self._failures.get(name, []) if at >= cutoff]
+        if recent:
+            self._failures[name] = recent
+        else:
+            self._failures.pop(name, None)
+        return recent
+
+    def blocked(self, name: str) -> bool:
+        return len(self._recent(name)) >= self.limit
+
+    def failed(self, name: str) -> None:
+        self._recent(name)
+        self._failures[name].append(time.monotonic())
 
 
 # ------------------------------------------------------------------ HTML
@@ -130,6 +157,7 @@ def _heat(percent: float) -> str:
 
 def routes(runtime: Runtime) -> list[Route]:
     sessions = Sessions(runtime.settings.session_secret, runtime.settings.session_max_age)
+    throttle = LoginThrottle()
     secure = runtime.settings.public_url.startswith("https://")
     store = runtime.store
 
@@ -144,9 +172,7 @@ def routes(runtime: Runtime) -> list[Route]:
         if "text/html" in request.headers.get("accept", ""):
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
-        return JSONResponse(
-            {"error": "login required"}, status_code=401, headers={"WWW-Authenticate": "Cookie"}
-        )
+        return JSONResponse({"error": "login required"}, status_code=401, headers={"WWW-Authenticate": "Cookie"})
 
     # ---------------------------------------------------------- login
 
@@ -169,10 +195,14 @@ def routes(runtime: Runtime) -> list[Route]:
     async def login(request: Request) -> Response:
         form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
         next_url = _safe_next(form.get("next"))
-        account = await run_in_threadpool(
-            accounts.authenticate, store, form.get("name", "").strip(), form.get("password", "")
-        )
+        name = form.get("name", "").strip()
+        if throttle.blocked(name):
+            return login_form(
+                "Too many failed logins for this account; try again in a few minutes.", next_url, status=429
+            )
+        account = await run_in_threadpool(accounts.authenticate, store, name, form.get("password", ""))
         if account is None:
+            throttle.failed(name)
             return login_form("Wrong account name or password.", next_url, status=401)
         response = RedirectResponse(next_url, status_code=303)
         response.set_cookie(
@@ -235,7 +265,9 @@ def routes(runtime: Runtime) -> list[Route]:
                 c = cells[(d.id, s.id)]
                 if not c["eligible"]:
                     # nobody of this group lives there (in the registry): not a coverage gap, so not red
-                    html.append(f'<td data-district="{d.id}" data-segment="{s.id}" data-percent="0.0" data-empty="1" style="background:#eceef2" title="no eligible residents">–</td>')
+                    html.append(
+                        f'<td data-district="{d.id}" data-segment="{s.id}" data-percent="0.0" data-empty="1" style="background:#eceef2" title="no eligible residents">–</td>'
+                    )
                     continue
                 html.append(
                     f'<td data-district="{d.id}" data-segment="{s.id}" data-percent="{c["percent"]}" '
@@ -276,9 +308,7 @@ def routes(runtime: Runtime) -> list[Route]:
                         " unmask (recorded in the ledger)</label>")  # fmt: skip
         form.append("<button>Search</button></form>")
         if not any(raw.values()):
-            return _page(
-                "Ledger search", "".join(form) + '<p class="muted">Give at least one filter.</p>', account
-            )
+            return _page("Ledger search", "".join(form) + '<p class="muted">Give at least one filter.</p>', account)
         try:
             f = audit.LogFilter.parse(**raw)
         except InputError as exc:
@@ -294,12 +324,8 @@ def routes(runtime: Runtime) -> list[Route]:
                 "error_code", "actor")  # fmt: skip
         table = ['<table id="ledger"><tr>' + "".join(f'<th class="l">{c}</th>' for c in cols) + "</tr>"]
         for row in rows:
-            table.append(
-                "<tr>" + "".join(f'<td class="l">{escape(str(row[c] or ""))}</td>' for c in cols) + "</tr>"
-            )
-        table.append(
-            f'</table><p class="muted">{len(rows)} events (at most 200; use `dispatch audit log` for all)</p>'
-        )
+            table.append("<tr>" + "".join(f'<td class="l">{escape(str(row[c] or ""))}</td>' for c in cols) + "</tr>")
+        table.append(f'</table><p class="muted">{len(rows)} events (at most 200; use `dispatch audit log` for all)</p>')
         return _page("Ledger search", "".join(form) + "".join(table), account)
 
     return [

@@ -26,9 +26,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("dispatcher.web.twiml")
 
-FALLBACK_WARNING = (
-    "反诈提醒：公检法机关不会电话办案，不会要求转账到安全账户。请勿轻信陌生来电，谨防电信网络诈骗。"
-)
+FALLBACK_WARNING = "反诈提醒：公检法机关不会电话办案，不会要求转账到安全账户。请勿轻信陌生来电，谨防电信网络诈骗。"
 
 
 def announcement(runtime: Runtime, campaign_id: str) -> str:

@@ -126,20 +126,14 @@ def routes(runtime: Runtime) -> list[Route]:
         body = await request.body()
         secret = settings.http_report_secret
         given = request.headers.get(REPORT_SIGNATURE_HEADER, "")
-        if (
-            not secret
-            or len(body) > MAX_BODY
-            or not hmac.compare_digest(given, report_signature(secret, body))
-        ):
+        if not secret or len(body) > MAX_BODY or not hmac.compare_digest(given, report_signature(secret, body)):
             log.warning("webhook.forged", endpoint="http.report")
             return Response("signature check failed", status_code=403)
         try:
             data: Any = json.loads(body)
         except ValueError:
             return JSONResponse({"error": "body is not JSON"}, status_code=400)
-        reports = (
-            data if isinstance(data, list) else data.get("reports", [data]) if isinstance(data, dict) else []
-        )
+        reports = data if isinstance(data, list) else data.get("reports", [data]) if isinstance(data, dict) else []
         changed = 0
         for item in reports:
             if not isinstance(item, dict):
