@@ -159,51 +159,25 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
     gateway = runtime.gateway
     outcomes: list[Outcome] = []
     to_send: list[tuple[Claimed, OutgoingMessage]] = []
+
+    def settled(row: Claimed, state: str, outcome: str, **fields: Any) -> Outcome:
+        """An outcome decided before any gateway call (the row is not handed over)."""
+        return Outcome(
+            id=row.id, run_id=row.run_id, state=state, attempt=row.attempts,
+            gateway=gateway.name, outcome=outcome, **fields,
+        )  # fmt: skip
+
     for row in rows:
-        skip_reason = None
         if row.opted_out:
-            skip_reason = "opted_out"
-        if skip_reason:
-            outcomes.append(
-                Outcome(
-                    id=row.id,
-                    run_id=row.run_id,
-                    state=SKIPPED,
-                    attempt=row.attempts,
-                    gateway=gateway.name,
-                    outcome="skipped",
-                    reason=skip_reason,
-                )
-            )
+            outcomes.append(settled(row, SKIPPED, "skipped", reason="opted_out"))
             continue
         if context.send_by is not None and now > context.send_by:
-            outcomes.append(
-                Outcome(
-                    id=row.id,
-                    run_id=row.run_id,
-                    state=EXPIRED,
-                    attempt=row.attempts,
-                    gateway=gateway.name,
-                    outcome="skipped",
-                    reason="send_by_passed",
-                )
-            )
+            outcomes.append(settled(row, EXPIRED, "skipped", reason="send_by_passed"))
             continue
         try:
             body, seg = context.composer.render({"name": row.name, "district": row.district, "grid": row.grid})
         except TemplateError as exc:
-            outcomes.append(
-                Outcome(
-                    id=row.id,
-                    run_id=row.run_id,
-                    state=FAILED,
-                    attempt=row.attempts,
-                    gateway=gateway.name,
-                    outcome="failed",
-                    error_code="template.render",
-                    error_message=exc.message,
-                )
-            )
+            outcomes.append(settled(row, FAILED, "failed", error_code="template.render", error_message=exc.message))
             continue
         to_send.append(
             (

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dispatcher.gateways.outbox import read_outbox
-from tests.conftest import Project
+from tests.conftest import Project, stop_processes, wait_for
 
 CAMPAIGN = "campaigns/quarterly-themes.yaml"
 pytestmark = pytest.mark.slow
@@ -29,24 +29,11 @@ def _worker(project: Project, log_name: str) -> subprocess.Popen[str]:
     return project.popen("worker", "--threads", "2", stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = wait_for
 
 
 def _stop(*procs: subprocess.Popen[str]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    stop_processes(procs)
 
 
 def _check_exactly_once(project: Project, run_id: str) -> collections.Counter[str]:

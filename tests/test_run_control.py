@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import collections
 import json
-import signal
 import subprocess
 import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -27,13 +25,9 @@ CAMPAIGN = "campaigns/quarterly-themes.yaml"
 pytestmark = pytest.mark.slow
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.conftest import stop_processes, wait_for  # noqa: E402 - shared helpers
+
+_wait = wait_for
 
 
 def _workers(project: Project, n: int) -> list[subprocess.Popen[str]]:
@@ -47,15 +41,7 @@ def _workers(project: Project, n: int) -> list[subprocess.Popen[str]]:
     return procs
 
 
-def _stop(procs: list[subprocess.Popen[str]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
+_stop = stop_processes
 
 
 def _lines(project: Project, run_id: str) -> list[dict]:  # type: ignore[type-arg]

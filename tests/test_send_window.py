@@ -8,7 +8,7 @@ through real nights and weeks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -33,13 +33,9 @@ SH = ZoneInfo("Asia/Shanghai")
 CAMPAIGN = "campaigns/refund-scam-lucheng.yaml"
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.conftest import wait_for  # noqa: E402 - shared helper
+
+_wait = wait_for
 
 
 @contextmanager

@@ -62,6 +62,8 @@ class ProviderEventsMixin:
     clock: Callable[[], datetime]
     _write: Callable[[], AbstractContextManager[Connection]]
     _read: Callable[[], AbstractContextManager[Connection]]
+    _insert_run: Callable[[Connection, Any, datetime], None]
+    _keys_digest: Callable[[Connection, str], str]
 
     def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str) -> None:
         """Append one ledger event per state change, inside the caller's transaction."""
@@ -348,35 +350,11 @@ class ProviderEventsMixin:
             "updated_at",
         ]
         with self._write() as conn:
-            conn.execute(
-                sa.insert(t.runs).values(
-                    id=spec.run_id,
-                    campaign_id=spec.campaign_id,
-                    title=spec.title,
-                    owner=spec.owner,
-                    channel=spec.channel,
-                    priority=spec.priority,
-                    reason=spec.reason,
-                    fire_time=spec.fire_time,
-                    status="creating",
-                    gateway=spec.gateway,
-                    campaign_path=spec.campaign_path,
-                    campaign_yaml=spec.campaign_yaml,
-                    campaign_sha256=spec.campaign_sha256,
-                    template_name=spec.template_name,
-                    template_text=spec.template_text,
-                    template_sha256=spec.template_sha256,
-                    send_by=spec.send_by,
-                    batch_size=spec.batch_size,
-                    created_at=now,
-                )
-            )
+            self._insert_run(conn, spec, now)
             conn.execute(sa.insert(d).from_select(columns, selection))
             total = int(conn.execute(select(sa.func.count()).where(d.c.run_id == spec.run_id)).scalar_one())
             batches = -(-total // spec.batch_size)
-            digest = ledger.keys_digest(
-                conn.execute(select(d.c.key, d.c.state).where(d.c.run_id == spec.run_id).order_by(d.c.id))
-            )
+            digest = self._keys_digest(conn, spec.run_id)
             payload = {
                 "campaign_id": spec.campaign_id,
                 "campaign_sha256": spec.campaign_sha256,

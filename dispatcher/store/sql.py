@@ -337,29 +337,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 if not self.is_sqlite:
                     # numbering the selection sorts it; give the sort memory instead of spilling to disk
                     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
-                conn.execute(
-                    sa.insert(t.runs).values(
-                        id=spec.run_id,
-                        campaign_id=spec.campaign_id,
-                        title=spec.title,
-                        owner=spec.owner,
-                        channel=spec.channel,
-                        priority=spec.priority,
-                        reason=spec.reason,
-                        fire_time=spec.fire_time,
-                        status="creating",
-                        gateway=spec.gateway,
-                        campaign_path=spec.campaign_path,
-                        campaign_yaml=spec.campaign_yaml,
-                        campaign_sha256=spec.campaign_sha256,
-                        template_name=spec.template_name,
-                        template_text=spec.template_text,
-                        template_sha256=spec.template_sha256,
-                        send_by=spec.send_by,
-                        batch_size=spec.batch_size,
-                        created_at=now,
-                    )
-                )
+                self._insert_run(conn, spec, now)
                 conn.execute(sa.insert(d).from_select(columns, selection))
                 total, pending, batches = conn.execute(
                     select(
@@ -408,6 +386,33 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 raise DuplicateRun(spec.campaign_id, spec.fire_time) from exc
             raise StoreError(f"cannot create run {spec.run_id}: {exc.orig}") from exc
         return {"run_id": spec.run_id, "total": int(total), "pending": pending, "batches": batches}
+
+    @staticmethod
+    def _insert_run(conn: Connection, spec: RunSpec, now: datetime) -> None:
+        """The run row with its snapshot (campaign and template text with their sha256), status creating."""
+        conn.execute(
+            sa.insert(t.runs).values(
+                id=spec.run_id,
+                campaign_id=spec.campaign_id,
+                title=spec.title,
+                owner=spec.owner,
+                channel=spec.channel,
+                priority=spec.priority,
+                reason=spec.reason,
+                fire_time=spec.fire_time,
+                status="creating",
+                gateway=spec.gateway,
+                campaign_path=spec.campaign_path,
+                campaign_yaml=spec.campaign_yaml,
+                campaign_sha256=spec.campaign_sha256,
+                template_name=spec.template_name,
+                template_text=spec.template_text,
+                template_sha256=spec.template_sha256,
+                send_by=spec.send_by,
+                batch_size=spec.batch_size,
+                created_at=now,
+            )
+        )
 
     def _keys_digest(self, conn: Connection, run_id: str) -> str:
         """sha256 of every (key, state) of the run in id order (ledger.keys_digest's format).
@@ -507,17 +512,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             if not claimed:
                 return []
             rows = conn.execute(
-                select(
-                    d.c.id,
-                    d.c.key,
-                    d.c.run_id,
-                    d.c.phone,
-                    r.c.name,
-                    d.c.district,
-                    d.c.grid,
-                    d.c.attempts,
-                    r.c.opted_out,
-                )
+                select(*_claimed_columns())
                 .select_from(d.join(r, r.c.id == d.c.resident_id))
                 # the (run, batch, state) index finds the batch; the token picks this claim's rows
                 .where(d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == SENDING, d.c.claim_token == token)
@@ -529,21 +524,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 [ledger.Event("delivery.state", row.key, row.id, PENDING, SENDING, actor=worker_id) for row in rows],
                 now,
             )
-        return [
-            Claimed(
-                id=row.id,
-                key=row.key,
-                run_id=row.run_id,
-                phone=row.phone,
-                name=row.name,
-                district=row.district,
-                grid=row.grid,
-                attempts=row.attempts,
-                opted_out=bool(row.opted_out),
-                claimed_at=now,
-            )
-            for row in rows
-        ]
+        return [_claimed(row, now) for row in rows]
 
     def next_retry_at(self, run_id: str, batch_no: int) -> datetime | None:
         """When the earliest postponed row of this batch becomes due (None if nothing is postponed)."""
@@ -688,39 +669,12 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 if (as_utc(beat) or datetime.min.replace(tzinfo=UTC)).timestamp() >= cutoff
             }
             rows = conn.execute(
-                select(
-                    d.c.id,
-                    d.c.key,
-                    d.c.run_id,
-                    d.c.phone,
-                    r.c.name,
-                    d.c.district,
-                    d.c.grid,
-                    d.c.attempts,
-                    r.c.opted_out,
-                    d.c.claimed_by,
-                    d.c.claimed_at,
-                )
+                select(*_claimed_columns(), d.c.claimed_by, d.c.claimed_at)
                 .select_from(d.join(r, r.c.id == d.c.resident_id))
                 .where(d.c.run_id == run_id, d.c.state == SENDING)
                 .order_by(d.c.id)
             ).all()
-        return [
-            Claimed(
-                id=row.id,
-                key=row.key,
-                run_id=row.run_id,
-                phone=row.phone,
-                name=row.name,
-                district=row.district,
-                grid=row.grid,
-                attempts=row.attempts,
-                opted_out=bool(row.opted_out),
-                claimed_at=as_utc(row.claimed_at),
-            )
-            for row in rows
-            if row.claimed_by not in alive
-        ]
+        return [_claimed(row, as_utc(row.claimed_at)) for row in rows if row.claimed_by not in alive]
 
     def requeue(self, ids: Sequence[int], actor: str = "resume") -> int:
         """Orphaned rows the gateway never received go back to ``pending`` (attempt already counted)."""
@@ -857,6 +811,27 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         """Remove every table (tests only)."""
         with self._write() as conn:
             t.metadata.drop_all(conn)
+
+
+def _claimed_columns() -> tuple[Any, ...]:
+    """What a worker needs of a claimed row to render and send it (deliveries joined to residents)."""
+    d, r = t.deliveries, t.residents
+    return (d.c.id, d.c.key, d.c.run_id, d.c.phone, r.c.name, d.c.district, d.c.grid, d.c.attempts, r.c.opted_out)
+
+
+def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
+    return Claimed(
+        id=row.id,
+        key=row.key,
+        run_id=row.run_id,
+        phone=row.phone,
+        name=row.name,
+        district=row.district,
+        grid=row.grid,
+        attempts=row.attempts,
+        opted_out=bool(row.opted_out),
+        claimed_at=claimed_at,
+    )
 
 
 def _run_dict(row: Any) -> dict[str, Any]:
