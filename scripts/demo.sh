@@ -34,3 +34,8 @@ dispatch run "$CAMPAIGN"
 
 echo "== 5. check: one outbox line per eligible recipient, and the delivery log agrees"
 python scripts/demo_check.py "$DEMO/outbox.jsonl"
+
+echo "== 6. auditors: the hash-chained ledger verifies, and coverage by district and group"
+dispatch audit verify
+PERIOD=$(python -c 'import datetime, os, zoneinfo; t=datetime.datetime.fromisoformat(os.environ["DISPATCH_FAKE_NOW"]) if os.environ.get("DISPATCH_FAKE_NOW") else datetime.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")); print(f"{t.year}Q{(t.month - 1) // 3 + 1}")')
+dispatch report coverage --period "$PERIOD"
