@@ -363,6 +363,52 @@ def resume(
 
 
 @app.command()
+def settle(
+    run_id: str,
+    as_state: str = typer.Option(..., "--as", help="sent, failed, or pending (send again)"),
+    reason: str = typer.Option(..., "--reason", help="why: what the provider's records showed"),
+    phone: list[str] = typer.Option(None, "--phone", help="only these numbers (default: every unknown row)"),
+    by: str = typer.Option("", "--by", help="who decides (default: the login name)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Decide rows left `unknown` (a provider that cannot say whether it sent them), with a reason.
+
+    Each row moved is a ledger event naming the operator and the reason; `--as pending` sends
+    the rows again, so use it only when the provider's records show they never went out.
+    """
+    import getpass
+
+    from .phones import InvalidPhone, normalise
+    from .runs import resume_run, status
+
+    if as_state not in ("sent", "failed", "pending"):
+        raise UsageError(f"--as must be sent, failed or pending, got {as_state!r}", field="as")
+    if not reason.strip():
+        raise UsageError("give the reason for the decision", field="reason")
+    rt = runtime()
+    rt.store.get_run(run_id)
+    keys = None
+    if phone:
+        try:
+            keys = [f"{run_id}:{normalise(p)}" for p in phone]
+        except InvalidPhone as exc:
+            raise UsageError(str(exc), field="phone") from exc
+    actor = by or getpass.getuser() or "operator"
+    moved = rt.store.operator_settle(run_id, as_state, reason=reason.strip(), actor=f"operator:{actor}", keys=keys)
+    if as_state == "pending" and moved:
+        resume_run(rt, run_id)
+        if rt.settings.embedded:  # no worker process will pick them up: send them here
+            _progress_follow(rt, run_id, embedded=True, show=not as_json and sys.stderr.isatty())
+    rt.store.finish_if_done(run_id)
+    st = status(rt, run_id)
+    if as_json:
+        emit_json({**st, "settled": moved})
+    else:
+        err.print(f"settled {moved} unknown row(s) of {run_id} as {as_state}", markup=False)
+        _print_summary(st)
+
+
+@app.command()
 def worker(
     queues: str | None = typer.Option(None, help="comma-separated queues (default: all)"),
     threads: int | None = typer.Option(None, help="worker threads (default DISPATCH_WORKER_THREADS)"),

@@ -176,3 +176,89 @@ def test_unknown_run_id_is_a_clear_input_error(project: Project) -> None:
 def test_worker_without_a_broker_url_explains_itself(project: Project) -> None:
     result = project.dispatch("worker")
     assert result.returncode == 2 and "DISPATCH_BROKER_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def _run_with_unknown_rows(project: Project, n: int) -> tuple[str, list[str]]:
+    """A run whose first ``n`` rows came back ambiguous (as a provider that cannot be asked leaves them)."""
+    from dispatcher.campaigns import load_campaign
+    from dispatcher.runs import audience_filter, run_spec
+    from dispatcher.store.base import Outcome
+
+    rt = project.runtime()
+    loaded = load_campaign(project.root / CAMPAIGN, project.root / "templates")
+    spec = run_spec(rt, loaded)
+    rt.store.create_run(spec, audience_filter(loaded))
+    claimed = rt.store.claim(spec.run_id, 0, "w")[:n]
+    rt.store.record(
+        [
+            Outcome(
+                id=c.id,
+                run_id=c.run_id,
+                state="unknown",
+                attempt=1,
+                gateway="http",
+                outcome="unknown",
+                error_code="http.timeout",
+            )
+            for c in claimed
+        ]
+    )
+    rt.store.release([c.id for c in rt.store.orphans(spec.run_id, 0) if c.id not in {x.id for x in claimed}])
+    return spec.run_id, [c.phone for c in claimed]
+
+
+def test_operator_settles_unknown_rows_with_a_reason_recorded_in_the_ledger(project: Project) -> None:
+    project.registry(size=40, seed=31)
+    run_id, phones = _run_with_unknown_rows(project, 4)
+    one = project.dispatch(
+        "settle",
+        run_id,
+        "--as",
+        "sent",
+        "--phone",
+        phones[0],
+        "--reason",
+        "in the provider's report",
+        "--by",
+        "wang",
+        "--json",
+    )
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["settled"] == 1
+    rest = project.dispatch("settle", run_id, "--as", "failed", "--reason", "provider has no record", "--json")
+    st = json.loads(rest.stdout)
+    assert st["settled"] == 3 and st["counts"].get("unknown", 0) == 0
+    rows = {r["phone"]: r for r in project.runtime().store.deliveries(run_id)}
+    assert rows[phones[0]]["state"] == "sent"
+    assert {rows[p]["state"] for p in phones[1:]} == {"failed"}
+    assert rows[phones[1]]["error_code"] == "operator.failed"
+    verify = project.dispatch("audit", "verify", run_id)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    log = project.dispatch("audit", "log", "--run", run_id, "--state", "failed", "--format", "jsonl")
+    events = [json.loads(line) for line in log.stdout.splitlines() if line.strip()]
+    assert events and all(
+        e["actor"].startswith("operator:") and e["reason"] == "provider has no record" for e in events
+    )
+
+
+def test_settling_unknown_rows_as_pending_sends_them_again(project: Project) -> None:
+    project.registry(size=40, seed=32)
+    run_id, phones = _run_with_unknown_rows(project, 3)
+    result = project.dispatch(
+        "settle", run_id, "--as", "pending", "--reason", "provider confirms never received", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    st = json.loads(result.stdout)
+    assert st["settled"] == 3 and st["open"] == 0
+    sent_to = collections.Counter(line["to"] for line in read_outbox(project.outbox))
+    assert all(sent_to[p] == 1 for p in phones)
+
+
+def test_settle_refuses_a_bad_verdict_or_a_missing_reason(project: Project) -> None:
+    project.registry(size=10, seed=33)
+    run_id, _ = _run_with_unknown_rows(project, 1)
+    bad = project.dispatch("settle", run_id, "--as", "delivered", "--reason", "x")
+    assert bad.returncode == 2 and bad.stderr.strip() == "as: --as must be sent, failed or pending, got 'delivered'"
+    empty = project.dispatch("settle", run_id, "--as", "sent", "--reason", " ")
+    assert empty.returncode == 2 and "reason" in empty.stderr
+    assert project.runtime().store.counts(run_id).get("unknown") == 1

@@ -33,10 +33,13 @@ from . import ledger
 from . import schema as t
 from .base import (
     CANCELLED,
+    FAILED,
     OPEN_STATES,
     PENDING,
     SENDING,
+    SENT,
     SKIPPED,
+    UNKNOWN,
     AudienceFilter,
     Claimed,
     Outcome,
@@ -684,6 +687,34 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             return self._transition(
                 conn, ids, SENDING, PENDING, actor=actor, reason="requeued", values={"claim_token": None}
             )
+
+    def operator_settle(
+        self, run_id: str, to_state: str, *, reason: str, actor: str, keys: Sequence[str] | None = None
+    ) -> int:
+        """An operator's verdict on rows in ``unknown`` (the provider could not say whether it sent them).
+
+        ``sent`` or ``failed`` close them; ``pending`` sends them again. Only ``unknown`` rows move, and
+        each move is a ledger event carrying the operator and the reason.
+        """
+        d = t.deliveries
+        query = select(d.c.id).where(d.c.run_id == run_id, d.c.state == UNKNOWN).order_by(d.c.id)
+        if keys is not None:
+            query = query.where(d.c.key.in_(list(keys)))
+        values: dict[str, Any] = {"reason": reason[:64]}
+        if to_state == PENDING:
+            values["next_attempt_at"] = None
+        elif to_state == FAILED:
+            values["error_code"] = "operator.failed"
+        elif to_state == SENT:
+            values["sent_at"] = self.clock()
+        moved = 0
+        with self._write() as conn:
+            ids = [i for (i,) in conn.execute(query)]
+            for chunk in iter_chunks(ids, 5000):
+                moved += self._transition(
+                    conn, chunk, UNKNOWN, to_state, actor=actor, reason=reason[:64], values=values
+                )
+        return moved
 
     def cancel_open(self, run_id: str, actor: str = "operator") -> int:
         """End every still-pending row of the run as ``cancelled`` and mark the run cancelled."""
