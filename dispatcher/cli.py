@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import typer
@@ -728,6 +728,24 @@ from . import cli_audit  # noqa: E402, F401
 # ------------------------------------------------------------------ entry point
 
 
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """The exception class ``name`` from click and from the click that typer vendors (they differ)."""
+    classes: list[type[BaseException]] = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored  # typer >= 0.17 ships its own click
+
+        classes.append(getattr(vendored, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(classes)
+
+
+# typer >= 0.17 defines its own Exit and Abort (not click's); accept both
+_EXIT: tuple[type[BaseException], ...] = (*_click_classes("Exit"), cast("type[BaseException]", typer.Exit))
+_ABORT: tuple[type[BaseException], ...] = (*_click_classes("Abort"), cast("type[BaseException]", typer.Abort))
+_USAGE = _click_classes("ClickException")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         # with standalone_mode=False click returns the code of a typer.Exit instead of raising it
@@ -737,13 +755,14 @@ def main(argv: list[str] | None = None) -> int:
     except DispatchError as exc:
         err.print(str(exc), markup=False)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.exceptions.Abort:
+    except _EXIT as exc:
+        return int(getattr(exc, "exit_code", 1))
+    except _ABORT:
         err.print("aborted", markup=False)
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except _USAGE as exc:
+        # click's usage error (missing argument, unknown option, bad value), never a traceback
+        exc.show()  # type: ignore[attr-defined]  # every ClickException has show(); the tuple type hides it
         return 2
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)

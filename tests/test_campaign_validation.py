@@ -141,3 +141,10 @@ def test_themes_pick_the_template_of_the_quarter(project: Project) -> None:
         "Q3": "themes/investment.sms.j2",
         "Q4": "themes/loan.sms.j2",
     }
+
+
+def test_command_line_mistakes_get_click_usage_and_exit_2_without_a_traceback(project: Project) -> None:
+    for args in (("status",), ("run", "--bogus", "x"), ("audience", "generate", "--size", "0"), ("nosuch",)):
+        result = project.dispatch(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Error:" in result.stderr and "Traceback" not in result.stderr and "internal error" not in result.stderr
