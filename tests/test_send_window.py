@@ -173,3 +173,38 @@ def test_bad_window_and_clock_settings_are_one_line_errors(project: Project) -> 
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
     assert line.startswith("campaigns/bad.yaml:") and "send_window" in line and "HH:MM" in line, line
+
+
+def test_two_bulk_runs_sending_to_the_same_people_at_once_never_exceed_the_cap(project: Project) -> None:
+    """Run A has claimed a batch (its messages in flight) when run B checks the cap for the same people."""
+    from dispatcher.sender import process_batch
+
+    project.registry(size=30, seed=8)
+    text = (project.root / CAMPAIGN).read_text(encoding="utf-8")
+    project.write(
+        "campaigns/once.yaml",
+        text.replace("id: refund-scam-lucheng", "id: once") + "frequency_cap: {max: 1, per: 7d}\n",
+    )
+    clock = SettableClock(datetime(2023, 4, 3, 10, 0, tzinfo=SH))
+    rt = _runtime(project, clock)
+    loaded = _load(project, "campaigns/once.yaml")
+    from dispatcher.runs import audience_filter, run_spec
+
+    run_a = run_spec(rt, loaded)
+    rt.store.create_run(run_a, audience_filter(loaded))
+    in_flight = rt.store.claim(run_a.run_id, 0, "worker-a")  # A is mid-send: claimed, not yet recorded
+    assert in_flight
+    clock.set(datetime(2023, 4, 3, 10, 0, 1, tzinfo=SH))
+    run_b = run_spec(rt, loaded)
+    rt.store.create_run(run_b, audience_filter(loaded))
+    process_batch(rt, run_b.run_id, 0)
+    b_rows = {r["phone"]: r for r in rt.store.deliveries(run_b.run_id)}
+    for row in in_flight:
+        assert (b_rows[row.phone]["state"], b_rows[row.phone]["reason"]) == ("skipped", "frequency_cap")
+    assert not any(line["run_id"] == run_b.run_id for line in _outbox_lines(project))
+
+
+def _outbox_lines(project: Project) -> list[dict]:  # type: ignore[type-arg]
+    from dispatcher.gateways.outbox import read_outbox
+
+    return list(read_outbox(project.outbox))

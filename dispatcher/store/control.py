@@ -77,7 +77,7 @@ class RunControlMixin:
     def bulk_sends_since(
         self, phones: Sequence[str], since: datetime, exclude_run: str | None = None
     ) -> dict[str, int]:
-        """How many bulk messages each phone was sent since ``since``, across all runs."""
+        """How many bulk messages each phone was sent (or is being sent) since ``since``, across all runs."""
         if not phones:
             return {}
         d, r, res = t.deliveries, t.runs, t.residents
@@ -85,8 +85,13 @@ class RunControlMixin:
         # indexed by resident, which is cheap to maintain at fan-out, rather than by phone
         where = [
             res.c.phone.in_(list(set(phones))),
-            d.c.state.in_(CAPPED_STATES),
-            d.c.sent_at >= since,
+            # a message another run has claimed but not yet recorded counts too: of two runs
+            # checking the same person at once, each sees the other's claim (claims commit
+            # before the check), so together they can fall short of the cap but never exceed it
+            sa.or_(
+                sa.and_(d.c.state.in_(CAPPED_STATES), d.c.sent_at >= since),
+                sa.and_(d.c.state == SENDING, d.c.claimed_at >= since),
+            ),
             r.c.priority == "bulk",
         ]
         if exclude_run:
