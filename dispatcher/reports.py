@@ -145,40 +145,20 @@ def departments(store: SqlStore, period: Period) -> dict[str, Any]:
     r, d = t.runs, t.deliveries
     when = sa.func.coalesce(r.c.fire_time, r.c.created_at)
     in_period = (when >= period.start, when < period.end)
-    stats: dict[str, dict[str, Any]] = {
-        dep.id: {
-            "department": dep.id,
-            "name": dep.name,
-            "campaigns": 0,
-            "runs": 0,
-            "recipients": 0,
-            "sent": 0,
-            "delivered": 0,
-            "failed": 0,
-            "failed_by_cause": {},
-            "parts_sent": 0,
-        }
-        for dep in domain.DEPARTMENTS
-    }
+
+    def empty(key: str, name: str) -> dict[str, Any]:
+        return {
+            "department": key, "name": name, "campaigns": 0, "runs": 0, "recipients": 0, "sent": 0,
+            "delivered": 0, "failed": 0, "failed_by_cause": {}, "parts_sent": 0,
+        }  # fmt: skip
+
+    # every department appears, even one that ran nothing: the assessment (考核) must show the zero
+    stats: dict[str, dict[str, Any]] = {dep.id: empty(dep.id, dep.name) for dep in domain.DEPARTMENTS}
 
     def slot(owner: str) -> dict[str, Any]:
         dep = domain.department(owner)
         key = dep.id if dep else owner
-        return stats.setdefault(
-            key,
-            {
-                "department": key,
-                "name": key,
-                "campaigns": 0,
-                "runs": 0,
-                "recipients": 0,
-                "sent": 0,
-                "delivered": 0,
-                "failed": 0,
-                "failed_by_cause": {},
-                "parts_sent": 0,
-            },
-        )
+        return stats.setdefault(key, empty(key, key))
 
     with store._read() as conn:
         for owner, campaigns, runs in conn.execute(
