@@ -79,7 +79,13 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
         text = announcement_text(context)
         outcomes: list[Outcome] = []
         for row in rows:
-            common = {"id": row.id, "run_id": row.run_id, "attempt": row.attempts, "gateway": adapter.name}
+            common = {
+                "id": row.id,
+                "key": row.key,
+                "run_id": row.run_id,
+                "attempt": row.attempts,
+                "gateway": adapter.name,
+            }
             if not restoring and row.opted_out:
                 outcomes.append(Outcome(state=SKIPPED, outcome="skipped", reason="opted_out", **common))
                 continue

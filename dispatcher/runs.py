@@ -141,6 +141,7 @@ def resume_run(runtime: Runtime, run_id: str) -> dict[str, int]:
             outcomes = [
                 Outcome(
                     id=o.id,
+                    key=o.key,
                     run_id=run_id,
                     state=SENT,
                     attempt=o.attempts,

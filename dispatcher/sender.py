@@ -100,6 +100,7 @@ def _outcome_for(
 ) -> Outcome:
     common: dict[str, Any] = {
         "id": row.id,
+        "key": row.key,
         "run_id": row.run_id,
         "attempt": row.attempts,
         "gateway": gateway,
@@ -148,6 +149,14 @@ def _outcome_for(
     )  # fmt: skip
 
 
+def settled_outcome(row: Claimed, gateway: str, state: str, outcome: str, **fields: Any) -> Outcome:
+    """An outcome decided without a gateway call (skipped, expired, capped, render failure)."""
+    return Outcome(
+        id=row.id, key=row.key, run_id=row.run_id, state=state, attempt=row.attempts,
+        gateway=gateway, outcome=outcome, **fields,
+    )  # fmt: skip
+
+
 def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: Gate | None = None) -> list[Outcome]:
     """Render and send already-claimed rows; returns the outcomes (not yet recorded).
 
@@ -161,11 +170,7 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
     to_send: list[tuple[Claimed, OutgoingMessage]] = []
 
     def settled(row: Claimed, state: str, outcome: str, **fields: Any) -> Outcome:
-        """An outcome decided before any gateway call (the row is not handed over)."""
-        return Outcome(
-            id=row.id, run_id=row.run_id, state=state, attempt=row.attempts,
-            gateway=gateway.name, outcome=outcome, **fields,
-        )  # fmt: skip
+        return settled_outcome(row, gateway.name, state, outcome, **fields)
 
     for row in rows:
         if row.opted_out:
@@ -211,12 +216,7 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
             if context.send_by is not None and runtime.clock() > context.send_by:
                 # the deadline passed while this batch was being paced: nothing more goes out
                 for row, _ in to_send[index:]:
-                    outcomes.append(
-                        Outcome(
-                            id=row.id, run_id=row.run_id, state=EXPIRED, attempt=row.attempts,
-                            gateway=gateway.name, outcome="skipped", reason="send_by_passed",
-                        )
-                    )  # fmt: skip
+                    outcomes.append(settled(row, EXPIRED, "skipped", reason="send_by_passed"))
                 break
             results = gateway.send_many([m for _, m in chunk])
             sent_at = runtime.clock()
@@ -251,17 +251,7 @@ def _apply_frequency_cap(
     keep = []
     for row, message in to_send:
         if counts.get(row.phone, 0) >= limit:
-            outcomes.append(
-                Outcome(
-                    id=row.id,
-                    run_id=row.run_id,
-                    state=SKIPPED,
-                    attempt=row.attempts,
-                    gateway=runtime.gateway.name,
-                    outcome="skipped",
-                    reason="frequency_cap",
-                )
-            )
+            outcomes.append(settled_outcome(row, runtime.gateway.name, SKIPPED, "skipped", reason="frequency_cap"))
         else:
             keep.append((row, message))
     return keep

@@ -115,3 +115,5 @@ class Outcome:
     trace: list[dict[str, Any]] = field(default_factory=list)
     #: opt the recipient out in the registry (gateway said they sent STOP)
     opt_out_phone: str | None = None
+    #: the row's idempotency key, for its ledger event (saves reading it back on every batch)
+    key: str | None = None

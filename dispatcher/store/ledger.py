@@ -136,6 +136,15 @@ def _chain_row(conn: Connection, chain_id: str, at: datetime) -> sa.Table:
     return t.ledger_chains
 
 
+def append_by_run(conn: Connection, events: Iterable[tuple[str, Event]], at: datetime) -> None:
+    """Append ``(run_id, event)`` pairs, each run's events to its own chain, in the order given."""
+    by_run: dict[str, list[Event]] = {}
+    for run_id, event in events:
+        by_run.setdefault(run_id, []).append(event)
+    for run_id, run_events in by_run.items():
+        append(conn, run_id, run_events, at)
+
+
 @dataclass(frozen=True)
 class Break:
     """The first place a run's chain does not add up."""

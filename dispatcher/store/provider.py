@@ -13,7 +13,6 @@ Every state change here is written in one transaction with its ledger event, as
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -69,11 +68,11 @@ class ProviderEventsMixin:
         """Append one ledger event per state change, inside the caller's transaction."""
         if not changes:
             return
-        from .ledger import Event, append
+        from .ledger import Event, append_by_run
 
-        by_run: dict[str, list[Event]] = defaultdict(list)
-        for c in changes:
-            by_run[c.run_id].append(
+        events = (
+            (
+                c.run_id,
                 Event(
                     kind="delivery.state",
                     key=c.key,
@@ -84,11 +83,11 @@ class ProviderEventsMixin:
                     error_code=c.error_code,
                     reason=c.reason,
                     actor=actor,
-                )
+                ),
             )
-        now = self.clock()
-        for run_id, events in by_run.items():
-            append(conn, run_id, events, now)
+            for c in changes
+        )
+        append_by_run(conn, events, self.clock())
 
     def apply_status(
         self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"

@@ -582,39 +582,46 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         ]
         with self._write() as conn:
             result_rows = self._update_from_values(conn, updates)
-            current = {
-                row.id: row
-                for row in conn.execute(
-                    select(d.c.id, d.c.key, d.c.state, d.c.updated_at).where(d.c.id.in_([o.id for o in outcomes]))
-                )
-            }
-            keys = {i: row.key for i, row in current.items()}
-            if result_rows != len(outcomes):
-                # some rows were settled by someone else meanwhile (e.g. resume); log only what we moved
-                outcomes = [
-                    o
-                    for o in outcomes
-                    if o.id in current
-                    and current[o.id].state == o.state
-                    and as_utc(current[o.id].updated_at) == as_utc(now)
-                ]
-            by_run: dict[str, list[ledger.Event]] = defaultdict(list)
-            for o in outcomes:
-                by_run[o.run_id].append(
-                    ledger.Event(
-                        "delivery.state",
-                        keys.get(o.id),
-                        o.id,
-                        SENDING,
-                        o.state,
-                        provider_id=o.provider_id,
-                        error_code=o.error_code,
-                        reason=o.reason or (o.outcome if o.outcome == "retry" else None),
-                        actor=actor,
+            keys = {o.id: o.key for o in outcomes}
+            if result_rows != len(outcomes) or None in keys.values():
+                # read back only when needed: some rows were settled by someone else meanwhile (e.g.
+                # resume), so log only what we moved; or a caller did not carry the keys
+                current = {
+                    row.id: row
+                    for row in conn.execute(
+                        select(d.c.id, d.c.key, d.c.state, d.c.updated_at).where(d.c.id.in_(list(keys)))
                     )
-                )
-            for run_id, events in by_run.items():
-                ledger.append(conn, run_id, events, now)
+                }
+                keys = {i: row.key for i, row in current.items()}
+                if result_rows != len(outcomes):
+                    outcomes = [
+                        o
+                        for o in outcomes
+                        if o.id in current
+                        and current[o.id].state == o.state
+                        and as_utc(current[o.id].updated_at) == as_utc(now)
+                    ]
+            ledger.append_by_run(
+                conn,
+                (
+                    (
+                        o.run_id,
+                        ledger.Event(
+                            "delivery.state",
+                            keys.get(o.id),
+                            o.id,
+                            SENDING,
+                            o.state,
+                            provider_id=o.provider_id,
+                            error_code=o.error_code,
+                            reason=o.reason or (o.outcome if o.outcome == "retry" else None),
+                            actor=actor,
+                        ),
+                    )
+                    for o in outcomes
+                ),
+                now,
+            )
             applied = {o.id for o in outcomes}
             attempt_rows = [row for row in attempt_rows if row["delivery_id"] in applied]
             insert_many(conn, t.attempts, attempt_rows)
@@ -760,13 +767,17 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             .values(state=to_state, updated_at=now, **(values or {}))
             .returning(d.c.id, d.c.key, d.c.run_id)
         ).all()
-        by_run: dict[str, list[ledger.Event]] = defaultdict(list)
-        for row in sorted(moved, key=lambda r: r.id):
-            by_run[row.run_id].append(
-                ledger.Event("delivery.state", row.key, row.id, from_state, to_state, reason=reason, actor=actor)
-            )
-        for run_id, events in by_run.items():
-            ledger.append(conn, run_id, events, now)
+        ledger.append_by_run(
+            conn,
+            (
+                (
+                    row.run_id,
+                    ledger.Event("delivery.state", row.key, row.id, from_state, to_state, reason=reason, actor=actor),
+                )
+                for row in sorted(moved, key=lambda r: r.id)
+            ),
+            now,
+        )
         return len(moved)
 
     def heartbeat(self, worker_id: str, host: str, pid: int) -> None:
