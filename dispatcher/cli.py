@@ -42,15 +42,16 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 class State:
     runtime: Runtime | None = None
+    #: the level logging was configured with: DISPATCH_LOG_LEVEL, or the command's default
+    log_level: str = "WARNING"
 
 
 def runtime(default_level: str = "WARNING") -> Runtime:
     """The process's Runtime, built once from the environment; long-running commands pass INFO."""
     if State.runtime is None:
         settings = Settings.from_env()
-        logs.configure(
-            settings.log_format or ("console" if sys.stderr.isatty() else "json"), settings.log_level or default_level
-        )
+        State.log_level = settings.log_level or default_level
+        logs.configure(settings.log_format or ("console" if sys.stderr.isatty() else "json"), State.log_level)
         State.runtime = Runtime(settings)
     return State.runtime
 
@@ -115,6 +116,7 @@ def preview(
         "opted_out": sum(v["opted_out"] for v in matrix["by_district"].values()),
         "by_district": matrix["by_district"],
         "by_district_segment": matrix["by_district_segment"],
+        "by_district_grid": matrix["by_district_grid"],
         "variants": variants,
         "template_now": current,
         "total_parts": total_parts,
@@ -131,6 +133,11 @@ def preview(
             f"{loaded.campaign.title} — audience (opted-out excluded)", districts, totals, matrix["by_district_segment"]
         )
     )
+    out.print("\n[bold]audience by district and grid[/bold] (opted-out excluded)")
+    for d in districts:
+        grids = matrix["by_district_grid"].get(d.id, {})
+        listed = " · ".join(f"{g} {n}" for g, n in grids.items())
+        out.print(f"{d.name} {totals[d.id]} in {len(grids)} grid(s): {listed}", markup=False)
     for v in variants:
         marker = " (this quarter)" if v["template"] == current else ""
         out.print(
@@ -186,7 +193,7 @@ def _progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) ->
     return status(rt, run_id)
 
 
-def _print_summary(st: dict[str, Any]) -> None:
+def _print_summary(st: dict[str, Any], console: Console = out) -> None:
     table = Table(title=f"run {st['run_id']} — {st['campaign_id']} ({st['status']})")
     states = [
         s
@@ -199,9 +206,9 @@ def _print_summary(st: dict[str, Any]) -> None:
     table.add_column("total", justify="right")
     for district_id, counts in sorted(st["by_district"].items()):
         table.add_row(_district_name(district_id), *[str(counts.get(s, 0)) for s in states], str(sum(counts.values())))
-    out.print(table)
+    console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items()))
-    out.print(f"total {st['total']}: {counts}; parts sent {st['parts_sent']}", markup=False)
+    console.print(f"total {st['total']}: {counts}; parts sent {st['parts_sent']}", markup=False)
 
 
 @app.command()
@@ -211,10 +218,14 @@ def run(
     no_wait: bool = typer.Option(False, "--no-wait", help="with Redis: enqueue and return at once"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Create a run of CAMPAIGN and send it (embedded) or enqueue it for workers (Redis)."""
+    """Create a run of CAMPAIGN and send it (embedded) or enqueue it for workers (Redis).
+
+    Standard output is the run id alone (``RUN=$(dispatch run …)``), or one JSON object with
+    ``--json``; progress and the summary go to standard error.
+    """
     from .campaigns import load_campaign
     from .runs import dry_run as do_dry_run
-    from .runs import start_run, status
+    from .runs import refuse_pointless_run, start_run, status
 
     rt = runtime()
     loaded = load_campaign(campaign, rt.settings.templates_dir)
@@ -254,14 +265,17 @@ def run(
         from .broker import ping
 
         ping(rt.broker)
-    # a misconfigured gateway is reported (exit 2) before any row is written
+    # a misconfigured gateway, a passed send_by or an empty audience is reported (exit 2) before any row is written
     _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway
+    refuse_pointless_run(rt, loaded)
     rt.store, rt.actors  # noqa: B018 - open the delivery log and declare actors before timing the fan-out
     started = time.perf_counter()
     created = start_run(rt, loaded)
     fanout_seconds = time.perf_counter() - started
     enqueued_at = created.get("enqueue_started_at", time.time())
     if not as_json:
+        sys.stdout.write(created["run_id"] + "\n")
+        sys.stdout.flush()
         err.print(
             f"run {created['run_id']}: {created['pending']} to send in {created['batches']} batches", markup=False
         )
@@ -275,7 +289,7 @@ def run(
     if as_json:
         emit_json({**st, "fanout_seconds": round(fanout_seconds, 4), "enqueued_at": enqueued_at})
     else:
-        _print_summary(st)
+        _print_summary(st, err)
     if st["open"] and rt.settings.embedded:
         raise typer.Exit(1)
 
@@ -323,11 +337,20 @@ def runs(
 
 
 @app.command("status")
-def status_cmd(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """A run's counts by state and by district."""
+def status_cmd(
+    run_id: str = typer.Argument(None, help="run id (default: the newest run)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A run's counts by state and by district (the newest run when no RUN_ID is given)."""
     from .runs import status
 
-    st = status(runtime(), run_id)
+    rt = runtime()
+    if run_id is None:
+        newest = rt.store.list_runs(limit=1)
+        if not newest:
+            raise UsageError("no runs yet in this delivery log: `dispatch run CAMPAIGN` creates one", field="run")
+        run_id = newest[0]["id"]
+    st = status(rt, run_id)
     if as_json:
         emit_json(st)
     else:
@@ -434,12 +457,13 @@ def web(
 
     from .web.app import create_app
 
-    rt = runtime()
+    rt = runtime("INFO")
     uvicorn.run(
         create_app(rt),
         host=host or rt.settings.web_host,
         port=port or rt.settings.web_port,
-        log_level=rt.settings.log_level.lower(),
+        # the level in force (DISPATCH_LOG_LEVEL or this command's INFO), never the raw, possibly empty, setting
+        log_level=State.log_level.lower(),
         access_log=False,  # the access log would print callers' query strings; our handlers log masked
     )
 

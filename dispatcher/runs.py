@@ -80,6 +80,28 @@ def enqueue_batches(runtime: Runtime, run_id: str, batches: list[int], priority:
     return len(batches)
 
 
+def refuse_pointless_run(runtime: Runtime, loaded: LoadedCampaign) -> int:
+    """Refuse (exit 2, nothing written) a run that could send nobody; return how many it would message.
+
+    A run past its ``send_by`` would only expire its rows, and one whose audience is empty (or
+    entirely opted out) would be recorded as "completed" having reached no one: both are an
+    operator's mistake to be told about, not a run to record.
+    """
+    c = loaded.campaign
+    send_by = c.send_by_datetime()
+    now = runtime.clock()
+    if send_by is not None and send_by <= now:
+        message = f"{send_by.isoformat()} has passed (now {now.isoformat(timespec='seconds')}): nothing could be sent"
+        raise loaded.located.error(message, ("send_by",))
+    matrix = runtime.store.audience_matrix(audience_filter(loaded))
+    selected = sum(v["selected"] for v in matrix["by_district"].values())
+    eligible = selected - sum(v["opted_out"] for v in matrix["by_district"].values())
+    if eligible <= 0:
+        why = "no resident matches it" if selected == 0 else f"all {selected} selected residents opted out"
+        raise loaded.located.error(f"{why}: nothing to send", ("audience",))
+    return eligible
+
+
 def start_run(
     runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None, actor: str = "operator"
 ) -> dict[str, Any]:

@@ -30,6 +30,8 @@ CANCELLED = "cancelled"
 STATES = (PENDING, SENDING, SENT, DELIVERED, UNDELIVERED, FAILED, SKIPPED, UNKNOWN, EXPIRED, CANCELLED)
 #: states in which a row still needs work
 OPEN_STATES = (PENDING, SENDING, UNKNOWN)
+#: states of a row the gateway accepted: its parts were sent (and paid for) whatever the delivery report says
+HANDED_OVER_STATES = (SENT, DELIVERED, UNDELIVERED)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from . import schema as t
 from .base import (
     CANCELLED,
     FAILED,
+    HANDED_OVER_STATES,
     OPEN_STATES,
     PENDING,
     SENDING,
@@ -253,14 +254,22 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
     # ------------------------------------------------------------------ audience selection
 
     def _audience_where(self, audience: AudienceFilter) -> list[Any]:
-        r, rs = t.residents, t.resident_segments
+        r = t.residents
+        # the segment tests get their own alias of resident_segments and correlate to residents only:
+        # a caller that joins resident_segments itself (the matrix by segment) would otherwise see its
+        # subquery auto-correlated away to nothing
+        rs = t.resident_segments.alias("segment_filter")
         where: list[Any] = [r.c.district.in_(audience.districts)]
         if audience.grids:
             where.append(r.c.grid.in_(audience.grids))
         if audience.segments:
-            where.append(sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.segments)))
+            where.append(
+                sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.segments)).correlate(r)
+            )
         if audience.exclude_segments:
-            where.append(~sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.exclude_segments)))
+            where.append(
+                ~sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.exclude_segments)).correlate(r)
+            )
         return where
 
     def iter_audience(self, audience: AudienceFilter, chunk: int = 2000) -> Iterator[Any]:
@@ -302,7 +311,15 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 .group_by(r.c.district, rs.c.segment)
             ):
                 cells[d][s] = int(n)
-        return {"by_district": per_district, "by_district_segment": dict(cells)}
+            grids: dict[str, dict[str, int]] = defaultdict(dict)
+            for d, g, n in conn.execute(
+                select(r.c.district, r.c.grid, func.count())
+                .where(*where, r.c.opted_out.is_(False))
+                .group_by(r.c.district, r.c.grid)
+                .order_by(r.c.district, r.c.grid)
+            ):
+                grids[d][g] = int(n)
+        return {"by_district": per_district, "by_district_segment": dict(cells), "by_district_grid": dict(grids)}
 
     # ------------------------------------------------------------------ runs
 
@@ -820,7 +837,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         d = t.deliveries
         with self._read() as conn:
             value = conn.execute(
-                select(func.coalesce(func.sum(d.c.parts), 0)).where(d.c.run_id == run_id, d.c.state == "sent")
+                select(func.coalesce(func.sum(d.c.parts), 0)).where(
+                    d.c.run_id == run_id, d.c.state.in_(HANDED_OVER_STATES)
+                )
             ).scalar_one()
         return int(value)
 
