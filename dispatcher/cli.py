@@ -8,6 +8,7 @@ anything is written or sent.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -458,6 +459,10 @@ def web(
     from .web.app import create_app
 
     rt = runtime("INFO")
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to die by it; a process
+    # manager should see a clean stop (exit 0), so that re-raised signal (or one before uvicorn's
+    # handlers are installed) ends the process normally
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         create_app(rt),
         host=host or rt.settings.web_host,
@@ -468,7 +473,11 @@ def web(
     )
 
 
-# ------------------------------------------------------------------ run control and the scheduler (issue 4)
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+# ------------------------------------------------------------------ run control and the scheduler
 
 
 def _deferred_embedded(rt: Runtime, run_id: str) -> bool:
