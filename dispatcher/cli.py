@@ -267,8 +267,8 @@ def run(
 
         ping(rt.broker)
     # a misconfigured gateway, a passed send_by or an empty audience is reported (exit 2) before any row is written
-    _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway
     refuse_pointless_run(rt, loaded)
+    _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway
     rt.store, rt.actors  # noqa: B018 - open the delivery log and declare actors before timing the fan-out
     started = time.perf_counter()
     created = start_run(rt, loaded)
