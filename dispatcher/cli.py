@@ -92,6 +92,7 @@ def preview(
     """Show who would be messaged and exactly what they would read. Sends nothing."""
     from .campaigns import load_campaign
     from .runs import audience_filter
+    from .sms import part_lines, split_parts
     from .templates import SAMPLE_RECIPIENT
 
     rt = runtime()
@@ -103,6 +104,7 @@ def preview(
         variants.append(
             {"template": name, "text": text, "encoding": seg.encoding, "chars": seg.chars, "parts": seg.parts}
         )
+        variants[-1]["part_texts"] = split_parts(text)
     current = loaded.campaign.template_for(rt.clock())
     composer = loaded.composer_for(current)
     total_parts = recipients = 0
@@ -144,7 +146,8 @@ def preview(
         out.print(
             f"\n[bold]{v['template']}[/bold]{marker}: {v['encoding']}, {v['chars']} characters, {v['parts']} part(s)"
         )
-        out.print(v["text"], markup=False)
+        for line in part_lines(str(v["text"])):  # where each part ends, as handsets and providers split it
+            out.print(line, markup=False)
     out.print(f"\nrecipients {recipients}, opted out {report['opted_out']}, total parts {total_parts}")
 
 

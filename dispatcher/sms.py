@@ -1,16 +1,21 @@
-"""SMS length arithmetic: which encoding a text needs and how many parts it is billed as.
+"""SMS length arithmetic: which encoding a text needs, and the parts it is split into and billed as.
 
 GSM-7 carries 160 characters in one part and 153 per part once split (the rest is
-the concatenation header); characters of the GSM extension table (``{}[]~^|€\\``)
-take two septets. Anything outside GSM-7 -- every Chinese message -- goes as UCS-2:
-70 characters in one part, 67 per part when split, and a character outside the
-Basic Multilingual Plane (an emoji) takes two UTF-16 units. Chinese carriers bill
-what we compute here: signature, brackets and opt-out text included.
+the concatenation header); characters of the GSM extension table (``{}[]~^|€\\``
+and the form feed) take two septets, an escape and the character, and handsets and
+providers never split such a pair across two parts. Anything outside GSM-7 -- every
+Chinese message -- goes as UCS-2: 70 UTF-16 code units in one part, 67 per part when
+split, and a character outside the Basic Multilingual Plane (an emoji, rare CJK)
+takes two code units, a surrogate pair that is never split either. So a part may
+end a unit short of the limit: 67 emoji are 3 parts (33 + 33 + 1), not 2.
+
+``split_parts`` returns the parts exactly as they go out; ``segment`` counts them,
+so the count and the boundaries a preview shows can never disagree. Chinese carriers
+bill what we compute here: signature, brackets and opt-out text included.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 GSM7_BASIC = frozenset(
@@ -18,6 +23,9 @@ GSM7_BASIC = frozenset(
     "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
 )
 GSM7_EXTENSION = frozenset("^{}\\[~]|€\f")
+
+#: (units in a single part, units per part of a split message) per encoding
+LIMITS = {"GSM-7": (160, 153), "UCS-2": (70, 67)}
 
 #: the longest message an operator may define: carriers refuse longer concatenations
 MAX_MESSAGE_CHARS = 500
@@ -33,12 +41,55 @@ class Segmentation:
     chars: int
 
 
+def encoding_of(text: str) -> str:
+    return "GSM-7" if all(c in GSM7_BASIC or c in GSM7_EXTENSION for c in text) else "UCS-2"
+
+
+def unit_cost(char: str, encoding: str) -> int:
+    """Units one character takes: an escape pair (GSM-7) or a surrogate pair (UCS-2) is 2, never split."""
+    if encoding == "GSM-7":
+        return 2 if char in GSM7_EXTENSION else 1
+    return 2 if ord(char) > 0xFFFF else 1
+
+
+def units_of(text: str, encoding: str | None = None) -> int:
+    encoding = encoding or encoding_of(text)
+    return sum(unit_cost(c, encoding) for c in text)
+
+
+def split_parts(text: str) -> list[str]:
+    """The parts ``text`` goes out as, in order; ``"".join(parts) == text``.
+
+    A character's units (one, or an indivisible pair) always land in one part, so a
+    part is filled up to the per-part limit and ends one unit early when the next
+    character is a pair that would straddle the boundary.
+    """
+    encoding = encoding_of(text)
+    single, multi = LIMITS[encoding]
+    if units_of(text, encoding) <= single:
+        return [text]
+    parts: list[str] = []
+    start = used = 0
+    for index, char in enumerate(text):
+        cost = unit_cost(char, encoding)
+        if used + cost > multi:
+            parts.append(text[start:index])
+            start, used = index, 0
+        used += cost
+    parts.append(text[start:])
+    return parts
+
+
 def segment(text: str) -> Segmentation:
-    if all(c in GSM7_BASIC or c in GSM7_EXTENSION for c in text):
-        units = sum(2 if c in GSM7_EXTENSION else 1 for c in text)
-        single, multi, encoding = 160, 153, "GSM-7"
-    else:
-        units = sum(2 if ord(c) > 0xFFFF else 1 for c in text)
-        single, multi, encoding = 70, 67, "UCS-2"
-    parts = 1 if units <= single else math.ceil(units / multi)
-    return Segmentation(encoding=encoding, units=units, parts=parts, chars=len(text))
+    encoding = encoding_of(text)
+    return Segmentation(
+        encoding=encoding, units=units_of(text, encoding), parts=len(split_parts(text)), chars=len(text)
+    )
+
+
+def part_lines(text: str) -> list[str]:
+    """One line per part, numbered and with its size, for an operator to see where each part ends."""
+    encoding = encoding_of(text)
+    parts = split_parts(text)
+    unit = "septets" if encoding == "GSM-7" else "UTF-16 units"
+    return [f"[{n}/{len(parts)}, {units_of(p, encoding)} {unit}] {p}" for n, p in enumerate(parts, 1)]

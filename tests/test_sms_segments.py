@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import itertools
+import json
 
-from dispatcher.sms import segment
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispatcher.sms import GSM7_BASIC, GSM7_EXTENSION, segment, split_parts
+from tests.conftest import Project
 
 
 @pytest.mark.parametrize(
@@ -38,3 +44,106 @@ def test_signature_and_opt_out_count_towards_parts() -> None:
 def test_characters_outside_the_bmp_take_two_ucs2_units() -> None:
     assert segment("😀" * 35).units == 70
     assert segment("😀" * 36).parts == 2
+
+
+# ------------------------------------------------------------------ parts as handsets and providers split them
+
+GSM_ESCAPES = "€[]{}~|^\\\f"
+UCS2_LIMITS = {"GSM-7": (160, 153), "UCS-2": (70, 67)}
+
+
+def test_67_emoji_are_three_parts_because_a_surrogate_pair_is_never_split() -> None:
+    text = "😀" * 67  # 134 UTF-16 units: 67 per part would cut the 34th emoji in half
+    parts = split_parts(text)
+    assert [len(p) for p in parts] == [33, 33, 1]
+    assert segment(text).parts == 3
+
+
+def test_an_escape_pair_that_would_straddle_a_boundary_moves_to_the_next_part() -> None:
+    text = "a" * 152 + "€" + "a" * 10  # the euro sign would take septets 153 and 154
+    parts = split_parts(text)
+    assert parts[0] == "a" * 152
+    assert parts[1].startswith("€")
+    assert segment(text).parts == 2
+
+
+def test_escapes_filling_whole_parts_split_between_pairs() -> None:
+    parts = split_parts("{" * 100)  # 200 septets: 76 pairs (152) per part, never 76.5
+    assert [len(p) for p in parts] == [76, 24]
+
+
+def _units(text: str, encoding: str) -> int:
+    if encoding == "GSM-7":
+        return sum(2 if c in GSM_ESCAPES else 1 for c in text)
+    return len(text.encode("utf-16-le")) // 2
+
+
+gsm_text = st.text(alphabet=st.sampled_from(sorted(GSM7_BASIC | GSM7_EXTENSION)), max_size=500)
+ucs2_text = st.text(
+    alphabet=st.one_of(
+        st.sampled_from("防诈骗回T退订【】a{€ "),
+        st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF),  # emoji: surrogate pairs
+        st.characters(min_codepoint=0x20000, max_codepoint=0x2A6DF),  # rare CJK outside the BMP
+    ),
+    min_size=1,
+    max_size=300,
+).filter(lambda t: any(c not in GSM7_BASIC and c not in GSM7_EXTENSION for c in t))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(gsm_text, ucs2_text, st.text(max_size=400)))
+def test_parts_rejoin_fit_their_limits_and_agree_with_the_count(text: str) -> None:
+    seg = segment(text)
+    parts = split_parts(text)
+    assert "".join(parts) == text
+    assert seg.parts == len(parts)
+    single, multi = UCS2_LIMITS[seg.encoding]
+    if seg.units <= single:
+        assert parts == [text]
+    else:
+        assert all(0 < _units(p, seg.encoding) <= multi for p in parts)
+        # greedy like a handset: a part ends early only when the next character is a pair that does not fit
+        for part, following in itertools.pairwise(parts):
+            assert _units(part, seg.encoding) + _units(following[0], seg.encoding) > multi
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(gsm_text, ucs2_text))
+def test_no_escape_sequence_or_surrogate_pair_is_split(text: str) -> None:
+    encoding = segment(text).encoding
+    parts = split_parts(text)
+    for part in parts:
+        # each part is valid UTF-16 on its own: no half of a surrogate pair at either end
+        assert part.encode("utf-16-le").decode("utf-16-le") == part
+    # the units on the wire add up: no escape septet or surrogate half was cut off or carried twice
+    assert sum(_units(p, encoding) for p in parts) == _units(text, encoding)
+
+
+PREVIEW_CAMPAIGN = """\
+id: emoji-drill
+title: 演练
+owner: 公安分局
+template: emoji.sms.j2
+variables:
+  hotline: "96110"
+audience:
+  districts: [横林镇]
+"""
+
+
+def test_preview_shows_where_each_part_ends(project: Project) -> None:
+    # 134 UTF-16 units, 2 x 67 by plain arithmetic; but two emoji would straddle a boundary, so 3 parts
+    project.write("templates/emoji.sms.j2", "拨{{ hotline }}您" + "😀" * 56)
+    path = project.write("campaigns/emoji.yaml", PREVIEW_CAMPAIGN)
+    as_json = project.dispatch("preview", str(path), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    variant = json.loads(as_json.stdout)["variants"][0]
+    assert variant["parts"] == 3
+    assert "".join(variant["part_texts"]) == variant["text"]
+    assert [len(p.encode("utf-16-le")) // 2 for p in variant["part_texts"]] == [66, 67, 1]
+
+    text = project.dispatch("preview", str(path))
+    assert text.returncode == 0, text.stderr
+    lines = [line for line in text.stdout.splitlines() if line.startswith("[")]
+    assert [line.split(",")[0] for line in lines] == ["[1/3", "[2/3", "[3/3"]
+    assert lines[0].endswith(variant["part_texts"][0]) and lines[2].endswith(variant["part_texts"][2])
