@@ -25,7 +25,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import domain
+from . import domain, safeyaml
+from .charcheck import LINE_BREAKS, bad_character
 from .errors import CampaignError, InputError, TemplateError
 from .sms import MAX_MESSAGE_CHARS
 from .templates import BUILTIN_NAMES, SAMPLE_RECIPIENT, Composer, TemplateSource, load, undeclared
@@ -345,16 +346,20 @@ def parse_yaml(path: Path) -> Located:
         raise CampaignError("file not found", path=str(path)) from exc
     except UnicodeDecodeError as exc:
         raise CampaignError("not UTF-8 text", path=str(path)) from exc
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL in the path
+        raise CampaignError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", path=str(path)) from exc
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = safeyaml.load(text, str(path))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         if exc.context_mark is not None and exc.problem and "<stream end>" in exc.problem:
             mark = exc.context_mark  # an unclosed bracket: point at where it was opened
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         problem = exc.problem or exc.context or "invalid YAML"
-        raise CampaignError(f"invalid YAML: {problem}", path=str(path), line=line, column=column) from exc
+        field_name = getattr(exc, "field", None)
+        raise CampaignError(
+            f"invalid YAML: {problem}", path=str(path), line=line, column=column, field=field_name
+        ) from exc
     except yaml.YAMLError as exc:
         raise CampaignError(f"invalid YAML: {exc}", path=str(path)) from exc
     if not isinstance(data, dict) or node is None:
@@ -381,7 +386,32 @@ def _data_path(data: Any, loc: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(path)
 
 
+def _unusable_text(value: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str] | None:
+    """The first key or string in the document that no message or database can carry, and why."""
+    if isinstance(value, str):
+        reason = bad_character(value, allow=LINE_BREAKS)
+        return (loc, reason) if reason else None
+    items: Iterable[tuple[Any, Any]] = ()
+    if isinstance(value, dict):
+        for key in value:
+            reason = bad_character(key) if isinstance(key, str) else None
+            if reason:
+                return ((*loc, key), f"field name {reason}")
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    for key, item in items:
+        found = _unusable_text(item, (*loc, key))
+        if found:
+            return found
+    return None
+
+
 def _schema(located: Located) -> Campaign:
+    found = _unusable_text(located.data, ())
+    if found:
+        loc, reason = found
+        raise located.error(reason, loc)
     try:
         return Campaign.model_validate(located.data)
     except ValidationError as exc:
@@ -485,7 +515,10 @@ def _template_errors(
         try:
             text = lc.composer_for(name).compose(SAMPLE_RECIPIENT)
         except TemplateError as exc:
-            yield located.error(f"template {name}: {exc.message}", loc, TemplateError)
+            if exc.line:  # a bound the template broke at a line of its own: point into the template
+                yield TemplateError(exc.message, path=str(templates_dir / name), line=exc.line, field="template")
+            else:
+                yield located.error(f"template {name}: {exc.message}", loc, TemplateError)
             continue
         if len(text) > MAX_MESSAGE_CHARS:
             yield located.error(
@@ -528,7 +561,11 @@ def load_campaign(path: Path, templates_dir: Path) -> LoadedCampaign:
 
 def campaign_files(paths: Iterable[Path]) -> Iterator[Path]:
     for path in paths:
-        if path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except (OSError, ValueError):  # a name too long to look up: reading it reports the problem
+            is_dir = False
+        if is_dir:
             yield from sorted(p for p in path.rglob("*") if p.suffix in {".yaml", ".yml"})
         else:
             yield path

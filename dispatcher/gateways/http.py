@@ -46,6 +46,7 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .. import safeyaml
 from ..errors import AmbiguousSendError, InputError, PermanentSendError, RetryableSendError, SendError
 from .base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
 from .httptrace import Redactor, TracedHttp, collecting
@@ -171,8 +172,7 @@ def load_config(path: Path, *, env: Mapping[str, str], section: str | None = Non
     except (UnicodeDecodeError, OSError) as exc:
         raise HttpConfigError(f"cannot read: {exc}", path=where) from exc
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = safeyaml.load(text, where)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise HttpConfigError(
@@ -180,7 +180,10 @@ def load_config(path: Path, *, env: Mapping[str, str], section: str | None = Non
             path=where,
             line=mark.line + 1 if mark else None,
             column=mark.column + 1 if mark else None,
+            field=getattr(exc, "field", None),
         ) from exc
+    except yaml.YAMLError as exc:
+        raise HttpConfigError(f"invalid YAML/JSON: {exc}", path=where) from exc
     if not isinstance(data, dict) or node is None:
         raise HttpConfigError("expected a mapping with url, body and response", path=where, line=1)
     marks: dict[tuple[Any, ...], tuple[int, int]] = {}

@@ -1,0 +1,25 @@
+"""Characters that must never reach a message, a registry row or the delivery log.
+
+A lone UTF-16 surrogate (``"\\ud800"`` in a double-quoted YAML string, undecodable
+bytes in a CSV) cannot be encoded as UTF-8: it would pass validation and crash the
+run that stores or sends it. A NUL byte or another control character in a name is
+invisible to the operator, breaks PostgreSQL text columns and would be sent to a
+resident as is. Both are refused where the text enters: campaign files, templates'
+output and the resident registry.
+"""
+
+from __future__ import annotations
+
+#: whitespace controls a multi-line YAML string (a folded title, a block variable) may carry
+LINE_BREAKS = "\t\n\r"
+
+
+def bad_character(text: str, *, allow: str = "") -> str | None:
+    """Why ``text`` cannot be used (naming the first offending character), or None when it can."""
+    for char in text:
+        code = ord(char)
+        if 0xD800 <= code <= 0xDFFF:
+            return f"contains a lone surrogate U+{code:04X} (not valid text; undecodable bytes or a \\u escape)"
+        if (code < 0x20 or 0x7F <= code <= 0x9F) and char not in allow:
+            return f"contains the control character U+{code:04X}"
+    return None

@@ -1,0 +1,98 @@
+"""YAML for operator files (campaigns, gateway configs): no aliases, bounded nesting, positions kept.
+
+Campaign files and gateway configs are short, hand-written and often copied from
+elsewhere, so three things a YAML parser allows are refused before any value is
+built, each as a ``MarkedYAMLError`` pointing at its line:
+
+- aliases and anchors (``&a`` / ``*a``): a 400-byte file of nested aliases (the
+  "billion laughs") expands to gigabytes once constructed, and nothing an operator
+  writes here needs them;
+- nesting deeper than ``MAX_DEPTH``: the composer and everything that walks the
+  result recurse, so ``[[[[...`` five thousand deep would end in a RecursionError;
+- characters YAML itself forbids (a NUL byte in the file): reported with a line,
+  not only a byte offset.
+
+JSON is YAML, so a JSON config goes through the same checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+#: deeper than any campaign or gateway config needs (they use four or five levels)
+MAX_DEPTH = 32
+
+
+class UnsafeYAMLError(yaml.MarkedYAMLError):
+    """A document this loader refuses; ``field`` is the dotted path of the node where it was found."""
+
+    def __init__(self, problem: str, mark: Any, field: str | None = None) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+        self.field = field
+
+
+class _Loader(yaml.SafeLoader):
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        #: the keys and indexes leading to the node being composed (None for a mapping key or the root)
+        self._path: list[Any] = []
+
+    def _field(self) -> str | None:
+        parts = [str(p) for p in self._path if p is not None]
+        if len(parts) > 6:
+            parts = [*parts[:6], "…"]
+        return ".".join(parts) or None
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if isinstance(index, yaml.ScalarNode):
+            label: Any = index.value  # the value of a mapping key
+        elif isinstance(index, int):
+            label = index  # an item of a sequence
+        else:
+            label = None
+        self._path.append(label)
+        try:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise UnsafeYAMLError(
+                    f"YAML aliases (*{event.anchor}) are not allowed here; write the value out",
+                    event.start_mark,
+                    self._field(),
+                )
+            if getattr(event, "anchor", None) is not None:
+                raise UnsafeYAMLError(
+                    f"YAML anchors (&{event.anchor}) are not allowed here; write the value out",
+                    event.start_mark,
+                    self._field(),
+                )
+            if len(self._path) > MAX_DEPTH:
+                raise UnsafeYAMLError(f"nested deeper than {MAX_DEPTH} levels", event.start_mark, self._field())
+            node: yaml.Node | None = super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+        return node
+
+
+def load(text: str, name: str = "<file>") -> tuple[yaml.Node | None, Any]:
+    """The document's node tree (for line numbers) and its plain data, composed once.
+
+    Raises ``yaml.YAMLError`` (a ``MarkedYAMLError`` with a line for everything this
+    module refuses); callers already turn those into one-line input errors.
+    """
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:  # the reader checks every character up front
+        position = exc.position
+        line = text.count("\n", 0, position)
+        column = position - (text.rfind("\n", 0, position) + 1)
+        char = exc.character if isinstance(exc.character, int) else 0
+        mark = yaml.Mark(name, position, line, column, None, None)  # type: ignore[arg-type]  # no snippet
+        raise UnsafeYAMLError(f"character U+{char:04X} is not allowed in YAML ({exc.reason})", mark) from exc
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
