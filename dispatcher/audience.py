@@ -13,13 +13,15 @@ chunks; nothing holds the whole file.
 from __future__ import annotations
 
 import csv
+import io
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import domain
+from .charcheck import bad_character
 from .phones import InvalidPhone, normalise
 from .store.base import Resident
 
@@ -41,7 +43,15 @@ class RowError:
 
 def parse_row(row: dict[str, str | None]) -> Resident:
     """One CSV row to a ``Resident``; raises ``ValueError(field, reason)`` on the first problem."""
+    for column, value in row.items():
+        # a NUL or other control character in a name would be stored and sent; a lone surrogate
+        # (undecodable bytes) could not be stored at all
+        reason = bad_character(value) if isinstance(value, str) and column is not None else None
+        if reason:
+            raise ValueError(column, reason)
     raw_phone = (row.get("phone") or "").strip()
+    if len(raw_phone) > 32:
+        raise ValueError("phone", "longer than 32 characters")
     try:
         phone = normalise(raw_phone)
     except InvalidPhone as exc:
@@ -69,21 +79,85 @@ def parse_row(row: dict[str, str | None]) -> Resident:
     name = (row.get("name") or "").strip()
     if len(name) > 64:
         raise ValueError("name", "longer than 64 characters")
+    language = (row.get("language") or "zh-CN").strip() or "zh-CN"
+    if len(language) > 16:
+        raise ValueError("language", "longer than 16 characters (a tag such as zh-CN)")
     return Resident(
         phone=phone,
         name=name,
         district=district.id,
         grid=grid,
         segments=tuple(segments),
-        language=(row.get("language") or "zh-CN").strip() or "zh-CN",
+        language=language,
         opted_out=opted in _TRUE,
     )
 
 
+class _RowLines:
+    """The stream's lines as the csv reader takes them, keeping the current row's for error reports."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lines: list[str] = []
+
+    def __iter__(self) -> _RowLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.stream)
+        self.lines.append(line)
+        return line
+
+    def next_row(self) -> None:
+        self.lines = []
+
+
+def _overlong_column(header: list[str], raw: str) -> str:
+    """Which column of a row the csv reader refused as too long (it does not say)."""
+    limit = csv.field_size_limit()
+    try:
+        csv.field_size_limit(len(raw) + 1)  # the module-wide limit, restored at once; imports run one at a time
+        cells = next(csv.reader(io.StringIO(raw)), [])
+    except csv.Error:
+        return "row"
+    finally:
+        csv.field_size_limit(limit)
+    for index, cell in enumerate(cells):
+        if len(cell) > limit:
+            return header[index] if index < len(header) else "row"
+    return "row"
+
+
+def _rows(reader: csv.DictReader[str], lines: _RowLines, path: Path) -> Iterator[dict[Any, Any] | RowError]:
+    """The reader's rows; a row the csv module cannot read becomes a ``RowError`` and reading goes on."""
+    while True:
+        lines.next_row()
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            header = list(reader.fieldnames or [])
+            if "field larger than field limit" in str(exc):
+                column = _overlong_column(header, "".join(lines.lines))
+                yield RowError(
+                    str(path), reader.line_num, column, f"a value longer than {csv.field_size_limit()} characters"
+                )
+            else:
+                yield RowError(str(path), reader.line_num, "row", f"unreadable CSV: {exc}")
+            continue
+        yield row  # a ragged row carries None keys or values: read_csv reports those
+
+
 def read_csv(path: Path, stream: TextIO) -> Iterator[Resident | RowError]:
     """Yield a ``Resident`` per good row and a ``RowError`` per bad one, in file order."""
-    reader = csv.DictReader(stream)
-    header = reader.fieldnames or []
+    lines = _RowLines(stream)
+    reader = csv.DictReader(lines)
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as exc:
+        yield RowError(str(path), 1, "header", f"unreadable CSV: {exc}")
+        return
     missing = [c for c in ("phone", "district") if c not in header]
     if missing:
         yield RowError(
@@ -97,7 +171,10 @@ def read_csv(path: Path, stream: TextIO) -> Iterator[Resident | RowError]:
     if unknown:
         yield RowError(str(path), 1, ",".join(unknown), f"unknown column(s); expected {','.join(COLUMNS)}")
         return
-    for row in reader:
+    for row in _rows(reader, lines, path):
+        if isinstance(row, RowError):
+            yield row
+            continue
         line = reader.line_num
         if None in row:  # more cells than the header has columns
             yield RowError(str(path), line, "row", f"{len(header) + len(row[None])} cells, header has {len(header)}")

@@ -685,7 +685,7 @@ def audience_import(file: Path, chunk: int = typer.Option(1000, help="rows per d
             yield item
 
     try:
-        with file.open(encoding="utf-8-sig", newline="") as stream:
+        with file.open(encoding="utf-8-sig", newline="", errors="surrogateescape") as stream:  # bad bytes: a row error
             for rows in iter_chunks(good_rows(stream), chunk):
                 written += rt.store.upsert_residents(rows)
     except UnicodeDecodeError as exc:

@@ -31,7 +31,8 @@ one file (YAML or JSON, ``DISPATCH_HTTP_CONFIG``) says::
 A bad file is an ``InputError`` naming ``file:line:column: field``: the command
 exits 2 before anything is written or sent. Secrets are substituted when the file
 is loaded and redacted from every trace. HTTP 429 and refused connections are
-retried, 5xx and read timeouts are ambiguous (the row goes to ``unknown``).
+retried, 5xx, read timeouts and a 2xx reply that is not JSON are ambiguous (the
+row goes to ``unknown``).
 """
 
 from __future__ import annotations
@@ -331,6 +332,14 @@ class HttpGateway(BaseGateway):
             data: Any = response.json()
         except ValueError:
             data = None
+            if 200 <= response.status_code < 300:
+                # the provider took the request but its answer cannot be read: the SMS may go out
+                raise self._with(
+                    AmbiguousSendError(
+                        f"HTTP {response.status_code} with a reply that is not JSON", code="http.bad_provider_response"
+                    ),
+                    trace,
+                ) from None
         if response.status_code == 429:
             raise self._with(RetryableSendError("rate limited (HTTP 429)", code="http.429"), trace)
         if response.status_code >= 500:

@@ -13,7 +13,8 @@ retried, failed, failed-and-opted-out, or left ``unknown`` for reconciliation.
 Twilio processes nothing on a 429 and a refused connection sends nothing, so both
 are retried; a 5xx or a read timeout may have queued the SMS, so the row goes to
 ``unknown`` and ``lookup`` asks Twilio for messages to that number since the
-attempt before anything is sent again.
+attempt before anything is sent again. So does a success status whose body is not
+Twilio's JSON or carries no ``sid`` (``twilio.bad_provider_response``).
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ def classify(exc: TwilioException) -> SendError:
     return AmbiguousSendError(f"{type(exc).__name__}: {exc}", code="twilio.client")
 
 
+def bad_response(message: str) -> SendError:
+    """A reply we cannot read after the request reached Twilio: like a 5xx, the SMS may have gone out."""
+    return AmbiguousSendError(message, code="twilio.bad_provider_response")
+
+
 class TwilioGateway(BaseGateway):
     name = "twilio"
 
@@ -220,7 +226,17 @@ class TwilioGateway(BaseGateway):
                 error = classify(exc)
                 error.trace = list(trace)
                 raise error from exc
-        return SendResult(provider_id=str(created.sid), status=str(created.status or "queued"), trace=list(trace))
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                # a success status whose body is not Twilio's JSON (a proxy's page, a truncated reply)
+                error = bad_response(f"the reply to a send is not Twilio's JSON: {type(exc).__name__}")
+                error.trace = list(trace)
+                raise error from exc
+        if not isinstance(created.sid, str) or not created.sid:
+            # accepted, but with nothing to look the message up by: it may go out, so never resend blindly
+            error = bad_response("Twilio accepted the message but its reply carries no sid")
+            error.trace = list(trace)
+            raise error
+        return SendResult(provider_id=created.sid, status=str(created.status or "queued"), trace=list(trace))
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
         """Which of these messages Twilio holds: messages to that number created since the attempt.
@@ -243,6 +259,10 @@ class TwilioGateway(BaseGateway):
                     error = classify(exc)
                     error.trace = list(trace)
                     raise error from exc
+                except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                    error = bad_response(f"the reply to a lookup is not Twilio's JSON: {type(exc).__name__}")
+                    error.trace = list(trace)
+                    raise error from exc
             earliest = request.since - timedelta(minutes=1) if request.since else None
             for m in messages:
                 if m.to != request.to or (m.direction and not str(m.direction).startswith("outbound")):
@@ -252,6 +272,8 @@ class TwilioGateway(BaseGateway):
                     continue
                 if request.body and m.body and m.body != request.body:
                     continue
+                if not isinstance(m.sid, str) or not m.sid:
+                    continue  # nothing to record it by: never store "None" as a provider id
                 found[request.key] = SendResult(provider_id=str(m.sid), status=str(m.status), trace=list(trace))
                 break
         return found
