@@ -18,8 +18,10 @@ def bad_character(text: str, *, allow: str = "") -> str | None:
     """Why ``text`` cannot be used (naming the first offending character), or None when it can."""
     for char in text:
         code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # how Python's surrogateescape carries a byte that is not UTF-8
+            return f"contains a byte that is not UTF-8 text (0x{code - 0xDC00:02X})"
         if 0xD800 <= code <= 0xDFFF:
-            return f"contains a lone surrogate U+{code:04X} (not valid text; undecodable bytes or a \\u escape)"
+            return f"contains a lone surrogate U+{code:04X}, which is not text (a \\u escape of half a pair?)"
         if (code < 0x20 or 0x7F <= code <= 0x9F) and char not in allow:
             return f"contains the control character U+{code:04X}"
     return None

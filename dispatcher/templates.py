@@ -201,6 +201,15 @@ def _template_line(exc: BaseException) -> int | None:
     return lines[-1] if lines else None
 
 
+def _output_line(template: jinja2.Template, output: Any) -> int | None:
+    """The template line a suspended render stopped at: where the output that went past the bound came from."""
+    frame = None
+    while output is not None and getattr(output, "gi_frame", None) is not None:
+        frame = output.gi_frame
+        output = getattr(output, "gi_yieldfrom", None)
+    return template.get_corresponding_lineno(frame.f_lineno) if frame is not None else None
+
+
 def _environment() -> SandboxedEnvironment:
     return BoundedSandbox(
         undefined=jinja2.StrictUndefined,
@@ -274,11 +283,15 @@ class Composer:
         try:
             chunks: list[str] = []
             size = 0
+            template: jinja2.Template = self._template  # type: ignore[attr-defined]  # set in __post_init__
+            output = template.generate(context)
             # read the output piece by piece and stop past the bound, rather than build it all first
-            for chunk in self._template.generate(context):  # type: ignore[attr-defined]  # set in __post_init__
+            for chunk in output:
                 size += len(chunk)
                 if size > MAX_TEMPLATE_OUTPUT:
-                    raise _too_long()
+                    raise TemplateError(
+                        str(_too_long()), path=self.source.name, line=_output_line(template, output), field="template"
+                    )
                 chunks.append(chunk)
             text = "".join(chunks)
         except TemplateTooLarge as exc:
