@@ -90,7 +90,7 @@ ucs2_text = st.text(
 ).filter(lambda t: any(c not in GSM7_BASIC and c not in GSM7_EXTENSION for c in t))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.one_of(gsm_text, ucs2_text, st.text(max_size=400)))
 def test_parts_rejoin_fit_their_limits_and_agree_with_the_count(text: str) -> None:
     seg = segment(text)
@@ -107,7 +107,7 @@ def test_parts_rejoin_fit_their_limits_and_agree_with_the_count(text: str) -> No
             assert _units(part, seg.encoding) + _units(following[0], seg.encoding) > multi
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(st.one_of(gsm_text, ucs2_text))
 def test_no_escape_sequence_or_surrogate_pair_is_split(text: str) -> None:
     encoding = segment(text).encoding
