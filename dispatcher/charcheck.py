@@ -10,18 +10,27 @@ output and the resident registry.
 
 from __future__ import annotations
 
+import functools
+import re
+
 #: whitespace controls a multi-line YAML string (a folded title, a block variable) may carry
 LINE_BREAKS = "\t\n\r"
 
 
+@functools.cache
+def _pattern(allow: str) -> re.Pattern[str]:
+    controls = "".join(re.escape(chr(c)) for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in allow)
+    return re.compile(f"[{controls}\ud800-\udfff]")
+
+
 def bad_character(text: str, *, allow: str = "") -> str | None:
     """Why ``text`` cannot be used (naming the first offending character), or None when it can."""
-    for char in text:
-        code = ord(char)
-        if 0xDC80 <= code <= 0xDCFF:  # how Python's surrogateescape carries a byte that is not UTF-8
-            return f"contains a byte that is not UTF-8 text (0x{code - 0xDC00:02X})"
-        if 0xD800 <= code <= 0xDFFF:
-            return f"contains a lone surrogate U+{code:04X}, which is not text (a \\u escape of half a pair?)"
-        if (code < 0x20 or 0x7F <= code <= 0x9F) and char not in allow:
-            return f"contains the control character U+{code:04X}"
-    return None
+    found = _pattern(allow).search(text)
+    if found is None:
+        return None
+    code = ord(found.group())
+    if 0xDC80 <= code <= 0xDCFF:  # how Python's surrogateescape carries a byte that is not UTF-8
+        return f"contains a byte that is not UTF-8 text (0x{code - 0xDC00:02X})"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"contains a lone surrogate U+{code:04X}, which is not text (a \\u escape of half a pair?)"
+    return f"contains the control character U+{code:04X}"

@@ -41,8 +41,11 @@ class Segmentation:
     chars: int
 
 
+_GSM7_ALL = GSM7_BASIC | GSM7_EXTENSION
+
+
 def encoding_of(text: str) -> str:
-    return "GSM-7" if all(c in GSM7_BASIC or c in GSM7_EXTENSION for c in text) else "UCS-2"
+    return "GSM-7" if _GSM7_ALL.issuperset(text) else "UCS-2"
 
 
 def unit_cost(char: str, encoding: str) -> int:
@@ -54,20 +57,17 @@ def unit_cost(char: str, encoding: str) -> int:
 
 def units_of(text: str, encoding: str | None = None) -> int:
     encoding = encoding or encoding_of(text)
-    return sum(unit_cost(c, encoding) for c in text)
+    if encoding == "GSM-7":
+        return len(text) + sum(text.count(c) for c in GSM7_EXTENSION)
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
-def split_parts(text: str) -> list[str]:
-    """The parts ``text`` goes out as, in order; ``"".join(parts) == text``.
-
-    A character's units (one, or an indivisible pair) always land in one part, so a
-    part is filled up to the per-part limit and ends one unit early when the next
-    character is a pair that would straddle the boundary.
-    """
-    encoding = encoding_of(text)
+def _split(text: str, encoding: str, units: int) -> list[str]:
     single, multi = LIMITS[encoding]
-    if units_of(text, encoding) <= single:
+    if units <= single:
         return [text]
+    if units == len(text):  # every character one unit: plain slices (most Chinese text)
+        return [text[i : i + multi] for i in range(0, len(text), multi)]
     parts: list[str] = []
     start = used = 0
     for index, char in enumerate(text):
@@ -80,11 +80,21 @@ def split_parts(text: str) -> list[str]:
     return parts
 
 
+def split_parts(text: str) -> list[str]:
+    """The parts ``text`` goes out as, in order; ``"".join(parts) == text``.
+
+    A character's units (one, or an indivisible pair) always land in one part, so a
+    part is filled up to the per-part limit and ends one unit early when the next
+    character is a pair that would straddle the boundary.
+    """
+    encoding = encoding_of(text)
+    return _split(text, encoding, units_of(text, encoding))
+
+
 def segment(text: str) -> Segmentation:
     encoding = encoding_of(text)
-    return Segmentation(
-        encoding=encoding, units=units_of(text, encoding), parts=len(split_parts(text)), chars=len(text)
-    )
+    units = units_of(text, encoding)
+    return Segmentation(encoding=encoding, units=units, parts=len(_split(text, encoding, units)), chars=len(text))
 
 
 def part_lines(text: str) -> list[str]:
