@@ -256,11 +256,13 @@ def undeclared(source: TemplateSource) -> set[str]:
     """Top-level names the template reads; raises ``TemplateError`` on a syntax error."""
     try:
         ast = _ENV.parse(source.text)
+        return set(meta.find_undeclared_variables(ast))
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(
             f"template syntax error: {exc.message}", path=source.name, line=exc.lineno, field="template"
         ) from exc
-    return set(meta.find_undeclared_variables(ast))
+    except (RecursionError, SyntaxError) as exc:  # thousands of nested brackets or blocks
+        raise TemplateError("template is nested too deeply", path=source.name, field="template") from exc
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,11 @@ class Composer:
 
     def __post_init__(self) -> None:
         undeclared(self.source)  # surface syntax errors with their line
-        object.__setattr__(self, "_template", _ENV.from_string(self.source.text))
+        try:
+            template = _ENV.from_string(self.source.text)
+        except (RecursionError, SyntaxError) as exc:  # Python cannot compile blocks nested that deep
+            raise TemplateError("template is nested too deeply", path=self.source.name, field="template") from exc
+        object.__setattr__(self, "_template", template)
 
     def body(self, recipient: Mapping[str, Any]) -> str:
         context = {**self.variables, "recipient": recipient, "campaign": self.campaign}

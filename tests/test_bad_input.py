@@ -168,6 +168,20 @@ def test_nesting_5000_levels_deep_in_a_campaign_is_refused(project: Project, nes
         assert "nested deeper than" in match["message"]
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        pytest.param("{{ " + "(" * DEEP + "hotline" + ")" * DEEP + " }}", id="brackets"),
+        pytest.param("{% if true %}" * DEEP + "{{ hotline }}" + "{% endif %}" * DEEP, id="blocks"),
+    ],
+)
+def test_template_nested_5000_levels_deep_is_refused(project: Project, template: str) -> None:
+    project.write("templates/deep.sms.j2", template)
+    path = project.write("campaigns/drill.yaml", CAMPAIGN.replace("themes/brushing.sms.j2", "deep.sms.j2"))
+    for match in refused_by_validate_and_run(project, path, "drill.yaml", "template"):
+        assert match["line"] == "4" and "nested too deeply" in match["message"], match.group(0)
+
+
 def test_json_http_config_nested_5000_levels_deep_is_refused(project: Project) -> None:
     deep = '{"a": ' * DEEP + "1" + "}" * DEEP
     config = project.write(
