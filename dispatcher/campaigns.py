@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import domain, safeyaml
-from .charcheck import LINE_BREAKS, bad_character
+from .charcheck import LINE_BREAKS, first_bad_text
 from .errors import CampaignError, InputError, TemplateError
 from .sms import MAX_MESSAGE_CHARS
 from .templates import BUILTIN_NAMES, SAMPLE_RECIPIENT, Composer, TemplateSource, load, undeclared
@@ -386,29 +386,8 @@ def _data_path(data: Any, loc: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(path)
 
 
-def _unusable_text(value: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str] | None:
-    """The first key or string in the document that no message or database can carry, and why."""
-    if isinstance(value, str):
-        reason = bad_character(value, allow=LINE_BREAKS)
-        return (loc, reason) if reason else None
-    items: Iterable[tuple[Any, Any]] = ()
-    if isinstance(value, dict):
-        for key in value:
-            reason = bad_character(key) if isinstance(key, str) else None
-            if reason:
-                return ((*loc, key), f"field name {reason}")
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    for key, item in items:
-        found = _unusable_text(item, (*loc, key))
-        if found:
-            return found
-    return None
-
-
 def _schema(located: Located) -> Campaign:
-    found = _unusable_text(located.data, ())
+    found = first_bad_text(located.data, allow=LINE_BREAKS)
     if found:
         loc, reason = found
         raise located.error(reason, loc)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
+from typing import Any
 
 #: whitespace controls a multi-line YAML string (a folded title, a block variable) may carry
 LINE_BREAKS = "\t\n\r"
@@ -34,3 +36,24 @@ def bad_character(text: str, *, allow: str = "") -> str | None:
     if 0xD800 <= code <= 0xDFFF:
         return f"contains a lone surrogate U+{code:04X}, which is not text (a \\u escape of half a pair?)"
     return f"contains the control character U+{code:04X}"
+
+
+def first_bad_text(value: Any, loc: tuple[Any, ...] = (), *, allow: str = "") -> tuple[tuple[Any, ...], str] | None:
+    """The first key or string in parsed YAML/JSON that cannot be used: (its path, why), or None."""
+    if isinstance(value, str):
+        reason = bad_character(value, allow=allow)
+        return (loc, reason) if reason else None
+    items: Iterable[tuple[Any, Any]] = ()
+    if isinstance(value, dict):
+        for key in value:
+            reason = bad_character(key) if isinstance(key, str) else None
+            if reason:
+                return ((*loc, key), f"field name {reason}")
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    for key, item in items:
+        found = first_bad_text(item, (*loc, key), allow=allow)
+        if found:
+            return found
+    return None

@@ -231,6 +231,17 @@ def test_unusable_character_in_a_campaign_string_is_a_field_error(
         assert match["line"] == line and words in match["message"], match.group(0)
 
 
+def test_control_character_in_the_http_gateway_config_is_refused(project: Project) -> None:
+    config = project.write("var/carrier.yaml", HTTP_CONFIG + 'headers:\n  X-Api-Key: "k\\r\\nX-Evil: 1"\n')
+    env = {"DISPATCH_GATEWAY": "http", "DISPATCH_HTTP_CONFIG": str(config)}
+    project.registry(size=20)
+    match = refused(
+        dispatch(project, "run", "campaigns/refund-scam-lucheng.yaml", env=env), "carrier.yaml", "headers.X-Api-Key"
+    )
+    assert match["line"] == "10" and "control character U+000D" in match["message"], match.group(0)
+    nothing_written(project)
+
+
 def test_raw_nul_byte_in_a_campaign_file_is_refused_at_its_line(project: Project) -> None:
     path = project.write("campaigns/drill.yaml", CAMPAIGN.replace("title: 演练", "title: 演\x00练"))
     result = dispatch(project, "validate", str(path))

@@ -48,6 +48,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .. import safeyaml
+from ..charcheck import first_bad_text
 from ..errors import AmbiguousSendError, InputError, PermanentSendError, RetryableSendError, SendError
 from .base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
 from .httptrace import Redactor, TracedHttp, collecting
@@ -196,6 +197,11 @@ def load_config(path: Path, *, env: Mapping[str, str], section: str | None = Non
             raise HttpConfigError("required section is missing", path=where, line=line, column=column, field=section)
         data, prefix = data[section], (section,)
         marks = {key[1:]: pos for key, pos in marks.items() if key[:1] == prefix} | {(): marks[prefix]}
+    bad = first_bad_text(data)  # a NUL or line break would reach a header or the provider's request as is
+    if bad:
+        loc, reason = bad
+        line, column = _position(marks, loc)
+        raise HttpConfigError(reason, path=where, line=line, column=column, field=".".join(map(str, (*prefix, *loc))))
     secrets: list[str] = []
     missing: list[tuple[tuple[Any, ...], str]] = []
     resolved = _substitute_env(data, env, (), secrets, missing)
