@@ -48,10 +48,12 @@ MAX_TEMPLATE_VALUE = 20_000
 MAX_TEMPLATE_OUTPUT = 20_000
 #: the most iterations all ``{% for %}`` loops of one render may run together
 MAX_LOOP_ITERATIONS = 100_000
-#: integer arguments of padding-style calls (``center``, ``ljust``, ``indent``...) and ``**`` results in bits
+#: the largest ``**`` result, in bits (a 1,233-digit number is plenty for a message)
 _MAX_BITS = 4096
+#: calls whose integer argument is a width to pad to: refused above MAX_TEMPLATE_VALUE
 _WIDTH_CALLS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "indent", "wordwrap"})
-#: a format width (``%99999s``, ``{:>99999}``) or a width taken from the arguments (``%*s``, ``{:{w}}``)
+#: a format width of five digits or more (``%99999s``, ``{:>99999}``), or one taken from the arguments
+#: (``%*s``, ``{:{w}}``), which could be any size: both refused
 _BIG_WIDTH_RE = re.compile(r"(%[-#0 +]*(\d{5,}|\*))|(\{[^{}]*:[^{}]*(\d{5,}|\{))")
 
 #: iterations left to the render in progress (None outside ``Composer.body``: no budget)
