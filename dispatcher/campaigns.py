@@ -567,15 +567,13 @@ def parse_as_of(text: str, zone: ZoneInfo) -> AsOf:
 
 
 def check_run_date(loaded: LoadedCampaign, now: datetime, as_of: AsOf | None = None) -> None:
-    """Refuse a manual run that the schedule's start and end rule out.
+    """Refuse a manual run that the schedule's start and end rule out, or that has no theme for its date.
 
     Without ``--as-of`` a campaign whose schedule has ended is not run any more; with it, the
     as-of date must lie within the schedule (making up a fire that was missed, also after the end).
     """
     schedule = loaded.campaign.schedule
-    if schedule is None:
-        return
-    start, end = schedule.local_start(), schedule.local_end()
+    start, end = (schedule.local_start(), schedule.local_end()) if schedule else (None, None)
     if as_of is not None:
         if start is not None and as_of.before(start):
             raise loaded.located.error(
@@ -585,13 +583,13 @@ def check_run_date(loaded: LoadedCampaign, now: datetime, as_of: AsOf | None = N
             raise loaded.located.error(
                 f"--as-of {as_of} is after the schedule ends ({_minute(end)})", ("schedule", "end")
             )
-        return
-    if end is not None and now > end:
+    elif end is not None and now > end:
         raise loaded.located.error(
             f"the schedule ended on {_minute(end)}, so the campaign is not run any more "
             f"(to make up a missed fire, give --as-of a date within the schedule)",
             ("schedule", "end"),
         )
+    loaded.template_for(as_of.when if as_of else now)  # a quarter without a theme: refused before anything
 
 
 def _world_errors(located: Located, campaign: Campaign, templates_dir: Path) -> Iterator[InputError]:

@@ -76,3 +76,25 @@ def test_a_delivery_log_of_the_previous_schema_version_gains_the_as_of_column(an
         version = conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == "schema_version")).scalar_one()
     engine.dispose()
     assert int(version) == t.SCHEMA_VERSION == 2
+
+
+def test_manual_run_in_a_quarter_without_a_theme_is_refused_until_given_a_date_in_one(project: Project) -> None:
+    project.registry(size=10, seed=9)
+    project.write(
+        "campaigns/summer.yaml",
+        "id: summer\ntitle: 暑期反诈\nowner: 公安分局\n"
+        "themes: {Q3: themes/investment.sms.j2}\n"
+        'variables: {hotline: "96110"}\n'
+        'schedule: {yearly: {month: 7, day: 5, at: "10:00"}}\n',
+    )
+    november = {"DISPATCH_FAKE_NOW": "2026-11-10T10:00:00+08:00"}
+    refused = project.dispatch("run", "campaigns/summer.yaml", env=november)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == (
+        "campaigns/summer.yaml:4:1: themes: no theme for Q4 (the run is as of 2026-11-10); "
+        "the themes cover Q3: give --as-of a date in one of those quarters"
+    )
+    assert not project.outbox.exists()
+    made_up = project.dispatch("run", "campaigns/summer.yaml", "--as-of", "2026-07-05", "--json", env=november)
+    assert made_up.returncode == 0, made_up.stderr
+    assert json.loads(made_up.stdout)["template"] == "themes/investment.sms.j2"
