@@ -5,7 +5,8 @@ Three layers, each reporting ``path:line:column: field: message``:
 1. YAML syntax (PyYAML's marks give the position);
 2. the schema (pydantic; each error's ``loc`` is mapped back to the YAML node it came from);
 3. the world: districts, segments and departments exist, templates exist and parse,
-   every variable a template reads is given, and the message can fit 500 characters.
+   every variable a template reads is given, and the message can fit 500 characters;
+   the schedule ends after it starts and its themes cover every quarter it fires in.
 
 ``load_campaign`` stops at the first error; ``check_paths`` collects every error of
 every file so that ``dispatch validate`` can show them all at once.
