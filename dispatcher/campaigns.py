@@ -41,6 +41,11 @@ _DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+def quarter_of(when: datetime) -> str:
+    """``Q1`` .. ``Q4`` of a (local) date."""
+    return f"Q{(when.month - 1) // 3 + 1}"
+
+
 def parse_duration(text: str) -> timedelta:
     """``5s``, ``10m``, ``1h``, ``1d``, ``2w`` -> timedelta."""
     match = _DURATION_RE.match(str(text))
@@ -322,7 +327,7 @@ class Campaign(_Model):
         if when.tzinfo is not None:
             # a fire time arrives in UTC: 1 April 00:30 in Shanghai is still 31 March in UTC
             when = when.astimezone(self.zone())
-        quarter = f"Q{(when.month - 1) // 3 + 1}"
+        quarter = quarter_of(when)
         if quarter not in self.themes:
             raise CampaignError(f"no theme for {quarter}", field="themes")
         return self.themes[quarter]
@@ -517,6 +522,19 @@ class LoadedCampaign:
 
     def composer(self, when: datetime | None = None) -> Composer:
         return self.composer_for(self.template_for(when))
+
+    def template_now_or_next(self, now: datetime) -> str:
+        """The template a run would use now, or, in a quarter without a theme, the one of the next fire.
+
+        A yearly campaign themed only for its own quarter is still previewed the rest of the year.
+        """
+        c = self.campaign
+        if c.themes is None or c.schedule is None or quarter_of(now.astimezone(c.zone())) in c.themes:
+            return self.template_for(now)
+        from .scheduler import fire_times
+
+        upcoming = next(fire_times(c.schedule, now, limit=1), None)
+        return self.template_for(upcoming) if upcoming is not None else c.template_names()[0]
 
     def composer_for(self, template_name: str) -> Composer:
         c = self.campaign

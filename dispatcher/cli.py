@@ -95,7 +95,7 @@ def preview(
     from .templates import SAMPLE_RECIPIENT
 
     rt = runtime()
-    loaded = load_campaign(campaign, rt.settings.templates_dir)
+    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock())
     matrix = rt.store.audience_matrix(audience_filter(loaded))
     variants = []
     for name in loaded.campaign.template_names():
@@ -103,7 +103,7 @@ def preview(
         variants.append(
             {"template": name, "text": text, "encoding": seg.encoding, "chars": seg.chars, "parts": seg.parts}
         )
-    current = loaded.campaign.template_for(rt.clock())
+    current = loaded.template_now_or_next(rt.clock())
     composer = loaded.composer_for(current)
     total_parts = recipients = 0
     for row in rt.store.iter_audience(audience_filter(loaded)):

@@ -41,7 +41,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from .campaigns import LoadedCampaign, Schedule, campaign_files, check_paths, parse_duration
+from .campaigns import LoadedCampaign, Schedule, campaign_files, check_paths, parse_duration, quarter_of
 from .errors import DispatchError, InputError
 from .store.sql import DuplicateRun
 
@@ -122,10 +122,6 @@ def next_after(trigger: BaseTrigger, when: datetime) -> datetime | None:
 #: how far an open-ended schedule is followed to learn its quarters: the Gregorian calendar's weekdays
 #: repeat every 28 years (1901-2099), so any cron pattern has shown every quarter it fires in by then
 QUARTER_HORIZON_YEARS = 28
-
-
-def quarter_of(when: datetime) -> str:
-    return f"Q{(when.month - 1) // 3 + 1}"
 
 
 def first_fire_per_quarter(schedule: Schedule, since: datetime, until: datetime | None) -> dict[str, datetime]:

@@ -78,16 +78,19 @@ def test_a_delivery_log_of_the_previous_schema_version_gains_the_as_of_column(an
     assert int(version) == t.SCHEMA_VERSION == 2
 
 
+SUMMER = (
+    "id: summer\ntitle: 暑期反诈\nowner: 公安分局\n"
+    "themes: {Q3: themes/investment.sms.j2}\n"
+    'variables: {hotline: "96110"}\n'
+    'schedule: {yearly: {month: 7, day: 5, at: "10:00"}}\n'
+)
+NOVEMBER = {"DISPATCH_FAKE_NOW": "2026-11-10T10:00:00+08:00"}
+
+
 def test_manual_run_in_a_quarter_without_a_theme_is_refused_until_given_a_date_in_one(project: Project) -> None:
     project.registry(size=10, seed=9)
-    project.write(
-        "campaigns/summer.yaml",
-        "id: summer\ntitle: 暑期反诈\nowner: 公安分局\n"
-        "themes: {Q3: themes/investment.sms.j2}\n"
-        'variables: {hotline: "96110"}\n'
-        'schedule: {yearly: {month: 7, day: 5, at: "10:00"}}\n',
-    )
-    november = {"DISPATCH_FAKE_NOW": "2026-11-10T10:00:00+08:00"}
+    project.write("campaigns/summer.yaml", SUMMER)
+    november = NOVEMBER
     refused = project.dispatch("run", "campaigns/summer.yaml", env=november)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip() == (
@@ -98,3 +101,12 @@ def test_manual_run_in_a_quarter_without_a_theme_is_refused_until_given_a_date_i
     made_up = project.dispatch("run", "campaigns/summer.yaml", "--as-of", "2026-07-05", "--json", env=november)
     assert made_up.returncode == 0, made_up.stderr
     assert json.loads(made_up.stdout)["template"] == "themes/investment.sms.j2"
+
+
+def test_preview_outside_the_themed_quarter_shows_the_next_fires_theme(project: Project) -> None:
+    project.registry(size=10, seed=9)
+    project.write("campaigns/summer.yaml", SUMMER)
+    result = project.dispatch("preview", "campaigns/summer.yaml", "--json", env=NOVEMBER)
+    assert result.returncode == 0, result.stderr
+    preview = json.loads(result.stdout)
+    assert preview["template_now"] == "themes/investment.sms.j2" and preview["recipients"] == 10
