@@ -147,10 +147,13 @@ def test_themes_pick_the_template_of_the_quarter(project: Project) -> None:
 
 
 def test_command_line_mistakes_get_click_usage_and_exit_2_without_a_traceback(project: Project) -> None:
-    for args in (("status",), ("run", "--bogus", "x"), ("audience", "generate", "--size", "0"), ("nosuch",)):
+    for args in (("pause",), ("run", "--bogus", "x"), ("audience", "generate", "--size", "0"), ("nosuch",)):
         result = project.dispatch(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert "Error:" in result.stderr and "Traceback" not in result.stderr and "internal error" not in result.stderr
+    # status without a run shows the newest; with none yet it says how to make one
+    empty = project.dispatch("status")
+    assert empty.returncode == 2 and "no runs yet" in empty.stderr and "Traceback" not in empty.stderr
 
 
 # ------------------------------------------------------------------ schedules, themes and the vocabulary
