@@ -75,7 +75,7 @@ def validate(paths: list[Path] = typer.Argument(None, help="campaign files or fo
     from .campaigns import check_paths
 
     rt = runtime()
-    loaded, errors = check_paths(paths or [rt.settings.campaigns_dir], rt.settings.templates_dir)
+    loaded, errors = check_paths(paths or [rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock())
     for error in errors:
         err.print(str(error), markup=False)
     if errors:
@@ -96,7 +96,7 @@ def preview(
     from .templates import SAMPLE_RECIPIENT
 
     rt = runtime()
-    loaded = load_campaign(campaign, rt.settings.templates_dir)
+    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock())
     matrix = rt.store.audience_matrix(audience_filter(loaded))
     variants = []
     for name in loaded.campaign.template_names():
@@ -105,7 +105,7 @@ def preview(
             {"template": name, "text": text, "encoding": seg.encoding, "chars": seg.chars, "parts": seg.parts}
         )
         variants[-1]["part_texts"] = split_parts(text)
-    current = loaded.campaign.template_for(rt.clock())
+    current = loaded.template_now_or_next(rt.clock())
     composer = loaded.composer_for(current)
     total_parts = recipients = 0
     for row in rt.store.iter_audience(audience_filter(loaded)):
@@ -211,6 +211,8 @@ def _print_summary(st: dict[str, Any], console: Console = out) -> None:
     for district_id, counts in sorted(st["by_district"].items()):
         table.add_row(_district_name(district_id), *[str(counts.get(s, 0)) for s in states], str(sum(counts.values())))
     console.print(table)
+    if st.get("as_of"):
+        console.print(f"as of {st['as_of']} (theme {st['template']})", markup=False)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items()))
     console.print(f"total {st['total']}: {counts}; parts sent {st['parts_sent']}", markup=False)
 
@@ -221,18 +223,24 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="select and render, write and send nothing"),
     no_wait: bool = typer.Option(False, "--no-wait", help="with Redis: enqueue and return at once"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    as_of: str | None = typer.Option(
+        None, "--as-of", help="ISO date(-time) in the campaign's time zone: theme as of then, recorded on the run"
+    ),
 ) -> None:
     """Create a run of CAMPAIGN and send it (embedded) or enqueue it for workers (Redis).
 
     Standard output is the run id alone (``RUN=$(dispatch run …)``), or one JSON object with
     ``--json``; progress and the summary go to standard error.
     """
-    from .campaigns import load_campaign
+    from .campaigns import check_run_date, load_campaign, parse_as_of
     from .runs import dry_run as do_dry_run
     from .runs import refuse_pointless_run, start_run, status
 
     rt = runtime()
-    loaded = load_campaign(campaign, rt.settings.templates_dir)
+    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock())
+    run_as_of = parse_as_of(as_of, loaded.campaign.zone()) if as_of else None
+    check_run_date(loaded, rt.clock(), run_as_of)
+    as_of_time = run_as_of.when if run_as_of else None
     if dry_run:
         summary: dict[str, Any] = {
             "campaign_id": loaded.campaign.id,
@@ -242,7 +250,7 @@ def run(
             "parts": 0,
             "by_district": {},
         }
-        for row in do_dry_run(rt, loaded):
+        for row in do_dry_run(rt, loaded, as_of_time):
             bucket = summary["by_district"].setdefault(row.district, {"recipients": 0, "skipped": 0, "parts": 0})
             if row.skipped:
                 summary["skipped"] += 1
@@ -274,7 +282,7 @@ def run(
     _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway
     rt.store, rt.actors  # noqa: B018 - open the delivery log and declare actors before timing the fan-out
     started = time.perf_counter()
-    created = start_run(rt, loaded)
+    created = start_run(rt, loaded, as_of=as_of_time)
     fanout_seconds = time.perf_counter() - started
     enqueued_at = created.get("enqueue_started_at", time.time())
     if not as_json:
@@ -579,7 +587,7 @@ def schedule_list(
     from .scheduler import fire_times
 
     rt = runtime()
-    loaded, errors = check_paths([campaigns or rt.settings.campaigns_dir], rt.settings.templates_dir)
+    loaded, errors = check_paths([campaigns or rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock())
     if errors:
         raise errors[0]
     start = _when(since, "--from") or rt.clock()
@@ -593,9 +601,8 @@ def schedule_list(
             {"fire_time": ft.isoformat(), "template": lc.campaign.template_for(ft)}
             for ft in fire_times(schedule, start, end, count)
         ]
-        kind = "cron" if schedule.cron else "quarterly" if schedule.quarterly else "interval"
         items.append({
-            "campaign_id": lc.campaign.id, "path": str(lc.path), "kind": kind, "timezone": schedule.timezone,
+            "campaign_id": lc.campaign.id, "path": str(lc.path), "kind": schedule.kind, "timezone": schedule.timezone,
             "misfire_grace": schedule.misfire_grace, "priority": lc.campaign.priority, "fires": fires,
         })  # fmt: skip
     if as_json:

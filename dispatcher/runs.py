@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 import structlog
+import yaml
 
 from .campaigns import LoadedCampaign
 from .gateways.base import LookupRequest
@@ -42,10 +44,13 @@ def audience_filter(loaded: LoadedCampaign) -> AudienceFilter:
     )
 
 
-def run_spec(runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None) -> RunSpec:
+def run_spec(
+    runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None, as_of: datetime | None = None
+) -> RunSpec:
+    """The run's snapshot; its theme is the one of the fire time, else of ``as_of``, else of now."""
     c = loaded.campaign
     now = runtime.clock()
-    template_name = c.template_for(fire_time or now)
+    template_name = loaded.template_for(fire_time or as_of or now)
     source = loaded.templates[template_name]
     return RunSpec(
         run_id=new_run_id(now),
@@ -65,6 +70,7 @@ def run_spec(runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | 
         send_by=c.send_by_datetime(),
         batch_size=runtime.settings.batch_size,
         fire_time=fire_time,
+        as_of=as_of,
         signature=c.signature,
         opt_out_text=c.opt_out_text,
     )
@@ -103,10 +109,15 @@ def refuse_pointless_run(runtime: Runtime, loaded: LoadedCampaign) -> int:
 
 
 def start_run(
-    runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None, actor: str = "operator"
+    runtime: Runtime,
+    loaded: LoadedCampaign,
+    *,
+    fire_time: datetime | None = None,
+    actor: str = "operator",
+    as_of: datetime | None = None,
 ) -> dict[str, Any]:
     """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
-    spec = dataclasses.replace(run_spec(runtime, loaded, fire_time=fire_time), actor=actor)
+    spec = dataclasses.replace(run_spec(runtime, loaded, fire_time=fire_time, as_of=as_of), actor=actor)
     created = runtime.store.create_run(spec, audience_filter(loaded))
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
         created["enqueue_started_at"] = time.time()  # workers may start from here (benchmarks time from it)
@@ -125,9 +136,9 @@ class DryRunRow:
     skipped: str | None
 
 
-def dry_run(runtime: Runtime, loaded: LoadedCampaign) -> Iterator[DryRunRow]:
+def dry_run(runtime: Runtime, loaded: LoadedCampaign, as_of: datetime | None = None) -> Iterator[DryRunRow]:
     """Select and render exactly as a run would, streaming; writes and sends nothing."""
-    composer = loaded.composer(runtime.clock())
+    composer = loaded.composer(as_of or runtime.clock())
     for row in runtime.store.iter_audience(audience_filter(loaded)):
         if row.opted_out:
             yield DryRunRow(row.phone, row.district, "", 0, "", "opted_out")
@@ -237,6 +248,7 @@ def status(runtime: Runtime, run_id: str) -> dict[str, Any]:
         "channel": run["channel"],
         "gateway": run["gateway"],
         "fire_time": run["fire_time"].isoformat() if run["fire_time"] else None,
+        "as_of": _as_of_local(run),
         "created_at": run["created_at"].isoformat() if run["created_at"] else None,
         "finished_at": run["finished_at"].isoformat() if run["finished_at"] else None,
         "template": run["template_name"],
@@ -250,6 +262,16 @@ def status(runtime: Runtime, run_id: str) -> dict[str, Any]:
         "open": sum(counts.get(s, 0) for s in ("pending", "sending", UNKNOWN)),
         "failed": counts.get(FAILED, 0),
     }
+
+
+def _as_of_local(run: dict[str, Any]) -> str | None:
+    """The run's as-of date in its campaign's time zone, as the operator gave it (UTC in the database)."""
+    if run.get("as_of") is None:
+        return None
+    snapshot = yaml.safe_load(run["campaign_yaml"]) or {}
+    schedule = snapshot.get("schedule") if isinstance(snapshot, dict) else None
+    zone = schedule.get("timezone") if isinstance(schedule, dict) else None
+    return str(run["as_of"].astimezone(ZoneInfo(zone or "Asia/Shanghai")).isoformat())
 
 
 def pause_run(runtime: Runtime, run_id: str) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .. import domain
+
 PENDING = "pending"
 SENDING = "sending"
 SENT = "sent"
@@ -70,14 +72,24 @@ class RunSpec:
     opt_out_text: str = ""
     #: who created the run (operator name, "scheduler"), recorded at the head of its ledger
     actor: str = "operator"
+    #: the date a manual run is made as of (``--as-of``), which chose its theme
+    as_of: datetime | None = None
 
 
 @dataclass(frozen=True)
 class AudienceFilter:
+    """Who a campaign selects: residents of ``districts``, where a district with listed ``grids`` is
+    narrowed to those grids and every other selected district is taken whole; then the segments."""
+
     districts: tuple[str, ...]
     grids: tuple[str, ...] = ()
     segments: tuple[str, ...] = ()
     exclude_segments: tuple[str, ...] = ()
+
+    def whole_districts(self) -> tuple[str, ...]:
+        """The selected districts none of whose grids is listed."""
+        narrowed = {d.id for grid in self.grids if (d := domain.district_of_grid(grid)) is not None}
+        return tuple(d for d in self.districts if d not in narrowed)
 
 
 @dataclass(frozen=True)

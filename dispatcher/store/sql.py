@@ -142,22 +142,39 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         self.engine.dispose()
 
     def migrate(self) -> None:
-        """Create the schema if missing; refuse a database written by a newer program."""
+        """Create the schema if missing, upgrade an older one; refuse a database written by a newer program."""
         try:
             with self._write() as conn:
                 t.metadata.create_all(conn)
-                row = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "schema_version")).first()
+                # the row lock makes a second process wait for the first one's upgrade, then see it done
+                version = t.meta.c.key == "schema_version"
+                row = conn.execute(select(t.meta.c.value).where(version).with_for_update()).first()
                 if row is None:
                     conn.execute(sa.insert(t.meta).values(key="schema_version", value=str(t.SCHEMA_VERSION)))
                 elif int(row[0]) > t.SCHEMA_VERSION:
                     raise StoreError(
                         f"the delivery log has schema version {row[0]}; this program knows {t.SCHEMA_VERSION}"
                     )
+                elif int(row[0]) < t.SCHEMA_VERSION:
+                    self._upgrade(conn, int(row[0]))
+                    conn.execute(sa.update(t.meta).where(version).values(value=str(t.SCHEMA_VERSION)))
         except IntegrityError:
             # another process created the schema at the same moment; it is there now
             pass
         except OperationalError as exc:
             raise StoreError(f"cannot prepare the delivery log at {_safe_url(self.url)}: {exc.orig}") from exc
+
+    @staticmethod
+    def _upgrade(conn: Connection, found: int) -> None:
+        """Add the columns of every version after ``found`` (schema.MIGRATIONS)."""
+        preparer = conn.dialect.identifier_preparer
+        for target in range(found + 1, t.SCHEMA_VERSION + 1):
+            for table_name, column_name in t.MIGRATIONS.get(target, ()):
+                column = t.metadata.tables[table_name].c[column_name]
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {preparer.quote(table_name)} ADD COLUMN {preparer.quote(column_name)} {kind}"
+                )
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -261,7 +278,8 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         rs = t.resident_segments.alias("segment_filter")
         where: list[Any] = [r.c.district.in_(audience.districts)]
         if audience.grids:
-            where.append(r.c.grid.in_(audience.grids))
+            # a listed grid narrows only its own district: the other selected districts are taken whole
+            where.append(sa.or_(r.c.district.in_(audience.whole_districts()), r.c.grid.in_(audience.grids)))
         if audience.segments:
             where.append(
                 sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.segments)).correlate(r)
@@ -382,6 +400,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                                 "template_name": spec.template_name,
                                 "template_sha256": spec.template_sha256,
                                 "fire_time": spec.fire_time.isoformat() if spec.fire_time else None,
+                                **({"as_of": spec.as_of.isoformat()} if spec.as_of else {}),
                                 "total": int(total),
                                 "pending": pending,
                                 "keys_sha256": digest,
@@ -420,6 +439,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 priority=spec.priority,
                 reason=spec.reason,
                 fire_time=spec.fire_time,
+                as_of=as_utc(spec.as_of),  # SQLite keeps no offset: store UTC like every timestamp
                 status="creating",
                 gateway=spec.gateway,
                 campaign_path=spec.campaign_path,
@@ -897,7 +917,7 @@ def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
 
 def _run_dict(row: Any) -> dict[str, Any]:
     out = dict(row)
-    for key in ("fire_time", "send_by", "created_at", "finished_at"):
+    for key in ("fire_time", "as_of", "send_by", "created_at", "finished_at"):
         out[key] = as_utc(out[key])
     return out
 

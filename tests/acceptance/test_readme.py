@@ -69,6 +69,19 @@ def test_every_readme_command_works_as_written_in_a_clean_copy(tmp_path: Path) -
         assert done.returncode == 0, f"{command}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         assert "Traceback" not in done.stdout + done.stderr
 
+    # the campaign file the README shows is one `dispatch validate` accepts
+    for n, example in enumerate(
+        re.findall(r"```yaml\n(.*?)```", (copy / "README.md").read_text(encoding="utf-8"), re.S)
+    ):
+        if example.startswith("id:"):
+            (copy / "campaigns" / f"readme-example-{n}.yaml").write_text(example, encoding="utf-8")
+            checked = subprocess.run(
+                [str(copy / ".venv" / "bin" / "dispatch"), "validate", f"campaigns/readme-example-{n}.yaml"],
+                cwd=copy, env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert checked.returncode == 0, checked.stderr
+            (copy / "campaigns" / f"readme-example-{n}.yaml").unlink()
+
     port = free_port()
     for block in after:
         setup = [line for line in block if line.startswith((". ", "source "))]
