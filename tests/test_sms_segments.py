@@ -90,8 +90,19 @@ ucs2_text = st.text(
 ).filter(lambda t: any(c not in GSM7_BASIC and c not in GSM7_EXTENSION for c in t))
 
 
+#: long texts dense in pairs: where a pair straddles a boundary and naive arithmetic undercounts
+dense_pairs = st.one_of(
+    st.text(alphabet=st.sampled_from("a{€"), min_size=80, max_size=400),
+    st.text(alphabet=st.sampled_from("防😀𠀀"), min_size=35, max_size=250),
+    # a few BMP characters, then pairs: totals land just under a multiple of 67 units
+    st.builds(
+        lambda pre, n, tail: "防" * pre + "😀" * n + tail, st.integers(0, 3), st.integers(30, 140), st.text("a防")
+    ),
+)
+
+
 @settings(max_examples=300, deadline=None, database=None)
-@given(st.one_of(gsm_text, ucs2_text, st.text(max_size=400)))
+@given(st.one_of(gsm_text, ucs2_text, dense_pairs, st.text(max_size=400)))
 def test_parts_rejoin_fit_their_limits_and_agree_with_the_count(text: str) -> None:
     seg = segment(text)
     parts = split_parts(text)
@@ -108,7 +119,7 @@ def test_parts_rejoin_fit_their_limits_and_agree_with_the_count(text: str) -> No
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(st.one_of(gsm_text, ucs2_text))
+@given(st.one_of(gsm_text, ucs2_text, dense_pairs))
 def test_no_escape_sequence_or_surrogate_pair_is_split(text: str) -> None:
     encoding = segment(text).encoding
     parts = split_parts(text)
