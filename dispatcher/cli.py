@@ -278,8 +278,8 @@ def run(
 
         ping(rt.broker)
     # a misconfigured gateway, a passed send_by or an empty audience is reported (exit 2) before any row is written
-    refuse_pointless_run(rt, loaded)
     _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway
+    refuse_pointless_run(rt, loaded)
     rt.store, rt.actors  # noqa: B018 - open the delivery log and declare actors before timing the fan-out
     started = time.perf_counter()
     created = start_run(rt, loaded, as_of=as_of_time)

@@ -61,7 +61,8 @@ def test_a_run_past_send_by_or_with_nobody_to_send_to_is_refused_and_writes_noth
     assert "no resident matches" in _refused(dispatch(root, "run", "campaigns/nobody.yaml", env=env), "audience")
 
     assert json.loads(ok(dispatch(root, "runs", "--json", env=env)).stdout)["runs"] == []
-    assert not (root / "var" / "outbox.jsonl").exists()
+    outbox = root / "var" / "outbox.jsonl"
+    assert not outbox.exists() or outbox.read_text(encoding="utf-8") == "", "nothing sent"
 
 
 def test_audit_log_fits_80_columns_with_district_names(project: tuple[Path, dict[str, str]]) -> None:
