@@ -68,6 +68,8 @@ class RunSpec:
     opt_out_text: str = ""
     #: who created the run (operator name, "scheduler"), recorded at the head of its ledger
     actor: str = "operator"
+    #: the operator's reason for running a campaign again within its frequency period
+    again_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,10 @@ class Claimed:
     attempts: int
     opted_out: bool
     claimed_at: datetime | None = None
+    #: the claim this row was taken under: releasing, re-queueing and recording are fenced on it,
+    #: so a stale resume cannot take a row a live worker holds, and a worker whose row was taken
+    #: away cannot overwrite whoever holds it now
+    claim_token: str | None = None
 
 
 @dataclass
@@ -117,3 +123,5 @@ class Outcome:
     opt_out_phone: str | None = None
     #: the row's idempotency key, for its ledger event (saves reading it back on every batch)
     key: str | None = None
+    #: the claim the outcome belongs to (None: not fenced, e.g. an operator's verdict)
+    claim_token: str | None = None

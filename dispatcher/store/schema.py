@@ -22,7 +22,12 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: columns added after version 1, per version: ``SqlStore.migrate`` adds the ones an older log lacks
+ADDED_COLUMNS: dict[int, list[tuple[str, str, str]]] = {
+    2: [("runs", "halted", "TEXT"), ("schedule_fires", "lease_token", "INTEGER")],
+}
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a log that grows
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -88,6 +93,8 @@ runs = Table(
     #: tail of the run's ledger chain (store/ledger.py): last sequence number and its hash
     Column("ledger_seq", Integer),
     Column("ledger_hash", String(64)),
+    #: why the run stopped by itself (its outbox or delivery log could not be written); cleared by resume
+    Column("halted", Text),
     UniqueConstraint("campaign_id", "fire_time", name="uq_runs_campaign_fire"),
 )
 
@@ -217,7 +224,21 @@ schedule_fires = Table(
     Column("reason", Text),
     Column("scheduler", String(128), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+    #: the leader's fencing token when it fired: strictly increasing across changes of leader
+    Column("lease_token", Integer),
     UniqueConstraint("campaign_id", "fire_time", name="uq_schedule_fires_campaign_fire"),
+)
+
+#: the scheduler leader's fencing token, whatever holds the lease (Redis or the database): a new
+#: leader bumps it, and a run is only created by a fire whose token is still the current one, in the
+#: same transaction, so a leader that froze and woke after losing its lease cannot fire
+leader_fences = Table(
+    "leader_fences",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("token", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 #: the scheduler leader's lease when no Redis is configured (one row per lock name)
