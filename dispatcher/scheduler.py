@@ -303,7 +303,7 @@ class Scheduler:
                 # a frozen former leader may still hold the fence row: try again next tick
                 log.warning("scheduler.fence_unavailable", error=str(exc))
                 return 0
-            log.info("scheduler.fenced", token=self.token)
+            log.info("scheduler.fenced", fence=self.token)
         fired = 0
         for entry in list(self.entries.values()):
             try:
@@ -398,7 +398,7 @@ class Scheduler:
             # it); the fencing token is checked again inside the transaction that creates the run
             if not self.lease.hold():
                 raise LeaseLost(f"scheduler {self.holder} lost its lease before firing")
-            log.info("scheduler.firing", token=self.token)
+            log.info("scheduler.firing", fence=self.token)
             try:
                 actor = f"scheduler:{self.holder}"
                 fence = (LEASE_NAME, self.holder, self.token) if self.token is not None else None

@@ -253,6 +253,13 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
                 gate.unsent = [row for row, _ in to_send[index:]]
                 break
             chunk = to_send[index : index + gate.chunk]
+            taken = gate.taken_away(chunk)
+            if taken:
+                # a resume or the watchdog judged this worker gone (it was frozen) and took these rows:
+                # they are someone else's now, so they are not handed over from here
+                log.warning("batch.claim_taken", rows=len(taken))
+                to_send = [item for item in to_send if item[0].id not in taken]
+                continue
             gate.pace(chunk)
             if context.send_by is not None and runtime.clock() > context.send_by:
                 # the deadline passed while this batch was being paced: nothing more goes out
@@ -332,6 +339,7 @@ class Gate:
         self.down: str | None = None
         #: messages handed to the gateway so far (a crash before the first leaves nothing to reconcile)
         self.handed = 0
+        self._claim_checked = time.monotonic()
         self.opens_at: datetime | None = None
         self._checked = 0.0
 
@@ -360,6 +368,22 @@ class Gate:
             self.stop_reason = "send_window"
             return True
         return False
+
+    def taken_away(self, chunk: list[tuple[Claimed, OutgoingMessage]]) -> set[int]:
+        """Rows of the chunk no longer held under their claim, checked at most every ``CHECK_EVERY``.
+
+        A worker frozen (SIGSTOP, a stalled VM) past its heartbeat may wake to find its rows
+        reconciled and re-queued: handing them over then would send those people twice.
+        """
+        now = time.monotonic()
+        if now - self._claim_checked < self.CHECK_EVERY:
+            return set()
+        self._claim_checked = now
+        try:
+            held = self.runtime.store.still_claimed([row.id for row, _ in chunk], chunk[0][0].claim_token)
+        except StoreError:
+            return set()  # the log is unreachable: nobody can have taken them through it either
+        return {row.id for row, _ in chunk if row.id not in held}
 
     def pace(self, chunk: list[tuple[Claimed, OutgoingMessage]]) -> None:
         if self.limiter is None:

@@ -136,7 +136,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             with self._writer.begin() as conn:
                 yield conn
         except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"delivery log write failed: {exc.orig or exc}") from exc
+            raise StoreError(f"delivery log write failed: {_one_line(exc.orig or exc)}") from exc
 
     @contextmanager
     def _write_short(self) -> Iterator[Connection]:
@@ -147,7 +147,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                     conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
                 yield conn
         except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"delivery log write failed: {exc.orig or exc}") from exc
+            raise StoreError(f"delivery log write failed: {_one_line(exc.orig or exc)}") from exc
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -155,7 +155,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             with self.engine.connect() as conn:
                 yield conn
         except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"could not read the delivery log: {exc.orig or exc}") from exc
+            raise StoreError(f"could not read the delivery log: {_one_line(exc.orig or exc)}") from exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -173,7 +173,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                     if row is not None and int(row[0]) == t.SCHEMA_VERSION:
                         return
         except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"could not read the delivery log at {_safe_url(self.url)}: {exc.orig or exc}") from exc
+            raise StoreError(
+                f"could not read the delivery log at {_safe_url(self.url)}: {_one_line(exc.orig or exc)}"
+            ) from exc
         try:
             with self._write() as conn:
                 t.metadata.create_all(conn)
@@ -788,6 +790,19 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 token=token,
             )
 
+    def still_claimed(self, ids: Sequence[int], token: str | None) -> set[int]:
+        """Which of ``ids`` are still ``sending`` under ``token`` (a worker checks before handing over)."""
+        d = t.deliveries
+        if token is None or not ids:
+            return set(ids)
+        with self._read() as conn:
+            return {
+                i
+                for (i,) in conn.execute(
+                    select(d.c.id).where(d.c.id.in_(list(ids)), d.c.state == SENDING, d.c.claim_token == token)
+                )
+            }
+
     def live_workers(self, stale_after_seconds: float) -> set[str]:
         """Workers that beat within the window, less those on this host whose process is gone.
 
@@ -957,7 +972,8 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         insert = self._insert()
         stmt = insert(t.workers).values(id=worker_id, host=host, pid=pid, started_at=now, heartbeat_at=now)
         stmt = stmt.on_conflict_do_update(index_elements=[t.workers.c.id], set_={"heartbeat_at": now})
-        with self._write() as conn:
+        # a beat waits only briefly for the write lock: a missed beat is harmless, a blocked start is not
+        with self._write_short() as conn:
             conn.execute(stmt)
 
     def forget_worker(self, worker_id: str) -> None:
@@ -1064,6 +1080,11 @@ def _safe_url(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:  # an unparsable URL is reported as the scheme only
         return url.split(":", 1)[0] + "://…"
+
+
+def _one_line(exc: BaseException) -> str:
+    """A driver's message on one line (psycopg's span several): the operator gets one line."""
+    return " ".join(str(exc).split())
 
 
 def _pid_alive(pid: int) -> bool:

@@ -9,6 +9,7 @@ per test (it starts in milliseconds), started with no persistence so a restart i
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import json
 import os
@@ -136,10 +137,8 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     pg = PrivatePostgres(root=root, port=port, bindir=bindir)
     pg.start()
     yield pg
-    try:
+    with contextlib.suppress(subprocess.SubprocessError):
         pg._ctl("-m", "immediate", "-w", "stop")
-    except subprocess.SubprocessError:
-        pass
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -152,7 +151,9 @@ def private_redis() -> Iterator[PrivateRedis]:
 
 
 @pytest.fixture
-def pg_redis_project(tmp_path: Path, private_postgres: PrivatePostgres, private_redis: PrivateRedis) -> Iterator[Project]:
+def pg_redis_project(
+    tmp_path: Path, private_postgres: PrivatePostgres, private_redis: PrivateRedis
+) -> Iterator[Project]:
     """Production shape on private services: PostgreSQL, Redis, `dispatch worker` processes."""
     if not private_postgres.running():
         private_postgres.start()
@@ -274,7 +275,12 @@ def check_recovery(project: Project, run_id: str, *, expected: set[str] | None =
         with open(report, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", ""), **result.__dict__}) + "\n")
     assert result.sent_twice == 0, f"sent twice: {[k for k, n in keys.items() if n > 1][:5]}"
-    assert result.lost == 0, f"lost: {sorted(expected - set(keys))[:5]}"
+    lost_rows = [
+        {k: r[k] for k in ("key", "state", "reason", "error_code", "attempts", "claimed_by")}
+        for r in rows
+        if r["key"] in expected - set(keys)
+    ]
+    assert result.lost == 0, f"lost: {lost_rows[:5]}"
     assert set(keys) <= expected, f"unexpected keys: {sorted(set(keys) - expected)[:5]}"
     assert result.stranded == 0, "rows left pending/sending"
     assert result.handovers_in_ledger == result.outbox_lines, "the ledger must hold one event per hand-over"
@@ -283,7 +289,9 @@ def check_recovery(project: Project, run_id: str, *, expected: set[str] | None =
 
 
 def wait_log(path: Path, needle: str, timeout: float) -> None:
-    wait_for(lambda: path.exists() and needle in path.read_text(errors="replace"), timeout, f"{needle!r} in {path.name}")
+    wait_for(
+        lambda: path.exists() and needle in path.read_text(errors="replace"), timeout, f"{needle!r} in {path.name}"
+    )
 
 
 def pids_alive(*procs: subprocess.Popen[Any]) -> bool:
