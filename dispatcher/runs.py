@@ -91,9 +91,7 @@ def start_run(
     fence: tuple[str, str, int] | None = None,
 ) -> dict[str, Any]:
     """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
-    spec = dataclasses.replace(
-        run_spec(runtime, loaded, fire_time=fire_time), actor=actor, again_reason=again_reason
-    )
+    spec = dataclasses.replace(run_spec(runtime, loaded, fire_time=fire_time), actor=actor, again_reason=again_reason)
     created = runtime.store.create_run(spec, audience_filter(loaded), fence=fence)
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
         created["enqueue_started_at"] = time.time()  # workers may start from here (benchmarks time from it)

@@ -28,9 +28,7 @@ def test_two_manual_runs_of_one_campaign_at_once_create_one_run_and_the_second_n
 ) -> None:
     project = racing_project
     project.registry(size=500, seed=81)
-    procs = [
-        project.popen("run", CAMPAIGN, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)
-    ]
+    procs = [project.popen("run", CAMPAIGN, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], [(p.returncode, err[-500:]) for p, (_, err) in zip(procs, outs, strict=True)]
