@@ -204,9 +204,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             for table, column, sql_type in t.ADDED_COLUMNS.get(step, []):
                 if column not in {c["name"] for c in inspector.get_columns(table)}:
                     conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
-        conn.execute(
-            sa.update(t.meta).where(t.meta.c.key == "schema_version").values(value=str(t.SCHEMA_VERSION))
-        )
+        conn.execute(sa.update(t.meta).where(t.meta.c.key == "schema_version").values(value=str(t.SCHEMA_VERSION)))
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -681,9 +679,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         current = {
             row.id: row
             for row in conn.execute(
-                select(d.c.id, d.c.state, d.c.updated_at, d.c.claim_token).where(
-                    d.c.id.in_([o.id for o in outcomes])
-                )
+                select(d.c.id, d.c.state, d.c.updated_at, d.c.claim_token).where(d.c.id.in_([o.id for o in outcomes]))
             )
         }
         applied = {
@@ -824,9 +820,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 alive.add(wid)
         return alive
 
-    def orphans(
-        self, run_id: str, stale_after_seconds: float, *, older_than: datetime | None = None
-    ) -> list[Claimed]:
+    def orphans(self, run_id: str, stale_after_seconds: float, *, older_than: datetime | None = None) -> list[Claimed]:
         """Rows in ``sending`` whose holder is gone (no recent heartbeat, or its process has exited),
         or, with ``older_than``, claimed before that time whoever holds them (a stuck worker)."""
         d, r = t.deliveries, t.residents
