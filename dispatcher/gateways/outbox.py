@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -47,6 +48,7 @@ class OutboxGateway(BaseGateway):
         self.fail_transient = fail_transient
         self.latency = latency_ms / 1000
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        self._threads = threading.Lock()
 
     def _line(self, message: OutgoingMessage) -> bytes:
         record = {
@@ -68,6 +70,12 @@ class OutboxGateway(BaseGateway):
             raise RetryableSendError("outbox told to refuse this number for now", code="outbox.busy")
 
     def _append(self, data: bytes) -> None:
+        # flock excludes other processes only: threads of this process share the descriptor (and so
+        # the lock), and one repairing the tail while another writes would cut a good line off
+        with self._threads:
+            self._append_locked(data)
+
+    def _append_locked(self, data: bytes) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             start = _repair_tail(self._fd)
