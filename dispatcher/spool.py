@@ -78,6 +78,9 @@ def record_durably(runtime: Runtime, outcomes: list[Outcome], *, give_up_after: 
         return
     settings = runtime.settings
     limit = settings.record_retry_for if give_up_after is None else give_up_after
+    if settings.embedded:
+        # the in-process run stops and reports instead of waiting minutes; `resume` reconciles the rows
+        limit = min(limit, 10.0)
     deadline = time.monotonic() + limit
     spooled: Path | None = None
     delay = 0.25

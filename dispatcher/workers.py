@@ -53,6 +53,7 @@ def start_worker(
     runtime: Runtime, *, queues: set[str] | None = None, threads: int | None = None
 ) -> tuple[Worker, Heartbeat]:
     runtime.actors  # noqa: B018 - declare the actors on the broker before consuming
+    runtime.stopping.clear()
     from .spool import replay
 
     try:
