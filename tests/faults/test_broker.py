@@ -67,7 +67,7 @@ def test_the_watchdog_notices_a_broker_that_lost_its_data_at_once(
     project.registry(size=3000, seed=102)
     procs = [worker(project, "w1"), worker(project, "w2"), _scheduler(project)]
     try:
-        wait_log(project.root / "var" / "scheduler.log", "scheduler.fenced", 30)
+        wait_log(project.root / "var" / "scheduler.log", "scheduler.leader", 30)
         run_id = start_run(project)
         _lose_the_broker(project, private_redis, run_id)
         lost_at = time.monotonic()

@@ -67,3 +67,37 @@ def test_an_unreadable_outbox_line_is_an_error_not_a_skip(sqlite_project: Projec
     project.outbox.write_bytes(b'{"key": "a", "run_id": "r"}\n{"key": "b", "ru\n{"key": "c", "run_id": "r"}\n')
     with pytest.raises(OutboxCorrupt, match=":2: unreadable"):
         list(read_outbox(project.outbox))
+
+
+def test_delivery_log_on_a_full_disk_stops_the_run_with_one_line_and_resume_reconciles(
+    sqlite_project: Project, small_disk: Path
+) -> None:
+    """The database cannot take the results of messages already handed over: the run says so once and
+    exits non-zero; the results wait in the spool, and `resume` settles every row from the gateway."""
+    project = sqlite_project
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    project.env.update(
+        {"DISPATCH_DATABASE_URL": f"sqlite:///{small_disk / 'dispatch.db'}", "DISPATCH_OUTBOX_LATENCY_MS": "10"}
+    )
+    project.registry(size=600, seed=62)
+    run = project.popen("run", CAMPAIGN, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    filler = small_disk / "filler"
+    try:
+        deadline = time.monotonic() + 60
+        while not (project.outbox.exists() and project.outbox.stat().st_size > 4000):
+            assert time.monotonic() < deadline and run.poll() is None, "sending must start"
+            time.sleep(0.05)
+        # the disk fills up under the database while the run is sending
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+        _, err = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 1, err[-2000:]
+    plain = [line for line in err.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(plain) == 1 and "cannot be written" in plain[0] and "dispatch resume" in plain[0], plain
+    run_id = plain[0].split()[1]
+    filler.unlink()
+    resumed = project.dispatch("resume", run_id, "--json", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    check_recovery(project, run_id)

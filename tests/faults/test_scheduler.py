@@ -49,13 +49,13 @@ def test_a_frozen_leader_does_not_block_followers_and_cannot_fire_after_losing_i
     procs = [project.popen("scheduler", stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs]
     try:
         wait_for(lambda: all(any("scheduler.started" in x for x in _lines(log)) for log in logs), 30, "both up")
-        wait_for(lambda: any("scheduler.fenced" in line for log in logs for line in _lines(log)), 30, "a leader")
-        leader_index = next(i for i, log in enumerate(logs) if any("scheduler.fenced" in x for x in _lines(log)))
+        wait_for(lambda: any("scheduler.leader" in line for log in logs for line in _lines(log)), 30, "a leader")
+        leader_index = next(i for i, log in enumerate(logs) if any("scheduler.leader" in x for x in _lines(log)))
         leader, follower_log = procs[leader_index], logs[1 - leader_index]
         leader_log = logs[leader_index]
-        already = sum("scheduler.firing" in x for x in _lines(leader_log))
-        # freeze the leader as it fires: inside the transaction that creates the run
-        wait_for(lambda: sum("scheduler.firing" in x for x in _lines(leader_log)) > already, 30, "a fire", 0.005)
+        already = sum("scheduler.fir" in x for x in _lines(leader_log))
+        # freeze the leader as it fires: inside the transaction that creates the run (or just after it)
+        wait_for(lambda: sum("scheduler.fir" in x for x in _lines(leader_log)) > already, 30, "a fire", 0.005)
         os.kill(leader.pid, signal.SIGSTOP)
         frozen_at = time.monotonic()
         before = len(_lines(follower_log))

@@ -32,6 +32,14 @@ def test_two_resumes_racing_a_live_worker_send_no_one_twice(pg_redis_project: Pr
         {"DISPATCH_OUTBOX_LATENCY_MS": "3", "DISPATCH_BATCH_SIZE": "50", "DISPATCH_WORKER_STALE_AFTER": "3"}
     )
     project.registry(size=3000, seed=91)
+    # an outbox with a history (earlier runs): a gateway lookup takes about a second, as in production,
+    # which is the window in which a second resume works from a stale orphan list
+    history = b"".join(
+        b'{"key": "20200101-000000-000000:+8613%09d", "run_id": "20200101-000000-000000", "to": "+8613%09d", '
+        b'"body": "\u5386\u53f2\u6d88\u606f", "parts": 1, "encoding": "UCS-2"}\n' % (i, i)
+        for i in range(200_000)
+    )
+    project.outbox.write_bytes(history)
     victim, survivor = worker(project, "victim"), worker(project, "survivor")
     procs = [survivor]
     try:
