@@ -28,10 +28,11 @@ pytestmark = pytest.mark.slow
 
 def test_two_resumes_racing_a_live_worker_send_no_one_twice(pg_redis_project: Project) -> None:
     project = pg_redis_project
+    # 50-row batches of 20 ms messages: a live worker holds a re-queued batch for about a second
     project.env.update(
-        {"DISPATCH_OUTBOX_LATENCY_MS": "3", "DISPATCH_BATCH_SIZE": "50", "DISPATCH_WORKER_STALE_AFTER": "3"}
+        {"DISPATCH_OUTBOX_LATENCY_MS": "20", "DISPATCH_BATCH_SIZE": "50", "DISPATCH_WORKER_STALE_AFTER": "3"}
     )
-    project.registry(size=3000, seed=91)
+    project.registry(size=2000, seed=91)
     # an outbox with a history (earlier runs): a gateway lookup takes about a second, as in production,
     # which is the window in which a second resume works from a stale orphan list
     history = b"".join(
@@ -44,13 +45,18 @@ def test_two_resumes_racing_a_live_worker_send_no_one_twice(pg_redis_project: Pr
     procs = [survivor]
     try:
         run_id = start_run(project)
-        wait_for(lambda: status(project, run_id)["counts"].get("sent", 0) > 400, 60, "sending to start")
+        wait_for(lambda: status(project, run_id)["counts"].get("sent", 0) > 1000, 60, "sending to get going")
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
+        killed_at = time.monotonic()
         procs.append(worker(project, "replacement"))
-        time.sleep(3.5)  # the victim's heartbeat goes stale
+        held = status(project, run_id)["counts"].get("sending", 0)
+        assert held > 0, "the victim must die holding claims"
+        time.sleep(max(0.0, 3.5 - (time.monotonic() - killed_at)))  # its heartbeat goes stale
+        # two operators resume 0.6 s apart: the second reads the orphan list while the first is still
+        # asking the gateway, and acts on it after a live worker has taken the re-queued rows again
         resumes = [project.popen("resume", run_id, "--no-wait", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
-        time.sleep(0.5)
+        time.sleep(0.6)
         resumes.append(project.popen("resume", run_id, "--no-wait", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         for r in resumes:
             r.communicate(timeout=120)
