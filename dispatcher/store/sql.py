@@ -15,6 +15,7 @@ Design points:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections import defaultdict
@@ -608,6 +609,11 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             return
         now = self.clock()
         with self._write() as conn:
+            if any(o.key is None for o in outcomes):
+                # a caller that did not carry the keys: read them, the ledger names every row by its key
+                d = t.deliveries
+                keys = dict(conn.execute(select(d.c.id, d.c.key).where(d.c.id.in_([o.id for o in outcomes]))).all())
+                outcomes = [o if o.key else dataclasses.replace(o, key=keys.get(o.id)) for o in outcomes]
             applied, late = self._apply_outcomes(conn, outcomes, now)
             settled_late = self._late_outcomes(conn, late, now, actor) if late else set()
             ledger.append_by_run(
