@@ -5,7 +5,8 @@ Three layers, each reporting ``path:line:column: field: message``:
 1. YAML syntax (PyYAML's marks give the position);
 2. the schema (pydantic; each error's ``loc`` is mapped back to the YAML node it came from);
 3. the world: districts, segments and departments exist, templates exist and parse,
-   every variable a template reads is given, and the message can fit 500 characters.
+   every variable a template reads is given, and the message can fit 500 characters;
+   the schedule ends after it starts and its themes cover every quarter it fires in.
 
 ``load_campaign`` stops at the first error; ``check_paths`` collects every error of
 every file so that ``dispatch validate`` can show them all at once.
@@ -17,25 +18,32 @@ import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import domain
-from .errors import CampaignError, InputError, TemplateError
+from .errors import CampaignError, InputError, TemplateError, UsageError
 from .sms import MAX_MESSAGE_CHARS
 from .templates import BUILTIN_NAMES, SAMPLE_RECIPIENT, Composer, TemplateSource, load, undeclared
 
 DEFAULT_SIGNATURE = "【常州经开区反诈中心】"
 DEFAULT_OPT_OUT = "回T退订"
 QUARTERS = ("Q1", "Q2", "Q3", "Q4")
+SCHEDULE_KINDS = ("cron", "quarterly", "yearly", "interval")
+_HHMM_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def quarter_of(when: datetime) -> str:
+    """``Q1`` .. ``Q4`` of a (local) date."""
+    return f"Q{(when.month - 1) // 3 + 1}"
 
 
 def parse_duration(text: str) -> timedelta:
@@ -50,6 +58,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _hhmm(value: str) -> str:
+    if not _HHMM_RE.match(str(value)):
+        raise ValueError(f"expected HH:MM, got {value!r}")
+    return value
+
+
 class Audience(_Model):
     districts: list[str] | Literal["all"] = "all"
     grids: list[str] = Field(default_factory=list)
@@ -60,6 +74,12 @@ class Audience(_Model):
     @classmethod
     def _one_district(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) and value != "all" else value
+
+    @field_validator("grids")
+    @classmethod
+    def _grid_codes(cls, value: list[str]) -> list[str]:
+        # the registry stores grid codes upper-case (HL-03); hl-03 in a campaign means the same grid
+        return [g.strip().upper() for g in value]
 
     def district_ids(self) -> list[str]:
         if self.districts == "all":
@@ -73,17 +93,22 @@ class Audience(_Model):
         return [s.id for name in self.exclude_segments if (s := domain.segment(name))]
 
 
+_AT_HELP = "HH:MM, local time in the schedule's timezone"
+#: the fewest days each month has in any year (February: 28, so a date fires every year)
+_SHORTEST_MONTH = {1: 31, 2: 28, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
+
+
 class Quarterly(_Model):
-    month: int = Field(1, ge=1, le=3, description="month within each quarter (1-3)")
-    day: int = Field(1, ge=1, le=31)
-    at: str = "09:00"
+    """Once a quarter, on the same day of the same month of every quarter."""
+
+    month: int = Field(1, ge=1, le=3, description="1-3, the month within each quarter (1 = Jan/Apr/Jul/Oct)")
+    day: int = Field(1, ge=1, le=31, description="1-31, the day of that month")
+    at: str = Field("09:00", description=_AT_HELP)
 
     @field_validator("at")
     @classmethod
     def _time(cls, value: str) -> str:
-        if not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", value):
-            raise ValueError(f"expected HH:MM, got {value!r}")
-        return value
+        return _hhmm(value)
 
     @model_validator(mode="after")
     def _day_in_every_quarter(self) -> Quarterly:
@@ -94,9 +119,31 @@ class Quarterly(_Model):
         return self
 
 
+class Yearly(_Model):
+    """Once a year, on one date (e.g. the start of the summer holidays)."""
+
+    month: int = Field(ge=1, le=12, description="1-12, the month of the year")
+    day: int = Field(ge=1, le=31, description="1-31, the day of that month")
+    at: str = Field("09:00", description=_AT_HELP)
+
+    @field_validator("at")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        return _hhmm(value)
+
+    @model_validator(mode="after")
+    def _day_in_month(self) -> Yearly:
+        # a date that a year lacks is silently skipped by cron: 29 February would fire once in four years
+        shortest = _SHORTEST_MONTH[self.month]
+        if self.day > shortest:
+            raise ValueError(f"day {self.day} does not exist in month {self.month} every year; use 1-{shortest}")
+        return self
+
+
 class Schedule(_Model):
     cron: str | None = None
     quarterly: Quarterly | None = None
+    yearly: Yearly | None = None
     interval: str | None = None
     timezone: str = "Asia/Shanghai"
     start: datetime | None = None
@@ -136,16 +183,30 @@ class Schedule(_Model):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Schedule:
-        given = [k for k in ("cron", "quarterly", "interval") if getattr(self, k) is not None]
+        given = [k for k in SCHEDULE_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of cron, quarterly or interval")
+            raise ValueError("give exactly one of cron, quarterly, yearly or interval")
         return self
 
+    @property
+    def kind(self) -> str:
+        return next(k for k in SCHEDULE_KINDS if getattr(self, k) is not None)
 
-def _hhmm(value: str) -> str:
-    if not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", str(value)):
-        raise ValueError(f"expected HH:MM, got {value!r}")
-    return value
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def local_start(self) -> datetime | None:
+        """``start`` with the schedule's zone (a time written without one is local)."""
+        return _in_zone(self.start, self.zone())
+
+    def local_end(self) -> datetime | None:
+        return _in_zone(self.end, self.zone())
+
+
+def _in_zone(value: datetime | None, zone: ZoneInfo) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=zone) if value.tzinfo is None else value
 
 
 class SendWindow(_Model):
@@ -266,7 +327,7 @@ class Campaign(_Model):
         if when.tzinfo is not None:
             # a fire time arrives in UTC: 1 April 00:30 in Shanghai is still 31 March in UTC
             when = when.astimezone(self.zone())
-        quarter = f"Q{(when.month - 1) // 3 + 1}"
+        quarter = quarter_of(when)
         if quarter not in self.themes:
             raise CampaignError(f"no theme for {quarter}", field="themes")
         return self.themes[quarter]
@@ -381,6 +442,43 @@ def _data_path(data: Any, loc: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(path)
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model class an annotation such as ``Quarterly | None`` holds, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _field_help(loc: Iterable[Any]) -> str:
+    """What the field an error is about means, from its description (``month: 1-3, the month ...``).
+
+    An error on a field that has a description names it; an error on a model whose fields are
+    described (an unknown key in ``quarterly``, a day its month lacks) lists them all, so the
+    operator learns the form from the error itself.
+    """
+    model: type[BaseModel] | None = Campaign
+    described: tuple[str, Any] | None = None
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            break
+        info = model.model_fields[part]
+        described = (part, info)
+        model = _model_in(info.annotation)
+    else:
+        if model is None and described is not None and described[1].description:
+            return f"{described[0]}: {described[1].description}"
+    if model is not None and model is not Campaign:
+        fields = [f"{name}: {info.description}" for name, info in model.model_fields.items() if info.description]
+        if fields:
+            name = described[0] if described else model.__name__.lower()
+            return f"{name} takes " + "; ".join(fields)
+    return ""
+
+
 def _schema(located: Located) -> Campaign:
     try:
         return Campaign.model_validate(located.data)
@@ -393,6 +491,9 @@ def _schema(located: Located) -> Campaign:
         elif first["type"] == "missing":
             message = "required field is missing"
         message = message.removeprefix("Value error, ")
+        described = _field_help(first["loc"])
+        if described:
+            message += f" — {described}"
         raise located.error(message, loc) from exc
 
 
@@ -406,8 +507,34 @@ class LoadedCampaign:
     def path(self) -> Path:
         return self.located.path
 
+    def template_for(self, when: datetime | None = None) -> str:
+        """The template as of ``when``; a quarter without a theme is reported at ``themes`` in the file."""
+        try:
+            return self.campaign.template_for(when)
+        except CampaignError as exc:
+            local = (when or datetime.now(UTC)).astimezone(self.campaign.zone())
+            covered = ", ".join(sorted(self.campaign.themes or {}))
+            raise self.located.error(
+                f"{exc.message} (the run is as of {local:%Y-%m-%d}); the themes cover {covered}: "
+                f"give --as-of a date in one of those quarters",
+                ("themes",),
+            ) from exc
+
     def composer(self, when: datetime | None = None) -> Composer:
-        return self.composer_for(self.campaign.template_for(when))
+        return self.composer_for(self.template_for(when))
+
+    def template_now_or_next(self, now: datetime) -> str:
+        """The template a run would use now, or, in a quarter without a theme, the one of the next fire.
+
+        A yearly campaign themed only for its own quarter is still previewed the rest of the year.
+        """
+        c = self.campaign
+        if c.themes is None or c.schedule is None or quarter_of(now.astimezone(c.zone())) in c.themes:
+            return self.template_for(now)
+        from .scheduler import fire_times
+
+        upcoming = next(fire_times(c.schedule, now, limit=1), None)
+        return self.template_for(upcoming) if upcoming is not None else c.template_names()[0]
 
     def composer_for(self, template_name: str) -> Composer:
         c = self.campaign
@@ -421,15 +548,78 @@ class LoadedCampaign:
         )
 
 
+@dataclass(frozen=True)
+class AsOf:
+    """The date a manual run is made as of (``dispatch run --as-of``), in the campaign's time zone.
+
+    A date alone (``2021-08-01``) means that whole day: it is the start of the day for choosing
+    the theme, and compared by date with the schedule's start and end.
+    """
+
+    when: datetime
+    date_only: bool
+
+    def __str__(self) -> str:
+        return f"{self.when:%Y-%m-%d}" if self.date_only else _minute(self.when)
+
+    def before(self, moment: datetime) -> bool:
+        if self.date_only:
+            return self.when.date() < moment.astimezone(self.when.tzinfo).date()
+        return self.when < moment
+
+    def after(self, moment: datetime) -> bool:
+        if self.date_only:
+            return self.when.date() > moment.astimezone(self.when.tzinfo).date()
+        return self.when > moment
+
+
+def parse_as_of(text: str, zone: ZoneInfo) -> AsOf:
+    """``2021-08-01`` or ``2021-08-01T10:00`` (local to ``zone`` unless it carries an offset)."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise UsageError(
+            f"expected an ISO date or date-time such as 2021-08-01 or 2021-08-01T10:00, got {text!r}", field="as-of"
+        ) from exc
+    date_only = "T" not in text and " " not in text.strip()
+    return AsOf(value.replace(tzinfo=zone) if value.tzinfo is None else value.astimezone(zone), date_only)
+
+
+def check_run_date(loaded: LoadedCampaign, now: datetime, as_of: AsOf | None = None) -> None:
+    """Refuse a manual run that the schedule's start and end rule out, or that has no theme for its date.
+
+    Without ``--as-of`` a campaign whose schedule has ended is not run any more; with it, the
+    as-of date must lie within the schedule (making up a fire that was missed, also after the end).
+    """
+    schedule = loaded.campaign.schedule
+    start, end = (schedule.local_start(), schedule.local_end()) if schedule else (None, None)
+    if as_of is not None:
+        if start is not None and as_of.before(start):
+            raise loaded.located.error(
+                f"--as-of {as_of} is before the schedule starts ({_minute(start)})", ("schedule", "start")
+            )
+        if end is not None and as_of.after(end):
+            raise loaded.located.error(
+                f"--as-of {as_of} is after the schedule ends ({_minute(end)})", ("schedule", "end")
+            )
+    elif end is not None and now > end:
+        raise loaded.located.error(
+            f"the schedule ended on {_minute(end)}, so the campaign is not run any more "
+            f"(to make up a missed fire, give --as-of a date within the schedule)",
+            ("schedule", "end"),
+        )
+    loaded.template_for(as_of.when if as_of else now)  # a quarter without a theme: refused before anything
+
+
 def _world_errors(located: Located, campaign: Campaign, templates_dir: Path) -> Iterator[InputError]:
     if campaign.owner_department() is None:
-        yield located.error(f"unknown department {campaign.owner!r}", ("owner",))
+        yield located.error(f"unknown department {campaign.owner!r} (known: {domain.department_names()})", ("owner",))
     audience = campaign.audience
     if audience.districts != "all":
         for index, name in enumerate(audience.districts):
             if domain.district(name) is None:
                 yield located.error(
-                    f"unknown district {name!r} (known: {domain.district_names()})",
+                    f"unknown district {name!r} (known: all, or {domain.district_names()})",
                     ("audience", "districts", index),
                 )
     for key in ("segments", "exclude_segments"):
@@ -444,10 +634,62 @@ def _world_errors(located: Located, campaign: Campaign, templates_dir: Path) -> 
         if owner is None:
             yield located.error(f"grid {grid!r} belongs to no known district", ("audience", "grids", index))
         elif owner.id not in chosen:
+            selected = ", ".join(d.name for d in domain.DISTRICTS if d.id in chosen)
             yield located.error(
-                f"grid {grid!r} is in {owner.name}, which the audience does not include",
+                f"grid {grid!r} is in {owner.name}, which the audience does not include "
+                f"(districts: {selected}); a grid only narrows a district that is selected",
                 ("audience", "grids", index),
             )
+
+
+def _schedule_errors(located: Located, campaign: Campaign, now: datetime) -> Iterator[InputError]:
+    """A schedule that ends before it starts or never fires; themes missing a quarter it fires in."""
+    from .scheduler import first_fire_per_quarter
+
+    schedule = campaign.schedule
+    fires: dict[str, datetime] | None = None
+    if schedule is not None:
+        start, end = schedule.local_start(), schedule.local_end()
+        if start is not None and end is not None:
+            if end <= start:
+                yield located.error(
+                    f"the schedule ends ({_minute(end)}) before it starts ({_minute(start)})", ("schedule", "end")
+                )
+                return
+            fires = first_fire_per_quarter(schedule, start, end)
+            if not fires:
+                yield located.error(
+                    f"the schedule never fires between its start ({_minute(start)}) and end ({_minute(end)})",
+                    ("schedule",),
+                )
+                return
+        elif campaign.themes is not None:
+            # no start: what matters is what it can still fire (a catch-up within misfire_grace included)
+            since = start or now - parse_duration(schedule.misfire_grace)
+            fires = first_fire_per_quarter(schedule, since, end)
+    if campaign.themes is None:
+        return
+    if schedule is None:
+        missing = [q for q in QUARTERS if q not in campaign.themes]
+        if missing:
+            yield located.error(
+                f"no theme for {', '.join(missing)}: a campaign without a schedule can be run on any date, "
+                f"so its themes need Q1, Q2, Q3 and Q4 (or give one template)",
+                ("themes",),
+            )
+        return
+    assert fires is not None
+    unthemed = sorted((when, q) for q, when in fires.items() if q not in campaign.themes)
+    if unthemed:
+        (first_when, first_q), *others = unthemed
+        also = "".join(f"; none for {q} either (fires {_minute(when)})" for when, q in others)
+        yield located.error(
+            f"no theme for {first_q}, but the schedule fires on {_minute(first_when)}{also}", ("themes",)
+        )
+
+
+def _minute(when: datetime) -> str:
+    return f"{when:%Y-%m-%d %H:%M}"
 
 
 def _template_errors(
@@ -498,14 +740,17 @@ def _template_errors(
         yield source
 
 
-def check_file(path: Path, templates_dir: Path) -> tuple[LoadedCampaign | None, list[InputError]]:
-    """Every problem with one campaign file (empty list = valid)."""
+def check_file(
+    path: Path, templates_dir: Path, now: datetime | None = None
+) -> tuple[LoadedCampaign | None, list[InputError]]:
+    """Every problem with one campaign file (empty list = valid); ``now`` is the business clock's time."""
     try:
         located = parse_yaml(path)
         campaign = _schema(located)
     except InputError as exc:
         return None, [exc]
     errors: list[InputError] = list(_world_errors(located, campaign, templates_dir))
+    errors.extend(_schedule_errors(located, campaign, now or datetime.now(UTC)))
     templates: dict[str, TemplateSource] = {}
     for item in _template_errors(located, campaign, templates_dir):
         if isinstance(item, TemplateSource):
@@ -517,9 +762,9 @@ def check_file(path: Path, templates_dir: Path) -> tuple[LoadedCampaign | None, 
     return LoadedCampaign(campaign, located, templates), []
 
 
-def load_campaign(path: Path, templates_dir: Path) -> LoadedCampaign:
+def load_campaign(path: Path, templates_dir: Path, now: datetime | None = None) -> LoadedCampaign:
     """The campaign at ``path``, fully checked; raises the first ``InputError`` found."""
-    loaded, errors = check_file(path, templates_dir)
+    loaded, errors = check_file(path, templates_dir, now)
     if errors:
         raise errors[0]
     assert loaded is not None
@@ -534,12 +779,14 @@ def campaign_files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def check_paths(paths: Iterable[Path], templates_dir: Path) -> tuple[list[LoadedCampaign], list[InputError]]:
+def check_paths(
+    paths: Iterable[Path], templates_dir: Path, now: datetime | None = None
+) -> tuple[list[LoadedCampaign], list[InputError]]:
     loaded: list[LoadedCampaign] = []
     errors: list[InputError] = []
     ids: dict[str, Path] = {}
     for path in campaign_files(paths):
-        campaign, file_errors = check_file(path, templates_dir)
+        campaign, file_errors = check_file(path, templates_dir, now)
         errors.extend(file_errors)
         if campaign is not None:
             other = ids.get(campaign.campaign.id)

@@ -8,6 +8,7 @@ anything is written or sent.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,15 +43,16 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 class State:
     runtime: Runtime | None = None
+    #: the level logging was configured with: DISPATCH_LOG_LEVEL, or the command's default
+    log_level: str = "WARNING"
 
 
 def runtime(default_level: str = "WARNING") -> Runtime:
     """The process's Runtime, built once from the environment; long-running commands pass INFO."""
     if State.runtime is None:
         settings = Settings.from_env()
-        logs.configure(
-            settings.log_format or ("console" if sys.stderr.isatty() else "json"), settings.log_level or default_level
-        )
+        State.log_level = settings.log_level or default_level
+        logs.configure(settings.log_format or ("console" if sys.stderr.isatty() else "json"), State.log_level)
         State.runtime = Runtime(settings)
     return State.runtime
 
@@ -73,7 +75,7 @@ def validate(paths: list[Path] = typer.Argument(None, help="campaign files or fo
     from .campaigns import check_paths
 
     rt = runtime()
-    loaded, errors = check_paths(paths or [rt.settings.campaigns_dir], rt.settings.templates_dir)
+    loaded, errors = check_paths(paths or [rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock())
     for error in errors:
         err.print(str(error), markup=False)
     if errors:
@@ -93,7 +95,7 @@ def preview(
     from .templates import SAMPLE_RECIPIENT
 
     rt = runtime()
-    loaded = load_campaign(campaign, rt.settings.templates_dir)
+    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock())
     matrix = rt.store.audience_matrix(audience_filter(loaded))
     variants = []
     for name in loaded.campaign.template_names():
@@ -101,7 +103,7 @@ def preview(
         variants.append(
             {"template": name, "text": text, "encoding": seg.encoding, "chars": seg.chars, "parts": seg.parts}
         )
-    current = loaded.campaign.template_for(rt.clock())
+    current = loaded.template_now_or_next(rt.clock())
     composer = loaded.composer_for(current)
     total_parts = recipients = 0
     for row in rt.store.iter_audience(audience_filter(loaded)):
@@ -115,6 +117,7 @@ def preview(
         "opted_out": sum(v["opted_out"] for v in matrix["by_district"].values()),
         "by_district": matrix["by_district"],
         "by_district_segment": matrix["by_district_segment"],
+        "by_district_grid": matrix["by_district_grid"],
         "variants": variants,
         "template_now": current,
         "total_parts": total_parts,
@@ -131,6 +134,11 @@ def preview(
             f"{loaded.campaign.title} — audience (opted-out excluded)", districts, totals, matrix["by_district_segment"]
         )
     )
+    out.print("\n[bold]audience by district and grid[/bold] (opted-out excluded)")
+    for d in districts:
+        grids = matrix["by_district_grid"].get(d.id, {})
+        listed = " · ".join(f"{g} {n}" for g, n in grids.items())
+        out.print(f"{d.name} {totals[d.id]} in {len(grids)} grid(s): {listed}", markup=False)
     for v in variants:
         marker = " (this quarter)" if v["template"] == current else ""
         out.print(
@@ -194,7 +202,7 @@ def _progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) ->
     return st
 
 
-def _print_summary(st: dict[str, Any]) -> None:
+def _print_summary(st: dict[str, Any], console: Console = out) -> None:
     table = Table(title=f"run {st['run_id']} — {st['campaign_id']} ({st['status']})")
     states = [
         s
@@ -207,13 +215,15 @@ def _print_summary(st: dict[str, Any]) -> None:
     table.add_column("total", justify="right")
     for district_id, counts in sorted(st["by_district"].items()):
         table.add_row(_district_name(district_id), *[str(counts.get(s, 0)) for s in states], str(sum(counts.values())))
-    out.print(table)
+    console.print(table)
+    if st.get("as_of"):
+        console.print(f"as of {st['as_of']} (theme {st['template']})", markup=False)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items()))
-    out.print(f"total {st['total']}: {counts}; parts sent {st['parts_sent']}", markup=False)
+    console.print(f"total {st['total']}: {counts}; parts sent {st['parts_sent']}", markup=False)
     if st.get("halted"):
-        out.print(f"halted: {st['halted']}; `dispatch resume {st['run_id']}` continues it", markup=False)
+        console.print(f"halted: {st['halted']}; `dispatch resume {st['run_id']}` continues it", markup=False)
     if st.get("stalled"):
-        out.print(
+        console.print(
             f"stalled: {st['stalled']} rows, last progress at {st['last_progress']}; "
             f"the scheduler's watchdog re-queues them, or `dispatch resume {st['run_id']}`",
             markup=False,
@@ -226,18 +236,28 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="select and render, write and send nothing"),
     no_wait: bool = typer.Option(False, "--no-wait", help="with Redis: enqueue and return at once"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    as_of: str | None = typer.Option(
+        None, "--as-of", help="ISO date(-time) in the campaign's time zone: theme as of then, recorded on the run"
+    ),
     again: bool = typer.Option(False, "--again", help="run it again within its frequency period (needs --reason)"),
     reason: str | None = typer.Option(None, "--reason", help="why it is run again (kept in the ledger)"),
 ) -> None:
-    """Create a run of CAMPAIGN and send it (embedded) or enqueue it for workers (Redis)."""
-    from .campaigns import load_campaign
+    """Create a run of CAMPAIGN and send it (embedded) or enqueue it for workers (Redis).
+
+    Standard output is the run id alone (``RUN=$(dispatch run …)``), or one JSON object with
+    ``--json``; progress and the summary go to standard error.
+    """
+    from .campaigns import check_run_date, load_campaign, parse_as_of
     from .runs import dry_run as do_dry_run
-    from .runs import start_manual_run, status
+    from .runs import refuse_pointless_run, start_manual_run, status
 
     if again and not (reason or "").strip():
         raise UsageError("--again needs --reason TEXT: why this campaign is sent again", field="reason")
     rt = runtime()
-    loaded = load_campaign(campaign, rt.settings.templates_dir)
+    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock())
+    run_as_of = parse_as_of(as_of, loaded.campaign.zone()) if as_of else None
+    check_run_date(loaded, rt.clock(), run_as_of)
+    as_of_time = run_as_of.when if run_as_of else None
     if dry_run:
         summary: dict[str, Any] = {
             "campaign_id": loaded.campaign.id,
@@ -247,7 +267,7 @@ def run(
             "parts": 0,
             "by_district": {},
         }
-        for row in do_dry_run(rt, loaded):
+        for row in do_dry_run(rt, loaded, as_of_time):
             bucket = summary["by_district"].setdefault(row.district, {"recipients": 0, "skipped": 0, "parts": 0})
             if row.skipped:
                 summary["skipped"] += 1
@@ -274,14 +294,17 @@ def run(
         from .broker import ping
 
         ping(rt.broker)
-    # a misconfigured gateway is reported (exit 2) before any row is written
+    # a misconfigured gateway, a passed send_by or an empty audience is reported (exit 2) before any row is written
+    refuse_pointless_run(rt, loaded)
     _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway
     rt.store, rt.actors  # noqa: B018 - open the delivery log and declare actors before timing the fan-out
     started = time.perf_counter()
-    created = start_manual_run(rt, loaded, again_reason=reason.strip() if again and reason else None)
+    created = start_manual_run(rt, loaded, as_of=as_of_time, again_reason=reason.strip() if again and reason else None)
     fanout_seconds = time.perf_counter() - started
     enqueued_at = created.get("enqueue_started_at", time.time())
     if not as_json:
+        sys.stdout.write(created["run_id"] + "\n")
+        sys.stdout.flush()
         err.print(
             f"run {created['run_id']}: {created['pending']} to send in {created['batches']} batches", markup=False
         )
@@ -295,7 +318,7 @@ def run(
     if as_json:
         emit_json({**st, "fanout_seconds": round(fanout_seconds, 4), "enqueued_at": enqueued_at})
     else:
-        _print_summary(st)
+        _print_summary(st, err)
     if st["open"] and rt.settings.embedded:
         raise typer.Exit(1)
 
@@ -343,11 +366,20 @@ def runs(
 
 
 @app.command("status")
-def status_cmd(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """A run's counts by state and by district."""
+def status_cmd(
+    run_id: str = typer.Argument(None, help="run id (default: the newest run)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A run's counts by state and by district (the newest run when no RUN_ID is given)."""
     from .runs import status
 
-    st = status(runtime(), run_id)
+    rt = runtime()
+    if run_id is None:
+        newest = rt.store.list_runs(limit=1)
+        if not newest:
+            raise UsageError("no runs yet in this delivery log: `dispatch run CAMPAIGN` creates one", field="run")
+        run_id = newest[0]["id"]
+    st = status(rt, run_id)
     if as_json:
         emit_json(st)
     else:
@@ -480,17 +512,26 @@ def web(
 
     from .web.app import create_app
 
-    rt = runtime()
+    rt = runtime("INFO")
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to die by it; a process
+    # manager should see a clean stop (exit 0), so that re-raised signal (or one before uvicorn's
+    # handlers are installed) ends the process normally
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         create_app(rt),
         host=host or rt.settings.web_host,
         port=port or rt.settings.web_port,
-        log_level=rt.settings.log_level.lower(),
+        # the level in force (DISPATCH_LOG_LEVEL or this command's INFO), never the raw, possibly empty, setting
+        log_level=State.log_level.lower(),
         access_log=False,  # the access log would print callers' query strings; our handlers log masked
     )
 
 
-# ------------------------------------------------------------------ run control and the scheduler (issue 4)
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+# ------------------------------------------------------------------ run control and the scheduler
 
 
 def _deferred_embedded(rt: Runtime, run_id: str) -> bool:
@@ -589,7 +630,7 @@ def schedule_list(
     from .scheduler import fire_times
 
     rt = runtime()
-    loaded, errors = check_paths([campaigns or rt.settings.campaigns_dir], rt.settings.templates_dir)
+    loaded, errors = check_paths([campaigns or rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock())
     if errors:
         raise errors[0]
     start = _when(since, "--from") or rt.clock()
@@ -603,9 +644,8 @@ def schedule_list(
             {"fire_time": ft.isoformat(), "template": lc.campaign.template_for(ft)}
             for ft in fire_times(schedule, start, end, count)
         ]
-        kind = "cron" if schedule.cron else "quarterly" if schedule.quarterly else "interval"
         items.append({
-            "campaign_id": lc.campaign.id, "path": str(lc.path), "kind": kind, "timezone": schedule.timezone,
+            "campaign_id": lc.campaign.id, "path": str(lc.path), "kind": schedule.kind, "timezone": schedule.timezone,
             "misfire_grace": schedule.misfire_grace, "priority": lc.campaign.priority, "fires": fires,
         })  # fmt: skip
     if as_json:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import getpass
 import socket
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -100,41 +102,57 @@ def audit_log(
     if unmask:
         audit.record_export(rt.store, actor=_who(), f=f, fmt=fmt, via="cli")
     if fmt == "table":
-        table = Table()
-        for col in (
-            "at",
-            "run",
-            "phone",
-            "district",
-            "from",
-            "to",
-            "gateway",
-            "provider id",
-            "error",
-            "actor",
-        ):
-            table.add_column(col)
-        n = 0
-        for row in audit.iter_log(rt.store, f, unmask=unmask, limit=limit or 100):
-            n += 1
-            table.add_row(
-                row["at"][:19],
-                row["run_id"],
-                row["phone"],
-                row["district"],
-                row["from_state"] or "",
-                row["to_state"] or "",
-                row["gateway"] or "",
-                row["provider_id"] or "",
-                row["error_code"] or "",
-                row["actor"],
-            )
-        out.print(table)
+        n = _print_log_table(audit.iter_log(rt.store, f, unmask=unmask, limit=limit or 100))
         err.print(f"{n} events shown (use --format csv or jsonl for all)", markup=False)
         return
     n = audit.write_rows(audit.iter_log(rt.store, f, unmask=unmask, limit=limit), fmt, sys.stdout)
     sys.stdout.flush()
     err.print(f"{n} events", markup=False)
+
+
+def _print_log_table(rows: Iterable[dict[str, Any]]) -> int:
+    """Events grouped under a heading per run and local date, so each line fits 80 columns.
+
+    Times are Asia/Shanghai like every report; districts by their Chinese names; the result
+    column shows what the gateway said (provider id or error code), else the gateway's name.
+    """
+    from datetime import datetime
+
+    from . import domain
+
+    n = 0
+    heading: tuple[str, str] | None = None
+    table: Table | None = None
+
+    def flush() -> None:
+        if table is not None:
+            out.print(table)
+
+    for row in rows:
+        n += 1
+        at = datetime.fromisoformat(row["at"]).astimezone(audit.LOCAL_TZ)
+        key = (row["run_id"] or "audit", at.date().isoformat())
+        if key != heading:
+            flush()
+            heading = key
+            out.print(f"run {key[0]}, {key[1]} (Asia/Shanghai)", markup=False, style="bold")
+            table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False)
+            for col, width in (("time", 8), ("phone", 14), ("district", 10), ("change", 19), ("result", 12),
+                               ("by", 12)):  # fmt: skip
+                table.add_column(col, max_width=width, no_wrap=True, overflow="ellipsis")
+        district = domain.district(row["district"] or "")
+        result = row["provider_id"] or row["error_code"] or row["gateway"] or ""
+        assert table is not None
+        table.add_row(
+            at.strftime("%H:%M:%S"),
+            row["phone"] or "",
+            district.name if district else (row["district"] or ""),
+            f"{row['from_state'] or '-'}→{row['to_state'] or '-'}",
+            result,
+            row["actor"],
+        )
+    flush()
+    return n
 
 
 @audit_app.command("exports")
@@ -170,15 +188,16 @@ def _report_out(kind: str, report: dict, as_json: bool, fmt: str) -> bool:
 
 @report_app.command("coverage")
 def report_coverage(
-    period: str = typer.Option(..., help="2021Q1, 2021-03 or 2021"),
+    period: str | None = typer.Option(None, help="2021Q1, 2021-03 or 2021 (default: the current quarter)"),
     as_json: bool = typer.Option(False, "--json"),
     fmt: str = typer.Option("table", "--format", help="table or csv"),
 ) -> None:
     """District x population group: eligible, reached, delivered, percent reached."""
     from . import domain
 
-    p = reports.parse_period(period)
-    report = reports.coverage(runtime().store, p)
+    rt = runtime()
+    p = reports.parse_period(period or reports.quarter_of(rt.clock()))
+    report = reports.coverage(rt.store, p)
     if _report_out("coverage", report, as_json, fmt):
         return
     # groups down, districts across: six columns fit a terminal, thirteen do not

@@ -99,7 +99,11 @@ def district_names() -> str:
 
 
 def segment_names() -> str:
-    return ", ".join(s.id for s in SEGMENTS)
+    return ", ".join(f"{s.id} ({s.name})" for s in SEGMENTS)
+
+
+def department_names() -> str:
+    return ", ".join(f"{d.id} ({d.name})" for d in DEPARTMENTS)
 
 
 def district_of_grid(grid: str) -> District | None:

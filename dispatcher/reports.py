@@ -29,6 +29,7 @@ from . import domain
 from .audit import LOCAL_TZ
 from .errors import UsageError
 from .store import schema as t
+from .store.base import HANDED_OVER_STATES
 from .store.sql import SqlStore
 
 REACHED_STATES = ("sent", "delivered")
@@ -42,6 +43,12 @@ class Period:
     label: str
     start: datetime  # UTC, inclusive
     end: datetime  # UTC, exclusive
+
+
+def quarter_of(when: datetime) -> str:
+    """The quarter label (``2021Q3``) of an instant, in Asia/Shanghai like every period."""
+    local = when.astimezone(LOCAL_TZ)
+    return f"{local.year}Q{(local.month - 1) // 3 + 1}"
 
 
 def parse_period(text: str, option: str = "period") -> Period:
@@ -176,7 +183,8 @@ def departments(store: SqlStore, period: Period) -> dict[str, Any]:
                 sa.func.sum(sa.case((d.c.state != "skipped", 1), else_=0)),
                 sa.func.sum(sa.case((d.c.state.in_(REACHED_STATES), 1), else_=0)),
                 sa.func.sum(sa.case((d.c.state == "delivered", 1), else_=0)),
-                sa.func.sum(sa.case((d.c.state.in_(REACHED_STATES), sa.func.coalesce(d.c.parts, 0)), else_=0)),
+                # the same parts `dispatch status` counts: a delivery report never un-sends a part
+                sa.func.sum(sa.case((d.c.state.in_(HANDED_OVER_STATES), sa.func.coalesce(d.c.parts, 0)), else_=0)),
             )
             .select_from(joined)
             .where(*in_period)

@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 import structlog
+import yaml
 
 from .campaigns import LoadedCampaign, parse_duration
 from .errors import UsageError
@@ -43,10 +45,13 @@ def audience_filter(loaded: LoadedCampaign) -> AudienceFilter:
     )
 
 
-def run_spec(runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None) -> RunSpec:
+def run_spec(
+    runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | None = None, as_of: datetime | None = None
+) -> RunSpec:
+    """The run's snapshot; its theme is the one of the fire time, else of ``as_of``, else of now."""
     c = loaded.campaign
     now = runtime.clock()
-    template_name = c.template_for(fire_time or now)
+    template_name = loaded.template_for(fire_time or as_of or now)
     source = loaded.templates[template_name]
     return RunSpec(
         run_id=new_run_id(now),
@@ -66,6 +71,7 @@ def run_spec(runtime: Runtime, loaded: LoadedCampaign, *, fire_time: datetime | 
         send_by=c.send_by_datetime(),
         batch_size=runtime.settings.batch_size,
         fire_time=fire_time,
+        as_of=as_of,
         signature=c.signature,
         opt_out_text=c.opt_out_text,
     )
@@ -81,17 +87,42 @@ def enqueue_batches(runtime: Runtime, run_id: str, batches: list[int], priority:
     return len(batches)
 
 
+def refuse_pointless_run(runtime: Runtime, loaded: LoadedCampaign) -> int:
+    """Refuse (exit 2, nothing written) a run that could send nobody; return how many it would message.
+
+    A run past its ``send_by`` would only expire its rows, and one whose audience is empty (or
+    entirely opted out) would be recorded as "completed" having reached no one: both are an
+    operator's mistake to be told about, not a run to record.
+    """
+    c = loaded.campaign
+    send_by = c.send_by_datetime()
+    now = runtime.clock()
+    if send_by is not None and send_by <= now:
+        message = f"{send_by.isoformat()} has passed (now {now.isoformat(timespec='seconds')}): nothing could be sent"
+        raise loaded.located.error(message, ("send_by",))
+    matrix = runtime.store.audience_matrix(audience_filter(loaded))
+    selected = sum(v["selected"] for v in matrix["by_district"].values())
+    eligible = selected - sum(v["opted_out"] for v in matrix["by_district"].values())
+    if eligible <= 0:
+        why = "no resident matches it" if selected == 0 else f"all {selected} selected residents opted out"
+        raise loaded.located.error(f"{why}: nothing to send", ("audience",))
+    return eligible
+
+
 def start_run(
     runtime: Runtime,
     loaded: LoadedCampaign,
     *,
     fire_time: datetime | None = None,
     actor: str = "operator",
+    as_of: datetime | None = None,
     again_reason: str | None = None,
     fence: tuple[str, str, int] | None = None,
 ) -> dict[str, Any]:
     """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
-    spec = dataclasses.replace(run_spec(runtime, loaded, fire_time=fire_time), actor=actor, again_reason=again_reason)
+    spec = dataclasses.replace(
+        run_spec(runtime, loaded, fire_time=fire_time, as_of=as_of), actor=actor, again_reason=again_reason
+    )
     created = runtime.store.create_run(spec, audience_filter(loaded), fence=fence)
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
         created["enqueue_started_at"] = time.time()  # workers may start from here (benchmarks time from it)
@@ -100,7 +131,9 @@ def start_run(
     return created
 
 
-def start_manual_run(runtime: Runtime, loaded: LoadedCampaign, *, again_reason: str | None = None) -> dict[str, Any]:
+def start_manual_run(
+    runtime: Runtime, loaded: LoadedCampaign, *, as_of: datetime | None = None, again_reason: str | None = None
+) -> dict[str, Any]:
     """An operator's run: refused (exit 2) if the campaign already ran within its frequency period,
     unless the operator says ``--again`` with a reason. Taken under the campaign's lock, so two
     operators starting the same campaign at once cannot both create a run."""
@@ -118,7 +151,7 @@ def start_manual_run(runtime: Runtime, loaded: LoadedCampaign, *, again_reason: 
                     "to send it again give --again --reason TEXT",
                     field="again",
                 )
-        return start_run(runtime, loaded, actor="operator", again_reason=again_reason)
+        return start_run(runtime, loaded, actor="operator", as_of=as_of, again_reason=again_reason)
 
 
 @dataclass(frozen=True)
@@ -131,9 +164,9 @@ class DryRunRow:
     skipped: str | None
 
 
-def dry_run(runtime: Runtime, loaded: LoadedCampaign) -> Iterator[DryRunRow]:
+def dry_run(runtime: Runtime, loaded: LoadedCampaign, as_of: datetime | None = None) -> Iterator[DryRunRow]:
     """Select and render exactly as a run would, streaming; writes and sends nothing."""
-    composer = loaded.composer(runtime.clock())
+    composer = loaded.composer(as_of or runtime.clock())
     for row in runtime.store.iter_audience(audience_filter(loaded)):
         if row.opted_out:
             yield DryRunRow(row.phone, row.district, "", 0, "", "opted_out")
@@ -264,6 +297,7 @@ def status(runtime: Runtime, run_id: str) -> dict[str, Any]:
         "channel": run["channel"],
         "gateway": run["gateway"],
         "fire_time": run["fire_time"].isoformat() if run["fire_time"] else None,
+        "as_of": _as_of_local(run),
         "created_at": run["created_at"].isoformat() if run["created_at"] else None,
         "finished_at": run["finished_at"].isoformat() if run["finished_at"] else None,
         "template": run["template_name"],
@@ -293,6 +327,16 @@ def stall(runtime: Runtime, run_id: str, run_status: str) -> dict[str, Any]:
         "stalled": (p["due"] + p["sending"]) if quiet else 0,
         "last_progress": last.isoformat() if last else None,
     }
+
+
+def _as_of_local(run: dict[str, Any]) -> str | None:
+    """The run's as-of date in its campaign's time zone, as the operator gave it (UTC in the database)."""
+    if run.get("as_of") is None:
+        return None
+    snapshot = yaml.safe_load(run["campaign_yaml"]) or {}
+    schedule = snapshot.get("schedule") if isinstance(snapshot, dict) else None
+    zone = schedule.get("timezone") if isinstance(schedule, dict) else None
+    return str(run["as_of"].astimezone(ZoneInfo(zone or "Asia/Shanghai")).isoformat())
 
 
 def pause_run(runtime: Runtime, run_id: str) -> dict[str, Any]:

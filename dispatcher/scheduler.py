@@ -41,7 +41,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from .campaigns import LoadedCampaign, Schedule, campaign_files, check_paths, parse_duration
+from .campaigns import LoadedCampaign, Schedule, campaign_files, check_paths, parse_duration, quarter_of
 from .errors import DispatchError, InputError
 from .store.sql import DuplicateRun, LeaseLost
 
@@ -95,10 +95,11 @@ def make_trigger(schedule: Schedule) -> BaseTrigger:
             minute=minute, hour=hour, day=day, month=month, day_of_week=_crontab_days(weekday),
             timezone=zone, start_date=start, end_date=end,
         )  # fmt: skip
-    if schedule.quarterly is not None:
-        q = schedule.quarterly
+    if schedule.quarterly is not None or schedule.yearly is not None:
+        q = schedule.quarterly or schedule.yearly
+        assert q is not None
         at_hour, at_minute = (int(x) for x in q.at.split(":"))
-        months = ",".join(str(q.month + 3 * i) for i in range(4))
+        months = ",".join(str(q.month + 3 * i) for i in range(4)) if schedule.quarterly else str(q.month)
         return CronTrigger(
             month=months, day=q.day, hour=at_hour, minute=at_minute, second=0,
             timezone=zone, start_date=start, end_date=end,
@@ -116,6 +117,35 @@ def next_after(trigger: BaseTrigger, when: datetime) -> datetime | None:
     """The first fire time strictly after ``when`` (None once the schedule has ended)."""
     value = trigger.get_next_fire_time(None, when + timedelta(microseconds=1))
     return value.astimezone(UTC) if value is not None else None
+
+
+#: how far an open-ended schedule is followed to learn its quarters: the Gregorian calendar's weekdays
+#: repeat every 28 years (1901-2099), so any cron pattern has shown every quarter it fires in by then
+QUARTER_HORIZON_YEARS = 28
+
+
+def first_fire_per_quarter(schedule: Schedule, since: datetime, until: datetime | None) -> dict[str, datetime]:
+    """The first fire time (local) in each quarter the schedule fires in between ``since`` and ``until``.
+
+    Jumps to the next quarter after each fire found, so even a 5-second interval costs a few
+    trigger look-ups; an open end is followed for ``QUARTER_HORIZON_YEARS``.
+    """
+    trigger = make_trigger(schedule)
+    zone = ZoneInfo(schedule.timezone)
+    horizon = until or since + timedelta(days=366 * QUARTER_HORIZON_YEARS)
+    found: dict[str, datetime] = {}
+    cursor = since - timedelta(microseconds=1)
+    for _ in range(4 * QUARTER_HORIZON_YEARS + 4):
+        nxt = next_after(trigger, cursor)
+        if nxt is None or nxt > horizon:
+            break
+        local = nxt.astimezone(zone)
+        found.setdefault(quarter_of(local), local)
+        if len(found) == 4:
+            break
+        month = (local.month - 1) // 3 * 3 + 4  # first month of the next quarter (13 = next January)
+        cursor = datetime(local.year + (month > 12), (month - 1) % 12 + 1, 1, tzinfo=zone) - timedelta(microseconds=1)
+    return found
 
 
 def fire_times(
@@ -264,7 +294,7 @@ class Scheduler:
         on a reload a broken file is logged and its previous version kept, so a typo does not
         silently unschedule a quarterly campaign."""
         self._signature = self._files_signature()
-        loaded, errors = check_paths([self.campaigns_dir], self.runtime.settings.templates_dir)
+        loaded, errors = check_paths([self.campaigns_dir], self.runtime.settings.templates_dir, self.runtime.clock())
         if errors and strict:
             raise errors[0]
         entries: dict[Path, Entry] = {}

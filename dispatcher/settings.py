@@ -38,8 +38,33 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = (env.get("DISPATCH_LOG_LEVEL") or "").strip().upper()
+    if raw and raw not in _LOG_LEVELS:
+        raise ConfigError(f"DISPATCH_LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}, got {raw!r}")
+    return raw
+
+
+def find_project_root(start: Path) -> Path:
+    """The nearest folder from ``start`` upwards that holds both ``campaigns/`` and ``templates/``.
+
+    Commands work the same from any folder inside a project (an operator in ``campaigns/``
+    still gets the project's templates and delivery log); outside any project, ``start`` itself.
+    """
+    start = start.resolve()
+    for folder in (start, *start.parents):
+        if (folder / "campaigns").is_dir() and (folder / "templates").is_dir():
+            return folder
+    return start
+
+
 @dataclass(frozen=True)
 class Settings:
+    #: the folder holding campaigns/ and templates/; relative defaults below resolve against it
+    project_root: Path = Path(".")
     #: SQLAlchemy URL of the delivery log; SQLite file by default
     database_url: str = "sqlite:///var/dispatch.db"
     #: ``redis://...`` to use Redis and separate worker processes; empty = embedded in-process broker
@@ -137,19 +162,27 @@ class Settings:
         batch_size = _int(env, "DISPATCH_BATCH_SIZE", 250)
         if not 1 <= batch_size <= 5000:
             raise ConfigError(f"DISPATCH_BATCH_SIZE: must be between 1 and 5000, got {batch_size}")
+        cwd = Path.cwd()
+        root = find_project_root(cwd)
+
+        def under_root(*parts: str) -> Path:
+            # relative to where the operator stands, so messages name `campaigns/x.yaml`, not a long absolute path
+            return Path(os.path.relpath(root.joinpath(*parts), cwd))
+
         return cls(
-            database_url=env.get("DISPATCH_DATABASE_URL") or cls.database_url,
+            project_root=root,
+            database_url=env.get("DISPATCH_DATABASE_URL") or f"sqlite:///{under_root('var', 'dispatch.db')}",
             broker_url=env.get("DISPATCH_BROKER_URL", ""),
             gateway=env.get("DISPATCH_GATEWAY") or "outbox",
-            outbox_path=Path(env.get("DISPATCH_OUTBOX_PATH") or "var/outbox.jsonl"),
-            campaigns_dir=Path(env.get("DISPATCH_CAMPAIGNS_DIR") or "campaigns"),
-            templates_dir=Path(env.get("DISPATCH_TEMPLATES_DIR") or "templates"),
+            outbox_path=Path(env.get("DISPATCH_OUTBOX_PATH") or under_root("var", "outbox.jsonl")),
+            campaigns_dir=Path(env.get("DISPATCH_CAMPAIGNS_DIR") or under_root("campaigns")),
+            templates_dir=Path(env.get("DISPATCH_TEMPLATES_DIR") or under_root("templates")),
             batch_size=batch_size,
             worker_threads=_int(env, "DISPATCH_WORKER_THREADS", 4),
             max_attempts=_int(env, "DISPATCH_MAX_ATTEMPTS", 5),
             worker_stale_after=_int(env, "DISPATCH_WORKER_STALE_AFTER", 10),
             log_format=env.get("DISPATCH_LOG_FORMAT", ""),
-            log_level=env.get("DISPATCH_LOG_LEVEL", ""),
+            log_level=_log_level(env),
             broker_namespace=env.get("DISPATCH_BROKER_NAMESPACE") or "dispatch",
             outbox_fail_permanent=numbers("DISPATCH_OUTBOX_FAIL_PERMANENT"),
             outbox_fail_transient=numbers("DISPATCH_OUTBOX_FAIL_TRANSIENT"),

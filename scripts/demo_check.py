@@ -1,4 +1,4 @@
-"""Compare the outbox with the delivery log for the newest run: exactly one line per sent row."""
+"""Compare the outbox with the delivery log for a run (default: the newest): exactly one line per sent row."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dispatcher.settings import Settings
 def main() -> int:
     outbox = Path(sys.argv[1])
     rt = Runtime(Settings.from_env())
-    run = rt.store.list_runs(limit=1)[0]
+    run = rt.store.get_run(sys.argv[2]) if len(sys.argv) > 2 else rt.store.list_runs(limit=1)[0]
     keys = collections.Counter(r["key"] for r in read_outbox(outbox) if r["run_id"] == run["id"])
     sent = {row["key"] for row in rt.store.deliveries(run["id"]) if row["state"] == "sent"}
     eligible = sum(1 for row in rt.store.deliveries(run["id"]) if row["reason"] != "opted_out")

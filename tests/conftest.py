@@ -208,7 +208,6 @@ def _base_env(root: Path, database_url: str) -> dict[str, str]:
         "DISPATCH_DATABASE_URL": database_url,
         "DISPATCH_OUTBOX_PATH": "var/outbox.jsonl",
         "DISPATCH_LOG_FORMAT": "json",
-        "DISPATCH_LOG_LEVEL": "INFO",
         "DISPATCH_BROKER_NAMESPACE": f"dispatch-test-{uuid.uuid4().hex[:8]}",
         "DISPATCH_CLOCK_OFFSET": str(daytime_offset()),
     }

@@ -7,6 +7,7 @@ import hashlib
 import json
 
 from dispatcher.gateways.outbox import read_outbox
+from dispatcher.runtime import Runtime
 from dispatcher.sender import process_batch
 from dispatcher.sms import segment
 from tests.conftest import Project
@@ -118,27 +119,67 @@ def test_transient_failure_is_retried_then_fails_when_attempts_run_out(project: 
     assert not project.outbox.exists() or not list(read_outbox(project.outbox))
 
 
-def test_a_batch_message_delivered_twice_sends_nobody_twice(project: Project) -> None:
-    project.registry(size=120)
+def test_every_batch_message_delivered_twice_at_once_sends_nobody_twice(project: Project) -> None:
+    """Dramatiq delivers at least once: each of several batches is processed by two threads at the
+    same moment, as two workers would after a redelivery; the claim lets exactly one of them send."""
+    import os
+    import threading
+
+    project.registry(size=240)
+    from dispatcher.campaigns import load_campaign
+    from dispatcher.runs import audience_filter, run_spec
+
+    rt = Runtime(project.settings(DISPATCH_BATCH_SIZE="40"))  # several small batches
+    project.runtimes.append(rt)
+    loaded = load_campaign(project.root / CAMPAIGN, project.root / "templates")
+    spec = run_spec(rt, loaded)
+    created = rt.store.create_run(spec, audience_filter(loaded))
+    assert created["batches"] >= 5
+    claimed: dict[int, list[int]] = collections.defaultdict(list)
+    cwd = os.getcwd()
+    os.chdir(project.root)
+    try:
+        for batch_no in range(created["batches"]):
+            gate = threading.Barrier(2)
+
+            def twice(batch_no: int = batch_no, gate: threading.Barrier = gate) -> None:
+                gate.wait()
+                claimed[batch_no].append(process_batch(rt, spec.run_id, batch_no).claimed)
+
+            threads = [threading.Thread(target=twice) for _ in range(2)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(60)
+    finally:
+        os.chdir(cwd)
+    assert sum(sum(c) for c in claimed.values()) == created["pending"]
+    keys = collections.Counter(line["key"] for line in read_outbox(project.outbox))
+    assert len(keys) == created["pending"] and max(keys.values()) == 1
+    sent = {r["key"] for r in rt.store.deliveries(spec.run_id) if r["state"] == "sent"}
+    assert sent == set(keys)
+
+
+def test_a_resident_who_opts_out_after_the_run_is_created_is_skipped_not_sent(project: Project) -> None:
+    """STOP can arrive between the run's creation and the moment the worker reaches that batch."""
+    csv_path = project.registry(size=50, seed=3)
     from dispatcher.campaigns import load_campaign
     from dispatcher.runs import audience_filter, run_spec
 
     rt = project.runtime()
     loaded = load_campaign(project.root / CAMPAIGN, project.root / "templates")
     spec = run_spec(rt, loaded)
-    created = rt.store.create_run(spec, audience_filter(loaded))
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(project.root)
-    try:
-        first = process_batch(rt, spec.run_id, 0)
-        again = process_batch(rt, spec.run_id, 0)
-    finally:
-        os.chdir(cwd)
-    assert first.claimed == min(created["pending"], rt.settings.batch_size) and again.claimed == 0
-    keys = collections.Counter(line["key"] for line in read_outbox(project.outbox))
-    assert len(keys) == first.claimed and max(keys.values()) == 1
+    rt.store.create_run(spec, audience_filter(loaded))
+    pending = [r for r in rt.store.deliveries(spec.run_id) if r["state"] == "pending"]
+    late = pending[len(pending) // 2]["phone"]
+    assert late.lstrip("+86") in csv_path.read_text(encoding="utf-8")
+    assert rt.store.set_opted_out(late, True)  # as the inbound webhook records a STOP reply
+    result = project.dispatch("resume", spec.run_id, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["phone"]: r for r in rt.store.deliveries(spec.run_id)}
+    assert (rows[late]["state"], rows[late]["reason"]) == ("skipped", "opted_out")
+    sent_to = {line["to"] for line in read_outbox(project.outbox)}
+    assert late not in sent_to and len(sent_to) == len(pending) - 1
 
 
 def test_resume_after_a_crash_sends_only_what_the_gateway_never_got(project: Project) -> None:

@@ -110,7 +110,12 @@ def test_enrolment_waits_for_the_window_to_open(project: Any) -> None:
     assert not (project.root / "var" / "ringback.jsonl").exists()
     clock.advance(2 * 3600)
     drive(rt, run_id, clock)
-    assert set(states(rt, run_id).values()) <= {"sent", "skipped"}
+    after = states(rt, run_id)
+    assert set(after.values()) <= {"sent", "skipped"}
+    enrolled = {p for p, s in after.items() if s == "sent"}
+    assert enrolled, "once the window opened, the eligible numbers were enrolled"
+    lines = list(read_ringback_outbox(project.root / "var" / "ringback.jsonl"))
+    assert sorted(line["to"] for line in lines if line["action"] == "enrol") == sorted(enrolled)
 
 
 def test_ringback_campaign_without_window_is_refused_at_its_line(project: Any) -> None:
@@ -279,6 +284,7 @@ def test_scheduler_leader_restores_numbers_once_the_window_has_ended(project: An
     assert restore is not None
     drive(rt, restore["id"], clock)
     enrolled = {p for p, s in states(rt, enrol_run).items() if s == "sent"}
+    assert enrolled, "the enrol run enrolled someone, so the restore has something to prove"
     assert set(states(rt, restore["id"])) == enrolled and set(states(rt, restore["id"]).values()) == {"sent"}
     scheduler._ringback_due_at = 0.0
     assert scheduler.restore_ended_ringback_windows() == 0  # a repeated sweep starts nothing twice

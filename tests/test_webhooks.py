@@ -104,6 +104,44 @@ def test_signed_callback_moves_row_to_delivered_and_forged_or_late_ones_change_n
     assert [r.problem for r in verify(rt.store, run_id)] == [None]
 
 
+def test_delivery_reports_never_lower_the_parts_sent_and_status_agrees_with_the_department_report(
+    sent_run: Any,
+) -> None:
+    project, run_id, rt = sent_run
+    first, second = rows(rt, run_id)[:2]
+
+    def parts_sent() -> int:
+        result = project.dispatch("status", run_id, "--json")
+        assert result.returncode == 0, result.stderr
+        return int(json.loads(result.stdout)["parts_sent"])
+
+    before = parts_sent()
+    assert before > 0
+    client = TestClient(create_app(rt))
+    path = "/webhooks/twilio/status"
+    base = {"AccountSid": ACCOUNT_SID}
+    assert (
+        signed_post(
+            client, path, {**base, "MessageSid": first["provider_id"], "MessageStatus": "delivered"}
+        ).status_code
+        == 204
+    )
+    assert (
+        signed_post(
+            client,
+            path,
+            {**base, "MessageSid": second["provider_id"], "MessageStatus": "undelivered", "ErrorCode": "30003"},
+        ).status_code
+        == 204
+    )
+    assert parts_sent() == before, "a delivery report does not un-send the parts the gateway accepted"
+    year = rt.store.get_run(run_id)["created_at"].year
+    report = project.dispatch("report", "departments", "--year", str(year), "--json")
+    assert report.returncode == 0, report.stderr
+    police = next(d for d in json.loads(report.stdout)["departments"] if d["department"] == "police")
+    assert police["parts_sent"] == before
+
+
 @pytest.mark.parametrize("word", ["退订", " td ", "T", "stop", "STOP\n"])
 def test_inbound_opt_out_word_opts_out_and_next_run_skips_the_person(sent_run: Any, word: str) -> None:
     project, run_id, rt = sent_run

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .. import domain
+
 PENDING = "pending"
 SENDING = "sending"
 SENT = "sent"
@@ -30,6 +32,8 @@ CANCELLED = "cancelled"
 STATES = (PENDING, SENDING, SENT, DELIVERED, UNDELIVERED, FAILED, SKIPPED, UNKNOWN, EXPIRED, CANCELLED)
 #: states in which a row still needs work
 OPEN_STATES = (PENDING, SENDING, UNKNOWN)
+#: states of a row the gateway accepted: its parts were sent (and paid for) whatever the delivery report says
+HANDED_OVER_STATES = (SENT, DELIVERED, UNDELIVERED)
 
 
 @dataclass(frozen=True)
@@ -68,16 +72,26 @@ class RunSpec:
     opt_out_text: str = ""
     #: who created the run (operator name, "scheduler"), recorded at the head of its ledger
     actor: str = "operator"
+    #: the date a manual run is made as of (``--as-of``), which chose its theme
+    as_of: datetime | None = None
     #: the operator's reason for running a campaign again within its frequency period
     again_reason: str | None = None
 
 
 @dataclass(frozen=True)
 class AudienceFilter:
+    """Who a campaign selects: residents of ``districts``, where a district with listed ``grids`` is
+    narrowed to those grids and every other selected district is taken whole; then the segments."""
+
     districts: tuple[str, ...]
     grids: tuple[str, ...] = ()
     segments: tuple[str, ...] = ()
     exclude_segments: tuple[str, ...] = ()
+
+    def whole_districts(self) -> tuple[str, ...]:
+        """The selected districts none of whose grids is listed."""
+        narrowed = {d.id for grid in self.grids if (d := domain.district_of_grid(grid)) is not None}
+        return tuple(d for d in self.districts if d not in narrowed)
 
 
 @dataclass(frozen=True)

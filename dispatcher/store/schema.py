@@ -22,11 +22,14 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-#: columns added after version 1, per version: ``SqlStore.migrate`` adds the ones an older log lacks
-ADDED_COLUMNS: dict[int, list[tuple[str, str, str]]] = {
-    2: [("runs", "halted", "TEXT"), ("schedule_fires", "lease_token", "INTEGER")],
+#: what upgrades a delivery log written by an older version, by the version it brings it to:
+#: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
+#: Each column is declared on its table below as well, so a new database gets it directly.
+MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
+    2: (("runs", "as_of"),),
+    3: (("runs", "halted"), ("schedule_fires", "lease_token")),
 }
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a log that grows
@@ -76,6 +79,8 @@ runs = Table(
     Column("reason", Text),
     #: the scheduler's fire time; unique with campaign_id so a duplicate fire creates nothing
     Column("fire_time", DateTime(timezone=True)),
+    #: the date a manual run was made as of (``dispatch run --as-of``): it chose the theme
+    Column("as_of", DateTime(timezone=True)),
     Column("status", String(16), nullable=False),
     Column("gateway", String(32), nullable=False),
     Column("campaign_path", Text, nullable=False),

@@ -35,6 +35,7 @@ from . import schema as t
 from .base import (
     CANCELLED,
     FAILED,
+    HANDED_OVER_STATES,
     OPEN_STATES,
     PENDING,
     SENDING,
@@ -180,7 +181,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         try:
             with self._write() as conn:
                 t.metadata.create_all(conn)
-                row = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "schema_version")).first()
+                # the row lock makes a second process wait for the first one's upgrade, then see it done
+                version = t.meta.c.key == "schema_version"
+                row = conn.execute(select(t.meta.c.value).where(version).with_for_update()).first()
                 if row is None:
                     conn.execute(sa.insert(t.meta).values(key="schema_version", value=str(t.SCHEMA_VERSION)))
                 elif int(row[0]) > t.SCHEMA_VERSION:
@@ -189,6 +192,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                     )
                 elif int(row[0]) < t.SCHEMA_VERSION:
                     self._upgrade(conn, int(row[0]))
+                    conn.execute(sa.update(t.meta).where(version).values(value=str(t.SCHEMA_VERSION)))
         except IntegrityError:
             # another process created the schema at the same moment; it is there now
             pass
@@ -198,14 +202,16 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             raise StoreError(f"cannot prepare the delivery log at {_safe_url(self.url)}: {exc}") from exc
 
     @staticmethod
-    def _upgrade(conn: Connection, version: int) -> None:
-        """Add the columns later versions introduced (new tables come from ``create_all``)."""
-        inspector = sa.inspect(conn)
-        for step in range(version + 1, t.SCHEMA_VERSION + 1):
-            for table, column, sql_type in t.ADDED_COLUMNS.get(step, []):
-                if column not in {c["name"] for c in inspector.get_columns(table)}:
-                    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
-        conn.execute(sa.update(t.meta).where(t.meta.c.key == "schema_version").values(value=str(t.SCHEMA_VERSION)))
+    def _upgrade(conn: Connection, found: int) -> None:
+        """Add the columns of every version after ``found`` (schema.MIGRATIONS)."""
+        preparer = conn.dialect.identifier_preparer
+        for target in range(found + 1, t.SCHEMA_VERSION + 1):
+            for table_name, column_name in t.MIGRATIONS.get(target, ()):
+                column = t.metadata.tables[table_name].c[column_name]
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {preparer.quote(table_name)} ADD COLUMN {preparer.quote(column_name)} {kind}"
+                )
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -302,14 +308,23 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
     # ------------------------------------------------------------------ audience selection
 
     def _audience_where(self, audience: AudienceFilter) -> list[Any]:
-        r, rs = t.residents, t.resident_segments
+        r = t.residents
+        # the segment tests get their own alias of resident_segments and correlate to residents only:
+        # a caller that joins resident_segments itself (the matrix by segment) would otherwise see its
+        # subquery auto-correlated away to nothing
+        rs = t.resident_segments.alias("segment_filter")
         where: list[Any] = [r.c.district.in_(audience.districts)]
         if audience.grids:
-            where.append(r.c.grid.in_(audience.grids))
+            # a listed grid narrows only its own district: the other selected districts are taken whole
+            where.append(sa.or_(r.c.district.in_(audience.whole_districts()), r.c.grid.in_(audience.grids)))
         if audience.segments:
-            where.append(sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.segments)))
+            where.append(
+                sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.segments)).correlate(r)
+            )
         if audience.exclude_segments:
-            where.append(~sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.exclude_segments)))
+            where.append(
+                ~sa.exists().where(rs.c.resident_id == r.c.id, rs.c.segment.in_(audience.exclude_segments)).correlate(r)
+            )
         return where
 
     def iter_audience(self, audience: AudienceFilter, chunk: int = 2000) -> Iterator[Any]:
@@ -351,7 +366,15 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 .group_by(r.c.district, rs.c.segment)
             ):
                 cells[d][s] = int(n)
-        return {"by_district": per_district, "by_district_segment": dict(cells)}
+            grids: dict[str, dict[str, int]] = defaultdict(dict)
+            for d, g, n in conn.execute(
+                select(r.c.district, r.c.grid, func.count())
+                .where(*where, r.c.opted_out.is_(False))
+                .group_by(r.c.district, r.c.grid)
+                .order_by(r.c.district, r.c.grid)
+            ):
+                grids[d][g] = int(n)
+        return {"by_district": per_district, "by_district_segment": dict(cells), "by_district_grid": dict(grids)}
 
     # ------------------------------------------------------------------ runs
 
@@ -420,6 +443,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                                 "template_name": spec.template_name,
                                 "template_sha256": spec.template_sha256,
                                 "fire_time": spec.fire_time.isoformat() if spec.fire_time else None,
+                                **({"as_of": spec.as_of.isoformat()} if spec.as_of else {}),
                                 "total": int(total),
                                 "pending": pending,
                                 "keys_sha256": digest,
@@ -459,6 +483,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 priority=spec.priority,
                 reason=spec.reason,
                 fire_time=spec.fire_time,
+                as_of=as_utc(spec.as_of),  # SQLite keeps no offset: store UTC like every timestamp
                 status="creating",
                 gateway=spec.gateway,
                 campaign_path=spec.campaign_path,
@@ -1008,7 +1033,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         d = t.deliveries
         with self._read() as conn:
             value = conn.execute(
-                select(func.coalesce(func.sum(d.c.parts), 0)).where(d.c.run_id == run_id, d.c.state == "sent")
+                select(func.coalesce(func.sum(d.c.parts), 0)).where(
+                    d.c.run_id == run_id, d.c.state.in_(HANDED_OVER_STATES)
+                )
             ).scalar_one()
         return int(value)
 
@@ -1070,7 +1097,7 @@ def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
 
 def _run_dict(row: Any) -> dict[str, Any]:
     out = dict(row)
-    for key in ("fire_time", "send_by", "created_at", "finished_at"):
+    for key in ("fire_time", "as_of", "send_by", "created_at", "finished_at"):
         out[key] = as_utc(out[key])
     return out
 
