@@ -9,12 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
+import structlog
 
 from .broker import BULK_QUEUE, RETRY_QUEUE, URGENT_QUEUE
+from .errors import StoreError
 from .sender import process_batch
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+
+log = structlog.get_logger("dispatcher.actors")
 
 
 def declare(broker: dramatiq.Broker, runtime: Runtime) -> dict[str, Any]:
@@ -24,7 +28,15 @@ def declare(broker: dramatiq.Broker, runtime: Runtime) -> dict[str, Any]:
         actor_name: str, queue_name: str, priority: int, min_backoff: int, max_backoff: int, retry_via: str = ""
     ) -> Any:
         def send(run_id: str, batch_no: int) -> None:
-            result = process_batch(runtime, run_id, batch_no)
+            try:
+                result = process_batch(runtime, run_id, batch_no)
+            except StoreError as exc:
+                # the delivery log is unreachable: one structured line, and the message comes back later
+                # (never acked before its results are recorded); an in-process run stops and says so
+                log.warning("batch.store_unavailable", run_id=run_id, batch=batch_no, error=str(exc))
+                if runtime.settings.embedded and runtime.fatal is None:
+                    runtime.fatal = f"the delivery log cannot be written or read: {exc}"
+                raise dramatiq.Retry(str(exc)) from exc
             if result.retry_in is not None:
                 # rows of this batch were postponed (rate limited, busy, window closed): come back when
                 # they are due. Enqueued before this message is acked, so a crash here can only duplicate

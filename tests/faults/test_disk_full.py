@@ -80,7 +80,7 @@ def test_delivery_log_on_a_full_disk_stops_the_run_with_one_line_and_resume_reco
         {"DISPATCH_DATABASE_URL": f"sqlite:///{small_disk / 'dispatch.db'}", "DISPATCH_OUTBOX_LATENCY_MS": "10"}
     )
     project.registry(size=600, seed=62)
-    run = project.popen("run", CAMPAIGN, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = project.popen("run", CAMPAIGN, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     filler = small_disk / "filler"
     try:
         deadline = time.monotonic() + 60
