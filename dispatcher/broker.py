@@ -17,6 +17,9 @@ from .settings import Settings
 BULK_QUEUE = "bulk"
 #: urgent runs (early-warning alerts, campaigns with priority: urgent) have their own lane
 URGENT_QUEUE = "urgent"
+#: bulk batches coming back for rows whose retry is due: their own queue, so a due retry does not wait
+#: behind every fresh batch of a large run (a delayed message re-enters its queue at the back)
+RETRY_QUEUE = "bulk-retry"
 
 
 def make_broker(settings: Settings) -> dramatiq.Broker:

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import domain, logs
-from .errors import DispatchError, InputError, UsageError
+from .errors import DispatchError, InputError, StoreError, UsageError
 from .runtime import Runtime
 from .settings import Settings
 
@@ -177,9 +177,11 @@ def _progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) ->
             task = progress.add_task(run_id, total=total)
             idle_since: float | None = None
             while True:
+                if rt.fatal:
+                    break
                 st = status(rt, run_id)
                 progress.update(task, completed=st["total"] - st["open"])
-                if st["open"] == 0 or st["status"] in ("completed", "cancelled"):
+                if st["open"] == 0 or st["status"] in ("completed", "cancelled") or st["halted"]:
                     break
                 if embedded:
                     # nothing queued and nothing in flight: what is still open waits on an operator (unknown rows)
@@ -193,8 +195,14 @@ def _progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) ->
     finally:
         if worker is not None and heartbeat is not None:
             stop_worker(rt, worker, heartbeat)
+    if rt.fatal:
+        # the delivery log cannot be written: say so once and stop; `resume` reconciles what is in flight
+        raise StoreError(f"run {run_id} stopped: {rt.fatal}; when it is fixed, `dispatch resume {run_id}`")
     rt.store.finish_if_done(run_id)
-    return status(rt, run_id)
+    st = status(rt, run_id)
+    if st["halted"]:
+        raise StoreError(f"run {run_id} stopped: {st['halted']}; when it is fixed, `dispatch resume {run_id}`")
+    return st
 
 
 def _print_summary(st: dict[str, Any], console: Console = out) -> None:
@@ -215,6 +223,14 @@ def _print_summary(st: dict[str, Any], console: Console = out) -> None:
         console.print(f"as of {st['as_of']} (theme {st['template']})", markup=False)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items()))
     console.print(f"total {st['total']}: {counts}; parts sent {st['parts_sent']}", markup=False)
+    if st.get("halted"):
+        console.print(f"halted: {st['halted']}; `dispatch resume {st['run_id']}` continues it", markup=False)
+    if st.get("stalled"):
+        console.print(
+            f"stalled: {st['stalled']} rows, last progress at {st['last_progress']}; "
+            f"the scheduler's watchdog re-queues them, or `dispatch resume {st['run_id']}`",
+            markup=False,
+        )
 
 
 @app.command()
@@ -226,6 +242,8 @@ def run(
     as_of: str | None = typer.Option(
         None, "--as-of", help="ISO date(-time) in the campaign's time zone: theme as of then, recorded on the run"
     ),
+    again: bool = typer.Option(False, "--again", help="run it again within its frequency period (needs --reason)"),
+    reason: str | None = typer.Option(None, "--reason", help="why it is run again (kept in the ledger)"),
 ) -> None:
     """Create a run of CAMPAIGN and send it (embedded) or enqueue it for workers (Redis).
 
@@ -234,8 +252,10 @@ def run(
     """
     from .campaigns import check_run_date, load_campaign, parse_as_of
     from .runs import dry_run as do_dry_run
-    from .runs import refuse_pointless_run, start_run, status
+    from .runs import refuse_pointless_run, start_manual_run, status
 
+    if again and not (reason or "").strip():
+        raise UsageError("--again needs --reason TEXT: why this campaign is sent again", field="reason")
     rt = runtime()
     loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock())
     run_as_of = parse_as_of(as_of, loaded.campaign.zone()) if as_of else None
@@ -282,7 +302,7 @@ def run(
     refuse_pointless_run(rt, loaded)
     rt.store, rt.actors  # noqa: B018 - open the delivery log and declare actors before timing the fan-out
     started = time.perf_counter()
-    created = start_run(rt, loaded, as_of=as_of_time)
+    created = start_manual_run(rt, loaded, as_of=as_of_time, again_reason=reason.strip() if again and reason else None)
     fanout_seconds = time.perf_counter() - started
     enqueued_at = created.get("enqueue_started_at", time.time())
     if not as_json:
@@ -395,6 +415,32 @@ def resume(
         emit_json({**st, "resume": result})
     else:
         _print_summary(st)
+    waiting = _still_open(rt, run_id, st, result)
+    if waiting and not (no_wait and not rt.settings.embedded):
+        err.print(f"resume {run_id}: work is still open: {waiting}", markup=False)
+        raise typer.Exit(1)
+
+
+def _still_open(rt: Runtime, run_id: str, st: dict[str, Any], result: dict[str, Any]) -> str:
+    """Why a resumed run is not done, for the operator ("" when nothing is open)."""
+    if not st["open"]:
+        return ""
+    counts = st["counts"]
+    parts = []
+    if counts.get("sending"):
+        holders = rt.store.sending_holders(run_id)
+        who = ", ".join(f"{n} by {h}" for h, n in sorted(holders.items()))
+        parts.append(
+            f"{counts['sending']} rows in flight held by live workers ({who}); they are reconciled when "
+            f"those workers record or are gone for {rt.settings.worker_stale_after}s: resume again then"
+        )
+    if counts.get("unknown"):
+        parts.append(f"{counts['unknown']} rows unknown (the provider could not say): `dispatch settle {run_id}`")
+    if counts.get("pending"):
+        parts.append(f"{counts['pending']} rows pending (waiting for a retry, a worker or the send window)")
+    if st.get("halted"):
+        parts.append(f"halted: {st['halted']}")
+    return "; ".join(parts)
 
 
 @app.command()

@@ -17,6 +17,7 @@ alone::
     ├── ConfigError                bad environment / settings (exit 2 as well: the operator fixes it)
     ├── StoreError                 the delivery log could not be read or written
     ├── BrokerError                the message broker could not be reached
+    ├── GatewayDown                the gateway cannot take any message now (its outbox cannot be written)
     └── SendError                  one message could not be handed to a gateway; .retryable, .code
         ├── PermanentSendError     never retried (invalid number, recipient opted out, ...)
         ├── RetryableSendError     nothing was sent; safe to try again (rate limited, refused connection)
@@ -96,6 +97,16 @@ class StoreError(DispatchError):
 
 class BrokerError(DispatchError):
     """The message broker could not be reached."""
+
+
+class GatewayDown(DispatchError):
+    """The gateway as a whole cannot take messages (disk full, outbox unwritable). ``done`` holds the
+    results of the messages of the call handed over before it failed; the rest were not. The batch
+    records those, stops and releases its other rows; the run halts for an operator."""
+
+    def __init__(self, message: str, *, done: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.done: list[Any] = done or []
 
 
 class SendError(DispatchError):

@@ -83,6 +83,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
                 "id": row.id,
                 "key": row.key,
                 "run_id": row.run_id,
+                "claim_token": row.claim_token,
                 "attempt": row.attempts,
                 "gateway": adapter.name,
             }

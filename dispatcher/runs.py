@@ -20,9 +20,10 @@ from zoneinfo import ZoneInfo
 import structlog
 import yaml
 
-from .campaigns import LoadedCampaign
+from .campaigns import LoadedCampaign, parse_duration
+from .errors import UsageError
 from .gateways.base import LookupRequest
-from .store.base import FAILED, SENT, UNKNOWN, AudienceFilter, Outcome, RunSpec
+from .store.base import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -115,15 +116,42 @@ def start_run(
     fire_time: datetime | None = None,
     actor: str = "operator",
     as_of: datetime | None = None,
+    again_reason: str | None = None,
+    fence: tuple[str, str, int] | None = None,
 ) -> dict[str, Any]:
     """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
-    spec = dataclasses.replace(run_spec(runtime, loaded, fire_time=fire_time, as_of=as_of), actor=actor)
-    created = runtime.store.create_run(spec, audience_filter(loaded))
+    spec = dataclasses.replace(
+        run_spec(runtime, loaded, fire_time=fire_time, as_of=as_of), actor=actor, again_reason=again_reason
+    )
+    created = runtime.store.create_run(spec, audience_filter(loaded), fence=fence)
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
         created["enqueue_started_at"] = time.time()  # workers may start from here (benchmarks time from it)
         enqueue_batches(runtime, spec.run_id, list(range(created["batches"])), spec.priority)
         log.info("run.created", total=created["total"], pending=created["pending"], batches=created["batches"])
     return created
+
+
+def start_manual_run(
+    runtime: Runtime, loaded: LoadedCampaign, *, as_of: datetime | None = None, again_reason: str | None = None
+) -> dict[str, Any]:
+    """An operator's run: refused (exit 2) if the campaign already ran within its frequency period,
+    unless the operator says ``--again`` with a reason. Taken under the campaign's lock, so two
+    operators starting the same campaign at once cannot both create a run."""
+    c = loaded.campaign
+    store = runtime.store
+    with store.operator_lock(f"campaign:{c.id}"):
+        if c.priority == "bulk" and not again_reason:
+            period = parse_duration(c.frequency_cap.per if c.frequency_cap else runtime.settings.frequency_cap_period)
+            recent = store.recent_runs(c.id, runtime.clock() - period)
+            if recent:
+                last = recent[-1]
+                raise UsageError(
+                    f"campaign {c.id} already has run {last['id']} ({last['status']}, created "
+                    f"{last['created_at']:%Y-%m-%d %H:%M} UTC) within its frequency period {period}; "
+                    "to send it again give --again --reason TEXT",
+                    field="again",
+                )
+        return start_run(runtime, loaded, actor="operator", as_of=as_of, again_reason=again_reason)
 
 
 @dataclass(frozen=True)
@@ -147,55 +175,76 @@ def dry_run(runtime: Runtime, loaded: LoadedCampaign, as_of: datetime | None = N
         yield DryRunRow(row.phone, row.district, text, seg.parts, seg.encoding, None)
 
 
+def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], actor: str) -> tuple[int, int]:
+    """Settle rows left in ``sending``: the gateway has the key -> ``sent``; else back to ``pending``.
+
+    Both moves are fenced on the claim token read with the orphan list, so a row a live worker
+    claimed since is left alone. Returns (found sent, requeued).
+    """
+    if not orphans:
+        return 0, 0
+    store = runtime.store
+    run = store.get_run(run_id)
+    if run["channel"].startswith("ringback"):
+        # enrolment and restore are idempotent (ringback adapters): doing one again is safe
+        return 0, store.requeue(orphans, actor=actor)
+    gateway = runtime.gateway
+    if not getattr(gateway, "can_lookup", True):
+        # the provider cannot say what it took: resending could double-send, an operator decides
+        settled = store.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
+        log.warning("run.orphans_unknown", orphans=len(orphans), marked=settled)
+        return 0, 0
+    known = gateway.lookup([LookupRequest(o.key, o.phone, "", o.claimed_at) for o in orphans])
+    outcomes = [
+        Outcome(
+            id=o.id,
+            key=o.key,
+            run_id=run_id,
+            state=SENT,
+            attempt=o.attempts,
+            gateway=gateway.name,
+            outcome="found",
+            provider_id=known[o.key].provider_id,
+            reason="reconciled",
+            claim_token=o.claim_token,
+        )
+        for o in orphans
+        if o.key in known
+    ]
+    store.record(outcomes, actor=actor)
+    requeued = store.requeue([o for o in orphans if o.key not in known], actor=actor)
+    log.info("run.reconciled", orphans=len(orphans), already_sent=len(outcomes), requeued=requeued)
+    return len(outcomes), requeued
+
+
 def resume_run(runtime: Runtime, run_id: str) -> dict[str, int]:
     """Reconcile rows orphaned in ``sending`` by a dead worker, then re-enqueue pending batches.
 
     An orphaned row the gateway already holds becomes ``sent`` (with its provider id),
     never sent again; one the gateway never saw goes back to ``pending``. Rows held by a
-    worker that is still alive are left to it.
+    worker that is still alive are left to it. Taken under the campaign's lock: two resumes
+    (or a resume and a run) of one campaign at once cannot work from the same stale list.
     """
     store = runtime.store
     run = store.get_run(run_id)
+    with store.operator_lock(f"campaign:{run['campaign_id']}"):
+        return _resume_locked(runtime, run_id)
+
+
+def _resume_locked(runtime: Runtime, run_id: str) -> dict[str, int]:
+    store = runtime.store
+    run = store.get_run(run_id)
     orphans = store.orphans(run_id, runtime.settings.worker_stale_after)
-    found_sent = requeued = 0
     with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run["campaign_id"]):
-        if orphans and run["channel"].startswith("ringback"):
-            # enrolment and restore are idempotent (ringback adapters): doing one again is safe
-            requeued = store.requeue([o.id for o in orphans])
-            orphans = []
-        if orphans and not getattr(runtime.gateway, "can_lookup", True):
-            # the provider cannot say what it took: resending could double-send, an operator decides
-            settled = store.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
-            log.warning("run.orphans_unknown", orphans=len(orphans), marked=settled)
-            orphans = []
-        if orphans:
-            gateway = runtime.gateway
-            known = gateway.lookup([LookupRequest(o.key, o.phone, "", o.claimed_at) for o in orphans])
-            outcomes = [
-                Outcome(
-                    id=o.id,
-                    key=o.key,
-                    run_id=run_id,
-                    state=SENT,
-                    attempt=o.attempts,
-                    gateway=gateway.name,
-                    outcome="found",
-                    provider_id=known[o.key].provider_id,
-                    reason="reconciled",
-                )
-                for o in orphans
-                if o.key in known
-            ]
-            store.record(outcomes)
-            found_sent = len(outcomes)
-            requeued = store.requeue([o.id for o in orphans if o.key not in known])
-            log.info("run.reconciled", orphans=len(orphans), already_sent=found_sent, requeued=requeued)
+        found_sent, requeued = reconcile_orphans(runtime, run_id, orphans, actor="resume")
         store.drain_status_backlog()  # delivery reports that overtook the recording of their ids
         unknown_found, unknown_requeued = reconcile_unknown(runtime, run_id)
         found_sent += unknown_found
         requeued += unknown_requeued
         if run["status"] in ("cancelled",):
             return {"orphans": len(orphans), "already_sent": found_sent, "requeued": requeued, "batches": 0}
+        if run.get("halted"):
+            store.clear_halt(run_id)
         if run["status"] == "paused":
             store.unpause_run(run_id)
             log.info("run.resumed")
@@ -261,6 +310,22 @@ def status(runtime: Runtime, run_id: str) -> dict[str, Any]:
         "parts_sent": store.parts_sent(run_id),
         "open": sum(counts.get(s, 0) for s in ("pending", "sending", UNKNOWN)),
         "failed": counts.get(FAILED, 0),
+        "halted": run.get("halted"),
+        **stall(runtime, run_id, run["status"]),
+    }
+
+
+def stall(runtime: Runtime, run_id: str, run_status: str) -> dict[str, Any]:
+    """``stalled``: rows of a running run that should be moving and are not (none moved for
+    ``stall_after``), with when any row last moved; what ``status`` shows and the watchdog acts on."""
+    if run_status != "running":
+        return {"stalled": 0, "last_progress": None}
+    p = runtime.store.progress(run_id)
+    last = p["last_progress"]
+    quiet = last is None or (runtime.clock() - last).total_seconds() > runtime.settings.stall_after
+    return {
+        "stalled": (p["due"] + p["sending"]) if quiet else 0,
+        "last_progress": last.isoformat() if last else None,
     }
 
 

@@ -40,6 +40,10 @@ class Runtime:
     #: builds the ringback adapter (tests inject one); default: DISPATCH_RINGBACK_GATEWAY
     ringback_factory: Callable[[Settings], Any] | None = None
     _ringback: Any = None
+    #: set when the process is asked to stop (SIGTERM): batches hand out no new sends and release the rest
+    stopping: threading.Event = field(default_factory=threading.Event)
+    #: why this process cannot go on (its delivery log cannot be written); the embedded run reports it
+    fatal: str | None = None
 
     def __post_init__(self) -> None:
         # DISPATCH_CLOCK_OFFSET / DISPATCH_FAKE_NOW move a subprocess's business clock (tests, drills);

@@ -43,7 +43,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from .campaigns import LoadedCampaign, Schedule, campaign_files, check_paths, parse_duration, quarter_of
 from .errors import DispatchError, InputError
-from .store.sql import DuplicateRun
+from .store.sql import DuplicateRun, LeaseLost
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -270,6 +270,11 @@ class Scheduler:
         self.lease = lease or make_lease(runtime, self.holder)
         self.entries: dict[Path, Entry] = {}
         self.is_leader = False
+        #: this leader's fencing token (leader_fences); None while it has not taken the fence
+        self.token: int | None = None
+        from .watchdog import Watchdog
+
+        self.watchdog = Watchdog(runtime)
         self._signature: tuple[Any, ...] = ()
 
     # ---- campaign files
@@ -318,15 +323,29 @@ class Scheduler:
         if leader != self.is_leader:
             log.info("scheduler.leader" if leader else "scheduler.follower", holder=self.holder)
             self.is_leader = leader
+            self.token = None
         if not leader:
             return 0
+        if self.token is None:
+            try:
+                self.token = self.runtime.store.take_fence(LEASE_NAME, self.holder)
+            except DispatchError as exc:
+                # a frozen former leader may still hold the fence row: try again next tick
+                log.warning("scheduler.fence_unavailable", error=str(exc))
+                return 0
+            log.info("scheduler.fenced", fence=self.token)
         fired = 0
         for entry in list(self.entries.values()):
             try:
                 fired += self.fire_due(entry)
+            except LeaseLost as exc:
+                log.warning("scheduler.lease_lost", error=str(exc))
+                self.is_leader, self.token = False, None
+                return fired
             except DispatchError as exc:
                 log.error("scheduler.fire_failed", campaign_id=entry.loaded.campaign.id, error=str(exc))
         self.restore_ended_ringback_windows()
+        self.watchdog.tick()
         return fired
 
     #: monotonic time of the next ringback sweep (the leader sweeps every RINGBACK_SWEEP_SECONDS)
@@ -371,7 +390,9 @@ class Scheduler:
             late = now - fire_time
             if late > entry.grace:
                 reason = f"missed by {_human(late)}, beyond misfire_grace {_human(entry.grace)}"
-                store.record_fire(campaign_id, fire_time, "skipped", scheduler=self.holder, reason=reason)
+                store.record_fire(
+                    campaign_id, fire_time, "skipped", scheduler=self.holder, reason=reason, lease_token=self.token
+                )
                 log.warning("scheduler.fire_skipped", fire_time=fire_time, reason=reason)
             else:
                 self.fire(entry, fire_time)
@@ -403,9 +424,15 @@ class Scheduler:
         campaign_id = entry.loaded.campaign.id
         bound = {"campaign_id": campaign_id, "fire_time": fire_time.isoformat()}
         with structlog.contextvars.bound_contextvars(**bound):
+            # re-check the lease right before firing (a leader frozen since its last tick may have lost
+            # it); the fencing token is checked again inside the transaction that creates the run
+            if not self.lease.hold():
+                raise LeaseLost(f"scheduler {self.holder} lost its lease before firing")
+            log.info("scheduler.firing", fence=self.token)
             try:
                 actor = f"scheduler:{self.holder}"
-                created = start_run(self.runtime, entry.loaded, fire_time=fire_time, actor=actor)
+                fence = (LEASE_NAME, self.holder, self.token) if self.token is not None else None
+                created = start_run(self.runtime, entry.loaded, fire_time=fire_time, actor=actor, fence=fence)
                 run_id: str | None = created["run_id"]
                 late = (self.runtime.clock() - fire_time).total_seconds()
                 log.info("scheduler.fired", run_id=run_id, late_s=round(late, 3))
@@ -416,7 +443,9 @@ class Scheduler:
                     # never have been enqueued. Enqueueing again is harmless (claims are atomic).
                     enqueue_batches(self.runtime, run_id, store.pending_batches(run_id))
                 log.info("scheduler.duplicate_fire", run_id=run_id)
-            store.record_fire(campaign_id, fire_time, "fired", scheduler=self.holder, run_id=run_id)
+            store.record_fire(
+                campaign_id, fire_time, "fired", scheduler=self.holder, run_id=run_id, lease_token=self.token
+            )
         return run_id
 
     # ---- the process

@@ -7,6 +7,7 @@ rows still ``pending``, so a second delivery of the message finds nothing to do.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -17,8 +18,17 @@ import structlog
 import yaml
 
 from .campaigns import Campaign, parse_duration
-from .errors import AmbiguousSendError, PermanentSendError, RetryableSendError, SendError, TemplateError
+from .errors import (
+    AmbiguousSendError,
+    GatewayDown,
+    PermanentSendError,
+    RetryableSendError,
+    SendError,
+    StoreError,
+    TemplateError,
+)
 from .gateways.base import OutgoingMessage, SendResult
+from .phones import mask_text
 from .send_window import campaign_may_send
 from .store.base import EXPIRED, FAILED, PENDING, SENT, SKIPPED, UNKNOWN, Claimed, Outcome
 from .templates import Composer, TemplateSource
@@ -102,6 +112,7 @@ def _outcome_for(
         "id": row.id,
         "key": row.key,
         "run_id": row.run_id,
+        "claim_token": row.claim_token,
         "attempt": row.attempts,
         "gateway": gateway,
         "parts": message.parts,
@@ -153,8 +164,32 @@ def settled_outcome(row: Claimed, gateway: str, state: str, outcome: str, **fiel
     """An outcome decided without a gateway call (skipped, expired, capped, render failure)."""
     return Outcome(
         id=row.id, key=row.key, run_id=row.run_id, state=state, attempt=row.attempts,
-        gateway=gateway, outcome=outcome, **fields,
+        gateway=gateway, outcome=outcome, claim_token=row.claim_token, **fields,
     )  # fmt: skip
+
+
+def internal_message(exc: BaseException) -> str:
+    """What an unexpected exception says, fit for the log and the delivery row: numbers masked, short."""
+    return mask_text(f"{type(exc).__name__}: {exc}")[:300]
+
+
+def _send_chunk(gateway: Any, messages: list[OutgoingMessage]) -> list[SendResult | SendError]:
+    """The gateway's answers for a chunk; an adapter that raises something unexpected answers ``unknown``.
+
+    An exception from inside an adapter cannot say whether the messages left, so each becomes
+    an ambiguous result (``internal_error``), looked up before any resend; ``GatewayDown``
+    (nothing handed over) goes up to stop the batch.
+    """
+    try:
+        results = list(gateway.send_many(messages))
+        if len(results) != len(messages):
+            raise RuntimeError(f"gateway returned {len(results)} results for {len(messages)} messages")
+        return results
+    except (GatewayDown, SendError):
+        raise
+    except Exception as exc:  # an adapter bug must not strand the batch: classify every row of the chunk
+        log.exception("gateway.internal_error", messages=len(messages))
+        return [AmbiguousSendError(internal_message(exc), code="internal_error") for _ in messages]
 
 
 def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: Gate | None = None) -> list[Outcome]:
@@ -184,6 +219,12 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
         except TemplateError as exc:
             outcomes.append(settled(row, FAILED, "failed", error_code="template.render", error_message=exc.message))
             continue
+        except Exception as exc:  # a template that raises for one recipient fails that row, not the batch
+            log.warning("row.render_error", error=internal_message(exc))
+            outcomes.append(
+                settled(row, FAILED, "failed", error_code="render_error", error_message=internal_message(exc))
+            )
+            continue
         to_send.append(
             (
                 row,
@@ -202,7 +243,7 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
         )
     to_send = _apply_frequency_cap(runtime, context, to_send, outcomes, now)
     if to_send and gate is None:
-        results = gateway.send_many([m for _, m in to_send])
+        results = _send_chunk(gateway, [m for _, m in to_send])
         for (row, message), result in zip(to_send, results, strict=True):
             outcomes.append(_outcome_for(row, message, result, gateway.name, now, runtime.settings.max_attempts))
     elif to_send and gate is not None:
@@ -212,18 +253,37 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
                 gate.unsent = [row for row, _ in to_send[index:]]
                 break
             chunk = to_send[index : index + gate.chunk]
+            taken = gate.taken_away(chunk)
+            if taken:
+                # a resume or the watchdog judged this worker gone (it was frozen) and took these rows:
+                # they are someone else's now, so they are not handed over from here
+                log.warning("batch.claim_taken", rows=len(taken))
+                to_send = [item for item in to_send if item[0].id not in taken]
+                continue
             gate.pace(chunk)
             if context.send_by is not None and runtime.clock() > context.send_by:
                 # the deadline passed while this batch was being paced: nothing more goes out
                 for row, _ in to_send[index:]:
                     outcomes.append(settled(row, EXPIRED, "skipped", reason="send_by_passed"))
                 break
-            results = gateway.send_many([m for _, m in chunk])
+            down: GatewayDown | None = None
+            try:
+                results = _send_chunk(gateway, [m for _, m in chunk])
+            except GatewayDown as exc:
+                # what the gateway took before it failed is recorded; the rest goes back to pending
+                down, results = exc, exc.done
+                chunk = chunk[: len(results)]
+            gate.handed += len(chunk)
             sent_at = runtime.clock()
             attempts = runtime.settings.max_attempts
             for (row, message), result in zip(chunk, results, strict=True):
                 outcomes.append(_outcome_for(row, message, result, gateway.name, sent_at, attempts))
             index += len(chunk)
+            if down is not None:
+                gate.unsent = [row for row, _ in to_send[index:]]
+                gate.stop_reason = "gateway_down"
+                gate.down = str(down)
+                break
     return outcomes
 
 
@@ -275,17 +335,31 @@ class Gate:
         self.chunk = 1 if self.limiter is not None else max(20, getattr(runtime.gateway, "batch_capacity", 0))
         self.unsent: list[Claimed] = []
         self.stop_reason: str | None = None
+        #: why the gateway could take nothing more (disk full, ...), when stop_reason is gateway_down
+        self.down: str | None = None
+        #: messages handed to the gateway so far (a crash before the first leaves nothing to reconcile)
+        self.handed = 0
+        self._claim_checked = time.monotonic()
         self.opens_at: datetime | None = None
         self._checked = 0.0
 
     def should_stop(self) -> bool:
         if self.stop_reason is not None:
             return True
+        if self.runtime.stopping.is_set():
+            # the worker is shutting down: hand out nothing more, the rest goes back to pending
+            self.stop_reason = "shutdown"
+            return True
         now = time.monotonic()
         if now - self._checked < self.CHECK_EVERY:
             return False
         self._checked = now
-        status = self.runtime.store.run_status(self.context.run_id)
+        try:
+            status = self.runtime.store.run_status(self.context.run_id)
+        except StoreError as exc:
+            # the log is unreachable for a moment: keep sending, the results are recorded (or spooled) after
+            log.warning("batch.status_unreadable", error=str(exc))
+            return False
         if status in ("paused", "cancelled"):
             self.stop_reason = status
             return True
@@ -294,6 +368,22 @@ class Gate:
             self.stop_reason = "send_window"
             return True
         return False
+
+    def taken_away(self, chunk: list[tuple[Claimed, OutgoingMessage]]) -> set[int]:
+        """Rows of the chunk no longer held under their claim, checked at most every ``CHECK_EVERY``.
+
+        A worker frozen (SIGSTOP, a stalled VM) past its heartbeat may wake to find its rows
+        reconciled and re-queued: handing them over then would send those people twice.
+        """
+        now = time.monotonic()
+        if now - self._claim_checked < self.CHECK_EVERY:
+            return set()
+        self._claim_checked = now
+        try:
+            held = self.runtime.store.still_claimed([row.id for row, _ in chunk], chunk[0][0].claim_token)
+        except StoreError:
+            return set()  # the log is unreachable: nobody can have taken them through it either
+        return {row.id for row, _ in chunk if row.id not in held}
 
     def pace(self, chunk: list[tuple[Claimed, OutgoingMessage]]) -> None:
         if self.limiter is None:
@@ -327,13 +417,20 @@ class BatchResult:
 
 def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
     """Send what is pending in one batch of one run and record it; return when to retry, if needed."""
+    from .spool import record_durably, replay
+
     store = runtime.store
+    # results an earlier attempt could not write go in first (fenced, so replaying is harmless)
+    replay(runtime)
     context = RUNS.get(runtime, run_id)
     if context.campaign is not None and context.campaign.channel == "ringback":
         # enrol/restore a ringback tone instead of sending an SMS: same claims, retries and log
         from .ringback import process_ringback_batch
 
         return process_ringback_batch(runtime, run_id, batch_no)
+    if runtime.stopping.is_set():
+        # shutting down: claim nothing; the message goes back to the queue for another worker
+        return BatchResult(0, {"stopping": 1}, 0.0)
     status = store.run_status(run_id)
     if status in ("cancelled", "completed"):
         return BatchResult(0, {}, None)
@@ -352,15 +449,19 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
             log.debug("batch.nothing_to_claim")
             retry_at = store.next_retry_at(run_id, batch_no)
             return BatchResult(0, {}, _seconds_until(runtime, retry_at))
+        token = rows[0].claim_token
         gate = Gate(runtime, context)
         try:
             outcomes = send_rows(runtime, context, rows, gate)
         except BaseException:
-            # an unexpected failure before anything was handed over must not strand the claim;
-            # rows the gateway may have taken stay in `sending` for resume to reconcile
             log.exception("batch.crashed", claimed=len(rows))
+            if not gate.handed:
+                # nothing reached the gateway: the claim goes back rather than waiting for the watchdog
+                with contextlib.suppress(StoreError):
+                    store.release([r.id for r in rows], token)
             raise
-        store.record(outcomes)
+        # never return (ack the message) before the results are in the log: retried, spooled meanwhile
+        record_durably(runtime, outcomes)
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[o.outcome] = counts.get(o.outcome, 0) + 1
@@ -369,11 +470,17 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
             counts["stopped"] = len(gate.unsent)
             unsent_ids = [r.id for r in gate.unsent]
             if gate.stop_reason == "cancelled":
-                store.cancel_claimed(unsent_ids, actor=runtime.worker_id)
+                store.cancel_claimed(unsent_ids, actor=runtime.worker_id, token=token)
             else:
-                # paused or window closed: back to pending, the attempt not counted
-                store.release(unsent_ids)
-                if gate.stop_reason == "send_window" and gate.opens_at is not None:
+                # paused, stopping, gateway down or window closed: back to pending, the attempt not counted
+                store.release(unsent_ids, token)
+                if gate.stop_reason == "gateway_down":
+                    why = f"the gateway cannot take messages: {gate.down}"
+                    store.halt_run(run_id, why)
+                    log.error("run.halted", reason=why)
+                elif gate.stop_reason == "shutdown":
+                    stop_in = 0.0
+                elif gate.stop_reason == "send_window" and gate.opens_at is not None:
                     stop_in = _window_delay(runtime, gate.opens_at)
                 elif store.run_status(run_id) == "running":
                     # resumed while this batch was stopping: resume found none of these rows
@@ -381,7 +488,9 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
                     stop_in = 0.0
             log.info("batch.stopped", reason=gate.stop_reason, unsent=len(gate.unsent))
         log.info("batch.done", claimed=len(rows), **counts)
-        retry_at = store.next_retry_at(run_id, batch_no) if counts.get("retry") else None
+        # rows of this batch postponed by this or an earlier attempt: come back when the first is due,
+        # even if every row claimed this time was settled (later retries must not be stranded)
+        retry_at = store.next_retry_at(run_id, batch_no)
         store.finish_if_done(run_id)
         retry_in = _seconds_until(runtime, retry_at)
         if stop_in is not None:

@@ -139,6 +139,17 @@ class Settings:
     scheduler_tick: float = 0.5
     #: threads a ``dispatch worker`` on all lanes keeps for urgent work alone
     urgent_threads: int = 2
+    # --- faults: stalls, outages, stops ------------------------------------------
+    #: where a worker keeps results it could not write to the delivery log until the log is back
+    spool_dir: Path = Path("var/spool")
+    #: how long a worker keeps retrying to record a batch's results before giving the message back
+    record_retry_for: float = 600.0
+    #: a running run with rows due and no row moving for this long is stalled: the watchdog re-queues it
+    stall_after: float = 30.0
+    #: a row in ``sending`` longer than this is reconciled by the watchdog even if its worker still beats
+    sending_deadline: float = 900.0
+    #: how often the scheduler's leader runs the watchdog
+    watchdog_every: float = 5.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -192,6 +203,7 @@ class Settings:
             web_host=env.get("DISPATCH_WEB_HOST") or "127.0.0.1",
             web_port=_int(env, "DISPATCH_WEB_PORT", _int(env, "PORT", 8000)),
             **_issue4_settings(env),
+            **_fault_settings(env),
             extra={k: v for k, v in env.items() if k.startswith(("DISPATCH_", "TWILIO_"))},
         )
 
@@ -202,6 +214,17 @@ class Settings:
     def embedded(self) -> bool:
         """True when no broker URL is set: runs are processed inside the ``dispatch run`` process."""
         return not self.broker_url
+
+
+def _fault_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """Watchdog, spool and record-retry settings."""
+    return {
+        "spool_dir": Path(env.get("DISPATCH_SPOOL_DIR") or "var/spool"),
+        "record_retry_for": _float(env, "DISPATCH_RECORD_RETRY_FOR", 600.0),
+        "stall_after": _float(env, "DISPATCH_STALL_AFTER", 30.0),
+        "sending_deadline": _float(env, "DISPATCH_SENDING_DEADLINE", 900.0),
+        "watchdog_every": _float(env, "DISPATCH_WATCHDOG_EVERY", 5.0),
+    }
 
 
 def _issue4_settings(env: Mapping[str, str]) -> dict[str, Any]:

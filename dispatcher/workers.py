@@ -53,6 +53,13 @@ def start_worker(
     runtime: Runtime, *, queues: set[str] | None = None, threads: int | None = None
 ) -> tuple[Worker, Heartbeat]:
     runtime.actors  # noqa: B018 - declare the actors on the broker before consuming
+    runtime.stopping.clear()
+    from .spool import replay
+
+    try:
+        replay(runtime)  # results a previous process of this host could not write
+    except StoreError as exc:
+        log.warning("worker.spool_replay_failed", error=str(exc))
     heartbeat = Heartbeat(runtime)
     heartbeat.beat()
     heartbeat.start()
@@ -104,6 +111,9 @@ class LaneWorkers:
 
 
 def stop_worker(runtime: Runtime, worker: Worker, heartbeat: Heartbeat) -> None:
+    # batches stop handing out sends at their next chunk, record what went out and release the rest
+    # (re-queued for another worker), so the stop finishes well within Dramatiq's timeout
+    runtime.stopping.set()
     worker.stop(timeout=30_000)
     heartbeat.stop()
     # unregistering is a courtesy: a worker left in the table simply goes stale
@@ -119,6 +129,7 @@ def serve(
 
     def _signal(signum: int, _frame: object) -> None:
         log.info("worker.stopping", signal=signal.Signals(signum).name)
+        runtime.stopping.set()
         stop.set()
 
     signal.signal(signal.SIGTERM, _signal)

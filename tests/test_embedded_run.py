@@ -244,7 +244,7 @@ def _run_with_unknown_rows(project: Project, n: int) -> tuple[str, list[str]]:
             for c in claimed
         ]
     )
-    rt.store.release([c.id for c in rt.store.orphans(spec.run_id, 0) if c.id not in {x.id for x in claimed}])
+    rt.store.release([c.id for c in rt.store.orphans(spec.run_id, 0) if c.id not in {x.id for x in claimed}], None)
     return spec.run_id, [c.phone for c in claimed]
 
 

@@ -117,7 +117,7 @@ def test_rows_of_a_dead_worker_are_orphans_and_live_workers_keep_theirs(store) -
     dead = store.claim("r1", 1, "dead")
     orphans = store.orphans("r1", stale_after_seconds=10)
     assert {o.id for o in orphans} == {c.id for c in dead}
-    assert store.requeue([o.id for o in orphans]) == len(dead)
+    assert store.requeue(orphans) == len(dead)
     assert store.counts("r1") == {"pending": 10, "sending": 9, "skipped": 1}
 
 

@@ -1,10 +1,12 @@
 """The local outbox gateway: one JSON line per message in a file, for demos, drills and tests.
 
-Several worker processes append to the same file. Each message is one ``write``
-of one complete line under an exclusive ``flock``, so lines never interleave and
-a line is either wholly there or not at all (a torn last line after a crash is
-ignored by ``lookup`` and ``read_outbox``). ``lookup`` answers from the file
-itself, which is what makes ``dispatch resume`` exact after ``kill -9``.
+Several worker processes append to the same file under an exclusive ``flock``, so
+lines never interleave. An append writes whole lines or nothing: a short write (disk
+full, file-size limit) is cut back to where the append began and the call fails with
+``GatewayDown`` (nothing handed over); a torn tail left by a crash mid-write is cut
+off before the next append. ``lookup`` answers from the file itself, which is what
+makes ``dispatch resume`` exact after ``kill -9``, so a line it cannot read is an
+error, never skipped: skipping it could send that person again.
 
 Fault injection (``DISPATCH_OUTBOX_FAIL_PERMANENT`` / ``_TRANSIENT``): listed
 numbers fail with ``outbox.rejected`` (permanent) or ``outbox.busy`` (retryable,
@@ -18,13 +20,14 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import PermanentSendError, RetryableSendError, SendError
+from ..errors import DispatchError, GatewayDown, PermanentSendError, RetryableSendError, SendError
 from .base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
 
 
@@ -44,7 +47,8 @@ class OutboxGateway(BaseGateway):
         self.fail_permanent = fail_permanent
         self.fail_transient = fail_transient
         self.latency = latency_ms / 1000
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        self._threads = threading.Lock()
 
     def _line(self, message: OutgoingMessage) -> bytes:
         record = {
@@ -66,9 +70,25 @@ class OutboxGateway(BaseGateway):
             raise RetryableSendError("outbox told to refuse this number for now", code="outbox.busy")
 
     def _append(self, data: bytes) -> None:
+        # flock excludes other processes only: threads of this process share the descriptor (and so
+        # the lock), and one repairing the tail while another writes would cut a good line off
+        with self._threads:
+            self._append_locked(data)
+
+    def _append_locked(self, data: bytes) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            os.write(self._fd, data)
+            start = _repair_tail(self._fd)
+            view = memoryview(data)
+            try:
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+            except OSError as exc:
+                # whole lines or nothing: cut the partial append off so the next line starts clean
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+                raise GatewayDown(f"outbox {self.path} cannot be written: {exc.strerror or exc}") from exc
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
@@ -83,7 +103,15 @@ class OutboxGateway(BaseGateway):
         """All accepted messages of a batch in one locked write (one line each)."""
         if self.latency:
             # a slow provider: hand over one by one so a crash can land between messages
-            return super().send_many(messages)
+            done: list[SendResult | SendError] = []
+            for message in messages:
+                try:
+                    done.append(self.send(message))
+                except SendError as exc:
+                    done.append(exc)
+                except GatewayDown as exc:
+                    raise GatewayDown(str(exc), done=done) from exc
+            return done
         results: list[SendResult | SendError] = []
         lines: list[bytes] = []
         for message in messages:
@@ -112,15 +140,42 @@ class OutboxGateway(BaseGateway):
             os.close(self._fd)
 
 
+def _repair_tail(fd: int) -> int:
+    """Under the lock: cut an unterminated last line (a crash mid-append); returns the end offset."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+        return end
+    # walk back to the last newline; a torn line is at most one append long
+    pos = end
+    while pos > 0:
+        step = min(65536, pos)
+        chunk = os.pread(fd, step, pos - step)
+        nl = chunk.rfind(b"\n")
+        if nl >= 0:
+            pos = pos - step + nl + 1
+            break
+        pos -= step
+    os.ftruncate(fd, pos)
+    return pos
+
+
+class OutboxCorrupt(DispatchError):
+    """A line of the outbox cannot be read: what it holds cannot be known, so nothing is guessed."""
+
+
 def read_outbox(path: Path) -> Iterator[dict[str, Any]]:
-    """Every complete line of the outbox (a torn last line from a crash is skipped)."""
+    """Every line of the outbox; an unterminated last line (a crash mid-append, never acknowledged as
+    sent) is left out, any other line that does not parse raises ``OutboxCorrupt``."""
     if not path.exists():
         return
     with path.open("rb") as fh:
-        for raw in fh:
+        for number, raw in enumerate(fh, start=1):
             if not raw.endswith(b"\n"):
-                continue
+                return
             try:
-                yield json.loads(raw)
-            except json.JSONDecodeError:
-                continue
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise OutboxCorrupt(f"{path}:{number}: unreadable outbox line ({exc})") from exc
+            if not isinstance(record, dict):
+                raise OutboxCorrupt(f"{path}:{number}: unreadable outbox line (not a JSON object)")
+            yield record

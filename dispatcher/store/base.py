@@ -74,6 +74,8 @@ class RunSpec:
     actor: str = "operator"
     #: the date a manual run is made as of (``--as-of``), which chose its theme
     as_of: datetime | None = None
+    #: the operator's reason for running a campaign again within its frequency period
+    again_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,10 @@ class Claimed:
     attempts: int
     opted_out: bool
     claimed_at: datetime | None = None
+    #: the claim this row was taken under: releasing, re-queueing and recording are fenced on it,
+    #: so a stale resume cannot take a row a live worker holds, and a worker whose row was taken
+    #: away cannot overwrite whoever holds it now
+    claim_token: str | None = None
 
 
 @dataclass
@@ -131,3 +137,5 @@ class Outcome:
     opt_out_phone: str | None = None
     #: the row's idempotency key, for its ledger event (saves reading it back on every batch)
     key: str | None = None
+    #: the claim the outcome belongs to (None: not fenced, e.g. an operator's verdict)
+    claim_token: str | None = None

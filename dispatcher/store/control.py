@@ -6,16 +6,21 @@ records it in the same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
+from ..errors import StoreError
 from . import schema as t
 from .base import CANCELLED, DELIVERED, SENDING, SENT
 
@@ -32,6 +37,8 @@ class RunControlMixin:
     _read: Callable[[], AbstractContextManager[Connection]]
     _transition: Callable[..., int]
     _insert: Callable[[], Any]
+    _write_short: Callable[[], AbstractContextManager[Connection]]
+    engine: Any
 
     # ------------------------------------------------------------------ pause / resume / cancel
 
@@ -57,7 +64,7 @@ class RunControlMixin:
         with self._read() as conn:
             return conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar_one_or_none()
 
-    def cancel_claimed(self, ids: Sequence[int], actor: str) -> int:
+    def cancel_claimed(self, ids: Sequence[int], actor: str, token: str | None = None) -> int:
         """Rows a worker claimed but had not handed to the gateway when the run was cancelled."""
         if not ids:
             return 0
@@ -70,7 +77,171 @@ class RunControlMixin:
                 actor=actor,
                 reason="cancelled",
                 values={"reason": "cancelled", "claim_token": None},
+                token=token,
             )
+
+    # ------------------------------------------------------------------ halts, progress, repeats
+
+    def halt_run(self, run_id: str, why: str) -> bool:
+        """Pause a run that cannot go on by itself (its outbox or log cannot be written), saying why."""
+        with self._write() as conn:
+            moved = conn.execute(
+                sa.update(t.runs)
+                .where(t.runs.c.id == run_id, t.runs.c.status.in_(("running", "creating", "paused")))
+                .values(status="paused", halted=why[:500])
+            ).rowcount
+        return bool(moved)
+
+    def clear_halt(self, run_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(halted=None))
+
+    def run_halted(self, run_id: str) -> str | None:
+        with self._read() as conn:
+            return conn.execute(select(t.runs.c.halted).where(t.runs.c.id == run_id)).scalar_one_or_none()
+
+    def progress(self, run_id: str) -> dict[str, Any]:
+        """Rows waiting to be sent now, rows in flight, and when any row of the run last moved."""
+        d = t.deliveries
+        now = self.clock()
+        with self._read() as conn:
+            last, due, sending = conn.execute(
+                select(
+                    func.max(d.c.updated_at),
+                    func.sum(
+                        sa.case(
+                            (
+                                sa.and_(
+                                    d.c.state == "pending",
+                                    sa.or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now),
+                                ),
+                                1,
+                            ),
+                            else_=0,
+                        )
+                    ),
+                    func.sum(sa.case((d.c.state == SENDING, 1), else_=0)),
+                ).where(d.c.run_id == run_id)
+            ).one()
+        return {"last_progress": _utc(last), "due": int(due or 0), "sending": int(sending or 0)}
+
+    def running_runs(self) -> list[str]:
+        with self._read() as conn:
+            return [i for (i,) in conn.execute(select(t.runs.c.id).where(t.runs.c.status == "running"))]
+
+    def recent_runs(self, campaign_id: str, since: datetime) -> list[dict[str, Any]]:
+        """Runs of a campaign created since ``since`` that were not cancelled (a repeat would message them again)."""
+        r = t.runs
+        with self._read() as conn:
+            rows = conn.execute(
+                select(r.c.id, r.c.status, r.c.created_at, r.c.fire_time)
+                .where(r.c.campaign_id == campaign_id, r.c.created_at >= since, r.c.status != "cancelled")
+                .order_by(r.c.created_at)
+            ).mappings()
+            return [dict(row) for row in rows]
+
+    # ------------------------------------------------------------------ operator locks
+
+    @contextmanager
+    def operator_lock(self, name: str, wait: float = 30.0) -> Iterator[None]:
+        """Hold a lock named ``name`` (a campaign) across processes while an operator command changes it.
+
+        PostgreSQL: a session advisory lock on a connection held for the duration (released by the
+        server if the process dies). SQLite: ``flock`` on a file beside the database (released by
+        the kernel if the process dies). Waits up to ``wait`` seconds, then says who is in the way.
+        """
+        deadline = time.monotonic() + wait
+        if not self.is_sqlite:
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            with self.engine.connect() as conn:
+                try:
+                    while not conn.execute(select(func.pg_try_advisory_lock(key))).scalar_one():
+                        if time.monotonic() > deadline:
+                            raise StoreError(f"another dispatch command is working on {name}; try again when it ends")
+                        time.sleep(0.2)
+                    conn.commit()
+                    try:
+                        yield
+                    finally:
+                        conn.execute(select(func.pg_advisory_unlock(key)))
+                        conn.commit()
+                except (OperationalError, sa.exc.InterfaceError) as exc:
+                    raise StoreError(f"could not take the lock on {name}: {exc.orig or exc}") from exc
+            return
+        path = self._lock_path(name)
+        if path is None:
+            yield
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError as exc:
+                    if time.monotonic() > deadline:
+                        message = f"another dispatch command is working on {name}; try again when it ends"
+                        raise StoreError(message) from exc
+                    time.sleep(0.2)
+            yield
+        finally:
+            os.close(fd)
+
+    def _lock_path(self, name: str) -> str | None:
+        url: str = getattr(self, "url", "")
+        path = url.split("///", 1)[-1] if "///" in url else ""
+        if not path or path == ":memory:":
+            return None
+        return f"{path}.lock-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+    # ------------------------------------------------------------------ scheduler fencing
+
+    def take_fence(self, name: str, holder: str) -> int:
+        """Make ``holder`` the fenced leader (bumping the token if it was someone else); returns the token.
+
+        Runs with a short lock timeout so a frozen process holding the row never blocks the caller.
+        """
+        f = t.leader_fences
+        now = datetime.now(UTC)
+        with self._write_short() as conn:
+            row = conn.execute(select(f.c.holder, f.c.token).where(f.c.name == name)).first()
+            if row is None:
+                stmt = self._insert()(f).values(name=name, holder=holder, token=1, updated_at=now)
+                if conn.execute(stmt.on_conflict_do_nothing()).rowcount:
+                    return 1
+                row = conn.execute(select(f.c.holder, f.c.token).where(f.c.name == name)).one()
+            if row.holder == holder:
+                return int(row.token)
+            token = int(row.token) + 1
+            conn.execute(
+                sa.update(f)
+                .where(f.c.name == name, f.c.token == row.token)
+                .values(holder=holder, token=token, updated_at=now)
+            )
+            return token
+
+    def get_marker(self, name: str) -> str | None:
+        """A small named value kept beside the fences (the broker sentinel the watchdog checks)."""
+        f = t.leader_fences
+        with self._read() as conn:
+            return conn.execute(select(f.c.holder).where(f.c.name == name)).scalar_one_or_none()
+
+    def set_marker(self, name: str, value: str) -> None:
+        f = t.leader_fences
+        now = datetime.now(UTC)
+        stmt = self._insert()(f).values(name=name, holder=value, token=0, updated_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=[f.c.name], set_={"holder": value, "updated_at": now})
+        with self._write_short() as conn:
+            conn.execute(stmt)
+
+    def fence_holds(self, conn: Connection, name: str, holder: str, token: int) -> bool:
+        """Inside the caller's transaction: is ``holder`` with ``token`` still the fenced leader?"""
+        f = t.leader_fences
+        query = select(f.c.holder, f.c.token).where(f.c.name == name)
+        if not self.is_sqlite:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        return row is not None and row.holder == holder and int(row.token) == token
 
     # ------------------------------------------------------------------ frequency cap
 
@@ -118,6 +289,7 @@ class RunControlMixin:
         scheduler: str,
         run_id: str | None = None,
         reason: str | None = None,
+        lease_token: int | None = None,
     ) -> bool:
         """Remember one handled fire; False if it was recorded already (another leader, a retry)."""
         try:
@@ -131,6 +303,7 @@ class RunControlMixin:
                         reason=reason,
                         scheduler=scheduler,
                         recorded_at=self.clock(),
+                        lease_token=lease_token,
                     )
                 )
         except IntegrityError:
@@ -178,7 +351,7 @@ class RunControlMixin:
         now = datetime.now(UTC)
         expires = now + timedelta(seconds=seconds)
         lease = t.scheduler_leases
-        with self._write() as conn:
+        with self._write_short() as conn:
             moved = conn.execute(
                 sa.update(lease)
                 .where(lease.c.name == name, sa.or_(lease.c.holder == holder, lease.c.expires_at < now))

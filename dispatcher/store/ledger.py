@@ -280,7 +280,55 @@ def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
         return brk
     if _sha(run.campaign_yaml) != run.campaign_sha256 or _sha(run.template_text) != run.template_sha256:
         return Break(run.id, None, None, "the run's stored campaign/template text does not match its sha256")
-    return _check_deliveries(conn, run, head_payload, chunk)
+    return _check_deliveries(conn, run, head_payload, chunk) or _check_attempts(conn, run)
+
+
+#: events that record a gateway's answer to a hand-over: each must have its attempt row, and back
+_HANDOVER = sa.or_(
+    sa.and_(
+        t.events.c.kind == "delivery.state",
+        t.events.c.from_state == "sending",
+        t.events.c.to_state.in_(("sent", "unknown")),
+    ),
+    t.events.c.kind == "delivery.late",
+)
+
+
+def _check_attempts(conn: Connection, run: Any) -> Break | None:
+    """Cross-check the attempts table against the chain: every attempt was written with its ledger
+    event (same delivery, same instant), and every hand-over event has its attempt. An attempt
+    without an event is a hand-over the ledger does not show; an event without one, a forged send."""
+    a, d, e = t.attempts, t.deliveries, t.events
+    orphan_attempt = conn.execute(
+        sa.select(a.c.id, a.c.delivery_id, a.c.attempt)
+        .select_from(a.join(d, d.c.id == a.c.delivery_id))
+        .where(
+            a.c.run_id == run.id,
+            ~sa.exists().where(e.c.key == d.c.key, e.c.at == a.c.at, e.c.run_id == a.c.run_id),
+        )
+        .limit(1)
+    ).first()
+    if orphan_attempt is not None:
+        return Break(
+            run.id, None, None,
+            f"attempt {orphan_attempt.attempt} of delivery {orphan_attempt.delivery_id} has no ledger event: "
+            "a hand-over to the gateway is missing from the ledger",
+        )  # fmt: skip
+    unbacked = conn.execute(
+        sa.select(e.c.id, e.c.seq, e.c.delivery_id)
+        .where(
+            e.c.run_id == run.id,
+            _HANDOVER,
+            ~sa.exists().where(a.c.delivery_id == e.c.delivery_id, a.c.at == e.c.at),
+        )
+        .limit(1)
+    ).first()
+    if unbacked is not None:
+        return Break(
+            run.id, unbacked.seq, unbacked.id,
+            f"hand-over event of delivery {unbacked.delivery_id} has no attempt row",
+        )  # fmt: skip
+    return None
 
 
 def verify_chain(conn: Connection, chain_id: str, chunk: int = 5000) -> Break | None:

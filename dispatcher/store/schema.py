@@ -22,13 +22,14 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
 #: Each column is declared on its table below as well, so a new database gets it directly.
 MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
+    3: (("runs", "halted"), ("schedule_fires", "lease_token")),
 }
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a log that grows
@@ -97,6 +98,8 @@ runs = Table(
     #: tail of the run's ledger chain (store/ledger.py): last sequence number and its hash
     Column("ledger_seq", Integer),
     Column("ledger_hash", String(64)),
+    #: why the run stopped by itself (its outbox or delivery log could not be written); cleared by resume
+    Column("halted", Text),
     UniqueConstraint("campaign_id", "fire_time", name="uq_runs_campaign_fire"),
 )
 
@@ -226,7 +229,21 @@ schedule_fires = Table(
     Column("reason", Text),
     Column("scheduler", String(128), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+    #: the leader's fencing token when it fired: strictly increasing across changes of leader
+    Column("lease_token", Integer),
     UniqueConstraint("campaign_id", "fire_time", name="uq_schedule_fires_campaign_fire"),
+)
+
+#: the scheduler leader's fencing token, whatever holds the lease (Redis or the database): a new
+#: leader bumps it, and a run is only created by a fire whose token is still the current one, in the
+#: same transaction, so a leader that froze and woke after losing its lease cannot fire
+leader_fences = Table(
+    "leader_fences",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("token", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 #: the scheduler leader's lease when no Redis is configured (one row per lock name)

@@ -15,6 +15,7 @@ Design points:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections import defaultdict
@@ -64,6 +65,10 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class LeaseLost(StoreError):
+    """A scheduler tried to fire after another process took over its leadership."""
+
+
 class DuplicateRun(StoreError):
     """A run for this (campaign, fire time) exists already: the fire was a duplicate."""
 
@@ -89,7 +94,11 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+        options = conn.get_execution_options()
+        # a lease renewal waits only briefly for the write lock: a frozen leader's transaction must
+        # not stall every follower for a minute
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={int(options.get('sqlite_busy_ms', 60000))}")
+        conn.exec_driver_sql(options.get("sqlite_begin", "BEGIN"))
 
     return engine
 
@@ -119,6 +128,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             raise StoreError(f"cannot open the delivery log at {_safe_url(url)}: {exc}") from exc
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+        self._short_writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE", sqlite_busy_ms=2000)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -128,7 +138,18 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             with self._writer.begin() as conn:
                 yield conn
         except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"delivery log write failed: {exc.orig or exc}") from exc
+            raise StoreError(f"delivery log write failed: {_one_line(exc.orig or exc)}") from exc
+
+    @contextmanager
+    def _write_short(self) -> Iterator[Connection]:
+        """A write that gives up after about two seconds of waiting for a lock (leases, fences)."""
+        try:
+            with self._short_writer.begin() as conn:
+                if not self.is_sqlite:
+                    conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+                yield conn
+        except (OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreError(f"delivery log write failed: {_one_line(exc.orig or exc)}") from exc
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -136,13 +157,27 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             with self.engine.connect() as conn:
                 yield conn
         except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"delivery log read failed: {exc.orig or exc}") from exc
+            raise StoreError(f"could not read the delivery log: {_one_line(exc.orig or exc)}") from exc
 
     def close(self) -> None:
         self.engine.dispose()
 
     def migrate(self) -> None:
-        """Create the schema if missing, upgrade an older one; refuse a database written by a newer program."""
+        """Create the schema if missing, upgrade an older one; refuse a database written by a newer program.
+
+        A log already at this version is only read, so a read-only command (``status``) during an
+        outage says it could not read, and does not take the write lock on every start.
+        """
+        try:
+            with self.engine.connect() as conn:
+                if sa.inspect(conn).has_table(t.meta.name):
+                    row = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "schema_version")).first()
+                    if row is not None and int(row[0]) == t.SCHEMA_VERSION:
+                        return
+        except (OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreError(
+                f"could not read the delivery log at {_safe_url(self.url)}: {_one_line(exc.orig or exc)}"
+            ) from exc
         try:
             with self._write() as conn:
                 t.metadata.create_all(conn)
@@ -161,15 +196,20 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         except IntegrityError:
             # another process created the schema at the same moment; it is there now
             pass
-        except OperationalError as exc:
-            raise StoreError(f"cannot prepare the delivery log at {_safe_url(self.url)}: {exc.orig}") from exc
+        except StoreError as exc:
+            if "schema version" in str(exc):
+                raise
+            raise StoreError(f"cannot prepare the delivery log at {_safe_url(self.url)}: {exc}") from exc
 
     @staticmethod
     def _upgrade(conn: Connection, found: int) -> None:
         """Add the columns of every version after ``found`` (schema.MIGRATIONS)."""
         preparer = conn.dialect.identifier_preparer
+        inspector = sa.inspect(conn)
         for target in range(found + 1, t.SCHEMA_VERSION + 1):
             for table_name, column_name in t.MIGRATIONS.get(target, ()):
+                if column_name in {c["name"] for c in inspector.get_columns(table_name)}:
+                    continue  # an upgrade interrupted after this column, or a log that already has it
                 column = t.metadata.tables[table_name].c[column_name]
                 kind = column.type.compile(dialect=conn.dialect)
                 conn.exec_driver_sql(
@@ -341,7 +381,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
 
     # ------------------------------------------------------------------ runs
 
-    def create_run(self, spec: RunSpec, audience: AudienceFilter) -> dict[str, Any]:
+    def create_run(
+        self, spec: RunSpec, audience: AudienceFilter, *, fence: tuple[str, str, int] | None = None
+    ) -> dict[str, Any]:
         """Snapshot the run and write one delivery row per selected resident, in one transaction.
 
         Opted-out residents get a ``skipped`` row (reason ``opted_out``) so the log shows
@@ -372,6 +414,10 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         ]  # fmt: skip
         try:
             with self._write() as conn:
+                if fence is not None and not self.fence_holds(conn, *fence):
+                    # a scheduler that lost its lease (frozen, then woken) must not fire: checked in the
+                    # transaction that creates the run, so no new leader can have fired in between
+                    raise LeaseLost(f"scheduler {fence[1]} no longer holds the lease (token {fence[2]})")
                 if not self.is_sqlite:
                     # numbering the selection sorts it; give the sort memory instead of spilling to disk
                     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
@@ -404,6 +450,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                                 "total": int(total),
                                 "pending": pending,
                                 "keys_sha256": digest,
+                                **({"again_reason": spec.again_reason} if spec.again_reason else {}),
                             },
                         )
                     ],
@@ -578,14 +625,73 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         return as_utc(value)
 
     def record(self, outcomes: Sequence[Outcome], actor: str = "worker") -> None:
-        """Write a batch's results and its attempts in one transaction."""
+        """Write a batch's results and its attempts in one transaction.
+
+        Each result is applied only to a row still held under the outcome's claim token. A result
+        for a row whose claim was taken away meanwhile (a resume or the watchdog judged the worker
+        dead) is never dropped: its attempt is written and the ledger gets a ``delivery.late`` event,
+        so every hand-over to a gateway is on record; a late ``sent`` also settles a row that went
+        back to ``pending`` and was not claimed again, so it is not sent a second time.
+        """
         if not outcomes:
             return
-        d = t.deliveries
         now = self.clock()
+        with self._write() as conn:
+            if any(o.key is None for o in outcomes):
+                # a caller that did not carry the keys: read them, the ledger names every row by its key
+                d = t.deliveries
+                keys = dict(conn.execute(select(d.c.id, d.c.key).where(d.c.id.in_([o.id for o in outcomes]))).all())
+                outcomes = [o if o.key else dataclasses.replace(o, key=keys.get(o.id)) for o in outcomes]
+            applied, late = self._apply_outcomes(conn, outcomes, now)
+            settled_late = self._late_outcomes(conn, late, now, actor) if late else set()
+            ledger.append_by_run(
+                conn,
+                (
+                    (
+                        o.run_id,
+                        ledger.Event(
+                            "delivery.state",
+                            o.key,
+                            o.id,
+                            SENDING,
+                            o.state,
+                            provider_id=o.provider_id,
+                            error_code=o.error_code,
+                            reason=o.reason or (o.outcome if o.outcome == "retry" else None),
+                            actor=actor,
+                        ),
+                    )
+                    for o in outcomes
+                    if o.id in applied
+                ),
+                now,
+            )
+            late_ids = {o.id for o in late}
+            attempt_rows = [
+                _attempt_row(o, now)
+                for o in outcomes
+                if o.outcome != "skipped"
+                and (o.id in applied or o.id in settled_late or (o.id in late_ids and _handed_over(o)))
+            ]
+            insert_many(conn, t.attempts, attempt_rows)
+            opt_outs = {o.opt_out_phone for o in outcomes if o.opt_out_phone and o.id in applied}
+            for phone in opt_outs:
+                conn.execute(
+                    sa.update(t.residents)
+                    .where(t.residents.c.phone == phone)
+                    .values(opted_out=True, opted_out_at=now, updated_at=now)
+                )
+
+    def _apply_outcomes(
+        self, conn: Connection, outcomes: Sequence[Outcome], now: datetime
+    ) -> tuple[set[int], list[Outcome]]:
+        """UPDATE the rows still held under each outcome's claim; returns the ids applied and the
+        outcomes whose claim was taken away (a row settled under the same claim already is a replay)."""
+        d = t.deliveries
         updates = [
             {
                 "_id": o.id,
+                "_token": o.claim_token,
                 "state": o.state,
                 "gateway": o.gateway,
                 "provider_id": o.provider_id,
@@ -601,74 +707,70 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             }
             for o in outcomes
         ]
-        attempt_rows = [
-            {
-                "delivery_id": o.id,
-                "run_id": o.run_id,
-                "attempt": o.attempt,
-                "gateway": o.gateway,
-                "outcome": o.outcome,
-                "provider_id": o.provider_id,
-                "error_code": o.error_code,
-                "error_message": o.error_message,
-                "trace": json.dumps(o.trace, ensure_ascii=False) if o.trace else None,
-                "at": now,
-            }
-            for o in outcomes
-            if o.outcome != "skipped"
-        ]
-        with self._write() as conn:
-            result_rows = self._update_from_values(conn, updates)
-            keys = {o.id: o.key for o in outcomes}
-            if result_rows != len(outcomes) or None in keys.values():
-                # read back only when needed: some rows were settled by someone else meanwhile (e.g.
-                # resume), so log only what we moved; or a caller did not carry the keys
-                current = {
-                    row.id: row
-                    for row in conn.execute(
-                        select(d.c.id, d.c.key, d.c.state, d.c.updated_at).where(d.c.id.in_(list(keys)))
-                    )
-                }
-                keys = {i: row.key for i, row in current.items()}
-                if result_rows != len(outcomes):
-                    outcomes = [
-                        o
-                        for o in outcomes
-                        if o.id in current
-                        and current[o.id].state == o.state
-                        and as_utc(current[o.id].updated_at) == as_utc(now)
-                    ]
-            ledger.append_by_run(
-                conn,
-                (
-                    (
-                        o.run_id,
-                        ledger.Event(
-                            "delivery.state",
-                            keys.get(o.id),
-                            o.id,
-                            SENDING,
-                            o.state,
-                            provider_id=o.provider_id,
-                            error_code=o.error_code,
-                            reason=o.reason or (o.outcome if o.outcome == "retry" else None),
-                            actor=actor,
-                        ),
-                    )
-                    for o in outcomes
-                ),
-                now,
+        if self._update_from_values(conn, updates) == len(outcomes):
+            return {o.id for o in outcomes}, []
+        # some rows were settled or re-claimed by someone else meanwhile: find which ones we moved
+        current = {
+            row.id: row
+            for row in conn.execute(
+                select(d.c.id, d.c.state, d.c.updated_at, d.c.claim_token).where(d.c.id.in_([o.id for o in outcomes]))
             )
-            applied = {o.id for o in outcomes}
-            attempt_rows = [row for row in attempt_rows if row["delivery_id"] in applied]
-            insert_many(conn, t.attempts, attempt_rows)
-            opt_outs = {o.opt_out_phone for o in outcomes if o.opt_out_phone}
-            for phone in opt_outs:
-                conn.execute(
-                    sa.update(t.residents)
-                    .where(t.residents.c.phone == phone)
-                    .values(opted_out=True, opted_out_at=now, updated_at=now)
-                )
+        }
+        applied = {
+            o.id
+            for o in outcomes
+            if o.id in current
+            and current[o.id].state == o.state
+            and as_utc(current[o.id].updated_at) == as_utc(now)
+            and (o.claim_token is None or current[o.id].claim_token == o.claim_token)
+        }
+        late = [
+            o
+            for o in outcomes
+            if o.id not in applied
+            and o.claim_token is not None
+            and o.id in current
+            and current[o.id].claim_token != o.claim_token
+        ]
+        return applied, late
+
+    def _late_outcomes(self, conn: Connection, late: Sequence[Outcome], now: datetime, actor: str) -> set[int]:
+        """Results for rows no longer held under their claim; returns the ids they settled."""
+        d = t.deliveries
+        current = {
+            row.id: row
+            for row in conn.execute(select(d.c.id, d.c.key, d.c.state).where(d.c.id.in_([o.id for o in late])))
+        }
+        settled: set[int] = set()
+        events: list[tuple[str, ledger.Event]] = []
+        for o in late:
+            row = current.get(o.id)
+            if row is None:
+                continue
+            if o.state == SENT and row.state == PENDING:
+                moved = conn.execute(
+                    sa.update(d)
+                    .where(d.c.id == o.id, d.c.state == PENDING)
+                    .values(
+                        state=SENT, provider_id=o.provider_id, gateway=o.gateway, parts=o.parts,
+                        encoding=o.encoding, body=o.body, reason="late_result", sent_at=now, updated_at=now,
+                        next_attempt_at=None, claim_token=None,
+                    )
+                ).rowcount  # fmt: skip
+                if moved:
+                    settled.add(o.id)
+                    events.append((o.run_id, ledger.Event(
+                        "delivery.state", row.key, o.id, PENDING, SENT, provider_id=o.provider_id,
+                        reason="late_result", actor=actor,
+                    )))  # fmt: skip
+                    continue
+            if _handed_over(o):
+                events.append((o.run_id, ledger.Event(
+                    "delivery.late", row.key, o.id, row.state, o.state, provider_id=o.provider_id,
+                    error_code=o.error_code, reason="claim_taken", actor=actor,
+                )))  # fmt: skip
+        ledger.append_by_run(conn, events, now)
+        return settled
 
     _RECORD_COLUMNS = (
         "state", "gateway", "provider_id", "error_code", "error_message", "reason",
@@ -682,55 +784,126 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         VALUES costs more than the round trips it saves.)
         """
         d = t.deliveries
-        stmt = (
-            sa.update(d)
-            .where(d.c.id == sa.bindparam("_id"), d.c.state == SENDING)
-            .values({n: sa.bindparam(n) for n in self._RECORD_COLUMNS})
-        )
-        return int(conn.execute(stmt, updates).rowcount)
+        fenced = [u for u in updates if u["_token"] is not None]
+        unfenced = [u for u in updates if u["_token"] is None]
+        values: dict[str, Any] = {n: sa.bindparam(n) for n in self._RECORD_COLUMNS}
+        done = 0
+        if fenced:
+            stmt = (
+                sa.update(d)
+                .where(d.c.id == sa.bindparam("_id"), d.c.state == SENDING, d.c.claim_token == sa.bindparam("_token"))
+                .values(values)
+            )
+            done += int(conn.execute(stmt, fenced).rowcount)
+        if unfenced:
+            stmt = sa.update(d).where(d.c.id == sa.bindparam("_id"), d.c.state == SENDING).values(values)
+            done += int(conn.execute(stmt, [{k: v for k, v in u.items() if k != "_token"} for u in unfenced]).rowcount)
+        return done
 
-    def release(self, ids: Sequence[int]) -> None:
-        """Give claimed rows back to ``pending`` without counting an attempt (worker shutting down)."""
+    def release(self, ids: Sequence[int], token: str | None, actor: str = "worker") -> int:
+        """Give claimed rows back to ``pending`` without counting an attempt (paused, stopping, shutting down).
+
+        Only rows still held under ``token`` move: a row someone else took meanwhile stays theirs.
+        """
         if not ids:
-            return
+            return 0
         d = t.deliveries
         with self._write() as conn:
-            self._transition(
+            return self._transition(
                 conn,
                 ids,
                 SENDING,
                 PENDING,
-                actor="worker",
+                actor=actor,
                 reason="released",
                 values={"attempts": d.c.attempts - 1, "claim_token": None},
+                token=token,
             )
 
-    def orphans(self, run_id: str, stale_after_seconds: int) -> list[Claimed]:
-        """Rows left in ``sending`` by a worker that is gone (no heartbeat within the window)."""
-        d, r, w = t.deliveries, t.residents, t.workers
-        cutoff = self.clock().timestamp() - stale_after_seconds
+    def still_claimed(self, ids: Sequence[int], token: str | None) -> set[int]:
+        """Which of ``ids`` are still ``sending`` under ``token`` (a worker checks before handing over)."""
+        d = t.deliveries
+        if token is None or not ids:
+            return set(ids)
         with self._read() as conn:
-            alive = {
-                wid
-                for wid, beat in conn.execute(select(w.c.id, w.c.heartbeat_at))
-                if (as_utc(beat) or datetime.min.replace(tzinfo=UTC)).timestamp() >= cutoff
+            return {
+                i
+                for (i,) in conn.execute(
+                    select(d.c.id).where(d.c.id.in_(list(ids)), d.c.state == SENDING, d.c.claim_token == token)
+                )
             }
+
+    def live_workers(self, stale_after_seconds: float) -> set[str]:
+        """Workers that beat within the window, less those on this host whose process is gone.
+
+        A worker killed on this machine is known dead at once (its pid no longer exists), so a
+        ``resume`` right after a crash does not wait for the heartbeat to go stale.
+        """
+        import socket
+
+        w = t.workers
+        cutoff = self.clock().timestamp() - stale_after_seconds
+        here = socket.gethostname()
+        alive: set[str] = set()
+        with self._read() as conn:
+            for wid, host, pid, beat in conn.execute(select(w.c.id, w.c.host, w.c.pid, w.c.heartbeat_at)):
+                if (as_utc(beat) or datetime.min.replace(tzinfo=UTC)).timestamp() < cutoff:
+                    continue
+                if host == here and not _pid_alive(int(pid)):
+                    continue
+                alive.add(wid)
+        return alive
+
+    def orphans(self, run_id: str, stale_after_seconds: float, *, older_than: datetime | None = None) -> list[Claimed]:
+        """Rows in ``sending`` whose holder is gone (no recent heartbeat, or its process has exited),
+        or, with ``older_than``, claimed before that time whoever holds them (a stuck worker)."""
+        d, r = t.deliveries, t.residents
+        alive = self.live_workers(stale_after_seconds)
+        with self._read() as conn:
             rows = conn.execute(
                 select(*_claimed_columns(), d.c.claimed_by, d.c.claimed_at)
                 .select_from(d.join(r, r.c.id == d.c.resident_id))
                 .where(d.c.run_id == run_id, d.c.state == SENDING)
                 .order_by(d.c.id)
             ).all()
-        return [_claimed(row, as_utc(row.claimed_at)) for row in rows if row.claimed_by not in alive]
+        return [
+            _claimed(row, as_utc(row.claimed_at))
+            for row in rows
+            if row.claimed_by not in alive
+            or (older_than is not None and (as_utc(row.claimed_at) or older_than) < older_than)
+        ]
 
-    def requeue(self, ids: Sequence[int], actor: str = "resume") -> int:
-        """Orphaned rows the gateway never received go back to ``pending`` (attempt already counted)."""
-        if not ids:
+    def sending_holders(self, run_id: str) -> dict[str, int]:
+        """Rows in ``sending`` per worker holding them (what ``resume`` reports when it must wait)."""
+        d = t.deliveries
+        with self._read() as conn:
+            return {
+                str(holder): int(n)
+                for holder, n in conn.execute(
+                    select(d.c.claimed_by, func.count())
+                    .where(d.c.run_id == run_id, d.c.state == SENDING)
+                    .group_by(d.c.claimed_by)
+                )
+            }
+
+    def requeue(self, rows: Sequence[Claimed], actor: str = "resume") -> int:
+        """Orphaned rows the gateway never received go back to ``pending`` (attempt already counted).
+
+        Fenced on each row's claim token: a row re-claimed since the orphan list was read is not touched.
+        """
+        if not rows:
             return 0
+        by_token: dict[str | None, list[int]] = defaultdict(list)
+        for row in rows:
+            by_token[row.claim_token].append(row.id)
+        moved = 0
         with self._write() as conn:
-            return self._transition(
-                conn, ids, SENDING, PENDING, actor=actor, reason="requeued", values={"claim_token": None}
-            )
+            for token, ids in by_token.items():
+                moved += self._transition(
+                    conn, ids, SENDING, PENDING, actor=actor, reason="requeued",
+                    values={"claim_token": None, "next_attempt_at": None}, token=token,
+                )  # fmt: skip
+        return moved
 
     def operator_settle(
         self, run_id: str, to_state: str, *, reason: str, actor: str, keys: Sequence[str] | None = None
@@ -788,19 +961,24 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         actor: str,
         reason: str | None = None,
         values: dict[str, Any] | None = None,
+        token: str | None = None,
     ) -> int:
         """Move rows ``from_state`` -> ``to_state`` and append one ledger event per row moved.
 
         Every state change outside claim/record goes through here, inside the caller's
-        transaction, so the delivery log and the ledger can never disagree.
+        transaction, so the delivery log and the ledger can never disagree. With ``token``,
+        only rows still held under that claim move.
         """
         if not ids:
             return 0
         d = t.deliveries
         now = self.clock()
+        where = [d.c.id.in_(ids), d.c.state == from_state]
+        if token is not None:
+            where.append(d.c.claim_token == token)
         moved = conn.execute(
             sa.update(d)
-            .where(d.c.id.in_(ids), d.c.state == from_state)
+            .where(*where)
             .values(state=to_state, updated_at=now, **(values or {}))
             .returning(d.c.id, d.c.key, d.c.run_id)
         ).all()
@@ -822,7 +1000,8 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         insert = self._insert()
         stmt = insert(t.workers).values(id=worker_id, host=host, pid=pid, started_at=now, heartbeat_at=now)
         stmt = stmt.on_conflict_do_update(index_elements=[t.workers.c.id], set_={"heartbeat_at": now})
-        with self._write() as conn:
+        # a beat waits only briefly for the write lock: a missed beat is harmless, a blocked start is not
+        with self._write_short() as conn:
             conn.execute(stmt)
 
     def forget_worker(self, worker_id: str) -> None:
@@ -897,7 +1076,10 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
 def _claimed_columns() -> tuple[Any, ...]:
     """What a worker needs of a claimed row to render and send it (deliveries joined to residents)."""
     d, r = t.deliveries, t.residents
-    return (d.c.id, d.c.key, d.c.run_id, d.c.phone, r.c.name, d.c.district, d.c.grid, d.c.attempts, r.c.opted_out)
+    return (
+        d.c.id, d.c.key, d.c.run_id, d.c.phone, r.c.name, d.c.district, d.c.grid, d.c.attempts, r.c.opted_out,
+        d.c.claim_token,
+    )  # fmt: skip
 
 
 def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
@@ -912,6 +1094,7 @@ def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
         attempts=row.attempts,
         opted_out=bool(row.opted_out),
         claimed_at=claimed_at,
+        claim_token=row.claim_token,
     )
 
 
@@ -927,6 +1110,50 @@ def _safe_url(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:  # an unparsable URL is reported as the scheme only
         return url.split(":", 1)[0] + "://…"
+
+
+def _one_line(exc: BaseException) -> str:
+    """A driver's message on one line (psycopg's span several): the operator gets one line."""
+    return " ".join(str(exc).split())
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_GATEWAY_OUTCOMES = ("sent", "unknown", "retry", "failed", "expired", "found")
+
+
+def _handed_over(o: Outcome) -> bool:
+    """Whether the outcome is the gateway's answer to a hand-over (not a decision made without one)."""
+    return o.outcome in _GATEWAY_OUTCOMES and (o.state != FAILED or o.error_code not in _NO_HANDOVER_CODES)
+
+
+#: failures decided before anything reached a gateway
+_NO_HANDOVER_CODES = ("template.render", "render_error")
+
+
+def _attempt_row(o: Outcome, now: datetime) -> dict[str, Any]:
+    return {
+        "delivery_id": o.id,
+        "run_id": o.run_id,
+        "attempt": o.attempt,
+        "gateway": o.gateway,
+        "outcome": o.outcome,
+        "provider_id": o.provider_id,
+        "error_code": o.error_code,
+        "error_message": o.error_message,
+        "trace": json.dumps(o.trace, ensure_ascii=False) if o.trace else None,
+        "at": now,
+    }
 
 
 def open_store(url: str, *, clock: Clock = utcnow, migrate: bool = True) -> SqlStore:

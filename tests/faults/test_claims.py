@@ -1,0 +1,98 @@
+"""Claims are fenced on their token: a stale orphan list cannot take a live claim, and a result for a
+row that was taken away is still on the ledger (store level, SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatcher import audit
+from dispatcher.store.base import Outcome
+from dispatcher.store.sql import open_store
+from tests.test_store import ALL, _residents
+from tests.test_store import _spec as _bare_spec
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(run_id: str, batch_size: int = 10):  # type: ignore[no-untyped-def]
+    """A run whose snapshot hashes match its text, so `verify` checks the chain and the attempts."""
+    import dataclasses
+    import hashlib
+
+    spec = _bare_spec(run_id, batch_size)
+    sha = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
+    return dataclasses.replace(spec, campaign_sha256=sha(spec.campaign_yaml), template_sha256=sha(spec.template_text))
+
+
+def _sent(row, token: str | None = None) -> Outcome:  # type: ignore[no-untyped-def]
+    return Outcome(
+        id=row.id, key=row.key, run_id=row.run_id, state="sent", attempt=row.attempts, gateway="outbox",
+        outcome="sent", provider_id=f"outbox:{row.key}", claim_token=token or row.claim_token,
+    )  # fmt: skip
+
+
+def test_a_stale_resume_cannot_requeue_rows_a_live_worker_reclaimed(database_url: str) -> None:
+    store = open_store(database_url)
+    store.upsert_residents(_residents(10))
+    store.create_run(_spec("r1", batch_size=10), ALL)
+    victim = store.claim("r1", 0, "victim")  # the victim dies holding these
+    stale = store.orphans("r1", stale_after_seconds=10)  # resume B reads its list...
+    assert store.requeue(store.orphans("r1", stale_after_seconds=10)) == len(victim)  # ...resume A acts first
+    live = store.claim("r1", 0, "survivor")  # and a live worker takes the rows again
+    assert store.requeue(stale, actor="resume-b") == 0, "a stale list must not take a live claim"
+    store.record([_sent(r) for r in live])
+    assert store.counts("r1") == {"sent": len(live), "skipped": 1}
+    assert [r.problem for r in audit.verify(store, "r1")] == [None]
+    store.close()
+
+
+def test_a_send_whose_row_was_taken_away_is_still_on_the_ledger(database_url: str) -> None:
+    store = open_store(database_url)
+    store.upsert_residents(_residents(10))
+    store.create_run(_spec("r1", batch_size=10), ALL)
+    frozen = store.claim("r1", 0, "frozen")  # a worker freezes mid-batch; its rows are judged orphaned
+    store.requeue(store.orphans("r1", stale_after_seconds=10), actor="watchdog")
+    other = store.claim("r1", 0, "other")  # another worker sends the first half
+    store.record([_sent(r) for r in other[:4]])
+    store.release([r.id for r in other[4:]], other[0].claim_token)
+    # the frozen worker wakes and reports what it had handed over before it froze
+    store.record([_sent(r) for r in frozen])
+    late = [e for e in _events(store, "r1") if e["kind"] == "delivery.late"]
+    assert len(late) == 4, "hand-overs to rows someone else settled are kept as delivery.late events"
+    settled = [e for e in _events(store, "r1") if e["reason"] == "late_result"]
+    assert len(settled) == len(frozen) - 4, "a late sent settles a row that went back to pending"
+    assert store.counts("r1") == {"sent": len(frozen), "skipped": 1}
+    assert sum(len(store.attempts_for(r.id)) for r in frozen) == len(frozen) + 4
+    assert [r.problem for r in audit.verify(store, "r1")] == [None]
+    store.close()
+
+
+def test_verify_flags_an_attempt_without_its_ledger_event(database_url: str) -> None:
+    import sqlalchemy as sa
+
+    from dispatcher.store import schema as t
+
+    store = open_store(database_url)
+    store.upsert_residents(_residents(5))
+    store.create_run(_spec("r1", batch_size=10), ALL)
+    rows = store.claim("r1", 0, "w")
+    store.record([_sent(r) for r in rows])
+    with store.engine.begin() as conn:  # a hand-over recorded behind the ledger's back
+        conn.execute(
+            sa.insert(t.attempts).values(
+                delivery_id=rows[0].id, run_id="r1", attempt=2, gateway="outbox", outcome="sent",
+                at=sa.func.now(),
+            )
+        )  # fmt: skip
+    problems = [str(r.problem) for r in audit.verify(store, "r1")]
+    assert "has no ledger event" in problems[0]
+    store.close()
+
+
+def _events(store, run_id: str) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
+    import sqlalchemy as sa
+
+    from dispatcher.store import schema as t
+
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(t.events).where(t.events.c.run_id == run_id)).mappings()]
