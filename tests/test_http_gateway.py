@@ -19,19 +19,19 @@ from dispatcher.runs import resume_run
 
 TOKEN = "carrier-token-5d1e77a0"
 SIGN_KEY = "sign-key-88aa13"
-ENV = {"DISPATCH_CARRIER_TOKEN": TOKEN, "DISPATCH_CARRIER_SIGN": SIGN_KEY}
+ENV = {"DISPATCH_HTTP_SECRET_CARRIER_TOKEN": TOKEN, "DISPATCH_HTTP_SECRET_CARRIER_SIGN": SIGN_KEY}
 A, B, C = "+8613912340001", "+8613912340002", "+8613912340003"
 
 SINGLE = """\
 url: https://sms.example.cn/v2/send
 headers:
-  Authorization: "Bearer ${DISPATCH_CARRIER_TOKEN}"
+  Authorization: "Bearer ${DISPATCH_HTTP_SECRET_CARRIER_TOKEN}"
 body:
   format: json
   template:
     mobile: "{to}"
     content: "{body}"
-    sign: "${DISPATCH_CARRIER_SIGN}"
+    sign: "${DISPATCH_HTTP_SECRET_CARRIER_SIGN}"
     out_id: "{key}"
 response:
   message_id: data.msgid
@@ -45,7 +45,7 @@ opt_out_codes: ["1003"]
 FORM = """\
 url: https://sms.example.cn/form/send
 headers:
-  X-Api-Key: "${DISPATCH_CARRIER_TOKEN}"
+  X-Api-Key: "${DISPATCH_HTTP_SECRET_CARRIER_TOKEN}"
 body:
   format: form
   template:
@@ -60,7 +60,7 @@ response:
 BATCH = """\
 url: https://sms.example.cn/v2/batch
 headers:
-  Authorization: "Bearer ${DISPATCH_CARRIER_TOKEN}"
+  Authorization: "Bearer ${DISPATCH_HTTP_SECRET_CARRIER_TOKEN}"
 body:
   format: json
   template:
@@ -344,8 +344,8 @@ def test_harness_fails_on_a_real_network_call(tmp_path: Path) -> None:
             "gateway.yaml:6:3: body.template: the body template never names",
         ),
         (
-            SINGLE.replace("${DISPATCH_CARRIER_SIGN}", "${DISPATCH_MISSING}"),
-            "gateway.yaml:9:5: body.template.sign: environment variable DISPATCH_MISSING is not set",
+            SINGLE.replace("${DISPATCH_HTTP_SECRET_CARRIER_SIGN}", "${DISPATCH_HTTP_SECRET_MISSING}"),
+            "gateway.yaml:9:5: body.template.sign: environment variable DISPATCH_HTTP_SECRET_MISSING is not set",
         ),
         ("url: [unclosed\n", "gateway.yaml:2:1: invalid YAML/JSON"),
         (

@@ -16,6 +16,7 @@ Design points:
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from ..errors import StoreError, UsageError
+from ..redact import scrub, scrub_optional
 from . import ledger
 from . import schema as t
 from .base import (
@@ -180,6 +182,24 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         with self._read() as conn:
             row = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "schema_version")).first()
         return int(row[0]) if row else 0
+
+    def server_secret(self, name: str) -> bytes:
+        """A random 32-byte secret kept in ``dispatch_meta`` under ``secret:<name>``, made on first use.
+
+        Every process that opens this delivery log shares it (phone digests, session signing
+        when DISPATCH_SESSION_SECRET is not set); whoever can read the database can read the
+        numbers themselves, so keeping it there adds no exposure. Cached per process.
+        """
+        cache: dict[str, bytes] = self.__dict__.setdefault("_secrets", {})
+        if name in cache:
+            return cache[name]
+        key = f"secret:{name}"
+        m = t.meta
+        with self._write() as conn:
+            conn.execute(self._insert()(m).values(key=key, value=secrets.token_hex(32)).on_conflict_do_nothing())
+            value = conn.execute(select(m.c.value).where(m.c.key == key)).scalar_one()
+        cache[name] = bytes.fromhex(value)
+        return cache[name]
 
     def _insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
@@ -590,8 +610,8 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 "gateway": o.gateway,
                 "provider_id": o.provider_id,
                 "error_code": o.error_code,
-                "error_message": o.error_message,
-                "reason": o.reason,
+                "error_message": scrub_optional(o.error_message),
+                "reason": scrub_optional(o.reason),
                 "parts": o.parts,
                 "encoding": o.encoding,
                 "body": o.body,
@@ -610,8 +630,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 "outcome": o.outcome,
                 "provider_id": o.provider_id,
                 "error_code": o.error_code,
-                "error_message": o.error_message,
-                "trace": json.dumps(o.trace, ensure_ascii=False) if o.trace else None,
+                "error_message": scrub_optional(o.error_message),
+                # adapters redact their own traces; this pass catches what they could not know about
+                "trace": scrub(json.dumps(o.trace, ensure_ascii=False)) if o.trace else None,
                 "at": now,
             }
             for o in outcomes
@@ -744,7 +765,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         query = select(d.c.id).where(d.c.run_id == run_id, d.c.state == UNKNOWN).order_by(d.c.id)
         if keys is not None:
             query = query.where(d.c.key.in_(list(keys)))
-        values: dict[str, Any] = {"reason": reason[:64]}
+        # free text from the command line: masked and redacted where it is written, like every other
+        reason = scrub(reason)[:64]
+        values: dict[str, Any] = {"reason": reason}
         if to_state == PENDING:
             values["next_attempt_at"] = None
         elif to_state == FAILED:
@@ -756,7 +779,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             ids = [i for (i,) in conn.execute(query)]
             for chunk in iter_chunks(ids, 5000):
                 moved += self._transition(
-                    conn, chunk, UNKNOWN, to_state, actor=actor, reason=reason[:64], values=values
+                    conn, chunk, UNKNOWN, to_state, actor=actor, reason=reason, values=values
                 )
         return moved
 
