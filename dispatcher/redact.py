@@ -42,7 +42,7 @@ _SECRET_PAIR_RE = re.compile(
 
 
 def _pair(match: re.Match[str]) -> str:
-    quote = match.group('quote') or ''
+    quote = match.group("quote") or ""
     return f"{match.group('name')}{match.group('sep')}{quote}{REDACTED}"
 
 

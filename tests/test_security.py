@@ -189,7 +189,7 @@ def _http_config(tmp_path: Path, variable: str) -> Path:
         "url: https://sms.example.cn/v2/send\n"
         "headers:\n"
         f'  Authorization: "Bearer ${{{variable}}}"\n'
-        "body:\n  template:\n    mobile: \"{to}\"\n    content: \"{body}\"\n"
+        'body:\n  template:\n    mobile: "{to}"\n    content: "{body}"\n'
         "response:\n  message_id: data.msgid\n",
         encoding="utf-8",
     )

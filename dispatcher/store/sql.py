@@ -778,9 +778,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         with self._write() as conn:
             ids = [i for (i,) in conn.execute(query)]
             for chunk in iter_chunks(ids, 5000):
-                moved += self._transition(
-                    conn, chunk, UNKNOWN, to_state, actor=actor, reason=reason, values=values
-                )
+                moved += self._transition(conn, chunk, UNKNOWN, to_state, actor=actor, reason=reason, values=values)
         return moved
 
     def cancel_open(self, run_id: str, actor: str = "operator") -> int:

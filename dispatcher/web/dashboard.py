@@ -212,7 +212,9 @@ def routes(runtime: Runtime) -> list[Route]:
 
     # ---------------------------------------------------------- login
 
-    def login_form(request: Request, message: str = "", next_url: str = "/dashboard", status: int = 200) -> HTMLResponse:
+    def login_form(
+        request: Request, message: str = "", next_url: str = "/dashboard", status: int = 200
+    ) -> HTMLResponse:
         body = (
             (f'<p class="err" role="alert">{escape(message)}</p>' if message else "")
             + '<form method="post" action="/login">'
@@ -359,7 +361,9 @@ def routes(runtime: Runtime) -> list[Route]:
                         " unmask (recorded in the ledger)</label>")  # fmt: skip
         form.append("<button>Search</button></form>")
         if not any(raw.values()):
-            return page(request, "Ledger search", "".join(form) + '<p class="muted">Give at least one filter.</p>', account)
+            return page(
+                request, "Ledger search", "".join(form) + '<p class="muted">Give at least one filter.</p>', account
+            )
         try:
             f = audit.LogFilter.parse(**raw)
         except InputError as exc:
