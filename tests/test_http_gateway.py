@@ -457,3 +457,44 @@ def test_rows_orphaned_with_a_provider_that_cannot_be_asked_become_unknown_not_r
         assert provider.calls == 0  # nothing was sent again blindly
     finally:
         server.close()
+
+
+def test_signed_delivery_report_moves_the_rows_the_http_gateway_sent(project: Any) -> None:
+    from starlette.testclient import TestClient
+
+    from dispatcher.web.app import create_app
+    from dispatcher.web.webhooks import report_signature
+
+    provider = BatchProvider()
+    server = LocalServer(provider)
+    try:
+        project.write("gateway.yaml", BATCH.replace("https://sms.example.cn", server.url))
+        project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
+        project.env.update(
+            {
+                "DISPATCH_GATEWAY": "http",
+                "DISPATCH_HTTP_CONFIG": str(project.root / "gateway.yaml"),
+                "DISPATCH_HTTP_REPORT_SECRET": "report-secret-7f31",
+                **ENV,
+            }
+        )
+        project.registry(size=4, seed=12)
+        clock = Clock()
+        rt = project.runtime(clock=clock)
+        path = project.write(
+            "campaigns/plain.yaml",
+            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
+        )
+        run_id = start(rt, path)
+        drive(rt, run_id, clock)
+        row = next(r for r in rt.store.deliveries(run_id) if r["provider_id"])
+        body = json.dumps({"reports": [{"message_id": row["provider_id"], "status": "delivered"}]}).encode()
+        reply = TestClient(create_app(rt)).post(
+            "/webhooks/http/report",
+            content=body,
+            headers={"X-Dispatch-Signature": report_signature("report-secret-7f31", body)},
+        )
+        assert reply.status_code == 200 and reply.json() == {"reports": 1, "changed": 1}
+        assert rt.store.state_of(row["provider_id"]) == ["delivered"]
+    finally:
+        server.close()

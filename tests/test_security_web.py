@@ -30,6 +30,7 @@ from tests.test_dashboard_browser import add_user, free_port, login
 
 AUDITOR_PW = "auditor's long password"
 OPERATOR_PW = "operator's long password"
+REPORT_SECRET = "report-secret-for-security-tests"
 
 
 @contextmanager
@@ -90,7 +91,7 @@ def audit_chain(project: Project) -> list[dict[str, Any]]:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("security-web")
     project, run_id = new_project(root / "project")
-    with serve(project, root / "web.log") as (base, proc):
+    with serve(project, root / "web.log", DISPATCH_HTTP_REPORT_SECRET=REPORT_SECRET) as (base, proc):
         yield {"base": base, "proc": proc, "project": project, "run_id": run_id}
 
 
@@ -311,9 +312,10 @@ def test_non_ascii_signature_headers_and_cookies_get_4xx_never_500(site: dict[st
         ("POST", "/webhooks/http/report", {"X-Dispatch-Signature": bad}),
         ("POST", "/webhooks/twilio/status", {"X-Twilio-Signature": "ü=".encode()}),
         ("POST", "/webhooks/twilio/inbound", {"X-Twilio-Signature": "ü=".encode()}),
-        ("GET", "/dashboard", {"Cookie": "dispatch_session=é.abc".encode()}),
+        ("GET", "/dashboard", {"Cookie": "dispatch_session=abc.é".encode()}),
+        ("GET", "/dashboard/ledger?state=sent", {"Cookie": "dispatch_session=é.é".encode()}),
         ("POST", "/login", {"Cookie": "dispatch_csrf=é".encode()}),
-        ("POST", "/logout", {"Cookie": "dispatch_session=é.abc".encode()}),
+        ("POST", "/logout", {"Cookie": "dispatch_session=abc.é".encode()}),
     ]
     for method, path, headers in cases:
         r = httpx.request(method, base + path, headers=headers, content=b"{}")
