@@ -238,6 +238,9 @@ def login(store: SqlStore, name: str, password: str, address: str) -> Account | 
     name_key, address_key = f"name:{name[:100]}", f"addr:{address[:100]}"
     now = store.clock()
     with store._write() as conn:
+        # counters of windows long past are dropped, so names tried once do not pile up for ever
+        lt = t.login_throttle
+        conn.execute(sa.delete(lt).where(lt.c.window_start < now - timedelta(seconds=2 * WINDOW)))
         by_name = _count(store, conn, name_key, now)
         # the address limit bounds password checks: an attempt already refused for its name costs nothing
         by_address = _count(store, conn, address_key, now) if by_name <= NAME_LIMIT else 0
