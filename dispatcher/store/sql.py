@@ -457,7 +457,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 owner=spec.owner,
                 channel=spec.channel,
                 priority=spec.priority,
-                reason=spec.reason,
+                reason=scrub_optional(spec.reason),  # an urgent run's reason is free text
                 fire_time=spec.fire_time,
                 as_of=as_utc(spec.as_of),  # SQLite keeps no offset: store UTC like every timestamp
                 status="creating",
