@@ -4,8 +4,8 @@
 Every page needs a login (accounts.py: roles ``auditor`` and ``operator``, scrypt
 hashes, no default account). The session cookie carries a random session id
 signed with HMAC-SHA256 under ``DISPATCH_SESSION_SECRET``; the session row and its
-account are looked up on every request. An anonymous browser is sent to the login page (303), any
-other anonymous client gets 401 and no data.
+account are looked up on every request. An anonymous browser is sent to the login
+page (303), any other anonymous client gets 401 and no data.
 
 Numbers are masked for everyone; only an operator may tick "unmask" in the ledger
 search or search by phone number, and each such view or search is appended to the
