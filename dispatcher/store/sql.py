@@ -120,6 +120,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         except (SQLAlchemyError, ImportError) as exc:
             raise StoreError(f"cannot open the delivery log at {_safe_url(url)}: {exc}") from exc
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._secrets: dict[str, bytes] = {}
         self._writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
 
     # ------------------------------------------------------------------ plumbing
@@ -190,7 +191,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         when DISPATCH_SESSION_SECRET is not set); whoever can read the database can read the
         numbers themselves, so keeping it there adds no exposure. Cached per process.
         """
-        cache: dict[str, bytes] = self.__dict__.setdefault("_secrets", {})
+        cache = self._secrets
         if name in cache:
             return cache[name]
         key = f"secret:{name}"
