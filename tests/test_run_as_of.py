@@ -75,7 +75,7 @@ def test_a_delivery_log_of_the_previous_schema_version_gains_the_as_of_column(an
     with engine.connect() as conn:
         version = conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == "schema_version")).scalar_one()
     engine.dispose()
-    assert int(version) == t.SCHEMA_VERSION == 2
+    assert int(version) == t.SCHEMA_VERSION >= 2
 
 
 SUMMER = (

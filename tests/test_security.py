@@ -21,6 +21,7 @@ from prism_support import ACCOUNT_SID, AUTH_TOKEN, FROM
 from starlette.testclient import TestClient
 
 from dispatcher import audit
+from dispatcher.accounts import hash_password, list_users, login, set_disabled
 from dispatcher.errors import PermanentSendError
 from dispatcher.gateways import create_gateway
 from dispatcher.gateways.http import HttpConfigError
@@ -30,6 +31,7 @@ from dispatcher.redact import scrub
 from dispatcher.settings import Settings
 from dispatcher.store.base import Outcome
 from dispatcher.store.sql import open_store
+from dispatcher.web.dashboard import Sessions
 from tests.conftest import Project, _make_project
 from tests.test_embedded_run import _run_with_unknown_rows
 
@@ -255,25 +257,29 @@ def test_login_behind_tls_sets_secure_cookies(project: Project) -> None:
 # ------------------------------------------------------------------ schema
 
 
-def test_an_existing_version_1_delivery_log_is_upgraded_in_place(database_url: str) -> None:
+def test_a_version_2_delivery_log_is_upgraded_in_place_and_its_accounts_stay_enabled(database_url: str) -> None:
     store = open_store(database_url)
-    with store.engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO accounts (name, role, password_hash, created_at, updated_at, disabled) "
-                "VALUES ('old', 'auditor', 'x', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, false)"
-            )
-        )
-        conn.execute(sa.text("ALTER TABLE accounts DROP COLUMN disabled"))
+    with store.engine.begin() as conn:  # what a version 2 program left: no sessions, no throttle, no disabled
         conn.execute(sa.text("DROP TABLE sessions"))
         conn.execute(sa.text("DROP TABLE login_throttle"))
-        conn.execute(sa.text("UPDATE dispatch_meta SET value = '1' WHERE key = 'schema_version'"))
+        conn.execute(sa.text("ALTER TABLE accounts DROP COLUMN disabled"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO accounts (name, role, password_hash, created_at, updated_at) "
+                "VALUES ('old', 'auditor', :h, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            ),
+            {"h": hash_password("an old long password")},
+        )
+        conn.execute(sa.text("UPDATE dispatch_meta SET value = '2' WHERE key = 'schema_version'"))
     store.close()
     upgraded = open_store(database_url)
-    assert upgraded.schema_version() == 2
-    from dispatcher.accounts import list_users
-
+    assert upgraded.schema_version() == 3
     assert list_users(upgraded) == [{"name": "old", "role": "auditor", "disabled": False}]
+    account = login(upgraded, "old", "an old long password", "127.0.0.1")
+    assert account is not None
+    assert Sessions(upgraded, "k" * 32, 60).read(Sessions(upgraded, "k" * 32, 60).issue(account)) == account
+    set_disabled(upgraded, "old")
+    assert login(upgraded, "old", "an old long password", "127.0.0.1") is None
     upgraded.close()
 
 

@@ -171,8 +171,11 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
     def _upgrade(conn: Connection, found: int) -> None:
         """Add the columns of every version after ``found`` (schema.MIGRATIONS)."""
         preparer = conn.dialect.identifier_preparer
+        inspector = sa.inspect(conn)
         for target in range(found + 1, t.SCHEMA_VERSION + 1):
             for table_name, column_name in t.MIGRATIONS.get(target, ()):
+                if column_name in {c["name"] for c in inspector.get_columns(table_name)}:
+                    continue  # there already (a table ``create_all`` just made has every column)
                 column = t.metadata.tables[table_name].c[column_name]
                 kind = column.type.compile(dialect=conn.dialect)
                 conn.exec_driver_sql(
