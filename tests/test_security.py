@@ -286,14 +286,33 @@ def test_a_version_2_delivery_log_is_upgraded_in_place_and_its_accounts_stay_ena
 # ------------------------------------------------------------------ the operator's terminal
 
 
-def test_campaign_title_cannot_drive_the_operators_terminal(project: Project) -> None:
+def test_campaign_title_markup_is_shown_not_obeyed(project: Project) -> None:
     project.registry(size=20, seed=45)
     text = (project.root / "campaigns/refund-scam-lucheng.yaml").read_text(encoding="utf-8")
     title_line = next(line for line in text.splitlines() if line.startswith("title:"))
-    evil = 'title: "防诈 \\e]0;pwned\\a\\e[2J[link=https://evil.example]点击[/link] [red]x[/red]"'
+    evil = 'title: "防诈 [link=https://evil.example]点击[/link] [red]x[/red] [/]"'
     path = project.write("campaigns/evil.yaml", text.replace(title_line, evil))
     result = project.dispatch("preview", str(path))
     assert result.returncode == 0, result.stderr
-    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
-    assert "[link=https://evil.example]" in result.stdout and "[red]x[/red]" in result.stdout
-    assert "\\x1b]0;pwned" in result.stdout
+    assert "[link=https://evil.example]点击[/link] [red]x[/red] [/]" in result.stdout
+
+
+def test_escape_sequences_a_provider_sent_are_shown_not_obeyed(project: Project) -> None:
+    """A provider's message id and error code reach the operator's terminal in `audit log`."""
+    project.registry(size=20, seed=46)
+    rt = project.runtime()
+    run_id, _ = _run_with_unknown_rows(project, 0)
+    claimed = rt.store.claim(run_id, 0, "w")[:1]
+    rt.store.record(
+        [
+            Outcome(
+                id=c.id, run_id=c.run_id, state="failed", attempt=1, gateway="http", outcome="failed",
+                provider_id="id\x1b]0;pwned\x07\x1b[2J", error_code="\x9b31m\x1b[5m",
+            )
+            for c in claimed
+        ]
+    )  # fmt: skip
+    result = project.dispatch("audit", "log", "--run", run_id, "--state", "failed")
+    assert result.returncode == 0, result.stderr
+    assert not any(ch in result.stdout for ch in "\x1b\x07\x9b"), repr(result.stdout)
+    assert "\\x1b]0;pw" in result.stdout  # shown, written out
