@@ -808,8 +808,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(code, int):
             return code
     except DispatchError as exc:
-        # a store error quotes its driver's message, which can carry the statement's parameters
-        err.print(scrub(str(exc)), markup=False)
+        # a store or send error quotes a driver's or provider's message, which can carry numbers and
+        # credentials; input errors are our own "file:line: field: message" lines and stay as written
+        err.print(str(exc) if isinstance(exc, InputError) else scrub(str(exc)), markup=False)
         return exc.exit_code
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 1))

@@ -25,8 +25,11 @@ REDACTED = "[redacted]"
 _SID_RE = re.compile(r"\b(?:AC|SK)[0-9a-fA-F]{32}\b")
 #: an Authorization header's scheme and credentials, wherever the header is quoted
 _AUTH_SCHEME_RE = re.compile(r"\b(Basic|Bearer|Digest|Token)\s+[A-Za-z0-9+/=._~\-]{6,}", re.IGNORECASE)
-#: a header line: ``Authorization: Basic ...`` up to the end of the line (or of the quoted string)
-_HEADER_RE = re.compile(r"\b(authorization|proxy-authorization|x-api-key)(\s*:\s*)[^\r\n\"']+", re.IGNORECASE)
+#: a header line: ``Authorization: Basic <blob>`` / ``X-Api-Key: <key>``: the scheme (if any) and one token
+_HEADER_RE = re.compile(
+    r"\b(authorization|proxy-authorization|x-api-key)(\s*:\s*)(?:(?:basic|bearer|digest|token)\s+)?[^\s\"',;]+",
+    re.IGNORECASE,
+)
 #: credentials quoted as name and value: a JSON member (``"token": "..."``) or a form/query pair
 #: (``api_key=...``). A bare ``password: ...`` is left alone: that is how our own messages name a
 #: field ("password: too short")
