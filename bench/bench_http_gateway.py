@@ -67,7 +67,7 @@ class Provider:
 GATEWAY = """\
 url: {url}/v2/batch
 headers:
-  Authorization: "Bearer ${{DISPATCH_BENCH_TOKEN}}"
+  Authorization: "Bearer ${{DISPATCH_HTTP_SECRET_BENCH_TOKEN}}"
 body:
   format: json
   template:
@@ -117,7 +117,7 @@ def main() -> int:
             DISPATCH_DATABASE_URL=f"sqlite:///{root / 'var' / 'dispatch.db'}",
             DISPATCH_GATEWAY="http",
             DISPATCH_HTTP_CONFIG=str(root / "gateway.yaml"),
-            DISPATCH_BENCH_TOKEN=TOKEN,
+            DISPATCH_HTTP_SECRET_BENCH_TOKEN=TOKEN,
             DISPATCH_BATCH_SIZE=str(args.batch_size),
             DISPATCH_SEND_WINDOW="ignore",  # the benchmark is about throughput, not the 08:00-21:00 rule
             DISPATCH_LOG_LEVEL="WARNING",

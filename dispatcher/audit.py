@@ -4,15 +4,25 @@
 deliveries table against it. ``iter_log`` streams ledger events joined with their
 delivery and run, filtered, in keyset pages: a million rows go out without ever
 being held in memory. Phone numbers are masked unless the caller unmasks, and an
-unmasked export is itself appended to the ``audit`` chain (who, when, which
-filter) *before* the first row leaves, so an interrupted export is still on record.
+unmasked export, and every search by phone number, is itself appended to the
+``audit`` chain (who, when, which filter) *before* the first row leaves, so an
+interrupted export is still on record. The number searched is recorded masked,
+with a keyed HMAC (server secret, ``phone_key``) to match searches on: a plain hash
+of an 11-digit number is reversed by trying them all.
+
+CSV cells that a spreadsheet would run as a formula (starting with ``=``, ``+``,
+``-``, ``@``, tab or carriage return) are prefixed with ``'`` (OWASP's rule); only
+a phone cell that is exactly ``+`` and digits is left as it is, so an unmasked
+export still holds numbers that can be dialled.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, time
@@ -24,6 +34,7 @@ import sqlalchemy as sa
 from . import domain
 from .errors import UsageError
 from .phones import InvalidPhone, mask, mask_text, normalise
+from .redact import scrub
 from .store import ledger
 from .store import schema as t
 from .store.base import STATES
@@ -120,16 +131,29 @@ class LogFilter:
                 values[name] = parse_time(values[name], name, end=name == "until")
         return cls(**values)
 
-    def describe(self) -> dict[str, Any]:
-        """The filter as recorded in the ledger: the number searched masked, with its digest to match on."""
+    def describe(self, key: bytes) -> dict[str, Any]:
+        """The filter as recorded in the ledger: the number searched masked, with a keyed digest to match on.
+
+        ``key`` is the server's secret (``phone_key``): without it the digest cannot be
+        reversed by hashing every possible number.
+        """
         out: dict[str, Any] = {k: v for k, v in asdict(self).items() if v is not None}
         if self.phone:
             out["phone"] = mask(self.phone)
-            out["phone_sha256"] = hashlib.sha256(self.phone.encode()).hexdigest()
+            out["phone_hmac"] = phone_hmac(key, self.phone)
         for name in ("since", "until"):
             if name in out:
                 out[name] = out[name].isoformat()
         return out
+
+
+def phone_key(store: SqlStore) -> bytes:
+    """The server secret that keys phone digests, made once per delivery log and kept in it."""
+    return store.server_secret("phone_hmac_key")
+
+
+def phone_hmac(key: bytes, phone: str) -> str:
+    return hmac.new(key, phone.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def parse_time(text: str, name: str, *, end: bool = False) -> datetime:
@@ -199,6 +223,8 @@ def iter_log(
             item["key"] = mask_text(item["key"] or "")
             # provider ids may embed the number (the outbox's do); never let one through masked output
             item["provider_id"] = mask_text(item["provider_id"]) if item["provider_id"] else None
+            # reasons are masked when written; rows written before that are masked here
+            item["reason"] = scrub(item["reason"]) if item["reason"] else item["reason"]
         yield item
 
 
@@ -231,17 +257,34 @@ def _pages(store: SqlStore, base: Any, order: Any, label: str, limit: int | None
 
 def record_export(store: SqlStore, *, actor: str, f: LogFilter, fmt: str, via: str) -> None:
     """Append an ``audit.export`` event to the audit chain: who unmasked which numbers, when, how."""
+    _record(store, "audit.export", actor=actor, f=f, fmt=fmt, via=via)
+
+
+def record_search(store: SqlStore, *, actor: str, f: LogFilter, fmt: str, via: str) -> None:
+    """Append an ``audit.search`` event: who looked a number up in the ledger (masked output too).
+
+    A search by exact number tells the searcher whether that number got a message, so a
+    masked number can be recovered by trying candidates; each search is on record instead.
+    """
+    _record(store, "audit.search", actor=actor, f=f, fmt=fmt, via=via)
+
+
+def record_access(store: SqlStore, *, actor: str, f: LogFilter, unmask: bool, fmt: str, via: str) -> None:
+    """Record what must be on record about a ledger query: an unmasked export, or a search by phone."""
+    if unmask:
+        record_export(store, actor=actor, f=f, fmt=fmt, via=via)
+    elif f.phone:
+        record_search(store, actor=actor, f=f, fmt=fmt, via=via)
+
+
+def _record(store: SqlStore, kind: str, *, actor: str, f: LogFilter, fmt: str, via: str) -> None:
+    payload = {"filter": f.describe(phone_key(store)), "format": fmt, "via": via}
     with store._write() as conn:
-        ledger.append(
-            conn,
-            ledger.AUDIT_CHAIN,
-            [ledger.Event("audit.export", actor=actor, payload={"filter": f.describe(), "format": fmt, "via": via})],
-            store.clock(),
-        )
+        ledger.append(conn, ledger.AUDIT_CHAIN, [ledger.Event(kind, actor=actor, payload=payload)], store.clock())
 
 
 def audit_events(store: SqlStore, limit: int = 100) -> list[dict[str, Any]]:
-    """The newest audit-chain events (unmasked exports), for the CLI and the dashboard."""
+    """The newest audit-chain events (unmasked exports, searches by phone), for the CLI and the dashboard."""
     e = t.events
     with store._read() as conn:
         rows = (
@@ -260,6 +303,25 @@ def audit_events(store: SqlStore, limit: int = 100) -> list[dict[str, Any]]:
     ]
 
 
+#: what a spreadsheet reads as the start of a formula (OWASP CSV injection)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_E164 = re.compile(r"^\+\d{1,15}$")
+
+
+def csv_cell(column: str, value: Any) -> str:
+    """A cell a spreadsheet shows as text: formula starters get a leading ``'``.
+
+    A phone cell that is exactly an E.164 number is left whole (Excel reads ``+86...`` as
+    a number, not a formula, and an unmasked export must hold numbers that can be dialled).
+    """
+    text = "" if value is None else str(value)
+    if column == "phone" and _E164.match(text):
+        return text
+    if text.startswith(_FORMULA_START):
+        return "'" + text
+    return text
+
+
 def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: TextIO) -> int:
     """Write streamed rows as CSV or JSON lines; returns how many were written."""
     n = 0
@@ -267,7 +329,7 @@ def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: TextIO) -> int:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(LOG_COLUMNS)
         for row in rows:
-            writer.writerow(["" if row[c] is None else row[c] for c in LOG_COLUMNS])
+            writer.writerow([csv_cell(c, row[c]) for c in LOG_COLUMNS])
             n += 1
     elif fmt == "jsonl":
         for row in rows:

@@ -16,14 +16,16 @@ from typing import Any, cast
 
 import click
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import domain, logs
 from .errors import DispatchError, InputError, StoreError, UsageError
+from .redact import scrub
 from .runtime import Runtime
 from .settings import Settings
+from .term import SafeConsole
 
 app = typer.Typer(
     add_completion=False,
@@ -36,9 +38,10 @@ app.add_typer(audience_app, name="audience")
 schedule_app = typer.Typer(no_args_is_help=True, help="Campaign schedules.")
 app.add_typer(schedule_app, name="schedule")
 
-# piped or captured output (CI logs, `make demo | tee`) gets room for six district columns
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# piped or captured output (CI logs, `make demo | tee`) gets room for six district columns; neither console
+# obeys markup or escape sequences in what it prints (term.py): titles and messages come from files and providers
+out = SafeConsole(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+err = SafeConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 class State:
@@ -136,7 +139,7 @@ def preview(
             f"{loaded.campaign.title} — audience (opted-out excluded)", districts, totals, matrix["by_district_segment"]
         )
     )
-    out.print("\n[bold]audience by district and grid[/bold] (opted-out excluded)")
+    out.print(Text.assemble("\n", ("audience by district and grid", "bold"), " (opted-out excluded)"))
     for d in districts:
         grids = matrix["by_district_grid"].get(d.id, {})
         listed = " · ".join(f"{g} {n}" for g, n in grids.items())
@@ -144,7 +147,11 @@ def preview(
     for v in variants:
         marker = " (this quarter)" if v["template"] == current else ""
         out.print(
-            f"\n[bold]{v['template']}[/bold]{marker}: {v['encoding']}, {v['chars']} characters, {v['parts']} part(s)"
+            Text.assemble(
+                "\n",
+                (str(v["template"]), "bold"),
+                f"{marker}: {v['encoding']}, {v['chars']} characters, {v['parts']} part(s)",
+            )
         )
         for line in part_lines(str(v["text"])):  # where each part ends, as handsets and providers split it
             out.print(line, markup=False)
@@ -205,7 +212,7 @@ def _progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) ->
     return st
 
 
-def _print_summary(st: dict[str, Any], console: Console = out) -> None:
+def _print_summary(st: dict[str, Any], console: SafeConsole = out) -> None:
     table = Table(title=f"run {st['run_id']} — {st['campaign_id']} ({st['status']})")
     states = [
         s
@@ -520,13 +527,18 @@ def web(
     # manager should see a clean stop (exit 0), so that re-raised signal (or one before uvicorn's
     # handlers are installed) ends the process normally
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    if host:  # the address decides whether cookies must be Secure (settings.secure_cookies)
+        rt.settings = rt.settings.with_(web_host=host)
     uvicorn.run(
         create_app(rt),
-        host=host or rt.settings.web_host,
+        host=rt.settings.web_host,
         port=port or rt.settings.web_port,
         # the level in force (DISPATCH_LOG_LEVEL or this command's INFO), never the raw, possibly empty, setting
         log_level=State.log_level.lower(),
         access_log=False,  # the access log would print callers' query strings; our handlers log masked
+        # uvicorn's own logging config would add handlers that print tracebacks (SQL parameters, searched
+        # numbers) unmasked; without it its records reach our root handler, which masks every line
+        log_config=None,
     )
 
 
@@ -798,7 +810,7 @@ def _matrix_table(
         table.add_column(d.name, justify="right")
     table.add_column("total", justify="right")
     table.add_row(
-        "[bold]all residents[/bold]", *[str(totals.get(d.id, 0)) for d in districts], str(sum(totals.values()))
+        Text("all residents", style="bold"), *[str(totals.get(d.id, 0)) for d in districts], str(sum(totals.values()))
     )
     if opted_out is not None:
         table.add_row("opted out", *[str(opted_out.get(d.id, 0)) for d in districts], str(sum(opted_out.values())))
@@ -842,7 +854,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(code, int):
             return code
     except DispatchError as exc:
-        err.print(str(exc), markup=False)
+        # a store or send error quotes a driver's or provider's message, which can carry numbers and
+        # credentials; input errors are our own "file:line: field: message" lines and stay as written
+        err.print(str(exc) if isinstance(exc, InputError) else scrub(str(exc)), markup=False)
         return exc.exit_code
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 1))
@@ -858,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the last line of defence: one line for the operator, details in the log
         logs.get_logger("dispatcher.cli").exception("internal_error")
-        err.print(f"internal error: {type(exc).__name__}: {exc}", markup=False)
+        err.print(f"internal error: {type(exc).__name__}: {scrub(str(exc))}", markup=False)
         return 1
     finally:
         if State.runtime is not None:

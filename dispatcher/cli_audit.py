@@ -99,8 +99,8 @@ def audit_log(
         since=since,
         until=until,
     )
-    if unmask:
-        audit.record_export(rt.store, actor=_who(), f=f, fmt=fmt, via="cli")
+    # an unmasked export, or a search by number, is on record before the first row leaves
+    audit.record_access(rt.store, actor=_who(), f=f, unmask=unmask, fmt=fmt, via="cli")
     if fmt == "table":
         n = _print_log_table(audit.iter_log(rt.store, f, unmask=unmask, limit=limit or 100))
         err.print(f"{n} events shown (use --format csv or jsonl for all)", markup=False)
@@ -157,7 +157,7 @@ def _print_log_table(rows: Iterable[dict[str, Any]]) -> int:
 
 @audit_app.command("exports")
 def audit_exports(limit: int = typer.Option(50, min=1), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Who exported or viewed unmasked numbers, newest first (the audit chain)."""
+    """Who exported or viewed unmasked numbers, or searched by number, newest first (the audit chain)."""
     rows = audit.audit_events(runtime().store, limit)
     if as_json:
         emit_json({"exports": rows})
@@ -276,11 +276,7 @@ def users_add(
     from .accounts import add_user
 
     rt = runtime()
-    if sys.stdin.isatty():
-        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    account = add_user(rt.store, name, role, password, replace=replace)
+    account = add_user(rt.store, name, role, _read_password(), replace=replace)
     out.print(f"account {account.name} ({account.role}) saved", markup=False)
 
 
@@ -291,7 +287,49 @@ def users_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
     users = list_users(runtime().store)
     if as_json:
-        emit_json({"users": [{"name": u.name, "role": u.role} for u in users]})
+        emit_json({"users": users})
         return
     for u in users:
-        out.print(f"{u.name}\t{u.role}", markup=False)
+        out.print(f"{u['name']}\t{u['role']}{chr(9) + 'disabled' if u['disabled'] else ''}", markup=False)
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        return str(typer.prompt("password", hide_input=True, confirmation_prompt=True))
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+@users_app.command("passwd")
+def users_passwd(name: str) -> None:
+    """Set a new password (prompt, or standard input when piped); the account's sessions end at once."""
+    from .accounts import set_password
+
+    ended = set_password(runtime().store, name, _read_password())
+    out.print(f"password of {name} changed; {ended} session(s) ended", markup=False)
+
+
+@users_app.command("disable")
+def users_disable(name: str) -> None:
+    """Refuse the account's logins and end its sessions at once (the name stays in the ledger's actors)."""
+    from .accounts import set_disabled
+
+    ended = set_disabled(runtime().store, name, True)
+    out.print(f"account {name} disabled; {ended} session(s) ended", markup=False)
+
+
+@users_app.command("enable")
+def users_enable(name: str) -> None:
+    """Let a disabled account log in again."""
+    from .accounts import set_disabled
+
+    set_disabled(runtime().store, name, False)
+    out.print(f"account {name} enabled", markup=False)
+
+
+@users_app.command("remove")
+def users_remove(name: str) -> None:
+    """Delete the account and end its sessions at once."""
+    from .accounts import remove_user
+
+    ended = remove_user(runtime().store, name)
+    out.print(f"account {name} removed; {ended} session(s) ended", markup=False)

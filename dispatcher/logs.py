@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from .phones import mask_text
+from .redact import scrub
 
 _SECRET_WORDS = ("token", "secret", "password", "auth", "api_key", "apikey", "credential")
 
@@ -24,7 +24,7 @@ def _mask_value(key: str, value: Any) -> Any:
     if any(word in key.lower() for word in _SECRET_WORDS):
         return "[redacted]"
     if isinstance(value, str):
-        return mask_text(value)
+        return scrub(value)
     if isinstance(value, dict):
         return {k: _mask_value(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -73,10 +73,10 @@ def configure(fmt: str = "", level: str = "INFO", stream: TextIO | None = None) 
 
 
 class _MaskingFormatter(logging.Formatter):
-    """Dramatiq logs message arguments on failures; mask numbers there too."""
+    """Every stdlib record (Dramatiq's message arguments, uvicorn's tracebacks) gets the same masking pass."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return mask_text(super().format(record))
+        return scrub(super().format(record))
 
 
 def get_logger(name: str = "dispatcher") -> Any:

@@ -38,13 +38,16 @@ def normalise(raw: str, region: str = "CN") -> str:
 
 
 def mask(number: str) -> str:
-    """``+8613800000000`` -> ``+86138****0000``: enough to tell numbers apart, not to dial them."""
+    """``+8613800000000`` -> ``**********0000``: the last four digits, enough to tell numbers apart.
+
+    Only the last four digits are shown: with more (the old ``+86138****0000``) the
+    hidden part is small enough to enumerate. No ``+`` is kept, so a masked number
+    never starts a spreadsheet formula either.
+    """
     digits = number.strip()
     if len(digits) < 8:
         return "*" * len(digits)
-    keep_head = 6 if digits.startswith("+") else 3
-    head, tail = digits[:keep_head], digits[-4:]
-    return head + "****" + tail
+    return "*" * (len(digits) - 4) + digits[-4:]
 
 
 def mask_text(text: str) -> str:

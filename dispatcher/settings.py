@@ -25,6 +25,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from exc
 
 
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise ConfigError(f"{name}: must be 1 or more, got {value}")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -59,6 +66,33 @@ def find_project_root(start: Path) -> Path:
         if (folder / "campaigns").is_dir() and (folder / "templates").is_dir():
             return folder
     return start
+
+
+#: the environment variables an HTTP gateway/ringback config may substitute with ``${NAME}``
+GATEWAY_SECRET_PREFIX = "DISPATCH_HTTP_SECRET_"
+#: shortest DISPATCH_SESSION_SECRET accepted (python -c "import secrets; print(secrets.token_hex(32))" makes one)
+MIN_SESSION_SECRET = 32
+
+
+def _session_secret(env: Mapping[str, str]) -> str:
+    secret = env.get("DISPATCH_SESSION_SECRET", "")
+    if secret and len(secret) < MIN_SESSION_SECRET:
+        raise ConfigError(
+            f"DISPATCH_SESSION_SECRET: at least {MIN_SESSION_SECRET} characters, got {len(secret)} "
+            "(make one with: python -c 'import secrets; print(secrets.token_hex(32))', or leave it unset)"
+        )
+    return secret
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -112,12 +146,15 @@ class Settings:
     ringback_gateway: str = "outbox"
     #: config file of the carrier-http ringback adapter
     ringback_config: Path | None = None
-    #: signs dashboard session cookies (HMAC-SHA256); empty = random per process (logins end on restart)
+    #: signs dashboard session cookies (HMAC-SHA256), at least 32 characters; empty = a random secret kept
+    #: in the delivery log (sessions themselves are rows there, so they can be ended at once)
     session_secret: str = ""
     #: seconds a dashboard login lasts
     session_max_age: int = 8 * 3600
     web_host: str = "127.0.0.1"
     web_port: int = 8000
+    #: largest request body any route reads, in bytes; a bigger one gets 413 while it is still arriving
+    web_max_body: int = 1 << 20
     # --- scheduler and run control (issue 4) -------------------------------------
     #: seconds added to the real clock: drills and tests move every process to another hour or quarter
     #: without sleeping through it (DISPATCH_CLOCK_OFFSET, or DISPATCH_FAKE_NOW as an ISO time)
@@ -150,7 +187,9 @@ class Settings:
     sending_deadline: float = 900.0
     #: how often the scheduler's leader runs the watchdog
     watchdog_every: float = 5.0
-    extra: Mapping[str, str] = field(default_factory=dict)
+    #: what ``${NAME}`` in an HTTP gateway or ringback config may name: only DISPATCH_HTTP_SECRET_* variables,
+    #: so a config file can never send the program's own settings (session secret, database URL) anywhere
+    gateway_secrets: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -198,17 +237,29 @@ class Settings:
             http_report_secret=env.get("DISPATCH_HTTP_REPORT_SECRET", ""),
             ringback_gateway=env.get("DISPATCH_RINGBACK_GATEWAY") or "outbox",
             ringback_config=Path(env["DISPATCH_RINGBACK_CONFIG"]) if env.get("DISPATCH_RINGBACK_CONFIG") else None,
-            session_secret=env.get("DISPATCH_SESSION_SECRET", ""),
+            session_secret=_session_secret(env),
             session_max_age=_int(env, "DISPATCH_SESSION_MAX_AGE", 8 * 3600),
             web_host=env.get("DISPATCH_WEB_HOST") or "127.0.0.1",
             web_port=_int(env, "DISPATCH_WEB_PORT", _int(env, "PORT", 8000)),
+            web_max_body=_positive(env, "DISPATCH_WEB_MAX_BODY", 1 << 20),
             **_issue4_settings(env),
             **_fault_settings(env),
-            extra={k: v for k, v in env.items() if k.startswith(("DISPATCH_", "TWILIO_"))},
+            gateway_secrets={k: v for k, v in env.items() if k.startswith(GATEWAY_SECRET_PREFIX)},
         )
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]  # dataclass fields are checked at runtime
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Cookies get ``Secure`` unless the dashboard is plainly served on this machine only.
+
+        Served behind TLS (DISPATCH_PUBLIC_URL https://...) or bound to an address other
+        machines reach, a cookie sent over plain HTTP could be read on the way.
+        """
+        if self.public_url.startswith("https://"):
+            return True
+        return not _loopback(self.web_host)
 
     @property
     def embedded(self) -> bool:

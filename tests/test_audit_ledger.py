@@ -256,8 +256,13 @@ def test_audit_log_refuses_bad_filters_with_one_line(project: Any, args: list[st
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_log_filter_describes_a_phone_search_without_the_number() -> None:
+def test_log_filter_describes_a_phone_search_without_the_number_or_a_reversible_hash() -> None:
+    import hashlib
+
     f = audit.LogFilter.parse(phone="13800138000")
-    described = f.describe()
-    assert described["phone"] == "+86138****8000"
+    described = f.describe(b"k" * 32)
+    assert described["phone"] == "**********8000"
     assert "13800138000" not in str(described)
+    # a plain sha256 of an 11-digit number is reversed by hashing them all; only a keyed digest is kept
+    assert hashlib.sha256(b"+8613800138000").hexdigest() not in str(described)
+    assert described["phone_hmac"] != audit.LogFilter.parse(phone="13800138000").describe(b"j" * 32)["phone_hmac"]

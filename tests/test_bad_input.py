@@ -375,7 +375,9 @@ def run_against(
     try:
         project.registry(size=60)
         path = project.write("campaigns/drill.yaml", CAMPAIGN)
-        result = dispatch(project, "run", str(path), "--json", env={**env, "DISPATCH_TWILIO_BASE_URL": server.url})
+        # an HTTP config may name only DISPATCH_HTTP_SECRET_* variables: the provider's URL comes in as one
+        urls = {"DISPATCH_TWILIO_BASE_URL": server.url, "DISPATCH_HTTP_SECRET_PROVIDER_URL": server.url}
+        result = dispatch(project, "run", str(path), "--json", env={**env, **urls})
         sends = [c for c in server.calls if c[0] == "POST"]
     finally:
         server.close()
@@ -407,7 +409,7 @@ def test_twilio_success_with_a_body_that_is_not_json_leaves_the_row_unknown(proj
 def test_http_provider_success_with_a_body_that_is_not_json_leaves_the_row_unknown(
     project: Project, batch: bool
 ) -> None:
-    config = HTTP_CONFIG.replace("http://127.0.0.1:9/send", "${DISPATCH_TWILIO_BASE_URL}/send")
+    config = HTTP_CONFIG.replace("http://127.0.0.1:9/send", "${DISPATCH_HTTP_SECRET_PROVIDER_URL}/send")
     if batch:
         config = config.replace('mobile: "{to}"', 'mobiles: "{to_list}"') + "batch:\n  max_size: 50\n"
         # one text for everyone (no name in it), so that one call carries every number

@@ -4,14 +4,15 @@ One run over three districts (in 2021Q1, by the fake clock), two accounts made w
 `dispatch users add` (an auditor and an operator), then: an anonymous client is
 refused, the auditor logs in, opens the coverage heat map (screenshot saved to
 test-artifacts/heatmap.png and listed by the terminal summary), searches the ledger
-and sees only masked numbers; the operator unmasks and that view lands in the
-audit chain.
+and sees only masked numbers, and may not search by phone number; the operator
+searches by number and unmasks, and both land in the audit chain.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,17 @@ def add_user(project: Project, name: str, role: str, password: str) -> subproces
     )  # fmt: skip
 
 
+def login(base: str, name: str, password: str, client: httpx.Client | None = None) -> httpx.Response:
+    """Log in as a browser does: fetch the form (its CSRF cookie and field), then post it."""
+    client = client or httpx.Client()
+    form = client.get(base + "/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert token, form.text
+    return client.post(
+        base + "/login", data={"name": name, "password": password, "csrf": token.group(1)}, follow_redirects=False
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,7 +72,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     assert add_user(project, "bob", "operator", OPERATOR_PW).returncode == 0
     port = free_port()
     env = {
-        "DISPATCH_SESSION_SECRET": "test-secret-" + os.urandom(8).hex(),
+        "DISPATCH_SESSION_SECRET": "test-secret-" + os.urandom(16).hex(),
         "DISPATCH_FAKE_NOW": "2021-02-15T10:00:00+08:00",
     }
     proc = project.popen("web", "--port", str(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -106,7 +118,7 @@ def test_anonymous_requests_get_no_dashboard_data(served: dict[str, Any]) -> Non
 def test_wrong_password_is_refused_and_no_default_account_exists(served: dict[str, Any]) -> None:
     base = served["base"]
     for name, pw in (("alice", "wrong password!"), ("admin", "admin"), ("admin", "")):
-        r = httpx.post(base + "/login", data={"name": name, "password": pw}, follow_redirects=False)
+        r = login(base, name, pw)
         assert r.status_code == 401 and "dispatch_session" not in r.headers.get("set-cookie", "")
 
 
@@ -171,19 +183,21 @@ def test_auditor_logs_in_sees_heat_map_and_masked_ledger_operator_unmasks(served
             page.click("text=Delivery rates")
             assert page.locator("#rates rect").count() >= 1
 
-            # ledger search by exact number: found, and masked for an auditor (no unmask offered)
+            # an auditor's ledger search: masked numbers, no unmask and no search by number offered
             page.click("text=Ledger")
             assert page.locator("input[name=unmask]").count() == 0
-            page.fill("#ledger-search input[name=phone]", phone)
+            assert page.locator("#ledger-search input[name=phone]").count() == 0
+            page.fill("#ledger-search input[name=district]", "lucheng")
+            page.fill("#ledger-search input[name=state]", "sent")
             page.click("#ledger-search button")
             page.wait_for_selector("#ledger")
             text = page.locator("#ledger").inner_text()
             assert phone not in text
-            assert phone[:6] + "****" + phone[-4:] in text and "sent" in text
+            assert "*" * (len(phone) - 4) + phone[-4:] in text and "sent" in text
             page.goto(base + f"/dashboard/ledger?phone={phone.replace('+', '%2B')}&unmask=1")
-            assert phone not in page.locator("#ledger").inner_text()
+            assert page.locator("#ledger").count() == 0 and "Only operators may search by phone" in page.content()
 
-            # an operator may unmask, and that view is recorded in the audit chain
+            # an operator may search by number and unmask; both are recorded in the audit chain
             op = browser.new_context().new_page()
             op.goto(base + "/login")
             op.fill("input[name=name]", "bob")
@@ -191,6 +205,9 @@ def test_auditor_logs_in_sees_heat_map_and_masked_ledger_operator_unmasks(served
             op.click("button[type=submit]")
             op.click("text=Ledger")
             op.fill("#ledger-search input[name=phone]", phone)
+            op.click("#ledger-search button")
+            op.wait_for_selector("#ledger")
+            assert phone not in op.locator("#ledger").inner_text() and phone[-4:] in op.locator("#ledger").inner_text()
             op.check("input[name=unmask]")
             op.click("#ledger-search button")
             op.wait_for_selector("#ledger")
@@ -199,7 +216,7 @@ def test_auditor_logs_in_sees_heat_map_and_masked_ledger_operator_unmasks(served
             browser.close()
     print(f"\nheat map screenshot: {shot}")
     exports = json.loads(project.dispatch("audit", "exports", "--json").stdout)["exports"]
-    assert [e["actor"] for e in exports][:1] == ["web:bob"]
+    assert [(e["actor"], e["kind"]) for e in exports][:2] == [("web:bob", "audit.export"), ("web:bob", "audit.search")]
     assert exports[0]["payload"]["via"] == "dashboard"
     assert project.dispatch("audit", "verify").returncode == 0
 
@@ -208,15 +225,13 @@ def test_repeated_failed_logins_lock_that_account_name_for_a_while(served: dict[
     base, project = served["base"], served["project"]
     assert add_user(project, "erin", "auditor", "erin's long password").returncode == 0
     for _ in range(5):
-        r = httpx.post(base + "/login", data={"name": "erin", "password": "guess"}, follow_redirects=False)
+        r = login(base, "erin", "guess")
         assert r.status_code == 401
     # even the right password is refused now, and nothing is issued
-    locked = httpx.post(
-        base + "/login", data={"name": "erin", "password": "erin's long password"}, follow_redirects=False
-    )
+    locked = login(base, "erin", "erin's long password")
     assert locked.status_code == 429 and "dispatch_session" not in locked.headers.get("set-cookie", "")
     # other accounts are not affected
-    ok = httpx.post(base + "/login", data={"name": "alice", "password": AUDITOR_PW}, follow_redirects=False)
+    ok = login(base, "alice", AUDITOR_PW)
     assert ok.status_code == 303 and "dispatch_session=" in ok.headers["set-cookie"]
 
 
@@ -241,19 +256,26 @@ def test_users_add_reads_the_password_from_stdin_stores_only_a_hash_and_refuses_
     assert stored.role == "auditor"
     assert stored.password_hash.startswith("scrypt$") and "a long enough secret" not in stored.password_hash
     listed = json.loads(project.dispatch("users", "list", "--json").stdout)
-    assert listed == {"users": [{"name": "carol", "role": "auditor"}]}
+    assert listed == {"users": [{"name": "carol", "role": "auditor", "disabled": False}]}
 
 
-def test_session_cookies_are_refused_when_forged_or_expired() -> None:
-    from dispatcher.accounts import Account
+def test_session_cookies_are_refused_when_forged_expired_or_ended(tmp_path: Path) -> None:
+    from dispatcher.accounts import Account, add_user
+    from dispatcher.store.sql import open_store
     from dispatcher.web.dashboard import Sessions
 
-    sessions = Sessions("secret", max_age=60)
+    store = open_store(f"sqlite:///{tmp_path / 'd.db'}")
+    add_user(store, "alice", "auditor", "a long enough secret")
+    sessions = Sessions(store, "s" * 32, max_age=60)
     cookie = sessions.issue(Account("alice", "auditor"))
-    assert sessions.read(cookie) == "alice"
-    assert Sessions("other secret", 60).read(cookie) is None
-    body, sig = cookie.rsplit(".", 1)
-    assert sessions.read(body.replace("a", "b", 1) + "." + sig) is None
-    assert (
-        Sessions("secret", max_age=-1).read(Sessions("secret", max_age=-1).issue(Account("alice", "auditor"))) is None
-    )
+    assert sessions.read(cookie) == Account("alice", "auditor")
+    assert Sessions(store, "o" * 32, 60).read(cookie) is None
+    session_id, sig = cookie.rsplit(".", 1)
+    tampered = ("A" if session_id[0] != "A" else "B") + session_id[1:]
+    assert sessions.read(tampered + "." + sig) is None
+    assert sessions.read("é" + cookie) is None  # not ASCII: refused, not a crash
+    expired = Sessions(store, "s" * 32, max_age=-1)
+    assert expired.read(expired.issue(Account("alice", "auditor"))) is None
+    sessions.end(cookie)
+    assert sessions.read(cookie) is None
+    store.close()

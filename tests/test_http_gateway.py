@@ -19,19 +19,19 @@ from dispatcher.runs import resume_run
 
 TOKEN = "carrier-token-5d1e77a0"
 SIGN_KEY = "sign-key-88aa13"
-ENV = {"DISPATCH_CARRIER_TOKEN": TOKEN, "DISPATCH_CARRIER_SIGN": SIGN_KEY}
+ENV = {"DISPATCH_HTTP_SECRET_CARRIER_TOKEN": TOKEN, "DISPATCH_HTTP_SECRET_CARRIER_SIGN": SIGN_KEY}
 A, B, C = "+8613912340001", "+8613912340002", "+8613912340003"
 
 SINGLE = """\
 url: https://sms.example.cn/v2/send
 headers:
-  Authorization: "Bearer ${DISPATCH_CARRIER_TOKEN}"
+  Authorization: "Bearer ${DISPATCH_HTTP_SECRET_CARRIER_TOKEN}"
 body:
   format: json
   template:
     mobile: "{to}"
     content: "{body}"
-    sign: "${DISPATCH_CARRIER_SIGN}"
+    sign: "${DISPATCH_HTTP_SECRET_CARRIER_SIGN}"
     out_id: "{key}"
 response:
   message_id: data.msgid
@@ -45,7 +45,7 @@ opt_out_codes: ["1003"]
 FORM = """\
 url: https://sms.example.cn/form/send
 headers:
-  X-Api-Key: "${DISPATCH_CARRIER_TOKEN}"
+  X-Api-Key: "${DISPATCH_HTTP_SECRET_CARRIER_TOKEN}"
 body:
   format: form
   template:
@@ -60,7 +60,7 @@ response:
 BATCH = """\
 url: https://sms.example.cn/v2/batch
 headers:
-  Authorization: "Bearer ${DISPATCH_CARRIER_TOKEN}"
+  Authorization: "Bearer ${DISPATCH_HTTP_SECRET_CARRIER_TOKEN}"
 body:
   format: json
   template:
@@ -344,8 +344,8 @@ def test_harness_fails_on_a_real_network_call(tmp_path: Path) -> None:
             "gateway.yaml:6:3: body.template: the body template never names",
         ),
         (
-            SINGLE.replace("${DISPATCH_CARRIER_SIGN}", "${DISPATCH_MISSING}"),
-            "gateway.yaml:9:5: body.template.sign: environment variable DISPATCH_MISSING is not set",
+            SINGLE.replace("${DISPATCH_HTTP_SECRET_CARRIER_SIGN}", "${DISPATCH_HTTP_SECRET_MISSING}"),
+            "gateway.yaml:9:5: body.template.sign: environment variable DISPATCH_HTTP_SECRET_MISSING is not set",
         ),
         ("url: [unclosed\n", "gateway.yaml:2:1: invalid YAML/JSON"),
         (
@@ -455,5 +455,46 @@ def test_rows_orphaned_with_a_provider_that_cannot_be_asked_become_unknown_not_r
         states = {r["id"]: r["state"] for r in rt.store.deliveries(run_id)}
         assert {states[r.id] for r in held} == {"unknown"}
         assert provider.calls == 0  # nothing was sent again blindly
+    finally:
+        server.close()
+
+
+def test_signed_delivery_report_moves_the_rows_the_http_gateway_sent(project: Any) -> None:
+    from starlette.testclient import TestClient
+
+    from dispatcher.web.app import create_app
+    from dispatcher.web.webhooks import report_signature
+
+    provider = BatchProvider()
+    server = LocalServer(provider)
+    try:
+        project.write("gateway.yaml", BATCH.replace("https://sms.example.cn", server.url))
+        project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
+        project.env.update(
+            {
+                "DISPATCH_GATEWAY": "http",
+                "DISPATCH_HTTP_CONFIG": str(project.root / "gateway.yaml"),
+                "DISPATCH_HTTP_REPORT_SECRET": "report-secret-7f31",
+                **ENV,
+            }
+        )
+        project.registry(size=4, seed=12)
+        clock = Clock()
+        rt = project.runtime(clock=clock)
+        path = project.write(
+            "campaigns/plain.yaml",
+            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
+        )
+        run_id = start(rt, path)
+        drive(rt, run_id, clock)
+        row = next(r for r in rt.store.deliveries(run_id) if r["provider_id"])
+        body = json.dumps({"reports": [{"message_id": row["provider_id"], "status": "delivered"}]}).encode()
+        reply = TestClient(create_app(rt)).post(
+            "/webhooks/http/report",
+            content=body,
+            headers={"X-Dispatch-Signature": report_signature("report-secret-7f31", body)},
+        )
+        assert reply.status_code == 200 and reply.json() == {"reports": 1, "changed": 1}
+        assert rt.store.state_of(row["provider_id"]) == ["delivered"]
     finally:
         server.close()

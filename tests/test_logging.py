@@ -27,9 +27,9 @@ def test_log_lines_mask_numbers_and_redact_secrets_wherever_they_appear() -> Non
         )
     line = json.loads(stream.getvalue())
     assert (line["run_id"], line["campaign_id"], line["batch"]) == ("r1", "c1", 3)
-    assert line["to"] == "+86138****5678"
-    assert line["detail"] == {"phone": "139****5678", "auth_token": "[redacted]"}
-    assert line["note"] == "call 137****5678 now"
+    assert line["to"] == "**********5678"
+    assert line["detail"] == {"phone": "*******5678", "auth_token": "[redacted]"}
+    assert line["note"] == "call *******5678 now"
 
 
 def test_a_run_logs_as_json_without_a_single_full_phone_number(project: Project) -> None:

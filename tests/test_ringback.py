@@ -190,7 +190,7 @@ CARRIER = """\
 enrol:
   url: {url}/crbt/subscribe
   headers:
-    Authorization: "Bearer ${{DISPATCH_CRBT_TOKEN}}"
+    Authorization: "Bearer ${{DISPATCH_HTTP_SECRET_CRBT_TOKEN}}"
   body:
     format: json
     template: {{msisdn: "{{to}}", tone: "anti-fraud-2026", until: "{{campaign_id}}"}}
@@ -199,7 +199,7 @@ enrol:
 restore:
   url: {url}/crbt/unsubscribe
   headers:
-    Authorization: "Bearer ${{DISPATCH_CRBT_TOKEN}}"
+    Authorization: "Bearer ${{DISPATCH_HTTP_SECRET_CRBT_TOKEN}}"
   body:
     format: json
     template: {{msisdn: "{{to}}"}}
@@ -241,7 +241,7 @@ def test_carrier_http_ringback_retries_and_restores_every_number(project: Any) -
             {
                 "DISPATCH_RINGBACK_GATEWAY": "carrier-http",
                 "DISPATCH_RINGBACK_CONFIG": str(config),
-                "DISPATCH_CRBT_TOKEN": "crbt-token-3344",
+                "DISPATCH_HTTP_SECRET_CRBT_TOKEN": "crbt-token-3344",
             }
         )
         project.registry(size=6, seed=24)

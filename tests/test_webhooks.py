@@ -174,21 +174,32 @@ def test_start_opts_back_in_and_forged_inbound_changes_nothing(sent_run: Any) ->
     assert other.status_code == 200 and "<Message>" not in other.text
 
 
-def test_delivery_report_needs_the_body_hmac(sent_run: Any) -> None:
+def test_delivery_report_needs_the_body_hmac_and_cannot_move_a_row_twilio_sent(sent_run: Any) -> None:
     _project, run_id, rt = sent_run
     row = rows(rt, run_id)[0]
     client = TestClient(create_app(rt))
-    body = json.dumps({"reports": [{"message_id": row["provider_id"], "status": "delivered"}]}).encode()
+    body = json.dumps({"reports": [{"message_id": row["provider_id"], "status": "failed"}]}).encode()
     bad = client.post("/webhooks/http/report", content=body, headers={"X-Dispatch-Signature": "sha256=00"})
     assert bad.status_code == 403
     assert rt.store.state_of(row["provider_id"]) == ["sent"]
-    good = client.post(
+    # signed with the HTTP adapter's secret: it speaks for the HTTP adapter's messages only
+    signed = client.post(
         "/webhooks/http/report",
         content=body,
         headers={"X-Dispatch-Signature": report_signature(REPORT_SECRET, body)},
     )
-    assert good.status_code == 200 and good.json() == {"reports": 1, "changed": 1}
-    assert rt.store.state_of(row["provider_id"]) == ["delivered"]
+    assert signed.status_code == 200 and signed.json() == {"reports": 1, "changed": 0}
+    assert rt.store.state_of(row["provider_id"]) == ["sent"]
+    rt.store.drain_status_backlog()  # kept reports replayed later do not move it either
+    assert rt.store.state_of(row["provider_id"]) == ["sent"]
+
+
+def test_stop_from_a_number_not_in_the_registry_is_not_confirmed_as_an_opt_out(sent_run: Any) -> None:
+    _project, _run_id, rt = sent_run
+    client = TestClient(create_app(rt))
+    reply = signed_post(client, "/webhooks/twilio/inbound", {"From": "+8613000000000", "To": FROM, "Body": "STOP"})
+    assert reply.status_code == 200
+    assert "您已退订" not in reply.text and "未作任何登记" in reply.text
 
 
 @pytest.mark.slow

@@ -48,6 +48,6 @@ def create_gateway(settings: Settings) -> Gateway:
 
         if settings.http_config is None:
             raise ConfigError("DISPATCH_HTTP_CONFIG must name the HTTP adapter's config file")
-        config = load_config(settings.http_config, env=settings.extra)
+        config = load_config(settings.http_config, env=settings.gateway_secrets)
         return HttpGateway(config, timeout=settings.gateway_timeout)
     raise ConfigError(f"DISPATCH_GATEWAY: unknown gateway {name!r} (known: {', '.join(GATEWAYS)})")

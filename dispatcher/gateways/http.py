@@ -7,8 +7,8 @@ one file (YAML or JSON, ``DISPATCH_HTTP_CONFIG``) says::
     url: https://sms.example.cn/v2/send          # required
     method: POST                                 # default POST
     timeout: 10                                  # seconds; default DISPATCH_GATEWAY_TIMEOUT
-    headers:                                     # ${NAME} is read from the environment (secrets)
-      Authorization: "Bearer ${DISPATCH_CARRIER_TOKEN}"
+    headers:                                     # ${NAME}: a DISPATCH_HTTP_SECRET_* variable
+      Authorization: "Bearer ${DISPATCH_HTTP_SECRET_CARRIER_TOKEN}"
     body:
       format: json                               # json | form
       template:                                  # {to} {to_list} {to_csv} {body} {key} {run_id} {campaign_id}
@@ -30,9 +30,11 @@ one file (YAML or JSON, ``DISPATCH_HTTP_CONFIG``) says::
 
 A bad file is an ``InputError`` naming ``file:line:column: field``: the command
 exits 2 before anything is written or sent. Secrets are substituted when the file
-is loaded and redacted from every trace. HTTP 429 and refused connections are
-retried, 5xx, read timeouts and a 2xx reply that is not JSON are ambiguous (the
-row goes to ``unknown``).
+is loaded and redacted from every trace. Only variables named ``DISPATCH_HTTP_SECRET_*``
+can be substituted: a config file is data from outside the program and must not be
+able to send its own settings (the session secret, the database URL) to a provider.
+HTTP 429 and refused connections are retried, 5xx, read timeouts and a 2xx reply
+that is not JSON are ambiguous (the row goes to ``unknown``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import safeyaml
 from ..charcheck import first_bad_text
 from ..errors import AmbiguousSendError, InputError, PermanentSendError, RetryableSendError, SendError
+from ..settings import GATEWAY_SECRET_PREFIX
 from .base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
 from .httptrace import Redactor, TracedHttp, collecting
 
@@ -147,8 +150,11 @@ def _substitute_env(
 
         def repl(match: re.Match[str]) -> str:
             name = match.group(1)
+            if not name.startswith(GATEWAY_SECRET_PREFIX):
+                missing.append((loc, f"${{{name}}}: only {GATEWAY_SECRET_PREFIX}* variables can be substituted"))
+                return ""
             if name not in env or env[name] == "":
-                missing.append((loc, name))
+                missing.append((loc, f"environment variable {name} is not set"))
                 return ""
             found.append(env[name])
             return env[name]
@@ -206,10 +212,10 @@ def load_config(path: Path, *, env: Mapping[str, str], section: str | None = Non
     missing: list[tuple[tuple[Any, ...], str]] = []
     resolved = _substitute_env(data, env, (), secrets, missing)
     if missing:
-        loc, name = missing[0]
+        loc, problem = missing[0]
         line, column = _position(marks, loc)
         raise HttpConfigError(
-            f"environment variable {name} is not set",
+            problem,
             path=where,
             line=line,
             column=column,

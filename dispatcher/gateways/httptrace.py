@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, quote, unquote
 
 import httpx
 
-from ..phones import mask_text
+from ..redact import scrub
 
 REDACTED = "[redacted]"
 #: header and field names whose value is always a credential
@@ -46,7 +46,7 @@ _current: ContextVar[list[dict[str, Any]] | None] = ContextVar("dispatch_http_tr
 
 
 class Redactor:
-    """Replaces known secret values and masks phone numbers anywhere in a value."""
+    """Replaces known secret values, credentials recognisable by shape and phone numbers anywhere in a value."""
 
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         values: set[str] = set()
@@ -63,7 +63,7 @@ class Redactor:
         for secret in self.secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
-        return mask_text(value)
+        return scrub(value)
 
     def value(self, value: Any, key: str = "") -> Any:
         if key and any(word in key.lower() for word in _SECRET_NAMES):

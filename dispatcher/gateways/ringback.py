@@ -281,8 +281,8 @@ def create_ringback(
 
         if settings.ringback_config is None:
             raise ConfigError("DISPATCH_RINGBACK_CONFIG must name the carrier's ringback config file")
-        enrol = load_config(settings.ringback_config, env=settings.extra, section="enrol")
-        restore = load_config(settings.ringback_config, env=settings.extra, section="restore")
+        enrol = load_config(settings.ringback_config, env=settings.gateway_secrets, section="enrol")
+        restore = load_config(settings.ringback_config, env=settings.gateway_secrets, section="restore")
         return CarrierHttpRingback(
             HttpGateway(enrol, timeout=settings.gateway_timeout, transport=transport),
             HttpGateway(restore, timeout=settings.gateway_timeout, transport=transport),

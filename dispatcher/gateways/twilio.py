@@ -33,7 +33,7 @@ from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
 
 from ..errors import AmbiguousSendError, ConfigError, PermanentSendError, RetryableSendError, SendError
-from ..phones import mask_text
+from ..redact import scrub
 from .base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
 from .httptrace import Redactor, TracedHttp, collecting
 
@@ -138,9 +138,10 @@ def classify(exc: TwilioException) -> SendError:
         raw_code = getattr(exc, "code", None)
         code = int(raw_code) if raw_code else None
         label = f"twilio.{code}" if code else f"twilio.http{status}"
-        # Twilio's messages can quote the number ("The 'To' number +86... is not valid"): mask it
+        # Twilio's messages can quote the number ("The 'To' number +86... is not valid") or echo the
+        # request (account SID, Authorization header): scrub both before the text is kept anywhere
         text = getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", None)
-        message = mask_text(str(text or f"HTTP {status}"))
+        message = scrub(str(text or f"HTTP {status}"))
         kind = TWILIO_CODES.get(code) if code else None
         if kind == "retry" or (kind is None and status == 429):
             return RetryableSendError(message, code=label)
@@ -152,7 +153,7 @@ def classify(exc: TwilioException) -> SendError:
             return AmbiguousSendError(message, code=label)
         return PermanentSendError(message, code=label)
     # anything else the client raised: we cannot tell whether Twilio acted, so look it up before resending
-    return AmbiguousSendError(f"{type(exc).__name__}: {exc}", code="twilio.client")
+    return AmbiguousSendError(scrub(f"{type(exc).__name__}: {exc}"), code="twilio.client")
 
 
 def bad_response(message: str) -> SendError:
@@ -189,7 +190,9 @@ class TwilioGateway(BaseGateway):
         self.from_ = from_
         self.messaging_service_sid = messaging_service_sid
         self.status_callback = f"{public_url.rstrip('/')}/webhooks/twilio/status"
-        self.redactor = Redactor([auth_token, account_sid])
+        # the Basic blob is what an echoed request shows: neither the SID nor the token appears in it literally
+        basic = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode("ascii")
+        self.redactor = Redactor([auth_token, account_sid, basic])
         self.http_client = DispatchHttpClient(
             redactor=self.redactor,
             base_url=base_url,

@@ -28,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..redact import scrub_optional
 from . import schema as t
 
 GENESIS = "0" * 64
@@ -109,7 +110,8 @@ def append(conn: Connection, run_id: str, events: Sequence[Event], at: datetime)
             "to_state": event.to_state,
             "provider_id": event.provider_id,
             "error_code": event.error_code,
-            "reason": event.reason,
+            # the one place every event is written: free text is masked before it is hashed and kept
+            "reason": scrub_optional(event.reason),
             "actor": event.actor,
             "payload": _payload_text(event.payload),
         }

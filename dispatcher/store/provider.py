@@ -42,6 +42,10 @@ PROVIDER_STATES: dict[str, str] = {
 #: how far along a row is; a report may only move a row to a higher rank
 _RANK = {PENDING: 0, SENDING: 0, UNKNOWN: 0, SENT: 1, DELIVERED: 2, UNDELIVERED: 2, FAILED: 2}
 
+#: reporters whose word is limited to their own adapters' rows: a delivery report signed with
+#: DISPATCH_HTTP_REPORT_SECRET (actor ``http``) may move only rows the HTTP adapters sent
+REPORTER_GATEWAYS: dict[str, tuple[str, ...]] = {"http": ("http", "carrier-http")}
+
 
 @dataclass(frozen=True)
 class StateChange:
@@ -93,6 +97,9 @@ class ProviderEventsMixin:
         self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"
     ) -> list[StateChange]:
         """Move the rows holding ``provider_id`` forward to what ``status`` means; returns what changed.
+
+        An ``actor`` listed in ``REPORTER_GATEWAYS`` moves only rows sent through its adapters
+        (a report authenticated by one provider's secret says nothing about another's messages).
 
         A callback can overtake our own bookkeeping: Twilio may report ``sent`` for the first
         message of a batch before the batch has recorded its SIDs. A report for an id no row
@@ -154,11 +161,13 @@ class ProviderEventsMixin:
         target = PROVIDER_STATES[status.strip().lower()]
         d = t.deliveries
         lower = [s for s, rank in _RANK.items() if rank < _RANK[target]]
-        rows = conn.execute(
-            select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway).where(
-                d.c.provider_id == provider_id
-            )
-        ).all()
+        query = select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway).where(
+            d.c.provider_id == provider_id
+        )
+        gateways = REPORTER_GATEWAYS.get(actor)
+        if gateways is not None:
+            query = query.where(d.c.gateway.in_(gateways))
+        rows = conn.execute(query).all()
         changes: list[StateChange] = []
         for row in rows:
             if row.state not in lower:

@@ -22,14 +22,16 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
 #: Each column is declared on its table below as well, so a new database gets it directly.
+#: New tables (3: leader_fences; 4: sessions, login_throttle) need no entry: ``create_all`` adds them.
 MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
+    4: (("accounts", "disabled"),),
 }
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a log that grows
@@ -204,6 +206,33 @@ accounts = Table(
     Column("password_hash", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    #: a disabled account keeps its name (and its place in the ledger's actors) but cannot log in;
+    #: NULL (an account from before version 3) is enabled
+    Column("disabled", Boolean, default=False),
+)
+
+#: dashboard sessions, server-side so that logout, a password or role change and ``users disable|remove``
+#: end them at once. Only a sha256 of the cookie's random id is kept: a copy of the database holds no
+#: usable session.
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("account", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_sessions_account", "account"),
+)
+
+#: failed-login counters per account name (``name:...``) and per client address (``addr:...``), shared by
+#: every web process; an attempt is counted here, atomically, before its password is checked
+login_throttle = Table(
+    "login_throttle",
+    metadata,
+    Column("key", String(160), primary_key=True),
+    Column("window_start", DateTime(timezone=True), nullable=False),
+    Column("count", Integer, nullable=False),
 )
 
 workers = Table(

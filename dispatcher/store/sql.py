@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from ..errors import StoreError, UsageError
+from ..redact import scrub, scrub_optional
 from . import ledger
 from . import schema as t
 from .base import (
@@ -127,6 +129,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         except (SQLAlchemyError, ImportError) as exc:
             raise StoreError(f"cannot open the delivery log at {_safe_url(url)}: {exc}") from exc
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._secrets: dict[str, bytes] = {}
         self._writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
         self._short_writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE", sqlite_busy_ms=2000)
 
@@ -220,6 +223,24 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         with self._read() as conn:
             row = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "schema_version")).first()
         return int(row[0]) if row else 0
+
+    def server_secret(self, name: str) -> bytes:
+        """A random 32-byte secret kept in ``dispatch_meta`` under ``secret:<name>``, made on first use.
+
+        Every process that opens this delivery log shares it (phone digests, session signing
+        when DISPATCH_SESSION_SECRET is not set); whoever can read the database can read the
+        numbers themselves, so keeping it there adds no exposure. Cached per process.
+        """
+        cache = self._secrets
+        if name in cache:
+            return cache[name]
+        key = f"secret:{name}"
+        m = t.meta
+        with self._write() as conn:
+            conn.execute(self._insert()(m).values(key=key, value=secrets.token_hex(32)).on_conflict_do_nothing())
+            value = conn.execute(select(m.c.value).where(m.c.key == key)).scalar_one()
+        cache[name] = bytes.fromhex(value)
+        return cache[name]
 
     def _insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
@@ -484,7 +505,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 owner=spec.owner,
                 channel=spec.channel,
                 priority=spec.priority,
-                reason=spec.reason,
+                reason=scrub_optional(spec.reason),  # an urgent run's reason is free text
                 fire_time=spec.fire_time,
                 as_of=as_utc(spec.as_of),  # SQLite keeps no offset: store UTC like every timestamp
                 status="creating",
@@ -696,8 +717,8 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 "gateway": o.gateway,
                 "provider_id": o.provider_id,
                 "error_code": o.error_code,
-                "error_message": o.error_message,
-                "reason": o.reason,
+                "error_message": scrub_optional(o.error_message),
+                "reason": scrub_optional(o.reason),
                 "parts": o.parts,
                 "encoding": o.encoding,
                 "body": o.body,
@@ -917,7 +938,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         query = select(d.c.id).where(d.c.run_id == run_id, d.c.state == UNKNOWN).order_by(d.c.id)
         if keys is not None:
             query = query.where(d.c.key.in_(list(keys)))
-        values: dict[str, Any] = {"reason": reason[:64]}
+        # free text from the command line: masked and redacted where it is written, like every other
+        reason = scrub(reason)[:64]
+        values: dict[str, Any] = {"reason": reason}
         if to_state == PENDING:
             values["next_attempt_at"] = None
         elif to_state == FAILED:
@@ -928,9 +951,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         with self._write() as conn:
             ids = [i for (i,) in conn.execute(query)]
             for chunk in iter_chunks(ids, 5000):
-                moved += self._transition(
-                    conn, chunk, UNKNOWN, to_state, actor=actor, reason=reason[:64], values=values
-                )
+                moved += self._transition(conn, chunk, UNKNOWN, to_state, actor=actor, reason=reason, values=values)
         return moved
 
     def cancel_open(self, run_id: str, actor: str = "operator") -> int:
@@ -1150,8 +1171,9 @@ def _attempt_row(o: Outcome, now: datetime) -> dict[str, Any]:
         "outcome": o.outcome,
         "provider_id": o.provider_id,
         "error_code": o.error_code,
-        "error_message": o.error_message,
-        "trace": json.dumps(o.trace, ensure_ascii=False) if o.trace else None,
+        "error_message": scrub_optional(o.error_message),
+        # adapters redact their own traces; this pass catches what they could not know about
+        "trace": scrub(json.dumps(o.trace, ensure_ascii=False)) if o.trace else None,
         "at": now,
     }
 

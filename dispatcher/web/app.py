@@ -1,7 +1,8 @@
 """The ASGI application (Starlette) served by ``dispatch web``.
 
 Each concern lives in its own module exposing ``routes(runtime) -> list[Route]``;
-this module only assembles them around one ``Runtime``.
+this module only assembles them around one ``Runtime``, behind the request guard
+(guard.py: body limit, malformed headers) that every route shares.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
@@ -27,6 +29,9 @@ def create_app(runtime: Runtime) -> Starlette:
 
     for module in ROUTE_MODULES:
         routes.extend(module.routes(runtime))
-    app = Starlette(routes=routes)
+    from .guard import RequestGuard
+
+    # inside Starlette's error middleware, so a body cut off mid-read is a 413, never a 500
+    app = Starlette(routes=routes, middleware=[Middleware(RequestGuard, max_body=runtime.settings.web_max_body)])
     app.state.runtime = runtime
     return app

@@ -2,30 +2,31 @@
 """The auditors' read-only dashboard: runs and progress, coverage heat map, delivery rates, ledger search.
 
 Every page needs a login (accounts.py: roles ``auditor`` and ``operator``, scrypt
-hashes, no default account). The session is a cookie carrying the account name,
-role and expiry, signed with HMAC-SHA256 under ``DISPATCH_SESSION_SECRET``; the
-account is looked up again on every request, so a removed account or changed role
-takes effect at once. An anonymous browser is sent to the login page (303), any
-other anonymous client gets 401 and no data.
+hashes, no default account). The session cookie carries a random session id
+signed with HMAC-SHA256 under ``DISPATCH_SESSION_SECRET``; the session row and its
+account are looked up on every request. An anonymous browser is sent to the login
+page (303), any other anonymous client gets 401 and no data.
 
 Numbers are masked for everyone; only an operator may tick "unmask" in the ledger
-search, and each such view is appended to the audit chain like a CLI export.
+search or search by phone number, and each such view or search is appended to the
+audit chain like a CLI export. Sessions are server-side (accounts.py) and end at
+once on logout, a password or role change, or ``users disable|remove``; every POST
+carries a CSRF token (a cookie matched by a hidden field) and must come from our
+own origin.
 Plain HTML and inline SVG: the dashboard works with no internet (no CDN, no JS).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import json
+import re
 import secrets
-import time
 from collections import defaultdict
 from datetime import datetime
 from html import escape
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
@@ -40,8 +41,13 @@ from ..store.base import OPEN_STATES
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
+    from ..store.sql import SqlStore
 
 COOKIE = "dispatch_session"
+CSRF_COOKIE = "dispatch_csrf"
+#: where a page's forms get this browser's CSRF token (filled in by ``page``)
+_CSRF_SLOT = "\x00csrf\x00"
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
 _HEADERS = {
     # pages carry personal data: never cached, never framed, nothing loaded from elsewhere
     "Cache-Control": "no-store",
@@ -53,65 +59,66 @@ _HEADERS = {
 
 
 class Sessions:
-    """Signed, expiring session cookies (no server-side state to lose or share between processes)."""
+    """Server-side sessions (accounts.py) behind a signed cookie ``<random id>.<HMAC-SHA256 of it>``.
 
-    def __init__(self, secret: str, max_age: int) -> None:
-        # without a configured secret each process invents one: logins then end when it restarts
-        self.key = secret.encode() if secret else secrets.token_bytes(32)
-        self.max_age = max_age
-
-    def _sign(self, body: bytes) -> str:
-        return hmac.new(self.key, body, hashlib.sha256).hexdigest()
-
-    def issue(self, account: accounts.Account) -> str:
-        body = base64.urlsafe_b64encode(
-            json.dumps({"u": account.name, "r": account.role, "exp": int(time.time()) + self.max_age}).encode()
-        )
-        return f"{body.decode()}.{self._sign(body)}"
-
-    def read(self, value: str | None) -> str | None:
-        """The account name in a valid, unexpired cookie; None otherwise."""
-        if not value or "." not in value:
-            return None
-        body, sig = value.rsplit(".", 1)
-        if not hmac.compare_digest(sig, self._sign(body.encode())):
-            return None
-        try:
-            data = json.loads(base64.urlsafe_b64decode(body.encode()))
-        except ValueError:
-            return None
-        if not isinstance(data, dict) or int(data.get("exp", 0)) < time.time():
-            return None
-        return str(data.get("u"))
-
-
-class LoginThrottle:
-    """Per account name: after ``limit`` failed logins within ``window`` seconds, refuse logins until they age out.
-
-    In-process (each web process counts its own), which is enough to turn password guessing at
-    scrypt speed into a handful of guesses per name per window.
+    The signature turns a guessed or mangled cookie away before the database is asked;
+    the row decides whether the session is still alive, so ending it takes effect at once.
     """
 
-    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
-        self.limit = limit
-        self.window = window
-        self._failures: dict[str, list[float]] = defaultdict(list)
+    def __init__(self, store: SqlStore, secret: str, max_age: int) -> None:
+        # DISPATCH_SESSION_SECRET (checked for length by settings), else one kept in the delivery log
+        self.store = store
+        self.key = secret.encode() if secret else store.server_secret("session_key")
+        self.max_age = max_age
 
-    def _recent(self, name: str) -> list[float]:
-        cutoff = time.monotonic() - self.window
-        recent = [at for at in self._failures.get(name, []) if at >= cutoff]
-        if recent:
-            self._failures[name] = recent
-        else:
-            self._failures.pop(name, None)
-        return recent
+    def _sign(self, session_id: str) -> str:
+        return hmac.new(self.key, session_id.encode("ascii"), hashlib.sha256).hexdigest()
 
-    def blocked(self, name: str) -> bool:
-        return len(self._recent(name)) >= self.limit
+    def issue(self, account: accounts.Account) -> str:
+        session_id = accounts.start_session(self.store, account, self.max_age)
+        return f"{session_id}.{self._sign(session_id)}"
 
-    def failed(self, name: str) -> None:
-        self._recent(name)
-        self._failures[name].append(time.monotonic())
+    def _id(self, value: str | None) -> str | None:
+        """The session id of a well-formed, correctly signed cookie; None for anything else."""
+        if not value or "." not in value or not value.isascii():
+            return None
+        session_id, sig = value.rsplit(".", 1)
+        if not hmac.compare_digest(sig.encode("ascii"), self._sign(session_id).encode("ascii")):
+            return None
+        return session_id
+
+    def read(self, value: str | None) -> accounts.Account | None:
+        """The account of a live session; None when the cookie is forged, expired or its session ended."""
+        session_id = self._id(value)
+        return accounts.session_account(self.store, session_id) if session_id else None
+
+    def end(self, value: str | None) -> None:
+        session_id = self._id(value)
+        if session_id:
+            accounts.end_session(self.store, session_id)
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme and parts.netloc else ""
+
+
+def same_origin(request: Request, public_url: str) -> bool:
+    """A POST from our own pages: its Origin (or, without one, its Referer) is this site.
+
+    Browsers send Origin on every cross-site POST; a request with neither header is not a
+    browser acting for someone else, and still needs the CSRF token.
+    """
+    allowed = {_origin_of(str(request.base_url))}
+    if public_url:
+        allowed.add(_origin_of(public_url))
+    origin = request.headers.get("origin")
+    if origin is not None:
+        return origin.lower() in allowed
+    referer = request.headers.get("referer")
+    if referer is not None:
+        return _origin_of(referer) in allowed
+    return True
 
 
 # ------------------------------------------------------------------ HTML
@@ -129,14 +136,15 @@ form.search label{margin-right:.6rem}input,select{font-size:.85rem}
 """
 
 
-def _page(title: str, body: str, account: accounts.Account | None) -> HTMLResponse:
+def _page(title: str, body: str, account: accounts.Account | None, csrf: str = "") -> HTMLResponse:
     nav = ""
     if account is not None:
         nav = (
             '<a href="/dashboard">Runs</a><a href="/dashboard/coverage">Coverage</a>'
             '<a href="/dashboard/rates">Delivery rates</a><a href="/dashboard/ledger">Ledger</a>'
             f'<span class="muted">{escape(account.name)} ({escape(account.role)})</span>'
-            '<form method="post" action="/logout"><button>Log out</button></form>'
+            f'<form method="post" action="/logout"><input type="hidden" name="csrf" value="{escape(csrf)}">'
+            "<button>Log out</button></form>"
         )
     html = (
         f'<!doctype html><html lang="zh-CN"><head><meta charset="utf-8"><title>{escape(title)}</title>'
@@ -156,14 +164,13 @@ def _heat(percent: float) -> str:
 
 
 def routes(runtime: Runtime) -> list[Route]:
-    sessions = Sessions(runtime.settings.session_secret, runtime.settings.session_max_age)
-    throttle = LoginThrottle()
-    secure = runtime.settings.public_url.startswith("https://")
     store = runtime.store
+    sessions = Sessions(store, runtime.settings.session_secret, runtime.settings.session_max_age)
+    secure = runtime.settings.secure_cookies
+    public_url = runtime.settings.public_url
 
     def current(request: Request) -> accounts.Account | None:
-        name = sessions.read(request.cookies.get(COOKIE))
-        return accounts.get(store, name) if name else None
+        return sessions.read(request.cookies.get(COOKIE))
 
     async def who(request: Request) -> accounts.Account | Response:
         account = await run_in_threadpool(current, request)
@@ -174,40 +181,73 @@ def routes(runtime: Runtime) -> list[Route]:
             return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
         return JSONResponse({"error": "login required"}, status_code=401, headers={"WWW-Authenticate": "Cookie"})
 
+    def csrf_token(request: Request) -> str:
+        token = request.cookies.get(CSRF_COOKIE, "")
+        return token if _TOKEN_RE.match(token) else ""
+
+    def page(
+        request: Request, title: str, body: str, account: accounts.Account | None, status: int = 200
+    ) -> HTMLResponse:
+        """A page whose forms carry the CSRF token of this browser (set as a cookie the first time)."""
+        token = csrf_token(request)
+        fresh = not token
+        if fresh:
+            token = secrets.token_urlsafe(32)
+        response = _page(title, body.replace(_CSRF_SLOT, escape(token)), account, token)
+        response.status_code = status
+        if fresh:
+            response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict", secure=secure)
+        return response
+
+    def forged(request: Request, form: dict[str, str]) -> bool:
+        """A POST that did not come from a form we served to this browser."""
+        token = csrf_token(request)
+        given = form.get("csrf", "")
+        if not token or not given.isascii() or not hmac.compare_digest(given.encode(), token.encode()):
+            return True
+        return not same_origin(request, public_url)
+
+    async def read_form(request: Request) -> dict[str, str]:
+        return dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
+
     # ---------------------------------------------------------- login
 
-    def login_form(message: str = "", next_url: str = "/dashboard", status: int = 200) -> HTMLResponse:
+    def login_form(
+        request: Request, message: str = "", next_url: str = "/dashboard", status: int = 200
+    ) -> HTMLResponse:
         body = (
             (f'<p class="err" role="alert">{escape(message)}</p>' if message else "")
             + '<form method="post" action="/login">'
             f'<input type="hidden" name="next" value="{escape(next_url)}">'
+            f'<input type="hidden" name="csrf" value="{_CSRF_SLOT}">'
             '<p><label>Account <input name="name" autocomplete="username" required></label></p>'
             '<p><label>Password <input name="password" type="password" autocomplete="current-password" required>'
             '</label></p><p><button type="submit">Log in</button></p></form>'
         )
-        response = _page("Log in", body, None)
-        response.status_code = status
-        return response
+        return page(request, "Log in", body, None, status)
 
     async def login_page(request: Request) -> Response:
-        return login_form(next_url=_safe_next(request.query_params.get("next")))
+        return login_form(request, next_url=_safe_next(request.query_params.get("next")))
 
     async def login(request: Request) -> Response:
-        form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
+        form = await read_form(request)
         next_url = _safe_next(form.get("next"))
+        if forged(request, form):
+            return login_form(request, "The form expired or came from another site; log in again.", next_url, 403)
         name = form.get("name", "").strip()
-        if throttle.blocked(name):
+        address = request.client.host if request.client else "unknown"
+        try:
+            account = await run_in_threadpool(accounts.login, store, name, form.get("password", ""), address)
+        except accounts.Locked:
             return login_form(
-                "Too many failed logins for this account; try again in a few minutes.", next_url, status=429
+                request, "Too many failed logins for this account; try again in a few minutes.", next_url, 429
             )
-        account = await run_in_threadpool(accounts.authenticate, store, name, form.get("password", ""))
         if account is None:
-            throttle.failed(name)
-            return login_form("Wrong account name or password.", next_url, status=401)
+            return login_form(request, "Wrong account name or password.", next_url, 401)
         response = RedirectResponse(next_url, status_code=303)
         response.set_cookie(
             COOKIE,
-            sessions.issue(account),
+            await run_in_threadpool(sessions.issue, account),
             max_age=sessions.max_age,
             httponly=True,
             samesite="strict",
@@ -215,9 +255,13 @@ def routes(runtime: Runtime) -> list[Route]:
         )
         return response
 
-    async def logout(_request: Request) -> Response:
+    async def logout(request: Request) -> Response:
+        form = await read_form(request)
+        if forged(request, form):
+            return Response("cross-site request refused", status_code=403)
+        await run_in_threadpool(sessions.end, request.cookies.get(COOKIE))
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(COOKIE)
+        response.delete_cookie(COOKIE, httponly=True, samesite="strict", secure=secure)
         return response
 
     # ---------------------------------------------------------- pages
@@ -238,7 +282,7 @@ def routes(runtime: Runtime) -> list[Route]:
                 f'<td><div class="bar" title="{pct:.0f}%"><div style="width:{pct:.0f}%"></div></div></td></tr>'
             )
         body.append("</table>")
-        return _page("Runs and progress", "".join(body), account)
+        return page(request, "Runs and progress", "".join(body), account)
 
     async def coverage_page(request: Request) -> Response:
         account = await who(request)
@@ -248,7 +292,7 @@ def routes(runtime: Runtime) -> list[Route]:
         try:
             period = reports.parse_period(raw)
         except InputError as exc:
-            return _page("Coverage", f'<p class="err">{escape(str(exc))}</p>', account)
+            return page(request, "Coverage", f'<p class="err">{escape(str(exc))}</p>', account)
         report = await run_in_threadpool(reports.coverage, store, period)
         cells = {(c["district"], c["segment"]): c for c in report["cells"]}
         html = [
@@ -283,21 +327,30 @@ def routes(runtime: Runtime) -> list[Route]:
                 f' <span class="muted">of {d["eligible"]}</span></td>'
             )
         html.append("</tr></table>")
-        return _page(f"Coverage {report['period']}", "".join(html), account)
+        return page(request, f"Coverage {report['period']}", "".join(html), account)
 
     async def rates_page(request: Request) -> Response:
         account = await who(request)
         if isinstance(account, Response):
             return account
         days = await run_in_threadpool(_daily_rates, runtime)
-        return _page("Delivery rate by day", _rates_svg(days), account)
+        return page(request, "Delivery rate by day", _rates_svg(days), account)
 
     async def ledger_page(request: Request) -> Response:
         account = await who(request)
         if isinstance(account, Response):
             return account
         q = request.query_params
-        fields = ("campaign", "run", "district", "segment", "state", "error_code", "phone", "since", "until")
+        # searching by exact number tells whether that number was messaged: trying the candidates a
+        # masked number leaves recovers it, so only operators may, and each search is on record
+        fields: tuple[str, ...] = (
+            "campaign", "run", "district", "segment", "state", "error_code", "phone", "since", "until",
+        )  # fmt: skip
+        if not account.may_unmask:
+            fields = tuple(k for k in fields if k != "phone")
+            if q.get("phone"):
+                return page(request, "Ledger search", '<p class="err">Only operators may search by phone number.</p>',
+                            account, status=403)  # fmt: skip
         raw = {k: q.get(k) for k in fields}
         unmask = account.may_unmask and q.get("unmask") == "1"
         form = ['<form class="search" id="ledger-search">']
@@ -308,15 +361,16 @@ def routes(runtime: Runtime) -> list[Route]:
                         " unmask (recorded in the ledger)</label>")  # fmt: skip
         form.append("<button>Search</button></form>")
         if not any(raw.values()):
-            return _page("Ledger search", "".join(form) + '<p class="muted">Give at least one filter.</p>', account)
+            return page(
+                request, "Ledger search", "".join(form) + '<p class="muted">Give at least one filter.</p>', account
+            )
         try:
             f = audit.LogFilter.parse(**raw)
         except InputError as exc:
-            return _page("Ledger search", "".join(form) + f'<p class="err">{escape(str(exc))}</p>', account)
+            return page(request, "Ledger search", "".join(form) + f'<p class="err">{escape(str(exc))}</p>', account)
 
         def search() -> list[dict[str, Any]]:
-            if unmask:
-                audit.record_export(store, actor=f"web:{account.name}", f=f, fmt="html", via="dashboard")
+            audit.record_access(store, actor=f"web:{account.name}", f=f, unmask=unmask, fmt="html", via="dashboard")
             return list(audit.iter_log(store, f, unmask=unmask, limit=200))
 
         rows = await run_in_threadpool(search)
@@ -326,7 +380,7 @@ def routes(runtime: Runtime) -> list[Route]:
         for row in rows:
             table.append("<tr>" + "".join(f'<td class="l">{escape(str(row[c] or ""))}</td>' for c in cols) + "</tr>")
         table.append(f'</table><p class="muted">{len(rows)} events (at most 200; use `dispatch audit log` for all)</p>')
-        return _page("Ledger search", "".join(form) + "".join(table), account)
+        return page(request, "Ledger search", "".join(form) + "".join(table), account)
 
     return [
         Route("/login", login_page, methods=["GET"]),

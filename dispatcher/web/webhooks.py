@@ -8,7 +8,14 @@ delivery reports by an HMAC-SHA256 of the raw body. A request that fails the che
 gets 403 and changes nothing.
 
 Status only moves forward (``SqlStore.apply_status``): a ``sent`` that arrives
-after ``delivered`` is ignored, and a repeated callback is harmless.
+after ``delivered`` is ignored, and a repeated callback is harmless. A delivery
+report signed with the HTTP adapter's secret only moves rows that adapter sent:
+one provider's key must not rewrite another provider's results.
+
+A STOP from a number that is not in the registry records nothing (there is no
+resident to mark), so the reply says so instead of confirming an opt-out that did
+not happen; the operator who later imports the number sees no opt-out for it.
+Body size and malformed headers are handled for every route by guard.py.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ OPT_OUT_WORDS = frozenset({"stop", "t", "td", "退订", "stopall", "unsubscribe"
 OPT_IN_WORDS = frozenset({"start", "unstop"})
 OPT_OUT_REPLY = "【常州经开区反诈中心】您已退订，将不再收到反诈提醒短信。回复START可重新订阅。"
 OPT_IN_REPLY = "【常州经开区反诈中心】您已重新订阅反诈提醒短信。回T退订。"
-MAX_BODY = 1 << 20
+#: the truthful answer when the number is not in the registry: nothing was recorded either way
+NOT_REGISTERED_REPLY = "【常州经开区反诈中心】本号码不在反诈提醒名单中，未作任何登记。"
 REPORT_SIGNATURE_HEADER = "X-Dispatch-Signature"
 
 
@@ -59,9 +67,7 @@ async def form_fields(request: Request) -> dict[str, str]:
     Parsed here rather than with ``request.form()`` so the web process needs no
     multipart parser for the one encoding Twilio uses.
     """
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        return {}
+    body = await request.body()  # at most DISPATCH_WEB_MAX_BODY bytes: guard.py cuts it off while reading
     return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
 
@@ -120,13 +126,16 @@ def routes(runtime: Runtime) -> list[Route]:
             return twiml(None)
         known = await run_in_threadpool(runtime.store.set_opted_out, phone, action == "opt_out")
         log.info("webhook.inbound", action=action, phone=mask(phone), in_registry=known)
+        if not known:
+            return twiml(NOT_REGISTERED_REPLY)
         return twiml(OPT_OUT_REPLY if action == "opt_out" else OPT_IN_REPLY)
 
     async def http_report(request: Request) -> Response:
         body = await request.body()
         secret = settings.http_report_secret
         given = request.headers.get(REPORT_SIGNATURE_HEADER, "")
-        if not secret or len(body) > MAX_BODY or not hmac.compare_digest(given, report_signature(secret, body)):
+        expected = report_signature(secret, body).encode("ascii")
+        if not secret or not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
             log.warning("webhook.forged", endpoint="http.report")
             return Response("signature check failed", status_code=403)
         try:

@@ -1,0 +1,68 @@
+"""One masking pass for free text: phone numbers masked, credentials replaced by ``[redacted]``.
+
+Everything that can carry text someone else wrote — a provider's error message, an
+exception, an HTTP trace, an operator's reason, a log line — goes through ``scrub``
+before it is stored, logged or printed, so no call site has to know which of them
+might quote a number or echo a request's ``Authorization`` header back.
+
+Credentials are recognised by shape: Twilio account and API-key SIDs, the value of
+an ``Authorization`` header (``Basic``/``Bearer``/``Digest``/``Token`` and the
+base64 or token blob after it), and ``name=value`` / ``"name": "value"`` pairs whose
+name says secret (token, password, api_key, ...). Exact known secret values (a
+configured auth token) are replaced by the adapters' ``Redactor`` on top of this.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .phones import mask_text
+
+REDACTED = "[redacted]"
+
+#: Twilio account (AC) and API key (SK) SIDs: 2 letters + 32 hex digits. Message SIDs (SM/MM) are
+#: provider ids auditors need, and are left alone.
+_SID_RE = re.compile(r"\b(?:AC|SK)[0-9a-fA-F]{32}\b")
+#: an Authorization header's scheme and credentials, wherever the header is quoted
+_AUTH_SCHEME_RE = re.compile(r"\b(Basic|Bearer|Digest|Token)\s+[A-Za-z0-9+/=._~\-]{6,}", re.IGNORECASE)
+#: a header line: ``Authorization: Basic <blob>`` / ``X-Api-Key: <key>``: the scheme (if any) and one token
+_HEADER_RE = re.compile(
+    r"\b(authorization|proxy-authorization|x-api-key)(\s*:\s*)(?:(?:basic|bearer|digest|token)\s+)?[^\s\"',;]+",
+    re.IGNORECASE,
+)
+#: credentials quoted as name and value: a JSON member (``"token": "..."``) or a form/query pair
+#: (``api_key=...``). A bare ``password: ...`` is left alone: that is how our own messages name a
+#: field ("password: too short")
+_NAMES = (
+    r"authorization|proxy-authorization|x-api-key|api[_-]?key|apikey|auth[_-]?token|access[_-]?token"
+    r"|token|secret|password|passwd"
+)
+_SECRET_PAIR_RE = re.compile(
+    rf"""(?P<name>(?:["'](?:{_NAMES})["']\s*:|\b(?:{_NAMES})\s*=))"""
+    r"""(?P<sep>\s*)(?P<quote>["'])?(?P<value>(?(quote)[^"'\r\n]+|[^\s&,;"'}]+))""",
+    re.IGNORECASE,
+)
+
+
+def _pair(match: re.Match[str]) -> str:
+    quote = match.group("quote") or ""
+    return f"{match.group('name')}{match.group('sep')}{quote}{REDACTED}"
+
+
+def redact_credentials(text: str) -> str:
+    """Replace credentials recognisable by their shape with ``[redacted]``."""
+    text = _HEADER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    text = _AUTH_SCHEME_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = _SECRET_PAIR_RE.sub(_pair, text)
+    return _SID_RE.sub(REDACTED, text)
+
+
+def scrub(text: str) -> str:
+    """Mask phone numbers and redact credentials in free text (the one pass every written text gets)."""
+    if not text:
+        return text
+    return mask_text(redact_credentials(text))
+
+
+def scrub_optional(text: str | None) -> str | None:
+    return None if text is None else scrub(text)
