@@ -37,7 +37,8 @@ def test_two_resumes_racing_a_live_worker_send_no_one_twice(pg_redis_project: Pr
     # which is the window in which a second resume works from a stale orphan list
     history = b"".join(
         b'{"key": "20200101-000000-000000:+8613%09d", "run_id": "20200101-000000-000000", "to": "+8613%09d", '
-        b'"body": "\u5386\u53f2\u6d88\u606f", "parts": 1, "encoding": "UCS-2"}\n' % (i, i)
+        rb'"body": "\u5386\u53f2\u6d88\u606f", "parts": 1, "encoding": "UCS-2"}'
+        b"\n" % (i, i)
         for i in range(200_000)
     )
     project.outbox.write_bytes(history)
