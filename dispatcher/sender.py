@@ -122,6 +122,8 @@ def _outcome_for(
     if isinstance(result, SendResult):
         return Outcome(state=SENT, outcome="sent", provider_id=result.provider_id, trace=result.trace, **common)
     trace = getattr(result, "trace", None) or []
+    # the engineer on call needs the recipient of a refused send; the log's masking processor shows its last digits
+    log.warning("send.refused", to=row.phone, code=result.code, retryable=result.retryable, attempt=row.attempts)
     if isinstance(result, AmbiguousSendError):
         return Outcome(
             state=UNKNOWN,

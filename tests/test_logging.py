@@ -43,5 +43,9 @@ def test_a_run_logs_as_json_without_a_single_full_phone_number(project: Project)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert any(r.get("event") == "batch.done" and r.get("run_id") for r in records)
+    # the refused send is logged with its recipient, masked: with masking off this line carries the number
+    refused = [r for r in records if r.get("event") == "send.refused"]
+    assert refused and refused[0]["to"].endswith(failing[-4:]) and refused[0]["to"] != failing
     assert not E164.search(result.stderr)
     assert not any(n in result.stderr for n in numbers)
+    assert not any(n[-8:] in result.stderr for n in numbers), "no more than the last four digits of any number"
