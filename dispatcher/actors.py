@@ -21,6 +21,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger("dispatcher.actors")
 
 
+def declared(runtime: Runtime) -> dict[str, Any]:
+    """The actors of this process's broker by name, declared on first use."""
+    broker = runtime.broker
+    with runtime._lock:
+        if runtime._actors is None:
+            runtime._actors = declare(broker, runtime)
+        return runtime._actors
+
+
 def declare(broker: dramatiq.Broker, runtime: Runtime) -> dict[str, Any]:
     retry: dict[str, Any] = {}
 

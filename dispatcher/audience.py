@@ -15,15 +15,17 @@ from __future__ import annotations
 import csv
 import io
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import domain
 from .charcheck import bad_character
+from .errors import InputError, UsageError
 from .phones import InvalidPhone, normalise
 from .store.base import Resident
+from .store.sql import iter_chunks
 
 COLUMNS = ("phone", "name", "district", "grid", "segments", "language", "opted_out")
 _TRUE = {"true", "1", "yes", "y", "是", "t"}
@@ -196,6 +198,48 @@ _GIVEN = "伟芳娜秀英敏静丽强磊军洋勇艳杰娟涛明超秀兰霞平�
 _PREFIXES = ("130", "131", "132", "133", "135", "136", "137", "138", "139", "150", "151", "152", "153",
              "155", "156", "157", "158", "159", "176", "177", "180", "181", "182", "183", "186", "187",
              "188", "189", "198", "199")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    written: int
+    #: rows whose phone number an earlier row of the file already had (the first one is kept)
+    duplicates: int
+    bad: int
+
+
+def import_csv(
+    path: Path, write: Callable[[list[Resident]], int], *, chunk: int, on_error: Callable[[RowError], None]
+) -> ImportResult:
+    """Read a registry CSV and hand its good rows to ``write`` in chunks, deduplicated by phone.
+
+    Bad rows are passed to ``on_error`` (as ``file:line``) and counted; the good ones are kept.
+    """
+    if not path.is_file():
+        raise UsageError("file not found", path=str(path))
+    seen: set[str] = set()
+    bad = dup = written = 0
+
+    def good_rows(stream: TextIO) -> Iterator[Resident]:
+        nonlocal bad, dup
+        for item in read_csv(path, stream):
+            if isinstance(item, RowError):
+                bad += 1
+                on_error(item)
+                continue
+            if item.phone in seen:
+                dup += 1
+                continue
+            seen.add(item.phone)
+            yield item
+
+    try:
+        with path.open(encoding="utf-8-sig", newline="", errors="surrogateescape") as stream:  # bad bytes: a row error
+            for rows in iter_chunks(good_rows(stream), chunk):
+                written += write(rows)
+    except UnicodeDecodeError as exc:
+        raise InputError("not UTF-8 text", path=str(path)) from exc
+    return ImportResult(written=written, duplicates=dup, bad=bad)
 
 
 def _segments_for(rng: random.Random) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -24,6 +25,9 @@ from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import domain, safeyaml
@@ -357,6 +361,148 @@ class Campaign(_Model):
         return domain.department(self.owner)
 
 
+# ------------------------------------------------------------------ run snapshots
+
+#: how many parsed run snapshots a process keeps (a worker sees few runs at a time)
+SNAPSHOT_CACHE_SIZE = 256
+_snapshots: dict[tuple[str, str], Campaign] = {}
+_snapshots_lock = threading.Lock()
+
+
+def campaign_snapshot(run_id: str, sha256: str, text: str) -> Campaign:
+    """The campaign a run was created with, parsed from the YAML text stored on the run.
+
+    A run's snapshot never changes after it is created, so it is parsed once per process and
+    kept under (run id, sha256): the worker's batches, the ringback sweeps, the TwiML answers
+    and the CLI all read the same object. Callers must not modify it.
+    """
+    key = (run_id, sha256)
+    with _snapshots_lock:
+        cached = _snapshots.get(key)
+    if cached is not None:
+        return cached
+    campaign = Campaign.model_validate(yaml.safe_load(text))
+    with _snapshots_lock:
+        if len(_snapshots) >= SNAPSHOT_CACHE_SIZE:
+            _snapshots.clear()
+        _snapshots[key] = campaign
+    return campaign
+
+
+# ------------------------------------------------------------------ fire times
+# When a schedule fires is part of what a campaign means (validation checks every quarter it fires in
+# has a theme), so the trigger arithmetic lives with the schedule model; the scheduler only drives it.
+
+#: interval schedules without a ``start`` are anchored here, so every process computes the same fire times
+INTERVAL_ANCHOR = datetime(2000, 1, 1, tzinfo=UTC)
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _crontab_days(field: str) -> str:
+    """Standard cron weekdays (0 or 7 = Sunday) as names, since APScheduler 3.x reads 0 as Monday."""
+    if not any(ch.isdigit() for ch in field):
+        return field
+    days: list[str] = []
+    for token in field.split(","):
+        step = 1
+        if "/" in token:
+            token, step_text = token.split("/", 1)
+            step = int(step_text)
+        if token == "*":
+            low, high = 0, 6
+        elif "-" in token:
+            low_text, high_text = token.split("-", 1)
+            low, high = int(low_text), int(high_text)
+        else:
+            low = high = int(token)
+        days.extend(_CRON_DAYS[d] for d in range(low, high + 1, step))
+    return ",".join(dict.fromkeys(days))
+
+
+def _local(value: datetime | None, zone: ZoneInfo) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=zone) if value.tzinfo is None else value
+
+
+def make_trigger(schedule: Schedule) -> BaseTrigger:
+    """The APScheduler trigger of a validated schedule, in the schedule's time zone."""
+    zone = ZoneInfo(schedule.timezone)
+    start, end = _local(schedule.start, zone), _local(schedule.end, zone)
+    if schedule.cron is not None:
+        minute, hour, day, month, weekday = schedule.cron.split()
+        return CronTrigger(
+            minute=minute, hour=hour, day=day, month=month, day_of_week=_crontab_days(weekday),
+            timezone=zone, start_date=start, end_date=end,
+        )  # fmt: skip
+    if schedule.quarterly is not None or schedule.yearly is not None:
+        q = schedule.quarterly or schedule.yearly
+        assert q is not None
+        at_hour, at_minute = (int(x) for x in q.at.split(":"))
+        months = ",".join(str(q.month + 3 * i) for i in range(4)) if schedule.quarterly else str(q.month)
+        return CronTrigger(
+            month=months, day=q.day, hour=at_hour, minute=at_minute, second=0,
+            timezone=zone, start_date=start, end_date=end,
+        )  # fmt: skip
+    assert schedule.interval is not None
+    return IntervalTrigger(
+        seconds=int(parse_duration(schedule.interval).total_seconds()),
+        start_date=start or INTERVAL_ANCHOR.astimezone(zone),
+        end_date=end,
+        timezone=zone,
+    )
+
+
+def next_after(trigger: BaseTrigger, when: datetime) -> datetime | None:
+    """The first fire time strictly after ``when`` (None once the schedule has ended)."""
+    value = trigger.get_next_fire_time(None, when + timedelta(microseconds=1))
+    return value.astimezone(UTC) if value is not None else None
+
+
+#: how far an open-ended schedule is followed to learn its quarters: the Gregorian calendar's weekdays
+#: repeat every 28 years (1901-2099), so any cron pattern has shown every quarter it fires in by then
+QUARTER_HORIZON_YEARS = 28
+
+
+def first_fire_per_quarter(schedule: Schedule, since: datetime, until: datetime | None) -> dict[str, datetime]:
+    """The first fire time (local) in each quarter the schedule fires in between ``since`` and ``until``.
+
+    Jumps to the next quarter after each fire found, so even a 5-second interval costs a few
+    trigger look-ups; an open end is followed for ``QUARTER_HORIZON_YEARS``.
+    """
+    trigger = make_trigger(schedule)
+    zone = ZoneInfo(schedule.timezone)
+    horizon = until or since + timedelta(days=366 * QUARTER_HORIZON_YEARS)
+    found: dict[str, datetime] = {}
+    cursor = since - timedelta(microseconds=1)
+    for _ in range(4 * QUARTER_HORIZON_YEARS + 4):
+        nxt = next_after(trigger, cursor)
+        if nxt is None or nxt > horizon:
+            break
+        local = nxt.astimezone(zone)
+        found.setdefault(quarter_of(local), local)
+        if len(found) == 4:
+            break
+        month = (local.month - 1) // 3 * 3 + 4  # first month of the next quarter (13 = next January)
+        cursor = datetime(local.year + (month > 12), (month - 1) % 12 + 1, 1, tzinfo=zone) - timedelta(microseconds=1)
+    return found
+
+
+def fire_times(
+    schedule: Schedule, since: datetime, until: datetime | None = None, limit: int = 10
+) -> Iterator[datetime]:
+    """Fire times after ``since`` (and before ``until``), in the schedule's time zone."""
+    trigger = make_trigger(schedule)
+    zone = ZoneInfo(schedule.timezone)
+    current = since - timedelta(microseconds=1)
+    for _ in range(limit):
+        nxt = next_after(trigger, current)
+        if nxt is None or (until is not None and nxt >= until):
+            return
+        yield nxt.astimezone(zone)
+        current = nxt
+
+
 # --------------------------------------------------------------------------- YAML with positions
 
 
@@ -540,8 +686,6 @@ class LoadedCampaign:
         c = self.campaign
         if c.themes is None or c.schedule is None or quarter_of(now.astimezone(c.zone())) in c.themes:
             return self.template_for(now)
-        from .scheduler import fire_times
-
         upcoming = next(fire_times(c.schedule, now, limit=1), None)
         return self.template_for(upcoming) if upcoming is not None else c.template_names()[0]
 
@@ -653,8 +797,6 @@ def _world_errors(located: Located, campaign: Campaign, templates_dir: Path) -> 
 
 def _schedule_errors(located: Located, campaign: Campaign, now: datetime) -> Iterator[InputError]:
     """A schedule that ends before it starts or never fires; themes missing a quarter it fires in."""
-    from .scheduler import first_fire_per_quarter
-
     schedule = campaign.schedule
     fires: dict[str, datetime] | None = None
     if schedule is not None:
@@ -812,3 +954,23 @@ def check_paths(
             ids[campaign.campaign.id] = path
             loaded.append(campaign)
     return loaded, errors
+
+
+def upcoming_fires(
+    loaded: Iterable[LoadedCampaign], start: datetime, end: datetime | None, count: int
+) -> list[dict[str, Any]]:
+    """Every scheduled campaign's next ``count`` fire times from ``start``, with the template of each fire."""
+    items: list[dict[str, Any]] = []
+    for lc in loaded:
+        schedule = lc.campaign.schedule
+        if schedule is None:
+            continue
+        fires = [
+            {"fire_time": ft.isoformat(), "template": lc.campaign.template_for(ft)}
+            for ft in fire_times(schedule, start, end, count)
+        ]
+        items.append({
+            "campaign_id": lc.campaign.id, "path": str(lc.path), "kind": schedule.kind, "timezone": schedule.timezone,
+            "misfire_grace": schedule.misfire_grace, "priority": lc.campaign.priority, "fires": fires,
+        })  # fmt: skip
+    return items

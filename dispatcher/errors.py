@@ -12,7 +12,6 @@ alone::
     ├── InputError                 bad operator input; exit 2; carries path/line/column/field
     │   ├── CampaignError          campaign YAML: syntax, schema, unknown district/segment/owner
     │   ├── TemplateError          missing template, syntax error, undefined variable, too long
-    │   ├── AudienceError          bad CSV row, malformed phone number
     │   └── UsageError             unknown run id, impossible option combination
     ├── ConfigError                bad environment / settings (exit 2 as well: the operator fixes it)
     ├── StoreError                 the delivery log could not be read or written
@@ -75,10 +74,6 @@ class CampaignError(InputError):
 
 class TemplateError(InputError):
     """A message template that is missing, broken, needs absent variables or can never fit."""
-
-
-class AudienceError(InputError):
-    """A resident record (CSV row) that cannot be imported."""
 
 
 class UsageError(InputError):

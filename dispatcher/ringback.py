@@ -18,17 +18,15 @@ Rules:
 
 from __future__ import annotations
 
-import secrets
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .errors import SendError, UsageError
+from .batch import RUNS, BatchResult, outcome_for, seconds_until
+from .errors import SendError
 from .gateways.base import OutgoingMessage, SendResult
 from .gateways.ringback import RingbackRequest, RingbackResult
-from .sender import RUNS, BatchResult, _outcome_for, _seconds_until, context_from_run
-from .store.base import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome, RunSpec
+from .store.base import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -48,7 +46,8 @@ def announcement_text(context: Any) -> str:
     return composer.signature.strip("【】") + "提醒您：" + composer.body(_NOBODY)
 
 
-def _restore_reason(enrol_run_id: str) -> str:
+def restore_reason(enrol_run_id: str) -> str:
+    """The reason recorded on the restore run of an enrol run: how the restore run is found again."""
     return f"restore of {enrol_run_id}"
 
 
@@ -73,7 +72,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
             return BatchResult(0, {"deferred": 1}, delay)
         rows = store.claim(run_id, batch_no, runtime.worker_id)
         if not rows:
-            return BatchResult(0, {}, _seconds_until(runtime, store.next_retry_at(run_id, batch_no)))
+            return BatchResult(0, {}, seconds_until(runtime, store.next_retry_at(run_id, batch_no)))
         adapter = runtime.ringback
         enrol_run_id = (run["reason"] or "").removeprefix("restore of ") if restoring else run_id
         text = announcement_text(context)
@@ -128,7 +127,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
                 priority=context.priority,
             )
             outcomes.append(
-                _outcome_for(row, message, result, adapter.name, runtime.clock(), runtime.settings.max_attempts)
+                outcome_for(row, message, result, adapter.name, runtime.clock(), runtime.settings.max_attempts)
             )
         store.record(outcomes)
         counts: dict[str, int] = {}
@@ -137,73 +136,4 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
         log.info("ringback.batch_done", action="restore" if restoring else "enrol", claimed=len(rows), **counts)
         retry_at = store.next_retry_at(run_id, batch_no) if counts.get("retry") else None
         store.finish_if_done(run_id)
-        return BatchResult(len(rows), counts, _seconds_until(runtime, retry_at))
-
-
-def find_restore_run(runtime: Runtime, enrol_run_id: str) -> dict[str, Any] | None:
-    enrol = runtime.store.get_run(enrol_run_id)
-    for run in runtime.store.list_runs(limit=500, campaign_id=enrol["campaign_id"]):
-        if run["channel"] == RESTORE_CHANNEL and run["reason"] == _restore_reason(enrol_run_id):
-            return run
-    return None
-
-
-def start_restore(runtime: Runtime, enrol_run_id: str, *, actor: str = "operator") -> dict[str, Any]:
-    """Create (once) and enqueue the restore run of an enrol run; returns its summary.
-
-    Idempotent: a second call finds the restore run and re-enqueues whatever it still has pending.
-    """
-    from .runs import enqueue_batches
-
-    store = runtime.store
-    enrol = store.get_run(enrol_run_id)
-    if enrol["channel"] != ENROL_CHANNEL:
-        raise UsageError(f"run {enrol_run_id} is not a ringback enrolment (channel {enrol['channel']})", field="run")
-    existing = find_restore_run(runtime, enrol_run_id)
-    if existing is not None:
-        batches = store.pending_batches(existing["id"])
-        enqueue_batches(runtime, existing["id"], batches)
-        return {
-            "run_id": existing["id"],
-            "total": existing["total"],
-            "batches": len(batches),
-            "created": False,
-        }
-    now = runtime.clock()
-    spec = RunSpec(
-        run_id=f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}",
-        campaign_id=enrol["campaign_id"],
-        title=enrol["title"],
-        owner=enrol["owner"],
-        channel=RESTORE_CHANNEL,
-        priority=enrol["priority"],
-        reason=_restore_reason(enrol_run_id),
-        gateway=enrol["gateway"],
-        campaign_path=enrol["campaign_path"],
-        campaign_yaml=enrol["campaign_yaml"],
-        campaign_sha256=enrol["campaign_sha256"],
-        template_name=enrol["template_name"],
-        template_text=enrol["template_text"],
-        template_sha256=enrol["template_sha256"],
-        send_by=None,
-        batch_size=enrol["batch_size"],
-        actor=actor,
-    )
-    created = store.create_restore_run(spec, enrol_run_id, MAY_BE_ENROLLED)
-    with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
-        enqueue_batches(runtime, spec.run_id, list(range(created["batches"])))
-        log.info("ringback.restore_created", restores=enrol_run_id, total=created["total"])
-    return {**created, "created": True}
-
-
-def due_restores(runtime: Runtime, now: datetime | None = None) -> list[str]:
-    """Enrol runs whose window has ended and that have no restore run yet (cancelled ones included)."""
-    now = now or runtime.clock()
-    due = []
-    for run in runtime.store.list_runs(limit=500):
-        if run["channel"] != ENROL_CHANNEL:
-            continue
-        window = context_from_run(run).campaign.window  # type: ignore[union-attr]
-        if window is not None and now >= window.end and find_restore_run(runtime, run["id"]) is None:
-            due.append(run["id"])
-    return due
+        return BatchResult(len(rows), counts, seconds_until(runtime, retry_at))

@@ -15,14 +15,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 import structlog
-import yaml
 
+from .actors import declared
+from .batch import run_campaign
 from .campaigns import LoadedCampaign, parse_duration
 from .errors import UsageError
 from .gateways.base import LookupRequest
+from .keys import delivery_key
+from .phones import InvalidPhone, normalise
 from .store.base import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ def enqueue_batches(runtime: Runtime, run_id: str, batches: list[int], priority:
     """One message per batch, on the run's lane: urgent runs never queue behind bulk work."""
     if priority is None:
         priority = runtime.store.get_run(run_id)["priority"]
-    actor = runtime.actors["send_urgent_batch" if priority == "urgent" else "send_batch"]
+    actor = declared(runtime)["send_urgent_batch" if priority == "urgent" else "send_batch"]
     for batch_no in batches:
         actor.send(run_id, batch_no)
     return len(batches)
@@ -173,6 +175,74 @@ def dry_run(runtime: Runtime, loaded: LoadedCampaign, as_of: datetime | None = N
             continue
         text, seg = composer.render({"name": row.name, "district": row.district, "grid": row.grid})
         yield DryRunRow(row.phone, row.district, text, seg.parts, seg.encoding, None)
+
+
+@dataclass
+class DryRunTotals:
+    """What a dry run would send, in total and per district."""
+
+    campaign_id: str
+    recipients: int = 0
+    skipped: int = 0
+    parts: int = 0
+    #: district id -> {"recipients", "skipped", "parts"}
+    by_district: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "campaign_id": self.campaign_id,
+            "dry_run": True,
+            "recipients": self.recipients,
+            "skipped": self.skipped,
+            "parts": self.parts,
+            "by_district": self.by_district,
+        }
+
+
+def dry_run_totals(runtime: Runtime, loaded: LoadedCampaign, as_of: datetime | None = None) -> DryRunTotals:
+    """Count what ``dry_run`` renders: recipients and parts, opted-out people skipped."""
+    totals = DryRunTotals(campaign_id=loaded.campaign.id)
+    for row in dry_run(runtime, loaded, as_of):
+        bucket = totals.by_district.setdefault(row.district, {"recipients": 0, "skipped": 0, "parts": 0})
+        if row.skipped:
+            totals.skipped += 1
+            bucket["skipped"] += 1
+        else:
+            totals.recipients += 1
+            totals.parts += row.parts
+            bucket["recipients"] += 1
+            bucket["parts"] += row.parts
+    return totals
+
+
+def settle_keys(run_id: str, phones: list[str]) -> list[str]:
+    """The idempotency keys of the rows of ``phones`` in the run (numbers as an operator types them)."""
+    try:
+        return [delivery_key(run_id, normalise(p)) for p in phones]
+    except InvalidPhone as exc:
+        raise UsageError(str(exc), field="phone") from exc
+
+
+def why_still_open(runtime: Runtime, run_id: str, st: dict[str, Any]) -> str:
+    """Why a resumed run is not done, for the operator ("" when nothing is open)."""
+    if not st["open"]:
+        return ""
+    counts = st["counts"]
+    parts = []
+    if counts.get("sending"):
+        holders = runtime.store.sending_holders(run_id)
+        who = ", ".join(f"{n} by {h}" for h, n in sorted(holders.items()))
+        parts.append(
+            f"{counts['sending']} rows in flight held by live workers ({who}); they are reconciled when "
+            f"those workers record or are gone for {runtime.settings.worker_stale_after}s: resume again then"
+        )
+    if counts.get("unknown"):
+        parts.append(f"{counts['unknown']} rows unknown (the provider could not say): `dispatch settle {run_id}`")
+    if counts.get("pending"):
+        parts.append(f"{counts['pending']} rows pending (waiting for a retry, a worker or the send window)")
+    if st.get("halted"):
+        parts.append(f"halted: {st['halted']}")
+    return "; ".join(parts)
 
 
 def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], actor: str) -> tuple[int, int]:
@@ -333,10 +403,7 @@ def _as_of_local(run: dict[str, Any]) -> str | None:
     """The run's as-of date in its campaign's time zone, as the operator gave it (UTC in the database)."""
     if run.get("as_of") is None:
         return None
-    snapshot = yaml.safe_load(run["campaign_yaml"]) or {}
-    schedule = snapshot.get("schedule") if isinstance(snapshot, dict) else None
-    zone = schedule.get("timezone") if isinstance(schedule, dict) else None
-    return str(run["as_of"].astimezone(ZoneInfo(zone or "Asia/Shanghai")).isoformat())
+    return str(run["as_of"].astimezone(run_campaign(run).zone()).isoformat())
 
 
 def pause_run(runtime: Runtime, run_id: str) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""One process's wiring: settings, store, gateway, broker, actors and clock, built once.
+"""One process's wiring: settings, store, gateway, broker and clock, built once.
+
+The actors are declared on its broker by ``actors.declared(runtime)``: they wrap the pipeline's
+functions, which take a Runtime, so the Runtime itself knows nothing of them.
 
 Commands build a ``Runtime`` from ``Settings.from_env()``; tests build one from
 explicit settings with an injected clock or gateway. Nothing here reads the
@@ -14,15 +17,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import dramatiq
+
+from .broker import make_broker
+from .clock import offset_clock
+from .gateways import create_gateway
+from .gateways.base import Gateway
+from .gateways.ringback import create_ringback
+from .ratelimit import make_rate_limiter
 from .settings import Settings
 from .store.sql import SqlStore, open_store, utcnow
-
-if TYPE_CHECKING:
-    import dramatiq
-
-    from .gateways.base import Gateway
 
 
 @dataclass
@@ -34,6 +40,7 @@ class Runtime:
     _store: SqlStore | None = None
     _gateway: Gateway | None = None
     _broker: dramatiq.Broker | None = None
+    #: the actors declared on this process's broker (``actors.declared``)
     _actors: dict[str, Any] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _rate_limiter: Any = None
@@ -49,8 +56,6 @@ class Runtime:
         # DISPATCH_CLOCK_OFFSET / DISPATCH_FAKE_NOW move a subprocess's business clock (tests, drills);
         # a clock injected by the caller wins
         if self.clock is utcnow and self.settings.clock_offset:
-            from .clock import offset_clock
-
             self.clock = offset_clock(self.settings.clock_offset)
 
     @property
@@ -58,8 +63,6 @@ class Runtime:
         """The gateway's shared pacer (Redis across processes, in-memory on the embedded broker), or None."""
         with self._lock:
             if self._rate_limiter is None and self.settings.rate_limit > 0:
-                from .ratelimit import make_rate_limiter
-
                 self._rate_limiter = make_rate_limiter(self.settings)
             return self._rate_limiter
 
@@ -77,8 +80,6 @@ class Runtime:
                 if self.gateway_factory is not None:
                     self._gateway = self.gateway_factory(self.settings)
                 else:
-                    from .gateways import create_gateway
-
                     self._gateway = create_gateway(self.settings)
             return self._gateway
 
@@ -90,8 +91,6 @@ class Runtime:
                 if self.ringback_factory is not None:
                     self._ringback = self.ringback_factory(self.settings)
                 else:
-                    from .gateways.ringback import create_ringback
-
                     self._ringback = create_ringback(self.settings)
             return self._ringback
 
@@ -99,20 +98,8 @@ class Runtime:
     def broker(self) -> dramatiq.Broker:
         with self._lock:
             if self._broker is None:
-                from .broker import make_broker
-
                 self._broker = make_broker(self.settings)
             return self._broker
-
-    @property
-    def actors(self) -> dict[str, Any]:
-        broker = self.broker
-        with self._lock:
-            if self._actors is None:
-                from .actors import declare
-
-                self._actors = declare(broker, self)
-            return self._actors
 
     def close(self) -> None:
         if self._gateway is not None:

@@ -28,22 +28,22 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from zoneinfo import ZoneInfo
 
 import structlog
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
-from .campaigns import LoadedCampaign, Schedule, campaign_files, check_paths, parse_duration, quarter_of
+from .campaigns import LoadedCampaign, campaign_files, check_paths, make_trigger, next_after, parse_duration
 from .errors import DispatchError, InputError
+from .restores import due_restores, start_restore
+from .runs import enqueue_batches, start_run
 from .store.sql import DuplicateRun, LeaseLost
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -51,116 +51,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("dispatcher.scheduler")
 
 LEASE_NAME = "scheduler"
-#: interval schedules without a ``start`` are anchored here, so every process computes the same fire times
-INTERVAL_ANCHOR = datetime(2000, 1, 1, tzinfo=UTC)
 #: at most this many missed fires are walked per campaign per tick (a long outage catches up over ticks)
 MAX_FIRES_PER_TICK = 500
-_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-def _crontab_days(field: str) -> str:
-    """Standard cron weekdays (0 or 7 = Sunday) as names, since APScheduler 3.x reads 0 as Monday."""
-    if not any(ch.isdigit() for ch in field):
-        return field
-    days: list[str] = []
-    for token in field.split(","):
-        step = 1
-        if "/" in token:
-            token, step_text = token.split("/", 1)
-            step = int(step_text)
-        if token == "*":
-            low, high = 0, 6
-        elif "-" in token:
-            low_text, high_text = token.split("-", 1)
-            low, high = int(low_text), int(high_text)
-        else:
-            low = high = int(token)
-        days.extend(_CRON_DAYS[d] for d in range(low, high + 1, step))
-    return ",".join(dict.fromkeys(days))
-
-
-def _local(value: datetime | None, zone: ZoneInfo) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=zone) if value.tzinfo is None else value
-
-
-def make_trigger(schedule: Schedule) -> BaseTrigger:
-    """The APScheduler trigger of a validated schedule, in the schedule's time zone."""
-    zone = ZoneInfo(schedule.timezone)
-    start, end = _local(schedule.start, zone), _local(schedule.end, zone)
-    if schedule.cron is not None:
-        minute, hour, day, month, weekday = schedule.cron.split()
-        return CronTrigger(
-            minute=minute, hour=hour, day=day, month=month, day_of_week=_crontab_days(weekday),
-            timezone=zone, start_date=start, end_date=end,
-        )  # fmt: skip
-    if schedule.quarterly is not None or schedule.yearly is not None:
-        q = schedule.quarterly or schedule.yearly
-        assert q is not None
-        at_hour, at_minute = (int(x) for x in q.at.split(":"))
-        months = ",".join(str(q.month + 3 * i) for i in range(4)) if schedule.quarterly else str(q.month)
-        return CronTrigger(
-            month=months, day=q.day, hour=at_hour, minute=at_minute, second=0,
-            timezone=zone, start_date=start, end_date=end,
-        )  # fmt: skip
-    assert schedule.interval is not None
-    return IntervalTrigger(
-        seconds=int(parse_duration(schedule.interval).total_seconds()),
-        start_date=start or INTERVAL_ANCHOR.astimezone(zone),
-        end_date=end,
-        timezone=zone,
-    )
-
-
-def next_after(trigger: BaseTrigger, when: datetime) -> datetime | None:
-    """The first fire time strictly after ``when`` (None once the schedule has ended)."""
-    value = trigger.get_next_fire_time(None, when + timedelta(microseconds=1))
-    return value.astimezone(UTC) if value is not None else None
-
-
-#: how far an open-ended schedule is followed to learn its quarters: the Gregorian calendar's weekdays
-#: repeat every 28 years (1901-2099), so any cron pattern has shown every quarter it fires in by then
-QUARTER_HORIZON_YEARS = 28
-
-
-def first_fire_per_quarter(schedule: Schedule, since: datetime, until: datetime | None) -> dict[str, datetime]:
-    """The first fire time (local) in each quarter the schedule fires in between ``since`` and ``until``.
-
-    Jumps to the next quarter after each fire found, so even a 5-second interval costs a few
-    trigger look-ups; an open end is followed for ``QUARTER_HORIZON_YEARS``.
-    """
-    trigger = make_trigger(schedule)
-    zone = ZoneInfo(schedule.timezone)
-    horizon = until or since + timedelta(days=366 * QUARTER_HORIZON_YEARS)
-    found: dict[str, datetime] = {}
-    cursor = since - timedelta(microseconds=1)
-    for _ in range(4 * QUARTER_HORIZON_YEARS + 4):
-        nxt = next_after(trigger, cursor)
-        if nxt is None or nxt > horizon:
-            break
-        local = nxt.astimezone(zone)
-        found.setdefault(quarter_of(local), local)
-        if len(found) == 4:
-            break
-        month = (local.month - 1) // 3 * 3 + 4  # first month of the next quarter (13 = next January)
-        cursor = datetime(local.year + (month > 12), (month - 1) % 12 + 1, 1, tzinfo=zone) - timedelta(microseconds=1)
-    return found
-
-
-def fire_times(
-    schedule: Schedule, since: datetime, until: datetime | None = None, limit: int = 10
-) -> Iterator[datetime]:
-    """Fire times after ``since`` (and before ``until``), in the schedule's time zone."""
-    trigger = make_trigger(schedule)
-    zone = ZoneInfo(schedule.timezone)
-    current = since - timedelta(microseconds=1)
-    for _ in range(limit):
-        nxt = next_after(trigger, current)
-        if nxt is None or (until is not None and nxt >= until):
-            return
-        yield nxt.astimezone(zone)
-        current = nxt
 
 
 # ------------------------------------------------------------------ leader lease
@@ -272,8 +164,6 @@ class Scheduler:
         self.is_leader = False
         #: this leader's fencing token (leader_fences); None while it has not taken the fence
         self.token: int | None = None
-        from .watchdog import Watchdog
-
         self.watchdog = Watchdog(runtime)
         self._signature: tuple[Any, ...] = ()
 
@@ -359,10 +249,6 @@ class Scheduler:
         operator remembers ``dispatch ringback sweep``; ``start_restore`` is idempotent, so a sweep
         repeated by a new leader creates nothing twice.
         """
-        import time
-
-        from .ringback import due_restores, start_restore
-
         if time.monotonic() < self._ringback_due_at:
             return 0
         self._ringback_due_at = time.monotonic() + self.RINGBACK_SWEEP_SECONDS
@@ -418,8 +304,6 @@ class Scheduler:
 
     def fire(self, entry: Entry, fire_time: datetime) -> str | None:
         """Create the run of one fire (or find the one a previous leader created) and record the fire."""
-        from .runs import enqueue_batches, start_run
-
         store = self.runtime.store
         campaign_id = entry.loaded.campaign.id
         bound = {"campaign_id": campaign_id, "fire_time": fire_time.isoformat()}

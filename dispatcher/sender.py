@@ -8,158 +8,32 @@ rows still ``pending``, so a second delivery of the message finds nothing to do.
 from __future__ import annotations
 
 import contextlib
-import random
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
-import yaml
 
-from .campaigns import Campaign, parse_duration
+from .batch import RUNS, BatchResult, RunContext, outcome_for, seconds_until
+from .campaigns import parse_duration
 from .errors import (
     AmbiguousSendError,
     GatewayDown,
-    PermanentSendError,
-    RetryableSendError,
     SendError,
     StoreError,
     TemplateError,
 )
 from .gateways.base import OutgoingMessage, SendResult
 from .phones import mask_text
+from .ringback import process_ringback_batch
 from .send_window import campaign_may_send
-from .store.base import EXPIRED, FAILED, PENDING, SENT, SKIPPED, UNKNOWN, Claimed, Outcome
-from .templates import Composer, TemplateSource
+from .spool import record_durably, replay
+from .store.base import EXPIRED, FAILED, SKIPPED, Claimed, Outcome
 
 if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = structlog.get_logger("dispatcher.sender")
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What a worker needs to render a run's messages, rebuilt from the run's snapshot."""
-
-    run_id: str
-    campaign_id: str
-    priority: str
-    send_by: datetime | None
-    composer: Composer
-    status: str
-    #: the campaign as snapshotted: its send window, time zone and frequency cap
-    campaign: Campaign | None = None
-
-
-def context_from_run(run: dict[str, Any]) -> RunContext:
-    campaign = Campaign.model_validate(yaml.safe_load(run["campaign_yaml"]))
-    owner = campaign.owner_department()
-    composer = Composer(
-        source=TemplateSource(name=run["template_name"], text=run["template_text"]),
-        signature=campaign.signature,
-        opt_out_text=campaign.opt_out_text,
-        variables=campaign.variables,
-        campaign={"id": campaign.id, "title": campaign.title, "owner": owner.name if owner else campaign.owner},
-    )
-    return RunContext(
-        run_id=run["id"],
-        campaign_id=run["campaign_id"],
-        priority=run["priority"],
-        send_by=run["send_by"],
-        composer=composer,
-        status=run["status"],
-        campaign=campaign,
-    )
-
-
-class RunCache:
-    """Per-process cache of rendered-run contexts: the snapshot never changes after creation."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, RunContext] = {}
-
-    def get(self, runtime: Runtime, run_id: str) -> RunContext:
-        context = self._items.get(run_id)
-        if context is None:
-            context = context_from_run(runtime.store.get_run(run_id))
-            if len(self._items) > 64:
-                self._items.clear()
-            self._items[run_id] = context
-        return context
-
-
-RUNS = RunCache()
-
-
-def backoff(attempt: int, retry_after: float | None = None) -> float:
-    """Seconds to wait before the next try: the provider's hint, else capped exponential with jitter."""
-    if retry_after is not None:
-        return max(0.5, retry_after)
-    return min(60.0, 2.0 ** max(0, attempt - 1)) * random.uniform(0.8, 1.2)
-
-
-def _outcome_for(
-    row: Claimed,
-    message: OutgoingMessage,
-    result: SendResult | SendError,
-    gateway: str,
-    now: datetime,
-    max_attempts: int,
-) -> Outcome:
-    common: dict[str, Any] = {
-        "id": row.id,
-        "key": row.key,
-        "run_id": row.run_id,
-        "claim_token": row.claim_token,
-        "attempt": row.attempts,
-        "gateway": gateway,
-        "parts": message.parts,
-        "encoding": message.encoding,
-        "body": message.body,
-    }
-    if isinstance(result, SendResult):
-        return Outcome(state=SENT, outcome="sent", provider_id=result.provider_id, trace=result.trace, **common)
-    trace = getattr(result, "trace", None) or []
-    # the engineer on call needs the recipient of a refused send; the log's masking processor shows its last digits
-    log.warning("send.refused", to=row.phone, code=result.code, retryable=result.retryable, attempt=row.attempts)
-    if isinstance(result, AmbiguousSendError):
-        return Outcome(
-            state=UNKNOWN,
-            outcome="unknown",
-            error_code=result.code,
-            error_message=result.message,
-            trace=trace,
-            **common,
-        )
-    if isinstance(result, RetryableSendError) or (result.retryable and not isinstance(result, PermanentSendError)):
-        if row.attempts < max_attempts:
-            delay = backoff(row.attempts, getattr(result, "retry_after", None))
-            if message.send_by is not None and now + timedelta(seconds=delay) > message.send_by:
-                # a retry is never scheduled past the campaign's deadline: the row expires now
-                return Outcome(
-                    state=EXPIRED, outcome="expired", error_code=result.code, reason="send_by_passed",
-                    error_message=result.message, trace=trace, **common,
-                )  # fmt: skip
-            return Outcome(
-                state=PENDING,
-                outcome="retry",
-                error_code=result.code,
-                error_message=result.message,
-                next_attempt_at=now + timedelta(seconds=delay),
-                trace=trace,
-                **common,
-            )
-        return Outcome(
-            state=FAILED, outcome="failed", error_code=result.code, reason="attempts_exhausted",
-            error_message=result.message, trace=trace, **common,
-        )  # fmt: skip
-    opt_out = row.phone if isinstance(result, PermanentSendError) and result.opt_out else None
-    return Outcome(
-        state=FAILED, outcome="failed", error_code=result.code, error_message=result.message,
-        opt_out_phone=opt_out, trace=trace, **common,
-    )  # fmt: skip
 
 
 def settled_outcome(row: Claimed, gateway: str, state: str, outcome: str, **fields: Any) -> Outcome:
@@ -247,7 +121,7 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
     if to_send and gate is None:
         results = _send_chunk(gateway, [m for _, m in to_send])
         for (row, message), result in zip(to_send, results, strict=True):
-            outcomes.append(_outcome_for(row, message, result, gateway.name, now, runtime.settings.max_attempts))
+            outcomes.append(outcome_for(row, message, result, gateway.name, now, runtime.settings.max_attempts))
     elif to_send and gate is not None:
         index = 0
         while index < len(to_send):
@@ -279,7 +153,7 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
             sent_at = runtime.clock()
             attempts = runtime.settings.max_attempts
             for (row, message), result in zip(chunk, results, strict=True):
-                outcomes.append(_outcome_for(row, message, result, gateway.name, sent_at, attempts))
+                outcomes.append(outcome_for(row, message, result, gateway.name, sent_at, attempts))
             index += len(chunk)
             if down is not None:
                 gate.unsent = [row for row, _ in to_send[index:]]
@@ -410,25 +284,14 @@ def _window_delay(runtime: Runtime, opens_at: datetime) -> float:
     return min(runtime.settings.window_recheck, max(0.05, (opens_at - runtime.clock()).total_seconds()))
 
 
-@dataclass(frozen=True)
-class BatchResult:
-    claimed: int
-    counts: dict[str, int]
-    retry_in: float | None
-
-
 def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
     """Send what is pending in one batch of one run and record it; return when to retry, if needed."""
-    from .spool import record_durably, replay
-
     store = runtime.store
     # results an earlier attempt could not write go in first (fenced, so replaying is harmless)
     replay(runtime)
     context = RUNS.get(runtime, run_id)
     if context.campaign is not None and context.campaign.channel == "ringback":
         # enrol/restore a ringback tone instead of sending an SMS: same claims, retries and log
-        from .ringback import process_ringback_batch
-
         return process_ringback_batch(runtime, run_id, batch_no)
     if runtime.stopping.is_set():
         # shutting down: claim nothing; the message goes back to the queue for another worker
@@ -450,7 +313,7 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
         if not rows:
             log.debug("batch.nothing_to_claim")
             retry_at = store.next_retry_at(run_id, batch_no)
-            return BatchResult(0, {}, _seconds_until(runtime, retry_at))
+            return BatchResult(0, {}, seconds_until(runtime, retry_at))
         token = rows[0].claim_token
         gate = Gate(runtime, context)
         try:
@@ -494,13 +357,7 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
         # even if every row claimed this time was settled (later retries must not be stranded)
         retry_at = store.next_retry_at(run_id, batch_no)
         store.finish_if_done(run_id)
-        retry_in = _seconds_until(runtime, retry_at)
+        retry_in = seconds_until(runtime, retry_at)
         if stop_in is not None:
             retry_in = stop_in if retry_in is None else min(retry_in, stop_in)
         return BatchResult(len(rows), counts, retry_in)
-
-
-def _seconds_until(runtime: Runtime, when: datetime | None) -> float | None:
-    if when is None:
-        return None
-    return max(0.0, (when - runtime.clock()).total_seconds())

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .campaigns import parse_duration
 from .errors import ConfigError
 
 
@@ -127,7 +129,7 @@ class Settings:
     outbox_fail_transient: frozenset[str] = field(default_factory=frozenset)
     #: simulated per-message latency of the outbox (drills: a slow gateway); 0 = none
     outbox_latency_ms: int = 0
-    # --- real gateways (issue 3) -------------------------------------------------
+    # --- real gateways -----------------------------------------------------------
     #: where providers reach our web process (status callbacks, TwiML); signatures are checked against it
     public_url: str = ""
     twilio_account_sid: str = ""
@@ -155,7 +157,7 @@ class Settings:
     web_port: int = 8000
     #: largest request body any route reads, in bytes; a bigger one gets 413 while it is still arriving
     web_max_body: int = 1 << 20
-    # --- scheduler and run control (issue 4) -------------------------------------
+    # --- scheduler and run control -----------------------------------------------
     #: seconds added to the real clock: drills and tests move every process to another hour or quarter
     #: without sleeping through it (DISPATCH_CLOCK_OFFSET, or DISPATCH_FAKE_NOW as an ISO time)
     clock_offset: float = 0.0
@@ -242,13 +244,10 @@ class Settings:
             web_host=env.get("DISPATCH_WEB_HOST") or "127.0.0.1",
             web_port=_int(env, "DISPATCH_WEB_PORT", _int(env, "PORT", 8000)),
             web_max_body=_positive(env, "DISPATCH_WEB_MAX_BODY", 1 << 20),
-            **_issue4_settings(env),
+            **_schedule_settings(env),
             **_fault_settings(env),
             gateway_secrets={k: v for k, v in env.items() if k.startswith(GATEWAY_SECRET_PREFIX)},
         )
-
-    def with_(self, **changes: object) -> Settings:
-        return replace(self, **changes)  # type: ignore[arg-type]  # dataclass fields are checked at runtime
 
     @property
     def secure_cookies(self) -> bool:
@@ -278,10 +277,8 @@ def _fault_settings(env: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def _issue4_settings(env: Mapping[str, str]) -> dict[str, Any]:
+def _schedule_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """Scheduler, clock, send-window, frequency-cap and rate-limit settings (validated here, once)."""
-    from datetime import UTC, datetime, timedelta
-
     offset = 0.0
     if env.get("DISPATCH_FAKE_NOW"):
         raw = env["DISPATCH_FAKE_NOW"]
@@ -311,8 +308,6 @@ def _issue4_settings(env: Mapping[str, str]) -> dict[str, Any]:
     if unit not in ("messages", "parts"):
         raise ConfigError(f"DISPATCH_RATE_UNIT: expected messages or parts, got {unit!r}")
     period = env.get("DISPATCH_FREQUENCY_CAP_PERIOD") or "7d"
-    from .campaigns import parse_duration
-
     try:
         if parse_duration(period) <= timedelta(0):
             raise ValueError("the period must be longer than 0")

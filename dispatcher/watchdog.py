@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .errors import DispatchError
+from .runs import enqueue_batches, reconcile_orphans
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -77,8 +78,6 @@ class Watchdog:
         return lost
 
     def check_run(self, run_id: str, *, requeue_all: bool = False) -> dict[str, int]:
-        from .runs import enqueue_batches, reconcile_orphans
-
         runtime, store, settings = self.runtime, self.runtime.store, self.runtime.settings
         result = {"found": 0, "requeued": 0, "batches": 0}
         with structlog.contextvars.bound_contextvars(run_id=run_id):

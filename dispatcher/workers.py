@@ -12,14 +12,16 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from dramatiq import Worker
 
+from .actors import declared
+from .broker import URGENT_QUEUE
 from .errors import StoreError
+from .spool import replay
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -52,10 +54,8 @@ class Heartbeat(threading.Thread):
 def start_worker(
     runtime: Runtime, *, queues: set[str] | None = None, threads: int | None = None
 ) -> tuple[Worker, Heartbeat]:
-    runtime.actors  # noqa: B018 - declare the actors on the broker before consuming
+    declared(runtime)  # the actors exist on the broker before consuming
     runtime.stopping.clear()
-    from .spool import replay
-
     try:
         replay(runtime)  # results a previous process of this host could not write
     except StoreError as exc:
@@ -88,8 +88,6 @@ class LaneWorkers:
     """
 
     def __init__(self, runtime: Runtime, threads: int, urgent_threads: int) -> None:
-        from .broker import URGENT_QUEUE
-
         # each Dramatiq worker registers its own consumer-adding middleware on the shared broker,
         # which Dramatiq warns about; here two workers on one broker is the intent
         runtime.broker.logger.addFilter(lambda record: "same type twice" not in record.getMessage())
@@ -153,7 +151,3 @@ def stub_idle(runtime: Runtime) -> bool:
     """True when the embedded broker has no message queued, delayed or in flight."""
     queues = getattr(runtime.broker, "queues", {})
     return all(q.unfinished_tasks == 0 for q in queues.values())
-
-
-def wait(seconds: float) -> None:
-    time.sleep(seconds)

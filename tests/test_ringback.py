@@ -23,7 +23,7 @@ from dispatcher import domain
 from dispatcher.audit import verify
 from dispatcher.campaigns import check_file
 from dispatcher.gateways.ringback import read_ringback_outbox
-from dispatcher.ringback import due_restores, find_restore_run, start_restore
+from dispatcher.restores import due_restores, find_restore_run, start_restore
 from dispatcher.store.base import AudienceFilter
 from dispatcher.web.app import create_app
 

@@ -1,4 +1,4 @@
-"""Run control, frequency caps, scheduler fires and the scheduler lease (issue 4), mixed into ``SqlStore``.
+"""Run control, frequency caps, scheduler fires and the scheduler lease, mixed into ``SqlStore``.
 
 Every delivery state change here goes through ``SqlStore._transition`` so the ledger
 records it in the same transaction.

@@ -28,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..keys import delivery_key
 from ..redact import scrub_optional
 from . import schema as t
 
@@ -383,7 +384,7 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
             first_from.setdefault(key, from_state)
             last_to[key] = (to_state, seq, event_id)
         for row in rows:
-            if row.key != f"{run.id}:{row.phone}":
+            if row.key != delivery_key(run.id, row.phone):
                 # the key (run + number) is sealed in the head's digest; the number column must agree with it
                 return Break(run.id, None, None, f"delivery {row.id}: phone column differs from its key")
             if row.key in last_to and last_to[row.key][0] != row.state:

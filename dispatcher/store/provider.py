@@ -1,4 +1,4 @@
-"""Delivery-log changes that come from providers after the hand-over (issue 3), as a ``SqlStore`` mixin.
+"""Delivery-log changes that come from providers after the hand-over, as a ``SqlStore`` mixin.
 
 - ``apply_status``: a status callback or delivery report moves a row *forward only*
   (``sent`` -> ``delivered``); a late or replayed ``sent`` never overwrites
@@ -13,7 +13,7 @@ Every state change here is written in one transaction with its ledger event, as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
+from ..keys import delivery_key_prefix
 from . import schema as t
 from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN
 
@@ -306,18 +307,7 @@ class ProviderEventsMixin:
             self._ledger_changes(conn, changes, "resume")
         return len(changes)
 
-    def iter_provider_rows(self, run_id: str) -> Iterator[dict[str, Any]]:
-        """(id, phone, state, provider_id) of a run, for reports and tests."""
-        d = t.deliveries
-        with self._read() as conn:
-            yield from (
-                dict(r)
-                for r in conn.execute(
-                    select(d.c.id, d.c.phone, d.c.state, d.c.provider_id).where(d.c.run_id == run_id).order_by(d.c.id)
-                ).mappings()
-            )
-
-    # ------------------------------------------------------------------ ringback (issue 3)
+    # ------------------------------------------------------------------ ringback
 
     def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back.
@@ -333,7 +323,7 @@ class ProviderEventsMixin:
         batch_no = (sa.func.row_number().over(order_by=d.c.id) - 1) // spec.batch_size
         selection = select(
             sa.literal(spec.run_id),
-            sa.literal(spec.run_id + ":") + d.c.phone,
+            sa.literal(delivery_key_prefix(spec.run_id)) + d.c.phone,
             d.c.resident_id,
             d.c.phone,
             d.c.district,

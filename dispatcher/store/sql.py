@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from ..errors import StoreError, UsageError
+from ..keys import delivery_key_prefix
 from ..redact import scrub, scrub_optional
 from . import ledger
 from . import schema as t
@@ -301,10 +302,6 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             )
         return bool(result.rowcount)
 
-    def resident_count(self) -> int:
-        with self._read() as conn:
-            return int(conn.execute(select(func.count()).select_from(t.residents)).scalar_one())
-
     def audience_stats(self) -> dict[str, Any]:
         """Residents by district, by segment and by district x segment (opted-out counted apart)."""
         with self._read() as conn:
@@ -417,7 +414,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         batch_no = (func.row_number().over(order_by=r.c.id) - 1) // spec.batch_size
         selection = select(
             literal(spec.run_id),
-            literal(spec.run_id + ":") + r.c.phone,
+            literal(delivery_key_prefix(spec.run_id)) + r.c.phone,
             r.c.id,
             r.c.phone,
             r.c.district,

@@ -10,12 +10,12 @@ from types import ModuleType
 
 ROUTE_MODULES: list[ModuleType] = []
 
-# provider webhooks and ringback TwiML (issue 3)
+# provider webhooks and ringback TwiML
 from . import twiml, webhooks  # noqa: E402 - the list above must exist before modules register
 
 ROUTE_MODULES.extend([webhooks, twiml])
 
-# the auditors' dashboard (issue 5): login, runs, coverage heat map, delivery rates, ledger search
+# the auditors' dashboard: login, runs, coverage heat map, delivery rates, ledger search
 from . import dashboard  # noqa: E402
 
 ROUTE_MODULES.append(dashboard)

@@ -19,6 +19,8 @@ from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
+from ..batch import context_from_run
+from ..ringback import ENROL_CHANNEL, announcement_text
 from .webhooks import form_fields
 
 if TYPE_CHECKING:
@@ -31,9 +33,6 @@ FALLBACK_WARNING = "反诈提醒：公检法机关不会电话办案，不会要
 
 def announcement(runtime: Runtime, campaign_id: str) -> str:
     """The warning text of the newest ringback run of the campaign (its snapshot), without the SMS opt-out."""
-    from ..ringback import ENROL_CHANNEL, announcement_text
-    from ..sender import context_from_run
-
     for run in runtime.store.list_runs(limit=20, campaign_id=campaign_id):
         if run["channel"] != ENROL_CHANNEL:
             continue

@@ -1,0 +1,106 @@
+"""``dispatch validate``, ``dispatch preview`` and ``dispatch schedule list``: campaign files before any run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import typer
+from rich.text import Text
+
+from .. import domain
+from ..campaigns import check_paths, load_campaign, upcoming_fires
+from ..errors import UsageError
+from ..preview import preview as build_preview
+from ..sms import part_lines
+from .console import emit_json, err, matrix_table, out, runtime
+
+schedule_app = typer.Typer(no_args_is_help=True, help="Campaign schedules.")
+
+
+def validate(paths: list[Path] = typer.Argument(None, help="campaign files or folders (default: campaigns/)")) -> None:
+    """Check campaign files: schema, districts, segments, templates, variables, length."""
+    rt = runtime()
+    loaded, errors = check_paths(paths or [rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock())
+    for error in errors:
+        err.print(str(error), markup=False)
+    if errors:
+        raise typer.Exit(2)
+    for lc in loaded:
+        out.print(f"ok {lc.path} ({lc.campaign.id}: {', '.join(lc.campaign.template_names())})", markup=False)
+
+
+def preview(
+    campaign: Path,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Show who would be messaged and exactly what they would read. Sends nothing."""
+    rt = runtime()
+    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock())
+    report = build_preview(rt, loaded)
+    if as_json:
+        emit_json(report.as_dict())
+        return
+    districts = [d for d in domain.DISTRICTS if d.id in report.by_district]
+    totals = {d.id: report.district_totals()[d.id] for d in districts}
+    out.print(
+        matrix_table(f"{report.title} — audience (opted-out excluded)", districts, totals, report.by_district_segment)
+    )
+    out.print(Text.assemble("\n", ("audience by district and grid", "bold"), " (opted-out excluded)"))
+    for d in districts:
+        grids = report.by_district_grid.get(d.id, {})
+        listed = " · ".join(f"{g} {n}" for g, n in grids.items())
+        out.print(f"{d.name} {totals[d.id]} in {len(grids)} grid(s): {listed}", markup=False)
+    for v in report.variants:
+        marker = " (this quarter)" if v.template == report.template_now else ""
+        out.print(
+            Text.assemble(
+                "\n",
+                (str(v.template), "bold"),
+                f"{marker}: {v.encoding}, {v.chars} characters, {v.parts} part(s)",
+            )
+        )
+        for line in part_lines(str(v.text)):  # where each part ends, as handsets and providers split it
+            out.print(line, markup=False)
+    out.print(f"\nrecipients {report.recipients}, opted out {report.opted_out}, total parts {report.total_parts}")
+
+
+def _when(text: str | None, option: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        message = f"expected an ISO date or date-time such as 2021-01-01, got {text!r}"
+        raise UsageError(message, field=option) from exc
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=ZoneInfo("Asia/Shanghai"))
+    return value.astimezone(UTC)
+
+
+@schedule_app.command("list")
+def schedule_list(
+    since: str | None = typer.Option(None, "--from", help="ISO date(-time), Shanghai time if no zone"),
+    until: str | None = typer.Option(None, "--until", help="ISO date(-time), exclusive"),
+    count: int = typer.Option(5, "--count", min=1, max=1000, help="fire times per campaign"),
+    campaigns: Path | None = typer.Option(None, "--campaigns", help="folder of campaign files"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Every scheduled campaign's next fire times (from now unless --from), with the template of each fire."""
+    rt = runtime()
+    loaded, errors = check_paths([campaigns or rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock())
+    if errors:
+        raise errors[0]
+    start = _when(since, "--from") or rt.clock()
+    end = _when(until, "--until")
+    items = upcoming_fires(loaded, start, end, count)
+    if as_json:
+        emit_json({"campaigns": items})
+        return
+    if not items:
+        out.print("no campaign has a schedule", markup=False)
+    for item in items:
+        out.print(f"{item['campaign_id']} ({item['kind']}, {item['timezone']}):", markup=False)
+        for fire in item["fires"]:
+            out.print(f"  {fire['fire_time']}  {fire['template']}", markup=False)

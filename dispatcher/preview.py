@@ -1,0 +1,106 @@
+"""What a campaign would do, computed without writing or sending anything (``dispatch preview``).
+
+Who is selected (by district, group and grid, opted-out people counted apart), every
+template variant rendered for a sample resident with its encoding and parts, the theme
+a run would use now, and the total parts a run would send now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .campaigns import LoadedCampaign
+from .runs import audience_filter
+from .sms import split_parts
+from .templates import SAMPLE_RECIPIENT
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One template rendered for the sample resident."""
+
+    template: str
+    text: str
+    encoding: str
+    chars: int
+    parts: int
+    part_texts: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "template": self.template,
+            "text": self.text,
+            "encoding": self.encoding,
+            "chars": self.chars,
+            "parts": self.parts,
+            "part_texts": self.part_texts,
+        }
+
+
+@dataclass(frozen=True)
+class Preview:
+    campaign_id: str
+    title: str
+    #: residents a run would message now (opted-out excluded)
+    recipients: int
+    opted_out: int
+    #: district id -> {"selected", "opted_out", ...} as the store counts them
+    by_district: dict[str, Any]
+    by_district_segment: dict[str, dict[str, int]]
+    by_district_grid: dict[str, dict[str, int]]
+    variants: list[Variant]
+    #: the template a run would use now
+    template_now: str
+    total_parts: int
+
+    def district_totals(self) -> dict[str, int]:
+        """Residents per district a run would message (selected minus opted out)."""
+        return {d: v["selected"] - v["opted_out"] for d, v in self.by_district.items()}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``--json`` form."""
+        return {
+            "campaign_id": self.campaign_id,
+            "recipients": self.recipients,
+            "opted_out": self.opted_out,
+            "by_district": self.by_district,
+            "by_district_segment": self.by_district_segment,
+            "by_district_grid": self.by_district_grid,
+            "variants": [v.as_dict() for v in self.variants],
+            "template_now": self.template_now,
+            "total_parts": self.total_parts,
+        }
+
+
+def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
+    """Count the audience and render every variant; the total parts use the template of now."""
+    audience = audience_filter(loaded)
+    matrix = runtime.store.audience_matrix(audience)
+    variants = []
+    for name in loaded.campaign.template_names():
+        text, seg = loaded.composer_for(name).render(SAMPLE_RECIPIENT)
+        variants.append(Variant(name, text, seg.encoding, seg.chars, seg.parts, split_parts(text)))
+    current = loaded.template_now_or_next(runtime.clock())
+    composer = loaded.composer_for(current)
+    total_parts = recipients = 0
+    for row in runtime.store.iter_audience(audience):
+        if row.opted_out:
+            continue
+        recipients += 1
+        total_parts += composer.render({"name": row.name, "district": row.district, "grid": row.grid})[1].parts
+    return Preview(
+        campaign_id=loaded.campaign.id,
+        title=loaded.campaign.title,
+        recipients=recipients,
+        opted_out=sum(v["opted_out"] for v in matrix["by_district"].values()),
+        by_district=matrix["by_district"],
+        by_district_segment=matrix["by_district_segment"],
+        by_district_grid=matrix["by_district_grid"],
+        variants=variants,
+        template_now=current,
+        total_parts=total_parts,
+    )
