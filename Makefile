@@ -46,9 +46,11 @@ bench: $(VENV)/.installed-dev
 bench-http: $(VENV)/.installed-dev
 	$(BIN)/python bench/bench_http_gateway.py $(BENCH_ARGS)
 
+## lint: ruff, mypy, and the architecture's import contracts ([tool.importlinter] in pyproject.toml)
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check dispatcher tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf var/demo .pytest_cache .mypy_cache .ruff_cache
