@@ -7,7 +7,7 @@ Prints, in one run and on the same Redis:
   * our end-to-end rate: recipients sent through the outbox and recorded per second with two
     `dispatch worker` processes;
   * peak RSS of the `dispatch run` process and of each worker at 10,000 and 200,000 recipients.
-Targets (issue 2): fan-out >= 10x bare enqueue; end-to-end >= 1.5x bare processing;
+Targets: fan-out >= 10x bare enqueue; end-to-end >= 1.5x bare processing;
 peak RSS at 200,000 <= 1.3x that at 10,000.
 
 Usage: python bench/bench_pipeline.py [--sizes 10000,200000] [--database postgresql|sqlite]
