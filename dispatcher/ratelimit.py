@@ -19,6 +19,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .errors import BrokerError
+
 if TYPE_CHECKING:
     from .settings import Settings
 
@@ -88,8 +90,6 @@ class RedisRateLimiter(RateLimiter):
 
     def reserve(self, cost: float = 1.0) -> float:
         import redis
-
-        from .errors import BrokerError
 
         try:
             wait_us = self._script(keys=[self.key], args=[int(cost * self.interval * 1_000_000)])
