@@ -53,4 +53,4 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf var/demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var/demo .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
