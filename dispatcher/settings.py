@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,9 @@ class Settings:
             **_fault_settings(env),
             gateway_secrets={k: v for k, v in env.items() if k.startswith(GATEWAY_SECRET_PREFIX)},
         )
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]  # dataclass fields are checked at runtime
 
     @property
     def secure_cookies(self) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def web(
     # handlers are installed) ends the process normally
     signal.signal(signal.SIGTERM, _exit_cleanly)
     if host:  # the address decides whether cookies must be Secure (settings.secure_cookies)
-        rt.settings = dataclasses.replace(rt.settings, web_host=host)
+        rt.settings = rt.settings.with_(web_host=host)
     uvicorn.run(
         create_app(rt),
         host=rt.settings.web_host,
