@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .errors import SendError, UsageError
-from .gateways.base import OutgoingMessage, SendResult
-from .gateways.ringback import RingbackRequest, RingbackResult
+from .providers.base import OutgoingMessage, RingbackRequest, RingbackResult, SendResult
 from .sender import RUNS, BatchResult, _outcome_for, _seconds_until, context_from_run
 from .store.base import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome, RunSpec
 
@@ -79,7 +78,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
         text = announcement_text(context)
         outcomes: list[Outcome] = []
         for row in rows:
-            common = {
+            common: dict[str, Any] = {
                 "id": row.id,
                 "key": row.key,
                 "run_id": row.run_id,

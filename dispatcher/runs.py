@@ -22,7 +22,7 @@ import yaml
 
 from .campaigns import LoadedCampaign, parse_duration
 from .errors import UsageError
-from .gateways.base import LookupRequest
+from .providers.base import LookupRequest
 from .store.base import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], act
         # enrolment and restore are idempotent (ringback adapters): doing one again is safe
         return 0, store.requeue(orphans, actor=actor)
     gateway = runtime.gateway
-    if not getattr(gateway, "can_lookup", True):
+    if not gateway.can_lookup:
         # the provider cannot say what it took: resending could double-send, an operator decides
         settled = store.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
         log.warning("run.orphans_unknown", orphans=len(orphans), marked=settled)
@@ -271,7 +271,7 @@ def reconcile_unknown(runtime: Runtime, run_id: str) -> tuple[int, int]:
         # ringback enrol/restore calls are idempotent: try them again rather than ask
         return store.settle_unknown(run_id, {}, [r["id"] for r in rows], gateway="ringback")
     gateway = runtime.gateway
-    if not getattr(gateway, "can_lookup", True):
+    if not gateway.can_lookup:
         # the provider cannot tell us what it took: resending could double-send, so an operator decides
         log.warning("run.unknown_left", unknown=len(rows), gateway=gateway.name)
         return 0, 0

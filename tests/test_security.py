@@ -23,10 +23,10 @@ from starlette.testclient import TestClient
 from dispatcher import audit
 from dispatcher.accounts import hash_password, list_users, login, set_disabled
 from dispatcher.errors import PermanentSendError
-from dispatcher.gateways import create_gateway
-from dispatcher.gateways.http import HttpConfigError
-from dispatcher.gateways.twilio import TwilioGateway
 from dispatcher.phones import mask
+from dispatcher.providers import create_gateway
+from dispatcher.providers.http.gateway import HttpConfigError
+from dispatcher.providers.twilio.gateway import TwilioGateway
 from dispatcher.redact import scrub
 from dispatcher.settings import Settings
 from dispatcher.store import schema as t

@@ -1,8 +1,10 @@
 """The ASGI application (Starlette) served by ``dispatch web``.
 
-Each concern lives in its own module exposing ``routes(runtime) -> list[Route]``;
-this module only assembles them around one ``Runtime``, behind the request guard
-(guard.py: body limit, malformed headers) that every route shares.
+Each concern lives in its own module exposing ``routes(runtime) -> list[Route]``,
+and every provider declares its webhook routes in the provider registry; this
+module only assembles them around one ``Runtime``, behind the request guard
+(guard.py: body limit, malformed headers) that every route shares. Provider
+routes write through ``StoreDeliveryReports``, never the store itself.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ def create_app(runtime: Runtime) -> Starlette:
         return JSONResponse({"ok": True, "schema_version": runtime.store.schema_version()})
 
     routes: list[BaseRoute] = [Route("/healthz", health)]
+    from ..providers import registry
+    from .delivery_reports import StoreDeliveryReports
+
+    routes.extend(registry.routes(StoreDeliveryReports(runtime), runtime.settings))
     # each concern adds its routes from its own module (webhooks, dashboard, ...)
     from . import ROUTE_MODULES
 
