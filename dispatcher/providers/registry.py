@@ -28,6 +28,7 @@ BUILTIN = (
     "dispatcher.providers.outbox",
     "dispatcher.providers.twilio",
     "dispatcher.providers.http",
+    "dispatcher.providers.kannel",
 )
 
 _providers: dict[str, Provider] = {}
