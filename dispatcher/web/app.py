@@ -29,8 +29,9 @@ def create_app(runtime: Runtime) -> Starlette:
     from ..providers import registry
     from .delivery_reports import StoreDeliveryReports
 
+    # every provider's webhooks, writing delivery state through the port, never the store itself
     routes.extend(registry.routes(StoreDeliveryReports(runtime), runtime.settings))
-    # each concern adds its routes from its own module (webhooks, dashboard, ...)
+    # each other concern adds its routes from its own module (dashboard, ...)
     from . import ROUTE_MODULES
 
     for module in ROUTE_MODULES:
