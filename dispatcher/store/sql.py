@@ -21,7 +21,7 @@ import secrets
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +34,11 @@ from ..errors import StoreError, UsageError
 from ..redact import scrub, scrub_optional
 from . import ledger
 from . import schema as t
+from ._accounts import Accounts
+from ._audit import AuditLog
+from ._dashboard import DashboardReads
+from ._db import Db, one_line
+from ._reports import ReportReads
 from .base import (
     CANCELLED,
     FAILED,
@@ -128,39 +133,25 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             self.engine = create_engine(url)
         except (SQLAlchemyError, ImportError) as exc:
             raise StoreError(f"cannot open the delivery log at {_safe_url(url)}: {exc}") from exc
-        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._db = Db(self.engine, lambda: self.clock())
+        self.is_sqlite = self._db.is_sqlite
         self._secrets: dict[str, bytes] = {}
-        self._writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
-        self._short_writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE", sqlite_busy_ms=2000)
+        self.reports = ReportReads(self._db)
+        self.audit = AuditLog(self._db)
+        self.accounts = Accounts(self._db)
+        self.dashboard = DashboardReads(self._db)
 
     # ------------------------------------------------------------------ plumbing
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        try:
-            with self._writer.begin() as conn:
-                yield conn
-        except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"delivery log write failed: {_one_line(exc.orig or exc)}") from exc
+    def _write(self) -> AbstractContextManager[Connection]:
+        return self._db.write()
 
-    @contextmanager
-    def _write_short(self) -> Iterator[Connection]:
+    def _write_short(self) -> AbstractContextManager[Connection]:
         """A write that gives up after about two seconds of waiting for a lock (leases, fences)."""
-        try:
-            with self._short_writer.begin() as conn:
-                if not self.is_sqlite:
-                    conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
-                yield conn
-        except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"delivery log write failed: {_one_line(exc.orig or exc)}") from exc
+        return self._db.write_short()
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        try:
-            with self.engine.connect() as conn:
-                yield conn
-        except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"could not read the delivery log: {_one_line(exc.orig or exc)}") from exc
+    def _read(self) -> AbstractContextManager[Connection]:
+        return self._db.read()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -243,10 +234,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         return cache[name]
 
     def _insert(self) -> Any:
-        """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        return sqlite.insert if self.is_sqlite else postgresql.insert
+        return self._db.insert()
 
     # ------------------------------------------------------------------ residents
 
@@ -1133,9 +1121,7 @@ def _safe_url(url: str) -> str:
         return url.split(":", 1)[0] + "://…"
 
 
-def _one_line(exc: BaseException) -> str:
-    """A driver's message on one line (psycopg's span several): the operator gets one line."""
-    return " ".join(str(exc).split())
+_one_line = one_line
 
 
 def _pid_alive(pid: int) -> bool:
