@@ -28,7 +28,7 @@ from .errors import SendError, UsageError
 from .gateways.base import OutgoingMessage, SendResult
 from .gateways.ringback import RingbackRequest, RingbackResult
 from .sender import RUNS, BatchResult, _outcome_for, _seconds_until, context_from_run
-from .store.base import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome, RunSpec
+from .store import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome, RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime

@@ -23,7 +23,7 @@ import yaml
 from .campaigns import LoadedCampaign, parse_duration
 from .errors import UsageError
 from .gateways.base import LookupRequest
-from .store.base import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
+from .store import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime

@@ -1,4 +1,23 @@
-"""The delivery log: ``base`` says what the pipeline needs, ``sql`` provides it (SQLite, PostgreSQL)."""
+"""The delivery log: the one face the rest of the package imports.
+
+``SqlStore`` (SQLite, the local default that needs no service, and PostgreSQL) holds an
+engine and small operation groups, each in its own module and each owning its tables::
+
+    store.upsert_residents / iter_audience / ...   residents and audiences      (sql.py)
+    store.create_run / get_run / list_runs / ...   runs                         (sql.py)
+    store.claim / record / release / requeue ...   deliveries and claims        (sql.py)
+    store.pause_run / record_fire / acquire_lease  coordination: control, fires,
+      / take_fence / heartbeat ...                 leases, fences, heartbeats   (control.py, sql.py)
+    store.apply_status / settle_unknown / ...      provider events after hand-over (provider.py)
+    store.accounts                                 accounts, sessions, login throttle (_accounts.py)
+    store.audit                                    ledger verification, event log, audit chain (_audit.py)
+    store.reports                                  aggregates for the assessment reports (_reports.py)
+    store.dashboard                                reads the dashboard's pages need (_dashboard.py)
+
+Everything else in this package (``sql``, ``control``, ``provider``, ``ledger``, ``schema``,
+the ``_``-prefixed modules) is implementation: import from ``dispatcher.store`` only. SQL
+stays inside this package; callers get records (dataclasses) and plain values back.
+"""
 
 from ._accounts import Credentials, StoredAccount
 from ._reports import (
@@ -7,20 +26,56 @@ from ._reports import (
     CoverageCounts,
     DepartmentCounts,
     FailureCount,
+    OwnerFailures,
+    OwnerRuns,
+    OwnerSends,
     Reach,
     Window,
 )
-from .base import OPEN_STATES, STATES, AudienceFilter, Claimed, Outcome, Resident, RunSpec
+from ._rows import as_utc
+from .base import (
+    CANCELLED,
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    HANDED_OVER_STATES,
+    OPEN_STATES,
+    PENDING,
+    SENDING,
+    SENT,
+    SKIPPED,
+    STATES,
+    UNDELIVERED,
+    UNKNOWN,
+    AudienceFilter,
+    Claimed,
+    Outcome,
+    Resident,
+    RunSpec,
+)
 from .ledger import AUDIT_CHAIN
 from .ledger import Break as ChainBreak
-from .sql import DuplicateRun, SqlStore, open_store
+from .provider import PROVIDER_STATES, StateChange
+from .sql import DuplicateRun, LeaseLost, SqlStore, iter_chunks, open_store, utcnow
 
 __all__ = [
     "AUDIT_CHAIN",
+    "CANCELLED",
+    "DELIVERED",
+    "EXPIRED",
+    "FAILED",
     "FAILED_STATES",
+    "HANDED_OVER_STATES",
     "OPEN_STATES",
+    "PENDING",
+    "PROVIDER_STATES",
     "REACHED_STATES",
+    "SENDING",
+    "SENT",
+    "SKIPPED",
     "STATES",
+    "UNDELIVERED",
+    "UNKNOWN",
     "AudienceFilter",
     "ChainBreak",
     "Claimed",
@@ -29,12 +84,20 @@ __all__ = [
     "DepartmentCounts",
     "DuplicateRun",
     "FailureCount",
+    "LeaseLost",
     "Outcome",
+    "OwnerFailures",
+    "OwnerRuns",
+    "OwnerSends",
     "Reach",
     "Resident",
     "RunSpec",
     "SqlStore",
+    "StateChange",
     "StoredAccount",
     "Window",
+    "as_utc",
+    "iter_chunks",
     "open_store",
+    "utcnow",
 ]
