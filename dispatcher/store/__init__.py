@@ -53,6 +53,7 @@ from .base import (
     Resident,
     RunSpec,
 )
+from .control import RecentRun, RunProgress
 from .ledger import AUDIT_CHAIN
 from .ledger import Break as ChainBreak
 from .provider import PROVIDER_STATES, StateChange
@@ -90,7 +91,9 @@ __all__ = [
     "OwnerRuns",
     "OwnerSends",
     "Reach",
+    "RecentRun",
     "Resident",
+    "RunProgress",
     "RunSpec",
     "SqlStore",
     "StateChange",

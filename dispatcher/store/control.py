@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +29,25 @@ from .base import CANCELLED, DELIVERED, SENDING, SENT
 
 #: states in which a message counts against a person's frequency cap (it reached the gateway)
 CAPPED_STATES = (SENT, DELIVERED)
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """How far a run has got: when any row last moved, rows due to be sent now, rows in flight."""
+
+    last_progress: datetime | None
+    due: int
+    sending: int
+
+
+@dataclass(frozen=True)
+class RecentRun:
+    """A run of a campaign counted against its frequency period."""
+
+    id: str
+    status: str
+    created_at: datetime
+    fire_time: datetime | None
 
 
 class RunControl:
@@ -97,7 +117,7 @@ class RunControl:
         with self._db.read() as conn:
             return conn.execute(select(t.runs.c.halted).where(t.runs.c.id == run_id)).scalar_one_or_none()
 
-    def progress(self, run_id: str) -> dict[str, Any]:
+    def progress(self, run_id: str) -> RunProgress:
         """Rows waiting to be sent now, rows in flight, and when any row of the run last moved."""
         d = t.deliveries
         now = self._db.now()
@@ -120,13 +140,13 @@ class RunControl:
                     func.sum(sa.case((d.c.state == SENDING, 1), else_=0)),
                 ).where(d.c.run_id == run_id)
             ).one()
-        return {"last_progress": _utc(last), "due": int(due or 0), "sending": int(sending or 0)}
+        return RunProgress(_utc(last), int(due or 0), int(sending or 0))
 
     def running_runs(self) -> list[str]:
         with self._db.read() as conn:
             return [i for (i,) in conn.execute(select(t.runs.c.id).where(t.runs.c.status == "running"))]
 
-    def recent_runs(self, campaign_id: str, since: datetime) -> list[dict[str, Any]]:
+    def recent_runs(self, campaign_id: str, since: datetime) -> list[RecentRun]:
         """Runs of a campaign created since ``since`` that were not cancelled (a repeat would message them again)."""
         r = t.runs
         with self._db.read() as conn:
@@ -134,8 +154,8 @@ class RunControl:
                 select(r.c.id, r.c.status, r.c.created_at, r.c.fire_time)
                 .where(r.c.campaign_id == campaign_id, r.c.created_at >= since, r.c.status != "cancelled")
                 .order_by(r.c.created_at)
-            ).mappings()
-            return [dict(row) for row in rows]
+            )
+            return [RecentRun(row.id, row.status, row.created_at, row.fire_time) for row in rows]
 
     # ------------------------------------------------------------------ operator locks
 

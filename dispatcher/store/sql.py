@@ -56,7 +56,7 @@ from .base import (
     Resident,
     RunSpec,
 )
-from .control import RunControl
+from .control import RecentRun, RunControl, RunProgress
 from .provider import ProviderEvents, StateChange
 
 Clock = Callable[[], datetime]
@@ -1015,14 +1015,14 @@ class SqlStore:
     def run_halted(self, run_id: str) -> str | None:
         return self._control.run_halted(run_id)
 
-    def progress(self, run_id: str) -> dict[str, Any]:
+    def progress(self, run_id: str) -> RunProgress:
         """Rows waiting to be sent now, rows in flight, and when any row of the run last moved."""
         return self._control.progress(run_id)
 
     def running_runs(self) -> list[str]:
         return self._control.running_runs()
 
-    def recent_runs(self, campaign_id: str, since: datetime) -> list[dict[str, Any]]:
+    def recent_runs(self, campaign_id: str, since: datetime) -> list[RecentRun]:
         """Runs of a campaign created since ``since`` that were not cancelled (a repeat would message them again)."""
         return self._control.recent_runs(campaign_id, since)
 
