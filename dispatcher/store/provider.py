@@ -314,7 +314,7 @@ class ProviderEvents:
                 ).mappings()
             )
 
-    # ------------------------------------------------------------------ ringback (issue 3)
+    # ------------------------------------------------------------------ ringback
 
     def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back.
