@@ -49,6 +49,7 @@ bench-http: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check dispatcher tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf var/demo .pytest_cache .mypy_cache .ruff_cache

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from . import domain
 from .charcheck import bad_character
 from .phones import InvalidPhone, normalise
-from .store.base import Resident
+from .store import Resident
 
 COLUMNS = ("phone", "name", "district", "grid", "segments", "language", "opted_out")
 _TRUE = {"true", "1", "yes", "y", "是", "t"}

@@ -728,7 +728,7 @@ def ringback_sweep(as_json: bool = typer.Option(False, "--json")) -> None:
 def audience_import(file: Path, chunk: int = typer.Option(1000, help="rows per database write")) -> None:
     """Import residents from CSV: bad rows reported as file:line, good rows kept, deduplicated by phone."""
     from .audience import RowError, read_csv
-    from .store.sql import iter_chunks
+    from .store import iter_chunks
 
     rt = runtime()
     if not file.is_file():

@@ -27,7 +27,7 @@ import structlog
 from .errors import SendError, UsageError
 from .providers.base import OutgoingMessage, RingbackRequest, RingbackResult, SendResult
 from .sender import RUNS, BatchResult, _outcome_for, _seconds_until, context_from_run
-from .store.base import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome, RunSpec
+from .store import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome, RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime

@@ -23,7 +23,7 @@ import yaml
 from .campaigns import LoadedCampaign, parse_duration
 from .errors import UsageError
 from .providers.base import LookupRequest
-from .store.base import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
+from .store import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -146,8 +146,8 @@ def start_manual_run(
             if recent:
                 last = recent[-1]
                 raise UsageError(
-                    f"campaign {c.id} already has run {last['id']} ({last['status']}, created "
-                    f"{last['created_at']:%Y-%m-%d %H:%M} UTC) within its frequency period {period}; "
+                    f"campaign {c.id} already has run {last.id} ({last.status}, created "
+                    f"{last.created_at:%Y-%m-%d %H:%M} UTC) within its frequency period {period}; "
                     "to send it again give --again --reason TEXT",
                     field="again",
                 )
@@ -321,10 +321,10 @@ def stall(runtime: Runtime, run_id: str, run_status: str) -> dict[str, Any]:
     if run_status != "running":
         return {"stalled": 0, "last_progress": None}
     p = runtime.store.progress(run_id)
-    last = p["last_progress"]
+    last = p.last_progress
     quiet = last is None or (runtime.clock() - last).total_seconds() > runtime.settings.stall_after
     return {
-        "stalled": (p["due"] + p["sending"]) if quiet else 0,
+        "stalled": (p.due + p.sending) if quiet else 0,
         "last_progress": last.isoformat() if last else None,
     }
 

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .settings import Settings
-from .store.sql import SqlStore, open_store, utcnow
+from .store import SqlStore, open_store, utcnow
 
 if TYPE_CHECKING:
     import dramatiq

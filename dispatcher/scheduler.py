@@ -43,7 +43,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from .campaigns import LoadedCampaign, Schedule, campaign_files, check_paths, parse_duration, quarter_of
 from .errors import DispatchError, InputError
-from .store.sql import DuplicateRun, LeaseLost
+from .store import DuplicateRun, LeaseLost
 
 if TYPE_CHECKING:
     from .runtime import Runtime

@@ -30,7 +30,7 @@ from .errors import (
 from .phones import mask_text
 from .providers.base import OutgoingMessage, SendResult
 from .send_window import campaign_may_send
-from .store.base import EXPIRED, FAILED, PENDING, SENT, SKIPPED, UNKNOWN, Claimed, Outcome
+from .store import EXPIRED, FAILED, PENDING, SENT, SKIPPED, UNKNOWN, Claimed, Outcome
 from .templates import Composer, TemplateSource
 
 if TYPE_CHECKING:

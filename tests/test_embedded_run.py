@@ -223,7 +223,7 @@ def _run_with_unknown_rows(project: Project, n: int) -> tuple[str, list[str]]:
     """A run whose first ``n`` rows came back ambiguous (as a provider that cannot be asked leaves them)."""
     from dispatcher.campaigns import load_campaign
     from dispatcher.runs import audience_filter, run_spec
-    from dispatcher.store.base import Outcome
+    from dispatcher.store import Outcome
 
     rt = project.runtime()
     loaded = load_campaign(project.root / CAMPAIGN, project.root / "templates")

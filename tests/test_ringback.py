@@ -24,7 +24,7 @@ from dispatcher.audit import verify
 from dispatcher.campaigns import check_file
 from dispatcher.providers.outbox.ringback import read_ringback_outbox
 from dispatcher.ringback import due_restores, find_restore_run, start_restore
-from dispatcher.store.base import AudienceFilter
+from dispatcher.store import AudienceFilter
 from dispatcher.web.app import create_app
 
 PUBLIC_URL = "https://dispatch.example.org"

@@ -245,7 +245,7 @@ workers = Table(
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
 )
 
-#: every fire the scheduler handled (issue 4): ``fired`` with its run, or ``skipped`` with the reason
+#: every fire the scheduler handled: ``fired`` with its run, or ``skipped`` with the reason
 #: (missed beyond the campaign's misfire_grace). Unique per (campaign, fire time) like ``runs``.
 schedule_fires = Table(
     "schedule_fires",
@@ -284,7 +284,7 @@ scheduler_leases = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 
-#: what a ringback enrolment changed on a number and must put back at the window's end (issue 3):
+#: what a ringback enrolment changed on a number and must put back at the window's end:
 #: for Twilio-hosted numbers the voice URL (and method) the number had before we pointed it at our TwiML
 ringback_numbers = Table(
     "ringback_numbers",
@@ -296,7 +296,7 @@ ringback_numbers = Table(
     Column("enrolled_at", DateTime(timezone=True), nullable=False),
 )
 
-#: provider status reports that arrived before the row held the provider's id (issue 3): a callback can
+#: provider status reports that arrived before the row held the provider's id: a callback can
 #: overtake the batch that records the SIDs; kept here and applied once the row has its id
 status_backlog = Table(
     "status_backlog",
