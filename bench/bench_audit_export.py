@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dispatcher import domain  # noqa: E402
-from dispatcher.store.base import SENT, AudienceFilter, Outcome, Resident, RunSpec  # noqa: E402
-from dispatcher.store.sql import iter_chunks, open_store  # noqa: E402
+from dispatcher.store import SENT, AudienceFilter, Outcome, Resident, RunSpec, iter_chunks, open_store  # noqa: E402
 
 
 def residents(n: int):

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import BenchProject, wait_for
 
-from dispatcher.gateways.outbox import read_outbox
+from dispatcher.providers.outbox.gateway import read_outbox
 
 URGENT = """
 priority: urgent

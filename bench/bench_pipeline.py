@@ -36,8 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.noop_worker import declare  # noqa: E402
 from dispatcher.audience import generate, parse_row  # noqa: E402
-from dispatcher.store import open_store  # noqa: E402
-from dispatcher.store.sql import iter_chunks  # noqa: E402
+from dispatcher.store import iter_chunks, open_store  # noqa: E402
 
 REDIS_URL = os.environ.get("DISPATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("DISPATCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -22,13 +22,9 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-
-import sqlalchemy as sa
 
 from .errors import UsageError
-from .store import schema as t
-from .store.sql import SqlStore
+from .store import SqlStore, StoredAccount
 
 ROLES = ("auditor", "operator")
 MIN_PASSWORD = 10
@@ -79,30 +75,16 @@ def add_user(store: SqlStore, name: str, role: str, password: str, *, replace: b
         raise UsageError(f"unknown role {role!r}; use one of {', '.join(ROLES)}", field="role")
     if len(password) < MIN_PASSWORD:
         raise UsageError(f"password too short: at least {MIN_PASSWORD} characters", field="password")
-    now = store.clock()
-    a = t.accounts
-    with store._write() as conn:
-        exists = conn.execute(sa.select(a.c.name).where(a.c.name == name)).first()
-        if exists and not replace:
-            raise UsageError(
-                f"account {name!r} exists already (use --replace to reset its role and password)",
-                field="name",
-            )
-        values = {"role": role, "password_hash": hash_password(password), "updated_at": now}
-        if exists:
-            conn.execute(sa.update(a).where(a.c.name == name).values(**values))
-            _end_sessions(conn, name)  # a new role or password must not ride on a login made before it
-        else:
-            conn.execute(sa.insert(a).values(name=name, created_at=now, **values))
+    if store.accounts.put(name, role, hash_password(password), replace=replace) == "exists":
+        raise UsageError(
+            f"account {name!r} exists already (use --replace to reset its role and password)",
+            field="name",
+        )
     return Account(name, role)
 
 
 def authenticate(store: SqlStore, name: str, password: str) -> Account | None:
-    a = t.accounts
-    with store._read() as conn:
-        row = conn.execute(
-            sa.select(a.c.name, a.c.role, a.c.password_hash, a.c.disabled).where(a.c.name == name)
-        ).first()
+    row = store.accounts.credentials(name)
     if row is None:
         # spend the same time as a wrong password so a name cannot be probed by timing
         check_password(password, _DUMMY)
@@ -112,108 +94,49 @@ def authenticate(store: SqlStore, name: str, password: str) -> Account | None:
 
 
 def get(store: SqlStore, name: str) -> Account | None:
-    a = t.accounts
-    with store._read() as conn:
-        row = conn.execute(sa.select(a.c.name, a.c.role).where(a.c.name == name, a.c.disabled.is_not(True))).first()
+    row = store.accounts.get(name)
     return Account(row.name, row.role) if row else None
 
 
 def list_users(store: SqlStore) -> list[dict[str, object]]:
-    a = t.accounts
-    with store._read() as conn:
-        return [
-            {"name": n, "role": r, "disabled": bool(d)}
-            for n, r, d in conn.execute(sa.select(a.c.name, a.c.role, a.c.disabled).order_by(a.c.name))
-        ]
-
-
-def _require(conn: sa.Connection, name: str) -> None:
-    a = t.accounts
-    if conn.execute(sa.select(a.c.name).where(a.c.name == name)).first() is None:
-        raise UsageError(f"no account named {name!r}", field="name")
+    return [{"name": a.name, "role": a.role, "disabled": a.disabled} for a in store.accounts.all_accounts()]
 
 
 def set_password(store: SqlStore, name: str, password: str) -> int:
     """A new password for ``name``; every session of the account ends. Returns how many ended."""
     if len(password) < MIN_PASSWORD:
         raise UsageError(f"password too short: at least {MIN_PASSWORD} characters", field="password")
-    a = t.accounts
-    with store._write() as conn:
-        _require(conn, name)
-        conn.execute(
-            sa.update(a).where(a.c.name == name).values(password_hash=hash_password(password), updated_at=store.clock())
-        )
-        return _end_sessions(conn, name)
+    return store.accounts.set_password_hash(name, hash_password(password))
 
 
 def set_disabled(store: SqlStore, name: str, disabled: bool = True) -> int:
     """Disable (or enable again) an account; disabling ends its sessions at once. Returns how many ended."""
-    a = t.accounts
-    with store._write() as conn:
-        _require(conn, name)
-        conn.execute(sa.update(a).where(a.c.name == name).values(disabled=disabled, updated_at=store.clock()))
-        return _end_sessions(conn, name) if disabled else 0
+    return store.accounts.set_disabled(name, disabled)
 
 
 def remove_user(store: SqlStore, name: str) -> int:
     """Delete an account and end its sessions. Returns how many sessions ended."""
-    a = t.accounts
-    with store._write() as conn:
-        _require(conn, name)
-        conn.execute(sa.delete(a).where(a.c.name == name))
-        return _end_sessions(conn, name)
-
-
-def _end_sessions(conn: sa.Connection, name: str) -> int:
-    return int(conn.execute(sa.delete(t.sessions).where(t.sessions.c.account == name)).rowcount)
+    return store.accounts.remove(name)
 
 
 # ------------------------------------------------------------------ sessions
 
 
-def _id_hash(session_id: str) -> str:
-    return hashlib.sha256(session_id.encode("ascii")).hexdigest()
-
-
 def start_session(store: SqlStore, account: Account, max_age: int) -> str:
     """A new session for ``account``; returns its random id (what the cookie carries, signed)."""
     session_id = secrets.token_urlsafe(32)
-    now = store.clock()
-    s = t.sessions
-    with store._write() as conn:
-        conn.execute(sa.delete(s).where(s.c.expires_at < now))  # expired sessions are not kept
-        conn.execute(
-            sa.insert(s).values(
-                id_hash=_id_hash(session_id),
-                account=account.name,
-                role=account.role,
-                created_at=now,
-                expires_at=now + timedelta(seconds=max_age),
-            )
-        )
+    store.accounts.start_session(session_id, StoredAccount(account.name, account.role), max_age)
     return session_id
 
 
 def session_account(store: SqlStore, session_id: str) -> Account | None:
     """The account of a live session: unexpired, account present and enabled, role unchanged since login."""
-    s, a = t.sessions, t.accounts
-    with store._read() as conn:
-        row = conn.execute(
-            sa.select(a.c.name, a.c.role)
-            .select_from(s.join(a, a.c.name == s.c.account))
-            .where(
-                s.c.id_hash == _id_hash(session_id),
-                s.c.expires_at > store.clock(),
-                a.c.disabled.is_not(True),
-                a.c.role == s.c.role,
-            )
-        ).first()
+    row = store.accounts.session_account(session_id)
     return Account(row.name, row.role) if row else None
 
 
 def end_session(store: SqlStore, session_id: str) -> None:
-    with store._write() as conn:
-        conn.execute(sa.delete(t.sessions).where(t.sessions.c.id_hash == _id_hash(session_id)))
+    store.accounts.end_session(session_id)
 
 
 # ------------------------------------------------------------------ login throttle
@@ -236,37 +159,13 @@ def login(store: SqlStore, name: str, password: str, address: str) -> Account | 
     A successful login forgets the name's failures and gives the address its attempt back.
     """
     name_key, address_key = f"name:{name[:100]}", f"addr:{address[:100]}"
-    now = store.clock()
-    with store._write() as conn:
-        # counters of windows long past are dropped, so names tried once do not pile up for ever
-        lt = t.login_throttle
-        conn.execute(sa.delete(lt).where(lt.c.window_start < now - timedelta(seconds=2 * WINDOW)))
-        by_name = _count(store, conn, name_key, now)
-        # the address limit bounds password checks: an attempt already refused for its name costs nothing
-        by_address = _count(store, conn, address_key, now) if by_name <= NAME_LIMIT else 0
+    by_name, by_address = store.accounts.count_attempt(name_key, address_key, name_limit=NAME_LIMIT, window=WINDOW)
     if by_name > NAME_LIMIT or by_address > ADDRESS_LIMIT:
         raise Locked(name)
     account = authenticate(store, name, password)
     if account is not None:
-        lt = t.login_throttle
-        with store._write() as conn:
-            conn.execute(sa.delete(lt).where(lt.c.key == name_key))
-            conn.execute(sa.update(lt).where(lt.c.key == address_key, lt.c.count > 0).values(count=lt.c.count - 1))
+        store.accounts.forgive(name_key, address_key)
     return account
-
-
-def _count(store: SqlStore, conn: sa.Connection, key: str, now: datetime) -> int:
-    lt = t.login_throttle
-    stale = lt.c.window_start < now - timedelta(seconds=WINDOW)
-    stmt = store._insert()(lt).values(key=key, window_start=now, count=1)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[lt.c.key],
-        set_={
-            "count": sa.case((stale, 1), else_=lt.c.count + 1),
-            "window_start": sa.case((stale, now), else_=lt.c.window_start),
-        },
-    ).returning(lt.c.count)
-    return int(conn.execute(stmt).scalar_one())
 
 
 _DUMMY = hash_password(secrets.token_hex(8))

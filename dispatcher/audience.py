@@ -24,8 +24,7 @@ from . import domain
 from .charcheck import bad_character
 from .errors import InputError, UsageError
 from .phones import InvalidPhone, normalise
-from .store.base import Resident
-from .store.sql import iter_chunks
+from .store import Resident, iter_chunks
 
 COLUMNS = ("phone", "name", "district", "grid", "segments", "language", "opted_out")
 _TRUE = {"true", "1", "yes", "y", "是", "t"}

@@ -29,16 +29,11 @@ from datetime import UTC, datetime, time
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
-import sqlalchemy as sa
-
 from . import domain
 from .errors import UsageError
 from .phones import InvalidPhone, mask, mask_text, normalise
 from .redact import scrub
-from .store import ledger
-from .store import schema as t
-from .store.base import STATES
-from .store.sql import SqlStore, as_utc
+from .store import AUDIT_CHAIN, STATES, ChainBreak, SqlStore
 
 #: the programme's local time: periods, dates typed without a zone and the dashboard use it
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
@@ -57,30 +52,19 @@ FORMATS = ("table", "csv", "jsonl")
 class ChainResult:
     chain: str
     events: int
-    problem: ledger.Break | None
+    problem: ChainBreak | None
 
 
 def verify(store: SqlStore, run_id: str | None = None) -> Iterator[ChainResult]:
     """Verify one run's chain, or every run's and the audit chain; yields one result per chain."""
     if run_id is not None:
         store.get_run(run_id)  # unknown id -> UsageError (exit 2)
-    with store._read() as conn:
-        query = sa.select(t.runs.c.id).order_by(t.runs.c.created_at, t.runs.c.id)
-        if run_id is not None:
-            query = query.where(t.runs.c.id == run_id)
-        ids = [i for (i,) in conn.execute(query)]
-    for rid in ids:
-        with store._read() as conn:
-            run = conn.execute(sa.select(t.runs).where(t.runs.c.id == rid)).one()
-            problem = ledger.verify_run(conn, run)
-        yield ChainResult(rid, 0 if run.ledger_seq is None else run.ledger_seq + 1, problem)
+    for rid in store.audit.run_ids(run_id):
+        events, problem = store.audit.verify_run(rid)
+        yield ChainResult(rid, events, problem)
     if run_id is None:
-        with store._read() as conn:
-            problem = ledger.verify_chain(conn, ledger.AUDIT_CHAIN)
-            tail = conn.execute(
-                sa.select(t.ledger_chains.c.ledger_seq).where(t.ledger_chains.c.id == ledger.AUDIT_CHAIN)
-            ).scalar()
-        yield ChainResult(ledger.AUDIT_CHAIN, 0 if tail is None else tail + 1, problem)
+        events, problem = store.audit.verify_audit_chain()
+        yield ChainResult(AUDIT_CHAIN, events, problem)
 
 
 # ------------------------------------------------------------------ filters
@@ -171,53 +155,12 @@ def parse_time(text: str, name: str, *, end: bool = False) -> datetime:
     return value.astimezone(UTC)
 
 
-def _where(f: LogFilter) -> list[Any]:
-    e, d, r = t.events, t.deliveries, t.runs
-    where: list[Any] = [e.c.kind == "delivery.state"]
-    if f.run:
-        where.append(e.c.run_id == f.run)
-    if f.campaign:
-        where.append(r.c.campaign_id == f.campaign)
-    if f.district:
-        where.append(d.c.district == f.district)
-    if f.segment:
-        rs = t.resident_segments
-        where.append(sa.exists().where(rs.c.resident_id == d.c.resident_id, rs.c.segment == f.segment))
-    if f.state:
-        where.append(e.c.to_state == f.state)
-    if f.error_code:
-        where.append(e.c.error_code == f.error_code)
-    if f.phone:
-        # deliveries.phone has no index (it slowed fan-out); reach the events through the registry's
-        # unique phone, deliveries by resident and events by key, all indexed
-        r_ = t.residents
-        keys = sa.select(d.c.key).where(d.c.resident_id.in_(sa.select(r_.c.id).where(r_.c.phone == f.phone)))
-        where.extend([e.c.key.in_(keys), d.c.phone == f.phone])
-    if f.since:
-        where.append(e.c.at >= f.since)
-    if f.until:
-        where.append(e.c.at <= f.until)
-    return where
-
-
 def iter_log(
     store: SqlStore, f: LogFilter, *, unmask: bool = False, limit: int | None = None, chunk: int = 5000
 ) -> Iterator[dict[str, Any]]:
     """Stream matching events (oldest first) as flat dicts, one keyset page in memory at a time."""
-    e, d, r = t.events, t.deliveries, t.runs
-    cols = [
-        e.c.id.label("event_id"), e.c.at, e.c.run_id, r.c.campaign_id, r.c.owner, e.c.key, d.c.phone,
-        d.c.district, d.c.grid, e.c.from_state, e.c.to_state, d.c.gateway, e.c.provider_id,
-        e.c.error_code, e.c.reason, e.c.actor,
-    ]  # fmt: skip
-    base = (
-        sa.select(*cols)
-        .select_from(e.join(d, d.c.id == e.c.delivery_id).join(r, r.c.id == e.c.run_id))
-        .where(*_where(f))
-    )
-    for row in _pages(store, base, e.c.id, "event_id", limit, chunk):
-        item = dict(row)
-        item["at"] = as_utc(item["at"]).isoformat()  # type: ignore[union-attr]
+    for item in store.audit.events(f, limit=limit, chunk=chunk):
+        item["at"] = item["at"].isoformat()
         if not unmask:
             item["phone"] = mask(item["phone"])
             item["key"] = mask_text(item["key"] or "")
@@ -226,33 +169,6 @@ def iter_log(
             # reasons are masked when written; rows written before that are masked here
             item["reason"] = scrub(item["reason"]) if item["reason"] else item["reason"]
         yield item
-
-
-def _pages(store: SqlStore, base: Any, order: Any, label: str, limit: int | None, chunk: int) -> Iterator:
-    """Rows of ``base`` in ``order`` (selected as ``label``) with one page in memory at a time.
-
-    PostgreSQL: one query on a server-side cursor (psycopg fetches ``chunk`` rows per
-    round trip), so the plan runs once instead of once per page. SQLite: keyset pages,
-    each a short read, so an export never pins the WAL against checkpoints.
-    """
-    if not store.is_sqlite:
-        query = base.order_by(order) if limit is None else base.order_by(order).limit(limit)
-        with store._read() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
-            yield from result.mappings()
-        return
-    last = 0
-    left = limit
-    while left is None or left > 0:
-        page = chunk if left is None else min(chunk, left)
-        with store._read() as conn:
-            rows = conn.execute(base.where(order > last).order_by(order).limit(page)).mappings().all()
-        if not rows:
-            return
-        yield from rows
-        last = rows[-1][label]
-        if left is not None:
-            left -= len(rows)
 
 
 def record_export(store: SqlStore, *, actor: str, f: LogFilter, fmt: str, via: str) -> None:
@@ -279,28 +195,12 @@ def record_access(store: SqlStore, *, actor: str, f: LogFilter, unmask: bool, fm
 
 def _record(store: SqlStore, kind: str, *, actor: str, f: LogFilter, fmt: str, via: str) -> None:
     payload = {"filter": f.describe(phone_key(store)), "format": fmt, "via": via}
-    with store._write() as conn:
-        ledger.append(conn, ledger.AUDIT_CHAIN, [ledger.Event(kind, actor=actor, payload=payload)], store.clock())
+    store.audit.append(kind, actor=actor, payload=payload)
 
 
 def audit_events(store: SqlStore, limit: int = 100) -> list[dict[str, Any]]:
     """The newest audit-chain events (unmasked exports, searches by phone), for the CLI and the dashboard."""
-    e = t.events
-    with store._read() as conn:
-        rows = (
-            conn.execute(
-                sa.select(e.c.id, e.c.seq, e.c.kind, e.c.actor, e.c.at, e.c.payload)
-                .where(e.c.run_id == ledger.AUDIT_CHAIN)
-                .order_by(e.c.id.desc())
-                .limit(limit)
-            )
-            .mappings()
-            .all()
-        )
-    return [
-        {**dict(row), "at": as_utc(row["at"]).isoformat(), "payload": json.loads(row["payload"] or "{}")}  # type: ignore[union-attr]
-        for row in rows
-    ]
+    return [{**row, "at": row["at"].isoformat()} for row in store.audit.recent(limit)]
 
 
 #: what a spreadsheet reads as the start of a formula (OWASP CSV injection)

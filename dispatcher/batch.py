@@ -15,8 +15,8 @@ import structlog
 
 from .campaigns import Campaign, campaign_snapshot
 from .errors import AmbiguousSendError, PermanentSendError, RetryableSendError, SendError
-from .gateways.base import OutgoingMessage, SendResult
-from .store.base import EXPIRED, FAILED, PENDING, SENT, UNKNOWN, Claimed, Outcome
+from .providers.base import OutgoingMessage, SendResult
+from .store import EXPIRED, FAILED, PENDING, SENT, UNKNOWN, Claimed, Outcome
 from .templates import Composer, TemplateSource
 
 if TYPE_CHECKING:

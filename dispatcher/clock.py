@@ -16,6 +16,10 @@ from datetime import UTC, datetime, timedelta
 Clock = Callable[[], datetime]
 
 
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 def offset_clock(seconds: float) -> Clock:
     """The real clock shifted by ``seconds``: every process given the same offset agrees on the time."""
     delta = timedelta(seconds=seconds)

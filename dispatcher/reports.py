@@ -23,17 +23,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-import sqlalchemy as sa
-
 from . import domain
 from .audit import LOCAL_TZ
 from .errors import UsageError
-from .store import schema as t
-from .store.base import HANDED_OVER_STATES
-from .store.sql import SqlStore
-
-REACHED_STATES = ("sent", "delivered")
-FAILED_STATES = ("failed", "undelivered", "expired", "unknown")
+from .store import Reach, SqlStore, Window
 
 _PERIOD_RE = re.compile(r"^(\d{4})(?:Q([1-4])|-(\d{2}))?$")
 
@@ -73,13 +66,8 @@ def parse_period(text: str, option: str = "period") -> Period:
     return Period(text.strip().upper(), start.astimezone(UTC), end.astimezone(UTC))
 
 
-def _runs_in(period: Period | None) -> Any:
-    r = t.runs
-    query = sa.select(r.c.id)
-    if period is not None:
-        when = sa.func.coalesce(r.c.fire_time, r.c.created_at)
-        query = query.where(when >= period.start, when < period.end)
-    return query
+def _window(period: Period | None) -> Window | None:
+    return None if period is None else Window(period.start, period.end)
 
 
 def _pct(part: int, whole: int) -> float:
@@ -88,49 +76,22 @@ def _pct(part: int, whole: int) -> float:
 
 def coverage(store: SqlStore, period: Period) -> dict[str, Any]:
     """District x segment: eligible, reached, delivered and percent, with every cell present (zeros too)."""
-    r, rs, d = t.residents, t.resident_segments, t.deliveries
-    per_resident = (
-        sa.select(
-            d.c.resident_id.label("resident_id"),
-            sa.func.max(sa.case((d.c.state.in_(REACHED_STATES), 1), else_=0)).label("reached"),
-            sa.func.max(sa.case((d.c.state == "delivered", 1), else_=0)).label("delivered"),
-        )
-        .where(d.c.run_id.in_(_runs_in(period)))
-        .group_by(d.c.resident_id)
-        .subquery()
-    )
-    reached = sa.func.coalesce(sa.func.sum(per_resident.c.reached), 0)
-    delivered = sa.func.coalesce(sa.func.sum(per_resident.c.delivered), 0)
-    eligible_only = r.c.opted_out.is_(False)
-    with store._read() as conn:
-        runs = int(conn.execute(sa.select(sa.func.count()).select_from(_runs_in(period).subquery())).scalar_one())
-        cells_q = (
-            sa.select(r.c.district, rs.c.segment, sa.func.count(), reached, delivered)
-            .select_from(
-                r.join(rs, rs.c.resident_id == r.c.id).outerjoin(per_resident, per_resident.c.resident_id == r.c.id)
-            )
-            .where(eligible_only)
-            .group_by(r.c.district, rs.c.segment)
-        )
-        found = {(dist, seg): (int(n), int(re_), int(de)) for dist, seg, n, re_, de in conn.execute(cells_q)}
-        district_q = (
-            sa.select(r.c.district, sa.func.count(), reached, delivered)
-            .select_from(r.outerjoin(per_resident, per_resident.c.resident_id == r.c.id))
-            .where(eligible_only)
-            .group_by(r.c.district)
-        )
-        by_district = {dist: (int(n), int(re_), int(de)) for dist, n, re_, de in conn.execute(district_q)}
+    counts = store.reports.coverage(Window(period.start, period.end))
+    runs = counts.runs
+    none = Reach(0, 0, 0)
     cells = []
     for dist in domain.DISTRICTS:
         for seg in domain.SEGMENTS:
-            n, re_, de = found.get((dist.id, seg.id), (0, 0, 0))
+            cell = counts.cells.get((dist.id, seg.id), none)
+            n, re_, de = cell.eligible, cell.reached, cell.delivered
             cells.append({
                 "district": dist.id, "district_name": dist.name, "segment": seg.id, "segment_name": seg.name,
                 "eligible": n, "reached": re_, "delivered": de, "percent": _pct(re_, n),
             })  # fmt: skip
     districts = []
     for dist in domain.DISTRICTS:
-        n, re_, de = by_district.get(dist.id, (0, 0, 0))
+        reach = counts.districts.get(dist.id, none)
+        n, re_, de = reach.eligible, reach.reached, reach.delivered
         districts.append(
             {
                 "district": dist.id,
@@ -149,9 +110,6 @@ def coverage(store: SqlStore, period: Period) -> dict[str, Any]:
 
 def departments(store: SqlStore, period: Period) -> dict[str, Any]:
     """Per owning department: campaigns, runs, recipients, sent, delivered, failed by cause, parts sent."""
-    r, d = t.runs, t.deliveries
-    when = sa.func.coalesce(r.c.fire_time, r.c.created_at)
-    in_period = (when >= period.start, when < period.end)
 
     def empty(key: str, name: str) -> dict[str, Any]:
         return {
@@ -167,44 +125,21 @@ def departments(store: SqlStore, period: Period) -> dict[str, Any]:
         key = dep.id if dep else owner
         return stats.setdefault(key, empty(key, key))
 
-    with store._read() as conn:
-        for owner, campaigns, runs in conn.execute(
-            sa.select(r.c.owner, sa.func.count(sa.distinct(r.c.campaign_id)), sa.func.count())
-            .where(*in_period)
-            .group_by(r.c.owner)
-        ):
-            s = slot(owner)
-            s["campaigns"] += int(campaigns)
-            s["runs"] += int(runs)
-        joined = d.join(r, r.c.id == d.c.run_id)
-        for owner, recipients, sent, delivered, parts in conn.execute(
-            sa.select(
-                r.c.owner,
-                sa.func.sum(sa.case((d.c.state != "skipped", 1), else_=0)),
-                sa.func.sum(sa.case((d.c.state.in_(REACHED_STATES), 1), else_=0)),
-                sa.func.sum(sa.case((d.c.state == "delivered", 1), else_=0)),
-                # the same parts `dispatch status` counts: a delivery report never un-sends a part
-                sa.func.sum(sa.case((d.c.state.in_(HANDED_OVER_STATES), sa.func.coalesce(d.c.parts, 0)), else_=0)),
-            )
-            .select_from(joined)
-            .where(*in_period)
-            .group_by(r.c.owner)
-        ):
-            s = slot(owner)
-            s["recipients"] += int(recipients or 0)
-            s["sent"] += int(sent or 0)
-            s["delivered"] += int(delivered or 0)
-            s["parts_sent"] += int(parts or 0)
-        cause = sa.func.coalesce(d.c.error_code, d.c.reason, d.c.state)
-        for owner, why, n in conn.execute(
-            sa.select(r.c.owner, cause, sa.func.count())
-            .select_from(joined)
-            .where(*in_period, d.c.state.in_(FAILED_STATES))
-            .group_by(r.c.owner, cause)
-        ):
-            s = slot(owner)
-            s["failed"] += int(n)
-            s["failed_by_cause"][str(why)] = s["failed_by_cause"].get(str(why), 0) + int(n)
+    counts = store.reports.departments(Window(period.start, period.end))
+    for owner_runs in counts.runs:
+        s = slot(owner_runs.owner)
+        s["campaigns"] += owner_runs.campaigns
+        s["runs"] += owner_runs.runs
+    for sends in counts.sends:
+        s = slot(sends.owner)
+        s["recipients"] += sends.recipients
+        s["sent"] += sends.sent
+        s["delivered"] += sends.delivered
+        s["parts_sent"] += sends.parts_sent
+    for failed in counts.failures:
+        s = slot(failed.owner)
+        s["failed"] += failed.count
+        s["failed_by_cause"][failed.cause] = s["failed_by_cause"].get(failed.cause, 0) + failed.count
     return {
         "period": period.label,
         "start": period.start.isoformat(),
@@ -215,19 +150,10 @@ def departments(store: SqlStore, period: Period) -> dict[str, Any]:
 
 def failures(store: SqlStore, period: Period | None = None) -> dict[str, Any]:
     """Rows that did not go out, by error code, gateway and state (``reason`` when there is no code)."""
-    d = t.deliveries
-    code = sa.func.coalesce(d.c.error_code, d.c.reason, sa.literal(""))
-    gateway = sa.func.coalesce(d.c.gateway, sa.literal(""))
-    query = (
-        sa.select(code, gateway, d.c.state, sa.func.count())
-        .where(d.c.state.in_(FAILED_STATES))
-        .group_by(code, gateway, d.c.state)
-        .order_by(sa.func.count().desc())
-    )
-    if period is not None:
-        query = query.where(d.c.run_id.in_(_runs_in(period)))
-    with store._read() as conn:
-        rows = [{"error_code": c, "gateway": g, "state": s, "count": int(n)} for c, g, s, n in conn.execute(query)]
+    rows: list[dict[str, Any]] = [
+        {"error_code": f.error_code, "gateway": f.gateway, "state": f.state, "count": f.count}
+        for f in store.reports.failures(_window(period))
+    ]
     totals: dict[str, int] = defaultdict(int)
     for row in rows:
         totals[row["error_code"]] += row["count"]

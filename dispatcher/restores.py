@@ -17,7 +17,7 @@ from .batch import run_campaign
 from .errors import UsageError
 from .ringback import ENROL_CHANNEL, MAY_BE_ENROLLED, RESTORE_CHANNEL, restore_reason
 from .runs import enqueue_batches
-from .store.base import RunSpec
+from .store import RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime

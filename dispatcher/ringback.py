@@ -24,9 +24,8 @@ import structlog
 
 from .batch import RUNS, BatchResult, outcome_for, seconds_until
 from .errors import SendError
-from .gateways.base import OutgoingMessage, SendResult
-from .gateways.ringback import RingbackRequest, RingbackResult
-from .store.base import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome
+from .providers.base import OutgoingMessage, RingbackRequest, RingbackResult, SendResult
+from .store import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -78,7 +77,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
         text = announcement_text(context)
         outcomes: list[Outcome] = []
         for row in rows:
-            common = {
+            common: dict[str, Any] = {
                 "id": row.id,
                 "key": row.key,
                 "run_id": row.run_id,

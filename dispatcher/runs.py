@@ -22,10 +22,10 @@ from .actors import declared
 from .batch import run_campaign
 from .campaigns import LoadedCampaign, parse_duration
 from .errors import UsageError
-from .gateways.base import LookupRequest
 from .keys import delivery_key
 from .phones import InvalidPhone, normalise
-from .store.base import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
+from .providers.base import LookupRequest
+from .store import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -148,8 +148,8 @@ def start_manual_run(
             if recent:
                 last = recent[-1]
                 raise UsageError(
-                    f"campaign {c.id} already has run {last['id']} ({last['status']}, created "
-                    f"{last['created_at']:%Y-%m-%d %H:%M} UTC) within its frequency period {period}; "
+                    f"campaign {c.id} already has run {last.id} ({last.status}, created "
+                    f"{last.created_at:%Y-%m-%d %H:%M} UTC) within its frequency period {period}; "
                     "to send it again give --again --reason TEXT",
                     field="again",
                 )
@@ -259,7 +259,7 @@ def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], act
         # enrolment and restore are idempotent (ringback adapters): doing one again is safe
         return 0, store.requeue(orphans, actor=actor)
     gateway = runtime.gateway
-    if not getattr(gateway, "can_lookup", True):
+    if not gateway.can_lookup:
         # the provider cannot say what it took: resending could double-send, an operator decides
         settled = store.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
         log.warning("run.orphans_unknown", orphans=len(orphans), marked=settled)
@@ -341,7 +341,7 @@ def reconcile_unknown(runtime: Runtime, run_id: str) -> tuple[int, int]:
         # ringback enrol/restore calls are idempotent: try them again rather than ask
         return store.settle_unknown(run_id, {}, [r["id"] for r in rows], gateway="ringback")
     gateway = runtime.gateway
-    if not getattr(gateway, "can_lookup", True):
+    if not gateway.can_lookup:
         # the provider cannot tell us what it took: resending could double-send, so an operator decides
         log.warning("run.unknown_left", unknown=len(rows), gateway=gateway.name)
         return 0, 0
@@ -391,10 +391,10 @@ def stall(runtime: Runtime, run_id: str, run_status: str) -> dict[str, Any]:
     if run_status != "running":
         return {"stalled": 0, "last_progress": None}
     p = runtime.store.progress(run_id)
-    last = p["last_progress"]
+    last = p.last_progress
     quiet = last is None or (runtime.clock() - last).total_seconds() > runtime.settings.stall_after
     return {
-        "stalled": (p["due"] + p["sending"]) if quiet else 0,
+        "stalled": (p.due + p.sending) if quiet else 0,
         "last_progress": last.isoformat() if last else None,
     }
 

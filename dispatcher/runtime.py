@@ -17,18 +17,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
-
-import dramatiq
+from typing import TYPE_CHECKING, Any
 
 from .broker import make_broker
 from .clock import offset_clock
-from .gateways import create_gateway
-from .gateways.base import Gateway
-from .gateways.ringback import create_ringback
 from .ratelimit import make_rate_limiter
 from .settings import Settings
-from .store.sql import SqlStore, open_store, utcnow
+from .store import SqlStore, open_store, utcnow
+
+if TYPE_CHECKING:
+    import dramatiq
+
+    from .providers.base import Gateway, RingbackGateway
 
 
 @dataclass
@@ -45,8 +45,8 @@ class Runtime:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _rate_limiter: Any = None
     #: builds the ringback adapter (tests inject one); default: DISPATCH_RINGBACK_GATEWAY
-    ringback_factory: Callable[[Settings], Any] | None = None
-    _ringback: Any = None
+    ringback_factory: Callable[[Settings], RingbackGateway] | None = None
+    _ringback: RingbackGateway | None = None
     #: set when the process is asked to stop (SIGTERM): batches hand out no new sends and release the rest
     stopping: threading.Event = field(default_factory=threading.Event)
     #: why this process cannot go on (its delivery log cannot be written); the embedded run reports it
@@ -80,17 +80,22 @@ class Runtime:
                 if self.gateway_factory is not None:
                     self._gateway = self.gateway_factory(self.settings)
                 else:
+                    # the registry loads every provider's package and client library: only when one is needed
+                    from .providers.registry import create_gateway
+
                     self._gateway = create_gateway(self.settings)
             return self._gateway
 
     @property
-    def ringback(self) -> Any:
-        """The ringback-tone adapter (``gateways/ringback.py``), built on first use."""
+    def ringback(self) -> RingbackGateway:
+        """The ringback-tone adapter ``DISPATCH_RINGBACK_GATEWAY`` names (``providers/``), built on first use."""
         with self._lock:
             if self._ringback is None:
                 if self.ringback_factory is not None:
                     self._ringback = self.ringback_factory(self.settings)
                 else:
+                    from .providers.registry import create_ringback
+
                     self._ringback = create_ringback(self.settings)
             return self._ringback
 

@@ -42,7 +42,7 @@ from .campaigns import LoadedCampaign, campaign_files, check_paths, make_trigger
 from .errors import DispatchError, InputError
 from .restores import due_restores, start_restore
 from .runs import enqueue_batches, start_run
-from .store.sql import DuplicateRun, LeaseLost
+from .store import DuplicateRun, LeaseLost
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:

@@ -23,12 +23,12 @@ from .errors import (
     StoreError,
     TemplateError,
 )
-from .gateways.base import OutgoingMessage, SendResult
 from .phones import mask_text
+from .providers.base import OutgoingMessage, SendResult
 from .ringback import process_ringback_batch
 from .send_window import campaign_may_send
 from .spool import record_durably, replay
-from .store.base import EXPIRED, FAILED, SKIPPED, Claimed, Outcome
+from .store import EXPIRED, FAILED, SKIPPED, Claimed, Outcome
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -208,7 +208,7 @@ class Gate:
         self.limiter = runtime.rate_limiter
         #: one message at a time when paced, so the limiter spaces every single send; a gateway that
         #: takes many numbers in one call (HTTP adapter in batch mode) gets whole calls' worth
-        self.chunk = 1 if self.limiter is not None else max(20, getattr(runtime.gateway, "batch_capacity", 0))
+        self.chunk = 1 if self.limiter is not None else max(20, runtime.gateway.batch_capacity)
         self.unsent: list[Claimed] = []
         self.stop_reason: str | None = None
         #: why the gateway could take nothing more (disk full, ...), when stop_reason is gateway_down

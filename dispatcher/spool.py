@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .errors import StoreError
-from .store.base import Outcome
+from .store import Outcome
 
 if TYPE_CHECKING:
     from .runtime import Runtime

@@ -90,18 +90,18 @@ class Watchdog:
             if orphans:
                 result["found"], result["requeued"] = reconcile_orphans(runtime, run_id, orphans, actor="watchdog")
             progress = store.progress(run_id)
-            last = progress["last_progress"]
+            last = progress.last_progress
             quiet = last is None or (runtime.clock() - last).total_seconds() > settings.stall_after
             kicked = self._kicked.get(run_id, 0.0)
             recently = time.monotonic() - kicked < settings.stall_after
-            if requeue_all or result["requeued"] or (progress["due"] and quiet and not recently):
+            if requeue_all or result["requeued"] or (progress.due and quiet and not recently):
                 batches = store.pending_batches(run_id)
                 result["batches"] = enqueue_batches(runtime, run_id, batches)
                 self._kicked[run_id] = time.monotonic()
                 log.warning(
                     "watchdog.requeued",
                     batches=result["batches"],
-                    due=progress["due"],
+                    due=progress.due,
                     last_progress=last.isoformat() if last else None,
                     broker_lost=requeue_all,
                 )

@@ -6,7 +6,7 @@ import collections
 import sys
 from pathlib import Path
 
-from dispatcher.gateways.outbox import read_outbox
+from dispatcher.providers.outbox.gateway import read_outbox
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 import httpx
 
 from dispatcher.errors import SendError
-from dispatcher.gateways.base import Gateway, OutgoingMessage, SendResult
+from dispatcher.providers.base import Gateway, OutgoingMessage, SendResult
 
 
 @dataclass(frozen=True)

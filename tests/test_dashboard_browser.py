@@ -261,7 +261,7 @@ def test_users_add_reads_the_password_from_stdin_stores_only_a_hash_and_refuses_
 
 def test_session_cookies_are_refused_when_forged_expired_or_ended(tmp_path: Path) -> None:
     from dispatcher.accounts import Account, add_user
-    from dispatcher.store.sql import open_store
+    from dispatcher.store import open_store
     from dispatcher.web.dashboard import Sessions
 
     store = open_store(f"sqlite:///{tmp_path / 'd.db'}")

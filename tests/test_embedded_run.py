@@ -6,7 +6,7 @@ import collections
 import hashlib
 import json
 
-from dispatcher.gateways.outbox import read_outbox
+from dispatcher.providers.outbox.gateway import read_outbox
 from dispatcher.runtime import Runtime
 from dispatcher.sender import process_batch
 from dispatcher.sms import segment
@@ -186,7 +186,7 @@ def test_resume_after_a_crash_sends_only_what_the_gateway_never_got(project: Pro
     """A worker died after handing some messages to the gateway but before recording them."""
     project.registry(size=60)
     from dispatcher.campaigns import load_campaign
-    from dispatcher.gateways.base import OutgoingMessage
+    from dispatcher.providers.base import OutgoingMessage
     from dispatcher.runs import audience_filter, run_spec
 
     rt = project.runtime()
@@ -223,7 +223,7 @@ def _run_with_unknown_rows(project: Project, n: int) -> tuple[str, list[str]]:
     """A run whose first ``n`` rows came back ambiguous (as a provider that cannot be asked leaves them)."""
     from dispatcher.campaigns import load_campaign
     from dispatcher.runs import audience_filter, run_spec
-    from dispatcher.store.base import Outcome
+    from dispatcher.store import Outcome
 
     rt = project.runtime()
     loaded = load_campaign(project.root / CAMPAIGN, project.root / "templates")

@@ -14,7 +14,7 @@ from gateway_harness import Case, Exchange, Failed, Sent, message, run_case
 from twilio_support import Clock, LocalServer, drive, json_reply, start
 
 from dispatcher.errors import AmbiguousSendError, PermanentSendError, RetryableSendError
-from dispatcher.gateways.http import HttpConfigError, HttpGateway, load_config
+from dispatcher.providers.http.gateway import HttpConfigError, HttpGateway, load_config
 from dispatcher.runs import resume_run
 
 TOKEN = "carrier-token-5d1e77a0"
@@ -462,8 +462,8 @@ def test_rows_orphaned_with_a_provider_that_cannot_be_asked_become_unknown_not_r
 def test_signed_delivery_report_moves_the_rows_the_http_gateway_sent(project: Any) -> None:
     from starlette.testclient import TestClient
 
+    from dispatcher.providers.http.webhooks import report_signature
     from dispatcher.web.app import create_app
-    from dispatcher.web.webhooks import report_signature
 
     provider = BatchProvider()
     server = LocalServer(provider)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from dispatcher.gateways.outbox import read_outbox
+from dispatcher.providers.outbox.gateway import read_outbox
 from dispatcher.ratelimit import MemoryRateLimiter, RedisRateLimiter
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dispatcher.gateways.outbox import read_outbox
+from dispatcher.providers.outbox.gateway import read_outbox
 from tests.conftest import Project, stop_processes, wait_for
 
 CAMPAIGN = "campaigns/quarterly-themes.yaml"

@@ -22,9 +22,9 @@ from twilio_support import Clock, LocalServer, drive, json_reply, start
 from dispatcher import domain
 from dispatcher.audit import verify
 from dispatcher.campaigns import check_file
-from dispatcher.gateways.ringback import read_ringback_outbox
+from dispatcher.providers.outbox.ringback import read_ringback_outbox
 from dispatcher.restores import due_restores, find_restore_run, start_restore
-from dispatcher.store.base import AudienceFilter
+from dispatcher.store import AudienceFilter
 from dispatcher.web.app import create_app
 
 PUBLIC_URL = "https://dispatch.example.org"

@@ -23,15 +23,14 @@ from starlette.testclient import TestClient
 from dispatcher import audit
 from dispatcher.accounts import hash_password, list_users, login, set_disabled
 from dispatcher.errors import PermanentSendError
-from dispatcher.gateways import create_gateway
-from dispatcher.gateways.http import HttpConfigError
-from dispatcher.gateways.twilio import TwilioGateway
 from dispatcher.phones import mask
+from dispatcher.providers import create_gateway
+from dispatcher.providers.http.gateway import HttpConfigError
+from dispatcher.providers.twilio.gateway import TwilioGateway
 from dispatcher.redact import scrub
 from dispatcher.settings import Settings
+from dispatcher.store import Outcome, open_store
 from dispatcher.store import schema as t
-from dispatcher.store.base import Outcome
-from dispatcher.store.sql import open_store
 from dispatcher.web.dashboard import Sessions
 from tests.conftest import Project, _make_project
 from tests.test_embedded_run import _run_with_unknown_rows

@@ -19,7 +19,7 @@ import pytest
 from dispatcher.campaigns import SendWindow, load_campaign
 from dispatcher.clock import SettableClock
 from dispatcher.errors import ConfigError
-from dispatcher.gateways.outbox import read_outbox
+from dispatcher.providers.outbox.gateway import read_outbox
 from dispatcher.runs import start_run
 from dispatcher.runtime import Runtime
 from dispatcher.send_window import is_open, next_opening
@@ -205,6 +205,6 @@ def test_two_bulk_runs_sending_to_the_same_people_at_once_never_exceed_the_cap(p
 
 
 def _outbox_lines(project: Project) -> list[dict]:  # type: ignore[type-arg]
-    from dispatcher.gateways.outbox import read_outbox
+    from dispatcher.providers.outbox.gateway import read_outbox
 
     return list(read_outbox(project.outbox))

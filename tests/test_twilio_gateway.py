@@ -24,10 +24,10 @@ from twilio_support import Clock, FakeTwilio, LocalServer, campaign_yaml, drive,
 
 from dispatcher.audit import verify
 from dispatcher.errors import AmbiguousSendError, ConfigError, PermanentSendError, RetryableSendError
-from dispatcher.gateways import create_gateway
-from dispatcher.gateways.base import LookupRequest, OutgoingMessage
-from dispatcher.gateways.httptrace import collecting
-from dispatcher.gateways.twilio import TwilioGateway, classify
+from dispatcher.providers import create_gateway
+from dispatcher.providers.base import LookupRequest, OutgoingMessage
+from dispatcher.providers.httptrace import collecting
+from dispatcher.providers.twilio.gateway import TwilioGateway, classify
 from dispatcher.runs import resume_run
 
 SID_RE = re.compile(r"^(SM|MM)[0-9a-fA-F]{32}$")

@@ -22,8 +22,8 @@ from twilio.request_validator import RequestValidator
 from twilio_support import Clock, FakeTwilio, LocalServer, campaign_yaml, drive, start
 
 from dispatcher.audit import verify
+from dispatcher.providers.http.webhooks import report_signature
 from dispatcher.web.app import create_app
-from dispatcher.web.webhooks import report_signature
 
 PUBLIC_URL = "https://dispatch.example.org"
 REPORT_SECRET = "report-secret-for-tests-91c2"

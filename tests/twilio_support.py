@@ -16,7 +16,7 @@ from dispatcher.campaigns import load_campaign
 from dispatcher.runs import start_run
 from dispatcher.runtime import Runtime
 from dispatcher.sender import process_batch
-from dispatcher.store.base import OPEN_STATES
+from dispatcher.store import OPEN_STATES
 
 
 def daytime() -> datetime:

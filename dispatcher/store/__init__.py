@@ -1,6 +1,106 @@
-"""Delivery-log stores: ``base`` says what the pipeline needs, ``sql`` provides it (SQLite, PostgreSQL)."""
+"""The delivery log: the one face the rest of the package imports.
 
-from .base import AudienceFilter, Claimed, Outcome, Resident, RunSpec
-from .sql import DuplicateRun, SqlStore, open_store
+``SqlStore`` (SQLite, the local default that needs no service, and PostgreSQL) holds an
+engine and small operation groups, each in its own module and each owning its tables::
 
-__all__ = ["AudienceFilter", "Claimed", "DuplicateRun", "Outcome", "Resident", "RunSpec", "SqlStore", "open_store"]
+    store.upsert_residents / iter_audience / ...   residents and audiences      (sql.py)
+    store.create_run / get_run / list_runs / ...   runs                         (sql.py)
+    store.claim / record / release / requeue ...   deliveries and claims        (sql.py)
+    store.pause_run / record_fire / acquire_lease  coordination: control, fires,
+      / take_fence / heartbeat ...                 leases, fences, heartbeats   (control.py, sql.py)
+    store.apply_status / settle_unknown / ...      provider events after hand-over (provider.py)
+    store.accounts                                 accounts, sessions, login throttle (_accounts.py)
+    store.audit                                    ledger verification, event log, audit chain (_audit.py)
+    store.reports                                  aggregates for the assessment reports (_reports.py)
+    store.dashboard                                reads the dashboard's pages need (_dashboard.py)
+
+Everything else in this package (``sql``, ``control``, ``provider``, ``ledger``, ``schema``,
+the ``_``-prefixed modules) is implementation: import from ``dispatcher.store`` only. SQL
+stays inside this package; callers get records (dataclasses) and plain values back.
+"""
+
+from ._accounts import Credentials, StoredAccount
+from ._reports import (
+    FAILED_STATES,
+    REACHED_STATES,
+    CoverageCounts,
+    DepartmentCounts,
+    FailureCount,
+    OwnerFailures,
+    OwnerRuns,
+    OwnerSends,
+    Reach,
+    Window,
+)
+from ._rows import as_utc
+from .base import (
+    CANCELLED,
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    HANDED_OVER_STATES,
+    OPEN_STATES,
+    PENDING,
+    SENDING,
+    SENT,
+    SKIPPED,
+    STATES,
+    UNDELIVERED,
+    UNKNOWN,
+    AudienceFilter,
+    Claimed,
+    Outcome,
+    Resident,
+    RunSpec,
+)
+from .control import RecentRun, RunProgress
+from .ledger import AUDIT_CHAIN
+from .ledger import Break as ChainBreak
+from .provider import PROVIDER_STATES, StateChange
+from .sql import DuplicateRun, LeaseLost, SqlStore, iter_chunks, open_store, utcnow
+
+__all__ = [
+    "AUDIT_CHAIN",
+    "CANCELLED",
+    "DELIVERED",
+    "EXPIRED",
+    "FAILED",
+    "FAILED_STATES",
+    "HANDED_OVER_STATES",
+    "OPEN_STATES",
+    "PENDING",
+    "PROVIDER_STATES",
+    "REACHED_STATES",
+    "SENDING",
+    "SENT",
+    "SKIPPED",
+    "STATES",
+    "UNDELIVERED",
+    "UNKNOWN",
+    "AudienceFilter",
+    "ChainBreak",
+    "Claimed",
+    "CoverageCounts",
+    "Credentials",
+    "DepartmentCounts",
+    "DuplicateRun",
+    "FailureCount",
+    "LeaseLost",
+    "Outcome",
+    "OwnerFailures",
+    "OwnerRuns",
+    "OwnerSends",
+    "Reach",
+    "RecentRun",
+    "Resident",
+    "RunProgress",
+    "RunSpec",
+    "SqlStore",
+    "StateChange",
+    "StoredAccount",
+    "Window",
+    "as_utc",
+    "iter_chunks",
+    "open_store",
+    "utcnow",
+]

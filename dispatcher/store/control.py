@@ -1,6 +1,6 @@
-"""Run control, frequency caps, scheduler fires and the scheduler lease, mixed into ``SqlStore``.
+"""Run control, frequency caps, scheduler fires, leases and fences: one operation group of the store.
 
-Every delivery state change here goes through ``SqlStore._transition`` so the ledger
+Every delivery state change here goes through ``_rows.transition`` so the ledger
 records it in the same transaction.
 """
 
@@ -10,8 +10,9 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,29 +23,44 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ..errors import StoreError
 from . import schema as t
+from ._db import Db
+from ._rows import transition
 from .base import CANCELLED, DELIVERED, SENDING, SENT
 
 #: states in which a message counts against a person's frequency cap (it reached the gateway)
 CAPPED_STATES = (SENT, DELIVERED)
 
 
-class RunControlMixin:
-    """Mixed into ``SqlStore``; uses its ``_write``/``_read``/``_transition``/``clock``."""
+@dataclass(frozen=True)
+class RunProgress:
+    """How far a run has got: when any row last moved, rows due to be sent now, rows in flight."""
 
-    clock: Callable[[], datetime]
-    is_sqlite: bool
-    _write: Callable[[], AbstractContextManager[Connection]]
-    _read: Callable[[], AbstractContextManager[Connection]]
-    _transition: Callable[..., int]
-    _insert: Callable[[], Any]
-    _write_short: Callable[[], AbstractContextManager[Connection]]
-    engine: Any
+    last_progress: datetime | None
+    due: int
+    sending: int
+
+
+@dataclass(frozen=True)
+class RecentRun:
+    """A run of a campaign counted against its frequency period."""
+
+    id: str
+    status: str
+    created_at: datetime
+    fire_time: datetime | None
+
+
+class RunControl:
+    """Run control, frequency caps, scheduler fires, leases, fences and markers over one ``Db``."""
+
+    def __init__(self, db: Db) -> None:
+        self._db = db
 
     # ------------------------------------------------------------------ pause / resume / cancel
 
     def pause_run(self, run_id: str) -> bool:
         """Mark a running run paused; workers stop claiming its rows. False if it was not running."""
-        with self._write() as conn:
+        with self._db.write() as conn:
             moved = conn.execute(
                 sa.update(t.runs)
                 .where(t.runs.c.id == run_id, t.runs.c.status.in_(("running", "creating")))
@@ -53,7 +69,7 @@ class RunControlMixin:
         return bool(moved)
 
     def unpause_run(self, run_id: str) -> bool:
-        with self._write() as conn:
+        with self._db.write() as conn:
             moved = conn.execute(
                 sa.update(t.runs).where(t.runs.c.id == run_id, t.runs.c.status == "paused").values(status="running")
             ).rowcount
@@ -61,16 +77,17 @@ class RunControlMixin:
 
     def run_status(self, run_id: str) -> str | None:
         """Only the status: workers poll it between sends, so it must be cheap."""
-        with self._read() as conn:
+        with self._db.read() as conn:
             return conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar_one_or_none()
 
     def cancel_claimed(self, ids: Sequence[int], actor: str, token: str | None = None) -> int:
         """Rows a worker claimed but had not handed to the gateway when the run was cancelled."""
         if not ids:
             return 0
-        with self._write() as conn:
-            return self._transition(
+        with self._db.write() as conn:
+            return transition(
                 conn,
+                self._db.now(),
                 ids,
                 SENDING,
                 CANCELLED,
@@ -84,7 +101,7 @@ class RunControlMixin:
 
     def halt_run(self, run_id: str, why: str) -> bool:
         """Pause a run that cannot go on by itself (its outbox or log cannot be written), saying why."""
-        with self._write() as conn:
+        with self._db.write() as conn:
             moved = conn.execute(
                 sa.update(t.runs)
                 .where(t.runs.c.id == run_id, t.runs.c.status.in_(("running", "creating", "paused")))
@@ -93,18 +110,18 @@ class RunControlMixin:
         return bool(moved)
 
     def clear_halt(self, run_id: str) -> None:
-        with self._write() as conn:
+        with self._db.write() as conn:
             conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(halted=None))
 
     def run_halted(self, run_id: str) -> str | None:
-        with self._read() as conn:
+        with self._db.read() as conn:
             return conn.execute(select(t.runs.c.halted).where(t.runs.c.id == run_id)).scalar_one_or_none()
 
-    def progress(self, run_id: str) -> dict[str, Any]:
+    def progress(self, run_id: str) -> RunProgress:
         """Rows waiting to be sent now, rows in flight, and when any row of the run last moved."""
         d = t.deliveries
-        now = self.clock()
-        with self._read() as conn:
+        now = self._db.now()
+        with self._db.read() as conn:
             last, due, sending = conn.execute(
                 select(
                     func.max(d.c.updated_at),
@@ -123,22 +140,22 @@ class RunControlMixin:
                     func.sum(sa.case((d.c.state == SENDING, 1), else_=0)),
                 ).where(d.c.run_id == run_id)
             ).one()
-        return {"last_progress": _utc(last), "due": int(due or 0), "sending": int(sending or 0)}
+        return RunProgress(_utc(last), int(due or 0), int(sending or 0))
 
     def running_runs(self) -> list[str]:
-        with self._read() as conn:
+        with self._db.read() as conn:
             return [i for (i,) in conn.execute(select(t.runs.c.id).where(t.runs.c.status == "running"))]
 
-    def recent_runs(self, campaign_id: str, since: datetime) -> list[dict[str, Any]]:
+    def recent_runs(self, campaign_id: str, since: datetime) -> list[RecentRun]:
         """Runs of a campaign created since ``since`` that were not cancelled (a repeat would message them again)."""
         r = t.runs
-        with self._read() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(
                 select(r.c.id, r.c.status, r.c.created_at, r.c.fire_time)
                 .where(r.c.campaign_id == campaign_id, r.c.created_at >= since, r.c.status != "cancelled")
                 .order_by(r.c.created_at)
-            ).mappings()
-            return [dict(row) for row in rows]
+            )
+            return [RecentRun(row.id, row.status, row.created_at, row.fire_time) for row in rows]
 
     # ------------------------------------------------------------------ operator locks
 
@@ -151,9 +168,9 @@ class RunControlMixin:
         the kernel if the process dies). Waits up to ``wait`` seconds, then says who is in the way.
         """
         deadline = time.monotonic() + wait
-        if not self.is_sqlite:
+        if not self._db.is_sqlite:
             key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-            with self.engine.connect() as conn:
+            with self._db.engine.connect() as conn:
                 try:
                     while not conn.execute(select(func.pg_try_advisory_lock(key))).scalar_one():
                         if time.monotonic() > deadline:
@@ -203,10 +220,10 @@ class RunControlMixin:
         """
         f = t.leader_fences
         now = datetime.now(UTC)
-        with self._write_short() as conn:
+        with self._db.write_short() as conn:
             row = conn.execute(select(f.c.holder, f.c.token).where(f.c.name == name)).first()
             if row is None:
-                stmt = self._insert()(f).values(name=name, holder=holder, token=1, updated_at=now)
+                stmt = self._db.insert()(f).values(name=name, holder=holder, token=1, updated_at=now)
                 if conn.execute(stmt.on_conflict_do_nothing()).rowcount:
                     return 1
                 row = conn.execute(select(f.c.holder, f.c.token).where(f.c.name == name)).one()
@@ -223,22 +240,22 @@ class RunControlMixin:
     def get_marker(self, name: str) -> str | None:
         """A small named value kept beside the fences (the broker sentinel the watchdog checks)."""
         f = t.leader_fences
-        with self._read() as conn:
+        with self._db.read() as conn:
             return conn.execute(select(f.c.holder).where(f.c.name == name)).scalar_one_or_none()
 
     def set_marker(self, name: str, value: str) -> None:
         f = t.leader_fences
         now = datetime.now(UTC)
-        stmt = self._insert()(f).values(name=name, holder=value, token=0, updated_at=now)
+        stmt = self._db.insert()(f).values(name=name, holder=value, token=0, updated_at=now)
         stmt = stmt.on_conflict_do_update(index_elements=[f.c.name], set_={"holder": value, "updated_at": now})
-        with self._write_short() as conn:
+        with self._db.write_short() as conn:
             conn.execute(stmt)
 
     def fence_holds(self, conn: Connection, name: str, holder: str, token: int) -> bool:
         """Inside the caller's transaction: is ``holder`` with ``token`` still the fenced leader?"""
         f = t.leader_fences
         query = select(f.c.holder, f.c.token).where(f.c.name == name)
-        if not self.is_sqlite:
+        if not self._db.is_sqlite:
             query = query.with_for_update()
         row = conn.execute(query).first()
         return row is not None and row.holder == holder and int(row.token) == token
@@ -267,7 +284,7 @@ class RunControlMixin:
         ]
         if exclude_run:
             where.append(d.c.run_id != exclude_run)
-        with self._read() as conn:
+        with self._db.read() as conn:
             return {
                 phone: int(n)
                 for phone, n in conn.execute(
@@ -293,7 +310,7 @@ class RunControlMixin:
     ) -> bool:
         """Remember one handled fire; False if it was recorded already (another leader, a retry)."""
         try:
-            with self._write() as conn:
+            with self._db.write() as conn:
                 conn.execute(
                     sa.insert(t.schedule_fires).values(
                         campaign_id=campaign_id,
@@ -302,7 +319,7 @@ class RunControlMixin:
                         run_id=run_id,
                         reason=reason,
                         scheduler=scheduler,
-                        recorded_at=self.clock(),
+                        recorded_at=self._db.now(),
                         lease_token=lease_token,
                     )
                 )
@@ -311,7 +328,7 @@ class RunControlMixin:
         return True
 
     def last_fire(self, campaign_id: str) -> datetime | None:
-        with self._read() as conn:
+        with self._db.read() as conn:
             value = conn.execute(
                 select(func.max(t.schedule_fires.c.fire_time)).where(t.schedule_fires.c.campaign_id == campaign_id)
             ).scalar_one()
@@ -319,7 +336,7 @@ class RunControlMixin:
 
     def fire_recorded(self, campaign_id: str, fire_time: datetime) -> bool:
         f = t.schedule_fires
-        with self._read() as conn:
+        with self._db.read() as conn:
             query = select(f.c.id).where(f.c.campaign_id == campaign_id, f.c.fire_time == fire_time)
             return conn.execute(query).first() is not None
 
@@ -328,7 +345,7 @@ class RunControlMixin:
         query = select(f).order_by(f.c.fire_time).limit(limit)
         if campaign_id:
             query = query.where(f.c.campaign_id == campaign_id)
-        with self._read() as conn:
+        with self._db.read() as conn:
             rows = [dict(row) for row in conn.execute(query).mappings()]
         for row in rows:
             row["fire_time"] = _utc(row["fire_time"])
@@ -336,7 +353,7 @@ class RunControlMixin:
         return rows
 
     def run_for_fire(self, campaign_id: str, fire_time: datetime) -> str | None:
-        with self._read() as conn:
+        with self._db.read() as conn:
             return conn.execute(
                 select(t.runs.c.id).where(t.runs.c.campaign_id == campaign_id, t.runs.c.fire_time == fire_time)
             ).scalar_one_or_none()
@@ -351,7 +368,7 @@ class RunControlMixin:
         now = datetime.now(UTC)
         expires = now + timedelta(seconds=seconds)
         lease = t.scheduler_leases
-        with self._write_short() as conn:
+        with self._db.write_short() as conn:
             moved = conn.execute(
                 sa.update(lease)
                 .where(lease.c.name == name, sa.or_(lease.c.holder == holder, lease.c.expires_at < now))
@@ -362,13 +379,13 @@ class RunControlMixin:
             exists = conn.execute(select(lease.c.name).where(lease.c.name == name)).first()
             if exists:
                 return False
-            stmt = self._insert()(lease).values(name=name, holder=holder, expires_at=expires)
+            stmt = self._db.insert()(lease).values(name=name, holder=holder, expires_at=expires)
             stmt = stmt.on_conflict_do_nothing()
             return bool(conn.execute(stmt).rowcount)
 
     def release_lease(self, name: str, holder: str) -> None:
         lease = t.scheduler_leases
-        with self._write() as conn:
+        with self._db.write() as conn:
             conn.execute(sa.delete(lease).where(lease.c.name == name, lease.c.holder == holder))
 
 

@@ -1,4 +1,4 @@
-"""Delivery-log changes that come from providers after the hand-over, as a ``SqlStore`` mixin.
+"""Delivery-log changes that come from providers after the hand-over: one operation group of the store.
 
 - ``apply_status``: a status callback or delivery report moves a row *forward only*
   (``sent`` -> ``delivered``); a late or replayed ``sent`` never overwrites
@@ -13,8 +13,8 @@ Every state change here is written in one transaction with its ledger event, as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,8 +24,12 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from ..keys import delivery_key_prefix
+from . import ledger
 from . import schema as t
+from ._db import Db
+from ._rows import as_utc, insert_run, keys_digest
 from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN
+from .ledger import Event, append_by_run
 
 #: provider status words -> our state
 PROVIDER_STATES: dict[str, str] = {
@@ -60,21 +64,16 @@ class StateChange:
     reason: str | None = None
 
 
-class ProviderEventsMixin:
-    """Mixed into ``SqlStore``; uses its ``_write``/``_read``/``clock``."""
+class ProviderEvents:
+    """Status callbacks, reconciliation of ``unknown`` rows and ringback restores over one ``Db``."""
 
-    clock: Callable[[], datetime]
-    _write: Callable[[], AbstractContextManager[Connection]]
-    _read: Callable[[], AbstractContextManager[Connection]]
-    _insert_run: Callable[[Connection, Any, datetime], None]
-    _keys_digest: Callable[[Connection, str], str]
+    def __init__(self, db: Db) -> None:
+        self._db = db
 
     def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str) -> None:
         """Append one ledger event per state change, inside the caller's transaction."""
         if not changes:
             return
-        from .ledger import Event, append_by_run
-
         events = (
             (
                 c.run_id,
@@ -92,7 +91,7 @@ class ProviderEventsMixin:
             )
             for c in changes
         )
-        append_by_run(conn, events, self.clock())
+        append_by_run(conn, events, self._db.now())
 
     def apply_status(
         self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"
@@ -109,8 +108,8 @@ class ProviderEventsMixin:
         """
         if PROVIDER_STATES.get(status.strip().lower()) is None or not provider_id:
             return []
-        now = self.clock()
-        with self._write() as conn:
+        now = self._db.now()
+        with self._db.write() as conn:
             drained = self._drain(conn, now)
             mine, known = self._apply_one(conn, provider_id, status, error_code, actor, now)
             if not known:
@@ -128,8 +127,8 @@ class ProviderEventsMixin:
 
     def drain_status_backlog(self) -> list[StateChange]:
         """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
-        now = self.clock()
-        with self._write() as conn:
+        now = self._db.now()
+        with self._db.write() as conn:
             changes = self._drain(conn, now)
             self._ledger_changes(conn, changes, "provider")
         return changes
@@ -202,15 +201,13 @@ class ProviderEventsMixin:
     def state_of(self, provider_id: str) -> list[str]:
         """States of the rows holding ``provider_id`` (for status pages and tests)."""
         d = t.deliveries
-        with self._read() as conn:
+        with self._db.read() as conn:
             return [s for (s,) in conn.execute(select(d.c.state).where(d.c.provider_id == provider_id))]
 
     def unknown_rows(self, run_id: str) -> list[dict[str, Any]]:
         """Rows left ``unknown`` by an ambiguous reply, with what a lookup needs (number, text, when)."""
-        from .sql import as_utc
-
         d = t.deliveries
-        with self._read() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(
                 select(d.c.id, d.c.key, d.c.phone, d.c.body, d.c.attempts, d.c.claimed_at, d.c.updated_at)
                 .where(d.c.run_id == run_id, d.c.state == UNKNOWN)
@@ -225,9 +222,9 @@ class ProviderEventsMixin:
     ) -> tuple[int, int]:
         """``unknown`` rows the provider has -> ``sent`` (with its id); the rest go back to ``pending``."""
         d = t.deliveries
-        now = self.clock()
+        now = self._db.now()
         changes: list[StateChange] = []
-        with self._write() as conn:
+        with self._db.write() as conn:
             keys = {
                 row.id: (row.key, row.attempts)
                 for row in conn.execute(
@@ -290,8 +287,8 @@ class ProviderEventsMixin:
         if not ids:
             return 0
         d = t.deliveries
-        now = self.clock()
-        with self._write() as conn:
+        now = self._db.now()
+        with self._db.write() as conn:
             rows = conn.execute(
                 select(d.c.id, d.c.key).where(d.c.id.in_(list(ids)), d.c.run_id == run_id, d.c.state == SENDING)
             ).all()
@@ -316,9 +313,7 @@ class ProviderEventsMixin:
         key, and the ledger head, in one transaction. Opted-out people are restored too: restoring
         undoes what we did to their number.
         """
-        from . import ledger
-
-        now = self.clock()
+        now = self._db.now()
         d = t.deliveries
         batch_no = (sa.func.row_number().over(order_by=d.c.id) - 1) // spec.batch_size
         selection = select(
@@ -347,12 +342,12 @@ class ProviderEventsMixin:
             "created_at",
             "updated_at",
         ]
-        with self._write() as conn:
-            self._insert_run(conn, spec, now)
+        with self._db.write() as conn:
+            insert_run(conn, spec, now)
             conn.execute(sa.insert(d).from_select(columns, selection))
             total = int(conn.execute(select(sa.func.count()).where(d.c.run_id == spec.run_id)).scalar_one())
             batches = -(-total // spec.batch_size)
-            digest = self._keys_digest(conn, spec.run_id)
+            digest = keys_digest(conn, spec.run_id, is_sqlite=self._db.is_sqlite)
             payload = {
                 "campaign_id": spec.campaign_id,
                 "campaign_sha256": spec.campaign_sha256,
@@ -379,10 +374,8 @@ class ProviderEventsMixin:
 
     def keep_ringback(self, run_id: str, phone: str, provider_id: str, kept: Any) -> None:
         """Remember what an enrolment changed, so the restore run can put it back (first write wins)."""
-        import json as _json
-
         r = t.ringback_numbers
-        with self._write() as conn:
+        with self._db.write() as conn:
             exists = conn.execute(select(r.c.phone).where(r.c.run_id == run_id, r.c.phone == phone)).first()
             if exists is None:
                 conn.execute(
@@ -390,15 +383,13 @@ class ProviderEventsMixin:
                         run_id=run_id,
                         phone=phone,
                         provider_id=provider_id,
-                        kept=_json.dumps(kept, ensure_ascii=False) if kept is not None else None,
-                        enrolled_at=self.clock(),
+                        kept=json.dumps(kept, ensure_ascii=False) if kept is not None else None,
+                        enrolled_at=self._db.now(),
                     )
                 )
 
     def ringback_kept(self, run_id: str, phone: str) -> dict[str, Any] | None:
-        import json as _json
-
         r = t.ringback_numbers
-        with self._read() as conn:
+        with self._db.read() as conn:
             value = conn.execute(select(r.c.kept).where(r.c.run_id == run_id, r.c.phone == phone)).scalar()
-        return dict(_json.loads(value)) if value else None
+        return dict(json.loads(value)) if value else None

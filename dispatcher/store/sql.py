@@ -21,7 +21,7 @@ import secrets
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,12 @@ from ..keys import delivery_key_prefix
 from ..redact import scrub, scrub_optional
 from . import ledger
 from . import schema as t
+from ._accounts import Accounts
+from ._audit import AuditLog
+from ._dashboard import DashboardReads
+from ._db import Db, one_line
+from ._reports import ReportReads
+from ._rows import as_utc, insert_run, keys_digest, transition
 from .base import (
     CANCELLED,
     FAILED,
@@ -51,21 +57,14 @@ from .base import (
     Resident,
     RunSpec,
 )
-from .control import RunControlMixin
-from .provider import ProviderEventsMixin
+from .control import RecentRun, RunControl, RunProgress
+from .provider import ProviderEvents, StateChange
 
 Clock = Callable[[], datetime]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; everything we store is UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class LeaseLost(StoreError):
@@ -119,7 +118,7 @@ def create_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-class SqlStore(ProviderEventsMixin, RunControlMixin):
+class SqlStore:
     """The delivery log. One instance per process; thread-safe through SQLAlchemy's pool."""
 
     def __init__(self, url: str, *, clock: Clock = utcnow) -> None:
@@ -129,39 +128,27 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             self.engine = create_engine(url)
         except (SQLAlchemyError, ImportError) as exc:
             raise StoreError(f"cannot open the delivery log at {_safe_url(url)}: {exc}") from exc
-        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._db = Db(self.engine, lambda: self.clock())
+        self.is_sqlite = self._db.is_sqlite
         self._secrets: dict[str, bytes] = {}
-        self._writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
-        self._short_writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE", sqlite_busy_ms=2000)
+        self.reports = ReportReads(self._db)
+        self.audit = AuditLog(self._db)
+        self.accounts = Accounts(self._db)
+        self.dashboard = DashboardReads(self._db)
+        self._control = RunControl(self._db)
+        self._provider = ProviderEvents(self._db)
 
     # ------------------------------------------------------------------ plumbing
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        try:
-            with self._writer.begin() as conn:
-                yield conn
-        except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"delivery log write failed: {_one_line(exc.orig or exc)}") from exc
+    def _write(self) -> AbstractContextManager[Connection]:
+        return self._db.write()
 
-    @contextmanager
-    def _write_short(self) -> Iterator[Connection]:
+    def _write_short(self) -> AbstractContextManager[Connection]:
         """A write that gives up after about two seconds of waiting for a lock (leases, fences)."""
-        try:
-            with self._short_writer.begin() as conn:
-                if not self.is_sqlite:
-                    conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
-                yield conn
-        except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"delivery log write failed: {_one_line(exc.orig or exc)}") from exc
+        return self._db.write_short()
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        try:
-            with self.engine.connect() as conn:
-                yield conn
-        except (OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"could not read the delivery log: {_one_line(exc.orig or exc)}") from exc
+    def _read(self) -> AbstractContextManager[Connection]:
+        return self._db.read()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -244,10 +231,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         return cache[name]
 
     def _insert(self) -> Any:
-        """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        return sqlite.insert if self.is_sqlite else postgresql.insert
+        return self._db.insert()
 
     # ------------------------------------------------------------------ residents
 
@@ -432,14 +416,14 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         ]  # fmt: skip
         try:
             with self._write() as conn:
-                if fence is not None and not self.fence_holds(conn, *fence):
+                if fence is not None and not self._control.fence_holds(conn, *fence):
                     # a scheduler that lost its lease (frozen, then woken) must not fire: checked in the
                     # transaction that creates the run, so no new leader can have fired in between
                     raise LeaseLost(f"scheduler {fence[1]} no longer holds the lease (token {fence[2]})")
                 if not self.is_sqlite:
                     # numbering the selection sorts it; give the sort memory instead of spilling to disk
                     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
-                self._insert_run(conn, spec, now)
+                insert_run(conn, spec, now)
                 conn.execute(sa.insert(d).from_select(columns, selection))
                 total, pending, batches = conn.execute(
                     select(
@@ -450,7 +434,7 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 ).one()
                 pending = int(pending or 0)
                 batches = 0 if batches is None else int(batches) + 1
-                digest = self._keys_digest(conn, spec.run_id)
+                digest = keys_digest(conn, spec.run_id, is_sqlite=self.is_sqlite)
                 ledger.append(
                     conn,
                     spec.run_id,
@@ -490,55 +474,6 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 raise DuplicateRun(spec.campaign_id, spec.fire_time) from exc
             raise StoreError(f"cannot create run {spec.run_id}: {exc.orig}") from exc
         return {"run_id": spec.run_id, "total": int(total), "pending": pending, "batches": batches}
-
-    @staticmethod
-    def _insert_run(conn: Connection, spec: RunSpec, now: datetime) -> None:
-        """The run row with its snapshot (campaign and template text with their sha256), status creating."""
-        conn.execute(
-            sa.insert(t.runs).values(
-                id=spec.run_id,
-                campaign_id=spec.campaign_id,
-                title=spec.title,
-                owner=spec.owner,
-                channel=spec.channel,
-                priority=spec.priority,
-                reason=scrub_optional(spec.reason),  # an urgent run's reason is free text
-                fire_time=spec.fire_time,
-                as_of=as_utc(spec.as_of),  # SQLite keeps no offset: store UTC like every timestamp
-                status="creating",
-                gateway=spec.gateway,
-                campaign_path=spec.campaign_path,
-                campaign_yaml=spec.campaign_yaml,
-                campaign_sha256=spec.campaign_sha256,
-                template_name=spec.template_name,
-                template_text=spec.template_text,
-                template_sha256=spec.template_sha256,
-                send_by=spec.send_by,
-                batch_size=spec.batch_size,
-                created_at=now,
-            )
-        )
-
-    def _keys_digest(self, conn: Connection, run_id: str) -> str:
-        """sha256 of every (key, state) of the run in id order (ledger.keys_digest's format).
-
-        PostgreSQL computes it server-side (no 200,000 rows shipped to Python); SQLite's cursor
-        streams rows lazily, so hashing them here keeps memory flat.
-        """
-        d = t.deliveries
-        if self.is_sqlite:
-            return ledger.keys_digest(
-                conn.execute(select(d.c.key, d.c.state).where(d.c.run_id == run_id).order_by(d.c.id))
-            )
-        line = d.c.key + literal("\t") + d.c.state + literal("\n")
-        digest = conn.execute(
-            select(
-                func.encode(
-                    func.sha256(func.convert_to(func.string_agg(line, sa.text("'' ORDER BY id")), "UTF8")), "hex"
-                )
-            ).where(d.c.run_id == run_id)
-        ).scalar_one()
-        return digest or ledger.keys_digest([])
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         with self._read() as conn:
@@ -827,8 +762,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
             return 0
         d = t.deliveries
         with self._write() as conn:
-            return self._transition(
+            return transition(
                 conn,
+                self.clock(),
                 ids,
                 SENDING,
                 PENDING,
@@ -917,8 +853,8 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         moved = 0
         with self._write() as conn:
             for token, ids in by_token.items():
-                moved += self._transition(
-                    conn, ids, SENDING, PENDING, actor=actor, reason="requeued",
+                moved += transition(
+                    conn, self.clock(), ids, SENDING, PENDING, actor=actor, reason="requeued",
                     values={"claim_token": None, "next_attempt_at": None}, token=token,
                 )  # fmt: skip
         return moved
@@ -948,7 +884,9 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
         with self._write() as conn:
             ids = [i for (i,) in conn.execute(query)]
             for chunk in iter_chunks(ids, 5000):
-                moved += self._transition(conn, chunk, UNKNOWN, to_state, actor=actor, reason=reason, values=values)
+                moved += transition(
+                    conn, self.clock(), chunk, UNKNOWN, to_state, actor=actor, reason=reason, values=values
+                )
         return moved
 
     def cancel_open(self, run_id: str, actor: str = "operator") -> int:
@@ -963,55 +901,18 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 )
             ]
             for chunk in iter_chunks(ids, 5000):
-                n += self._transition(
-                    conn, chunk, PENDING, CANCELLED, actor=actor, reason="cancelled", values={"reason": "cancelled"}
+                n += transition(
+                    conn,
+                    self.clock(),
+                    chunk,
+                    PENDING,
+                    CANCELLED,
+                    actor=actor,
+                    reason="cancelled",
+                    values={"reason": "cancelled"},
                 )
             conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(status="cancelled"))
         return n
-
-    def _transition(
-        self,
-        conn: Connection,
-        ids: Sequence[int],
-        from_state: str,
-        to_state: str,
-        *,
-        actor: str,
-        reason: str | None = None,
-        values: dict[str, Any] | None = None,
-        token: str | None = None,
-    ) -> int:
-        """Move rows ``from_state`` -> ``to_state`` and append one ledger event per row moved.
-
-        Every state change outside claim/record goes through here, inside the caller's
-        transaction, so the delivery log and the ledger can never disagree. With ``token``,
-        only rows still held under that claim move.
-        """
-        if not ids:
-            return 0
-        d = t.deliveries
-        now = self.clock()
-        where = [d.c.id.in_(ids), d.c.state == from_state]
-        if token is not None:
-            where.append(d.c.claim_token == token)
-        moved = conn.execute(
-            sa.update(d)
-            .where(*where)
-            .values(state=to_state, updated_at=now, **(values or {}))
-            .returning(d.c.id, d.c.key, d.c.run_id)
-        ).all()
-        ledger.append_by_run(
-            conn,
-            (
-                (
-                    row.run_id,
-                    ledger.Event("delivery.state", row.key, row.id, from_state, to_state, reason=reason, actor=actor),
-                )
-                for row in sorted(moved, key=lambda r: r.id)
-            ),
-            now,
-        )
-        return len(moved)
 
     def heartbeat(self, worker_id: str, host: str, pid: int) -> None:
         now = self.clock()
@@ -1085,6 +986,143 @@ class SqlStore(ProviderEventsMixin, RunControlMixin):
                 for row in conn.execute(select(a).where(a.c.delivery_id == delivery_id).order_by(a.c.id)).mappings()
             ]
 
+    # ------------------------------------------------------------------ RunControl (control.py)
+    def pause_run(self, run_id: str) -> bool:
+        """Mark a running run paused; workers stop claiming its rows. False if it was not running."""
+        return self._control.pause_run(run_id)
+
+    def unpause_run(self, run_id: str) -> bool:
+        return self._control.unpause_run(run_id)
+
+    def run_status(self, run_id: str) -> str | None:
+        """Only the status: workers poll it between sends, so it must be cheap."""
+        return self._control.run_status(run_id)
+
+    def cancel_claimed(self, ids: Sequence[int], actor: str, token: str | None = None) -> int:
+        """Rows a worker claimed but had not handed to the gateway when the run was cancelled."""
+        return self._control.cancel_claimed(ids, actor, token)
+
+    def halt_run(self, run_id: str, why: str) -> bool:
+        """Pause a run that cannot go on by itself (its outbox or log cannot be written), saying why."""
+        return self._control.halt_run(run_id, why)
+
+    def clear_halt(self, run_id: str) -> None:
+        self._control.clear_halt(run_id)
+
+    def run_halted(self, run_id: str) -> str | None:
+        return self._control.run_halted(run_id)
+
+    def progress(self, run_id: str) -> RunProgress:
+        """Rows waiting to be sent now, rows in flight, and when any row of the run last moved."""
+        return self._control.progress(run_id)
+
+    def running_runs(self) -> list[str]:
+        return self._control.running_runs()
+
+    def recent_runs(self, campaign_id: str, since: datetime) -> list[RecentRun]:
+        """Runs of a campaign created since ``since`` that were not cancelled (a repeat would message them again)."""
+        return self._control.recent_runs(campaign_id, since)
+
+    def operator_lock(self, name: str, wait: float = 30.0) -> AbstractContextManager[None]:
+        """Hold a lock named ``name`` (a campaign) across processes while an operator command changes it."""
+        return self._control.operator_lock(name, wait)
+
+    def take_fence(self, name: str, holder: str) -> int:
+        """Make ``holder`` the fenced leader (bumping the token if it was someone else); returns the token."""
+        return self._control.take_fence(name, holder)
+
+    def get_marker(self, name: str) -> str | None:
+        """A small named value kept beside the fences (the broker sentinel the watchdog checks)."""
+        return self._control.get_marker(name)
+
+    def set_marker(self, name: str, value: str) -> None:
+        self._control.set_marker(name, value)
+
+    def fence_holds(self, conn: Connection, name: str, holder: str, token: int) -> bool:
+        """Inside the caller's transaction: is ``holder`` with ``token`` still the fenced leader?"""
+        return self._control.fence_holds(conn, name, holder, token)
+
+    def bulk_sends_since(
+        self, phones: Sequence[str], since: datetime, exclude_run: str | None = None
+    ) -> dict[str, int]:
+        """How many bulk messages each phone was sent (or is being sent) since ``since``, across all runs."""
+        return self._control.bulk_sends_since(phones, since, exclude_run)
+
+    def record_fire(
+        self,
+        campaign_id: str,
+        fire_time: datetime,
+        status: str,
+        *,
+        scheduler: str,
+        run_id: str | None = None,
+        reason: str | None = None,
+        lease_token: int | None = None,
+    ) -> bool:
+        """Remember one handled fire; False if it was recorded already (another leader, a retry)."""
+        return self._control.record_fire(
+            campaign_id, fire_time, status, scheduler=scheduler, run_id=run_id, reason=reason, lease_token=lease_token
+        )
+
+    def last_fire(self, campaign_id: str) -> datetime | None:
+        return self._control.last_fire(campaign_id)
+
+    def fire_recorded(self, campaign_id: str, fire_time: datetime) -> bool:
+        return self._control.fire_recorded(campaign_id, fire_time)
+
+    def list_fires(self, campaign_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        return self._control.list_fires(campaign_id, limit)
+
+    def run_for_fire(self, campaign_id: str, fire_time: datetime) -> str | None:
+        return self._control.run_for_fire(campaign_id, fire_time)
+
+    def acquire_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Take or renew the named lease; True while ``holder`` is the leader."""
+        return self._control.acquire_lease(name, holder, seconds)
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._control.release_lease(name, holder)
+
+    # ------------------------------------------------------------------ ProviderEvents (provider.py)
+    def apply_status(
+        self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"
+    ) -> list[StateChange]:
+        """Move the rows holding ``provider_id`` forward to what ``status`` means; returns what changed."""
+        return self._provider.apply_status(provider_id, status, error_code=error_code, actor=actor)
+
+    def drain_status_backlog(self) -> list[StateChange]:
+        """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
+        return self._provider.drain_status_backlog()
+
+    def state_of(self, provider_id: str) -> list[str]:
+        """States of the rows holding ``provider_id`` (for status pages and tests)."""
+        return self._provider.state_of(provider_id)
+
+    def unknown_rows(self, run_id: str) -> list[dict[str, Any]]:
+        """Rows left ``unknown`` by an ambiguous reply, with what a lookup needs (number, text, when)."""
+        return self._provider.unknown_rows(run_id)
+
+    def settle_unknown(
+        self, run_id: str, found: dict[int, str], not_found: Sequence[int], *, gateway: str
+    ) -> tuple[int, int]:
+        """``unknown`` rows the provider has -> ``sent`` (with its id); the rest go back to ``pending``."""
+        return self._provider.settle_unknown(run_id, found, not_found, gateway=gateway)
+
+    def mark_unknown(self, run_id: str, ids: Sequence[int], *, reason: str) -> int:
+        """Rows left in ``sending`` that nobody can look up become ``unknown`` (an operator decides)."""
+        return self._provider.mark_unknown(run_id, ids, reason=reason)
+
+    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
+        """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back."""
+        return self._provider.create_restore_run(spec, enrol_run_id, states)
+
+    def keep_ringback(self, run_id: str, phone: str, provider_id: str, kept: Any) -> None:
+        """Remember what an enrolment changed, so the restore run can put it back (first write wins)."""
+        self._provider.keep_ringback(run_id, phone, provider_id, kept)
+
+    def ringback_kept(self, run_id: str, phone: str) -> dict[str, Any] | None:
+        return self._provider.ringback_kept(run_id, phone)
+
     def drop_all(self) -> None:
         """Remove every table (tests only)."""
         with self._write() as conn:
@@ -1130,9 +1168,7 @@ def _safe_url(url: str) -> str:
         return url.split(":", 1)[0] + "://…"
 
 
-def _one_line(exc: BaseException) -> str:
-    """A driver's message on one line (psycopg's span several): the operator gets one line."""
-    return " ".join(str(exc).split())
+_one_line = one_line
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,8 +1,10 @@
 """The ASGI application (Starlette) served by ``dispatch web``.
 
-Each concern lives in its own module exposing ``routes(runtime) -> list[Route]``;
-this module only assembles them around one ``Runtime``, behind the request guard
-(guard.py: body limit, malformed headers) that every route shares.
+Each concern lives in its own module exposing ``routes(runtime) -> list[Route]``,
+and every provider declares its webhook routes in the provider registry; this
+module only assembles them around one ``Runtime``, behind the request guard
+(guard.py: body limit, malformed headers) that every route shares. Provider
+routes write through ``StoreDeliveryReports``, never the store itself.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ def create_app(runtime: Runtime) -> Starlette:
         return JSONResponse({"ok": True, "schema_version": runtime.store.schema_version()})
 
     routes: list[BaseRoute] = [Route("/healthz", health)]
-    # each concern adds its routes from its own module (webhooks, dashboard, ...)
+    from ..providers import registry
+    from .delivery_reports import StoreDeliveryReports
+
+    # every provider's webhooks, writing delivery state through the port, never the store itself
+    routes.extend(registry.routes(StoreDeliveryReports(runtime), runtime.settings))
+    # each other concern adds its routes from its own module (dashboard, ...)
     from . import ROUTE_MODULES
 
     for module in ROUTE_MODULES:

@@ -28,7 +28,6 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
-import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -36,12 +35,11 @@ from starlette.routing import Route
 
 from .. import accounts, audit, domain, reports
 from ..errors import InputError
-from ..store import schema as t
-from ..store.base import OPEN_STATES
+from ..store import FAILED_STATES, OPEN_STATES, REACHED_STATES
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
-    from ..store.sql import SqlStore
+    from ..store import SqlStore
 
 COOKIE = "dispatch_session"
 CSRF_COOKIE = "dispatch_csrf"
@@ -404,18 +402,7 @@ def _quarter_of(now: datetime) -> str:
 
 
 def _counts_by_run(runtime: Runtime, run_ids: list[str]) -> dict[str, dict[str, int]]:
-    d = t.deliveries
-    out: dict[str, dict[str, int]] = defaultdict(dict)
-    if not run_ids:
-        return out
-    with runtime.store._read() as conn:
-        for run_id, state, n in conn.execute(
-            sa.select(d.c.run_id, d.c.state, sa.func.count())
-            .where(d.c.run_id.in_(run_ids))
-            .group_by(d.c.run_id, d.c.state)
-        ):
-            out[run_id][state] = int(n)
-    return out
+    return runtime.store.dashboard.counts_by_run(run_ids)
 
 
 def _runs_with_progress(runtime: Runtime) -> list[dict[str, Any]]:
@@ -428,7 +415,7 @@ def _runs_with_progress(runtime: Runtime) -> list[dict[str, Any]]:
         dep = domain.department(r["owner"])
         out.append({
             **r, "owner_name": dep.name if dep else r["owner"], "total": total,
-            "sent": c.get("sent", 0) + c.get("delivered", 0), "failed": sum(c.get(s, 0) for s in reports.FAILED_STATES),
+            "sent": c.get("sent", 0) + c.get("delivered", 0), "failed": sum(c.get(s, 0) for s in FAILED_STATES),
             "open": sum(c.get(s, 0) for s in OPEN_STATES), "done": total - sum(c.get(s, 0) for s in OPEN_STATES),
         })  # fmt: skip
     return out
@@ -444,7 +431,7 @@ def _daily_rates(runtime: Runtime, limit: int = 500) -> list[dict[str, Any]]:
         c = counts.get(r["id"], {})
         day = days[when]
         day["attempted"] += sum(n for s, n in c.items() if s not in ("skipped", "cancelled", "pending"))
-        day["reached"] += sum(c.get(s, 0) for s in reports.REACHED_STATES)
+        day["reached"] += sum(c.get(s, 0) for s in REACHED_STATES)
         day["delivered"] += c.get("delivered", 0)
     return [
         {"day": k, **v, "rate": round(100.0 * v["reached"] / v["attempted"], 1) if v["attempted"] else 0.0}

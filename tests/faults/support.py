@@ -238,7 +238,7 @@ def check_recovery(project: Project, run_id: str, *, expected: set[str] | None =
     (default: every row not opted out)."""
     import sqlalchemy as sa
 
-    from dispatcher.gateways.outbox import read_outbox
+    from dispatcher.providers.outbox.gateway import read_outbox
     from dispatcher.store import schema as t
 
     lines = [line for line in read_outbox(project.outbox) if line["run_id"] == run_id]

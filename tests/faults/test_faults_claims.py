@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher import audit
-from dispatcher.store.base import Outcome
-from dispatcher.store.sql import open_store
+from dispatcher.store import Outcome, open_store
 from tests.test_store import ALL, _residents
 from tests.test_store import _spec as _bare_spec
 

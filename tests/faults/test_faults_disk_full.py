@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.gateways.outbox import read_outbox
+from dispatcher.providers.outbox.gateway import read_outbox
 from tests.conftest import Project, missing_service
 from tests.faults.support import CAMPAIGN, check_recovery
 
@@ -61,7 +61,7 @@ def test_outbox_on_a_full_disk_stops_the_run_with_one_line_and_resume_sends_the_
 
 def test_an_unreadable_outbox_line_is_an_error_not_a_skip(sqlite_project: Project) -> None:
     """resume relies on the outbox to know who was sent: a line it cannot read must stop it."""
-    from dispatcher.gateways.outbox import OutboxCorrupt
+    from dispatcher.providers.outbox.gateway import OutboxCorrupt
 
     project = sqlite_project
     project.outbox.write_bytes(b'{"key": "a", "run_id": "r"}\n{"key": "b", "ru\n{"key": "c", "run_id": "r"}\n')

@@ -55,7 +55,7 @@ def test_a_gateway_adapter_raising_something_unexpected_leaves_no_row_sending(sq
     """An adapter bug answers `unknown` (code internal_error) for the messages of that call: it cannot
     say whether they left, so they are looked up before any resend; the batch itself carries on."""
     from dispatcher.campaigns import load_campaign
-    from dispatcher.gateways.outbox import OutboxGateway
+    from dispatcher.providers.outbox.gateway import OutboxGateway
     from dispatcher.runs import audience_filter, run_spec
     from dispatcher.sender import process_batch
 

@@ -32,10 +32,12 @@ from twilio.http import HttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
 
-from ..errors import AmbiguousSendError, ConfigError, PermanentSendError, RetryableSendError, SendError
-from ..redact import scrub
-from .base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
-from .httptrace import Redactor, TracedHttp, collecting
+from ...clock import utcnow
+from ...errors import AmbiguousSendError, ConfigError, PermanentSendError, RetryableSendError, SendError
+from ...redact import scrub
+from ..base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
+from ..httptrace import TracedHttp, collecting
+from ..redaction import Redactor
 
 #: Twilio accepts a ValidityPeriod of 1..36000 seconds
 MAX_VALIDITY = 36000
@@ -184,8 +186,6 @@ class TwilioGateway(BaseGateway):
             raise ConfigError("set TWILIO_FROM or TWILIO_MESSAGING_SERVICE_SID for DISPATCH_GATEWAY=twilio")
         if not public_url:
             raise ConfigError("DISPATCH_PUBLIC_URL must be set: Twilio posts delivery status callbacks there")
-        from ..store.sql import utcnow
-
         self.clock = clock or utcnow
         self.from_ = from_
         self.messaging_service_sid = messaging_service_sid

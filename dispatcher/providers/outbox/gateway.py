@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import DispatchError, GatewayDown, PermanentSendError, RetryableSendError, SendError
-from .base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
+from ...errors import DispatchError, GatewayDown, PermanentSendError, RetryableSendError, SendError
+from ..base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
 
 
 class OutboxGateway(BaseGateway):

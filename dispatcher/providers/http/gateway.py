@@ -49,12 +49,13 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .. import safeyaml
-from ..charcheck import first_bad_text
-from ..errors import AmbiguousSendError, InputError, PermanentSendError, RetryableSendError, SendError
-from ..settings import GATEWAY_SECRET_PREFIX
-from .base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
-from .httptrace import Redactor, TracedHttp, collecting
+from ... import safeyaml
+from ...charcheck import first_bad_text
+from ...errors import AmbiguousSendError, InputError, PermanentSendError, RetryableSendError, SendError
+from ...settings import GATEWAY_SECRET_PREFIX
+from ..base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
+from ..httptrace import TracedHttp, collecting
+from ..redaction import Redactor
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PLACEHOLDER_RE = re.compile(r"\{(to|to_list|to_csv|body|key|run_id|campaign_id)\}")
@@ -298,11 +299,8 @@ class HttpGateway(BaseGateway):
         self.config = config
         self.redactor = Redactor(config.secrets)
         self.http = TracedHttp(redactor=self.redactor, timeout=config.timeout or timeout, transport=transport)
-
-    @property
-    def batch_capacity(self) -> int:
-        """Numbers one call can carry: the sender hands over chunks this large so batches stay whole."""
-        return self.config.batch.max_size if self.config.batch is not None else 1
+        #: numbers one call can carry: the sender hands over chunks this large so batches stay whole
+        self.batch_capacity = config.batch.max_size if config.batch is not None else 1
 
     # ------------------------------------------------------------------ one call
 

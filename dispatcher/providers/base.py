@@ -1,0 +1,223 @@
+"""What a provider is: the protocols its adapters implement and the port its webhooks write through.
+
+A provider (one package under ``providers/``) declares everything it can do here,
+in ``Provider``: the channels it serves, its SMS adapter, its ringback adapter, its
+webhook routes. Nothing is probed with ``getattr``: an adapter that cannot look a
+message up says ``can_lookup = False``; one that takes many numbers per call says
+how many in ``batch_capacity``.
+
+A gateway hands one message to a provider (``send``) or many at once
+(``send_many``, for providers that take a batch in one call), and answers which
+idempotency keys it has already accepted (``lookup``), so that rows left in
+``sending`` or ``unknown`` by a crash or an ambiguous reply are reconciled instead
+of resent. Adapters raise only ``SendError`` subclasses (``errors.py``); the
+third-party exception is chained with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from ..errors import SendError
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from ..settings import Settings
+
+#: what a provider can carry: text messages, or the ringback tone (彩铃) callers of a number hear
+Channel = Literal["sms", "ringback"]
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    key: str  # idempotency key: run + phone
+    run_id: str
+    campaign_id: str
+    to: str  # E.164
+    body: str
+    parts: int
+    encoding: str
+    #: do not deliver after this moment (provider-side validity where supported)
+    send_by: datetime | None = None
+    priority: str = "bulk"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    provider_id: str
+    #: the provider's own status at hand-over (queued, accepted, ...)
+    status: str = "sent"
+    #: redacted HTTP exchanges of this send (method, url, status, elapsed_ms, bodies)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LookupRequest:
+    """Did this message reach the provider? ``since`` is when the uncertain attempt started."""
+
+    key: str
+    to: str
+    body: str
+    since: datetime | None
+
+
+@runtime_checkable
+class Gateway(Protocol):
+    name: str
+    #: whether ``lookup`` can tell if the provider took a message; False: ``unknown`` rows wait for an operator
+    can_lookup: bool
+    #: numbers one call can carry; the sender hands over chunks at least this large so batches stay whole
+    batch_capacity: int
+
+    def send(self, message: OutgoingMessage) -> SendResult:
+        """Hand one message over; raise a ``SendError`` subclass on failure."""
+        ...
+
+    def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
+        """Hand several over; one result or error per message, in order."""
+        ...
+
+    def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
+        """The subset of ``requests`` (by key) that the provider has accepted."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class BaseGateway:
+    """Shared behaviour: ``send_many`` as a loop for providers without a batch call."""
+
+    name = "base"
+    can_lookup = True
+    batch_capacity = 1
+
+    def send(self, message: OutgoingMessage) -> SendResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
+        results: list[SendResult | SendError] = []
+        for message in messages:
+            try:
+                results.append(self.send(message))
+            except SendError as exc:
+                results.append(exc)
+        return results
+
+    def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class RingbackRequest:
+    key: str  # idempotency key of the delivery row (enrol or restore run + phone)
+    run_id: str
+    campaign_id: str
+    phone: str
+    #: the warning as text (what a TTS says, or what the carrier's tone is described by)
+    text: str
+    start: datetime
+    end: datetime
+    #: restore only: what enrol kept
+    kept: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RingbackResult:
+    provider_id: str
+    #: what restore needs to undo this enrolment (None: nothing to keep)
+    kept: Mapping[str, Any] | None = None
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RingbackGateway(Protocol):
+    """Enrol a number with the warning tone for a window, restore it after; both idempotent."""
+
+    name: str
+
+    def enrol(self, request: RingbackRequest) -> RingbackResult:
+        """Make callers of ``request.phone`` hear the warning; raise a ``SendError`` on failure."""
+        ...
+
+    def restore(self, request: RingbackRequest) -> RingbackResult:
+        """Undo the enrolment with ``request.kept``; restoring what is already restored is fine."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DeliveryReports(Protocol):
+    """The port through which a provider's webhooks change delivery state.
+
+    Providers never import the store: the web app adapts the store to this port
+    (``web/delivery_reports.py``) and hands it to each provider's routes. Calls are
+    blocking; handlers run them in a thread.
+    """
+
+    def apply_status(self, provider_id: str, status: str, *, error_code: str | None, actor: str) -> int:
+        """Move the rows holding ``provider_id`` forward to ``status``; returns how many changed.
+
+        ``actor`` names the reporting provider: a report authenticated by one provider's
+        secret must only move rows that provider sent.
+        """
+        ...
+
+    def set_opted_out(self, phone: str, opted_out: bool) -> bool:
+        """Record an opt-out (or opt back in); False when the number is not in the registry."""
+        ...
+
+    def ringback_text(self, campaign_id: str) -> str | None:
+        """The warning the newest ringback run of the campaign says; None when there is none to say."""
+        ...
+
+
+#: builds an SMS adapter from the settings
+GatewayFactory = Callable[["Settings"], Gateway]
+#: builds a ringback adapter; tests inject the HTTP transport and extra headers
+RingbackFactory = Callable[..., RingbackGateway]
+#: a provider's webhook routes, given the port they write through and the settings
+RoutesFactory = Callable[[DeliveryReports, "Settings"], "list[BaseRoute]"]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Everything one provider package offers, declared once and registered by name.
+
+    ``gateway``/``ringback`` build the adapters lazily (their third-party
+    dependencies are imported only when the provider is chosen); ``ringback_name``
+    is what ``DISPATCH_RINGBACK_GATEWAY`` calls its ringback adapter.
+    """
+
+    name: str
+    channels: frozenset[Channel]
+    gateway: GatewayFactory | None = None
+    ringback_name: str | None = None
+    ringback: RingbackFactory | None = None
+    routes: RoutesFactory | None = None
+
+    def __post_init__(self) -> None:
+        if ("sms" in self.channels) != (self.gateway is not None):
+            raise ValueError(f"provider {self.name!r}: the sms channel and an SMS adapter go together")
+        if ("ringback" in self.channels) != (self.ringback is not None and self.ringback_name is not None):
+            raise ValueError(f"provider {self.name!r}: the ringback channel needs a named ringback adapter")
+
+
+__all__ = [
+    "BaseGateway",
+    "Channel",
+    "DeliveryReports",
+    "Gateway",
+    "LookupRequest",
+    "OutgoingMessage",
+    "Provider",
+    "RingbackGateway",
+    "RingbackRequest",
+    "RingbackResult",
+    "SendResult",
+]

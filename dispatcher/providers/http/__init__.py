@@ -1,0 +1,68 @@
+"""A carrier or SMS platform plugged in by a config file: the generic HTTP adapter and ``carrier-http`` ringback.
+
+- ``gateway.py``: ``DISPATCH_GATEWAY=http``, its config file (``DISPATCH_HTTP_CONFIG``) and its
+  error table (the codes the config names);
+- ``ringback.py``: ``DISPATCH_RINGBACK_GATEWAY=carrier-http``, two config sections (enrol, restore);
+- ``webhooks.py``: the signed delivery-report route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ...errors import ConfigError
+from ..base import DeliveryReports, Gateway, Provider, RingbackGateway
+from ..registry import register
+
+if TYPE_CHECKING:
+    import httpx
+    from starlette.routing import BaseRoute
+
+    from ...settings import Settings
+
+
+def _gateway(settings: Settings) -> Gateway:
+    from .gateway import HttpGateway, load_config
+
+    if settings.http_config is None:
+        raise ConfigError("DISPATCH_HTTP_CONFIG must name the HTTP adapter's config file")
+    config = load_config(settings.http_config, env=settings.gateway_secrets)
+    return HttpGateway(config, timeout=settings.gateway_timeout)
+
+
+def _ringback(
+    settings: Settings,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    extra_headers: Callable[[str, str, Mapping[str, Any] | None], Mapping[str, str]] | None = None,
+) -> RingbackGateway:
+    from .gateway import HttpGateway, load_config
+    from .ringback import CarrierHttpRingback
+
+    if settings.ringback_config is None:
+        raise ConfigError("DISPATCH_RINGBACK_CONFIG must name the carrier's ringback config file")
+    enrol = load_config(settings.ringback_config, env=settings.gateway_secrets, section="enrol")
+    restore = load_config(settings.ringback_config, env=settings.gateway_secrets, section="restore")
+    return CarrierHttpRingback(
+        HttpGateway(enrol, timeout=settings.gateway_timeout, transport=transport),
+        HttpGateway(restore, timeout=settings.gateway_timeout, transport=transport),
+    )
+
+
+def _routes(reports: DeliveryReports, settings: Settings) -> list[BaseRoute]:
+    from . import webhooks
+
+    return webhooks.routes(reports, settings)
+
+
+PROVIDER = register(
+    Provider(
+        name="http",
+        channels=frozenset({"sms", "ringback"}),
+        gateway=_gateway,
+        ringback_name="carrier-http",
+        ringback=_ringback,
+        routes=_routes,
+    )
+)

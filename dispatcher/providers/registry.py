@@ -1,0 +1,97 @@
+"""Providers by name: each provider package registers its ``Provider`` here, the runtime asks by name.
+
+``DISPATCH_GATEWAY`` names a provider serving the ``sms`` channel,
+``DISPATCH_RINGBACK_GATEWAY`` a ringback adapter by its ``ringback_name``; the
+web app asks every provider for its webhook routes. The provider packages are
+imported on first use (``BUILTIN``); importing one is cheap, because a package's
+``__init__`` only declares its ``Provider`` and builds adapters lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .base import DeliveryReports, Gateway, Provider, RingbackGateway
+
+if TYPE_CHECKING:
+    import httpx
+    from starlette.routing import BaseRoute
+
+    from ..settings import Settings
+
+#: the provider packages shipped with the dispatcher, in the order their names are listed
+BUILTIN = (
+    "dispatcher.providers.outbox",
+    "dispatcher.providers.twilio",
+    "dispatcher.providers.http",
+    "dispatcher.providers.kannel",
+)
+
+_providers: dict[str, Provider] = {}
+_loaded = False
+_lock = threading.Lock()
+
+
+def register(provider: Provider) -> Provider:
+    """Make ``provider`` available by its name (a provider package calls this when it is imported)."""
+    existing = _providers.get(provider.name)
+    if existing is not None and existing is not provider:
+        raise ValueError(f"provider {provider.name!r} is registered twice")
+    _providers[provider.name] = provider
+    return provider
+
+
+def providers() -> list[Provider]:
+    """Every registered provider, built-in ones first."""
+    global _loaded
+    with _lock:
+        if not _loaded:
+            for module in BUILTIN:
+                importlib.import_module(module)
+            _loaded = True
+    return list(_providers.values())
+
+
+def gateway_names() -> list[str]:
+    return [p.name for p in providers() if "sms" in p.channels]
+
+
+def ringback_names() -> list[str]:
+    return [p.ringback_name for p in providers() if "ringback" in p.channels and p.ringback_name]
+
+
+def create_gateway(settings: Settings) -> Gateway:
+    """The SMS adapter ``DISPATCH_GATEWAY`` names, configured from ``settings``."""
+    for provider in providers():
+        if provider.name == settings.gateway and provider.gateway is not None:
+            return provider.gateway(settings)
+    raise ConfigError(f"DISPATCH_GATEWAY: unknown gateway {settings.gateway!r} (known: {', '.join(gateway_names())})")
+
+
+def create_ringback(
+    settings: Settings,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    extra_headers: Callable[[str, str, Mapping[str, Any] | None], Mapping[str, str]] | None = None,
+) -> RingbackGateway:
+    """The ringback adapter ``DISPATCH_RINGBACK_GATEWAY`` names."""
+    name = settings.ringback_gateway
+    for provider in providers():
+        if provider.ringback_name == name and provider.ringback is not None:
+            return provider.ringback(settings, transport=transport, extra_headers=extra_headers)
+    raise ConfigError(
+        f"DISPATCH_RINGBACK_GATEWAY: unknown ringback adapter {name!r} (known: {', '.join(ringback_names())})"
+    )
+
+
+def routes(reports: DeliveryReports, settings: Settings) -> list[BaseRoute]:
+    """The webhook routes of every provider, each writing through ``reports``."""
+    out: list[BaseRoute] = []
+    for provider in providers():
+        if provider.routes is not None:
+            out.extend(provider.routes(reports, settings))
+    return out

@@ -1,0 +1,175 @@
+"""What auditors read from the ledger: chain verification, the event log by filter, the audit chain.
+
+``dispatcher.audit`` parses filters, masks numbers and writes the output; the queries live here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from . import ledger
+from . import schema as t
+from ._db import Db
+
+
+class EventQuery(Protocol):
+    """The filter the log is narrowed by (``dispatcher.audit.LogFilter`` has this shape)."""
+
+    @property
+    def campaign(self) -> str | None: ...
+    @property
+    def run(self) -> str | None: ...
+    @property
+    def district(self) -> str | None: ...
+    @property
+    def segment(self) -> str | None: ...
+    @property
+    def state(self) -> str | None: ...
+    @property
+    def error_code(self) -> str | None: ...
+    @property
+    def phone(self) -> str | None: ...
+    @property
+    def since(self) -> datetime | None: ...
+    @property
+    def until(self) -> datetime | None: ...
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _where(f: EventQuery) -> list[Any]:
+    e, d, r = t.events, t.deliveries, t.runs
+    where: list[Any] = [e.c.kind == "delivery.state"]
+    if f.run:
+        where.append(e.c.run_id == f.run)
+    if f.campaign:
+        where.append(r.c.campaign_id == f.campaign)
+    if f.district:
+        where.append(d.c.district == f.district)
+    if f.segment:
+        rs = t.resident_segments
+        where.append(sa.exists().where(rs.c.resident_id == d.c.resident_id, rs.c.segment == f.segment))
+    if f.state:
+        where.append(e.c.to_state == f.state)
+    if f.error_code:
+        where.append(e.c.error_code == f.error_code)
+    if f.phone:
+        # deliveries.phone has no index (it slowed fan-out); reach the events through the registry's
+        # unique phone, deliveries by resident and events by key, all indexed
+        r_ = t.residents
+        keys = sa.select(d.c.key).where(d.c.resident_id.in_(sa.select(r_.c.id).where(r_.c.phone == f.phone)))
+        where.extend([e.c.key.in_(keys), d.c.phone == f.phone])
+    if f.since:
+        where.append(e.c.at >= f.since)
+    if f.until:
+        where.append(e.c.at <= f.until)
+    return where
+
+
+class AuditLog:
+    """The ledger as auditors read it; reached as ``store.audit``."""
+
+    def __init__(self, db: Db) -> None:
+        self._db = db
+
+    # ------------------------------------------------------------------ verify
+
+    def run_ids(self, run_id: str | None = None) -> list[str]:
+        """Every run's id in creation order (or only ``run_id``'s, if it exists)."""
+        with self._db.read() as conn:
+            query = sa.select(t.runs.c.id).order_by(t.runs.c.created_at, t.runs.c.id)
+            if run_id is not None:
+                query = query.where(t.runs.c.id == run_id)
+            return [i for (i,) in conn.execute(query)]
+
+    def verify_run(self, run_id: str) -> tuple[int, ledger.Break | None]:
+        """How many events the run's chain holds, and the first break found in it (None: intact)."""
+        with self._db.read() as conn:
+            run = conn.execute(sa.select(t.runs).where(t.runs.c.id == run_id)).one()
+            problem = ledger.verify_run(conn, run)
+        return (0 if run.ledger_seq is None else run.ledger_seq + 1), problem
+
+    def verify_audit_chain(self) -> tuple[int, ledger.Break | None]:
+        """The same for the audit chain (exports, searches by phone)."""
+        with self._db.read() as conn:
+            problem = ledger.verify_chain(conn, ledger.AUDIT_CHAIN)
+            tail = conn.execute(
+                sa.select(t.ledger_chains.c.ledger_seq).where(t.ledger_chains.c.id == ledger.AUDIT_CHAIN)
+            ).scalar()
+        return (0 if tail is None else tail + 1), problem
+
+    # ------------------------------------------------------------------ the log
+
+    def events(self, f: EventQuery, *, limit: int | None = None, chunk: int = 5000) -> Iterator[dict[str, Any]]:
+        """Matching delivery events (oldest first), unmasked, ``at`` in UTC; one page in memory at a time."""
+        e, d, r = t.events, t.deliveries, t.runs
+        cols = [
+            e.c.id.label("event_id"), e.c.at, e.c.run_id, r.c.campaign_id, r.c.owner, e.c.key, d.c.phone,
+            d.c.district, d.c.grid, e.c.from_state, e.c.to_state, d.c.gateway, e.c.provider_id,
+            e.c.error_code, e.c.reason, e.c.actor,
+        ]  # fmt: skip
+        base = (
+            sa.select(*cols)
+            .select_from(e.join(d, d.c.id == e.c.delivery_id).join(r, r.c.id == e.c.run_id))
+            .where(*_where(f))
+        )
+        for row in self._pages(base, e.c.id, "event_id", limit, chunk):
+            item = dict(row)
+            item["at"] = _utc(item["at"])
+            yield item
+
+    def _pages(self, base: Any, order: Any, label: str, limit: int | None, chunk: int) -> Iterator[Any]:
+        """Rows of ``base`` in ``order`` (selected as ``label``) with one page in memory at a time.
+
+        PostgreSQL: one query on a server-side cursor (psycopg fetches ``chunk`` rows per
+        round trip), so the plan runs once instead of once per page. SQLite: keyset pages,
+        each a short read, so an export never pins the WAL against checkpoints.
+        """
+        if not self._db.is_sqlite:
+            query = base.order_by(order) if limit is None else base.order_by(order).limit(limit)
+            with self._db.read() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
+                yield from result.mappings()
+            return
+        last = 0
+        left = limit
+        while left is None or left > 0:
+            page = chunk if left is None else min(chunk, left)
+            with self._db.read() as conn:
+                rows = conn.execute(base.where(order > last).order_by(order).limit(page)).mappings().all()
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1][label]
+            if left is not None:
+                left -= len(rows)
+
+    # ------------------------------------------------------------------ the audit chain
+
+    def append(self, kind: str, *, actor: str, payload: dict[str, Any]) -> None:
+        """Append one event to the audit chain (who exported or searched what)."""
+        with self._db.write() as conn:
+            ledger.append(conn, ledger.AUDIT_CHAIN, [ledger.Event(kind, actor=actor, payload=payload)], self._db.now())
+
+    def recent(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest audit-chain events, newest first, ``at`` in UTC and ``payload`` decoded."""
+        e = t.events
+        with self._db.read() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(e.c.id, e.c.seq, e.c.kind, e.c.actor, e.c.at, e.c.payload)
+                    .where(e.c.run_id == ledger.AUDIT_CHAIN)
+                    .order_by(e.c.id.desc())
+                    .limit(limit)
+                )
+                .mappings()
+                .all()
+            )
+        return [{**dict(row), "at": _utc(row["at"]), "payload": json.loads(row["payload"] or "{}")} for row in rows]

@@ -1,0 +1,118 @@
+"""Row-level writes several operation groups share, each inside the caller's transaction.
+
+A state change and its ledger event are written together here, so whichever group moves a
+delivery row (a worker's outcome, an operator's cancel, a status callback) the log and the
+ledger agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import func, literal, select
+from sqlalchemy.engine import Connection
+
+from ..redact import scrub_optional
+from . import ledger
+from . import schema as t
+from .base import RunSpec
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; everything we store is UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def insert_run(conn: Connection, spec: RunSpec, now: datetime) -> None:
+    """The run row with its snapshot (campaign and template text with their sha256), status creating."""
+    conn.execute(
+        sa.insert(t.runs).values(
+            id=spec.run_id,
+            campaign_id=spec.campaign_id,
+            title=spec.title,
+            owner=spec.owner,
+            channel=spec.channel,
+            priority=spec.priority,
+            reason=scrub_optional(spec.reason),  # an urgent run's reason is free text
+            fire_time=spec.fire_time,
+            as_of=as_utc(spec.as_of),  # SQLite keeps no offset: store UTC like every timestamp
+            status="creating",
+            gateway=spec.gateway,
+            campaign_path=spec.campaign_path,
+            campaign_yaml=spec.campaign_yaml,
+            campaign_sha256=spec.campaign_sha256,
+            template_name=spec.template_name,
+            template_text=spec.template_text,
+            template_sha256=spec.template_sha256,
+            send_by=spec.send_by,
+            batch_size=spec.batch_size,
+            created_at=now,
+        )
+    )
+
+
+def keys_digest(conn: Connection, run_id: str, *, is_sqlite: bool) -> str:
+    """sha256 of every (key, state) of the run in id order (ledger.keys_digest's format).
+
+    PostgreSQL computes it server-side (no 200,000 rows shipped to Python); SQLite's cursor
+    streams rows lazily, so hashing them here keeps memory flat.
+    """
+    d = t.deliveries
+    if is_sqlite:
+        return ledger.keys_digest(conn.execute(select(d.c.key, d.c.state).where(d.c.run_id == run_id).order_by(d.c.id)))
+    line = d.c.key + literal("\t") + d.c.state + literal("\n")
+    digest = conn.execute(
+        select(
+            func.encode(func.sha256(func.convert_to(func.string_agg(line, sa.text("'' ORDER BY id")), "UTF8")), "hex")
+        ).where(d.c.run_id == run_id)
+    ).scalar_one()
+    return digest or ledger.keys_digest([])
+
+
+def transition(
+    conn: Connection,
+    now: datetime,
+    ids: Sequence[int],
+    from_state: str,
+    to_state: str,
+    *,
+    actor: str,
+    reason: str | None = None,
+    values: dict[str, Any] | None = None,
+    token: str | None = None,
+) -> int:
+    """Move rows ``from_state`` -> ``to_state`` and append one ledger event per row moved.
+
+    Every state change outside claim/record goes through here, inside the caller's
+    transaction, so the delivery log and the ledger can never disagree. With ``token``,
+    only rows still held under that claim move.
+    """
+    if not ids:
+        return 0
+    d = t.deliveries
+    where = [d.c.id.in_(ids), d.c.state == from_state]
+    if token is not None:
+        where.append(d.c.claim_token == token)
+    moved = conn.execute(
+        sa.update(d)
+        .where(*where)
+        .values(state=to_state, updated_at=now, **(values or {}))
+        .returning(d.c.id, d.c.key, d.c.run_id)
+    ).all()
+    ledger.append_by_run(
+        conn,
+        (
+            (
+                row.run_id,
+                ledger.Event("delivery.state", row.key, row.id, from_state, to_state, reason=reason, actor=actor),
+            )
+            for row in sorted(moved, key=lambda r: r.id)
+        ),
+        now,
+    )
+    return len(moved)
