@@ -69,7 +69,9 @@ def create_gateway(settings: Settings) -> Gateway:
     for provider in providers():
         if provider.name == settings.gateway and provider.gateway is not None:
             return provider.gateway(settings)
-    raise ConfigError(f"DISPATCH_GATEWAY: unknown gateway {settings.gateway!r} (known: {', '.join(gateway_names())})")
+    raise ConfigError(
+        f"DISPATCH_GATEWAY: unknown gateway {settings.gateway!r} (known: {', '.join(sorted(gateway_names()))})"
+    )
 
 
 def create_ringback(
@@ -84,7 +86,7 @@ def create_ringback(
         if provider.ringback_name == name and provider.ringback is not None:
             return provider.ringback(settings, transport=transport, extra_headers=extra_headers)
     raise ConfigError(
-        f"DISPATCH_RINGBACK_GATEWAY: unknown ringback adapter {name!r} (known: {', '.join(ringback_names())})"
+        f"DISPATCH_RINGBACK_GATEWAY: unknown ringback adapter {name!r} (known: {', '.join(sorted(ringback_names()))})"
     )
 
 
