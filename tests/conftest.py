@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,3 +272,42 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("test artifacts")
         for path in fresh:
             terminalreporter.write_line(f"saved: {path}")
+
+
+# ------------------------------------------------------------------ the web process
+
+
+@contextmanager
+def serve_web(project: Project, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`dispatch web` on a free port, answering /healthz, its output written to ``log``; stopped afterwards."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    settings = {
+        "DISPATCH_SESSION_SECRET": "s-" + os.urandom(24).hex(),
+        "DISPATCH_FAKE_NOW": "2021-02-15T10:00:00+08:00",
+    }
+    with log.open("w") as out:
+        proc = project.popen("web", "--port", str(port), env={**settings, **env}, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"dispatch web did not start: {log.read_text()}")
+        time.sleep(0.2)
+    try:
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

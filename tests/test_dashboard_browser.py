@@ -11,12 +11,9 @@ searches by number and unmasks, and both land in the audit chain.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Project, _make_project, missing_service
+from tests.conftest import ROOT, Project, _make_project, missing_service, serve_web
 from tests.test_audit_ledger import run_campaign
 
 CHROMIUM = "/usr/bin/chromium"
@@ -55,12 +52,6 @@ def login(base: str, name: str, password: str, client: httpx.Client | None = Non
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A project with a finished run and two accounts, and `dispatch web` serving it (shared by the module:
@@ -70,32 +61,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     run_id = run_campaign(project, size=400)
     assert add_user(project, "alice", "auditor", AUDITOR_PW).returncode == 0
     assert add_user(project, "bob", "operator", OPERATOR_PW).returncode == 0
-    port = free_port()
-    env = {
-        "DISPATCH_SESSION_SECRET": "test-secret-" + os.urandom(16).hex(),
-        "DISPATCH_FAKE_NOW": "2021-02-15T10:00:00+08:00",
-    }
-    proc = project.popen("web", "--port", str(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"dispatch web did not start: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.2)
-    try:
+    with serve_web(project, root / "web.log") as (base, _proc):
         yield {"base": base, "run_id": run_id, "project": project}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_anonymous_requests_get_no_dashboard_data(served: dict[str, Any]) -> None:

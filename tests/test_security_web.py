@@ -8,14 +8,12 @@ subprocesses too.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,44 +23,13 @@ import sqlalchemy as sa
 
 from dispatcher.accounts import NAME_LIMIT
 from tests.conftest import Project, _make_project
+from tests.conftest import serve_web as serve
 from tests.test_audit_ledger import run_campaign
-from tests.test_dashboard_browser import add_user, free_port, login
+from tests.test_dashboard_browser import add_user, login
 
 AUDITOR_PW = "auditor's long password"
 OPERATOR_PW = "operator's long password"
 REPORT_SECRET = "report-secret-for-security-tests"
-
-
-@contextmanager
-def serve(project: Project, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """`dispatch web` on a free port, its standard error written to ``log``; stopped afterwards."""
-    port = free_port()
-    settings = {
-        "DISPATCH_SESSION_SECRET": "s-" + os.urandom(24).hex(),
-        "DISPATCH_FAKE_NOW": "2021-02-15T10:00:00+08:00",
-    }
-    with log.open("w") as stderr:
-        proc = project.popen("web", "--port", str(port), env={**settings, **env}, stdout=stderr, stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"dispatch web did not start: {log.read_text()}")
-        time.sleep(0.2)
-    try:
-        yield base, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def new_project(root: Path, size: int = 60) -> tuple[Project, str]:
