@@ -23,20 +23,11 @@ import pytest
 from twilio_support import LocalServer, json_reply
 
 from tests.conftest import Project
+from tests.test_campaign_validation import GOOD as CAMPAIGN
 
 MEMORY_CAP = 2 * 1024**3
 TIME_CAP = 90.0
 
-CAMPAIGN = """\
-id: drill
-title: 演练
-owner: 公安分局
-template: themes/brushing.sms.j2
-variables:
-  hotline: "96110"
-audience:
-  districts: [横林镇]
-"""
 
 HEADER = "phone,name,district,grid,segments,language,opted_out\n"
 #: `path:line[:column]: field: message`
