@@ -7,7 +7,6 @@ rows still ``pending``, so a second delivery of the message finds nothing to do.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ from .phones import mask_text
 from .providers.base import OutgoingMessage, SendResult
 from .ringback import process_ringback_batch
 from .send_window import campaign_may_send
-from .spool import record_durably, replay
+from .spool import record_durably, release_durably, replay
 from .store import EXPIRED, FAILED, SKIPPED, Claimed, Outcome
 
 if TYPE_CHECKING:
@@ -322,8 +321,7 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
             log.exception("batch.crashed", claimed=len(rows))
             if not gate.handed:
                 # nothing reached the gateway: the claim goes back rather than waiting for the watchdog
-                with contextlib.suppress(StoreError):
-                    store.release([r.id for r in rows], token)
+                release_durably(runtime, [r.id for r in rows], token)
             raise
         # never return (ack the message) before the results are in the log: retried, spooled meanwhile
         record_durably(runtime, outcomes)

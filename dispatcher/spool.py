@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, fields
 from datetime import datetime
 from pathlib import Path
@@ -68,6 +69,24 @@ def put(directory: Path, outcomes: list[Outcome]) -> Path | None:
         return None
 
 
+def _give_up_after(runtime: Runtime, give_up_after: float | None) -> float:
+    settings = runtime.settings
+    limit = settings.record_retry_for if give_up_after is None else give_up_after
+    if settings.embedded:
+        # the in-process run stops and reports instead of waiting minutes; `resume` reconciles the rows
+        limit = min(limit, 10.0)
+    return limit
+
+
+def _delays(limit: float) -> Iterator[float]:
+    """Backoff pauses (0.25 s doubling to 5 s) for as long as they fit in ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    delay = 0.25
+    while time.monotonic() + delay <= deadline:
+        yield delay
+        delay = min(5.0, delay * 2)
+
+
 def record_durably(runtime: Runtime, outcomes: list[Outcome], *, give_up_after: float | None = None) -> None:
     """Record outcomes, retrying with backoff while the log is unreachable; raise StoreError on giving up.
 
@@ -77,13 +96,8 @@ def record_durably(runtime: Runtime, outcomes: list[Outcome], *, give_up_after: 
     if not outcomes:
         return
     settings = runtime.settings
-    limit = settings.record_retry_for if give_up_after is None else give_up_after
-    if settings.embedded:
-        # the in-process run stops and reports instead of waiting minutes; `resume` reconciles the rows
-        limit = min(limit, 10.0)
-    deadline = time.monotonic() + limit
+    delays = _delays(_give_up_after(runtime, give_up_after))
     spooled: Path | None = None
-    delay = 0.25
     tries = 0
     while True:
         try:
@@ -96,16 +110,45 @@ def record_durably(runtime: Runtime, outcomes: list[Outcome], *, give_up_after: 
             if tries == 3 and settings.embedded:
                 # the in-process run reports it and exits; a worker process waits for the log to come back
                 runtime.fatal = f"the delivery log cannot be written: {exc}"
-            if time.monotonic() + delay > deadline:
+            delay = next(delays, None)
+            if delay is None:
                 raise
             time.sleep(delay)
-            delay = min(5.0, delay * 2)
             continue
         if spooled is not None:
             with contextlib.suppress(OSError):
                 spooled.unlink()
             log.info("batch.recorded_after_retry", outcomes=len(outcomes), tries=tries + 1)
         return
+
+
+def release_durably(runtime: Runtime, ids: list[int], token: str | None, *, give_up_after: float | None = None) -> int:
+    """Give claimed rows nothing was handed over for back to ``pending``, waiting out a log outage.
+
+    A batch that fails before its first hand-over (the log went away between the claim and the
+    frequency-cap read) holds rows that no other worker may take while this one lives: a
+    redelivered message would claim nothing and ``resume`` leaves a live worker's rows alone.
+    So the release is retried like a record (it is fenced on the token, so trying twice is
+    harmless); only if this process gives up do the rows wait for ``resume`` or the watchdog.
+    """
+    delays = _delays(_give_up_after(runtime, give_up_after))
+    tries = 0
+    while True:
+        try:
+            released = runtime.store.release(ids, token)
+        except StoreError as exc:
+            tries += 1
+            if tries == 1:
+                log.warning("batch.release_failed", error=str(exc), rows=len(ids))
+            delay = next(delays, None)
+            if delay is None:
+                log.error("batch.release_abandoned", error=str(exc), rows=len(ids))
+                return 0
+            time.sleep(delay)
+            continue
+        if tries:
+            log.info("batch.released_after_retry", rows=released, tries=tries + 1)
+        return released
 
 
 def replay(runtime: Runtime) -> int:

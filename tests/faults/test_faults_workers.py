@@ -8,11 +8,13 @@ import os
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from datetime import datetime
 
 import pytest
 
+from dispatcher.providers.outbox.gateway import read_outbox
 from tests.conftest import Project, stop_processes, wait_for
 from tests.faults.support import (
     PrivatePostgres,
@@ -133,6 +135,60 @@ def test_database_outage_after_send_loses_no_result_and_strands_no_row(
         if not private_postgres.running():
             private_postgres.start()
         stop_processes(procs)
+
+
+def test_a_batch_that_loses_the_database_before_its_first_hand_over_gives_its_claim_back(
+    pg_redis_project: Project, private_postgres: PrivatePostgres
+) -> None:
+    """The log goes away between a batch's claim and its frequency-cap read: nothing was sent, so the
+    rows must go back to pending once the log returns. Left in ``sending`` under a live worker, no
+    redelivered message could claim them and ``resume`` would leave them alone."""
+    import sqlalchemy as sa
+
+    from dispatcher.errors import StoreError
+    from dispatcher.sender import process_batch
+
+    project = pg_redis_project
+    project.env["DISPATCH_BATCH_SIZE"] = "40"
+    project.registry(size=120, seed=94)
+    run_id = start_run(project)
+    rt = project.runtime()
+    cut = threading.Event()
+    restart: list[threading.Timer] = []
+
+    def cut_before_the_cap_read(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if cut.is_set() or "GROUP BY residents.phone" not in statement:
+            return
+        private_postgres.stop()  # every session is cut: this very read fails
+        cut.set()
+
+    def back_after_the_first_reconnect(*_args):  # type: ignore[no-untyped-def]
+        # the outage outlasts the batch's first try to give its rows back, however long logging takes
+        if cut.is_set() and not restart:
+            restart.append(threading.Timer(1.0, private_postgres.start))
+            restart[0].start()
+
+    sa.event.listen(rt.store.engine, "before_cursor_execute", cut_before_the_cap_read)
+    sa.event.listen(rt.store.engine, "do_connect", back_after_the_first_reconnect)
+    try:
+        with pytest.raises(StoreError):
+            process_batch(rt, run_id, 0)
+    finally:
+        sa.event.remove(rt.store.engine, "before_cursor_execute", cut_before_the_cap_read)
+        sa.event.remove(rt.store.engine, "do_connect", back_after_the_first_reconnect)
+        for timer in restart:
+            timer.join(60)
+        if not private_postgres.running():
+            private_postgres.start()
+    assert cut.is_set(), "the outage must land between the claim and the first hand-over"
+    counts = status(project, run_id)["counts"]
+    assert counts.get("sending", 0) == 0, counts
+    assert counts["pending"] > 0, counts
+    assert not project.outbox.exists() or not project.outbox.read_text(), "nothing may have been sent"
+    # the message comes again (Dramatiq retries it) and the batch goes out, each person once
+    again = process_batch(rt, run_id, 0)
+    keys = [line["key"] for line in read_outbox(project.outbox)]
+    assert again.claimed > 0 and len(keys) == again.counts["sent"] == len(set(keys)), again
 
 
 def test_sigterm_during_a_long_batch_releases_its_claim_and_exits_promptly(pg_redis_project: Project) -> None:
