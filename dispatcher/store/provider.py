@@ -14,7 +14,7 @@ Every state change here is written in one transaction with its ledger event, as
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,9 +47,6 @@ PROVIDER_STATES: dict[str, str] = {
 #: how far along a row is; a report may only move a row to a higher rank
 _RANK = {PENDING: 0, SENDING: 0, UNKNOWN: 0, SENT: 1, DELIVERED: 2, UNDELIVERED: 2, FAILED: 2}
 
-#: reporters whose word is limited to their own adapters' rows: a delivery report signed with
-#: DISPATCH_HTTP_REPORT_SECRET (actor ``http``) may move only rows the HTTP adapters sent
-REPORTER_GATEWAYS: dict[str, tuple[str, ...]] = {"http": ("http", "carrier-http")}
 
 
 @dataclass(frozen=True)
@@ -65,10 +62,17 @@ class StateChange:
 
 
 class ProviderEvents:
-    """Status callbacks, reconciliation of ``unknown`` rows and ringback restores over one ``Db``."""
+    """Status callbacks, reconciliation of ``unknown`` rows and ringback restores over one ``Db``.
 
-    def __init__(self, db: Db) -> None:
+    ``reporter_gateways`` limits a reporter's word to its own adapters' rows (actor ->
+    gateway names, as each provider declares in ``reports_for``): a delivery report signed
+    with one provider's secret may move only rows that provider sent. The mapping is handed
+    in because the store knows no providers.
+    """
+
+    def __init__(self, db: Db, reporter_gateways: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self._db = db
+        self._reporter_gateways: Mapping[str, tuple[str, ...]] = dict(reporter_gateways or {})
 
     def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str) -> None:
         """Append one ledger event per state change, inside the caller's transaction."""
@@ -98,7 +102,7 @@ class ProviderEvents:
     ) -> list[StateChange]:
         """Move the rows holding ``provider_id`` forward to what ``status`` means; returns what changed.
 
-        An ``actor`` listed in ``REPORTER_GATEWAYS`` moves only rows sent through its adapters
+        An ``actor`` listed in the reporter mapping moves only rows sent through its adapters
         (a report authenticated by one provider's secret says nothing about another's messages).
 
         A callback can overtake our own bookkeeping: Twilio may report ``sent`` for the first
@@ -164,7 +168,7 @@ class ProviderEvents:
         query = select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway).where(
             d.c.provider_id == provider_id
         )
-        gateways = REPORTER_GATEWAYS.get(actor)
+        gateways = self._reporter_gateways.get(actor)
         if gateways is not None:
             query = query.where(d.c.gateway.in_(gateways))
         rows = conn.execute(query).all()

@@ -20,7 +20,7 @@ import json
 import secrets
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
@@ -121,7 +121,9 @@ def create_engine(url: str) -> Engine:
 class SqlStore:
     """The delivery log. One instance per process; thread-safe through SQLAlchemy's pool."""
 
-    def __init__(self, url: str, *, clock: Clock = utcnow) -> None:
+    def __init__(
+        self, url: str, *, clock: Clock = utcnow, reporter_gateways: Mapping[str, tuple[str, ...]] | None = None
+    ) -> None:
         self.url = url
         self.clock = clock
         try:
@@ -136,7 +138,7 @@ class SqlStore:
         self.accounts = Accounts(self._db)
         self.dashboard = DashboardReads(self._db)
         self._control = RunControl(self._db)
-        self._provider = ProviderEvents(self._db)
+        self._provider = ProviderEvents(self._db, reporter_gateways)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -1211,8 +1213,16 @@ def _attempt_row(o: Outcome, now: datetime) -> dict[str, Any]:
     }
 
 
-def open_store(url: str, *, clock: Clock = utcnow, migrate: bool = True) -> SqlStore:
-    store = SqlStore(url, clock=clock)
+def open_store(
+    url: str,
+    *,
+    clock: Clock = utcnow,
+    migrate: bool = True,
+    reporter_gateways: Mapping[str, tuple[str, ...]] | None = None,
+) -> SqlStore:
+    """The delivery log at ``url``, migrated; ``reporter_gateways`` (actor -> gateway names) limits
+    whose rows each provider's delivery reports may move."""
+    store = SqlStore(url, clock=clock, reporter_gateways=reporter_gateways)
     if migrate:
         store.migrate()
     return store
