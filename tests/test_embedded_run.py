@@ -49,13 +49,13 @@ def test_run_snapshots_campaign_and_template_with_sha256(project: Project) -> No
     st = json.loads(project.dispatch("run", CAMPAIGN, "--json").stdout)
     run = project.runtime().store.get_run(st["run_id"])
     campaign_text = (project.root / CAMPAIGN).read_text(encoding="utf-8")
-    template_text = (project.root / "templates" / run["template_name"]).read_text(encoding="utf-8")
-    assert run["campaign_yaml"] == campaign_text
-    assert run["campaign_sha256"] == hashlib.sha256(campaign_text.encode()).hexdigest()
-    assert run["template_sha256"] == hashlib.sha256(template_text.encode()).hexdigest() == st["template_sha256"]
+    template_text = (project.root / "templates" / run.template_name).read_text(encoding="utf-8")
+    assert run.campaign_yaml == campaign_text
+    assert run.campaign_sha256 == hashlib.sha256(campaign_text.encode()).hexdigest()
+    assert run.template_sha256 == hashlib.sha256(template_text.encode()).hexdigest() == st["template_sha256"]
     # editing the template afterwards does not change what the run sends
-    (project.root / "templates" / run["template_name"]).write_text("改过的模板 {{ hotline }}", encoding="utf-8")
-    assert project.runtime().store.get_run(st["run_id"])["template_text"] == template_text
+    (project.root / "templates" / run.template_name).write_text("改过的模板 {{ hotline }}", encoding="utf-8")
+    assert project.runtime().store.get_run(st["run_id"]).template_text == template_text
 
 
 def test_dry_run_renders_but_writes_and_sends_nothing(project: Project) -> None:

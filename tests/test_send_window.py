@@ -112,7 +112,7 @@ def test_urgent_campaign_with_a_reason_sends_at_22h_and_records_the_reason(proje
         created = start_run(rt, _load(project, "campaigns/urgent-refund.yaml"))
         _wait(lambda: len(_sent(project, created["run_id"])) == created["pending"], 15, "the urgent run")
     run = rt.store.get_run(created["run_id"])
-    assert run["priority"] == "urgent" and run["reason"].startswith("预警中心")
+    assert run.priority == "urgent" and run.reason.startswith("预警中心")
 
 
 def test_frequency_cap_skips_the_third_bulk_message_of_the_week_with_its_reason(project: Project) -> None:

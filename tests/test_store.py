@@ -104,7 +104,7 @@ def test_results_are_recorded_with_attempts_and_only_for_rows_in_flight(store) -
     assert store.counts("r1") == {"sent": 5}
     assert store.parts_sent("r1") == 10
     assert store.finish_if_done("r1") is True
-    assert store.get_run("r1")["status"] == "completed"
+    assert store.get_run("r1").status == "completed"
     store.record(outcomes)  # a replay changes nothing: rows are no longer in flight
     assert len(store.attempts_for(claimed[0].id)) == 1
 
@@ -129,7 +129,7 @@ def test_duplicate_fire_of_the_same_campaign_creates_nothing(store) -> None:  # 
     store.create_run(_spec("r1", fire_time=fire), ALL)
     with pytest.raises(DuplicateRun):
         store.create_run(_spec("r2", fire_time=fire), ALL)
-    assert [r["id"] for r in store.list_runs()] == ["r1"]
+    assert [r.id for r in store.list_runs()] == ["r1"]
     assert store.counts("r2") == {}
 
 

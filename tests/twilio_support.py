@@ -67,7 +67,7 @@ def drive(rt: Runtime, run_id: str, clock: Clock, *, rounds: int = 10, step: flo
     """Process every batch of the run until nothing is pending, moving the clock past each backoff."""
     for _ in range(rounds):
         run = rt.store.get_run(run_id)
-        for batch_no in range(run["batches"]):
+        for batch_no in range(run.batches):
             process_batch(rt, run_id, batch_no)
         counts = rt.store.counts(run_id)
         if not counts.get("pending"):

@@ -51,7 +51,9 @@ from .base import (
     Claimed,
     Outcome,
     Resident,
+    RunRecord,
     RunSpec,
+    UnknownRow,
 )
 from .control import RecentRun, RunProgress
 from .ledger import AUDIT_CHAIN
@@ -94,10 +96,12 @@ __all__ = [
     "RecentRun",
     "Resident",
     "RunProgress",
+    "RunRecord",
     "RunSpec",
     "SqlStore",
     "StateChange",
     "StoredAccount",
+    "UnknownRow",
     "Window",
     "as_utc",
     "iter_chunks",

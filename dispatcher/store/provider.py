@@ -28,7 +28,7 @@ from . import ledger
 from . import schema as t
 from ._db import Db
 from ._rows import as_utc, insert_run, keys_digest
-from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN
+from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN, UnknownRow
 from .ledger import Event, append_by_run
 
 #: provider status words -> our state
@@ -46,7 +46,6 @@ PROVIDER_STATES: dict[str, str] = {
 }
 #: how far along a row is; a report may only move a row to a higher rank
 _RANK = {PENDING: 0, SENDING: 0, UNKNOWN: 0, SENT: 1, DELIVERED: 2, UNDELIVERED: 2, FAILED: 2}
-
 
 
 @dataclass(frozen=True)
@@ -208,7 +207,7 @@ class ProviderEvents:
         with self._db.read() as conn:
             return [s for (s,) in conn.execute(select(d.c.state).where(d.c.provider_id == provider_id))]
 
-    def unknown_rows(self, run_id: str) -> list[dict[str, Any]]:
+    def unknown_rows(self, run_id: str) -> list[UnknownRow]:
         """Rows left ``unknown`` by an ambiguous reply, with what a lookup needs (number, text, when)."""
         d = t.deliveries
         with self._db.read() as conn:
@@ -216,9 +215,18 @@ class ProviderEvents:
                 select(d.c.id, d.c.key, d.c.phone, d.c.body, d.c.attempts, d.c.claimed_at, d.c.updated_at)
                 .where(d.c.run_id == run_id, d.c.state == UNKNOWN)
                 .order_by(d.c.id)
-            ).mappings()
+            )
             return [
-                {**dict(r), "claimed_at": as_utc(r["claimed_at"]), "updated_at": as_utc(r["updated_at"])} for r in rows
+                UnknownRow(
+                    id=r.id,
+                    key=r.key,
+                    phone=r.phone,
+                    body=r.body,
+                    attempts=r.attempts,
+                    claimed_at=as_utc(r.claimed_at),
+                    updated_at=as_utc(r.updated_at),
+                )
+                for r in rows
             ]
 
     def settle_unknown(

@@ -55,7 +55,9 @@ from .base import (
     Claimed,
     Outcome,
     Resident,
+    RunRecord,
     RunSpec,
+    UnknownRow,
 )
 from .control import RecentRun, RunControl, RunProgress
 from .provider import ProviderEvents, StateChange
@@ -477,19 +479,19 @@ class SqlStore:
             raise StoreError(f"cannot create run {spec.run_id}: {exc.orig}") from exc
         return {"run_id": spec.run_id, "total": int(total), "pending": pending, "batches": batches}
 
-    def get_run(self, run_id: str) -> dict[str, Any]:
+    def get_run(self, run_id: str) -> RunRecord:
         with self._read() as conn:
             row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().first()
         if row is None:
             raise UsageError(f"no run with id {run_id!r} (see `dispatch runs`)", field="run")
-        return _run_dict(row)
+        return _run_record(row)
 
-    def list_runs(self, limit: int = 50, campaign_id: str | None = None) -> list[dict[str, Any]]:
+    def list_runs(self, limit: int = 50, campaign_id: str | None = None) -> list[RunRecord]:
         query = select(t.runs).order_by(t.runs.c.created_at.desc()).limit(limit)
         if campaign_id:
             query = query.where(t.runs.c.campaign_id == campaign_id)
         with self._read() as conn:
-            return [_run_dict(row) for row in conn.execute(query).mappings()]
+            return [_run_record(row) for row in conn.execute(query).mappings()]
 
     def set_run_status(self, run_id: str, status: str) -> None:
         with self._write() as conn:
@@ -1100,7 +1102,7 @@ class SqlStore:
         """States of the rows holding ``provider_id`` (for status pages and tests)."""
         return self._provider.state_of(provider_id)
 
-    def unknown_rows(self, run_id: str) -> list[dict[str, Any]]:
+    def unknown_rows(self, run_id: str) -> list[UnknownRow]:
         """Rows left ``unknown`` by an ambiguous reply, with what a lookup needs (number, text, when)."""
         return self._provider.unknown_rows(run_id)
 
@@ -1156,11 +1158,14 @@ def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
     )
 
 
-def _run_dict(row: Any) -> dict[str, Any]:
-    out = dict(row)
-    for key in ("fire_time", "as_of", "send_by", "created_at", "finished_at"):
-        out[key] = as_utc(out[key])
-    return out
+_RUN_TIMES = ("fire_time", "as_of", "send_by", "created_at", "finished_at")
+
+
+def _run_record(row: Any) -> RunRecord:
+    values = dict(row)
+    for key in _RUN_TIMES:
+        values[key] = as_utc(values[key])
+    return RunRecord(**values)
 
 
 def _safe_url(url: str) -> str:
