@@ -74,9 +74,15 @@ def start_restore(runtime: Runtime, enrol_run_id: str, *, actor: str = "operator
     )
     created = store.create_restore_run(spec, enrol_run_id, MAY_BE_ENROLLED)
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
-        enqueue_batches(runtime, spec.run_id, list(range(created["batches"])))
-        log.info("ringback.restore_created", restores=enrol_run_id, total=created["total"])
-    return {**created, "created": True}
+        enqueue_batches(runtime, spec.run_id, list(range(created.batches)))
+        log.info("ringback.restore_created", restores=enrol_run_id, total=created.total)
+    return {
+        "run_id": created.run_id,
+        "total": created.total,
+        "pending": created.pending,
+        "batches": created.batches,
+        "created": True,
+    }
 
 
 def due_restores(runtime: Runtime, now: datetime | None = None) -> list[str]:

@@ -25,7 +25,7 @@ from .errors import UsageError
 from .keys import delivery_key
 from .phones import InvalidPhone, normalise
 from .providers.base import LookupRequest
-from .store import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunRecord, RunSpec
+from .store import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, CreatedRun, Outcome, RunRecord, RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -120,22 +120,23 @@ def start_run(
     as_of: datetime | None = None,
     again_reason: str | None = None,
     fence: tuple[str, str, int] | None = None,
-) -> dict[str, Any]:
+) -> CreatedRun:
     """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
     spec = dataclasses.replace(
         run_spec(runtime, loaded, fire_time=fire_time, as_of=as_of), actor=actor, again_reason=again_reason
     )
     created = runtime.store.create_run(spec, audience_filter(loaded), fence=fence)
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
-        created["enqueue_started_at"] = time.time()  # workers may start from here (benchmarks time from it)
-        enqueue_batches(runtime, spec.run_id, list(range(created["batches"])), spec.priority)
-        log.info("run.created", total=created["total"], pending=created["pending"], batches=created["batches"])
+        # workers may start from here (benchmarks time from it)
+        created = dataclasses.replace(created, enqueue_started_at=time.time())
+        enqueue_batches(runtime, spec.run_id, list(range(created.batches)), spec.priority)
+        log.info("run.created", total=created.total, pending=created.pending, batches=created.batches)
     return created
 
 
 def start_manual_run(
     runtime: Runtime, loaded: LoadedCampaign, *, as_of: datetime | None = None, again_reason: str | None = None
-) -> dict[str, Any]:
+) -> CreatedRun:
     """An operator's run: refused (exit 2) if the campaign already ran within its frequency period,
     unless the operator says ``--again`` with a reason. Taken under the campaign's lock, so two
     operators starting the same campaign at once cannot both create a run."""

@@ -134,12 +134,12 @@ def test_every_batch_message_delivered_twice_at_once_sends_nobody_twice(project:
     loaded = load_campaign(project.root / CAMPAIGN, project.root / "templates")
     spec = run_spec(rt, loaded)
     created = rt.store.create_run(spec, audience_filter(loaded))
-    assert created["batches"] >= 5
+    assert created.batches >= 5
     claimed: dict[int, list[int]] = collections.defaultdict(list)
     cwd = os.getcwd()
     os.chdir(project.root)
     try:
-        for batch_no in range(created["batches"]):
+        for batch_no in range(created.batches):
             gate = threading.Barrier(2)
 
             def twice(batch_no: int = batch_no, gate: threading.Barrier = gate) -> None:
@@ -153,9 +153,9 @@ def test_every_batch_message_delivered_twice_at_once_sends_nobody_twice(project:
                 th.join(60)
     finally:
         os.chdir(cwd)
-    assert sum(sum(c) for c in claimed.values()) == created["pending"]
+    assert sum(sum(c) for c in claimed.values()) == created.pending
     keys = collections.Counter(line["key"] for line in read_outbox(project.outbox))
-    assert len(keys) == created["pending"] and max(keys.values()) == 1
+    assert len(keys) == created.pending and max(keys.values()) == 1
     sent = {r["key"] for r in rt.store.deliveries(spec.run_id) if r["state"] == "sent"}
     assert sent == set(keys)
 

@@ -60,7 +60,7 @@ def campaign_yaml(campaign_id: str, *, send_by: datetime | None = None, extra: s
 
 def start(rt: Runtime, path: Path) -> str:
     loaded = load_campaign(path, rt.settings.templates_dir)
-    return str(start_run(rt, loaded)["run_id"])
+    return str(start_run(rt, loaded).run_id)
 
 
 def drive(rt: Runtime, run_id: str, clock: Clock, *, rounds: int = 10, step: float = 120.0) -> dict[str, int]:

@@ -147,19 +147,17 @@ def run(
     started = time.perf_counter()
     created = start_manual_run(rt, loaded, as_of=as_of_time, again_reason=reason.strip() if again and reason else None)
     fanout_seconds = time.perf_counter() - started
-    enqueued_at = created.get("enqueue_started_at", time.time())
+    enqueued_at = created.enqueue_started_at or time.time()
     if not as_json:
-        sys.stdout.write(created["run_id"] + "\n")
+        sys.stdout.write(created.run_id + "\n")
         sys.stdout.flush()
-        err.print(
-            f"run {created['run_id']}: {created['pending']} to send in {created['batches']} batches", markup=False
-        )
-    deferred = deferred_embedded(rt, created["run_id"])
+        err.print(f"run {created.run_id}: {created.pending} to send in {created.batches} batches", markup=False)
+    deferred = deferred_embedded(rt, created.run_id)
     if (no_wait and not rt.settings.embedded) or deferred:
-        st = status(rt, created["run_id"])
+        st = status(rt, created.run_id)
     else:
         st = progress_follow(
-            rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty()
+            rt, created.run_id, embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty()
         )
     if as_json:
         emit_json({**st.to_json(), "fanout_seconds": round(fanout_seconds, 4), "enqueued_at": enqueued_at})

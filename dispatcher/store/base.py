@@ -156,6 +156,19 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class CreatedRun:
+    """What creating a run wrote: its id, its rows (all of them, and those still to send), its batches."""
+
+    run_id: str
+    total: int
+    pending: int
+    batches: int
+    #: when ``runs.start_run`` began enqueueing the batches (``time.time()``): workers may start from
+    #: here, and the benchmarks time the fan-out from it
+    enqueue_started_at: float | None = None
+
+
+@dataclass(frozen=True)
 class UnknownRow:
     """A row an ambiguous reply left ``unknown``, with what a lookup at the provider needs."""
 

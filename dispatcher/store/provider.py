@@ -28,7 +28,7 @@ from . import ledger
 from . import schema as t
 from ._db import Db
 from ._rows import as_utc, insert_run, keys_digest
-from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN, UnknownRow
+from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN, CreatedRun, UnknownRow
 from .ledger import Event, append_by_run
 
 #: provider status words -> our state
@@ -318,7 +318,7 @@ class ProviderEvents:
 
     # ------------------------------------------------------------------ ringback
 
-    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
+    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> CreatedRun:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back.
 
         Written like ``create_run``: run snapshot, one row per number with its own idempotency
@@ -382,7 +382,7 @@ class ProviderEvents:
                     finished_at=None if total else now,
                 )
             )
-        return {"run_id": spec.run_id, "total": total, "pending": total, "batches": batches}
+        return CreatedRun(spec.run_id, total, total, batches)
 
     def keep_ringback(self, run_id: str, phone: str, provider_id: str, kept: Any) -> None:
         """Remember what an enrolment changed, so the restore run can put it back (first write wins)."""

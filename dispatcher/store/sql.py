@@ -53,6 +53,7 @@ from .base import (
     UNKNOWN,
     AudienceFilter,
     Claimed,
+    CreatedRun,
     Outcome,
     Resident,
     RunRecord,
@@ -389,7 +390,7 @@ class SqlStore:
 
     def create_run(
         self, spec: RunSpec, audience: AudienceFilter, *, fence: tuple[str, str, int] | None = None
-    ) -> dict[str, Any]:
+    ) -> CreatedRun:
         """Snapshot the run and write one delivery row per selected resident, in one transaction.
 
         Opted-out residents get a ``skipped`` row (reason ``opted_out``) so the log shows
@@ -477,7 +478,7 @@ class SqlStore:
             if spec.fire_time is not None and ("uq_runs" in detail or "fire_time" in detail):
                 raise DuplicateRun(spec.campaign_id, spec.fire_time) from exc
             raise StoreError(f"cannot create run {spec.run_id}: {exc.orig}") from exc
-        return {"run_id": spec.run_id, "total": int(total), "pending": pending, "batches": batches}
+        return CreatedRun(spec.run_id, int(total), pending, batches)
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._read() as conn:
@@ -1116,7 +1117,7 @@ class SqlStore:
         """Rows left in ``sending`` that nobody can look up become ``unknown`` (an operator decides)."""
         return self._provider.mark_unknown(run_id, ids, reason=reason)
 
-    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
+    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> CreatedRun:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back."""
         return self._provider.create_restore_run(spec, enrol_run_id, states)
 
