@@ -132,10 +132,10 @@ def test_missed_fires_are_made_up_within_the_grace_and_recorded_skipped_beyond_i
     clock.set(datetime(2023, 5, 10, 14, 30, tzinfo=SH))
     assert sched.tick() == 1
     fires = rt.store.list_fires("hourly")
-    by_hour = {f["fire_time"].astimezone(SH).hour: f for f in fires}
+    by_hour = {f.fire_time.astimezone(SH).hour: f for f in fires}
     assert sorted(by_hour) == [9, 10, 11, 12, 13, 14]
-    assert [by_hour[h]["status"] for h in (9, 10, 11, 12, 13, 14)] == ["fired"] + ["skipped"] * 4 + ["fired"]
-    assert "beyond misfire_grace 1h" in by_hour[10]["reason"]
+    assert [by_hour[h].status for h in (9, 10, 11, 12, 13, 14)] == ["fired"] + ["skipped"] * 4 + ["fired"]
+    assert "beyond misfire_grace 1h" in (by_hour[10].reason or "")
     runs = rt.store.list_runs(campaign_id="hourly")
     assert sorted(r.fire_time.astimezone(SH).hour for r in runs) == [9, 14]
 

@@ -56,7 +56,7 @@ from .base import (
     RunSpec,
     UnknownRow,
 )
-from .control import RecentRun, RunProgress
+from .control import FireRecord, RecentRun, RunProgress
 from .ledger import AUDIT_CHAIN
 from .ledger import Break as ChainBreak
 from .provider import PROVIDER_STATES, StateChange
@@ -89,6 +89,7 @@ __all__ = [
     "DepartmentCounts",
     "DuplicateRun",
     "FailureCount",
+    "FireRecord",
     "LeaseLost",
     "Outcome",
     "OwnerFailures",

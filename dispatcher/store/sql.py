@@ -60,7 +60,7 @@ from .base import (
     RunSpec,
     UnknownRow,
 )
-from .control import RecentRun, RunControl, RunProgress
+from .control import FireRecord, RecentRun, RunControl, RunProgress
 from .provider import ProviderEvents, StateChange
 
 Clock = Callable[[], datetime]
@@ -1075,7 +1075,7 @@ class SqlStore:
     def fire_recorded(self, campaign_id: str, fire_time: datetime) -> bool:
         return self._control.fire_recorded(campaign_id, fire_time)
 
-    def list_fires(self, campaign_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    def list_fires(self, campaign_id: str | None = None, limit: int = 1000) -> list[FireRecord]:
         return self._control.list_fires(campaign_id, limit)
 
     def run_for_fire(self, campaign_id: str, fire_time: datetime) -> str | None:
