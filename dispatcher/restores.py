@@ -72,7 +72,7 @@ def start_restore(runtime: Runtime, enrol_run_id: str, *, actor: str = "operator
         batch_size=enrol.batch_size,
         actor=actor,
     )
-    created = store.create_restore_run(spec, enrol_run_id, MAY_BE_ENROLLED)
+    created = store.ringback.create_restore_run(spec, enrol_run_id, MAY_BE_ENROLLED)
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
         enqueue_batches(runtime, spec.run_id, list(range(created.batches)))
         log.info("ringback.restore_created", restores=enrol_run_id, total=created.total)

@@ -99,7 +99,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
                 text=text,
                 start=window.start,
                 end=window.end,
-                kept=store.ringback_kept(enrol_run_id, row.phone) if restoring else None,
+                kept=store.ringback.ringback_kept(enrol_run_id, row.phone) if restoring else None,
             )
             result: SendResult | SendError
             try:
@@ -108,7 +108,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
                 result = exc
             else:
                 if not restoring:
-                    store.keep_ringback(run_id, row.phone, done.provider_id, done.kept)
+                    store.ringback.keep_ringback(run_id, row.phone, done.provider_id, done.kept)
                 result = SendResult(
                     provider_id=done.provider_id,
                     status="restored" if restoring else "enrolled",

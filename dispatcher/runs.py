@@ -142,10 +142,10 @@ def start_manual_run(
     operators starting the same campaign at once cannot both create a run."""
     c = loaded.campaign
     store = runtime.store
-    with store.operator_lock(f"campaign:{c.id}"):
+    with store.coordination.operator_lock(f"campaign:{c.id}"):
         if c.priority == "bulk" and not again_reason:
             period = parse_duration(c.frequency_cap.per if c.frequency_cap else runtime.settings.frequency_cap_period)
-            recent = store.recent_runs(c.id, runtime.clock() - period)
+            recent = store.coordination.recent_runs(c.id, runtime.clock() - period)
             if recent:
                 last = recent[-1]
                 raise UsageError(
@@ -262,7 +262,7 @@ def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], act
     gateway = runtime.gateway
     if not gateway.can_lookup:
         # the provider cannot say what it took: resending could double-send, an operator decides
-        settled = store.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
+        settled = store.provider_events.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
         log.warning("run.orphans_unknown", orphans=len(orphans), marked=settled)
         return 0, 0
     known = gateway.lookup([LookupRequest(o.key, o.phone, "", o.claimed_at) for o in orphans])
@@ -298,7 +298,7 @@ def resume_run(runtime: Runtime, run_id: str) -> dict[str, int]:
     """
     store = runtime.store
     run = store.get_run(run_id)
-    with store.operator_lock(f"campaign:{run.campaign_id}"):
+    with store.coordination.operator_lock(f"campaign:{run.campaign_id}"):
         return _resume_locked(runtime, run_id)
 
 
@@ -308,16 +308,16 @@ def _resume_locked(runtime: Runtime, run_id: str) -> dict[str, int]:
     orphans = store.orphans(run_id, runtime.settings.worker_stale_after)
     with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run.campaign_id):
         found_sent, requeued = reconcile_orphans(runtime, run_id, orphans, actor="resume")
-        store.drain_status_backlog()  # delivery reports that overtook the recording of their ids
+        store.provider_events.drain_status_backlog()  # delivery reports that overtook the recording of their ids
         unknown_found, unknown_requeued = reconcile_unknown(runtime, run_id)
         found_sent += unknown_found
         requeued += unknown_requeued
         if run.status in ("cancelled",):
             return {"orphans": len(orphans), "already_sent": found_sent, "requeued": requeued, "batches": 0}
         if run.halted:
-            store.clear_halt(run_id)
+            store.control.clear_halt(run_id)
         if run.status == "paused":
-            store.unpause_run(run_id)
+            store.control.unpause_run(run_id)
             log.info("run.resumed")
         if run.status == "completed" and (requeued or store.counts(run_id).get("pending")):
             store.set_run_status(run_id, "running")
@@ -335,12 +335,12 @@ def reconcile_unknown(runtime: Runtime, run_id: str) -> tuple[int, int]:
     not found -> ``pending``, sent again by the next batch. Returns (found, requeued).
     """
     store = runtime.store
-    rows = store.unknown_rows(run_id)
+    rows = store.provider_events.unknown_rows(run_id)
     if not rows:
         return 0, 0
     if store.get_run(run_id).channel.startswith("ringback"):
         # ringback enrol/restore calls are idempotent: try them again rather than ask
-        return store.settle_unknown(run_id, {}, [r.id for r in rows], gateway="ringback")
+        return store.provider_events.settle_unknown(run_id, {}, [r.id for r in rows], gateway="ringback")
     gateway = runtime.gateway
     if not gateway.can_lookup:
         # the provider cannot tell us what it took: resending could double-send, so an operator decides
@@ -349,7 +349,7 @@ def reconcile_unknown(runtime: Runtime, run_id: str) -> tuple[int, int]:
     known = gateway.lookup([LookupRequest(r.key, r.phone, r.body or "", r.claimed_at or r.updated_at) for r in rows])
     found = {r.id: known[r.key].provider_id for r in rows if r.key in known}
     missing = [r.id for r in rows if r.key not in known]
-    result = store.settle_unknown(run_id, found, missing, gateway=gateway.name)
+    result = store.provider_events.settle_unknown(run_id, found, missing, gateway=gateway.name)
     log.info("run.unknown_reconciled", unknown=len(rows), found=result[0], requeued=result[1])
     return result
 
@@ -438,7 +438,7 @@ def stall(runtime: Runtime, run_id: str, run_status: str) -> tuple[int, datetime
     with when any row last moved; what ``status`` shows and the watchdog acts on."""
     if run_status != "running":
         return 0, None
-    p = runtime.store.progress(run_id)
+    p = runtime.store.control.progress(run_id)
     last = p.last_progress
     quiet = last is None or (runtime.clock() - last).total_seconds() > runtime.settings.stall_after
     return ((p.due + p.sending) if quiet else 0), last
@@ -460,7 +460,7 @@ def pause_run(runtime: Runtime, run_id: str) -> dict[str, Any]:
     """
     store = runtime.store
     run = store.get_run(run_id)
-    paused = store.pause_run(run_id)
+    paused = store.control.pause_run(run_id)
     with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run.campaign_id):
         log.info("run.paused" if paused else "run.pause_ignored", was=run.status)
     return {"run_id": run_id, "paused": paused, "was": run.status}

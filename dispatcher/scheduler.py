@@ -119,14 +119,14 @@ class DatabaseLease:
 
     def hold(self) -> bool:
         try:
-            return self.runtime.store.acquire_lease(LEASE_NAME, self.holder, self.seconds)
+            return self.runtime.store.coordination.acquire_lease(LEASE_NAME, self.holder, self.seconds)
         except DispatchError as exc:
             log.warning("scheduler.lease_unreachable", error=str(exc))
             return False
 
     def release(self) -> None:
         with contextlib.suppress(DispatchError):  # else the lease runs out by itself
-            self.runtime.store.release_lease(LEASE_NAME, self.holder)
+            self.runtime.store.coordination.release_lease(LEASE_NAME, self.holder)
 
 
 def make_lease(runtime: Runtime, holder: str) -> Lease:
@@ -218,7 +218,7 @@ class Scheduler:
             return 0
         if self.token is None:
             try:
-                self.token = self.runtime.store.take_fence(LEASE_NAME, self.holder)
+                self.token = self.runtime.store.coordination.take_fence(LEASE_NAME, self.holder)
             except DispatchError as exc:
                 # a frozen former leader may still hold the fence row: try again next tick
                 log.warning("scheduler.fence_unavailable", error=str(exc))
@@ -267,7 +267,7 @@ class Scheduler:
         store = self.runtime.store
         campaign_id = entry.loaded.campaign.id
         now = self.runtime.clock().astimezone(UTC)
-        cursor = store.last_fire(campaign_id) or self._first_cursor(entry, now)
+        cursor = store.coordination.last_fire(campaign_id) or self._first_cursor(entry, now)
         fired = 0
         for _ in range(MAX_FIRES_PER_TICK):
             fire_time = next_after(entry.trigger, cursor)
@@ -276,7 +276,7 @@ class Scheduler:
             late = now - fire_time
             if late > entry.grace:
                 reason = f"missed by {_human(late)}, beyond misfire_grace {_human(entry.grace)}"
-                store.record_fire(
+                store.coordination.record_fire(
                     campaign_id, fire_time, "skipped", scheduler=self.holder, reason=reason, lease_token=self.token
                 )
                 log.warning("scheduler.fire_skipped", fire_time=fire_time, reason=reason)
@@ -321,13 +321,13 @@ class Scheduler:
                 late = (self.runtime.clock() - fire_time).total_seconds()
                 log.info("scheduler.fired", run_id=run_id, late_s=round(late, 3))
             except DuplicateRun:
-                run_id = store.run_for_fire(campaign_id, fire_time)
-                if run_id and not store.fire_recorded(campaign_id, fire_time):
+                run_id = store.coordination.run_for_fire(campaign_id, fire_time)
+                if run_id and not store.coordination.fire_recorded(campaign_id, fire_time):
                     # a leader died between creating the run and recording the fire: its batches may
                     # never have been enqueued. Enqueueing again is harmless (claims are atomic).
                     enqueue_batches(self.runtime, run_id, store.pending_batches(run_id))
                 log.info("scheduler.duplicate_fire", run_id=run_id)
-            store.record_fire(
+            store.coordination.record_fire(
                 campaign_id, fire_time, "fired", scheduler=self.holder, run_id=run_id, lease_token=self.token
             )
         return run_id

@@ -182,7 +182,7 @@ def _apply_frequency_cap(
     if limit <= 0:
         return to_send
     phones = [row.phone for row, _ in to_send]
-    counts = runtime.store.bulk_sends_since(phones, now - period, exclude_run=context.run_id)
+    counts = runtime.store.coordination.bulk_sends_since(phones, now - period, exclude_run=context.run_id)
     keep = []
     for row, message in to_send:
         if counts.get(row.phone, 0) >= limit:
@@ -230,7 +230,7 @@ class Gate:
             return False
         self._checked = now
         try:
-            status = self.runtime.store.run_status(self.context.run_id)
+            status = self.runtime.store.control.run_status(self.context.run_id)
         except StoreError as exc:
             # the log is unreachable for a moment: keep sending, the results are recorded (or spooled) after
             log.warning("batch.status_unreadable", error=str(exc))
@@ -295,7 +295,7 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
     if runtime.stopping.is_set():
         # shutting down: claim nothing; the message goes back to the queue for another worker
         return BatchResult(0, {"stopping": 1}, 0.0)
-    status = store.run_status(run_id)
+    status = store.control.run_status(run_id)
     if status in ("cancelled", "completed"):
         return BatchResult(0, {}, None)
     with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=context.campaign_id, batch=batch_no):
@@ -333,19 +333,19 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
             counts["stopped"] = len(gate.unsent)
             unsent_ids = [r.id for r in gate.unsent]
             if gate.stop_reason == "cancelled":
-                store.cancel_claimed(unsent_ids, actor=runtime.worker_id, token=token)
+                store.control.cancel_claimed(unsent_ids, actor=runtime.worker_id, token=token)
             else:
                 # paused, stopping, gateway down or window closed: back to pending, the attempt not counted
                 store.release(unsent_ids, token)
                 if gate.stop_reason == "gateway_down":
                     why = f"the gateway cannot take messages: {gate.down}"
-                    store.halt_run(run_id, why)
+                    store.control.halt_run(run_id, why)
                     log.error("run.halted", reason=why)
                 elif gate.stop_reason == "shutdown":
                     stop_in = 0.0
                 elif gate.stop_reason == "send_window" and gate.opens_at is not None:
                     stop_in = _window_delay(runtime, gate.opens_at)
-                elif store.run_status(run_id) == "running":
+                elif store.control.run_status(run_id) == "running":
                     # resumed while this batch was stopping: resume found none of these rows
                     # pending, so this batch must come back by itself
                     stop_in = 0.0

@@ -46,7 +46,7 @@ class Watchdog:
         done: dict[str, Any] = {}
         try:
             lost = self.broker_lost()
-            for run_id in self.runtime.store.running_runs():
+            for run_id in self.runtime.store.control.running_runs():
                 done[run_id] = self.check_run(run_id, requeue_all=lost)
         except DispatchError as exc:
             log.error("watchdog.failed", error=str(exc))
@@ -63,13 +63,13 @@ class Watchdog:
         key = f"{settings.broker_namespace}:watchdog:sentinel"
         client = self.runtime.broker.client  # type: ignore[attr-defined]
         try:
-            expected = store.get_marker(SENTINEL)
+            expected = store.coordination.get_marker(SENTINEL)
             present = client.get(key)
             lost = expected is not None and (present is None or present.decode() != expected)
             if expected is None or lost:
                 value = uuid.uuid4().hex
                 client.set(key, value)
-                store.set_marker(SENTINEL, value)
+                store.coordination.set_marker(SENTINEL, value)
         except redis.RedisError as exc:
             log.warning("watchdog.broker_unreachable", error=str(exc))
             return False
@@ -89,7 +89,7 @@ class Watchdog:
             )
             if orphans:
                 result["found"], result["requeued"] = reconcile_orphans(runtime, run_id, orphans, actor="watchdog")
-            progress = store.progress(run_id)
+            progress = store.control.progress(run_id)
             last = progress.last_progress
             quiet = last is None or (runtime.clock() - last).total_seconds() > settings.stall_after
             kicked = self._kicked.get(run_id, 0.0)

@@ -495,6 +495,6 @@ def test_signed_delivery_report_moves_the_rows_the_http_gateway_sent(project: An
             headers={"X-Dispatch-Signature": report_signature("report-secret-7f31", body)},
         )
         assert reply.status_code == 200 and reply.json() == {"reports": 1, "changed": 1}
-        assert rt.store.state_of(row["provider_id"]) == ["delivered"]
+        assert rt.store.provider_events.state_of(row["provider_id"]) == ["delivered"]
     finally:
         server.close()

@@ -157,12 +157,12 @@ def test_dlr_types_move_the_row_only_to_final_states_and_forged_reports_change_n
 
     first = rows[0]["provider_id"]
     assert report(first, "8").status_code == 200  # delivered to the SMSC: not final
-    assert rt.store.state_of(first) == ["sent"]
+    assert rt.store.provider_events.state_of(first) == ["sent"]
     assert report(first, "1", sig="0" * 64).status_code == 403
-    assert rt.store.state_of(first) == ["sent"]
+    assert rt.store.provider_events.state_of(first) == ["sent"]
     assert report(first, "1").status_code == 200
-    assert rt.store.state_of(first) == ["delivered"]
+    assert rt.store.provider_events.state_of(first) == ["delivered"]
     if len(rows) > 1:
         second = rows[1]["provider_id"]
         assert report(second, "16").status_code == 200
-        assert rt.store.state_of(second) == ["failed"]
+        assert rt.store.provider_events.state_of(second) == ["failed"]

@@ -155,7 +155,7 @@ def test_twilio_announce_against_prism_points_numbers_at_our_twiml_and_puts_them
         assert update["method"] == "POST" and "/IncomingPhoneNumbers/PN" in update["url"]
         announce = update["request"]["VoiceUrl"]
         assert announce.startswith(f"{PUBLIC_URL}/twiml/ringback/rb-twilio?then=")
-        kept = rt.store.ringback_kept(enrol_run, row["phone"])
+        kept = rt.store.ringback.ringback_kept(enrol_run, row["phone"])
         assert kept is not None and kept["sid"] == row["provider_id"]
         assert parse_qs(urlsplit(announce).query).get("then", [""]) == [kept["voice_url"]], (announce, kept)
     restored = [r for r in rt.store.deliveries(restore_run)]
@@ -163,7 +163,7 @@ def test_twilio_announce_against_prism_points_numbers_at_our_twiml_and_puts_them
     for row in restored:
         assert row["state"] == "sent"
         update = json.loads(rt.store.attempts_for(row["id"])[-1]["trace"])[-1]
-        kept_url = rt.store.ringback_kept(enrol_run, row["phone"])["voice_url"]
+        kept_url = rt.store.ringback.ringback_kept(enrol_run, row["phone"])["voice_url"]
         # Twilio's example number has no voice URL: it is restored to one that rejects calls, as before
         assert update["request"]["VoiceUrl"] == (kept_url or f"{PUBLIC_URL}/twiml/unrouted")
     assert prism.violations() == []

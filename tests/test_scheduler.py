@@ -131,7 +131,7 @@ def test_missed_fires_are_made_up_within_the_grace_and_recorded_skipped_beyond_i
     # no scheduler ran from 09:00 until 14:30: 10:00-13:00 are beyond the 1 h grace, 14:00 is not
     clock.set(datetime(2023, 5, 10, 14, 30, tzinfo=SH))
     assert sched.tick() == 1
-    fires = rt.store.list_fires("hourly")
+    fires = rt.store.coordination.list_fires("hourly")
     by_hour = {f.fire_time.astimezone(SH).hour: f for f in fires}
     assert sorted(by_hour) == [9, 10, 11, 12, 13, 14]
     assert [by_hour[h].status for h in (9, 10, 11, 12, 13, 14)] == ["fired"] + ["skipped"] * 4 + ["fired"]
@@ -151,7 +151,7 @@ def test_a_duplicate_fire_creates_nothing(project: Project) -> None:
     second = Scheduler(rt, project.root / "campaigns", holder="another", lease=sched.lease).fire(entry, fire_time)
     assert first == second
     assert len(rt.store.list_runs(campaign_id="quarterly-themes")) == 1
-    assert len(rt.store.list_fires("quarterly-themes")) == 1
+    assert len(rt.store.coordination.list_fires("quarterly-themes")) == 1
 
 
 @pytest.mark.slow

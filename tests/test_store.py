@@ -146,3 +146,23 @@ def test_sqlite_store_uses_wal(tmp_path: Path) -> None:
     with s.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     s.close()
+
+
+def test_an_operator_lock_keeps_a_second_holder_out_until_it_is_released(database_url: str) -> None:
+    # on SQLite the lock is a flock on a file beside the database, on PostgreSQL an advisory lock:
+    # either way a second command working on the same campaign waits, then says who is in the way
+    from dispatcher.errors import StoreError
+
+    first, second = open_store(database_url), open_store(database_url)
+    try:
+        with first.coordination.operator_lock("campaign:c1"):
+            with pytest.raises(StoreError, match="another dispatch command is working on campaign:c1"):
+                with second.coordination.operator_lock("campaign:c1", wait=0.3):
+                    pass
+            with second.coordination.operator_lock("campaign:c2", wait=0.3):
+                pass  # another campaign's lock is free
+        with second.coordination.operator_lock("campaign:c1", wait=0.3):
+            pass  # released with the first holder
+    finally:
+        first.close()
+        second.close()

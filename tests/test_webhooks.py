@@ -78,13 +78,13 @@ def test_signed_callback_moves_row_to_delivered_and_forged_or_late_ones_change_n
 
     delivered = {"MessageSid": first["provider_id"], "MessageStatus": "delivered", "AccountSid": ACCOUNT_SID}
     assert signed_post(client, path, delivered).status_code == 204
-    assert rt.store.state_of(first["provider_id"]) == ["delivered"]
+    assert rt.store.provider_events.state_of(first["provider_id"]) == ["delivered"]
 
     # replayed out of order: a late "sent" never overwrites "delivered"; a repeat is harmless
     late = {**delivered, "MessageStatus": "sent"}
     assert signed_post(client, path, late).status_code == 204
     assert signed_post(client, path, delivered).status_code == 204
-    assert rt.store.state_of(first["provider_id"]) == ["delivered"]
+    assert rt.store.provider_events.state_of(first["provider_id"]) == ["delivered"]
 
     # forged (wrong key) and unsigned callbacks are refused and change nothing
     forged = {"MessageSid": second["provider_id"], "MessageStatus": "undelivered", "ErrorCode": "30003"}
@@ -93,7 +93,7 @@ def test_signed_callback_moves_row_to_delivered_and_forged_or_late_ones_change_n
     # a valid signature for other fields does not cover tampered ones
     signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC_URL + path, {**forged, "MessageStatus": "sent"})
     assert client.post(path, data=forged, headers={"X-Twilio-Signature": signature}).status_code == 403
-    assert rt.store.state_of(second["provider_id"]) == ["sent"]
+    assert rt.store.provider_events.state_of(second["provider_id"]) == ["sent"]
 
     undelivered = {**forged}
     assert signed_post(client, path, undelivered).status_code == 204
@@ -181,7 +181,7 @@ def test_delivery_report_needs_the_body_hmac_and_cannot_move_a_row_twilio_sent(s
     body = json.dumps({"reports": [{"message_id": row["provider_id"], "status": "failed"}]}).encode()
     bad = client.post("/webhooks/http/report", content=body, headers={"X-Dispatch-Signature": "sha256=00"})
     assert bad.status_code == 403
-    assert rt.store.state_of(row["provider_id"]) == ["sent"]
+    assert rt.store.provider_events.state_of(row["provider_id"]) == ["sent"]
     # signed with the HTTP adapter's secret: it speaks for the HTTP adapter's messages only
     signed = client.post(
         "/webhooks/http/report",
@@ -189,9 +189,9 @@ def test_delivery_report_needs_the_body_hmac_and_cannot_move_a_row_twilio_sent(s
         headers={"X-Dispatch-Signature": report_signature(REPORT_SECRET, body)},
     )
     assert signed.status_code == 200 and signed.json() == {"reports": 1, "changed": 0}
-    assert rt.store.state_of(row["provider_id"]) == ["sent"]
-    rt.store.drain_status_backlog()  # kept reports replayed later do not move it either
-    assert rt.store.state_of(row["provider_id"]) == ["sent"]
+    assert rt.store.provider_events.state_of(row["provider_id"]) == ["sent"]
+    rt.store.provider_events.drain_status_backlog()  # kept reports replayed later do not move it either
+    assert rt.store.provider_events.state_of(row["provider_id"]) == ["sent"]
 
 
 def test_stop_from_a_number_not_in_the_registry_is_not_confirmed_as_an_opt_out(sent_run: Any) -> None:
@@ -224,7 +224,7 @@ def test_dispatch_web_serves_signed_callbacks_as_a_process(sent_run: Any) -> Non
         signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC_URL + "/webhooks/twilio/status", params)
         reply = httpx.post(base + "/webhooks/twilio/status", data=params, headers={"X-Twilio-Signature": signature})
         assert reply.status_code == 204
-        assert rt.store.state_of(row["provider_id"]) == ["delivered"]
+        assert rt.store.provider_events.state_of(row["provider_id"]) == ["delivered"]
     finally:
         proc.terminate()
         try:
@@ -259,9 +259,9 @@ def test_callback_that_overtakes_the_recorded_sid_is_applied_once_the_row_has_it
     assert signed_post(client, "/webhooks/twilio/status", early).status_code == 204
     run_id = start(rt, project.write("campaigns/early.yaml", campaign_yaml("early")))
     drive(rt, run_id, clock)
-    assert rt.store.state_of(first_sid) == ["sent"]
+    assert rt.store.provider_events.state_of(first_sid) == ["sent"]
     # the next report of any message applies what was kept
     later = {"MessageSid": f"SM{1:032x}", "MessageStatus": "sent"}
     assert signed_post(client, "/webhooks/twilio/status", later).status_code == 204
-    assert rt.store.state_of(first_sid) == ["delivered"]
+    assert rt.store.provider_events.state_of(first_sid) == ["delivered"]
     assert [r.problem for r in verify(rt.store, run_id)] == [None]

@@ -1,22 +1,46 @@
 """The delivery log: the one face the rest of the package imports.
 
 ``SqlStore`` (SQLite, the local default that needs no service, and PostgreSQL) holds an
-engine and small operation groups, each in its own module and each owning its tables::
+engine, its own core operations, and operation groups reached as attributes, each in its
+own module and each owning its tables and queries::
 
-    store.upsert_residents / iter_audience / ...   residents and audiences      (sql.py)
-    store.create_run / get_run / list_runs / ...   runs                         (sql.py)
-    store.claim / record / release / requeue ...   deliveries and claims        (sql.py)
-    store.pause_run / record_fire / acquire_lease  coordination: control, fires,
-      / take_fence / heartbeat ...                 leases, fences, heartbeats   (control.py, sql.py)
-    store.apply_status / settle_unknown / ...      provider events after hand-over (provider.py)
-    store.accounts                                 accounts, sessions, login throttle (_accounts.py)
-    store.audit                                    ledger verification, event log, audit chain (_audit.py)
-    store.reports                                  aggregates for the assessment reports (_reports.py)
-    store.dashboard                                reads the dashboard's pages need (_dashboard.py)
+    SqlStore itself (sql.py): the core of a run's life
+      migrate / schema_version / server_secret / close        the log itself
+      upsert_residents / set_opted_out / audience_stats
+        / iter_audience / audience_matrix                     residents and audiences
+      create_run / get_run / list_runs / set_run_status
+        / finish_if_done                                      runs
+      pending_batches / claim / next_retry_at / record
+        / release / still_claimed / requeue / orphans
+        / sending_holders / operator_settle / cancel_open     deliveries and claims
+      heartbeat / forget_worker / live_workers                workers' heartbeats
+      counts / by_district / parts_sent / deliveries
+        / attempts_for                                        reading a run's rows
+    store.control (control.py: RunControl)
+      pause_run / unpause_run / halt_run / clear_halt / run_halted / cancel_claimed
+      run_status / progress / running_runs                    what workers and the watchdog poll
+    store.coordination (control.py: Coordination)
+      operator_lock                                           one operator command per campaign
+      acquire_lease / release_lease / take_fence              the scheduler's leadership
+      record_fire / last_fire / fire_recorded / list_fires
+        / run_for_fire                                        the scheduler's fires
+      get_marker / set_marker                                 small named values (broker sentinel)
+      bulk_sends_since / recent_runs                          cross-run reads: frequency cap, repeats
+    store.provider_events (provider.py: ProviderEvents)
+      apply_status / drain_status_backlog / state_of          delivery reports, forward only
+      unknown_rows / settle_unknown / mark_unknown            reconciling ambiguous hand-overs
+    store.ringback (provider.py: Ringback)
+      keep_ringback / ringback_kept / create_restore_run      what an enrolment changed, and its restore
+    store.accounts   (_accounts.py)                           accounts, sessions, login throttle
+    store.audit      (_audit.py)                              ledger verification, event log, audit chain
+    store.reports    (_reports.py)                            aggregates for the assessment reports
+    store.dashboard  (_dashboard.py)                          reads the dashboard's pages need
 
-Everything else in this package (``sql``, ``control``, ``provider``, ``ledger``, ``schema``,
-the ``_``-prefixed modules) is implementation: import from ``dispatcher.store`` only. SQL
-stays inside this package; callers get records (dataclasses) and plain values back.
+Groups share only the connection plumbing (``_db.Db``) and the row helpers in ``_rows``; none
+calls another's private methods. Everything else in this package (``sql``, ``control``,
+``provider``, ``ledger``, ``schema``, the ``_``-prefixed modules) is implementation: import
+from ``dispatcher.store`` only. SQL stays inside this package; callers get records
+(dataclasses) and plain values back.
 """
 
 from ._accounts import Credentials, StoredAccount

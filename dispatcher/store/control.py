@@ -1,7 +1,12 @@
-"""Run control, frequency caps, scheduler fires, leases and fences: one operation group of the store.
+"""Two operation groups of the store: run control, and coordination between processes.
 
-Every delivery state change here goes through ``_rows.transition`` so the ledger
-records it in the same transaction.
+- ``RunControl`` (``store.control``): pause, halt, cancel-claimed and the cheap reads
+  workers and the watchdog poll (status, halt reason, progress, running runs). Every
+  delivery state change here goes through ``_rows.transition`` so the ledger records it
+  in the same transaction.
+- ``Coordination`` (``store.coordination``): what keeps processes and runs from stepping
+  on each other: operator locks, the scheduler's lease, fences and recorded fires,
+  markers, and the cross-run reads behind the frequency cap and the repeat guard.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class FireRecord:
 
 
 class RunControl:
-    """Run control, frequency caps, scheduler fires, leases, fences and markers over one ``Db``."""
+    """Pause, halt and cancel-claimed, and the run reads workers and the watchdog poll, over one ``Db``."""
 
     def __init__(self, db: Db) -> None:
         self._db = db
@@ -112,7 +117,7 @@ class RunControl:
                 token=token,
             )
 
-    # ------------------------------------------------------------------ halts, progress, repeats
+    # ------------------------------------------------------------------ halts, progress
 
     def halt_run(self, run_id: str, why: str) -> bool:
         """Pause a run that cannot go on by itself (its outbox or log cannot be written), saying why."""
@@ -160,6 +165,20 @@ class RunControl:
     def running_runs(self) -> list[str]:
         with self._db.read() as conn:
             return [i for (i,) in conn.execute(select(t.runs.c.id).where(t.runs.c.status == "running"))]
+
+
+class Coordination:
+    """Operator locks, the scheduler's lease, fences, fires and markers, and cross-run caps over one ``Db``.
+
+    ``lock_base`` is the SQLite file the operator locks sit beside (None: in memory, no lock
+    needed because no other process can open the log).
+    """
+
+    def __init__(self, db: Db, lock_base: str | None) -> None:
+        self._db = db
+        self._lock_base = lock_base
+
+    # ------------------------------------------------------------------ repeats
 
     def recent_runs(self, campaign_id: str, since: datetime) -> list[RecentRun]:
         """Runs of a campaign created since ``since`` that were not cancelled (a repeat would message them again)."""
@@ -220,11 +239,9 @@ class RunControl:
             os.close(fd)
 
     def _lock_path(self, name: str) -> str | None:
-        url: str = getattr(self, "url", "")
-        path = url.split("///", 1)[-1] if "///" in url else ""
-        if not path or path == ":memory:":
+        if self._lock_base is None:
             return None
-        return f"{path}.lock-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+        return f"{self._lock_base}.lock-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
     # ------------------------------------------------------------------ scheduler fencing
 
@@ -265,15 +282,6 @@ class RunControl:
         stmt = stmt.on_conflict_do_update(index_elements=[f.c.name], set_={"holder": value, "updated_at": now})
         with self._db.write_short() as conn:
             conn.execute(stmt)
-
-    def fence_holds(self, conn: Connection, name: str, holder: str, token: int) -> bool:
-        """Inside the caller's transaction: is ``holder`` with ``token`` still the fenced leader?"""
-        f = t.leader_fences
-        query = select(f.c.holder, f.c.token).where(f.c.name == name)
-        if not self._db.is_sqlite:
-            query = query.with_for_update()
-        row = conn.execute(query).first()
-        return row is not None and row.holder == holder and int(row.token) == token
 
     # ------------------------------------------------------------------ frequency cap
 
@@ -408,3 +416,17 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def fence_holds(conn: Connection, name: str, holder: str, token: int, *, is_sqlite: bool) -> bool:
+    """Inside the caller's transaction: is ``holder`` with ``token`` still the fenced leader?
+
+    A function, not a group method: it runs inside another operation's transaction (``create_run``),
+    so it takes that connection, which never leaves the package.
+    """
+    f = t.leader_fences
+    query = select(f.c.holder, f.c.token).where(f.c.name == name)
+    if not is_sqlite:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    return row is not None and row.holder == holder and int(row.token) == token

@@ -1,4 +1,6 @@
-"""Delivery-log changes that come from providers after the hand-over: one operation group of the store.
+"""Delivery-log changes that come from providers after the hand-over: two operation groups of the store.
+
+``ProviderEvents`` (``store.provider_events``):
 
 - ``apply_status``: a status callback or delivery report moves a row *forward only*
   (``sent`` -> ``delivered``); a late or replayed ``sent`` never overwrites
@@ -6,6 +8,9 @@
 - ``unknown_rows`` / ``settle_unknown``: rows an ambiguous reply (5xx, read timeout)
   left in ``unknown`` are settled from the gateway's ``lookup``: found -> ``sent``
   with the provider's id; not found -> back to ``pending`` for another attempt.
+
+``Ringback`` (``store.ringback``): what an enrolment changed at the carrier (first write
+wins) and the restore run that puts those numbers back.
 
 Every state change here is written in one transaction with its ledger event, as
 ``record`` does, so the hash-chained ledger sees every move a callback makes.
@@ -61,7 +66,7 @@ class StateChange:
 
 
 class ProviderEvents:
-    """Status callbacks, reconciliation of ``unknown`` rows and ringback restores over one ``Db``.
+    """Status callbacks and reconciliation of ``unknown`` rows over one ``Db``.
 
     ``reporter_gateways`` limits a reporter's word to its own adapters' rows (actor ->
     gateway names, as each provider declares in ``reports_for``): a delivery report signed
@@ -316,7 +321,12 @@ class ProviderEvents:
             self._ledger_changes(conn, changes, "resume")
         return len(changes)
 
-    # ------------------------------------------------------------------ ringback
+
+class Ringback:
+    """What a ringback enrolment changed at the carrier, and the restore runs that put it back, over one ``Db``."""
+
+    def __init__(self, db: Db) -> None:
+        self._db = db
 
     def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> CreatedRun:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back.

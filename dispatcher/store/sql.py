@@ -58,10 +58,9 @@ from .base import (
     Resident,
     RunRecord,
     RunSpec,
-    UnknownRow,
 )
-from .control import FireRecord, RecentRun, RunControl, RunProgress
-from .provider import ProviderEvents, StateChange
+from .control import Coordination, RunControl, fence_holds
+from .provider import ProviderEvents, Ringback
 
 Clock = Callable[[], datetime]
 
@@ -136,12 +135,15 @@ class SqlStore:
         self._db = Db(self.engine, lambda: self.clock())
         self.is_sqlite = self._db.is_sqlite
         self._secrets: dict[str, bytes] = {}
+        # the operation groups: the store's public face beside its own run/delivery/claim operations
+        self.control = RunControl(self._db)
+        self.coordination = Coordination(self._db, _lock_base(url))
+        self.provider_events = ProviderEvents(self._db, reporter_gateways)
+        self.ringback = Ringback(self._db)
         self.reports = ReportReads(self._db)
         self.audit = AuditLog(self._db)
         self.accounts = Accounts(self._db)
         self.dashboard = DashboardReads(self._db)
-        self._control = RunControl(self._db)
-        self._provider = ProviderEvents(self._db, reporter_gateways)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -421,7 +423,7 @@ class SqlStore:
         ]  # fmt: skip
         try:
             with self._write() as conn:
-                if fence is not None and not self._control.fence_holds(conn, *fence):
+                if fence is not None and not fence_holds(conn, *fence, is_sqlite=self.is_sqlite):
                     # a scheduler that lost its lease (frozen, then woken) must not fire: checked in the
                     # transaction that creates the run, so no new leader can have fired in between
                     raise LeaseLost(f"scheduler {fence[1]} no longer holds the lease (token {fence[2]})")
@@ -991,143 +993,6 @@ class SqlStore:
                 for row in conn.execute(select(a).where(a.c.delivery_id == delivery_id).order_by(a.c.id)).mappings()
             ]
 
-    # ------------------------------------------------------------------ RunControl (control.py)
-    def pause_run(self, run_id: str) -> bool:
-        """Mark a running run paused; workers stop claiming its rows. False if it was not running."""
-        return self._control.pause_run(run_id)
-
-    def unpause_run(self, run_id: str) -> bool:
-        return self._control.unpause_run(run_id)
-
-    def run_status(self, run_id: str) -> str | None:
-        """Only the status: workers poll it between sends, so it must be cheap."""
-        return self._control.run_status(run_id)
-
-    def cancel_claimed(self, ids: Sequence[int], actor: str, token: str | None = None) -> int:
-        """Rows a worker claimed but had not handed to the gateway when the run was cancelled."""
-        return self._control.cancel_claimed(ids, actor, token)
-
-    def halt_run(self, run_id: str, why: str) -> bool:
-        """Pause a run that cannot go on by itself (its outbox or log cannot be written), saying why."""
-        return self._control.halt_run(run_id, why)
-
-    def clear_halt(self, run_id: str) -> None:
-        self._control.clear_halt(run_id)
-
-    def run_halted(self, run_id: str) -> str | None:
-        return self._control.run_halted(run_id)
-
-    def progress(self, run_id: str) -> RunProgress:
-        """Rows waiting to be sent now, rows in flight, and when any row of the run last moved."""
-        return self._control.progress(run_id)
-
-    def running_runs(self) -> list[str]:
-        return self._control.running_runs()
-
-    def recent_runs(self, campaign_id: str, since: datetime) -> list[RecentRun]:
-        """Runs of a campaign created since ``since`` that were not cancelled (a repeat would message them again)."""
-        return self._control.recent_runs(campaign_id, since)
-
-    def operator_lock(self, name: str, wait: float = 30.0) -> AbstractContextManager[None]:
-        """Hold a lock named ``name`` (a campaign) across processes while an operator command changes it."""
-        return self._control.operator_lock(name, wait)
-
-    def take_fence(self, name: str, holder: str) -> int:
-        """Make ``holder`` the fenced leader (bumping the token if it was someone else); returns the token."""
-        return self._control.take_fence(name, holder)
-
-    def get_marker(self, name: str) -> str | None:
-        """A small named value kept beside the fences (the broker sentinel the watchdog checks)."""
-        return self._control.get_marker(name)
-
-    def set_marker(self, name: str, value: str) -> None:
-        self._control.set_marker(name, value)
-
-    def fence_holds(self, conn: Connection, name: str, holder: str, token: int) -> bool:
-        """Inside the caller's transaction: is ``holder`` with ``token`` still the fenced leader?"""
-        return self._control.fence_holds(conn, name, holder, token)
-
-    def bulk_sends_since(
-        self, phones: Sequence[str], since: datetime, exclude_run: str | None = None
-    ) -> dict[str, int]:
-        """How many bulk messages each phone was sent (or is being sent) since ``since``, across all runs."""
-        return self._control.bulk_sends_since(phones, since, exclude_run)
-
-    def record_fire(
-        self,
-        campaign_id: str,
-        fire_time: datetime,
-        status: str,
-        *,
-        scheduler: str,
-        run_id: str | None = None,
-        reason: str | None = None,
-        lease_token: int | None = None,
-    ) -> bool:
-        """Remember one handled fire; False if it was recorded already (another leader, a retry)."""
-        return self._control.record_fire(
-            campaign_id, fire_time, status, scheduler=scheduler, run_id=run_id, reason=reason, lease_token=lease_token
-        )
-
-    def last_fire(self, campaign_id: str) -> datetime | None:
-        return self._control.last_fire(campaign_id)
-
-    def fire_recorded(self, campaign_id: str, fire_time: datetime) -> bool:
-        return self._control.fire_recorded(campaign_id, fire_time)
-
-    def list_fires(self, campaign_id: str | None = None, limit: int = 1000) -> list[FireRecord]:
-        return self._control.list_fires(campaign_id, limit)
-
-    def run_for_fire(self, campaign_id: str, fire_time: datetime) -> str | None:
-        return self._control.run_for_fire(campaign_id, fire_time)
-
-    def acquire_lease(self, name: str, holder: str, seconds: float) -> bool:
-        """Take or renew the named lease; True while ``holder`` is the leader."""
-        return self._control.acquire_lease(name, holder, seconds)
-
-    def release_lease(self, name: str, holder: str) -> None:
-        self._control.release_lease(name, holder)
-
-    # ------------------------------------------------------------------ ProviderEvents (provider.py)
-    def apply_status(
-        self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"
-    ) -> list[StateChange]:
-        """Move the rows holding ``provider_id`` forward to what ``status`` means; returns what changed."""
-        return self._provider.apply_status(provider_id, status, error_code=error_code, actor=actor)
-
-    def drain_status_backlog(self) -> list[StateChange]:
-        """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
-        return self._provider.drain_status_backlog()
-
-    def state_of(self, provider_id: str) -> list[str]:
-        """States of the rows holding ``provider_id`` (for status pages and tests)."""
-        return self._provider.state_of(provider_id)
-
-    def unknown_rows(self, run_id: str) -> list[UnknownRow]:
-        """Rows left ``unknown`` by an ambiguous reply, with what a lookup needs (number, text, when)."""
-        return self._provider.unknown_rows(run_id)
-
-    def settle_unknown(
-        self, run_id: str, found: dict[int, str], not_found: Sequence[int], *, gateway: str
-    ) -> tuple[int, int]:
-        """``unknown`` rows the provider has -> ``sent`` (with its id); the rest go back to ``pending``."""
-        return self._provider.settle_unknown(run_id, found, not_found, gateway=gateway)
-
-    def mark_unknown(self, run_id: str, ids: Sequence[int], *, reason: str) -> int:
-        """Rows left in ``sending`` that nobody can look up become ``unknown`` (an operator decides)."""
-        return self._provider.mark_unknown(run_id, ids, reason=reason)
-
-    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> CreatedRun:
-        """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back."""
-        return self._provider.create_restore_run(spec, enrol_run_id, states)
-
-    def keep_ringback(self, run_id: str, phone: str, provider_id: str, kept: Any) -> None:
-        """Remember what an enrolment changed, so the restore run can put it back (first write wins)."""
-        self._provider.keep_ringback(run_id, phone, provider_id, kept)
-
-    def ringback_kept(self, run_id: str, phone: str) -> dict[str, Any] | None:
-        return self._provider.ringback_kept(run_id, phone)
-
     def drop_all(self) -> None:
         """Remove every table (tests only)."""
         with self._write() as conn:
@@ -1167,6 +1032,14 @@ def _run_record(row: Any) -> RunRecord:
     for key in _RUN_TIMES:
         values[key] = as_utc(values[key])
     return RunRecord(**values)
+
+
+def _lock_base(url: str) -> str | None:
+    """The SQLite file operator locks sit beside; None for PostgreSQL (advisory locks) or an in-memory log."""
+    path = url.split("///", 1)[-1] if "///" in url else ""
+    if not path or path == ":memory:":
+        return None
+    return path
 
 
 def _safe_url(url: str) -> str:

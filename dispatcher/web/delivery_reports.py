@@ -27,7 +27,9 @@ class StoreDeliveryReports:
         self.runtime = runtime
 
     def apply_status(self, provider_id: str, status: str, *, error_code: str | None, actor: str) -> int:
-        return len(self.runtime.store.apply_status(provider_id, status, error_code=error_code, actor=actor))
+        return len(
+            self.runtime.store.provider_events.apply_status(provider_id, status, error_code=error_code, actor=actor)
+        )
 
     def set_opted_out(self, phone: str, opted_out: bool) -> bool:
         return self.runtime.store.set_opted_out(phone, opted_out)
