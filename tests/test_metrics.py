@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 from collections import defaultdict
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -20,10 +20,12 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from twilio.request_validator import RequestValidator
 
 from tests.conftest import Project, serve_web, stop_processes, wait_for
 from tests.test_reports import registry_rows
 from tests.test_scheduler import _only, _scheduled
+from tests.test_webhooks import AUTH_TOKEN, PUBLIC_URL, rows, sent_run, twilio_peer  # noqa: F401 - fixtures
 
 CAMPAIGN = "campaigns/quarterly-themes.yaml"
 pytestmark = pytest.mark.slow
@@ -176,3 +178,27 @@ def test_a_metrics_port_in_use_is_a_one_line_error(redis_project: Project) -> No
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and f"127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_delivery_report_lag_is_observed_from_sent_at_when_a_signed_callback_moves_a_row(
+    sent_run: Any,  # noqa: F811 - the webhook tests' fixture, imported above
+) -> None:
+    project, run_id, rt = sent_run
+    row = rows(rt, run_id)[0]
+    sent_at = row["sent_at"]
+    sent_at = sent_at if sent_at.tzinfo else sent_at.replace(tzinfo=UTC)  # SQLite keeps UTC without a zone
+    # the web process's clock reads 90 s after the hand-over: the report comes a minute and a half later
+    later = (sent_at + timedelta(seconds=90)).isoformat()
+    with serve_web(project, project.root / "var" / "web.log", DISPATCH_FAKE_NOW=later) as (base, _web):
+        assert Scrape(f"{base}/metrics").total("dispatch_delivery_report_lag_seconds_count") == 0
+        params = {"MessageSid": row["provider_id"], "MessageStatus": "delivered"}
+        path = "/webhooks/twilio/status"
+        signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC_URL + path, params)
+        assert httpx.post(base + path, data=params, headers={"X-Twilio-Signature": signature}).status_code == 204
+        scrape = Scrape(f"{base}/metrics")
+    lag = {"gateway": "twilio", "status": "delivered"}
+    assert scrape.total("dispatch_delivery_report_lag_seconds_count", **lag) == 1
+    assert 90 <= scrape.total("dispatch_delivery_report_lag_seconds_sum", **lag) < 120
+    assert scrape.total("dispatch_delivery_report_lag_seconds_bucket", le="60.0", **lag) == 0
+    assert scrape.total("dispatch_delivery_report_lag_seconds_bucket", le="120.0", **lag) == 1
+    _no_number_in(scrape.text, {row["phone"]})
