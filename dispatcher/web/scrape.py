@@ -2,7 +2,8 @@
 
 No login: Prometheus scrapes without a session, and nothing here names a person: the
 labels are gateways, outcomes, error codes, lanes and campaign ids (see ``dispatcher.metrics``).
-Keep the port away from the internet all the same (send rates say how busy the programme is).
+Where the web process faces the internet for provider callbacks, the reverse proxy keeps this
+path to the operators' network: send rates and error codes are nobody else's business.
 """
 
 from __future__ import annotations
