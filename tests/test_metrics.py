@@ -214,3 +214,13 @@ def test_delivery_report_lag_is_observed_from_sent_at_when_a_signed_callback_mov
     assert scrape.total("dispatch_delivery_report_lag_seconds_bucket", le="60.0", **lag) == 0
     assert scrape.total("dispatch_delivery_report_lag_seconds_bucket", le="120.0", **lag) == 1
     _no_number_in(scrape.text, {row["phone"]})
+
+
+def test_a_scrape_still_answers_while_the_broker_is_unreachable(project: Project) -> None:
+    # nothing listens on this port: the moment Redis is away is when the on-call engineer scrapes
+    broker = f"redis://127.0.0.1:{_free_port()}/0"
+    with serve_web(project, project.root / "var" / "web.log", DISPATCH_BROKER_URL=broker) as (base, _web):
+        scrape = Scrape(f"{base}/metrics")
+    assert scrape.total("dispatch_queue_up") == 0
+    assert scrape.values("dispatch_queue_messages") == []
+    assert scrape.total("process_resident_memory_bytes") > 0
