@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
 
 
-_METRICS_HELP = "serve Prometheus metrics on this port (default DISPATCH_METRICS_PORT; 0 = off)"
+_METRICS_HELP = "serve Prometheus metrics on this port (default DISPATCH_METRICS_PORT; 0 = none)"
 
 
 def _serve_metrics(rt: Runtime, port: int | None) -> None:
@@ -36,7 +36,7 @@ def _serve_metrics(rt: Runtime, port: int | None) -> None:
 def worker(
     queues: str | None = typer.Option(None, help="comma-separated queues (default: all)"),
     threads: int | None = typer.Option(None, help="worker threads (default DISPATCH_WORKER_THREADS)"),
-    metrics_port: int | None = typer.Option(None, help=_METRICS_HELP),
+    metrics_port: int | None = typer.Option(None, min=0, max=65535, help=_METRICS_HELP),
 ) -> None:
     """Process batches from the Redis broker until SIGTERM/SIGINT."""
     rt = runtime("INFO")
@@ -85,7 +85,7 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
 
 def scheduler(
     campaigns: Path | None = typer.Option(None, "--campaigns", help="campaign folder (default: campaigns/)"),
-    metrics_port: int | None = typer.Option(None, help=_METRICS_HELP),
+    metrics_port: int | None = typer.Option(None, min=0, max=65535, help=_METRICS_HELP),
 ) -> None:
     """Fire campaign schedules until SIGTERM; run several for failover (one leads at a time)."""
     rt = runtime("INFO")
