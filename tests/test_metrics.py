@@ -175,7 +175,7 @@ def test_scheduler_exports_its_leadership_and_each_missed_fire(redis_project: Pr
     finally:
         stop_processes([proc])
     fires = store.list_fires("hourly")
-    skipped = [f for f in fires if f["status"] == "skipped"]
+    skipped = [f for f in fires if f.status == "skipped"]
     assert len(skipped) == 4
     assert scrape.total("dispatch_scheduler_missed_fires_total", campaign="hourly") == len(skipped)
     assert scrape.total("dispatch_scheduler_leader") == 1
