@@ -48,8 +48,9 @@ PROVIDER_STATES: dict[str, str] = {
 _RANK = {PENDING: 0, SENDING: 0, UNKNOWN: 0, SENT: 1, DELIVERED: 2, UNDELIVERED: 2, FAILED: 2}
 
 #: reporters whose word is limited to their own adapters' rows: a delivery report signed with
-#: DISPATCH_HTTP_REPORT_SECRET (actor ``http``) may move only rows the HTTP adapters sent
-REPORTER_GATEWAYS: dict[str, tuple[str, ...]] = {"http": ("http", "carrier-http")}
+#: DISPATCH_HTTP_REPORT_SECRET (actor ``http``) may move only rows the HTTP adapters sent, and
+#: one carrying a Kannel DLR token (actor ``kannel``) only rows Kannel took
+REPORTER_GATEWAYS: dict[str, tuple[str, ...]] = {"http": ("http", "carrier-http"), "kannel": ("kannel",)}
 
 
 @dataclass(frozen=True)
