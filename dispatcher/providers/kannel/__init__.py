@@ -45,4 +45,13 @@ def _routes(reports: DeliveryReports, settings: Settings) -> list[BaseRoute]:
     return webhooks.routes(reports, settings, secret=settings.kannel_dlr_secret)
 
 
-PROVIDER = register(Provider(name="kannel", channels=frozenset({"sms"}), gateway=_gateway, routes=_routes))
+PROVIDER = register(
+    Provider(
+        name="kannel",
+        channels=frozenset({"sms"}),
+        gateway=_gateway,
+        routes=_routes,
+        # a DLR token is keyed with this provider's secret: it speaks only for rows Kannel took
+        reports_for=("kannel",),
+    )
+)
