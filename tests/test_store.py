@@ -156,9 +156,9 @@ def test_an_operator_lock_keeps_a_second_holder_out_until_it_is_released(databas
     first, second = open_store(database_url), open_store(database_url)
     try:
         with first.coordination.operator_lock("campaign:c1"):
-            with pytest.raises(StoreError, match="another dispatch command is working on campaign:c1"):
-                with second.coordination.operator_lock("campaign:c1", wait=0.3):
-                    pass
+            busy = pytest.raises(StoreError, match="another dispatch command is working on campaign:c1")
+            with busy, second.coordination.operator_lock("campaign:c1", wait=0.3):
+                pass
             with second.coordination.operator_lock("campaign:c2", wait=0.3):
                 pass  # another campaign's lock is free
         with second.coordination.operator_lock("campaign:c1", wait=0.3):
