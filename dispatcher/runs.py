@@ -25,7 +25,7 @@ from .errors import UsageError
 from .keys import delivery_key
 from .phones import InvalidPhone, normalise
 from .providers.base import LookupRequest
-from .store import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
+from .store import DELIVERED, FAILED, SENT, UNCONFIRMED, UNDELIVERED, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -380,6 +380,13 @@ def status(runtime: Runtime, run_id: str) -> dict[str, Any]:
         "parts_sent": store.parts_sent(run_id),
         "open": sum(counts.get(s, 0) for s in ("pending", "sending", UNKNOWN)),
         "failed": counts.get(FAILED, 0),
+        # what the carriers said about what was handed over: ``awaiting`` rows are still ``sent``
+        "delivery_reports": {
+            "delivered": counts.get(DELIVERED, 0),
+            "undelivered": counts.get(UNDELIVERED, 0),
+            "unconfirmed": counts.get(UNCONFIRMED, 0),
+            "awaiting": counts.get(SENT, 0),
+        },
         "halted": run.get("halted"),
         **stall(runtime, run_id, run["status"]),
     }

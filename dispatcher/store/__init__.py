@@ -9,6 +9,7 @@ engine and small operation groups, each in its own module and each owning its ta
     store.pause_run / record_fire / acquire_lease  coordination: control, fires,
       / take_fence / heartbeat ...                 leases, fences, heartbeats   (control.py, sql.py)
     store.apply_status / settle_unknown / ...      provider events after hand-over (provider.py)
+    store.awaiting_report / mark_unconfirmed       rows whose delivery report is chased (provider.py)
     store.accounts                                 accounts, sessions, login throttle (_accounts.py)
     store.audit                                    ledger verification, event log, audit chain (_audit.py)
     store.reports                                  aggregates for the assessment reports (_reports.py)
@@ -45,6 +46,7 @@ from .base import (
     SENT,
     SKIPPED,
     STATES,
+    UNCONFIRMED,
     UNDELIVERED,
     UNKNOWN,
     AudienceFilter,
@@ -56,7 +58,7 @@ from .base import (
 from .control import RecentRun, RunProgress
 from .ledger import AUDIT_CHAIN
 from .ledger import Break as ChainBreak
-from .provider import PROVIDER_STATES, StateChange
+from .provider import PROVIDER_STATES, AwaitingReport, StateChange
 from .sql import DuplicateRun, LeaseLost, SqlStore, iter_chunks, open_store, utcnow
 
 __all__ = [
@@ -75,9 +77,11 @@ __all__ = [
     "SENT",
     "SKIPPED",
     "STATES",
+    "UNCONFIRMED",
     "UNDELIVERED",
     "UNKNOWN",
     "AudienceFilter",
+    "AwaitingReport",
     "ChainBreak",
     "Claimed",
     "CoverageCounts",

@@ -58,7 +58,7 @@ from .base import (
     RunSpec,
 )
 from .control import RecentRun, RunControl, RunProgress
-from .provider import ProviderEvents, StateChange
+from .provider import AwaitingReport, ProviderEvents, StateChange
 
 Clock = Callable[[], datetime]
 
@@ -1111,6 +1111,24 @@ class SqlStore:
     def mark_unknown(self, run_id: str, ids: Sequence[int], *, reason: str) -> int:
         """Rows left in ``sending`` that nobody can look up become ``unknown`` (an operator decides)."""
         return self._provider.mark_unknown(run_id, ids, reason=reason)
+
+    def runs_awaiting_reports(self, sent_before: datetime) -> list[str]:
+        """Runs with a row ``sent`` before ``sent_before`` and still without a final report."""
+        return self._provider.runs_awaiting_reports(sent_before)
+
+    def awaiting_report(
+        self, run_id: str, sent_before: datetime, *, after_id: int = 0, limit: int = 500
+    ) -> list[AwaitingReport]:
+        """Rows of the run ``sent`` before ``sent_before`` with a provider id, in id order from ``after_id``."""
+        return self._provider.awaiting_report(run_id, sent_before, after_id=after_id, limit=limit)
+
+    def count_awaiting_report(self, run_id: str, sent_before: datetime | None = None) -> int:
+        """Rows of the run still ``sent`` (handed over before ``sent_before``, when given)."""
+        return self._provider.count_awaiting_report(run_id, sent_before)
+
+    def mark_unconfirmed(self, run_id: str, sent_before: datetime, *, reason: str, actor: str) -> int:
+        """Rows still ``sent`` that were handed over before ``sent_before`` -> ``unconfirmed`` (ledgered)."""
+        return self._provider.mark_unconfirmed(run_id, sent_before, reason=reason, actor=actor)
 
     def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back."""

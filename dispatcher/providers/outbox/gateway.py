@@ -12,6 +12,11 @@ Fault injection (``DISPATCH_OUTBOX_FAIL_PERMANENT`` / ``_TRANSIENT``): listed
 numbers fail with ``outbox.rejected`` (permanent) or ``outbox.busy`` (retryable,
 nothing written); ``DISPATCH_OUTBOX_LATENCY_MS`` makes every message take that long
 (a slow provider), and then messages are written one by one.
+
+Delivery status: ``fetch_status`` answers from the file too, so drills exercise the
+delivery-report sweep: a message in the file is ``delivered``, except to numbers in
+``DISPATCH_OUTBOX_UNDELIVERED`` (``undelivered``) and ``DISPATCH_OUTBOX_NO_REPORT``
+(still ``sent``: a carrier that never says what became of it).
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DispatchError, GatewayDown, PermanentSendError, RetryableSendError, SendError
-from ..base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
+from ..base import BaseGateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
 
 
 class OutboxGateway(BaseGateway):
     name = "outbox"
+    can_fetch_status = True
 
     def __init__(
         self,
@@ -41,8 +47,12 @@ class OutboxGateway(BaseGateway):
         fail_permanent: frozenset[str] = frozenset(),
         fail_transient: frozenset[str] = frozenset(),
         latency_ms: int = 0,
+        undelivered: frozenset[str] = frozenset(),
+        no_report: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
+        self.undelivered = undelivered
+        self.no_report = no_report
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fail_permanent = fail_permanent
         self.fail_transient = fail_transient
@@ -133,6 +143,23 @@ class OutboxGateway(BaseGateway):
             key = record.get("key")
             if key in wanted:
                 found[key] = SendResult(provider_id=f"outbox:{key}")
+        return found
+
+    def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
+        """Messages in the file are delivered, but for the numbers told to stay silent or fail."""
+        wanted = set(provider_ids)
+        found: dict[str, MessageStatus] = {}
+        for record in read_outbox(self.path):
+            provider_id = f"outbox:{record.get('key')}"
+            if provider_id not in wanted:
+                continue
+            to = record.get("to")
+            if to in self.no_report:
+                found[provider_id] = MessageStatus("sent")
+            elif to in self.undelivered:
+                found[provider_id] = MessageStatus("undelivered", error_code="outbox.undelivered")
+            else:
+                found[provider_id] = MessageStatus("delivered")
         return found
 
     def close(self) -> None:
