@@ -85,8 +85,13 @@ class ProviderEvents:
     def __init__(self, db: Db) -> None:
         self._db = db
 
-    def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str) -> None:
-        """Append one ledger event per state change, inside the caller's transaction."""
+    def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str, at: datetime) -> None:
+        """Append one ledger event per state change, inside the caller's transaction.
+
+        ``at`` is the instant the caller wrote the changes (and their attempt rows) with: audit
+        verification pairs each attempt with its event by delivery and instant, so a second
+        reading of a moving clock here would look like a hand-over missing from the ledger.
+        """
         if not changes:
             return
         events = (
@@ -106,7 +111,7 @@ class ProviderEvents:
             )
             for c in changes
         )
-        append_by_run(conn, events, self._db.now())
+        append_by_run(conn, events, at)
 
     def apply_status(
         self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"
@@ -137,7 +142,7 @@ class ProviderEvents:
                         received_at=now,
                     )
                 )
-            self._ledger_changes(conn, [*drained, *mine], actor)
+            self._ledger_changes(conn, [*drained, *mine], actor, now)
         return mine
 
     def drain_status_backlog(self) -> list[StateChange]:
@@ -145,7 +150,7 @@ class ProviderEvents:
         now = self._db.now()
         with self._db.write() as conn:
             changes = self._drain(conn, now)
-            self._ledger_changes(conn, changes, "provider")
+            self._ledger_changes(conn, changes, "provider", now)
         return changes
 
     def _drain(self, conn: Connection, now: datetime) -> list[StateChange]:
@@ -293,7 +298,7 @@ class ProviderEvents:
                         "not_at_provider",
                     )
                 )
-            self._ledger_changes(conn, changes, "reconcile")
+            self._ledger_changes(conn, changes, "reconcile", now)
         found_n = sum(1 for c in changes if c.to_state == SENT)
         return found_n, len(changes) - found_n
 
@@ -316,7 +321,7 @@ class ProviderEvents:
                 ).rowcount
                 if done:
                     changes.append(StateChange(run_id, row.id, row.key, SENDING, UNKNOWN, None, None, reason))
-            self._ledger_changes(conn, changes, "resume")
+            self._ledger_changes(conn, changes, "resume", now)
         return len(changes)
 
     # ------------------------------------------------------------------ chasing delivery reports
