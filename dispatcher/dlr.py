@@ -8,8 +8,9 @@ than ``dlr_chase_after`` seconds ago and still ``sent``:
   its provider id; what it says is recorded through ``store.apply_status``, the very
   path status callbacks take (forward only, one ledger event per change);
 - rows still ``sent`` more than ``dlr_deadline`` seconds after the hand-over become
-  ``unconfirmed`` with the reason, in the transaction that writes their ledger event.
-  A report that arrives later still moves them to delivered or undelivered.
+  ``unconfirmed`` with the reason, in the transaction that writes their ledger event
+  (not while the provider cannot be reached: it may still know). A report that
+  arrives later still moves them to delivered or undelivered.
 
 The scheduler's leader runs ``DeliveryReportSweep.tick`` beside the watchdog (every
 ``dlr_every`` seconds, asking about each row at most once per ``dlr_chase_after`` and
@@ -68,10 +69,10 @@ class ChaseResult:
 
 
 def human_seconds(seconds: float) -> str:
-    """``72h``, ``30m``, ``90s``: how the settings are usually written."""
+    """``72h``, ``30m``, ``90s``, ``14d``: how the settings are usually written (days from a week up)."""
     s = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size and s % size == 0:
+    for unit, size, least in (("d", 86400, 7 * 86400), ("h", 3600, 3600), ("m", 60, 60)):
+        if s >= least and s % size == 0:
             return f"{s // size}{unit}"
     return f"{s}s"
 
@@ -141,9 +142,11 @@ def chase_run(
                         result.failed += 1
                     else:
                         result.no_final_status += 1
-        result.unconfirmed = store.mark_unconfirmed(
-            run_id, deadline_before, reason=deadline_reason(settings.dlr_deadline), actor=actor
-        )
+        if result.error is None:
+            # a provider that could not be asked just now may still know: give up on nobody until it was asked
+            result.unconfirmed = store.mark_unconfirmed(
+                run_id, deadline_before, reason=deadline_reason(settings.dlr_deadline), actor=actor
+            )
         counts = store.counts(run_id)
         result.now = {s: counts.get(s, 0) for s in (SENT, DELIVERED, UNDELIVERED, UNCONFIRMED)}
         if result.asked or result.unconfirmed:
