@@ -459,3 +459,42 @@ def test_http_adapter_fetches_status_only_when_its_config_declares_a_status_url(
             load_config(bad, env={})
     finally:
         server.close()
+
+
+# ------------------------------------------------------------------ the dashboard
+
+
+@pytest.mark.slow
+def test_dashboard_runs_page_and_heat_map_show_delivered_undelivered_and_unconfirmed(project: Project) -> None:
+    import httpx
+
+    from tests.conftest import serve_web
+    from tests.test_dashboard_browser import add_user, login
+
+    project.registry(size=20, seed=18)
+    clock = Clock()
+    run_id = run_through(project.runtime(clock=clock), project, clock)
+    rows = sent_rows(project.runtime(clock=clock), run_id)
+    rt = outbox_runtime(
+        project,
+        clock,
+        undelivered=[rows[0]["phone"]],
+        silent=[r["phone"] for r in rows[1:3]],
+        DISPATCH_DLR_DEADLINE="1h",
+    )
+    clock.advance(2 * HOUR)
+    chase_run(rt, run_id)
+    assert add_user(project, "carol", "auditor", "carol's long password").returncode == 0
+    with serve_web(project, project.root / "web.log") as (base, _proc):
+        client = httpx.Client(timeout=10)
+        assert login(base, "carol", "carol's long password", client).status_code == 303
+        page = client.get(base + "/dashboard", headers={"Accept": "text/html"}).text
+        assert "<th>delivered</th><th>undelivered</th><th>unconfirmed</th>" in page
+        row = page.split(f">{run_id}</td>")[1].split("</tr>")[0]
+        cells = re.findall(r"<td>(\d+)</td>", row)
+        # total, sent (handed over), delivered, undelivered, unconfirmed, failed, open
+        n = len(rows)
+        assert cells[1:7] == [str(n), str(n - 3), "1", "2", "1", "0"]
+        heat = client.get(base + "/dashboard/coverage", params={"period": quarter_of(clock())}).text
+        titles = re.findall(r'title="\d+ of \d+ reached, (\d+) delivered, (\d+) undelivered, (\d+) unconfirmed"', heat)
+        assert titles and any(u == "1" for _, u, _ in titles) and any(int(c) >= 1 for _, _, c in titles)
