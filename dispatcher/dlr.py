@@ -9,8 +9,9 @@ than ``dlr_chase_after`` seconds ago and still ``sent``:
   path status callbacks take (forward only, one ledger event per change);
 - rows still ``sent`` more than ``dlr_deadline`` seconds after the hand-over become
   ``unconfirmed`` with the reason, in the transaction that writes their ledger event
-  (not while the provider cannot be reached: it may still know). A report that
-  arrives later still moves them to delivered or undelivered.
+  (only after the provider was asked about every row due: not while it cannot be
+  reached, since it may still know). A report that arrives later still moves them
+  to delivered or undelivered.
 
 The scheduler's leader runs ``DeliveryReportSweep.tick`` beside the watchdog (every
 ``dlr_every`` seconds, asking about each row at most once per ``dlr_chase_after`` and
@@ -92,9 +93,11 @@ def chase_run(
     """Ask the provider about the run's rows still ``sent`` after ``dlr_chase_after``; mark the
     ones past ``dlr_deadline`` ``unconfirmed``.
 
-    ``memory`` leaves out rows asked about recently (and remembers the ones asked now);
-    ``budget`` caps how many are asked. Only rows the current gateway sent are asked about (another provider's ids mean
-    nothing to it); the deadline applies to every row.
+    ``memory`` leaves out rows asked about recently (and remembers the ones asked now); ``budget``
+    caps how many are asked. Only rows the current gateway sent are asked about (another
+    provider's ids mean nothing to it); the deadline applies to every row, but only once every
+    row due has been asked (not while the provider is unreachable, nor when the budget ran out
+    first): a row is given up as unconfirmed only after the provider had its chance to say.
     """
     store, settings = runtime.store, runtime.settings
     now = runtime.clock()
@@ -106,11 +109,13 @@ def chase_run(
     if store.get_run(run_id)["channel"] != "sms":
         return result  # ringback enrolments have no delivery reports: their ``sent`` is final
     with structlog.contextvars.bound_contextvars(run_id=run_id):
+        complete = not gateway.can_fetch_status
         if gateway.can_fetch_status:
             after = 0
             while budget is None or result.asked < budget:
                 page = store.awaiting_report(run_id, chase_before, after_id=after, limit=CHUNK)
                 if not page:
+                    complete = True
                     break
                 after = page[-1].id
                 due = [r for r in page if r.gateway == gateway.name and not (memory and memory.recent(r.id))]
@@ -142,8 +147,7 @@ def chase_run(
                         result.failed += 1
                     else:
                         result.no_final_status += 1
-        if result.error is None:
-            # a provider that could not be asked just now may still know: give up on nobody until it was asked
+        if complete and result.error is None:
             result.unconfirmed = store.mark_unconfirmed(
                 run_id, deadline_before, reason=deadline_reason(settings.dlr_deadline), actor=actor
             )

@@ -259,6 +259,21 @@ def test_a_gateway_that_cannot_be_asked_only_waits_for_the_deadline(project: Pro
     assert result.unconfirmed == n
 
 
+def test_rows_are_not_given_up_before_the_provider_was_asked_about_every_one(project: Project) -> None:
+    """The leader asks a bounded number per pass: a run it has not finished asking keeps its rows `sent`."""
+    project.registry(size=30, seed=19)
+    clock = Clock()
+    run_id = run_through(project.runtime(clock=clock), project, clock)
+    rows = sent_rows(project.runtime(clock=clock), run_id)
+    rt = outbox_runtime(project, clock, undelivered=[], silent=[r["phone"] for r in rows])
+    clock.advance(73 * HOUR)
+    partial = chase_run(rt, run_id, budget=5)
+    assert (partial.asked, partial.unconfirmed) == (5, 0)
+    assert {r["state"] for r in rt.store.deliveries(run_id) if r["phone"] in {x["phone"] for x in rows}} == {"sent"}
+    whole = chase_run(rt, run_id)
+    assert (whole.asked, whole.unconfirmed) == (len(rows), len(rows))
+
+
 # ------------------------------------------------------------------ settings
 
 
