@@ -106,8 +106,6 @@ def chase_run(
     gateway = runtime.gateway
     result = ChaseResult(run_id, gateway.name, gateway.can_fetch_status)
     reporter = f"dlr:{gateway.name}"
-    if store.get_run(run_id)["channel"] != "sms":
-        return result  # ringback enrolments have no delivery reports: their ``sent`` is final
     with structlog.contextvars.bound_contextvars(run_id=run_id):
         complete = not gateway.can_fetch_status
         if gateway.can_fetch_status:

@@ -274,6 +274,23 @@ def test_rows_are_not_given_up_before_the_provider_was_asked_about_every_one(pro
     assert (whole.asked, whole.unconfirmed) == (len(rows), len(rows))
 
 
+def test_ringback_enrolments_are_never_chased_nor_unconfirmed(project: Project) -> None:
+    """An enrolment's `sent` is final (ringback platforms send no delivery reports)."""
+    from tests.test_ringback import ringback_yaml
+
+    project.registry(size=10, seed=20)
+    clock = Clock()
+    rt = project.runtime(clock=clock)
+    enrol_run = start(rt, project.write("campaigns/rb-dlr.yaml", ringback_yaml("rb-dlr", clock)))
+    drive(rt, enrol_run, clock)
+    assert sent_rows(rt, enrol_run)
+    clock.advance(73 * HOUR)
+    result = chase_run(rt, enrol_run)
+    assert (result.asked, result.unconfirmed) == (0, 0)
+    assert enrol_run not in rt.store.runs_awaiting_reports(clock())
+    assert "unconfirmed" not in set(states(rt, enrol_run).values())
+
+
 # ------------------------------------------------------------------ settings
 
 

@@ -342,11 +342,12 @@ class ProviderEvents:
     def awaiting_report(
         self, run_id: str, sent_before: datetime, *, after_id: int = 0, limit: int = 500
     ) -> list[AwaitingReport]:
-        """Rows of the run ``sent`` before ``sent_before`` with a provider id, in id order from ``after_id``."""
+        """Rows of an SMS run ``sent`` before ``sent_before`` with a provider id, in id order from ``after_id``."""
         d = t.deliveries
         query = (
             select(d.c.id, d.c.run_id, d.c.provider_id, d.c.gateway, _handed_over_at(d).label("at"))
             .where(
+                _sms_run(run_id),
                 d.c.run_id == run_id,
                 d.c.state == SENT,
                 _handed_over_at(d) < sent_before,
@@ -362,17 +363,8 @@ class ProviderEvents:
                 for row in conn.execute(query)
             ]
 
-    def count_awaiting_report(self, run_id: str, sent_before: datetime | None = None) -> int:
-        """Rows of the run still ``sent`` (handed over before ``sent_before``, when given)."""
-        d = t.deliveries
-        where = [d.c.run_id == run_id, d.c.state == SENT]
-        if sent_before is not None:
-            where.append(_handed_over_at(d) < sent_before)
-        with self._db.read() as conn:
-            return int(conn.execute(select(sa.func.count()).where(*where)).scalar_one())
-
     def mark_unconfirmed(self, run_id: str, sent_before: datetime, *, reason: str, actor: str) -> int:
-        """Rows of the run still ``sent`` that were handed over before ``sent_before`` -> ``unconfirmed``.
+        """Rows of an SMS run still ``sent`` that were handed over before ``sent_before`` -> ``unconfirmed``.
 
         The update is conditional on the row still being ``sent``, in the transaction that
         writes its ledger event: a report that lands first wins, and two sweeps (an old and a
@@ -385,7 +377,7 @@ class ProviderEvents:
                 i
                 for (i,) in conn.execute(
                     select(d.c.id)
-                    .where(d.c.run_id == run_id, d.c.state == SENT, _handed_over_at(d) < sent_before)
+                    .where(_sms_run(run_id), d.c.run_id == run_id, d.c.state == SENT, _handed_over_at(d) < sent_before)
                     .order_by(d.c.id)
                 )
             ]
@@ -494,3 +486,8 @@ class ProviderEvents:
 def _handed_over_at(d: sa.Table) -> Any:
     """When a row was handed over: ``sent_at``, or its last update for rows written before it was kept."""
     return sa.func.coalesce(d.c.sent_at, d.c.updated_at)
+
+
+def _sms_run(run_id: str) -> Any:
+    """The run sends SMS: ringback enrolments have no delivery reports, their ``sent`` is final."""
+    return sa.exists().where(t.runs.c.id == run_id, t.runs.c.channel == "sms")

@@ -1122,10 +1122,6 @@ class SqlStore:
         """Rows of the run ``sent`` before ``sent_before`` with a provider id, in id order from ``after_id``."""
         return self._provider.awaiting_report(run_id, sent_before, after_id=after_id, limit=limit)
 
-    def count_awaiting_report(self, run_id: str, sent_before: datetime | None = None) -> int:
-        """Rows of the run still ``sent`` (handed over before ``sent_before``, when given)."""
-        return self._provider.count_awaiting_report(run_id, sent_before)
-
     def mark_unconfirmed(self, run_id: str, sent_before: datetime, *, reason: str, actor: str) -> int:
         """Rows still ``sent`` that were handed over before ``sent_before`` -> ``unconfirmed`` (ledgered)."""
         return self._provider.mark_unconfirmed(run_id, sent_before, reason=reason, actor=actor)
