@@ -5,8 +5,9 @@ row would stay ``sent`` for ever, counted as reached. So, for rows handed over m
 than ``dlr_chase_after`` seconds ago and still ``sent``:
 
 - a gateway that declares ``can_fetch_status`` is asked for each message's status by
-  its provider id; what it says is recorded through ``store.apply_status``, the very
-  path status callbacks take (forward only, one ledger event per change);
+  its provider id; what it says is recorded by the store's ``apply_statuses``, which
+  applies each answer exactly as ``apply_status`` applies a status callback (forward
+  only, an attempt row and a ledger event per change), a page of answers per transaction;
 - rows still ``sent`` more than ``dlr_deadline`` seconds after the hand-over become
   ``unconfirmed`` with the reason, in the transaction that writes their ledger event
   (only after the provider was asked about every row due: not while it cannot be
@@ -132,11 +133,14 @@ def chase_run(
                 finally:
                     result.asked += len(due)
                 result.answered += len(answers)
-                for provider_id, status in answers.items():
-                    changes = store.apply_status(
-                        provider_id, status.status, error_code=status.error_code, actor=reporter
-                    )
-                    moved = {c.to_state for c in changes}
+                changes = store.apply_statuses(
+                    [(pid, st.status, st.error_code) for pid, st in answers.items()], actor=reporter
+                )
+                moved_to: dict[str, set[str]] = {}
+                for change in changes:
+                    moved_to.setdefault(change.provider_id or "", set()).add(change.to_state)
+                for provider_id in answers:
+                    moved = moved_to.get(provider_id, set())
                     if DELIVERED in moved:
                         result.delivered += 1
                     elif UNDELIVERED in moved:

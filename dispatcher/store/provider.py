@@ -145,6 +145,23 @@ class ProviderEvents:
             self._ledger_changes(conn, [*drained, *mine], actor, now)
         return mine
 
+    def apply_statuses(self, reports: Sequence[tuple[str, str, str | None]], *, actor: str) -> list[StateChange]:
+        """Several (provider id, status, error code) reports in one transaction, each applied exactly as
+        ``apply_status`` applies one (``_apply_one``: forward only, an attempt row and a ledger event per
+        change). For what the delivery-report sweep learns by asking: one transaction per answer made a
+        large run's sweep crawl. An id no row holds is dropped, not kept: the sweep only asks about ids
+        rows hold."""
+        usable = [r for r in reports if r[0] and PROVIDER_STATES.get(r[1].strip().lower()) is not None]
+        if not usable:
+            return []
+        now = self._db.now()
+        changes: list[StateChange] = []
+        with self._db.write() as conn:
+            for provider_id, status, error_code in usable:
+                changes += self._apply_one(conn, provider_id, status, error_code, actor, now)[0]
+            self._ledger_changes(conn, changes, actor, now)
+        return changes
+
     def drain_status_backlog(self) -> list[StateChange]:
         """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
         now = self._db.now()

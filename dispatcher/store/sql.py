@@ -1090,6 +1090,10 @@ class SqlStore:
         """Move the rows holding ``provider_id`` forward to what ``status`` means; returns what changed."""
         return self._provider.apply_status(provider_id, status, error_code=error_code, actor=actor)
 
+    def apply_statuses(self, reports: Sequence[tuple[str, str, str | None]], *, actor: str) -> list[StateChange]:
+        """Several (provider id, status, error code) reports in one transaction, each as ``apply_status``."""
+        return self._provider.apply_statuses(reports, actor=actor)
+
     def drain_status_backlog(self) -> list[StateChange]:
         """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
         return self._provider.drain_status_backlog()
