@@ -291,6 +291,25 @@ def test_ringback_enrolments_are_never_chased_nor_unconfirmed(project: Project) 
     assert "unconfirmed" not in set(states(rt, enrol_run).values())
 
 
+def test_a_version_4_delivery_log_gets_the_index_reports_find_their_rows_by(database_url: str) -> None:
+    """Every report (callback or sweep answer) looks its row up by provider id: without the index, each
+    one read the whole deliveries table."""
+    from dispatcher.store import open_store
+    from dispatcher.store import schema as t
+
+    store = open_store(database_url)
+    with store.engine.begin() as conn:  # what a version 4 program left
+        conn.execute(sa.text("DROP INDEX ix_deliveries_provider_id"))
+        conn.execute(sa.text("UPDATE dispatch_meta SET value = '4' WHERE key = 'schema_version'"))
+    store.close()
+    upgraded = open_store(database_url)
+    assert upgraded.schema_version() == t.SCHEMA_VERSION
+    with upgraded.engine.connect() as conn:
+        indexes = {i["name"]: i for i in sa.inspect(conn).get_indexes("deliveries")}
+    assert indexes["ix_deliveries_provider_id"]["column_names"] == ["provider_id"]
+    upgraded.close()
+
+
 # ------------------------------------------------------------------ settings
 
 
