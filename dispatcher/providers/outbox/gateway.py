@@ -59,6 +59,10 @@ class OutboxGateway(BaseGateway):
         self.latency = latency_ms / 1000
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         self._threads = threading.Lock()
+        #: what ``fetch_status`` has read of the file so far: key -> number, and up to which byte
+        self._sent_to: dict[str, str] = {}
+        self._indexed_upto = 0
+        self._index_lock = threading.Lock()
 
     def _line(self, message: OutgoingMessage) -> bytes:
         record = {
@@ -147,13 +151,12 @@ class OutboxGateway(BaseGateway):
 
     def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
         """Messages in the file are delivered, but for the numbers told to stay silent or fail."""
-        wanted = set(provider_ids)
+        recipients = self._recipients()
         found: dict[str, MessageStatus] = {}
-        for record in read_outbox(self.path):
-            provider_id = f"outbox:{record.get('key')}"
-            if provider_id not in wanted:
+        for provider_id in provider_ids:
+            to = recipients.get(provider_id.removeprefix("outbox:"))
+            if to is None:
                 continue
-            to = record.get("to")
             if to in self.no_report:
                 found[provider_id] = MessageStatus("sent")
             elif to in self.undelivered:
@@ -161,6 +164,26 @@ class OutboxGateway(BaseGateway):
             else:
                 found[provider_id] = MessageStatus("delivered")
         return found
+
+    def _recipients(self) -> dict[str, str]:
+        """Key -> number of every message in the file, read on from where the last call stopped.
+
+        The file only grows by whole lines (a torn tail is never a message), so a sweep that asks
+        in pages reads it once, not once per page.
+        """
+        with self._index_lock, self.path.open("rb") as fh:
+            fh.seek(self._indexed_upto)
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    record = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise OutboxCorrupt(f"{self.path}: unreadable outbox line ({exc})") from exc
+                if isinstance(record, dict) and isinstance(record.get("key"), str):
+                    self._sent_to[record["key"]] = str(record.get("to"))
+                self._indexed_upto += len(raw)
+            return self._sent_to
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # closing twice is harmless
