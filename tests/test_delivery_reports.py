@@ -152,10 +152,10 @@ def test_status_and_coverage_tell_delivered_undelivered_and_unconfirmed_apart(pr
     from dispatcher.runs import status
 
     st = status(rt, run_id)
-    assert st["delivery_reports"] == {
+    assert st.delivery_reports == {
         "delivered": len(rows) - 3, "undelivered": 1, "unconfirmed": 2, "awaiting": 0,
     }  # fmt: skip
-    assert st["parts_sent"] > 0 and st["open"] == 0
+    assert st.parts_sent > 0 and st.open == 0
     report = coverage(rt.store, period_of(quarter_of(clock())))
     totals = {k: sum(d[k] for d in report["districts"]) for k in ("reached", "delivered", "undelivered", "unconfirmed")}
     # an unconfirmed message was still handed over: reached, and counted apart from delivered

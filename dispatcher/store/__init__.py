@@ -51,11 +51,14 @@ from .base import (
     UNKNOWN,
     AudienceFilter,
     Claimed,
+    CreatedRun,
     Outcome,
     Resident,
+    RunRecord,
     RunSpec,
+    UnknownRow,
 )
-from .control import RecentRun, RunProgress
+from .control import FireRecord, RecentRun, RunProgress
 from .ledger import AUDIT_CHAIN
 from .ledger import Break as ChainBreak
 from .provider import PROVIDER_STATES, AwaitingReport, StateChange
@@ -85,10 +88,12 @@ __all__ = [
     "ChainBreak",
     "Claimed",
     "CoverageCounts",
+    "CreatedRun",
     "Credentials",
     "DepartmentCounts",
     "DuplicateRun",
     "FailureCount",
+    "FireRecord",
     "LeaseLost",
     "Outcome",
     "OwnerFailures",
@@ -98,10 +103,12 @@ __all__ = [
     "RecentRun",
     "Resident",
     "RunProgress",
+    "RunRecord",
     "RunSpec",
     "SqlStore",
     "StateChange",
     "StoredAccount",
+    "UnknownRow",
     "Window",
     "as_utc",
     "iter_chunks",
