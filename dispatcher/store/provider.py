@@ -88,12 +88,12 @@ class ProviderEvents:
         self._db = db
         self._reporter_gateways: Mapping[str, tuple[str, ...]] = dict(reporter_gateways or {})
 
-    def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str, at: datetime) -> None:
+    def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str, now: datetime) -> None:
         """Append one ledger event per state change, inside the caller's transaction.
 
-        ``at`` is the instant the caller wrote the changes (and their attempt rows) with: audit
-        verification pairs each attempt with its event by delivery and instant, so a second
-        reading of a moving clock here would look like a hand-over missing from the ledger.
+        ``now`` is the instant the caller stamped its attempt rows with: ``audit verify`` pairs
+        each attempt with its event by that instant, so a second reading of a running clock
+        would leave every reported attempt looking like a hand-over missing from the ledger.
         """
         if not changes:
             return
@@ -114,7 +114,7 @@ class ProviderEvents:
             )
             for c in changes
         )
-        append_by_run(conn, events, at)
+        append_by_run(conn, events, now)
 
     def apply_status(
         self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"
@@ -133,7 +133,7 @@ class ProviderEvents:
             return []
         now = self._db.now()
         with self._db.write() as conn:
-            drained = self._drain(conn, now)
+            self._drain(conn, now)
             mine, known = self._apply_one(conn, provider_id, status, error_code, actor, now)
             if not known:
                 conn.execute(
@@ -145,7 +145,7 @@ class ProviderEvents:
                         received_at=now,
                     )
                 )
-            self._ledger_changes(conn, [*drained, *mine], actor, now)
+            self._ledger_changes(conn, mine, actor, now)
         return mine
 
     def apply_statuses(self, reports: Sequence[tuple[str, str, str | None]], *, actor: str) -> list[StateChange]:
@@ -166,14 +166,18 @@ class ProviderEvents:
         return changes
 
     def drain_status_backlog(self) -> list[StateChange]:
-        """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
+        """Apply kept reports whose rows now hold the provider id (``record``, ``resume`` and every report
+        call it)."""
+        with self._db.read() as conn:
+            if conn.execute(select(t.status_backlog.c.id).limit(1)).first() is None:
+                return []  # the usual case, checked without taking the writer (every recorded batch asks)
         now = self._db.now()
         with self._db.write() as conn:
-            changes = self._drain(conn, now)
-            self._ledger_changes(conn, changes, "provider", now)
-        return changes
+            return self._drain(conn, now)
 
     def _drain(self, conn: Connection, now: datetime) -> list[StateChange]:
+        """Apply the kept reports whose rows now hold their ids; each change is in the ledger under the
+        actor who reported it, whoever happens to drain it."""
         b, d = t.status_backlog, t.deliveries
         pending = conn.execute(
             select(b.c.id, b.c.provider_id, b.c.status, b.c.error_code, b.c.actor)
@@ -182,7 +186,9 @@ class ProviderEvents:
         ).all()
         changes: list[StateChange] = []
         for item in pending:
-            changes += self._apply_one(conn, item.provider_id, item.status, item.error_code, item.actor, now)[0]
+            applied = self._apply_one(conn, item.provider_id, item.status, item.error_code, item.actor, now)[0]
+            self._ledger_changes(conn, applied, item.actor, now)
+            changes += applied
             conn.execute(sa.delete(b).where(b.c.id == item.id))
         # reports for ids that never turn up (another system's messages) are not kept for ever
         conn.execute(sa.delete(b).where(b.c.received_at < now - timedelta(days=7)))
