@@ -28,7 +28,10 @@ own module and each owning its tables and queries::
       bulk_sends_since / recent_runs                          cross-run reads: frequency cap, repeats
     store.provider_events (provider.py: ProviderEvents)
       apply_status / drain_status_backlog / state_of          delivery reports, forward only
+      apply_statuses                                          many reports in one transaction
       unknown_rows / settle_unknown / mark_unknown            reconciling ambiguous hand-overs
+      runs_awaiting_reports / awaiting_report
+        / mark_unconfirmed                                    chasing final reports that never came
     store.ringback (provider.py: Ringback)
       keep_ringback / ringback_kept / create_restore_run      what an enrolment changed, and its restore
     store.accounts   (_accounts.py)                           accounts, sessions, login throttle
@@ -69,6 +72,7 @@ from .base import (
     SENT,
     SKIPPED,
     STATES,
+    UNCONFIRMED,
     UNDELIVERED,
     UNKNOWN,
     AudienceFilter,
@@ -83,7 +87,7 @@ from .base import (
 from .control import FireRecord, RecentRun, RunProgress
 from .ledger import AUDIT_CHAIN
 from .ledger import Break as ChainBreak
-from .provider import PROVIDER_STATES, StateChange
+from .provider import PROVIDER_STATES, AwaitingReport, StateChange
 from .sql import DuplicateRun, LeaseLost, SqlStore, iter_chunks, open_store, utcnow
 
 __all__ = [
@@ -102,9 +106,11 @@ __all__ = [
     "SENT",
     "SKIPPED",
     "STATES",
+    "UNCONFIRMED",
     "UNDELIVERED",
     "UNKNOWN",
     "AudienceFilter",
+    "AwaitingReport",
     "ChainBreak",
     "Claimed",
     "CoverageCounts",

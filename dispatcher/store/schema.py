@@ -20,9 +20,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
@@ -32,6 +33,10 @@ MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
     4: (("accounts", "disabled"),),
+}
+#: indexes an upgrade to that version creates on tables that already exist (``create_all`` leaves them alone)
+INDEX_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    5: ("ix_deliveries_provider_id",),
 }
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a log that grows
@@ -139,6 +144,14 @@ deliveries = Table(
     # by resident, not by phone: ids arrive in ascending order at fan-out, so this index costs little
     # to maintain, where a phone index (random order) doubled the time of writing a 200,000-row run
     Index("ix_deliveries_resident", "resident_id"),
+    # delivery reports (callbacks, and the sweep that asks for them) find their row by the provider's id;
+    # partial, so the rows written at fan-out (no id yet) cost this index nothing
+    Index(
+        "ix_deliveries_provider_id",
+        "provider_id",
+        sqlite_where=text("provider_id IS NOT NULL"),
+        postgresql_where=text("provider_id IS NOT NULL"),
+    ),
 )
 
 #: every attempt to hand a message to a gateway, kept for auditors (one row per try)

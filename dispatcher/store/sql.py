@@ -201,7 +201,7 @@ class SqlStore:
 
     @staticmethod
     def _upgrade(conn: Connection, found: int) -> None:
-        """Add the columns of every version after ``found`` (schema.MIGRATIONS)."""
+        """Add the columns and indexes of every version after ``found`` (schema.MIGRATIONS, INDEX_MIGRATIONS)."""
         preparer = conn.dialect.identifier_preparer
         inspector = sa.inspect(conn)
         for target in range(found + 1, t.SCHEMA_VERSION + 1):
@@ -213,6 +213,9 @@ class SqlStore:
                 conn.exec_driver_sql(
                     f"ALTER TABLE {preparer.quote(table_name)} ADD COLUMN {preparer.quote(column_name)} {kind}"
                 )
+            for index_name in t.INDEX_MIGRATIONS.get(target, ()):
+                index = next(i for table in t.metadata.tables.values() for i in table.indexes if i.name == index_name)
+                index.create(conn, checkfirst=True)  # checkfirst: an interrupted upgrade may have made it
 
     def schema_version(self) -> int:
         with self._read() as conn:

@@ -35,7 +35,15 @@ from starlette.routing import Route
 
 from .. import accounts, audit, domain, reports
 from ..errors import InputError
-from ..store import FAILED_STATES, OPEN_STATES, REACHED_STATES
+from ..store import (
+    DELIVERED,
+    FAILED_STATES,
+    HANDED_OVER_STATES,
+    OPEN_STATES,
+    REACHED_STATES,
+    UNCONFIRMED,
+    UNDELIVERED,
+)
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -270,13 +278,15 @@ def routes(runtime: Runtime) -> list[Route]:
             return account
         rows = await run_in_threadpool(_runs_with_progress, runtime)
         body = ['<table id="runs"><tr><th class="l">run</th><th class="l">campaign</th><th class="l">owner</th>'
-                "<th>status</th><th>total</th><th>sent</th><th>failed</th><th>open</th><th>progress</th></tr>"]  # fmt: skip
+                "<th>status</th><th>total</th><th>sent</th><th>delivered</th><th>undelivered</th>"
+                "<th>unconfirmed</th><th>failed</th><th>open</th><th>progress</th></tr>"]  # fmt: skip
         for r in rows:
             pct = 100.0 * r["done"] / r["total"] if r["total"] else 100.0
             body.append(
                 f'<tr><td class="l">{escape(r["id"])}</td><td class="l">{escape(r["campaign_id"])}</td>'
                 f'<td class="l">{escape(r["owner_name"])}</td><td>{escape(r["status"])}</td><td>{r["total"]}</td>'
-                f"<td>{r['sent']}</td><td>{r['failed']}</td><td>{r['open']}</td>"
+                f"<td>{r['sent']}</td><td>{r['delivered']}</td><td>{r['undelivered']}</td>"
+                f"<td>{r['unconfirmed']}</td><td>{r['failed']}</td><td>{r['open']}</td>"
                 f'<td><div class="bar" title="{pct:.0f}%"><div style="width:{pct:.0f}%"></div></div></td></tr>'
             )
         body.append("</table>")
@@ -296,7 +306,8 @@ def routes(runtime: Runtime) -> list[Route]:
         html = [
             f'<form><label>Period <input name="period" value="{escape(report["period"])}"></label>'
             f'<button>Show</button></form><p class="muted">{report["runs"]} runs; percent of eligible residents '
-            "(registry, opted-out excluded) reached by a sent or delivered message.</p>"
+            "(registry, opted-out excluded) reached by a message a carrier took and did not report failed; "
+            "hover a cell for delivered, undelivered and unconfirmed (no final report by the deadline).</p>"
             '<table id="heatmap"><tr><th class="l">group</th>'
             + "".join(f"<th>{escape(d.name)}</th>" for d in domain.DISTRICTS)
             + "</tr>"
@@ -314,7 +325,8 @@ def routes(runtime: Runtime) -> list[Route]:
                 html.append(
                     f'<td data-district="{d.id}" data-segment="{s.id}" data-percent="{c["percent"]}" '
                     f'style="background:{_heat(c["percent"])}" title="{c["reached"]} of {c["eligible"]} reached, '
-                    f'{c["delivered"]} delivered">{c["percent"]}%</td>'
+                    f'{c["delivered"]} delivered, {c["undelivered"]} undelivered, {c["unconfirmed"]} unconfirmed">'
+                    f"{c['percent']}%</td>"
                 )
             html.append("</tr>")
         html.append('<tr><th class="l">all residents</th>')
@@ -415,7 +427,10 @@ def _runs_with_progress(runtime: Runtime) -> list[dict[str, Any]]:
         dep = domain.department(r.owner)
         out.append({
             **r.as_dict(), "owner_name": dep.name if dep else r.owner, "total": total,
-            "sent": c.get("sent", 0) + c.get("delivered", 0), "failed": sum(c.get(s, 0) for s in FAILED_STATES),
+            # sent: handed over (whatever the report); the next three say what the carriers reported
+            "sent": sum(c.get(s, 0) for s in HANDED_OVER_STATES), "delivered": c.get(DELIVERED, 0),
+            "undelivered": c.get(UNDELIVERED, 0), "unconfirmed": c.get(UNCONFIRMED, 0),
+            "failed": sum(c.get(s, 0) for s in FAILED_STATES),
             "open": sum(c.get(s, 0) for s in OPEN_STATES), "done": total - sum(c.get(s, 0) for s in OPEN_STATES),
         })  # fmt: skip
     return out
