@@ -213,6 +213,9 @@ def test_purge_clears_old_traces_keeps_the_ledger_verifiable_and_is_recorded(
     purges = [e for e in audit_chain(project) if e["kind"] == "trace.purge"]
     assert [p["payload"]["attempts"] for p in purges] == [cleared, 0]  # newest first
     assert purges[0]["payload"]["older_than"] == "1h" and purges[0]["actor"]
+    listed = project.dispatch("audit", "exports").stdout
+    line = next(x for x in listed.splitlines() if "trace.purge via cli on {" in x and "'older_than': '1h'" in x)
+    assert f"'attempts': {cleared}," in line
 
     # the default period comes from the settings; a bad one is one line, exit 2
     default = project.dispatch("purge", "--json", env={"DISPATCH_TRACE_RETENTION": "2h"})
