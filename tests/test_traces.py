@@ -161,6 +161,8 @@ def test_delivery_page_shows_the_exchanges_to_operators_records_the_view_and_ref
         linked = operator.get(f"{base}/dashboard/delivery?{link}")
         assert linked.status_code == 200 and "twilio.21211" in linked.text and 'data-attempt="1"' in linked.text
 
+        malformed = operator.get(f"{base}/dashboard/delivery", params={"run": run_id, "phone": "12345"})
+        assert malformed.status_code == 400 and "phone: " in malformed.text
         stranger = operator.get(f"{base}/dashboard/delivery", params={"run": run_id, "phone": STRANGER})
         assert stranger.status_code == 404 and STRANGER not in stranger.text
 

@@ -101,7 +101,11 @@ class TraceReads:
             attempt_rows = (
                 conn.execute(sa.select(a).where(a.c.delivery_id == row["id"]).order_by(a.c.id)).mappings().all()
             )
-        handovers = {e.at: e for e in events if e.kind in ("delivery.state", "delivery.late")}
+        # an attempt and its event are written in one transaction with the same instant; the claim
+        # (pending -> sending) can share that instant under a frozen clock, so the answer is preferred
+        at_instant = {e.at: e for e in events if e.kind in ("delivery.state", "delivery.late")}
+        answers = {e.at: e for e in events if e.kind == "delivery.late" or e.from_state == "sending"}
+        handovers = {**at_instant, **answers}
         attempts = tuple(
             StoredAttempt(
                 attempt=r["attempt"],

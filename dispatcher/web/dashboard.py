@@ -414,8 +414,11 @@ def routes(runtime: Runtime) -> list[Route]:
             return page(request, title, form + '<p class="muted">Give a run and a phone number.</p>', account)
         try:
             event_id = int(event) if event and not phone else None
+            phone = traces.parse_phone(phone) if phone else ""
         except ValueError:
             return page(request, title, form + '<p class="err">event: expected an event id</p>', account, 400)
+        except InputError as exc:
+            return page(request, title, form + f'<p class="err">{escape(str(exc))}</p>', account, 400)
 
         def look() -> dict[str, Any]:
             return traces.delivery_trace(
