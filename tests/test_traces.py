@@ -183,9 +183,9 @@ def test_delivery_page_shows_the_exchanges_to_operators_records_the_view_and_ref
 
 @pytest.mark.slow
 def test_purge_clears_old_traces_keeps_the_ledger_verifiable_and_is_recorded(
-    tmp_path: Path, prism: PrismServer
+    tmp_path: Path, database_url: str, prism: PrismServer
 ) -> None:
-    project = _make_project(tmp_path / "project", f"sqlite:///{tmp_path / 'project' / 'var' / 'dispatch.db'}")
+    project = _make_project(tmp_path / "project", database_url)
     info = traced_run(project, prism, size=5)
     run_id, limited = info["run_id"], info["limited"]
     assert project.dispatch("audit", "verify").returncode == 0
