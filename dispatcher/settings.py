@@ -105,7 +105,7 @@ class Settings:
     database_url: str = "sqlite:///var/dispatch.db"
     #: ``redis://...`` to use Redis and separate worker processes; empty = embedded in-process broker
     broker_url: str = ""
-    #: gateway adapter name: outbox (default), twilio, http
+    #: gateway adapter name: outbox (default), twilio, http, kannel
     gateway: str = "outbox"
     outbox_path: Path = Path("var/outbox.jsonl")
     campaigns_dir: Path = Path("campaigns")
@@ -138,6 +138,15 @@ class Settings:
     twilio_messaging_service_sid: str = ""
     #: redirects the Twilio client (a regional edge, or a local Twilio peer such as Prism)
     twilio_base_url: str = ""
+    #: Kannel (DISPATCH_GATEWAY=kannel): smsbox's sendsms URL, e.g. http://127.0.0.1:13013/cgi-bin/sendsms
+    kannel_sendsms_url: str = ""
+    #: a ``sendsms-user`` group of kannel.conf; the password is a secret (never in repr, logs or traces)
+    kannel_username: str = ""
+    kannel_password: str = field(default="", repr=False)
+    #: sender shown to residents (``from``); empty = the sendsms-user's ``default-sender``/``global-sender``
+    kannel_from: str = ""
+    #: keys the token each delivery-report URL carries: Kannel signs nothing it calls back with
+    kannel_dlr_secret: str = field(default="", repr=False)
     #: seconds to wait for a provider's reply before the send counts as ambiguous
     gateway_timeout: float = 10.0
     #: config file of the generic HTTP adapter (DISPATCH_GATEWAY=http)
@@ -237,6 +246,11 @@ class Settings:
             twilio_from=env.get("TWILIO_FROM", ""),
             twilio_messaging_service_sid=env.get("TWILIO_MESSAGING_SERVICE_SID", ""),
             twilio_base_url=(env.get("DISPATCH_TWILIO_BASE_URL") or "").rstrip("/"),
+            kannel_sendsms_url=env.get("DISPATCH_KANNEL_URL", ""),
+            kannel_username=env.get("DISPATCH_KANNEL_USERNAME", ""),
+            kannel_password=env.get("DISPATCH_KANNEL_PASSWORD", ""),
+            kannel_from=env.get("DISPATCH_KANNEL_FROM", ""),
+            kannel_dlr_secret=env.get("DISPATCH_KANNEL_DLR_SECRET", ""),
             gateway_timeout=_float(env, "DISPATCH_GATEWAY_TIMEOUT", 10.0),
             http_config=Path(env["DISPATCH_HTTP_CONFIG"]) if env.get("DISPATCH_HTTP_CONFIG") else None,
             http_report_secret=env.get("DISPATCH_HTTP_REPORT_SECRET", ""),

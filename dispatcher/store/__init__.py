@@ -51,11 +51,14 @@ from .base import (
     UNKNOWN,
     AudienceFilter,
     Claimed,
+    CreatedRun,
     Outcome,
     Resident,
+    RunRecord,
     RunSpec,
+    UnknownRow,
 )
-from .control import RecentRun, RunProgress
+from .control import FireRecord, RecentRun, RunProgress
 from .ledger import AUDIT_CHAIN
 from .ledger import Break as ChainBreak
 from .provider import PROVIDER_STATES, StateChange
@@ -83,10 +86,12 @@ __all__ = [
     "ChainBreak",
     "Claimed",
     "CoverageCounts",
+    "CreatedRun",
     "Credentials",
     "DepartmentCounts",
     "DuplicateRun",
     "FailureCount",
+    "FireRecord",
     "LeaseLost",
     "Outcome",
     "OwnerFailures",
@@ -96,6 +101,7 @@ __all__ = [
     "RecentRun",
     "Resident",
     "RunProgress",
+    "RunRecord",
     "RunSpec",
     "SqlStore",
     "StateChange",
@@ -103,6 +109,7 @@ __all__ = [
     "StoredAttempt",
     "StoredDelivery",
     "StoredEvent",
+    "UnknownRow",
     "Window",
     "as_utc",
     "iter_chunks",

@@ -14,7 +14,7 @@ Every state change here is written in one transaction with its ledger event, as
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,7 +28,7 @@ from . import ledger
 from . import schema as t
 from ._db import Db
 from ._rows import as_utc, insert_run, keys_digest
-from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN
+from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN, CreatedRun, UnknownRow
 from .ledger import Event, append_by_run
 
 #: provider status words -> our state
@@ -47,10 +47,6 @@ PROVIDER_STATES: dict[str, str] = {
 #: how far along a row is; a report may only move a row to a higher rank
 _RANK = {PENDING: 0, SENDING: 0, UNKNOWN: 0, SENT: 1, DELIVERED: 2, UNDELIVERED: 2, FAILED: 2}
 
-#: reporters whose word is limited to their own adapters' rows: a delivery report signed with
-#: DISPATCH_HTTP_REPORT_SECRET (actor ``http``) may move only rows the HTTP adapters sent
-REPORTER_GATEWAYS: dict[str, tuple[str, ...]] = {"http": ("http", "carrier-http")}
-
 
 @dataclass(frozen=True)
 class StateChange:
@@ -65,13 +61,25 @@ class StateChange:
 
 
 class ProviderEvents:
-    """Status callbacks, reconciliation of ``unknown`` rows and ringback restores over one ``Db``."""
+    """Status callbacks, reconciliation of ``unknown`` rows and ringback restores over one ``Db``.
 
-    def __init__(self, db: Db) -> None:
+    ``reporter_gateways`` limits a reporter's word to its own adapters' rows (actor ->
+    gateway names, as each provider declares in ``reports_for``): a delivery report signed
+    with one provider's secret may move only rows that provider sent. The mapping is handed
+    in because the store knows no providers.
+    """
+
+    def __init__(self, db: Db, reporter_gateways: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self._db = db
+        self._reporter_gateways: Mapping[str, tuple[str, ...]] = dict(reporter_gateways or {})
 
-    def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str) -> None:
-        """Append one ledger event per state change, inside the caller's transaction."""
+    def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str, now: datetime) -> None:
+        """Append one ledger event per state change, inside the caller's transaction.
+
+        ``now`` is the instant the caller stamped its attempt rows with: ``audit verify`` pairs
+        each attempt with its event by that instant, so a second reading of a running clock
+        would leave every reported attempt looking like a hand-over missing from the ledger.
+        """
         if not changes:
             return
         events = (
@@ -91,14 +99,14 @@ class ProviderEvents:
             )
             for c in changes
         )
-        append_by_run(conn, events, self._db.now())
+        append_by_run(conn, events, now)
 
     def apply_status(
         self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"
     ) -> list[StateChange]:
         """Move the rows holding ``provider_id`` forward to what ``status`` means; returns what changed.
 
-        An ``actor`` listed in ``REPORTER_GATEWAYS`` moves only rows sent through its adapters
+        An ``actor`` listed in the reporter mapping moves only rows sent through its adapters
         (a report authenticated by one provider's secret says nothing about another's messages).
 
         A callback can overtake our own bookkeeping: Twilio may report ``sent`` for the first
@@ -110,7 +118,7 @@ class ProviderEvents:
             return []
         now = self._db.now()
         with self._db.write() as conn:
-            drained = self._drain(conn, now)
+            self._drain(conn, now)
             mine, known = self._apply_one(conn, provider_id, status, error_code, actor, now)
             if not known:
                 conn.execute(
@@ -122,18 +130,22 @@ class ProviderEvents:
                         received_at=now,
                     )
                 )
-            self._ledger_changes(conn, [*drained, *mine], actor)
+            self._ledger_changes(conn, mine, actor, now)
         return mine
 
     def drain_status_backlog(self) -> list[StateChange]:
-        """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
+        """Apply kept reports whose rows now hold the provider id (``record``, ``resume`` and every report
+        call it)."""
+        with self._db.read() as conn:
+            if conn.execute(select(t.status_backlog.c.id).limit(1)).first() is None:
+                return []  # the usual case, checked without taking the writer (every recorded batch asks)
         now = self._db.now()
         with self._db.write() as conn:
-            changes = self._drain(conn, now)
-            self._ledger_changes(conn, changes, "provider")
-        return changes
+            return self._drain(conn, now)
 
     def _drain(self, conn: Connection, now: datetime) -> list[StateChange]:
+        """Apply the kept reports whose rows now hold their ids; each change is in the ledger under the
+        actor who reported it, whoever happens to drain it."""
         b, d = t.status_backlog, t.deliveries
         pending = conn.execute(
             select(b.c.id, b.c.provider_id, b.c.status, b.c.error_code, b.c.actor)
@@ -142,7 +154,9 @@ class ProviderEvents:
         ).all()
         changes: list[StateChange] = []
         for item in pending:
-            changes += self._apply_one(conn, item.provider_id, item.status, item.error_code, item.actor, now)[0]
+            applied = self._apply_one(conn, item.provider_id, item.status, item.error_code, item.actor, now)[0]
+            self._ledger_changes(conn, applied, item.actor, now)
+            changes += applied
             conn.execute(sa.delete(b).where(b.c.id == item.id))
         # reports for ids that never turn up (another system's messages) are not kept for ever
         conn.execute(sa.delete(b).where(b.c.received_at < now - timedelta(days=7)))
@@ -164,7 +178,7 @@ class ProviderEvents:
         query = select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway).where(
             d.c.provider_id == provider_id
         )
-        gateways = REPORTER_GATEWAYS.get(actor)
+        gateways = self._reporter_gateways.get(actor)
         if gateways is not None:
             query = query.where(d.c.gateway.in_(gateways))
         rows = conn.execute(query).all()
@@ -204,7 +218,7 @@ class ProviderEvents:
         with self._db.read() as conn:
             return [s for (s,) in conn.execute(select(d.c.state).where(d.c.provider_id == provider_id))]
 
-    def unknown_rows(self, run_id: str) -> list[dict[str, Any]]:
+    def unknown_rows(self, run_id: str) -> list[UnknownRow]:
         """Rows left ``unknown`` by an ambiguous reply, with what a lookup needs (number, text, when)."""
         d = t.deliveries
         with self._db.read() as conn:
@@ -212,9 +226,18 @@ class ProviderEvents:
                 select(d.c.id, d.c.key, d.c.phone, d.c.body, d.c.attempts, d.c.claimed_at, d.c.updated_at)
                 .where(d.c.run_id == run_id, d.c.state == UNKNOWN)
                 .order_by(d.c.id)
-            ).mappings()
+            )
             return [
-                {**dict(r), "claimed_at": as_utc(r["claimed_at"]), "updated_at": as_utc(r["updated_at"])} for r in rows
+                UnknownRow(
+                    id=r.id,
+                    key=r.key,
+                    phone=r.phone,
+                    body=r.body,
+                    attempts=r.attempts,
+                    claimed_at=as_utc(r.claimed_at),
+                    updated_at=as_utc(r.updated_at),
+                )
+                for r in rows
             ]
 
     def settle_unknown(
@@ -278,7 +301,7 @@ class ProviderEvents:
                         "not_at_provider",
                     )
                 )
-            self._ledger_changes(conn, changes, "reconcile")
+            self._ledger_changes(conn, changes, "reconcile", now)
         found_n = sum(1 for c in changes if c.to_state == SENT)
         return found_n, len(changes) - found_n
 
@@ -301,12 +324,12 @@ class ProviderEvents:
                 ).rowcount
                 if done:
                     changes.append(StateChange(run_id, row.id, row.key, SENDING, UNKNOWN, None, None, reason))
-            self._ledger_changes(conn, changes, "resume")
+            self._ledger_changes(conn, changes, "resume", now)
         return len(changes)
 
     # ------------------------------------------------------------------ ringback
 
-    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
+    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> CreatedRun:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back.
 
         Written like ``create_run``: run snapshot, one row per number with its own idempotency
@@ -370,7 +393,7 @@ class ProviderEvents:
                     finished_at=None if total else now,
                 )
             )
-        return {"run_id": spec.run_id, "total": total, "pending": total, "batches": batches}
+        return CreatedRun(spec.run_id, total, total, batches)
 
     def keep_ringback(self, run_id: str, phone: str, provider_id: str, kept: Any) -> None:
         """Remember what an enrolment changed, so the restore run can put it back (first write wins)."""
