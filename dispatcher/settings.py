@@ -47,6 +47,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _port(env: Mapping[str, str], name: str) -> int:
+    value = _int(env, name, 0)
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{name}: expected a port between 1 and 65535 (0 = off), got {value}")
+    return value
+
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -166,6 +173,11 @@ class Settings:
     web_port: int = 8000
     #: largest request body any route reads, in bytes; a bigger one gets 413 while it is still arriving
     web_max_body: int = 1 << 20
+    #: where ``dispatch worker`` and ``dispatch scheduler`` serve their Prometheus metrics (``/metrics``);
+    #: port 0 = no exporter. Each process has its own counters, so each needs its own port on a host
+    #: (``--metrics-port``); ``dispatch web`` serves its own on its web port instead
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
     # --- scheduler and run control -----------------------------------------------
     #: seconds added to the real clock: drills and tests move every process to another hour or quarter
     #: without sleeping through it (DISPATCH_CLOCK_OFFSET, or DISPATCH_FAKE_NOW as an ISO time)
@@ -261,6 +273,8 @@ class Settings:
             web_host=env.get("DISPATCH_WEB_HOST") or "127.0.0.1",
             web_port=_int(env, "DISPATCH_WEB_PORT", _int(env, "PORT", 8000)),
             web_max_body=_positive(env, "DISPATCH_WEB_MAX_BODY", 1 << 20),
+            metrics_host=env.get("DISPATCH_METRICS_HOST") or "127.0.0.1",
+            metrics_port=_port(env, "DISPATCH_METRICS_PORT"),
             **_schedule_settings(env),
             **_fault_settings(env),
             trace_retention=_retention(env),

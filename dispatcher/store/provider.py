@@ -58,6 +58,11 @@ class StateChange:
     provider_id: str | None = None
     error_code: str | None = None
     reason: str | None = None
+    #: the adapter the row went through, when it was handed over, and when this change was made:
+    #: what the delivery-report lag is measured from
+    gateway: str | None = None
+    sent_at: datetime | None = None
+    at: datetime | None = None
 
 
 class ProviderEvents:
@@ -175,7 +180,7 @@ class ProviderEvents:
         target = PROVIDER_STATES[status.strip().lower()]
         d = t.deliveries
         lower = [s for s, rank in _RANK.items() if rank < _RANK[target]]
-        query = select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway).where(
+        query = select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway, d.c.sent_at).where(
             d.c.provider_id == provider_id
         )
         gateways = self._reporter_gateways.get(actor)
@@ -194,9 +199,11 @@ class ProviderEvents:
             done = conn.execute(sa.update(d).where(d.c.id == row.id, d.c.state == row.state).values(**values)).rowcount
             if not done:
                 continue
-            changes.append(
-                StateChange(row.run_id, row.id, row.key, row.state, target, provider_id, error_code, "provider_status")
-            )
+            change = StateChange(
+                row.run_id, row.id, row.key, row.state, target, provider_id, error_code, "provider_status",
+                gateway=row.gateway, sent_at=as_utc(row.sent_at), at=now,
+            )  # fmt: skip
+            changes.append(change)
             conn.execute(
                 sa.insert(t.attempts).values(
                     delivery_id=row.id,
