@@ -14,6 +14,7 @@ engine and small operation groups, each in its own module and each owning its ta
     store.audit                                    ledger verification, event log, audit chain (_audit.py)
     store.reports                                  aggregates for the assessment reports (_reports.py)
     store.dashboard                                reads the dashboard's pages need (_dashboard.py)
+    store.traces                                   a delivery's attempts and HTTP traces, trace purge (_traces.py)
 
 Everything else in this package (``sql``, ``control``, ``provider``, ``ledger``, ``schema``,
 the ``_``-prefixed modules) is implementation: import from ``dispatcher.store`` only. SQL
@@ -34,6 +35,7 @@ from ._reports import (
     Window,
 )
 from ._rows import as_utc
+from ._traces import StoredAttempt, StoredDelivery, StoredEvent
 from .base import (
     CANCELLED,
     DELIVERED,
@@ -108,6 +110,9 @@ __all__ = [
     "SqlStore",
     "StateChange",
     "StoredAccount",
+    "StoredAttempt",
+    "StoredDelivery",
+    "StoredEvent",
     "UnknownRow",
     "Window",
     "as_utc",
