@@ -221,6 +221,9 @@ class Settings:
     dlr_deadline: float = 72 * 3600.0
     #: how often the scheduler's leader runs the delivery-report sweep
     dlr_every: float = 60.0
+    #: how long per-attempt HTTP traces are kept: what ``dispatch purge`` clears when given no
+    #: ``--traces-older-than`` (the attempts and the ledger are kept whatever this says)
+    trace_retention: str = "30d"
     #: what ``${NAME}`` in an HTTP gateway or ringback config may name: only DISPATCH_HTTP_SECRET_* variables,
     #: so a config file can never send the program's own settings (session secret, database URL) anywhere
     gateway_secrets: Mapping[str, str] = field(default_factory=dict)
@@ -288,6 +291,7 @@ class Settings:
             **_schedule_settings(env),
             **_fault_settings(env),
             **_dlr_settings(env),
+            trace_retention=_retention(env),
             gateway_secrets={k: v for k, v in env.items() if k.startswith(GATEWAY_SECRET_PREFIX)},
         )
 
@@ -309,6 +313,16 @@ class Settings:
     def embedded(self) -> bool:
         """True when no broker URL is set: runs are processed inside the ``dispatch run`` process."""
         return not self.broker_url
+
+
+def _retention(env: Mapping[str, str]) -> str:
+    raw = (env.get("DISPATCH_TRACE_RETENTION") or "30d").strip()
+    try:
+        if parse_duration(raw) <= timedelta(0):
+            raise ValueError("the period must be longer than 0")
+    except ValueError as exc:
+        raise ConfigError(f"DISPATCH_TRACE_RETENTION: {exc}") from exc
+    return raw
 
 
 def _fault_settings(env: Mapping[str, str]) -> dict[str, Any]:

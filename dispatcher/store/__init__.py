@@ -38,6 +38,7 @@ own module and each owning its tables and queries::
     store.audit      (_audit.py)                              ledger verification, event log, audit chain
     store.reports    (_reports.py)                            aggregates for the assessment reports
     store.dashboard  (_dashboard.py)                          reads the dashboard's pages need
+    store.traces     (_traces.py)                             a delivery's attempts and HTTP traces, trace purge
 
 Groups share only the connection plumbing (``_db.Db``) and the row helpers in ``_rows``; none
 calls another's private methods. Everything else in this package (``sql``, ``control``,
@@ -60,6 +61,7 @@ from ._reports import (
     Window,
 )
 from ._rows import as_utc
+from ._traces import StoredAttempt, StoredDelivery, StoredEvent
 from .base import (
     CANCELLED,
     DELIVERED,
@@ -134,6 +136,9 @@ __all__ = [
     "SqlStore",
     "StateChange",
     "StoredAccount",
+    "StoredAttempt",
+    "StoredDelivery",
+    "StoredEvent",
     "UnknownRow",
     "Window",
     "as_utc",

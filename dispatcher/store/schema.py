@@ -23,7 +23,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
@@ -33,6 +33,7 @@ MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
     4: (("accounts", "disabled"),),
+    6: (("attempts", "trace_purged_at"),),
 }
 #: indexes an upgrade to that version creates on tables that already exist (``create_all`` leaves them alone)
 INDEX_MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -169,6 +170,9 @@ attempts = Table(
     Column("error_message", Text),
     #: JSON list of redacted HTTP exchanges (adapters that speak HTTP fill it)
     Column("trace", Text),
+    #: when the retention purge cleared ``trace`` (``dispatch purge``): the attempt row and its ledger
+    #: event stay, only the exchange text goes; NULL while the trace is kept (or there never was one)
+    Column("trace_purged_at", DateTime(timezone=True)),
     Column("at", DateTime(timezone=True), nullable=False),
     Index("ix_attempts_delivery", "delivery_id"),
     Index("ix_attempts_run", "run_id"),

@@ -41,6 +41,7 @@ from ._dashboard import DashboardReads
 from ._db import Db, one_line
 from ._reports import ReportReads
 from ._rows import as_utc, insert_run, keys_digest, transition
+from ._traces import TraceReads
 from .base import (
     CANCELLED,
     FAILED,
@@ -144,6 +145,7 @@ class SqlStore:
         self.audit = AuditLog(self._db)
         self.accounts = Accounts(self._db)
         self.dashboard = DashboardReads(self._db)
+        self.traces = TraceReads(self._db)
 
     # ------------------------------------------------------------------ plumbing
 
