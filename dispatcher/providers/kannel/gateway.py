@@ -25,7 +25,14 @@ from collections.abc import Sequence
 
 import httpx
 
-from ...errors import AmbiguousSendError, ConfigError, PermanentSendError, RetryableSendError, SendError
+from ...errors import (
+    AmbiguousSendError,
+    ConfigError,
+    PermanentSendError,
+    RetryableSendError,
+    SendError,
+    UnavailableSendError,
+)
 from ..base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
 from ..httptrace import TracedHttp, collecting
 from ..redaction import REDACTED, Redactor
@@ -60,8 +67,8 @@ def classify(status: int, answer: str) -> SendError | None:
     if status == 403:
         return PermanentSendError("Kannel refused the sendsms credentials", code="kannel.auth")
     if status == 503:
-        # smsbox could not hand the message to bearerbox: nothing is queued
-        return RetryableSendError(f"Kannel could not queue the message: {text[:80]}", code="kannel.503")
+        # smsbox could not hand the message to bearerbox: nothing is queued, an explicit "not accepted"
+        return UnavailableSendError(f"Kannel could not queue the message: {text[:80]}", code="kannel.503")
     if 400 <= status < 500:
         return PermanentSendError(f"Kannel rejected the request (HTTP {status}): {text[:80]}", code=f"kannel.{status}")
     return AmbiguousSendError(f"HTTP {status} from Kannel", code=f"kannel.{status}")
@@ -114,8 +121,15 @@ class KannelGateway(BaseGateway):
         with collecting() as trace:
             try:
                 response = self.http.request("GET", self.sendsms_url, params=params)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                error: SendError = RetryableSendError(f"could not connect: {type(exc).__name__}", code="kannel.connect")
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # refused or unresolvable: smsbox never saw the request
+                error: SendError = UnavailableSendError(
+                    f"could not connect: {type(exc).__name__}", code="kannel.connect"
+                )
+                error.trace = list(trace)
+                raise error from exc
+            except httpx.PoolTimeout as exc:
+                error = RetryableSendError(f"could not connect: {type(exc).__name__}", code="kannel.connect")
                 error.trace = list(trace)
                 raise error from exc
             except httpx.HTTPError as exc:
