@@ -15,7 +15,13 @@ import pytest
 from starlette.testclient import TestClient
 from twilio_support import Clock, drive, start
 
-from dispatcher.errors import AmbiguousSendError, ConfigError, PermanentSendError, RetryableSendError, SendError
+from dispatcher.errors import (
+    AmbiguousSendError,
+    ConfigError,
+    PermanentSendError,
+    SendError,
+    UnavailableSendError,
+)
 from dispatcher.providers import create_gateway
 from dispatcher.providers.base import OutgoingMessage
 from dispatcher.providers.kannel.gateway import KannelGateway
@@ -88,7 +94,7 @@ def test_accepted_and_queued_answers_are_hand_overs(answer: str) -> None:
     [
         ((403, "Authorization failed for sendsms"), PermanentSendError, "kannel.auth"),
         ((400, "Missing receiver number, rejected"), PermanentSendError, "kannel.400"),
-        ((503, "Sending failed."), RetryableSendError, "kannel.503"),
+        ((503, "Sending failed."), UnavailableSendError, "kannel.503"),  # an explicit "not accepted"
         ((500, "Internal error"), AmbiguousSendError, "kannel.500"),
         ((202, "<html>proxy page</html>"), AmbiguousSendError, "kannel.bad_provider_response"),
     ],
