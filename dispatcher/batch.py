@@ -107,8 +107,8 @@ def outcome_for(
         "claim_token": row.claim_token,
         "attempt": row.attempts,
         # a failover list names the provider that took (or answered for) this message
-        "gateway": result.gateway or gateway,
-        "refusals": list(result.refusals),
+        "gateway": getattr(result, "gateway", None) or gateway,
+        "refusals": list(getattr(result, "refusals", None) or ()),
         "parts": message.parts,
         "encoding": message.encoding,
         "body": message.body,
@@ -123,7 +123,7 @@ def outcome_for(
         code=result.code,
         retryable=result.retryable,
         attempt=row.attempts,
-        gateway=result.gateway or gateway,
+        gateway=common["gateway"],
     )
     if isinstance(result, AmbiguousSendError):
         return Outcome(

@@ -114,10 +114,9 @@ class CircuitBreaker:
         with self._lock:
             self._failures += 1
             opening = self._state == HALF_OPEN or (self._state == CLOSED and self._failures >= self.threshold)
-            if opening:
+            if opening or self._state == OPEN:
+                # a refusal that was in flight when another thread opened it restarts the cool-down
                 self._state, self._opened_at = OPEN, self.clock()
-            elif self._state == OPEN:
-                self._opened_at = max(self._opened_at, self.clock() - self.cooldown)
             self._probing = False
         if opening:
             self._changed(OPEN, code)
