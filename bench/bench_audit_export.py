@@ -57,7 +57,7 @@ def build(url: str, n: int, batch: int) -> None:
         send_by=None, batch_size=batch,
     )  # fmt: skip
     created = store.create_run(spec, AudienceFilter(districts=tuple(d.id for d in domain.DISTRICTS)))
-    for b in range(created["batches"]):
+    for b in range(created.batches):
         claimed = store.claim(spec.run_id, b, "bench-worker")
         store.record(
             [

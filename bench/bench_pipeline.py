@@ -161,7 +161,7 @@ def pipeline(size: int, kind: str) -> dict[str, float]:
         enqueued_at = st["enqueued_at"]
         run_rss = float(run.stderr.strip().splitlines()[-1].split("=")[1])
         # end to end: from the moment the batches were enqueued until nothing is open
-        while store.get_run(run_id)["status"] != "completed":  # a cheap poll: no COUNT over the run
+        while store.get_run(run_id).status != "completed":  # a cheap poll: no COUNT over the run
             time.sleep(0.05)
         e2e_seconds = time.time() - enqueued_at
         worker_rss = [peak_rss_mb(w.pid) for w in workers]

@@ -16,7 +16,7 @@ import structlog
 from .campaigns import Campaign, campaign_snapshot
 from .errors import AmbiguousSendError, PermanentSendError, RetryableSendError, SendError
 from .providers.base import OutgoingMessage, SendResult
-from .store import EXPIRED, FAILED, PENDING, SENT, UNKNOWN, Claimed, Outcome
+from .store import EXPIRED, FAILED, PENDING, SENT, UNKNOWN, Claimed, Outcome, RunRecord
 from .templates import Composer, TemplateSource
 
 if TYPE_CHECKING:
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("dispatcher.sender")
 
 
-def run_campaign(run: dict[str, Any]) -> Campaign:
+def run_campaign(run: RunRecord) -> Campaign:
     """The campaign a run was created with, parsed once per process (see ``campaigns.campaign_snapshot``)."""
-    return campaign_snapshot(run["id"], run["campaign_sha256"], run["campaign_yaml"])
+    return campaign_snapshot(run.id, run.campaign_sha256, run.campaign_yaml)
 
 
 @dataclass(frozen=True)
@@ -45,23 +45,23 @@ class RunContext:
     campaign: Campaign | None = None
 
 
-def context_from_run(run: dict[str, Any]) -> RunContext:
+def context_from_run(run: RunRecord) -> RunContext:
     campaign = run_campaign(run)
     owner = campaign.owner_department()
     composer = Composer(
-        source=TemplateSource(name=run["template_name"], text=run["template_text"]),
+        source=TemplateSource(name=run.template_name, text=run.template_text),
         signature=campaign.signature,
         opt_out_text=campaign.opt_out_text,
         variables=campaign.variables,
         campaign={"id": campaign.id, "title": campaign.title, "owner": owner.name if owner else campaign.owner},
     )
     return RunContext(
-        run_id=run["id"],
-        campaign_id=run["campaign_id"],
-        priority=run["priority"],
-        send_by=run["send_by"],
+        run_id=run.id,
+        campaign_id=run.campaign_id,
+        priority=run.priority,
+        send_by=run.send_by,
         composer=composer,
-        status=run["status"],
+        status=run.status,
         campaign=campaign,
     )
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .batch import context_from_run
 from .errors import StoreError
-from .runs import status
+from .runs import RunStatus, status
 from .sender import window_opening
 from .workers import start_worker, stop_worker, stub_idle
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 
 
-def follow_run(runtime: Runtime, run_id: str, *, embedded: bool, on_progress: Progress | None = None) -> dict[str, Any]:
+def follow_run(runtime: Runtime, run_id: str, *, embedded: bool, on_progress: Progress | None = None) -> RunStatus:
     """Poll the delivery log until the run has nothing open (or, embedded, the broker is idle)."""
     worker = heartbeat = None
     if embedded:
@@ -36,8 +36,8 @@ def follow_run(runtime: Runtime, run_id: str, *, embedded: bool, on_progress: Pr
                 break
             st = status(runtime, run_id)
             if on_progress is not None:
-                on_progress(st["total"] - st["open"], st["total"])
-            if st["open"] == 0 or st["status"] in ("completed", "cancelled") or st["halted"]:
+                on_progress(st.total - st.open, st.total)
+            if st.open == 0 or st.status in ("completed", "cancelled") or st.halted:
                 break
             if embedded:
                 # nothing queued and nothing in flight: what is still open waits on an operator (unknown rows)
@@ -56,8 +56,8 @@ def follow_run(runtime: Runtime, run_id: str, *, embedded: bool, on_progress: Pr
         raise StoreError(f"run {run_id} stopped: {runtime.fatal}; when it is fixed, `dispatch resume {run_id}`")
     runtime.store.finish_if_done(run_id)
     st = status(runtime, run_id)
-    if st["halted"]:
-        raise StoreError(f"run {run_id} stopped: {st['halted']}; when it is fixed, `dispatch resume {run_id}`")
+    if st.halted:
+        raise StoreError(f"run {run_id} stopped: {st.halted}; when it is fixed, `dispatch resume {run_id}`")
     return st
 
 

@@ -54,16 +54,16 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
     """Enrol or restore the pending rows of one batch; record every attempt like a send."""
     store = runtime.store
     run = store.get_run(run_id)
-    restoring = run["channel"] == RESTORE_CHANNEL
+    restoring = run.channel == RESTORE_CHANNEL
     context = RUNS.get(runtime, run_id)
     campaign = context.campaign
     assert campaign is not None and campaign.window is not None
     window = campaign.window
-    if run["status"] in ("cancelled", "completed"):
+    if run.status in ("cancelled", "completed"):
         return BatchResult(0, {}, None)
     with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=context.campaign_id, batch=batch_no):
         now = runtime.clock()
-        if run["status"] == "paused":
+        if run.status == "paused":
             return BatchResult(0, {"parked": 1}, None)
         if not restoring and now < window.start:
             log.info("ringback.deferred", opens_at=window.start.isoformat())
@@ -73,7 +73,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
         if not rows:
             return BatchResult(0, {}, seconds_until(runtime, store.next_retry_at(run_id, batch_no)))
         adapter = runtime.ringback
-        enrol_run_id = (run["reason"] or "").removeprefix("restore of ") if restoring else run_id
+        enrol_run_id = (run.reason or "").removeprefix("restore of ") if restoring else run_id
         text = announcement_text(context)
         outcomes: list[Outcome] = []
         for row in rows:

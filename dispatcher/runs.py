@@ -25,7 +25,7 @@ from .errors import UsageError
 from .keys import delivery_key
 from .phones import InvalidPhone, normalise
 from .providers.base import LookupRequest
-from .store import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, Outcome, RunSpec
+from .store import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, CreatedRun, Outcome, RunRecord, RunSpec
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -87,7 +87,7 @@ def run_spec(
 def enqueue_batches(runtime: Runtime, run_id: str, batches: list[int], priority: str | None = None) -> int:
     """One message per batch, on the run's lane: urgent runs never queue behind bulk work."""
     if priority is None:
-        priority = runtime.store.get_run(run_id)["priority"]
+        priority = runtime.store.get_run(run_id).priority
     actor = declared(runtime)["send_urgent_batch" if priority == "urgent" else "send_batch"]
     for batch_no in batches:
         actor.send(run_id, batch_no)
@@ -125,22 +125,23 @@ def start_run(
     as_of: datetime | None = None,
     again_reason: str | None = None,
     fence: tuple[str, str, int] | None = None,
-) -> dict[str, Any]:
+) -> CreatedRun:
     """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
     spec = dataclasses.replace(
         run_spec(runtime, loaded, fire_time=fire_time, as_of=as_of), actor=actor, again_reason=again_reason
     )
     created = runtime.store.create_run(spec, audience_filter(loaded), fence=fence)
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
-        created["enqueue_started_at"] = time.time()  # workers may start from here (benchmarks time from it)
-        enqueue_batches(runtime, spec.run_id, list(range(created["batches"])), spec.priority)
-        log.info("run.created", total=created["total"], pending=created["pending"], batches=created["batches"])
+        # workers may start from here (benchmarks time from it)
+        created = dataclasses.replace(created, enqueue_started_at=time.time())
+        enqueue_batches(runtime, spec.run_id, list(range(created.batches)), spec.priority)
+        log.info("run.created", total=created.total, pending=created.pending, batches=created.batches)
     return created
 
 
 def start_manual_run(
     runtime: Runtime, loaded: LoadedCampaign, *, as_of: datetime | None = None, again_reason: str | None = None
-) -> dict[str, Any]:
+) -> CreatedRun:
     """An operator's run: refused (exit 2) if the campaign already ran within its frequency period,
     unless the operator says ``--again`` with a reason. Taken under the campaign's lock, so two
     operators starting the same campaign at once cannot both create a run."""
@@ -228,11 +229,11 @@ def settle_keys(run_id: str, phones: list[str]) -> list[str]:
         raise UsageError(str(exc), field="phone") from exc
 
 
-def why_still_open(runtime: Runtime, run_id: str, st: dict[str, Any]) -> str:
+def why_still_open(runtime: Runtime, run_id: str, st: RunStatus) -> str:
     """Why a resumed run is not done, for the operator ("" when nothing is open)."""
-    if not st["open"]:
+    if not st.open:
         return ""
-    counts = st["counts"]
+    counts = st.counts
     parts = []
     if counts.get("sending"):
         holders = runtime.store.sending_holders(run_id)
@@ -245,8 +246,8 @@ def why_still_open(runtime: Runtime, run_id: str, st: dict[str, Any]) -> str:
         parts.append(f"{counts['unknown']} rows unknown (the provider could not say): `dispatch settle {run_id}`")
     if counts.get("pending"):
         parts.append(f"{counts['pending']} rows pending (waiting for a retry, a worker or the send window)")
-    if st.get("halted"):
-        parts.append(f"halted: {st['halted']}")
+    if st.halted:
+        parts.append(f"halted: {st.halted}")
     return "; ".join(parts)
 
 
@@ -260,7 +261,7 @@ def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], act
         return 0, 0
     store = runtime.store
     run = store.get_run(run_id)
-    if run["channel"].startswith("ringback"):
+    if run.channel.startswith("ringback"):
         # enrolment and restore are idempotent (ringback adapters): doing one again is safe
         return 0, store.requeue(orphans, actor=actor)
     gateway = runtime.gateway_for(run_campaign(run).gateways)
@@ -303,7 +304,7 @@ def resume_run(runtime: Runtime, run_id: str) -> dict[str, int]:
     """
     store = runtime.store
     run = store.get_run(run_id)
-    with store.operator_lock(f"campaign:{run['campaign_id']}"):
+    with store.operator_lock(f"campaign:{run.campaign_id}"):
         return _resume_locked(runtime, run_id)
 
 
@@ -311,20 +312,20 @@ def _resume_locked(runtime: Runtime, run_id: str) -> dict[str, int]:
     store = runtime.store
     run = store.get_run(run_id)
     orphans = store.orphans(run_id, runtime.settings.worker_stale_after)
-    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run["campaign_id"]):
+    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run.campaign_id):
         found_sent, requeued = reconcile_orphans(runtime, run_id, orphans, actor="resume")
         store.drain_status_backlog()  # delivery reports that overtook the recording of their ids
         unknown_found, unknown_requeued = reconcile_unknown(runtime, run_id)
         found_sent += unknown_found
         requeued += unknown_requeued
-        if run["status"] in ("cancelled",):
+        if run.status in ("cancelled",):
             return {"orphans": len(orphans), "already_sent": found_sent, "requeued": requeued, "batches": 0}
-        if run.get("halted"):
+        if run.halted:
             store.clear_halt(run_id)
-        if run["status"] == "paused":
+        if run.status == "paused":
             store.unpause_run(run_id)
             log.info("run.resumed")
-        if run["status"] == "completed" and (requeued or store.counts(run_id).get("pending")):
+        if run.status == "completed" and (requeued or store.counts(run_id).get("pending")):
             store.set_run_status(run_id, "running")
         batches = store.pending_batches(run_id)
         enqueue_batches(runtime, run_id, batches)
@@ -343,24 +344,22 @@ def reconcile_unknown(runtime: Runtime, run_id: str) -> tuple[int, int]:
     rows = store.unknown_rows(run_id)
     if not rows:
         return 0, 0
-    if store.get_run(run_id)["channel"].startswith("ringback"):
+    if store.get_run(run_id).channel.startswith("ringback"):
         # ringback enrol/restore calls are idempotent: try them again rather than ask
-        return store.settle_unknown(run_id, {}, [r["id"] for r in rows], gateway="ringback")
+        return store.settle_unknown(run_id, {}, [r.id for r in rows], gateway="ringback")
     gateway = runtime.gateway_for(run_campaign(store.get_run(run_id)).gateways)
     if not gateway.can_lookup:
         # the provider cannot tell us what it took: resending could double-send, so an operator decides
         log.warning("run.unknown_left", unknown=len(rows), gateway=gateway.name)
         return 0, 0
-    known = gateway.lookup(
-        [LookupRequest(r["key"], r["phone"], r["body"] or "", r["claimed_at"] or r["updated_at"]) for r in rows]
-    )
+    known = gateway.lookup([LookupRequest(r.key, r.phone, r.body or "", r.claimed_at or r.updated_at) for r in rows])
     # found rows are recorded per provider that holds them (a failover list asks each of its providers)
     by_gateway: dict[str, dict[int, str]] = {}
     for r in rows:
-        if r["key"] in known:
-            result = known[r["key"]]
-            by_gateway.setdefault(result.gateway or gateway.name, {})[r["id"]] = result.provider_id
-    missing = [r["id"] for r in rows if r["key"] not in known]
+        if r.key in known:
+            result = known[r.key]
+            by_gateway.setdefault(result.gateway or gateway.name, {})[r.id] = result.provider_id
+    missing = [r.id for r in rows if r.key not in known]
     found_n, requeued = 0, 0
     for name, found in by_gateway.items():
         found_n += store.settle_unknown(run_id, found, [], gateway=name)[0]
@@ -370,57 +369,104 @@ def reconcile_unknown(runtime: Runtime, run_id: str) -> tuple[int, int]:
     return found_n, requeued
 
 
-def status(runtime: Runtime, run_id: str) -> dict[str, Any]:
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when else None
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's state for an operator: its record, its rows by state and district, whether it is stalled.
+
+    What ``dispatch status`` prints and what ``--json`` emits (``to_json``, whose keys and their
+    order are the command's output format); ``follow_run`` polls it until nothing is open.
+    """
+
+    run_id: str
+    campaign_id: str
+    title: str
+    status: str
+    channel: str
+    gateway: str
+    fire_time: datetime | None
+    #: the as-of date in the campaign's time zone, as the operator gave it
+    as_of: datetime | None
+    created_at: datetime | None
+    finished_at: datetime | None
+    template: str
+    template_sha256: str
+    campaign_sha256: str
+    total: int
+    batches: int
+    counts: dict[str, int]
+    by_district: dict[str, dict[str, int]]
+    parts_sent: int
+    #: rows still needing work (pending, sending, unknown)
+    open: int
+    failed: int
+    halted: str | None
+    #: rows of a running run that should be moving and are not (see ``stall``)
+    stalled: int
+    last_progress: datetime | None
+    #: messages per provider and the failovers between them (``SqlStore.by_gateway``)
+    gateways: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The status as the CLI's ``--json`` prints it: times as ISO 8601 strings."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("fire_time", "as_of", "created_at", "finished_at", "last_progress"):
+            out[key] = _iso(out[key])
+        return out
+
+
+def status(runtime: Runtime, run_id: str) -> RunStatus:
     store = runtime.store
     run = store.get_run(run_id)
     counts = store.counts(run_id)
-    return {
-        "run_id": run_id,
-        "campaign_id": run["campaign_id"],
-        "title": run["title"],
-        "status": run["status"],
-        "channel": run["channel"],
-        "gateway": run["gateway"],
-        "fire_time": run["fire_time"].isoformat() if run["fire_time"] else None,
-        "as_of": _as_of_local(run),
-        "created_at": run["created_at"].isoformat() if run["created_at"] else None,
-        "finished_at": run["finished_at"].isoformat() if run["finished_at"] else None,
-        "template": run["template_name"],
-        "template_sha256": run["template_sha256"],
-        "campaign_sha256": run["campaign_sha256"],
-        "total": run["total"],
-        "batches": run["batches"],
-        "counts": counts,
-        "by_district": store.by_district(run_id),
-        "parts_sent": store.parts_sent(run_id),
-        #: messages per provider and the failovers between them
-        "gateways": store.by_gateway(run_id),
-        "open": sum(counts.get(s, 0) for s in ("pending", "sending", UNKNOWN)),
-        "failed": counts.get(FAILED, 0),
-        "halted": run.get("halted"),
-        **stall(runtime, run_id, run["status"]),
-    }
+    stalled, last_progress = stall(runtime, run_id, run.status)
+    return RunStatus(
+        run_id=run_id,
+        campaign_id=run.campaign_id,
+        title=run.title,
+        status=run.status,
+        channel=run.channel,
+        gateway=run.gateway,
+        fire_time=run.fire_time,
+        as_of=_as_of_local(run),
+        created_at=run.created_at,
+        finished_at=run.finished_at,
+        template=run.template_name,
+        template_sha256=run.template_sha256,
+        campaign_sha256=run.campaign_sha256,
+        total=run.total,
+        batches=run.batches,
+        counts=counts,
+        by_district=store.by_district(run_id),
+        parts_sent=store.parts_sent(run_id),
+        gateways=store.by_gateway(run_id),
+        open=sum(counts.get(s, 0) for s in ("pending", "sending", UNKNOWN)),
+        failed=counts.get(FAILED, 0),
+        halted=run.halted,
+        stalled=stalled,
+        last_progress=last_progress,
+    )
 
 
-def stall(runtime: Runtime, run_id: str, run_status: str) -> dict[str, Any]:
-    """``stalled``: rows of a running run that should be moving and are not (none moved for
-    ``stall_after``), with when any row last moved; what ``status`` shows and the watchdog acts on."""
+def stall(runtime: Runtime, run_id: str, run_status: str) -> tuple[int, datetime | None]:
+    """Rows of a running run that should be moving and are not (none moved for ``stall_after``),
+    with when any row last moved; what ``status`` shows and the watchdog acts on."""
     if run_status != "running":
-        return {"stalled": 0, "last_progress": None}
+        return 0, None
     p = runtime.store.progress(run_id)
     last = p.last_progress
     quiet = last is None or (runtime.clock() - last).total_seconds() > runtime.settings.stall_after
-    return {
-        "stalled": (p.due + p.sending) if quiet else 0,
-        "last_progress": last.isoformat() if last else None,
-    }
+    return ((p.due + p.sending) if quiet else 0), last
 
 
-def _as_of_local(run: dict[str, Any]) -> str | None:
+def _as_of_local(run: RunRecord) -> datetime | None:
     """The run's as-of date in its campaign's time zone, as the operator gave it (UTC in the database)."""
-    if run.get("as_of") is None:
+    if run.as_of is None:
         return None
-    return str(run["as_of"].astimezone(run_campaign(run).zone()).isoformat())
+    return run.as_of.astimezone(run_campaign(run).zone())
 
 
 def pause_run(runtime: Runtime, run_id: str) -> dict[str, Any]:
@@ -433,9 +479,9 @@ def pause_run(runtime: Runtime, run_id: str) -> dict[str, Any]:
     store = runtime.store
     run = store.get_run(run_id)
     paused = store.pause_run(run_id)
-    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run["campaign_id"]):
-        log.info("run.paused" if paused else "run.pause_ignored", was=run["status"])
-    return {"run_id": run_id, "paused": paused, "was": run["status"]}
+    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run.campaign_id):
+        log.info("run.paused" if paused else "run.pause_ignored", was=run.status)
+    return {"run_id": run_id, "paused": paused, "was": run.status}
 
 
 def cancel_run(runtime: Runtime, run_id: str, actor: str = "operator") -> dict[str, Any]:
@@ -445,9 +491,9 @@ def cancel_run(runtime: Runtime, run_id: str, actor: str = "operator") -> dict[s
     """
     store = runtime.store
     run = store.get_run(run_id)
-    if run["status"] == "completed":
+    if run.status == "completed":
         return {"run_id": run_id, "cancelled": 0, "was": "completed"}
     n = store.cancel_open(run_id, actor=actor)
-    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run["campaign_id"]):
-        log.info("run.cancelled", cancelled=n, was=run["status"])
-    return {"run_id": run_id, "cancelled": n, "was": run["status"]}
+    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=run.campaign_id):
+        log.info("run.cancelled", cancelled=n, was=run.status)
+    return {"run_id": run_id, "cancelled": n, "was": run.status}

@@ -74,7 +74,12 @@ class Runtime:
     def store(self) -> SqlStore:
         with self._lock:
             if self._store is None:
-                self._store = open_store(self.settings.database_url, clock=self.clock)
+                # each provider declares whose rows its delivery reports may move; the store knows no providers
+                from .providers.registry import reporter_gateways
+
+                self._store = open_store(
+                    self.settings.database_url, clock=self.clock, reporter_gateways=reporter_gateways()
+                )
             return self._store
 
     @property

@@ -322,7 +322,7 @@ class Scheduler:
                 actor = f"scheduler:{self.holder}"
                 fence = (LEASE_NAME, self.holder, self.token) if self.token is not None else None
                 created = start_run(self.runtime, entry.loaded, fire_time=fire_time, actor=actor, fence=fence)
-                run_id: str | None = created["run_id"]
+                run_id: str | None = created.run_id
                 late = (self.runtime.clock() - fire_time).total_seconds()
                 log.info("scheduler.fired", run_id=run_id, late_s=round(late, 3))
             except DuplicateRun:

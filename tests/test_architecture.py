@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def test_a_runs_keys_are_run_colon_phone_and_its_snapshot_is_parsed_once(project
     campaign = run_campaign(run)
     assert run_campaign(store.get_run(run_id)) is campaign
     assert context_from_run(run).campaign is campaign
-    assert campaign.id == run["campaign_id"]
+    assert campaign.id == run.campaign_id
     # another snapshot (another run, or another text) is parsed on its own
-    other = {**run, "id": run_id + "-other"}
+    other = dataclasses.replace(run, id=run_id + "-other")
     assert run_campaign(other) is not campaign and run_campaign(other).id == campaign.id

@@ -49,13 +49,13 @@ def test_run_snapshots_campaign_and_template_with_sha256(project: Project) -> No
     st = json.loads(project.dispatch("run", CAMPAIGN, "--json").stdout)
     run = project.runtime().store.get_run(st["run_id"])
     campaign_text = (project.root / CAMPAIGN).read_text(encoding="utf-8")
-    template_text = (project.root / "templates" / run["template_name"]).read_text(encoding="utf-8")
-    assert run["campaign_yaml"] == campaign_text
-    assert run["campaign_sha256"] == hashlib.sha256(campaign_text.encode()).hexdigest()
-    assert run["template_sha256"] == hashlib.sha256(template_text.encode()).hexdigest() == st["template_sha256"]
+    template_text = (project.root / "templates" / run.template_name).read_text(encoding="utf-8")
+    assert run.campaign_yaml == campaign_text
+    assert run.campaign_sha256 == hashlib.sha256(campaign_text.encode()).hexdigest()
+    assert run.template_sha256 == hashlib.sha256(template_text.encode()).hexdigest() == st["template_sha256"]
     # editing the template afterwards does not change what the run sends
-    (project.root / "templates" / run["template_name"]).write_text("改过的模板 {{ hotline }}", encoding="utf-8")
-    assert project.runtime().store.get_run(st["run_id"])["template_text"] == template_text
+    (project.root / "templates" / run.template_name).write_text("改过的模板 {{ hotline }}", encoding="utf-8")
+    assert project.runtime().store.get_run(st["run_id"]).template_text == template_text
 
 
 def test_dry_run_renders_but_writes_and_sends_nothing(project: Project) -> None:
@@ -134,12 +134,12 @@ def test_every_batch_message_delivered_twice_at_once_sends_nobody_twice(project:
     loaded = load_campaign(project.root / CAMPAIGN, project.root / "templates")
     spec = run_spec(rt, loaded)
     created = rt.store.create_run(spec, audience_filter(loaded))
-    assert created["batches"] >= 5
+    assert created.batches >= 5
     claimed: dict[int, list[int]] = collections.defaultdict(list)
     cwd = os.getcwd()
     os.chdir(project.root)
     try:
-        for batch_no in range(created["batches"]):
+        for batch_no in range(created.batches):
             gate = threading.Barrier(2)
 
             def twice(batch_no: int = batch_no, gate: threading.Barrier = gate) -> None:
@@ -153,9 +153,9 @@ def test_every_batch_message_delivered_twice_at_once_sends_nobody_twice(project:
                 th.join(60)
     finally:
         os.chdir(cwd)
-    assert sum(sum(c) for c in claimed.values()) == created["pending"]
+    assert sum(sum(c) for c in claimed.values()) == created.pending
     keys = collections.Counter(line["key"] for line in read_outbox(project.outbox))
-    assert len(keys) == created["pending"] and max(keys.values()) == 1
+    assert len(keys) == created.pending and max(keys.values()) == 1
     sent = {r["key"] for r in rt.store.deliveries(spec.run_id) if r["state"] == "sent"}
     assert sent == set(keys)
 

@@ -428,7 +428,7 @@ def test_batched_campaign_against_a_local_provider_uses_few_calls(project: Any) 
         counts = drive(rt, run_id, clock)
         pending = sum(1 for r in rt.store.deliveries(run_id) if r["provider_id"])
         assert counts.get("sent") == pending == provider.recipients
-        assert provider.calls <= -(-pending // 100) + rt.store.get_run(run_id)["batches"]
+        assert provider.calls <= -(-pending // 100) + rt.store.get_run(run_id).batches
         assert provider.calls < pending / 10
     finally:
         server.close()

@@ -90,7 +90,7 @@ def test_outbox_ringback_enrols_eligible_numbers_and_restores_them_even_after_ca
     restored = states(rt, restore_run)
     assert set(restored) == eligible and set(restored.values()) == {"sent"}
     assert sorted(line["to"] for line in lines if line["action"] == "restore") == sorted(eligible)
-    assert rt.store.get_run(restore_run)["status"] == "completed"
+    assert rt.store.get_run(restore_run).status == "completed"
     assert [r.problem for r in verify(rt.store, enrol_run)] == [None]
     assert [r.problem for r in verify(rt.store, restore_run)] == [None]
     # restoring again finds the same restore run and sends nothing more
@@ -167,7 +167,7 @@ def test_twilio_announce_against_prism_points_numbers_at_our_twiml_and_puts_them
         # Twilio's example number has no voice URL: it is restored to one that rejects calls, as before
         assert update["request"]["VoiceUrl"] == (kept_url or f"{PUBLIC_URL}/twiml/unrouted")
     assert prism.violations() == []
-    assert find_restore_run(rt, enrol_run)["id"] == restore_run
+    assert find_restore_run(rt, enrol_run).id == restore_run
 
     # the announcement the number now points at: zh-CN warning, then on to the kept URL
     client = TestClient(create_app(rt))
@@ -282,9 +282,9 @@ def test_scheduler_leader_restores_numbers_once_the_window_has_ended(project: An
     scheduler.tick()
     restore = find_restore_run(rt, enrol_run)
     assert restore is not None
-    drive(rt, restore["id"], clock)
+    drive(rt, restore.id, clock)
     enrolled = {p for p, s in states(rt, enrol_run).items() if s == "sent"}
     assert enrolled, "the enrol run enrolled someone, so the restore has something to prove"
-    assert set(states(rt, restore["id"])) == enrolled and set(states(rt, restore["id"]).values()) == {"sent"}
+    assert set(states(rt, restore.id)) == enrolled and set(states(rt, restore.id).values()) == {"sent"}
     scheduler._ringback_due_at = 0.0
     assert scheduler.restore_ended_ringback_windows() == 0  # a repeated sweep starts nothing twice

@@ -101,8 +101,8 @@ def test_themes_campaign_fires_once_per_quarter_with_that_quarters_template(proj
         clock.set(datetime(2022, month, 5, 10, 0, 20, tzinfo=SH))
         assert sched.tick() == 1
         assert sched.tick() == 0  # the same fire again creates nothing
-    runs = sorted(rt.store.list_runs(campaign_id="quarterly-themes"), key=lambda r: r["fire_time"])
-    assert [(r["fire_time"], r["template_name"]) for r in runs] == [
+    runs = sorted(rt.store.list_runs(campaign_id="quarterly-themes"), key=lambda r: r.fire_time)
+    assert [(r.fire_time, r.template_name) for r in runs] == [
         (datetime(2022, m, 5, 10, 0, tzinfo=SH).astimezone(UTC), QUARTER_TEMPLATES[(m - 1) // 3 + 1])
         for m in (1, 4, 7, 10)
     ]
@@ -117,7 +117,7 @@ def test_theme_follows_the_quarter_in_shanghai_not_in_utc(project: Project) -> N
     rt, sched = _scheduler(project, clock)
     assert sched.tick() == 1
     (run,) = rt.store.list_runs(campaign_id="april-first")
-    assert run["template_name"] == QUARTER_TEMPLATES[2]
+    assert run.template_name == QUARTER_TEMPLATES[2]
 
 
 def test_missed_fires_are_made_up_within_the_grace_and_recorded_skipped_beyond_it(project: Project) -> None:
@@ -132,12 +132,12 @@ def test_missed_fires_are_made_up_within_the_grace_and_recorded_skipped_beyond_i
     clock.set(datetime(2023, 5, 10, 14, 30, tzinfo=SH))
     assert sched.tick() == 1
     fires = rt.store.list_fires("hourly")
-    by_hour = {f["fire_time"].astimezone(SH).hour: f for f in fires}
+    by_hour = {f.fire_time.astimezone(SH).hour: f for f in fires}
     assert sorted(by_hour) == [9, 10, 11, 12, 13, 14]
-    assert [by_hour[h]["status"] for h in (9, 10, 11, 12, 13, 14)] == ["fired"] + ["skipped"] * 4 + ["fired"]
-    assert "beyond misfire_grace 1h" in by_hour[10]["reason"]
+    assert [by_hour[h].status for h in (9, 10, 11, 12, 13, 14)] == ["fired"] + ["skipped"] * 4 + ["fired"]
+    assert "beyond misfire_grace 1h" in (by_hour[10].reason or "")
     runs = rt.store.list_runs(campaign_id="hourly")
-    assert sorted(r["fire_time"].astimezone(SH).hour for r in runs) == [9, 14]
+    assert sorted(r.fire_time.astimezone(SH).hour for r in runs) == [9, 14]
 
 
 def test_a_duplicate_fire_creates_nothing(project: Project) -> None:
@@ -246,7 +246,7 @@ def test_yearly_campaign_fires_on_its_date_once_a_year(project: Project) -> None
     clock.set(datetime(2026, 10, 5, 10, 0, 20, tzinfo=SH))
     assert sched.tick() == 0
     (run,) = rt.store.list_runs(campaign_id="summer")
-    assert (run["fire_time"], run["template_name"]) == (
+    assert (run.fire_time, run.template_name) == (
         datetime(2026, 7, 5, 10, 0, tzinfo=SH).astimezone(UTC),
         QUARTER_TEMPLATES[3],
     )

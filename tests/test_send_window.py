@@ -84,18 +84,18 @@ def test_bulk_run_at_22h_sends_nothing_until_08h_then_everything(project: Projec
     clock = SettableClock(datetime(2023, 4, 3, 22, 0, tzinfo=SH))
     rt = _runtime(project, clock)
     created = start_run(rt, _load(project, CAMPAIGN))
-    assert created["pending"] > 0
+    assert created.pending > 0
     with _worker(rt):
         time.sleep(1.5)  # the batch reaches the worker, is deferred, and comes back several times
-        assert _sent(project, created["run_id"]) == []
-        assert rt.store.counts(created["run_id"]).get("pending") == created["pending"]
+        assert _sent(project, created.run_id) == []
+        assert rt.store.counts(created.run_id).get("pending") == created.pending
         clock.set(datetime(2023, 4, 4, 7, 59, 58, tzinfo=SH))
-        _wait(lambda: len(_sent(project, created["run_id"])) == created["pending"], 15, "the 08:00 opening")
-    first_sent = min(r["sent_at"] for r in rt.store.deliveries(created["run_id"]) if r["sent_at"])
+        _wait(lambda: len(_sent(project, created.run_id)) == created.pending, 15, "the 08:00 opening")
+    first_sent = min(r["sent_at"] for r in rt.store.deliveries(created.run_id) if r["sent_at"])
     assert first_sent.replace(tzinfo=ZoneInfo("UTC")) >= datetime(2023, 4, 4, 8, 0, tzinfo=SH)
-    skipped = created["total"] - created["pending"]
-    expected = {"sent": created["pending"], **({"skipped": skipped} if skipped else {})}
-    assert rt.store.counts(created["run_id"]) == expected
+    skipped = created.total - created.pending
+    expected = {"sent": created.pending, **({"skipped": skipped} if skipped else {})}
+    assert rt.store.counts(created.run_id) == expected
 
 
 def test_urgent_campaign_with_a_reason_sends_at_22h_and_records_the_reason(project: Project) -> None:
@@ -110,9 +110,9 @@ def test_urgent_campaign_with_a_reason_sends_at_22h_and_records_the_reason(proje
     rt = _runtime(project, clock)
     with _worker(rt):
         created = start_run(rt, _load(project, "campaigns/urgent-refund.yaml"))
-        _wait(lambda: len(_sent(project, created["run_id"])) == created["pending"], 15, "the urgent run")
-    run = rt.store.get_run(created["run_id"])
-    assert run["priority"] == "urgent" and run["reason"].startswith("预警中心")
+        _wait(lambda: len(_sent(project, created.run_id)) == created.pending, 15, "the urgent run")
+    run = rt.store.get_run(created.run_id)
+    assert run.priority == "urgent" and run.reason.startswith("预警中心")
 
 
 def test_frequency_cap_skips_the_third_bulk_message_of_the_week_with_its_reason(project: Project) -> None:
@@ -125,16 +125,16 @@ def test_frequency_cap_skips_the_third_bulk_message_of_the_week_with_its_reason(
         for day in (0, 2, 4, 9):  # Monday, Wednesday, Friday, and the Wednesday after
             clock.set(datetime(2023, 4, 3, 10, 0, tzinfo=SH) + timedelta(days=day))
             created = start_run(rt, loaded)
-            _wait(lambda c=created: rt.store.finish_if_done(c["run_id"]), 15, f"run of day {day}")
+            _wait(lambda c=created: rt.store.finish_if_done(c.run_id), 15, f"run of day {day}")
             runs.append(created)
-    counts = [rt.store.counts(c["run_id"]) for c in runs]
-    eligible = runs[0]["pending"]
+    counts = [rt.store.counts(c.run_id) for c in runs]
+    eligible = runs[0].pending
     assert counts[0]["sent"] == counts[1]["sent"] == eligible
     assert counts[2].get("sent", 0) == 0
-    third = list(rt.store.deliveries(runs[2]["run_id"]))
+    third = list(rt.store.deliveries(runs[2].run_id))
     capped = [r for r in third if r["reason"] == "frequency_cap"]
     assert len(capped) == eligible and all(r["state"] == "skipped" for r in capped)
-    assert len(_sent(project, runs[2]["run_id"])) == 0
+    assert len(_sent(project, runs[2].run_id)) == 0
     # nine days after the first, only one message is inside the rolling week: the cap allows another
     assert counts[3]["sent"] == eligible
     verify = project.dispatch("audit", "verify")  # the skips are in the ledger like any state change
@@ -151,13 +151,13 @@ def test_campaign_frequency_cap_overrides_the_default(project: Project) -> None:
     loaded = _load(project, "campaigns/once-a-day.yaml")
     with _worker(rt):
         first = start_run(rt, loaded)
-        _wait(lambda: rt.store.finish_if_done(first["run_id"]), 15, "first run")
+        _wait(lambda: rt.store.finish_if_done(first.run_id), 15, "first run")
         clock.set(datetime(2023, 4, 3, 18, 0, tzinfo=SH))
         second = start_run(rt, loaded)
-        _wait(lambda: rt.store.finish_if_done(second["run_id"]), 15, "second run")
-    assert rt.store.counts(first["run_id"])["sent"] == first["pending"]
-    second_rows = [r for r in rt.store.deliveries(second["run_id"]) if r["reason"] != "opted_out"]
-    assert len(second_rows) == second["pending"] > 0
+        _wait(lambda: rt.store.finish_if_done(second.run_id), 15, "second run")
+    assert rt.store.counts(first.run_id)["sent"] == first.pending
+    second_rows = [r for r in rt.store.deliveries(second.run_id) if r["reason"] != "opted_out"]
+    assert len(second_rows) == second.pending > 0
     assert {(r["state"], r["reason"]) for r in second_rows} == {("skipped", "frequency_cap")}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dispatcher.store import AudienceFilter, DuplicateRun, Outcome, Resident, RunSpec, open_store
+from dispatcher.store import AudienceFilter, CreatedRun, DuplicateRun, Outcome, Resident, RunSpec, open_store
 from dispatcher.store import schema as t
 
 ALL = AudienceFilter(districts=("henglin", "yaoguan"))
@@ -52,7 +52,7 @@ def test_schema_is_created_and_versioned(store) -> None:  # type: ignore[no-unty
 def test_run_writes_one_row_per_selected_resident_with_opted_out_skipped(store) -> None:  # type: ignore[no-untyped-def]
     store.upsert_residents(_residents(45))
     created = store.create_run(_spec("r1"), ALL)
-    assert created == {"run_id": "r1", "total": 45, "pending": 44, "batches": 5}
+    assert created == CreatedRun(run_id="r1", total=45, pending=44, batches=5)
     counts = store.counts("r1")
     assert counts == {"pending": 44, "skipped": 1}
     rows = list(store.deliveries("r1"))
@@ -67,9 +67,9 @@ def test_segment_and_grid_filters_select_in_the_database(store) -> None:  # type
     only_retirees = AudienceFilter(districts=("henglin",), segments=("retirees",))
     created = store.create_run(_spec("r1"), only_retirees)
     expected = sum(1 for i in range(30) if i % 2 and i % 3 == 0)
-    assert created["total"] == expected
+    assert created.total == expected
     not_parents = AudienceFilter(districts=("henglin", "yaoguan"), exclude_segments=("parents",))
-    assert store.create_run(_spec("r2"), not_parents)["total"] == sum(1 for i in range(30) if i % 3 == 0)
+    assert store.create_run(_spec("r2"), not_parents).total == sum(1 for i in range(30) if i % 3 == 0)
 
 
 def test_a_batch_is_claimed_once_even_when_the_message_is_delivered_twice(store) -> None:  # type: ignore[no-untyped-def]
@@ -104,7 +104,7 @@ def test_results_are_recorded_with_attempts_and_only_for_rows_in_flight(store) -
     assert store.counts("r1") == {"sent": 5}
     assert store.parts_sent("r1") == 10
     assert store.finish_if_done("r1") is True
-    assert store.get_run("r1")["status"] == "completed"
+    assert store.get_run("r1").status == "completed"
     store.record(outcomes)  # a replay changes nothing: rows are no longer in flight
     assert len(store.attempts_for(claimed[0].id)) == 1
 
@@ -129,7 +129,7 @@ def test_duplicate_fire_of_the_same_campaign_creates_nothing(store) -> None:  # 
     store.create_run(_spec("r1", fire_time=fire), ALL)
     with pytest.raises(DuplicateRun):
         store.create_run(_spec("r2", fire_time=fire), ALL)
-    assert [r["id"] for r in store.list_runs()] == ["r1"]
+    assert [r.id for r in store.list_runs()] == ["r1"]
     assert store.counts("r2") == {}
 
 

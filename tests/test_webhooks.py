@@ -135,7 +135,7 @@ def test_delivery_reports_never_lower_the_parts_sent_and_status_agrees_with_the_
         == 204
     )
     assert parts_sent() == before, "a delivery report does not un-send the parts the gateway accepted"
-    year = rt.store.get_run(run_id)["created_at"].year
+    year = rt.store.get_run(run_id).created_at.year
     report = project.dispatch("report", "departments", "--year", str(year), "--json")
     assert report.returncode == 0, report.stderr
     police = next(d for d in json.loads(report.stdout)["departments"] if d["department"] == "police")

@@ -60,14 +60,14 @@ def campaign_yaml(campaign_id: str, *, send_by: datetime | None = None, extra: s
 
 def start(rt: Runtime, path: Path) -> str:
     loaded = load_campaign(path, rt.settings.templates_dir)
-    return str(start_run(rt, loaded)["run_id"])
+    return str(start_run(rt, loaded).run_id)
 
 
 def drive(rt: Runtime, run_id: str, clock: Clock, *, rounds: int = 10, step: float = 120.0) -> dict[str, int]:
     """Process every batch of the run until nothing is pending, moving the clock past each backoff."""
     for _ in range(rounds):
         run = rt.store.get_run(run_id)
-        for batch_no in range(run["batches"]):
+        for batch_no in range(run.batches):
             process_batch(rt, run_id, batch_no)
         counts = rt.store.counts(run_id)
         if not counts.get("pending"):

@@ -33,10 +33,10 @@ def ringback_restore(
             rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty()
         )
     if as_json:
-        emit_json(st)
+        emit_json(st.to_json())
     else:
         print_summary(st)
-    if st["open"] and rt.settings.embedded:
+    if st.open and rt.settings.embedded:
         raise typer.Exit(1)
 
 

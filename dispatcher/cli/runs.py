@@ -18,6 +18,7 @@ from ..campaigns import check_run_date, load_campaign, parse_as_of
 from ..errors import UsageError
 from ..follow import embedded_wait_until, follow_run
 from ..runs import (
+    RunStatus,
     cancel_run,
     dry_run_totals,
     pause_run,
@@ -33,7 +34,7 @@ from ..term import SafeConsole
 from .console import district_name, emit_json, err, out, runtime
 
 
-def progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) -> dict[str, Any]:
+def progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) -> RunStatus:
     """Wait for the run (``follow.follow_run``) with a progress bar on standard error when ``show``."""
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -54,25 +55,25 @@ def progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) -> 
         return follow_run(rt, run_id, embedded=embedded, on_progress=on_progress)
 
 
-def print_summary(st: dict[str, Any], console: SafeConsole = out) -> None:
-    table = Table(title=f"run {st['run_id']} — {st['campaign_id']} ({st['status']})")
+def print_summary(st: RunStatus, console: SafeConsole = out) -> None:
+    table = Table(title=f"run {st.run_id} — {st.campaign_id} ({st.status})")
     states = [
         s
         for s in ("sent", "delivered", "failed", "skipped", "pending", "sending", "unknown", "expired", "cancelled")
-        if any(s in v for v in st["by_district"].values())
+        if any(s in v for v in st.by_district.values())
     ]
     table.add_column("district")
     for s in states:
         table.add_column(s, justify="right")
     table.add_column("total", justify="right")
-    for district_id, counts in sorted(st["by_district"].items()):
+    for district_id, counts in sorted(st.by_district.items()):
         table.add_row(district_name(district_id), *[str(counts.get(s, 0)) for s in states], str(sum(counts.values())))
     console.print(table)
-    if st.get("as_of"):
-        console.print(f"as of {st['as_of']} (theme {st['template']})", markup=False)
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items()))
-    console.print(f"total {st['total']}: {counts}; parts sent {st['parts_sent']}", markup=False)
-    gateways = st.get("gateways") or {}
+    if st.as_of:
+        console.print(f"as of {st.as_of.isoformat()} (theme {st.template})", markup=False)
+    totals = ", ".join(f"{k} {v}" for k, v in sorted(st.counts.items()))
+    console.print(f"total {st.total}: {totals}; parts sent {st.parts_sent}", markup=False)
+    gateways = st.gateways
     if len(gateways.get("messages", {})) > 1 or gateways.get("refused"):
         taken = ", ".join(f"{name} {n}" for name, n in sorted(gateways["messages"].items()))
         console.print(f"messages per gateway: {taken}", markup=False)
@@ -80,12 +81,13 @@ def print_summary(st: dict[str, Any], console: SafeConsole = out) -> None:
             why = ", ".join(f"{code} {n}" for code, n in sorted(codes.items()))
             console.print(f"failover: {name} passed over {sum(codes.values())} times ({why})", markup=False)
         console.print(f"failover: {gateways['failed_over']} messages went out through a later gateway", markup=False)
-    if st.get("halted"):
-        console.print(f"halted: {st['halted']}; `dispatch resume {st['run_id']}` continues it", markup=False)
-    if st.get("stalled"):
+    if st.halted:
+        console.print(f"halted: {st.halted}; `dispatch resume {st.run_id}` continues it", markup=False)
+    if st.stalled:
+        last = st.last_progress.isoformat() if st.last_progress else None
         console.print(
-            f"stalled: {st['stalled']} rows, last progress at {st['last_progress']}; "
-            f"the scheduler's watchdog re-queues them, or `dispatch resume {st['run_id']}`",
+            f"stalled: {st.stalled} rows, last progress at {last}; "
+            f"the scheduler's watchdog re-queues them, or `dispatch resume {st.run_id}`",
             markup=False,
         )
 
@@ -153,26 +155,28 @@ def run(
     started = time.perf_counter()
     created = start_manual_run(rt, loaded, as_of=as_of_time, again_reason=reason.strip() if again and reason else None)
     fanout_seconds = time.perf_counter() - started
-    enqueued_at = created.get("enqueue_started_at", time.time())
+    enqueued_at = created.enqueue_started_at or time.time()
     if not as_json:
-        sys.stdout.write(created["run_id"] + "\n")
+        sys.stdout.write(created.run_id + "\n")
         sys.stdout.flush()
-        err.print(
-            f"run {created['run_id']}: {created['pending']} to send in {created['batches']} batches", markup=False
-        )
-    deferred = deferred_embedded(rt, created["run_id"])
+        err.print(f"run {created.run_id}: {created.pending} to send in {created.batches} batches", markup=False)
+    deferred = deferred_embedded(rt, created.run_id)
     if (no_wait and not rt.settings.embedded) or deferred:
-        st = status(rt, created["run_id"])
+        st = status(rt, created.run_id)
     else:
         st = progress_follow(
-            rt, created["run_id"], embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty()
+            rt, created.run_id, embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty()
         )
     if as_json:
-        emit_json({**st, "fanout_seconds": round(fanout_seconds, 4), "enqueued_at": enqueued_at})
+        emit_json({**st.to_json(), "fanout_seconds": round(fanout_seconds, 4), "enqueued_at": enqueued_at})
     else:
         print_summary(st, err)
-    if st["open"] and rt.settings.embedded:
+    if st.open and rt.settings.embedded:
         raise typer.Exit(1)
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else value
 
 
 def runs(
@@ -194,10 +198,7 @@ def runs(
         "template_name",
         "priority",
     )
-    items = [
-        {("run_id" if k == "id" else k): (r[k].isoformat() if hasattr(r[k], "isoformat") else r[k]) for k in keys}
-        for r in rows
-    ]
+    items = [{("run_id" if k == "id" else k): _json_value(getattr(r, k)) for k in keys} for r in rows]
     if as_json:
         emit_json({"runs": items})
         return
@@ -226,10 +227,10 @@ def status_cmd(
         newest = rt.store.list_runs(limit=1)
         if not newest:
             raise UsageError("no runs yet in this delivery log: `dispatch run CAMPAIGN` creates one", field="run")
-        run_id = newest[0]["id"]
+        run_id = newest[0].id
     st = status(rt, run_id)
     if as_json:
-        emit_json(st)
+        emit_json(st.to_json())
     else:
         print_summary(st)
 
@@ -254,7 +255,7 @@ def resume(
     else:
         st = progress_follow(rt, run_id, embedded=rt.settings.embedded, show=not as_json and sys.stderr.isatty())
     if as_json:
-        emit_json({**st, "resume": result})
+        emit_json({**st.to_json(), "resume": result})
     else:
         print_summary(st)
     waiting = why_still_open(rt, run_id, st)
@@ -292,7 +293,7 @@ def settle(
     rt.store.finish_if_done(run_id)
     st = status(rt, run_id)
     if as_json:
-        emit_json({**st, "settled": moved})
+        emit_json({**st.to_json(), "settled": moved})
     else:
         err.print(f"settled {moved} unknown row(s) of {run_id} as {as_state}", markup=False)
         print_summary(st)

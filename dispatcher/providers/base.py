@@ -196,6 +196,12 @@ class Provider:
     ``gateway``/``ringback`` build the adapters lazily (their third-party
     dependencies are imported only when the provider is chosen); ``ringback_name``
     is what ``DISPATCH_RINGBACK_GATEWAY`` calls its ringback adapter.
+
+    ``reports_for`` names the gateways (SMS adapter and ringback adapter names) whose
+    rows this provider's delivery reports may move: a report authenticated by one
+    provider's secret says nothing about messages another provider carried. None
+    leaves the provider's reports unrestricted (a provider whose message ids cannot
+    collide with another's).
     """
 
     name: str
@@ -204,6 +210,7 @@ class Provider:
     ringback_name: str | None = None
     ringback: RingbackFactory | None = None
     routes: RoutesFactory | None = None
+    reports_for: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if ("sms" in self.channels) != (self.gateway is not None):

@@ -64,6 +64,11 @@ def ringback_names() -> list[str]:
     return [p.ringback_name for p in providers() if "ringback" in p.channels and p.ringback_name]
 
 
+def reporter_gateways() -> dict[str, tuple[str, ...]]:
+    """Which gateways' rows each provider's delivery reports may move (providers that say so)."""
+    return {p.name: p.reports_for for p in providers() if p.reports_for is not None}
+
+
 def create_gateway(settings: Settings, name: str | None = None) -> Gateway:
     """The SMS adapter named ``name`` (default: the one ``DISPATCH_GATEWAY`` names), configured from ``settings``.
 

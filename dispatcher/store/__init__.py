@@ -49,11 +49,14 @@ from .base import (
     UNKNOWN,
     AudienceFilter,
     Claimed,
+    CreatedRun,
     Outcome,
     Resident,
+    RunRecord,
     RunSpec,
+    UnknownRow,
 )
-from .control import RecentRun, RunProgress
+from .control import FireRecord, RecentRun, RunProgress
 from .ledger import AUDIT_CHAIN
 from .ledger import Break as ChainBreak
 from .provider import PROVIDER_STATES, StateChange
@@ -81,10 +84,12 @@ __all__ = [
     "ChainBreak",
     "Claimed",
     "CoverageCounts",
+    "CreatedRun",
     "Credentials",
     "DepartmentCounts",
     "DuplicateRun",
     "FailureCount",
+    "FireRecord",
     "LeaseLost",
     "Outcome",
     "OwnerFailures",
@@ -94,10 +99,12 @@ __all__ = [
     "RecentRun",
     "Resident",
     "RunProgress",
+    "RunRecord",
     "RunSpec",
     "SqlStore",
     "StateChange",
     "StoredAccount",
+    "UnknownRow",
     "Window",
     "as_utc",
     "iter_chunks",

@@ -12,7 +12,7 @@ moves through::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -79,6 +79,47 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """A run as the delivery log holds it: its snapshot (``RunSpec``) and where it has got to.
+
+    Times are timezone-aware UTC. ``as_dict`` gives the same keys as the ``runs`` table's
+    columns, for the output edges (JSON, templates) that print a run whole.
+    """
+
+    id: str
+    campaign_id: str
+    title: str
+    owner: str
+    channel: str
+    priority: str
+    reason: str | None
+    fire_time: datetime | None
+    as_of: datetime | None
+    status: str
+    gateway: str
+    campaign_path: str
+    campaign_yaml: str
+    campaign_sha256: str
+    template_name: str
+    template_text: str
+    template_sha256: str
+    send_by: datetime | None
+    batch_size: int
+    batches: int
+    total: int
+    created_at: datetime
+    finished_at: datetime | None
+    #: tail of the run's ledger chain: last sequence number and its hash
+    ledger_seq: int | None
+    ledger_hash: str | None
+    #: why the run stopped by itself (its outbox or delivery log could not be written); cleared by resume
+    halted: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class AudienceFilter:
     """Who a campaign selects: residents of ``districts``, where a district with listed ``grids`` is
     narrowed to those grids and every other selected district is taken whole; then the segments."""
@@ -112,6 +153,32 @@ class Claimed:
     #: so a stale resume cannot take a row a live worker holds, and a worker whose row was taken
     #: away cannot overwrite whoever holds it now
     claim_token: str | None = None
+
+
+@dataclass(frozen=True)
+class CreatedRun:
+    """What creating a run wrote: its id, its rows (all of them, and those still to send), its batches."""
+
+    run_id: str
+    total: int
+    pending: int
+    batches: int
+    #: when ``runs.start_run`` began enqueueing the batches (``time.time()``): workers may start from
+    #: here, and the benchmarks time the fan-out from it
+    enqueue_started_at: float | None = None
+
+
+@dataclass(frozen=True)
+class UnknownRow:
+    """A row an ambiguous reply left ``unknown``, with what a lookup at the provider needs."""
+
+    id: int
+    key: str
+    phone: str
+    body: str | None
+    attempts: int
+    claimed_at: datetime | None
+    updated_at: datetime | None
 
 
 @dataclass

@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import func, select
@@ -48,6 +47,22 @@ class RecentRun:
     status: str
     created_at: datetime
     fire_time: datetime | None
+
+
+@dataclass(frozen=True)
+class FireRecord:
+    """What the scheduler recorded for one fire time of a campaign: fired (with its run) or skipped (why)."""
+
+    id: int
+    campaign_id: str
+    fire_time: datetime
+    status: str
+    run_id: str | None
+    reason: str | None
+    scheduler: str
+    recorded_at: datetime
+    #: the leader's fencing token when it fired
+    lease_token: int | None
 
 
 class RunControl:
@@ -340,17 +355,17 @@ class RunControl:
             query = select(f.c.id).where(f.c.campaign_id == campaign_id, f.c.fire_time == fire_time)
             return conn.execute(query).first() is not None
 
-    def list_fires(self, campaign_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    def list_fires(self, campaign_id: str | None = None, limit: int = 1000) -> list[FireRecord]:
         f = t.schedule_fires
         query = select(f).order_by(f.c.fire_time).limit(limit)
         if campaign_id:
             query = query.where(f.c.campaign_id == campaign_id)
         with self._db.read() as conn:
             rows = [dict(row) for row in conn.execute(query).mappings()]
-        for row in rows:
-            row["fire_time"] = _utc(row["fire_time"])
-            row["recorded_at"] = _utc(row["recorded_at"])
-        return rows
+        return [
+            FireRecord(**{**row, "fire_time": _utc(row["fire_time"]), "recorded_at": _utc(row["recorded_at"])})
+            for row in rows
+        ]
 
     def run_for_fire(self, campaign_id: str, fire_time: datetime) -> str | None:
         with self._db.read() as conn:

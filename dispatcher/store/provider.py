@@ -14,7 +14,7 @@ Every state change here is written in one transaction with its ledger event, as
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,7 +28,7 @@ from . import ledger
 from . import schema as t
 from ._db import Db
 from ._rows import as_utc, insert_run, keys_digest
-from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN
+from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN, CreatedRun, UnknownRow
 from .ledger import Event, append_by_run
 
 #: provider status words -> our state
@@ -47,10 +47,6 @@ PROVIDER_STATES: dict[str, str] = {
 #: how far along a row is; a report may only move a row to a higher rank
 _RANK = {PENDING: 0, SENDING: 0, UNKNOWN: 0, SENT: 1, DELIVERED: 2, UNDELIVERED: 2, FAILED: 2}
 
-#: reporters whose word is limited to their own adapters' rows: a delivery report signed with
-#: DISPATCH_HTTP_REPORT_SECRET (actor ``http``) may move only rows the HTTP adapters sent
-REPORTER_GATEWAYS: dict[str, tuple[str, ...]] = {"http": ("http", "carrier-http")}
-
 
 @dataclass(frozen=True)
 class StateChange:
@@ -65,10 +61,17 @@ class StateChange:
 
 
 class ProviderEvents:
-    """Status callbacks, reconciliation of ``unknown`` rows and ringback restores over one ``Db``."""
+    """Status callbacks, reconciliation of ``unknown`` rows and ringback restores over one ``Db``.
 
-    def __init__(self, db: Db) -> None:
+    ``reporter_gateways`` limits a reporter's word to its own adapters' rows (actor ->
+    gateway names, as each provider declares in ``reports_for``): a delivery report signed
+    with one provider's secret may move only rows that provider sent. The mapping is handed
+    in because the store knows no providers.
+    """
+
+    def __init__(self, db: Db, reporter_gateways: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self._db = db
+        self._reporter_gateways: Mapping[str, tuple[str, ...]] = dict(reporter_gateways or {})
 
     def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str) -> None:
         """Append one ledger event per state change, inside the caller's transaction."""
@@ -98,7 +101,7 @@ class ProviderEvents:
     ) -> list[StateChange]:
         """Move the rows holding ``provider_id`` forward to what ``status`` means; returns what changed.
 
-        An ``actor`` listed in ``REPORTER_GATEWAYS`` moves only rows sent through its adapters
+        An ``actor`` listed in the reporter mapping moves only rows sent through its adapters
         (a report authenticated by one provider's secret says nothing about another's messages).
 
         A callback can overtake our own bookkeeping: Twilio may report ``sent`` for the first
@@ -164,7 +167,7 @@ class ProviderEvents:
         query = select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway).where(
             d.c.provider_id == provider_id
         )
-        gateways = REPORTER_GATEWAYS.get(actor)
+        gateways = self._reporter_gateways.get(actor)
         if gateways is not None:
             query = query.where(d.c.gateway.in_(gateways))
         rows = conn.execute(query).all()
@@ -204,7 +207,7 @@ class ProviderEvents:
         with self._db.read() as conn:
             return [s for (s,) in conn.execute(select(d.c.state).where(d.c.provider_id == provider_id))]
 
-    def unknown_rows(self, run_id: str) -> list[dict[str, Any]]:
+    def unknown_rows(self, run_id: str) -> list[UnknownRow]:
         """Rows left ``unknown`` by an ambiguous reply, with what a lookup needs (number, text, when)."""
         d = t.deliveries
         with self._db.read() as conn:
@@ -212,9 +215,18 @@ class ProviderEvents:
                 select(d.c.id, d.c.key, d.c.phone, d.c.body, d.c.attempts, d.c.claimed_at, d.c.updated_at)
                 .where(d.c.run_id == run_id, d.c.state == UNKNOWN)
                 .order_by(d.c.id)
-            ).mappings()
+            )
             return [
-                {**dict(r), "claimed_at": as_utc(r["claimed_at"]), "updated_at": as_utc(r["updated_at"])} for r in rows
+                UnknownRow(
+                    id=r.id,
+                    key=r.key,
+                    phone=r.phone,
+                    body=r.body,
+                    attempts=r.attempts,
+                    claimed_at=as_utc(r.claimed_at),
+                    updated_at=as_utc(r.updated_at),
+                )
+                for r in rows
             ]
 
     def settle_unknown(
@@ -306,7 +318,7 @@ class ProviderEvents:
 
     # ------------------------------------------------------------------ ringback
 
-    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
+    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> CreatedRun:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back.
 
         Written like ``create_run``: run snapshot, one row per number with its own idempotency
@@ -370,7 +382,7 @@ class ProviderEvents:
                     finished_at=None if total else now,
                 )
             )
-        return {"run_id": spec.run_id, "total": total, "pending": total, "batches": batches}
+        return CreatedRun(spec.run_id, total, total, batches)
 
     def keep_ringback(self, run_id: str, phone: str, provider_id: str, kept: Any) -> None:
         """Remember what an enrolment changed, so the restore run can put it back (first write wins)."""

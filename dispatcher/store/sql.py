@@ -20,7 +20,7 @@ import json
 import secrets
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
@@ -53,11 +53,14 @@ from .base import (
     UNKNOWN,
     AudienceFilter,
     Claimed,
+    CreatedRun,
     Outcome,
     Resident,
+    RunRecord,
     RunSpec,
+    UnknownRow,
 )
-from .control import RecentRun, RunControl, RunProgress
+from .control import FireRecord, RecentRun, RunControl, RunProgress
 from .provider import ProviderEvents, StateChange
 
 Clock = Callable[[], datetime]
@@ -121,7 +124,9 @@ def create_engine(url: str) -> Engine:
 class SqlStore:
     """The delivery log. One instance per process; thread-safe through SQLAlchemy's pool."""
 
-    def __init__(self, url: str, *, clock: Clock = utcnow) -> None:
+    def __init__(
+        self, url: str, *, clock: Clock = utcnow, reporter_gateways: Mapping[str, tuple[str, ...]] | None = None
+    ) -> None:
         self.url = url
         self.clock = clock
         try:
@@ -136,7 +141,7 @@ class SqlStore:
         self.accounts = Accounts(self._db)
         self.dashboard = DashboardReads(self._db)
         self._control = RunControl(self._db)
-        self._provider = ProviderEvents(self._db)
+        self._provider = ProviderEvents(self._db, reporter_gateways)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -385,7 +390,7 @@ class SqlStore:
 
     def create_run(
         self, spec: RunSpec, audience: AudienceFilter, *, fence: tuple[str, str, int] | None = None
-    ) -> dict[str, Any]:
+    ) -> CreatedRun:
         """Snapshot the run and write one delivery row per selected resident, in one transaction.
 
         Opted-out residents get a ``skipped`` row (reason ``opted_out``) so the log shows
@@ -473,21 +478,21 @@ class SqlStore:
             if spec.fire_time is not None and ("uq_runs" in detail or "fire_time" in detail):
                 raise DuplicateRun(spec.campaign_id, spec.fire_time) from exc
             raise StoreError(f"cannot create run {spec.run_id}: {exc.orig}") from exc
-        return {"run_id": spec.run_id, "total": int(total), "pending": pending, "batches": batches}
+        return CreatedRun(spec.run_id, int(total), pending, batches)
 
-    def get_run(self, run_id: str) -> dict[str, Any]:
+    def get_run(self, run_id: str) -> RunRecord:
         with self._read() as conn:
             row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().first()
         if row is None:
             raise UsageError(f"no run with id {run_id!r} (see `dispatch runs`)", field="run")
-        return _run_dict(row)
+        return _run_record(row)
 
-    def list_runs(self, limit: int = 50, campaign_id: str | None = None) -> list[dict[str, Any]]:
+    def list_runs(self, limit: int = 50, campaign_id: str | None = None) -> list[RunRecord]:
         query = select(t.runs).order_by(t.runs.c.created_at.desc()).limit(limit)
         if campaign_id:
             query = query.where(t.runs.c.campaign_id == campaign_id)
         with self._read() as conn:
-            return [_run_dict(row) for row in conn.execute(query).mappings()]
+            return [_run_record(row) for row in conn.execute(query).mappings()]
 
     def set_run_status(self, run_id: str, status: str) -> None:
         with self._write() as conn:
@@ -1105,7 +1110,7 @@ class SqlStore:
     def fire_recorded(self, campaign_id: str, fire_time: datetime) -> bool:
         return self._control.fire_recorded(campaign_id, fire_time)
 
-    def list_fires(self, campaign_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    def list_fires(self, campaign_id: str | None = None, limit: int = 1000) -> list[FireRecord]:
         return self._control.list_fires(campaign_id, limit)
 
     def run_for_fire(self, campaign_id: str, fire_time: datetime) -> str | None:
@@ -1133,7 +1138,7 @@ class SqlStore:
         """States of the rows holding ``provider_id`` (for status pages and tests)."""
         return self._provider.state_of(provider_id)
 
-    def unknown_rows(self, run_id: str) -> list[dict[str, Any]]:
+    def unknown_rows(self, run_id: str) -> list[UnknownRow]:
         """Rows left ``unknown`` by an ambiguous reply, with what a lookup needs (number, text, when)."""
         return self._provider.unknown_rows(run_id)
 
@@ -1147,7 +1152,7 @@ class SqlStore:
         """Rows left in ``sending`` that nobody can look up become ``unknown`` (an operator decides)."""
         return self._provider.mark_unknown(run_id, ids, reason=reason)
 
-    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> dict[str, Any]:
+    def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> CreatedRun:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back."""
         return self._provider.create_restore_run(spec, enrol_run_id, states)
 
@@ -1189,11 +1194,14 @@ def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
     )
 
 
-def _run_dict(row: Any) -> dict[str, Any]:
-    out = dict(row)
-    for key in ("fire_time", "as_of", "send_by", "created_at", "finished_at"):
-        out[key] = as_utc(out[key])
-    return out
+_RUN_TIMES = ("fire_time", "as_of", "send_by", "created_at", "finished_at")
+
+
+def _run_record(row: Any) -> RunRecord:
+    values = dict(row)
+    for key in _RUN_TIMES:
+        values[key] = as_utc(values[key])
+    return RunRecord(**values)
 
 
 def _safe_url(url: str) -> str:
@@ -1265,8 +1273,16 @@ def _refusal_rows(o: Outcome, now: datetime) -> list[dict[str, Any]]:
     ]
 
 
-def open_store(url: str, *, clock: Clock = utcnow, migrate: bool = True) -> SqlStore:
-    store = SqlStore(url, clock=clock)
+def open_store(
+    url: str,
+    *,
+    clock: Clock = utcnow,
+    migrate: bool = True,
+    reporter_gateways: Mapping[str, tuple[str, ...]] | None = None,
+) -> SqlStore:
+    """The delivery log at ``url``, migrated; ``reporter_gateways`` (actor -> gateway names) limits
+    whose rows each provider's delivery reports may move."""
+    store = SqlStore(url, clock=clock, reporter_gateways=reporter_gateways)
     if migrate:
         store.migrate()
     return store

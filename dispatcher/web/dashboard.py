@@ -407,14 +407,14 @@ def _counts_by_run(runtime: Runtime, run_ids: list[str]) -> dict[str, dict[str, 
 
 def _runs_with_progress(runtime: Runtime) -> list[dict[str, Any]]:
     runs = runtime.store.list_runs(limit=50)
-    counts = _counts_by_run(runtime, [r["id"] for r in runs])
+    counts = _counts_by_run(runtime, [r.id for r in runs])
     out = []
     for r in runs:
-        c = counts.get(r["id"], {})
+        c = counts.get(r.id, {})
         total = sum(c.values())
-        dep = domain.department(r["owner"])
+        dep = domain.department(r.owner)
         out.append({
-            **r, "owner_name": dep.name if dep else r["owner"], "total": total,
+            **r.as_dict(), "owner_name": dep.name if dep else r.owner, "total": total,
             "sent": c.get("sent", 0) + c.get("delivered", 0), "failed": sum(c.get(s, 0) for s in FAILED_STATES),
             "open": sum(c.get(s, 0) for s in OPEN_STATES), "done": total - sum(c.get(s, 0) for s in OPEN_STATES),
         })  # fmt: skip
@@ -424,11 +424,11 @@ def _runs_with_progress(runtime: Runtime) -> list[dict[str, Any]]:
 def _daily_rates(runtime: Runtime, limit: int = 500) -> list[dict[str, Any]]:
     """Per local day of the runs' fire/creation time: messages attempted and the share sent or delivered."""
     runs = runtime.store.list_runs(limit=limit)
-    counts = _counts_by_run(runtime, [r["id"] for r in runs])
+    counts = _counts_by_run(runtime, [r.id for r in runs])
     days: dict[str, dict[str, int]] = defaultdict(lambda: {"attempted": 0, "reached": 0, "delivered": 0})
     for r in runs:
-        when = (r["fire_time"] or r["created_at"]).astimezone(audit.LOCAL_TZ).date().isoformat()
-        c = counts.get(r["id"], {})
+        when = (r.fire_time or r.created_at).astimezone(audit.LOCAL_TZ).date().isoformat()
+        c = counts.get(r.id, {})
         day = days[when]
         day["attempted"] += sum(n for s, n in c.items() if s not in ("skipped", "cancelled", "pending"))
         day["reached"] += sum(c.get(s, 0) for s in REACHED_STATES)

@@ -35,7 +35,7 @@ class StoreDeliveryReports:
     def ringback_text(self, campaign_id: str) -> str | None:
         """The warning text of the newest ringback run of the campaign (its snapshot), without the SMS opt-out."""
         for run in self.runtime.store.list_runs(limit=20, campaign_id=campaign_id):
-            if run["channel"] != ENROL_CHANNEL:
+            if run.channel != ENROL_CHANNEL:
                 continue
             try:
                 return announcement_text(context_from_run(run))

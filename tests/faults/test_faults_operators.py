@@ -36,7 +36,7 @@ def test_two_manual_runs_of_one_campaign_at_once_create_one_run_and_the_second_n
     assert "--again --reason" in refused.strip().splitlines()[-1]
     runs = project.runtime().store.list_runs(campaign_id="quarterly-themes")
     assert len(runs) == 1
-    check_recovery(project, runs[0]["id"])
+    check_recovery(project, runs[0].id)
     # a deliberate repeat, with the operator's reason on the ledger
     assert project.dispatch("run", CAMPAIGN, "--again").returncode == 2
     again = project.dispatch("run", CAMPAIGN, "--again", "--reason", "drill: resend after carrier outage", "--json")

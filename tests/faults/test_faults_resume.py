@@ -32,7 +32,7 @@ def test_resume_right_after_kill_9_of_the_run_reconciles_at_once_and_finishes(sq
     finally:
         if run.poll() is None:
             run.kill()
-    run_id = project.runtime().store.list_runs(limit=1)[0]["id"]
+    run_id = project.runtime().store.list_runs(limit=1)[0].id
     held = project.runtime().store.counts(run_id).get("sending", 0)
     assert held > 0, "the kill must land while rows are claimed"
     # at once: the dead process's heartbeat is still fresh, but its pid is gone
@@ -53,7 +53,7 @@ def test_resume_exits_non_zero_naming_the_live_holder_while_rows_are_in_flight(s
         wait_for(lambda: _outbox_lines(project) > 5, 60, "sending to start")
         os.kill(run.pid, signal.SIGSTOP)  # alive (heartbeat fresh, pid present) but not moving
         time.sleep(0.3)
-        run_id = project.runtime().store.list_runs(limit=1)[0]["id"]
+        run_id = project.runtime().store.list_runs(limit=1)[0].id
         waiting = project.dispatch("resume", run_id, timeout=120)
         assert waiting.returncode == 1, waiting.stderr[-2000:]
         last = waiting.stderr.strip().splitlines()[-1]

@@ -91,7 +91,7 @@ def test_a_frozen_leader_does_not_block_followers_and_cannot_fire_after_losing_i
         holder_of.setdefault(f.lease_token, f.scheduler)
         assert holder_of[f.lease_token] == f.scheduler, "two schedulers fired under one token"
     for run in store.list_runs(limit=100):
-        keys = collections.Counter(x["key"] for x in read_outbox(project.outbox) if x["run_id"] == run["id"])
-        assert not [k for k, n in keys.items() if n > 1], f"run {run['id']} sent someone twice"
+        keys = collections.Counter(x["key"] for x in read_outbox(project.outbox) if x["run_id"] == run.id)
+        assert not [k for k, n in keys.items() if n > 1], f"run {run.id} sent someone twice"
     verify = project.dispatch("audit", "verify", "--json", timeout=120)
     assert verify.returncode == 0, verify.stdout[-2000:]

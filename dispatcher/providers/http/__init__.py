@@ -64,5 +64,7 @@ PROVIDER = register(
         ringback_name="carrier-http",
         ringback=_ringback,
         routes=_routes,
+        # the report secret is this provider's: it speaks for the rows its two adapters sent
+        reports_for=("http", "carrier-http"),
     )
 )
