@@ -295,7 +295,7 @@ def test_breaker_probes_the_restarted_primary_after_the_cooldown_and_closes(proj
     path = project.write("campaigns/probe.yaml", campaign_yaml("probe-drill"))
     rt = project.runtime()
     run = start_run(rt, load_campaign(path, rt.settings.templates_dir, gateways=rt.known_gateways()))
-    run_id = run["run_id"]
+    run_id = run.run_id
     # batch 0: nobody listens on the carrier's port, the first refusal opens its circuit
     process_batch(rt, run_id, 0)
     # batch 1: the carrier is back, but the circuit is still open: the outbox takes them without a call
