@@ -23,7 +23,7 @@ from .errors import (
     TemplateError,
 )
 from .phones import mask_text
-from .providers.base import OutgoingMessage, SendResult
+from .providers.base import Gateway, OutgoingMessage, SendResult
 from .ringback import process_ringback_batch
 from .send_window import campaign_may_send
 from .spool import record_durably, release_durably, replay
@@ -48,7 +48,7 @@ def internal_message(exc: BaseException) -> str:
     return mask_text(f"{type(exc).__name__}: {exc}")[:300]
 
 
-def gateway_of(runtime: Runtime, context: RunContext) -> Any:
+def gateway_of(runtime: Runtime, context: RunContext) -> Gateway:
     """The gateway a run sends through: its campaign's ``gateways:`` list, else ``DISPATCH_GATEWAY``
     (one adapter, or a failover list that looks like one)."""
     return runtime.gateway_for(context.campaign.gateways if context.campaign is not None else None)
