@@ -52,3 +52,38 @@ def ping(broker: dramatiq.Broker) -> None:
         client.ping()
     except redis.RedisError as exc:
         raise BrokerError(f"cannot reach the Redis broker: {exc}") from exc
+
+
+#: every lane a batch may wait in
+LANES = (BULK_QUEUE, RETRY_QUEUE, URGENT_QUEUE)
+
+
+def queue_depths(broker: dramatiq.Broker) -> dict[str, dict[str, int]]:
+    """Messages per lane as the broker holds them: ``ready``, ``delayed``, ``in_progress``.
+
+    Dramatiq's Redis broker keeps a lane's waiting message ids in the list ``ns:lane`` and
+    every message it has not acked (waiting or held by a worker) in the hash ``ns:lane.msgs``;
+    a delayed message (a retry, a batch deferred to the send window's opening) sits under
+    ``ns:lane.DQ`` until its time. Read in one round trip; the embedded broker has its own
+    in-memory queues and no other process could read them, so it reports none.
+    """
+    client = getattr(broker, "client", None)
+    if client is None:
+        return {}
+    import redis
+
+    ns = broker.namespace  # type: ignore[attr-defined]  # RedisBroker
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for lane in LANES:
+                pipe.llen(f"{ns}:{lane}")
+                pipe.hlen(f"{ns}:{lane}.msgs")
+                pipe.hlen(f"{ns}:{lane}.DQ.msgs")
+            counts = pipe.execute()
+    except redis.RedisError as exc:
+        raise BrokerError(f"cannot read the broker's queues: {exc}") from exc
+    depths: dict[str, dict[str, int]] = {}
+    for i, lane in enumerate(LANES):
+        ready, unacked, delayed = (int(n) for n in counts[3 * i : 3 * i + 3])
+        depths[lane] = {"ready": ready, "in_progress": max(0, unacked - ready), "delayed": delayed}
+    return depths

@@ -18,10 +18,12 @@ Rules:
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from . import metrics
 from .batch import RUNS, BatchResult, outcome_for, seconds_until
 from .errors import SendError
 from .providers.base import OutgoingMessage, RingbackRequest, RingbackResult, SendResult
@@ -69,6 +71,7 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
             log.info("ringback.deferred", opens_at=window.start.isoformat())
             delay = min(runtime.settings.window_recheck, max(0.05, (window.start - now).total_seconds()))
             return BatchResult(0, {"deferred": 1}, delay)
+        started = time.monotonic()
         rows = store.claim(run_id, batch_no, runtime.worker_id)
         if not rows:
             return BatchResult(0, {}, seconds_until(runtime, store.next_retry_at(run_id, batch_no)))
@@ -129,6 +132,8 @@ def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> Batc
                 outcome_for(row, message, result, adapter.name, runtime.clock(), runtime.settings.max_attempts)
             )
         store.record(outcomes)
+        kind = RESTORE_CHANNEL if restoring else ENROL_CHANNEL
+        metrics.batch_done(outcomes, lane=context.priority, campaign=context.campaign_id, channel=kind, started=started)
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[o.outcome] = counts.get(o.outcome, 0) + 1

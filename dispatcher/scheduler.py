@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 from apscheduler.triggers.base import BaseTrigger
 
+from . import metrics
 from .campaigns import LoadedCampaign, campaign_files, check_paths, make_trigger, next_after, parse_duration
 from .errors import DispatchError, InputError
 from .restores import due_restores, start_restore
@@ -215,6 +216,7 @@ class Scheduler:
     def tick(self) -> int:
         """One pass: hold (or try to take) the lease; as leader, fire what is due. Returns fires made."""
         leader = self.lease.hold()
+        metrics.leadership(leader)
         if leader != self.is_leader:
             log.info("scheduler.leader" if leader else "scheduler.follower", holder=self.holder)
             self.is_leader = leader
@@ -236,6 +238,7 @@ class Scheduler:
             except LeaseLost as exc:
                 log.warning("scheduler.lease_lost", error=str(exc))
                 self.is_leader, self.token = False, None
+                metrics.leadership(False)
                 return fired
             except DispatchError as exc:
                 log.error("scheduler.fire_failed", campaign_id=entry.loaded.campaign.id, error=str(exc))
@@ -285,6 +288,7 @@ class Scheduler:
                     campaign_id, fire_time, "skipped", scheduler=self.holder, reason=reason, lease_token=self.token
                 )
                 log.warning("scheduler.fire_skipped", fire_time=fire_time, reason=reason)
+                metrics.missed_fire(campaign_id)
             else:
                 self.fire(entry, fire_time)
                 fired += 1
@@ -335,6 +339,7 @@ class Scheduler:
             store.record_fire(
                 campaign_id, fire_time, "fired", scheduler=self.holder, run_id=run_id, lease_token=self.token
             )
+            metrics.fired(campaign_id)
         return run_id
 
     # ---- the process

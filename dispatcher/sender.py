@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from . import metrics
 from .batch import RUNS, BatchResult, RunContext, outcome_for, seconds_until
 from .campaigns import parse_duration
 from .errors import (
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = structlog.get_logger("dispatcher.sender")
+SMS = "sms"
 
 
 def settled_outcome(row: Claimed, gateway: str, state: str, outcome: str, **fields: Any) -> Outcome:
@@ -272,7 +274,7 @@ class Gate:
         if self.limiter is None:
             return
         per_parts = self.runtime.settings.rate_unit == "parts"
-        self.limiter.acquire(sum(m.parts for _, m in chunk) if per_parts else len(chunk))
+        metrics.rate_waited(self.limiter.acquire(sum(m.parts for _, m in chunk) if per_parts else len(chunk)))
 
 
 def window_opening(runtime: Runtime, context: RunContext) -> datetime | None:
@@ -316,6 +318,7 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
             # outside the send window: neither sent nor dropped, the message comes back at the opening
             log.info("batch.deferred", reason="send_window", opens_at=opens_at.isoformat())
             return BatchResult(0, {"deferred": 1}, _window_delay(runtime, opens_at))
+        started = time.monotonic()
         rows = store.claim(run_id, batch_no, runtime.worker_id)
         if not rows:
             log.debug("batch.nothing_to_claim")
@@ -333,6 +336,7 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
             raise
         # never return (ack the message) before the results are in the log: retried, spooled meanwhile
         record_durably(runtime, outcomes)
+        metrics.batch_done(outcomes, lane=context.priority, campaign=context.campaign_id, channel=SMS, started=started)
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[o.outcome] = counts.get(o.outcome, 0) + 1

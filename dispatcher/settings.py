@@ -47,6 +47,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _port(env: Mapping[str, str], name: str) -> int:
+    value = _int(env, name, 0)
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{name}: expected a port between 1 and 65535 (0 = off), got {value}")
+    return value
+
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -139,6 +146,15 @@ class Settings:
     twilio_messaging_service_sid: str = ""
     #: redirects the Twilio client (a regional edge, or a local Twilio peer such as Prism)
     twilio_base_url: str = ""
+    #: Kannel (DISPATCH_GATEWAY=kannel): smsbox's sendsms URL, e.g. http://127.0.0.1:13013/cgi-bin/sendsms
+    kannel_sendsms_url: str = ""
+    #: a ``sendsms-user`` group of kannel.conf; the password is a secret (never in repr, logs or traces)
+    kannel_username: str = ""
+    kannel_password: str = field(default="", repr=False)
+    #: sender shown to residents (``from``); empty = the sendsms-user's ``default-sender``/``global-sender``
+    kannel_from: str = ""
+    #: keys the token each delivery-report URL carries: Kannel signs nothing it calls back with
+    kannel_dlr_secret: str = field(default="", repr=False)
     #: seconds to wait for a provider's reply before the send counts as ambiguous
     gateway_timeout: float = 10.0
     #: config file of the generic HTTP adapter (DISPATCH_GATEWAY=http)
@@ -158,6 +174,11 @@ class Settings:
     web_port: int = 8000
     #: largest request body any route reads, in bytes; a bigger one gets 413 while it is still arriving
     web_max_body: int = 1 << 20
+    #: where ``dispatch worker`` and ``dispatch scheduler`` serve their Prometheus metrics (``/metrics``);
+    #: port 0 = no exporter. Each process has its own counters, so each needs its own port on a host
+    #: (``--metrics-port``); ``dispatch web`` serves its own on its web port instead
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
     # --- scheduler and run control -----------------------------------------------
     #: seconds added to the real clock: drills and tests move every process to another hour or quarter
     #: without sleeping through it (DISPATCH_CLOCK_OFFSET, or DISPATCH_FAKE_NOW as an ISO time)
@@ -237,6 +258,11 @@ class Settings:
             twilio_from=env.get("TWILIO_FROM", ""),
             twilio_messaging_service_sid=env.get("TWILIO_MESSAGING_SERVICE_SID", ""),
             twilio_base_url=(env.get("DISPATCH_TWILIO_BASE_URL") or "").rstrip("/"),
+            kannel_sendsms_url=env.get("DISPATCH_KANNEL_URL", ""),
+            kannel_username=env.get("DISPATCH_KANNEL_USERNAME", ""),
+            kannel_password=env.get("DISPATCH_KANNEL_PASSWORD", ""),
+            kannel_from=env.get("DISPATCH_KANNEL_FROM", ""),
+            kannel_dlr_secret=env.get("DISPATCH_KANNEL_DLR_SECRET", ""),
             gateway_timeout=_float(env, "DISPATCH_GATEWAY_TIMEOUT", 10.0),
             http_config=Path(env["DISPATCH_HTTP_CONFIG"]) if env.get("DISPATCH_HTTP_CONFIG") else None,
             http_report_secret=env.get("DISPATCH_HTTP_REPORT_SECRET", ""),
@@ -247,6 +273,8 @@ class Settings:
             web_host=env.get("DISPATCH_WEB_HOST") or "127.0.0.1",
             web_port=_int(env, "DISPATCH_WEB_PORT", _int(env, "PORT", 8000)),
             web_max_body=_positive(env, "DISPATCH_WEB_MAX_BODY", 1 << 20),
+            metrics_host=env.get("DISPATCH_METRICS_HOST") or "127.0.0.1",
+            metrics_port=_port(env, "DISPATCH_METRICS_PORT"),
             **_schedule_settings(env),
             **_fault_settings(env),
             gateway_secrets={k: v for k, v in env.items() if k.startswith(GATEWAY_SECRET_PREFIX)},

@@ -30,6 +30,7 @@ from conftest import wait_for
 from prism_support import ACCOUNT_SID, AUTH_TOKEN, FROM, SPEC, _prism_command, free_port
 from twilio_support import campaign_yaml
 
+from dispatcher import metrics
 from dispatcher.campaigns import load_campaign
 from dispatcher.errors import CampaignError, ConfigError
 from dispatcher.settings import Settings
@@ -296,6 +297,14 @@ def test_breaker_probes_the_restarted_primary_after_the_cooldown_and_closes(proj
     )
     project.registry(size=15, seed=23)
     path = project.write("campaigns/probe.yaml", campaign_yaml("probe-drill"))
+
+    def failovers() -> float:
+        sample = metrics.REGISTRY.get_sample_value(
+            "dispatch_gateway_failovers_total", {"from_gateway": "http", "to_gateway": "outbox"}
+        )
+        return sample or 0.0
+
+    counted_before = failovers()
     rt = project.runtime()
     run = start_run(rt, load_campaign(path, rt.settings.templates_dir, gateways=rt.known_gateways()))
     run_id = run.run_id
@@ -314,6 +323,8 @@ def test_breaker_probes_the_restarted_primary_after_the_cooldown_and_closes(proj
     assert by_batch == {(0, "outbox"), (1, "outbox"), (2, "http")}
     assert sorted(carrier.received) == sorted(r["key"] for r in delivered if r["batch_no"] == 2)
     assert rt.gateway.breakers["http"].state == "closed"  # type: ignore[attr-defined]
+    assert failovers() - counted_before == sum(1 for r in delivered if r["gateway"] == "outbox")
+    assert metrics.REGISTRY.get_sample_value("dispatch_gateway_circuit_open", {"gateway": "http"}) == 0
     keys = [line["key"] for line in outbox_lines(project)] + carrier.received
     assert sorted(keys) == sorted(r["key"] for r in delivered)  # everyone once, through one provider
 

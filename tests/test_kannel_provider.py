@@ -1,12 +1,13 @@
-"""The Kannel provider skeleton: the sendsms request it builds, how it reads smsbox's answers, its DLR route.
+"""The Kannel provider: the sendsms request it builds, how it reads smsbox's answers, its DLR route.
 
-The adapter runs on ``httpx.MockTransport`` playing smsbox (a real Kannel test is
-planned); the DLR test sends a campaign through it into the real store and posts
-the report to the real web app.
+Here the adapter runs on ``httpx.MockTransport`` playing smsbox, to reach answers a
+healthy Kannel never gives; ``test_kannel_real.py`` runs it against a real Kannel. The
+DLR test sends a campaign through it into the real store and calls the real web app.
 """
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -15,6 +16,7 @@ import pytest
 from starlette.testclient import TestClient
 from twilio_support import Clock, drive, start
 
+from dispatcher.audit import verify
 from dispatcher.errors import (
     AmbiguousSendError,
     ConfigError,
@@ -24,12 +26,22 @@ from dispatcher.errors import (
 )
 from dispatcher.providers import create_gateway
 from dispatcher.providers.base import OutgoingMessage
-from dispatcher.providers.kannel.gateway import KannelGateway
+from dispatcher.providers.kannel.gateway import KannelGateway, dlr_token
 from dispatcher.web.app import create_app
 
 PASSWORD = "kannel-pass-5d1e"
+DLR_SECRET = "dlr-secret-3b9c0e7a41"
 PUBLIC_URL = "https://dispatch.example.org"
 SENDSMS = "http://kannel.local:13013/cgi-bin/sendsms"
+
+
+class RunningClock(Clock):
+    """Moves a millisecond at every reading, as a real clock does between two statements."""
+
+    def __call__(self) -> datetime:
+        with self.lock:
+            self.now += timedelta(milliseconds=1)
+            return self.now
 
 
 def message(body: str = "【常州经开区反诈中心】谨防电信诈骗", encoding: str = "UCS-2") -> OutgoingMessage:
@@ -54,12 +66,13 @@ def gateway(answer: tuple[int, str], seen: list[httpx.Request] | None = None) ->
         sendsms_url=SENDSMS,
         username="dispatch",
         password=PASSWORD,
+        dlr_secret=DLR_SECRET,
         public_url=PUBLIC_URL,
         transport=httpx.MockTransport(reply),
     )
 
 
-def test_sendsms_request_carries_credentials_ucs2_coding_and_a_final_states_dlr_url() -> None:
+def test_sendsms_request_carries_credentials_ucs2_coding_and_a_dlr_url_for_every_report_type() -> None:
     seen: list[httpx.Request] = []
     result = gateway((202, "0: Accepted for delivery"), seen).send(message())
     (request,) = seen
@@ -67,14 +80,16 @@ def test_sendsms_request_carries_credentials_ucs2_coding_and_a_final_states_dlr_
     query = {k: v[0] for k, v in parse_qs(request.url.query.decode()).items()}
     assert query["username"] == "dispatch" and query["password"] == PASSWORD
     assert query["to"] == "+8613800138000" and query["text"] == "【常州经开区反诈中心】谨防电信诈骗"
-    assert query["charset"] == "UTF-8" and query["coding"] == "2" and query["dlr-mask"] == "19"
+    assert query["charset"] == "UTF-8" and query["coding"] == "2" and query["dlr-mask"] == "31"
     dlr = urlsplit(query["dlr-url"])
     assert f"{dlr.scheme}://{dlr.netloc}{dlr.path}" == f"{PUBLIC_URL}/webhooks/kannel/dlr"
-    assert dlr.query.endswith("type=%d")  # Kannel substitutes the report type
+    assert dlr.query.endswith("&type=%d&at=%T")  # Kannel substitutes the report type and its time
+    assert "%p" not in dlr.query and "%P" not in dlr.query  # numbers are never asked back
     assert parse_qs(dlr.query)["id"] == [result.provider_id]
-    # neither the password nor the DLR URL's HMAC (which would let a reader forge a report) is kept
-    sig = parse_qs(dlr.query)["sig"][0]
-    assert result.trace and PASSWORD not in repr(result.trace) and sig not in repr(result.trace)
+    # neither the password nor the DLR URL's token (which would let a reader forge a report) is kept
+    token = parse_qs(dlr.query)["token"][0]
+    assert result.trace and PASSWORD not in repr(result.trace) and token not in repr(result.trace)
+    assert "13800138000" not in repr(result.trace)
 
 
 def test_gsm_text_is_sent_without_ucs2_coding() -> None:
@@ -93,6 +108,7 @@ def test_accepted_and_queued_answers_are_hand_overs(answer: str) -> None:
     ("answer", "error", "code"),
     [
         ((403, "Authorization failed for sendsms"), PermanentSendError, "kannel.auth"),
+        ((202, "Authorization failed for sendsms"), AmbiguousSendError, "kannel.bad_provider_response"),
         ((400, "Missing receiver number, rejected"), PermanentSendError, "kannel.400"),
         ((503, "Sending failed."), UnavailableSendError, "kannel.503"),  # an explicit "not accepted"
         ((500, "Internal error"), AmbiguousSendError, "kannel.500"),
@@ -112,12 +128,18 @@ def test_kannel_is_chosen_by_name_from_the_registry(project: Any) -> None:
         create_gateway(project.settings())
     project.env.update(
         {
-            "DISPATCH_HTTP_SECRET_KANNEL_URL": SENDSMS,
-            "DISPATCH_HTTP_SECRET_KANNEL_USERNAME": "dispatch",
-            "DISPATCH_HTTP_SECRET_KANNEL_PASSWORD": PASSWORD,
+            "DISPATCH_KANNEL_URL": SENDSMS,
+            "DISPATCH_KANNEL_USERNAME": "dispatch",
+            "DISPATCH_KANNEL_PASSWORD": PASSWORD,
+            "DISPATCH_KANNEL_DLR_SECRET": "short",
         }
     )
-    built = create_gateway(project.settings())
+    with pytest.raises(ConfigError, match="DISPATCH_KANNEL_DLR_SECRET"):
+        create_gateway(project.settings())
+    project.env["DISPATCH_KANNEL_DLR_SECRET"] = DLR_SECRET
+    settings = project.settings()
+    assert PASSWORD not in repr(settings) and DLR_SECRET not in repr(settings)
+    built = create_gateway(settings)
     try:
         assert isinstance(built, KannelGateway) and not built.can_lookup
     finally:
@@ -125,19 +147,21 @@ def test_kannel_is_chosen_by_name_from_the_registry(project: Any) -> None:
 
 
 def test_dlr_types_move_the_row_only_to_final_states_and_forged_reports_change_nothing(project: Any) -> None:
+    """Reports arrive while the clock runs: each change is in the ledger at the instant of its attempt row."""
     seen: list[httpx.Request] = []
     project.env.update(
         {
             "DISPATCH_GATEWAY": "kannel",
             "DISPATCH_PUBLIC_URL": PUBLIC_URL,
-            "DISPATCH_HTTP_SECRET_KANNEL_URL": SENDSMS,
-            "DISPATCH_HTTP_SECRET_KANNEL_USERNAME": "dispatch",
-            "DISPATCH_HTTP_SECRET_KANNEL_PASSWORD": PASSWORD,
+            "DISPATCH_KANNEL_URL": SENDSMS,
+            "DISPATCH_KANNEL_USERNAME": "dispatch",
+            "DISPATCH_KANNEL_PASSWORD": PASSWORD,
+            "DISPATCH_KANNEL_DLR_SECRET": DLR_SECRET,
         }
     )
     project.registry(size=3, seed=21)
     project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
-    clock = Clock()
+    clock = RunningClock()
     rt = project.runtime(clock=clock, gateway_factory=lambda s: gateway((202, "0: Accepted for delivery"), seen))
     path = project.write(
         "campaigns/plain.yaml",
@@ -154,17 +178,19 @@ def test_dlr_types_move_the_row_only_to_final_states_and_forged_reports_change_n
         urls[parse_qs(urlsplit(dlr_url).query)["id"][0]] = urlsplit(dlr_url)
     client = TestClient(create_app(rt))
 
-    def report(provider_id: str, kind: str, *, sig: str | None = None) -> httpx.Response:
+    def report(provider_id: str, kind: str, *, token: str | None = None) -> httpx.Response:
         target = urls[provider_id]
-        query = target.query.replace("%d", kind)
-        if sig is not None:
-            query = query.split("&sig=")[0] + f"&sig={sig}&type={kind}"
+        query = target.query.replace("%d", kind).replace("%T", "1795916726")
+        if token is not None:
+            query = query.split("&token=")[0] + f"&token={token}&type={kind}"
         return client.get(f"{target.path}?{query}")
 
     first = rows[0]["provider_id"]
     assert report(first, "8").status_code == 200  # delivered to the SMSC: not final
     assert rt.store.state_of(first) == ["sent"]
-    assert report(first, "1", sig="0" * 64).status_code == 403
+    assert report(first, "4").status_code == 200  # buffered on the SMSC: not final either
+    assert rt.store.state_of(first) == ["sent"]
+    assert report(first, "1", token="0" * 64).status_code == 403
     assert rt.store.state_of(first) == ["sent"]
     assert report(first, "1").status_code == 200
     assert rt.store.state_of(first) == ["delivered"]
@@ -172,3 +198,25 @@ def test_dlr_types_move_the_row_only_to_final_states_and_forged_reports_change_n
         second = rows[1]["provider_id"]
         assert report(second, "16").status_code == 200
         assert rt.store.state_of(second) == ["failed"]
+    assert [r.problem for r in verify(rt.store, run_id)] == [None]
+
+
+def test_a_kannel_report_cannot_move_a_row_another_gateway_sent(project: Any) -> None:
+    project.env.update({"DISPATCH_PUBLIC_URL": PUBLIC_URL, "DISPATCH_KANNEL_DLR_SECRET": DLR_SECRET})
+    project.registry(size=3, seed=22)
+    project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
+    clock = Clock()
+    rt = project.runtime(clock=clock)  # the outbox gateway
+    path = project.write(
+        "campaigns/plain.yaml",
+        "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
+    )
+    run_id = start(rt, path)
+    drive(rt, run_id, clock)
+    row = next(r for r in rt.store.deliveries(run_id) if r["provider_id"])
+    assert row["gateway"] == "outbox" and row["state"] == "sent"
+    # even with a valid token for that id (the secret leaked, or an id collided), Kannel speaks only for its own rows
+    query = httpx.QueryParams({"id": row["provider_id"], "token": dlr_token(DLR_SECRET, row["provider_id"])})
+    answer = TestClient(create_app(rt)).get(f"/webhooks/kannel/dlr?{query}&type=1&at=1795916726")
+    assert answer.status_code == 200
+    assert rt.store.state_of(row["provider_id"]) == ["sent"]

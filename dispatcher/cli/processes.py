@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -12,10 +13,30 @@ from ..scheduler import Scheduler
 from ..workers import serve, start_worker, stop_worker
 from .console import State, runtime
 
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+
+_METRICS_HELP = "serve Prometheus metrics on this port (default DISPATCH_METRICS_PORT; 0 = none)"
+
+
+def _serve_metrics(rt: Runtime, port: int | None) -> None:
+    """Start this process's exporter when a port is configured; a port in use is a one-line error."""
+    port = rt.settings.metrics_port if port is None else port
+    if not port:
+        return
+    from .. import metrics
+
+    try:
+        metrics.serve(rt.settings.metrics_host, port)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {rt.settings.metrics_host}:{port}: {exc.strerror or exc}") from exc
+
 
 def worker(
     queues: str | None = typer.Option(None, help="comma-separated queues (default: all)"),
     threads: int | None = typer.Option(None, help="worker threads (default DISPATCH_WORKER_THREADS)"),
+    metrics_port: int | None = typer.Option(None, min=0, max=65535, help=_METRICS_HELP),
 ) -> None:
     """Process batches from the Redis broker until SIGTERM/SIGINT."""
     rt = runtime("INFO")
@@ -23,6 +44,7 @@ def worker(
         raise UsageError(
             "dispatch worker needs DISPATCH_BROKER_URL=redis://...; without it `dispatch run` sends in-process"
         )
+    _serve_metrics(rt, metrics_port)
     serve(rt, queues={q.strip() for q in queues.split(",") if q.strip()} if queues else None, threads=threads)
 
 
@@ -63,11 +85,13 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
 
 def scheduler(
     campaigns: Path | None = typer.Option(None, "--campaigns", help="campaign folder (default: campaigns/)"),
+    metrics_port: int | None = typer.Option(None, min=0, max=65535, help=_METRICS_HELP),
 ) -> None:
     """Fire campaign schedules until SIGTERM; run several for failover (one leads at a time)."""
     rt = runtime("INFO")
     sched = Scheduler(rt, campaigns or rt.settings.campaigns_dir)
     sched.load(strict=True)
+    _serve_metrics(rt, metrics_port)
     if rt.settings.embedded:
         # no broker: the runs this process creates are sent by a worker inside it
         worker, heartbeat = start_worker(rt)

@@ -31,6 +31,7 @@ from typing import Any
 
 import structlog
 
+from .. import metrics
 from ..errors import GatewayDown, SendError, UnavailableSendError
 from .base import Gateway, LookupRequest, OutgoingMessage, SendResult
 
@@ -134,6 +135,7 @@ class CircuitBreaker:
         }
         method = log.error if state == OPEN else log.warning
         method(event[state], gateway=self.name, why=why, cooldown=self.cooldown)
+        metrics.circuit_changed(self.name, state)
         if self.on_change is not None:
             self.on_change(self.name, state, why)
 
@@ -187,6 +189,7 @@ class FailoverGateway:
             if previous is not None:
                 # every message moved on is also on the attempt log (``refusals``) and counted in ``status``
                 log.info("gateway.failover", from_gateway=previous, to_gateway=member.name, messages=len(waiting))
+                metrics.failed_over(previous, member.name, len(waiting))
                 if self.on_failover is not None:
                     self.on_failover(previous, member.name, len(waiting))
             previous = member.name

@@ -58,6 +58,11 @@ class StateChange:
     provider_id: str | None = None
     error_code: str | None = None
     reason: str | None = None
+    #: the adapter the row went through, when it was handed over, and when this change was made:
+    #: what the delivery-report lag is measured from
+    gateway: str | None = None
+    sent_at: datetime | None = None
+    at: datetime | None = None
 
 
 class ProviderEvents:
@@ -73,8 +78,13 @@ class ProviderEvents:
         self._db = db
         self._reporter_gateways: Mapping[str, tuple[str, ...]] = dict(reporter_gateways or {})
 
-    def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str) -> None:
-        """Append one ledger event per state change, inside the caller's transaction."""
+    def _ledger_changes(self, conn: Connection, changes: Sequence[StateChange], actor: str, now: datetime) -> None:
+        """Append one ledger event per state change, inside the caller's transaction.
+
+        ``now`` is the instant the caller stamped its attempt rows with: ``audit verify`` pairs
+        each attempt with its event by that instant, so a second reading of a running clock
+        would leave every reported attempt looking like a hand-over missing from the ledger.
+        """
         if not changes:
             return
         events = (
@@ -94,7 +104,7 @@ class ProviderEvents:
             )
             for c in changes
         )
-        append_by_run(conn, events, self._db.now())
+        append_by_run(conn, events, now)
 
     def apply_status(
         self, provider_id: str, status: str, *, error_code: str | None = None, actor: str = "provider"
@@ -113,7 +123,7 @@ class ProviderEvents:
             return []
         now = self._db.now()
         with self._db.write() as conn:
-            drained = self._drain(conn, now)
+            self._drain(conn, now)
             mine, known = self._apply_one(conn, provider_id, status, error_code, actor, now)
             if not known:
                 conn.execute(
@@ -125,18 +135,22 @@ class ProviderEvents:
                         received_at=now,
                     )
                 )
-            self._ledger_changes(conn, [*drained, *mine], actor)
+            self._ledger_changes(conn, mine, actor, now)
         return mine
 
     def drain_status_backlog(self) -> list[StateChange]:
-        """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
+        """Apply kept reports whose rows now hold the provider id (``record``, ``resume`` and every report
+        call it)."""
+        with self._db.read() as conn:
+            if conn.execute(select(t.status_backlog.c.id).limit(1)).first() is None:
+                return []  # the usual case, checked without taking the writer (every recorded batch asks)
         now = self._db.now()
         with self._db.write() as conn:
-            changes = self._drain(conn, now)
-            self._ledger_changes(conn, changes, "provider")
-        return changes
+            return self._drain(conn, now)
 
     def _drain(self, conn: Connection, now: datetime) -> list[StateChange]:
+        """Apply the kept reports whose rows now hold their ids; each change is in the ledger under the
+        actor who reported it, whoever happens to drain it."""
         b, d = t.status_backlog, t.deliveries
         pending = conn.execute(
             select(b.c.id, b.c.provider_id, b.c.status, b.c.error_code, b.c.actor)
@@ -145,7 +159,9 @@ class ProviderEvents:
         ).all()
         changes: list[StateChange] = []
         for item in pending:
-            changes += self._apply_one(conn, item.provider_id, item.status, item.error_code, item.actor, now)[0]
+            applied = self._apply_one(conn, item.provider_id, item.status, item.error_code, item.actor, now)[0]
+            self._ledger_changes(conn, applied, item.actor, now)
+            changes += applied
             conn.execute(sa.delete(b).where(b.c.id == item.id))
         # reports for ids that never turn up (another system's messages) are not kept for ever
         conn.execute(sa.delete(b).where(b.c.received_at < now - timedelta(days=7)))
@@ -164,7 +180,7 @@ class ProviderEvents:
         target = PROVIDER_STATES[status.strip().lower()]
         d = t.deliveries
         lower = [s for s, rank in _RANK.items() if rank < _RANK[target]]
-        query = select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway).where(
+        query = select(d.c.id, d.c.run_id, d.c.key, d.c.state, d.c.attempts, d.c.gateway, d.c.sent_at).where(
             d.c.provider_id == provider_id
         )
         gateways = self._reporter_gateways.get(actor)
@@ -183,9 +199,11 @@ class ProviderEvents:
             done = conn.execute(sa.update(d).where(d.c.id == row.id, d.c.state == row.state).values(**values)).rowcount
             if not done:
                 continue
-            changes.append(
-                StateChange(row.run_id, row.id, row.key, row.state, target, provider_id, error_code, "provider_status")
-            )
+            change = StateChange(
+                row.run_id, row.id, row.key, row.state, target, provider_id, error_code, "provider_status",
+                gateway=row.gateway, sent_at=as_utc(row.sent_at), at=now,
+            )  # fmt: skip
+            changes.append(change)
             conn.execute(
                 sa.insert(t.attempts).values(
                     delivery_id=row.id,
@@ -290,7 +308,7 @@ class ProviderEvents:
                         "not_at_provider",
                     )
                 )
-            self._ledger_changes(conn, changes, "reconcile")
+            self._ledger_changes(conn, changes, "reconcile", now)
         found_n = sum(1 for c in changes if c.to_state == SENT)
         return found_n, len(changes) - found_n
 
@@ -313,7 +331,7 @@ class ProviderEvents:
                 ).rowcount
                 if done:
                     changes.append(StateChange(run_id, row.id, row.key, SENDING, UNKNOWN, None, None, reason))
-            self._ledger_changes(conn, changes, "resume")
+            self._ledger_changes(conn, changes, "resume", now)
         return len(changes)
 
     # ------------------------------------------------------------------ ringback

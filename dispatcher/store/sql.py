@@ -590,9 +590,18 @@ class SqlStore:
         dead) is never dropped: its attempt is written and the ledger gets a ``delivery.late`` event,
         so every hand-over to a gateway is on record; a late ``sent`` also settles a row that went
         back to ``pending`` and was not claimed again, so it is not sent a second time.
+
+        A gateway as quick as Kannel reports deliveries before the batch has recorded its ids;
+        those reports wait in the status backlog, and are applied here once the ids are written,
+        rather than when some later report happens to come in.
         """
         if not outcomes:
             return
+        self._record(outcomes, actor)
+        if any(o.provider_id for o in outcomes):
+            self._provider.drain_status_backlog()
+
+    def _record(self, outcomes: Sequence[Outcome], actor: str) -> None:
         now = self.clock()
         with self._write() as conn:
             if any(o.key is None for o in outcomes):

@@ -15,3 +15,8 @@ ROUTE_MODULES: list[ModuleType] = []
 from . import dashboard  # noqa: E402 - the list above must exist before modules register
 
 ROUTE_MODULES.append(dashboard)
+
+# /metrics for Prometheus: counters of this process and the broker's queue depth
+from . import scrape  # noqa: E402
+
+ROUTE_MODULES.append(scrape)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from .. import metrics
 from ..batch import context_from_run
 from ..ringback import ENROL_CHANNEL, announcement_text
 
@@ -27,7 +28,9 @@ class StoreDeliveryReports:
         self.runtime = runtime
 
     def apply_status(self, provider_id: str, status: str, *, error_code: str | None, actor: str) -> int:
-        return len(self.runtime.store.apply_status(provider_id, status, error_code=error_code, actor=actor))
+        changes = self.runtime.store.apply_status(provider_id, status, error_code=error_code, actor=actor)
+        metrics.reports_applied(changes)
+        return len(changes)
 
     def set_opted_out(self, phone: str, opted_out: bool) -> bool:
         return self.runtime.store.set_opted_out(phone, opted_out)

@@ -1,21 +1,15 @@
 """Kannel (``DISPATCH_GATEWAY=kannel``): SMS through a Kannel ``smsbox``, delivery reports on our DLR route.
 
-A SKELETON. What it does: builds the ``GET /cgi-bin/sendsms`` request (``gateway.py``),
-classifies smsbox's answers in one table, and serves ``/webhooks/kannel/dlr``
-(``webhooks.py``), authenticated by an HMAC in the DLR URL. Its tests
-(``tests/test_kannel_provider.py``) run it on ``httpx.MockTransport``.
+- ``gateway.py``: the ``GET /cgi-bin/sendsms`` request, smsbox's answers classified in
+  one table, and the DLR URL (our provider id and a per-message token) it hands Kannel;
+- ``webhooks.py``: ``/webhooks/kannel/dlr``, where smsbox reports what the SMSC said.
 
-What remains before it is used for real:
+Its settings are its own (``DISPATCH_KANNEL_URL``, ``_USERNAME``, ``_PASSWORD``,
+``_FROM``, ``_DLR_SECRET``), read once in ``Settings``. ``tests/test_kannel_real.py``
+runs it against Debian's bearerbox, smsbox and ``fakesmsc``.
 
-- a test against a real Kannel (Debian ``kannel``: bearerbox + smsbox + ``fakesmsc``),
-  sending and receiving DLRs end to end; planned;
-- its own settings: the skeleton reads the smsbox URL and credentials from
-  ``DISPATCH_HTTP_SECRET_KANNEL_URL`` / ``_USERNAME`` / ``_PASSWORD`` (``Settings.gateway_secrets``)
-  so that adding it touched nothing outside this package but its registration;
-- delivery reports are scoped only by the ``kannel:`` prefix of its provider ids; the store's
-  reporter scoping (rows a reporter may move) does not know the ``kannel`` actor yet;
-- the DLR HMAC is keyed with the sendsms password; a secret of its own, a ``POST`` sendsms for
-  long texts, ``validity`` from ``send_by``, and inbound (MO) opt-outs are not done.
+Not done: a ``POST`` sendsms for very long texts, ``validity`` from ``send_by``, and
+inbound (MO) opt-outs through an ``sms-service``.
 """
 
 from __future__ import annotations
@@ -30,17 +24,16 @@ if TYPE_CHECKING:
 
     from ...settings import Settings
 
-SECRET = "DISPATCH_HTTP_SECRET_KANNEL_"
-
 
 def _gateway(settings: Settings) -> Gateway:
     from .gateway import KannelGateway
 
-    secrets = settings.gateway_secrets
     return KannelGateway(
-        sendsms_url=secrets.get(SECRET + "URL", ""),
-        username=secrets.get(SECRET + "USERNAME", ""),
-        password=secrets.get(SECRET + "PASSWORD", ""),
+        sendsms_url=settings.kannel_sendsms_url,
+        username=settings.kannel_username,
+        password=settings.kannel_password,
+        dlr_secret=settings.kannel_dlr_secret,
+        sender=settings.kannel_from,
         public_url=settings.public_url,
         timeout=settings.gateway_timeout,
     )
@@ -49,7 +42,16 @@ def _gateway(settings: Settings) -> Gateway:
 def _routes(reports: DeliveryReports, settings: Settings) -> list[BaseRoute]:
     from . import webhooks
 
-    return webhooks.routes(reports, settings, secret=settings.gateway_secrets.get(SECRET + "PASSWORD", ""))
+    return webhooks.routes(reports, settings, secret=settings.kannel_dlr_secret)
 
 
-PROVIDER = register(Provider(name="kannel", channels=frozenset({"sms"}), gateway=_gateway, routes=_routes))
+PROVIDER = register(
+    Provider(
+        name="kannel",
+        channels=frozenset({"sms"}),
+        gateway=_gateway,
+        routes=_routes,
+        # a DLR token is keyed with this provider's secret: it speaks only for rows Kannel took
+        reports_for=("kannel",),
+    )
+)

@@ -1,19 +1,27 @@
 """Kannel's ``smsbox`` sendsms interface: one GET per message, delivery reports on a URL we give it.
 
 The request (``GET /cgi-bin/sendsms``) carries ``username``, ``password``, ``to``,
-``text``, ``charset=UTF-8`` and, for Chinese text, ``coding=2`` (UCS-2); we ask for
-final delivery reports only (``dlr-mask=19``: 1 delivered, 2 not delivered to the
-phone, 16 not delivered to the SMSC) on ``/webhooks/kannel/dlr``, with our own id
-and an HMAC of it in the URL, because Kannel signs nothing it sends back. Kannel
-substitutes ``%d`` with the report type.
+``text`` and ``charset=UTF-8``; Chinese text adds ``coding=2`` so smsbox sends it
+as UCS-2 instead of mangling it into the GSM alphabet. We ask for every delivery
+report type (``dlr-mask=31``: 1 delivered to the phone, 2 not delivered to the
+phone, 4 buffered on the SMSC, 8 submitted to the SMSC, 16 rejected by the SMSC)
+so that the intermediate ones show in the web log too, on ``dlr-url`` pointing at
+``/webhooks/kannel/dlr`` with our provider id and a token derived from it, because
+Kannel signs nothing it sends back. smsbox substitutes ``%d`` (report type) and
+``%T`` (when the SMSC reported) in that URL; the numbers (``%p``/``%P``) are never
+asked for: the id already finds the row, and a number in a URL ends up in logs.
 
 Kannel's answers, classified in one table (``classify``): ``0: Accepted for
-delivery`` and ``3: Queued for later delivery`` are hand-overs; a 403 (bad
-credentials) or another 4xx is permanent; a 503 ``Sending failed`` /
-``Temporal failure`` means smsbox queued nothing, so it is retried; any other
+delivery`` and ``3: Queued for later delivery`` are hand-overs; ``Authorization
+failed`` (403) and other 4xx are permanent; a 503 ``Sending failed`` /
+``Temporal failure`` means smsbox queued nothing (an explicit "not accepted":
+``UnavailableSendError``, so a failover list tries its next provider), so it is retried; any other
 answer, a read timeout or a success status with an unreadable body may have
-queued the SMS and leaves the row ``unknown``. Kannel offers no way to ask what it
-took (``can_lookup = False``): such rows wait for an operator, as with the HTTP adapter.
+queued the SMS and leaves the row ``unknown``. A refused connection (or a connect
+timeout) means smsbox is not there: nothing was taken, and nothing after it will
+be, so the batch stops with ``GatewayDown`` instead of failing every row. Kannel
+offers no way to ask what it took (``can_lookup = False``): ``unknown`` rows wait
+for an operator, as with the HTTP adapter.
 """
 
 from __future__ import annotations
@@ -22,12 +30,14 @@ import hashlib
 import hmac
 import re
 from collections.abc import Sequence
+from urllib.parse import unquote
 
 import httpx
 
 from ...errors import (
     AmbiguousSendError,
     ConfigError,
+    GatewayDown,
     PermanentSendError,
     RetryableSendError,
     SendError,
@@ -38,22 +48,30 @@ from ..httptrace import TracedHttp, collecting
 from ..redaction import REDACTED, Redactor
 
 DLR_PATH = "/webhooks/kannel/dlr"
-#: final states only: 1 delivered to the phone, 2 not delivered to the phone, 16 not delivered to the SMSC
-DLR_MASK = 19
+#: every report type: 1 delivered, 2 not delivered to the phone, 4 buffered, 8 SMSC submit, 16 SMSC reject
+DLR_MASK = 1 + 2 + 4 + 8 + 16
 #: the answers of smsbox that mean Kannel took the message
 ACCEPTED_PREFIXES = ("0:", "3:")
-_SIG_RE = re.compile(r"(sig(?:=|%3D))[0-9a-f]{64}", re.IGNORECASE)
+#: shortest DISPATCH_KANNEL_DLR_SECRET accepted: it is all that stands between the DLR route and forged reports
+MIN_DLR_SECRET = 16
+_TOKEN_RE = re.compile(r"(token(?:=|%3D))[0-9a-f]{64}", re.IGNORECASE)
 
 
 class _KannelRedactor(Redactor):
-    """Also hides the DLR URL's HMAC: whoever reads a trace must not be able to forge that message's report."""
+    """Also hides the DLR URL's token (whoever reads a trace must not be able to forge that message's report),
+    and sees the number inside the DLR URL, which is a query value of the sendsms query: encoded twice."""
 
     def text(self, value: str) -> str:
-        return _SIG_RE.sub(lambda m: m.group(1) + REDACTED, super().text(value))
+        if "%25" in value:
+            value = unquote(value)
+        return _TOKEN_RE.sub(lambda m: m.group(1) + REDACTED, super().text(value))
 
 
-def dlr_signature(secret: str, provider_id: str) -> str:
-    """What the DLR URL carries so a report for ``provider_id`` can be believed: hex HMAC-SHA256."""
+def dlr_token(secret: str, provider_id: str) -> str:
+    """What the DLR URL carries so a report for ``provider_id`` can be believed: hex HMAC-SHA256.
+
+    One token per message: a DLR URL read from Kannel's logs lets nobody report on any other message.
+    """
     return hmac.new(secret.encode("utf-8"), provider_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
@@ -64,7 +82,7 @@ def classify(status: int, answer: str) -> SendError | None:
         if text.startswith(ACCEPTED_PREFIXES):
             return None
         return AmbiguousSendError(f"unexpected answer from Kannel (HTTP {status})", code="kannel.bad_provider_response")
-    if status == 403:
+    if status == 403 or text.startswith("Authorization failed"):
         return PermanentSendError("Kannel refused the sendsms credentials", code="kannel.auth")
     if status == 503:
         # smsbox could not hand the message to bearerbox: nothing is queued, an explicit "not accepted"
@@ -85,25 +103,40 @@ class KannelGateway(BaseGateway):
         sendsms_url: str,
         username: str,
         password: str,
+        dlr_secret: str,
         public_url: str,
+        sender: str = "",
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not sendsms_url or not username or not password:
             raise ConfigError(
-                "DISPATCH_HTTP_SECRET_KANNEL_URL, _USERNAME and _PASSWORD must be set for DISPATCH_GATEWAY=kannel"
+                "DISPATCH_KANNEL_URL, DISPATCH_KANNEL_USERNAME and DISPATCH_KANNEL_PASSWORD must be set "
+                "for DISPATCH_GATEWAY=kannel"
+            )
+        if len(dlr_secret) < MIN_DLR_SECRET:
+            raise ConfigError(
+                f"DISPATCH_KANNEL_DLR_SECRET: at least {MIN_DLR_SECRET} characters, got {len(dlr_secret)} "
+                "(it authenticates Kannel's delivery reports)"
             )
         if not public_url:
-            raise ConfigError("DISPATCH_PUBLIC_URL must be set: Kannel posts delivery reports there")
+            raise ConfigError("DISPATCH_PUBLIC_URL must be set: Kannel calls the delivery-report URL there")
         self.sendsms_url = sendsms_url
         self.username = username
         self.password = password
+        self.dlr_secret = dlr_secret
+        self.sender = sender
         self.dlr_base = public_url.rstrip("/") + DLR_PATH
-        self.http = TracedHttp(redactor=_KannelRedactor([password]), timeout=timeout, transport=transport)
+        self.http = TracedHttp(redactor=_KannelRedactor([password, dlr_secret]), timeout=timeout, transport=transport)
 
     def dlr_url(self, provider_id: str) -> str:
-        query = httpx.QueryParams({"id": provider_id, "sig": dlr_signature(self.password, provider_id)})
-        return f"{self.dlr_base}?{query}&type=%d"  # %d is Kannel's: the report type, substituted by smsbox
+        """Our DLR route for one message; ``%d``/``%T`` are Kannel's escapes, substituted by smsbox.
+
+        The id is percent-encoded ASCII, so every ``%`` of ours is followed by a hex digit 2-7,
+        which Kannel does not read as an escape of its own.
+        """
+        query = httpx.QueryParams({"id": provider_id, "token": dlr_token(self.dlr_secret, provider_id)})
+        return f"{self.dlr_base}?{query}&type=%d&at=%T"
 
     def send(self, message: OutgoingMessage) -> SendResult:
         provider_id = f"kannel:{message.key}"
@@ -116,20 +149,18 @@ class KannelGateway(BaseGateway):
             "dlr-mask": DLR_MASK,
             "dlr-url": self.dlr_url(provider_id),
         }
+        if self.sender:
+            params["from"] = self.sender
         if message.encoding.upper().startswith("UCS"):
             params["coding"] = 2
         with collecting() as trace:
             try:
                 response = self.http.request("GET", self.sendsms_url, params=params)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                # refused or unresolvable: smsbox never saw the request
-                error: SendError = UnavailableSendError(
-                    f"could not connect: {type(exc).__name__}", code="kannel.connect"
-                )
-                error.trace = list(trace)
-                raise error from exc
+                raise GatewayDown(f"Kannel's smsbox cannot be reached: {type(exc).__name__}") from exc
             except httpx.PoolTimeout as exc:
-                error = RetryableSendError(f"could not connect: {type(exc).__name__}", code="kannel.connect")
+                # our own connection pool was full: nothing left this process
+                error: SendError = RetryableSendError(f"no free connection: {type(exc).__name__}", code="kannel.pool")
                 error.trace = list(trace)
                 raise error from exc
             except httpx.HTTPError as exc:
@@ -141,6 +172,18 @@ class KannelGateway(BaseGateway):
             failure.trace = list(trace)
             raise failure
         return SendResult(provider_id=provider_id, status="queued", trace=list(trace))
+
+    def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
+        """One ``send`` each; when smsbox goes away mid-chunk, what it took before is handed up with the stop."""
+        results: list[SendResult | SendError] = []
+        for message in messages:
+            try:
+                results.append(self.send(message))
+            except SendError as exc:
+                results.append(exc)
+            except GatewayDown as exc:
+                raise GatewayDown(str(exc), done=results) from exc
+        return results
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
         return {}
