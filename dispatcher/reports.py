@@ -7,8 +7,11 @@ delivery rows costs no Python memory. Definitions, so auditors can re-count them
   district (their registry district) and population group. A resident in three
   groups counts once in each of the three cells.
 - **reached**: of those, residents with at least one delivery row in state
-  ``sent`` or ``delivered`` in a run of the period; **delivered**: in state
-  ``delivered`` (a carrier receipt). Percent = reached / eligible.
+  ``sent``, ``delivered`` or ``unconfirmed`` in a run of the period (handed to a
+  carrier that reported no failure). Percent = reached / eligible.
+- what the carriers confirmed, by each resident's best row: **delivered** (a
+  carrier receipt), else **unconfirmed** (no final report by the deadline,
+  ``DISPATCH_DLR_DEADLINE``), else **undelivered** (the carrier said it was not).
 - A run belongs to a period by its fire time (scheduled runs) or else its
   creation time, in Asia/Shanghai.
 """
@@ -83,22 +86,25 @@ def coverage(store: SqlStore, period: Period) -> dict[str, Any]:
     for dist in domain.DISTRICTS:
         for seg in domain.SEGMENTS:
             cell = counts.cells.get((dist.id, seg.id), none)
-            n, re_, de = cell.eligible, cell.reached, cell.delivered
+            n, re_ = cell.eligible, cell.reached
             cells.append({
                 "district": dist.id, "district_name": dist.name, "segment": seg.id, "segment_name": seg.name,
-                "eligible": n, "reached": re_, "delivered": de, "percent": _pct(re_, n),
+                "eligible": n, "reached": re_, "delivered": cell.delivered, "undelivered": cell.undelivered,
+                "unconfirmed": cell.unconfirmed, "percent": _pct(re_, n),
             })  # fmt: skip
     districts = []
     for dist in domain.DISTRICTS:
         reach = counts.districts.get(dist.id, none)
-        n, re_, de = reach.eligible, reach.reached, reach.delivered
+        n, re_ = reach.eligible, reach.reached
         districts.append(
             {
                 "district": dist.id,
                 "district_name": dist.name,
                 "eligible": n,
                 "reached": re_,
-                "delivered": de,
+                "delivered": reach.delivered,
+                "undelivered": reach.undelivered,
+                "unconfirmed": reach.unconfirmed,
                 "percent": _pct(re_, n),
             }
         )
@@ -171,6 +177,8 @@ CSV_COLUMNS = {
         "eligible",
         "reached",
         "delivered",
+        "undelivered",
+        "unconfirmed",
         "percent",
     ),
     "departments": (

@@ -25,7 +25,20 @@ from .errors import UsageError
 from .keys import delivery_key
 from .phones import InvalidPhone, normalise
 from .providers.base import LookupRequest
-from .store import FAILED, SENT, UNKNOWN, AudienceFilter, Claimed, CreatedRun, Outcome, RunRecord, RunSpec
+from .store import (
+    DELIVERED,
+    FAILED,
+    SENT,
+    UNCONFIRMED,
+    UNDELIVERED,
+    UNKNOWN,
+    AudienceFilter,
+    Claimed,
+    CreatedRun,
+    Outcome,
+    RunRecord,
+    RunSpec,
+)
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -409,6 +422,9 @@ class RunStatus:
     last_progress: datetime | None
     #: messages per provider and the failovers between them (``SqlStore.by_gateway``)
     gateways: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: what the carriers reported of what was handed over: delivered, undelivered, unconfirmed (no final
+    #: report by DISPATCH_DLR_DEADLINE) and awaiting (still ``sent``)
+    delivery_reports: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The status as the CLI's ``--json`` prints it: times as ISO 8601 strings."""
@@ -446,6 +462,13 @@ def status(runtime: Runtime, run_id: str) -> RunStatus:
         open=sum(counts.get(s, 0) for s in ("pending", "sending", UNKNOWN)),
         failed=counts.get(FAILED, 0),
         halted=run.halted,
+        # what the carriers said about what was handed over: ``awaiting`` rows are still ``sent``
+        delivery_reports={
+            "delivered": counts.get(DELIVERED, 0),
+            "undelivered": counts.get(UNDELIVERED, 0),
+            "unconfirmed": counts.get(UNCONFIRMED, 0),
+            "awaiting": counts.get(SENT, 0),
+        },
         stalled=stalled,
         last_progress=last_progress,
     )

@@ -40,6 +40,7 @@ from apscheduler.triggers.base import BaseTrigger
 
 from . import metrics
 from .campaigns import LoadedCampaign, campaign_files, check_paths, make_trigger, next_after, parse_duration
+from .dlr import DeliveryReportSweep
 from .errors import DispatchError, InputError
 from .restores import due_restores, start_restore
 from .runs import enqueue_batches, start_run
@@ -166,6 +167,8 @@ class Scheduler:
         #: this leader's fencing token (leader_fences); None while it has not taken the fence
         self.token: int | None = None
         self.watchdog = Watchdog(runtime)
+        #: chases delivery reports that never came, beside (not inside) the watchdog
+        self.reports_sweep = DeliveryReportSweep(runtime)
         self._signature: tuple[Any, ...] = ()
 
     # ---- campaign files
@@ -244,6 +247,7 @@ class Scheduler:
                 log.error("scheduler.fire_failed", campaign_id=entry.loaded.campaign.id, error=str(exc))
         self.restore_ended_ringback_windows()
         self.watchdog.tick()
+        self.reports_sweep.tick()
         return fired
 
     #: monotonic time of the next ringback sweep (the leader sweeps every RINGBACK_SWEEP_SECONDS)

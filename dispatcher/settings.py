@@ -137,6 +137,10 @@ class Settings:
     outbox_fail_transient: frozenset[str] = field(default_factory=frozenset)
     #: simulated per-message latency of the outbox (drills: a slow gateway); 0 = none
     outbox_latency_ms: int = 0
+    #: outbox delivery status for drills: numbers whose message the outbox reports undelivered, and numbers
+    #: it never gives a final status for (everything else in the file is delivered)
+    outbox_undelivered: frozenset[str] = field(default_factory=frozenset)
+    outbox_no_report: frozenset[str] = field(default_factory=frozenset)
     # --- real gateways -----------------------------------------------------------
     #: where providers reach our web process (status callbacks, TwiML); signatures are checked against it
     public_url: str = ""
@@ -213,6 +217,16 @@ class Settings:
     watchdog_every: float = 5.0
     #: seconds a provider's circuit stays open (messages go to the next provider) before one probes it
     failover_cooldown: float = 30.0
+    # --- delivery reports ----------------------------------------------------------
+    #: seconds after the hand-over before a row still ``sent`` (no final report) is asked about
+    dlr_chase_after: float = 1800.0
+    #: seconds after the hand-over before a row still ``sent`` is marked ``unconfirmed``
+    dlr_deadline: float = 72 * 3600.0
+    #: how often the scheduler's leader runs the delivery-report sweep
+    dlr_every: float = 60.0
+    #: how long per-attempt HTTP traces are kept: what ``dispatch purge`` clears when given no
+    #: ``--traces-older-than`` (the attempts and the ledger are kept whatever this says)
+    trace_retention: str = "30d"
     #: what ``${NAME}`` in an HTTP gateway or ringback config may name: only DISPATCH_HTTP_SECRET_* variables,
     #: so a config file can never send the program's own settings (session secret, database URL) anywhere
     gateway_secrets: Mapping[str, str] = field(default_factory=dict)
@@ -252,6 +266,8 @@ class Settings:
             outbox_fail_permanent=numbers("DISPATCH_OUTBOX_FAIL_PERMANENT"),
             outbox_fail_transient=numbers("DISPATCH_OUTBOX_FAIL_TRANSIENT"),
             outbox_latency_ms=_int(env, "DISPATCH_OUTBOX_LATENCY_MS", 0),
+            outbox_undelivered=numbers("DISPATCH_OUTBOX_UNDELIVERED"),
+            outbox_no_report=numbers("DISPATCH_OUTBOX_NO_REPORT"),
             public_url=(env.get("DISPATCH_PUBLIC_URL") or "").rstrip("/"),
             twilio_account_sid=env.get("TWILIO_ACCOUNT_SID", ""),
             twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", ""),
@@ -277,6 +293,8 @@ class Settings:
             metrics_port=_port(env, "DISPATCH_METRICS_PORT"),
             **_schedule_settings(env),
             **_fault_settings(env),
+            **_dlr_settings(env),
+            trace_retention=_retention(env),
             gateway_secrets={k: v for k, v in env.items() if k.startswith(GATEWAY_SECRET_PREFIX)},
         )
 
@@ -305,6 +323,16 @@ class Settings:
         return not self.broker_url
 
 
+def _retention(env: Mapping[str, str]) -> str:
+    raw = (env.get("DISPATCH_TRACE_RETENTION") or "30d").strip()
+    try:
+        if parse_duration(raw) <= timedelta(0):
+            raise ValueError("the period must be longer than 0")
+    except ValueError as exc:
+        raise ConfigError(f"DISPATCH_TRACE_RETENTION: {exc}") from exc
+    return raw
+
+
 def _fault_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """Watchdog, spool and record-retry settings."""
     return {
@@ -331,6 +359,39 @@ def gateway_list(text: str, *, check: bool = False) -> tuple[str, ...]:
         if repeated:
             raise ConfigError(f"DISPATCH_GATEWAY: {', '.join(repeated)} listed twice in {text!r}")
     return tuple(n for n in names if n)
+
+
+def _duration(env: Mapping[str, str], name: str, default: float) -> float:
+    """Seconds from a number (``1800``) or a duration (``30m``, ``72h``, ``3d``); more than 0."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            seconds = parse_duration(raw).total_seconds()
+        except ValueError as exc:
+            raise ConfigError(f"{name}: expected seconds or a duration such as 30m or 72h, got {raw!r}") from exc
+    if seconds <= 0:
+        raise ConfigError(f"{name}: must be more than 0, got {raw!r}")
+    return seconds
+
+
+def _dlr_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """When rows without a final delivery report are chased, and when they are given up as unconfirmed."""
+    chase_after = _duration(env, "DISPATCH_DLR_CHASE_AFTER", 1800.0)
+    deadline = _duration(env, "DISPATCH_DLR_DEADLINE", 72 * 3600.0)
+    if deadline < chase_after:
+        raise ConfigError(
+            f"DISPATCH_DLR_DEADLINE ({deadline:g}s) must not be shorter than "
+            f"DISPATCH_DLR_CHASE_AFTER ({chase_after:g}s)"
+        )
+    return {
+        "dlr_chase_after": chase_after,
+        "dlr_deadline": deadline,
+        "dlr_every": _duration(env, "DISPATCH_DLR_EVERY", 60.0),
+    }
 
 
 def _schedule_settings(env: Mapping[str, str]) -> dict[str, Any]:

@@ -271,7 +271,7 @@ def test_a_version_3_delivery_log_is_upgraded_in_place_and_its_accounts_stay_ena
         conn.execute(sa.text("UPDATE dispatch_meta SET value = '3' WHERE key = 'schema_version'"))
     store.close()
     upgraded = open_store(database_url)
-    assert upgraded.schema_version() == t.SCHEMA_VERSION == 4
+    assert upgraded.schema_version() == t.SCHEMA_VERSION
     assert list_users(upgraded) == [{"name": "old", "role": "auditor", "disabled": False}]
     account = login(upgraded, "old", "an old long password", "127.0.0.1")
     assert account is not None

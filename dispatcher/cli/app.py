@@ -5,7 +5,7 @@ as one line (``path:line:column: field: message``) with no traceback, before
 anything is written or sent.
 
 Each command group lives in its own module (campaigns, runs, processes, ringback,
-audience, audit, reports, users) and only parses options and prints; the work is
+audience, audit, traces, reports, users) and only parses options and prints; the work is
 done by the pipeline modules they call. This module is the one place that puts
 them together: the order below is the order ``dispatch --help`` lists them in.
 """
@@ -20,7 +20,7 @@ import typer
 from .. import logs
 from ..errors import DispatchError, InputError
 from ..redact import scrub
-from . import audience, audit, campaigns, processes, reports, ringback, runs, users
+from . import audience, audit, campaigns, processes, reports, ringback, runs, traces, users
 from .console import State, err
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ app.command("runs")(runs.runs)
 app.command("status")(runs.status_cmd)
 app.command("resume")(runs.resume)
 app.command("settle")(runs.settle)
+app.command("reconcile")(runs.reconcile)
 app.command("worker")(processes.worker)
 app.command("web")(processes.web)
 app.command("pause")(runs.pause)
@@ -45,6 +46,8 @@ app.command("cancel")(runs.cancel)
 app.command("scheduler")(processes.scheduler)
 app.add_typer(ringback.ringback_app, name="ringback")
 app.add_typer(audit.audit_app, name="audit")
+app.command("trace")(traces.trace)
+app.command("purge")(traces.purge)
 app.add_typer(reports.report_app, name="report")
 app.add_typer(users.users_app, name="users")
 

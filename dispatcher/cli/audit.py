@@ -147,14 +147,19 @@ def _print_log_table(rows: Iterable[dict[str, Any]]) -> int:
 
 @audit_app.command("exports")
 def audit_exports(limit: int = typer.Option(50, min=1), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Who exported or viewed unmasked numbers, or searched by number, newest first (the audit chain)."""
+    """Who exported or viewed unmasked numbers, searched by number, read or purged traces, newest first."""
     rows = audit.audit_events(runtime().store, limit)
     if as_json:
         emit_json({"exports": rows})
         return
     for row in rows:
+        payload = row["payload"]
+        # exports and searches carry the filter; trace views and purges say what they looked at or cleared
+        what = payload.get("filter") if "filter" in payload else {
+            k: v for k, v in payload.items() if k not in ("via", "phone_hmac")
+        }  # fmt: skip
         out.print(
-            f"{row['at'][:19]} {row['actor']} {row['kind']} via {row['payload'].get('via')} "
-            f"filter {row['payload'].get('filter')}",
+            f"{row['at'][:19]} {row['actor']} {row['kind']} via {payload.get('via')} "
+            f"{'filter' if 'filter' in payload else 'on'} {what}",
             markup=False,
         )

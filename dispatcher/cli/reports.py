@@ -36,7 +36,7 @@ def report_coverage(
     as_json: bool = typer.Option(False, "--json"),
     fmt: str = typer.Option("table", "--format", help="table or csv"),
 ) -> None:
-    """District x population group: eligible, reached, delivered, percent reached."""
+    """District x population group: eligible, reached, delivered, undelivered, unconfirmed, percent reached."""
     rt = runtime()
     p = reports.parse_period(period or reports.quarter_of(rt.clock()))
     report = reports.coverage(rt.store, p)
@@ -51,6 +51,9 @@ def report_coverage(
     for s in domain.SEGMENTS:
         table.add_row(s.name, *[f"{cells[(d.id, s.id)]['percent']}%" for d in domain.DISTRICTS])
     table.add_row("all residents", *[f"{d['percent']}% of {d['eligible']}" for d in report["districts"]], style="bold")
+    # what the carriers confirmed of those reached: a silent carrier shows up as unconfirmed, not as reached alone
+    for figure in ("delivered", "undelivered", "unconfirmed"):
+        table.add_row(f"  {figure}", *[str(d[figure]) for d in report["districts"]])
     out.print(table)
 
 

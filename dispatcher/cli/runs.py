@@ -1,4 +1,4 @@
-"""``dispatch run``, ``runs``, ``status``, ``resume``, ``settle``, ``pause`` and ``cancel``: a run's life."""
+"""``dispatch run``, ``runs``, ``status``, ``resume``, ``settle``, ``reconcile``, ``pause``, ``cancel``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rich.table import Table
 from ..actors import declared
 from ..broker import ping
 from ..campaigns import check_run_date, load_campaign, parse_as_of
+from ..dlr import chase_run, human_seconds
 from ..errors import UsageError
 from ..follow import embedded_wait_until, follow_run
 from ..runs import (
@@ -32,6 +33,12 @@ from ..runs import (
 from ..runtime import Runtime
 from ..term import SafeConsole
 from .console import district_name, emit_json, err, out, runtime
+
+#: the summary's columns, in the order a row moves through them (those with no rows are left out)
+SUMMARY_STATES = (
+    "sent", "delivered", "undelivered", "unconfirmed", "failed", "skipped", "pending", "sending", "unknown",
+    "expired", "cancelled",
+)  # fmt: skip
 
 
 def progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) -> RunStatus:
@@ -57,11 +64,7 @@ def progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) -> 
 
 def print_summary(st: RunStatus, console: SafeConsole = out) -> None:
     table = Table(title=f"run {st.run_id} — {st.campaign_id} ({st.status})")
-    states = [
-        s
-        for s in ("sent", "delivered", "failed", "skipped", "pending", "sending", "unknown", "expired", "cancelled")
-        if any(s in v for v in st.by_district.values())
-    ]
+    states = [s for s in SUMMARY_STATES if any(s in v for v in st.by_district.values())]
     table.add_column("district")
     for s in states:
         table.add_column(s, justify="right")
@@ -81,6 +84,14 @@ def print_summary(st: RunStatus, console: SafeConsole = out) -> None:
             why = ", ".join(f"{code} {n}" for code, n in sorted(codes.items()))
             console.print(f"failover: {name} passed over {sum(codes.values())} times ({why})", markup=False)
         console.print(f"failover: {gateways['failed_over']} messages went out through a later gateway", markup=False)
+    reports = st.delivery_reports
+    if any(reports.values()):
+        console.print(
+            f"delivery reports: {reports['delivered']} delivered, {reports['undelivered']} undelivered, "
+            f"{reports['unconfirmed']} unconfirmed (no final report by the deadline), "
+            f"{reports['awaiting']} still awaited",
+            markup=False,
+        )
     if st.halted:
         console.print(f"halted: {st.halted}; `dispatch resume {st.run_id}` continues it", markup=False)
     if st.stalled:
@@ -297,6 +308,38 @@ def settle(
     else:
         err.print(f"settled {moved} unknown row(s) of {run_id} as {as_state}", markup=False)
         print_summary(st)
+
+
+def reconcile(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Chase RUN's delivery reports: ask the provider about rows still `sent` after
+    DISPATCH_DLR_CHASE_AFTER, and mark those past DISPATCH_DLR_DEADLINE `unconfirmed`."""
+    rt = runtime()
+    rt.store.get_run(run_id)
+    result = chase_run(rt, run_id, actor=f"operator:{getpass.getuser() or 'operator'}")
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    settings = rt.settings
+    if result.can_fetch_status:
+        asked = (
+            f"asked {result.gateway} about {result.asked} rows sent over {human_seconds(settings.dlr_chase_after)} "
+            f"ago: {result.delivered} delivered, {result.undelivered} undelivered, {result.failed} failed, "
+            f"{result.no_final_status} with no final status yet, {result.asked - result.answered} unknown to it"
+        )
+    else:
+        asked = f"{result.gateway} cannot be asked for a message's status: rows wait for their report or the deadline"
+    out.print(f"reconcile {run_id}: {asked}", markup=False)
+    if result.error:
+        err.print(f"reconcile {run_id}: asking stopped early: {result.error}", markup=False)
+    now = result.now
+    out.print(
+        f"{result.unconfirmed} marked unconfirmed (no final report within {human_seconds(settings.dlr_deadline)}); "
+        f"now {now['delivered']} delivered, {now['undelivered']} undelivered, {now['unconfirmed']} unconfirmed, "
+        f"{now['sent']} sent awaiting a report",
+        markup=False,
+    )
+    if result.error:
+        raise typer.Exit(1)
 
 
 def pause(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:

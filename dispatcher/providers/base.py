@@ -10,8 +10,11 @@ A gateway hands one message to a provider (``send``) or many at once
 (``send_many``, for providers that take a batch in one call), and answers which
 idempotency keys it has already accepted (``lookup``), so that rows left in
 ``sending`` or ``unknown`` by a crash or an ambiguous reply are reconciled instead
-of resent. Adapters raise only ``SendError`` subclasses (``errors.py``); the
-third-party exception is chained with ``raise ... from exc``.
+of resent. One that can be asked what became of a message after the hand-over
+says ``can_fetch_status = True`` and answers ``fetch_status`` by provider id: the
+delivery-report sweep (``dlr.py``) asks it about rows whose report never came.
+Adapters raise only ``SendError`` subclasses (``errors.py``); the third-party
+exception is chained with ``raise ... from exc``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,16 @@ class LookupRequest:
     since: datetime | None
 
 
+@dataclass(frozen=True)
+class MessageStatus:
+    """What a provider says about a message it took: its own status word and error code, if any."""
+
+    #: the provider's word (queued, sent, delivered, undelivered, failed, ...): ``apply_status`` maps it
+    status: str
+    error_code: str | None = None
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+
 @runtime_checkable
 class Gateway(Protocol):
     name: str
@@ -76,6 +89,8 @@ class Gateway(Protocol):
     can_lookup: bool
     #: numbers one call can carry; the sender hands over chunks at least this large so batches stay whole
     batch_capacity: int
+    #: whether ``fetch_status`` can say what became of a message after the hand-over
+    can_fetch_status: bool
 
     def send(self, message: OutgoingMessage) -> SendResult:
         """Hand one message over; raise a ``SendError`` subclass on failure."""
@@ -89,6 +104,13 @@ class Gateway(Protocol):
         """The subset of ``requests`` (by key) that the provider has accepted."""
         ...
 
+    def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
+        """The provider's current status of each message it knows, by provider id (unknown ids left out).
+
+        Raise a ``SendError`` subclass when the provider cannot be asked now (the sweep tries again).
+        """
+        ...
+
     def close(self) -> None: ...
 
 
@@ -98,6 +120,7 @@ class BaseGateway:
     name = "base"
     can_lookup = True
     batch_capacity = 1
+    can_fetch_status = False
 
     def send(self, message: OutgoingMessage) -> SendResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -113,6 +136,9 @@ class BaseGateway:
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:  # pragma: no cover
         raise NotImplementedError
+
+    def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:  # pragma: no cover
+        raise NotImplementedError(f"{self.name} cannot be asked for a message's status")
 
     def close(self) -> None:
         return None
@@ -225,6 +251,7 @@ __all__ = [
     "DeliveryReports",
     "Gateway",
     "LookupRequest",
+    "MessageStatus",
     "OutgoingMessage",
     "Provider",
     "RingbackGateway",

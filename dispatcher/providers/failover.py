@@ -33,7 +33,7 @@ import structlog
 
 from .. import metrics
 from ..errors import GatewayDown, SendError, UnavailableSendError
-from .base import Gateway, LookupRequest, OutgoingMessage, SendResult
+from .base import Gateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
 
 log = structlog.get_logger("dispatcher.failover")
 
@@ -165,6 +165,8 @@ class FailoverGateway:
         #: ``unknown`` rows can be looked up only if every provider can say what it took
         self.can_lookup = all(m.can_lookup for m in self.members)
         self.batch_capacity = max(m.batch_capacity for m in self.members)
+        #: the delivery-report sweep asks one provider about the rows it sent; a list does not chase yet
+        self.can_fetch_status = False
 
     @property
     def names(self) -> list[str]:
@@ -283,6 +285,9 @@ class FailoverGateway:
             for key, result in member.lookup(wanted).items():
                 found.setdefault(key, replace(result, gateway=member.name))
         return found
+
+    def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
+        raise NotImplementedError("a failover list is not asked for message statuses")
 
     def close(self) -> None:
         """Nothing of its own: the adapters belong to the runtime, which shares them between lists."""

@@ -80,6 +80,9 @@ class TracedHttp:
         entry: dict[str, Any] = {
             "method": request.method,
             "url": self.redactor.text(str(request.url)),
+            # an operator reading a trace wants to see that credentials were sent, never what they were:
+            # Authorization and every other secret-named header are kept as ``[redacted]``
+            "request_headers": _headers(self.redactor, request.headers),
             "request": self.redactor.body(request.content, request.headers.get("content-type", "")),
         }
         try:
@@ -102,3 +105,7 @@ class TracedHttp:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _headers(redactor: Redactor, headers: httpx.Headers) -> dict[str, str]:
+    return {str(k): str(v) for k, v in redactor.value({k.title(): v for k, v in headers.items()}).items()}

@@ -9,10 +9,12 @@ engine and small operation groups, each in its own module and each owning its ta
     store.pause_run / record_fire / acquire_lease  coordination: control, fires,
       / take_fence / heartbeat ...                 leases, fences, heartbeats   (control.py, sql.py)
     store.apply_status / settle_unknown / ...      provider events after hand-over (provider.py)
+    store.awaiting_report / mark_unconfirmed       rows whose delivery report is chased (provider.py)
     store.accounts                                 accounts, sessions, login throttle (_accounts.py)
     store.audit                                    ledger verification, event log, audit chain (_audit.py)
     store.reports                                  aggregates for the assessment reports (_reports.py)
     store.dashboard                                reads the dashboard's pages need (_dashboard.py)
+    store.traces                                   a delivery's attempts and HTTP traces, trace purge (_traces.py)
 
 Everything else in this package (``sql``, ``control``, ``provider``, ``ledger``, ``schema``,
 the ``_``-prefixed modules) is implementation: import from ``dispatcher.store`` only. SQL
@@ -33,6 +35,7 @@ from ._reports import (
     Window,
 )
 from ._rows import as_utc
+from ._traces import StoredAttempt, StoredDelivery, StoredEvent
 from .base import (
     CANCELLED,
     DELIVERED,
@@ -45,6 +48,7 @@ from .base import (
     SENT,
     SKIPPED,
     STATES,
+    UNCONFIRMED,
     UNDELIVERED,
     UNKNOWN,
     AudienceFilter,
@@ -59,7 +63,7 @@ from .base import (
 from .control import FireRecord, RecentRun, RunProgress
 from .ledger import AUDIT_CHAIN
 from .ledger import Break as ChainBreak
-from .provider import PROVIDER_STATES, StateChange
+from .provider import PROVIDER_STATES, AwaitingReport, StateChange
 from .sql import DuplicateRun, LeaseLost, SqlStore, iter_chunks, open_store, utcnow
 
 __all__ = [
@@ -78,9 +82,11 @@ __all__ = [
     "SENT",
     "SKIPPED",
     "STATES",
+    "UNCONFIRMED",
     "UNDELIVERED",
     "UNKNOWN",
     "AudienceFilter",
+    "AwaitingReport",
     "ChainBreak",
     "Claimed",
     "CoverageCounts",
@@ -104,6 +110,9 @@ __all__ = [
     "SqlStore",
     "StateChange",
     "StoredAccount",
+    "StoredAttempt",
+    "StoredDelivery",
+    "StoredEvent",
     "UnknownRow",
     "Window",
     "as_utc",

@@ -17,8 +17,11 @@ from . import schema as t
 from ._db import Db
 from .base import HANDED_OVER_STATES
 
-#: a recipient counts as reached once a row of theirs is in one of these states
-REACHED_STATES = ("sent", "delivered")
+#: a recipient counts as reached once a row of theirs is in one of these states: handed to a carrier
+#: that did not report a failure (``unconfirmed``: it never reported at all, counted apart as well)
+REACHED_STATES = ("sent", "delivered", "unconfirmed")
+#: what carriers confirmed, best first: a resident's best row decides which one they count under
+CONFIRMATION_RANK = (("delivered", 3), ("unconfirmed", 2), ("undelivered", 1))
 #: rows that did not go out
 FAILED_STATES = ("failed", "undelivered", "expired", "unknown")
 
@@ -36,6 +39,9 @@ class Reach:
     eligible: int
     reached: int
     delivered: int
+    #: reached residents none of whose rows was delivered: the carrier said undelivered / never said
+    undelivered: int = 0
+    unconfirmed: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,33 +113,39 @@ class ReportReads:
             sa.select(
                 d.c.resident_id.label("resident_id"),
                 sa.func.max(sa.case((d.c.state.in_(REACHED_STATES), 1), else_=0)).label("reached"),
-                sa.func.max(sa.case((d.c.state == "delivered", 1), else_=0)).label("delivered"),
+                sa.func.max(sa.case(*((d.c.state == state, rank) for state, rank in CONFIRMATION_RANK), else_=0)).label(
+                    "confirmation"
+                ),
             )
             .where(d.c.run_id.in_(_runs_in(window)))
             .group_by(d.c.resident_id)
             .subquery()
         )
         reached = sa.func.coalesce(sa.func.sum(per_resident.c.reached), 0)
-        delivered = sa.func.coalesce(sa.func.sum(per_resident.c.delivered), 0)
+
+        def confirmed(rank: int) -> Any:
+            return sa.func.coalesce(sa.func.sum(sa.case((per_resident.c.confirmation == rank, 1), else_=0)), 0)
+
+        delivered, unconfirmed, undelivered = (confirmed(rank) for _, rank in CONFIRMATION_RANK)
         eligible_only = r.c.opted_out.is_(False)
         with self._db.read() as conn:
             runs = int(conn.execute(sa.select(sa.func.count()).select_from(_runs_in(window).subquery())).scalar_one())
             cells_q = (
-                sa.select(r.c.district, rs.c.segment, sa.func.count(), reached, delivered)
+                sa.select(r.c.district, rs.c.segment, sa.func.count(), reached, delivered, undelivered, unconfirmed)
                 .select_from(
                     r.join(rs, rs.c.resident_id == r.c.id).outerjoin(per_resident, per_resident.c.resident_id == r.c.id)
                 )
                 .where(eligible_only)
                 .group_by(r.c.district, rs.c.segment)
             )
-            cells = {(dist, seg): Reach(int(n), int(re_), int(de)) for dist, seg, n, re_, de in conn.execute(cells_q)}
+            cells = {(dist, seg): Reach(*(int(v) for v in figures)) for dist, seg, *figures in conn.execute(cells_q)}
             district_q = (
-                sa.select(r.c.district, sa.func.count(), reached, delivered)
+                sa.select(r.c.district, sa.func.count(), reached, delivered, undelivered, unconfirmed)
                 .select_from(r.outerjoin(per_resident, per_resident.c.resident_id == r.c.id))
                 .where(eligible_only)
                 .group_by(r.c.district)
             )
-            districts = {dist: Reach(int(n), int(re_), int(de)) for dist, n, re_, de in conn.execute(district_q)}
+            districts = {dist: Reach(*(int(v) for v in figures)) for dist, *figures in conn.execute(district_q)}
         return CoverageCounts(runs, cells, districts)
 
     def departments(self, window: Window) -> DepartmentCounts:

@@ -5,9 +5,14 @@ shipped in the package, no service needed) and PostgreSQL. The states a delivery
 moves through::
 
     pending ──claim──> sending ──> sent ──(callback)──> delivered / undelivered
-       ^                  │  └───> failed (permanent, or attempts exhausted)
+       ^                  │  │       └──(no final report by the deadline)──> unconfirmed ──(late report)──┘
+       │                  │  └───> failed (permanent, or attempts exhausted)
        └──retryable───────┘  └───> unknown (ambiguous: reconciled by lookup, never resent blindly)
     pending ──> skipped (opted_out, ...) / cancelled / expired
+
+``unconfirmed`` is final for the run (nothing is sent again) but not for the row: the
+provider handed the message on and never said what became of it, so a report that
+arrives late may still move it to delivered or undelivered.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ SKIPPED = "skipped"
 UNKNOWN = "unknown"
 EXPIRED = "expired"
 CANCELLED = "cancelled"
+UNCONFIRMED = "unconfirmed"
 
-STATES = (PENDING, SENDING, SENT, DELIVERED, UNDELIVERED, FAILED, SKIPPED, UNKNOWN, EXPIRED, CANCELLED)
+STATES = (
+    PENDING, SENDING, SENT, DELIVERED, UNDELIVERED, UNCONFIRMED, FAILED, SKIPPED, UNKNOWN, EXPIRED, CANCELLED,
+)  # fmt: skip
 #: states in which a row still needs work
 OPEN_STATES = (PENDING, SENDING, UNKNOWN)
 #: states of a row the gateway accepted: its parts were sent (and paid for) whatever the delivery report says
-HANDED_OVER_STATES = (SENT, DELIVERED, UNDELIVERED)
+HANDED_OVER_STATES = (SENT, DELIVERED, UNDELIVERED, UNCONFIRMED)
 
 
 @dataclass(frozen=True)

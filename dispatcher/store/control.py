@@ -24,10 +24,10 @@ from ..errors import StoreError
 from . import schema as t
 from ._db import Db
 from ._rows import transition
-from .base import CANCELLED, DELIVERED, SENDING, SENT
+from .base import CANCELLED, DELIVERED, SENDING, SENT, UNCONFIRMED
 
 #: states in which a message counts against a person's frequency cap (it reached the gateway)
-CAPPED_STATES = (SENT, DELIVERED)
+CAPPED_STATES = (SENT, DELIVERED, UNCONFIRMED)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@
 - ``unknown_rows`` / ``settle_unknown``: rows an ambiguous reply (5xx, read timeout)
   left in ``unknown`` are settled from the gateway's ``lookup``: found -> ``sent``
   with the provider's id; not found -> back to ``pending`` for another attempt.
+- ``awaiting_report`` / ``mark_unconfirmed``: rows ``sent`` whose final report never
+  came; what the provider says when asked goes through ``apply_status`` like any
+  report, and rows still ``sent`` at the deadline become ``unconfirmed``.
 
 Every state change here is written in one transaction with its ledger event, as
 ``record`` does, so the hash-chained ledger sees every move a callback makes.
@@ -27,8 +30,8 @@ from ..keys import delivery_key_prefix
 from . import ledger
 from . import schema as t
 from ._db import Db
-from ._rows import as_utc, insert_run, keys_digest
-from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNDELIVERED, UNKNOWN, CreatedRun, UnknownRow
+from ._rows import as_utc, insert_run, keys_digest, transition
+from .base import DELIVERED, FAILED, PENDING, SENDING, SENT, UNCONFIRMED, UNDELIVERED, UNKNOWN, CreatedRun, UnknownRow
 from .ledger import Event, append_by_run
 
 #: provider status words -> our state
@@ -44,8 +47,20 @@ PROVIDER_STATES: dict[str, str] = {
     "failed": FAILED,
     "canceled": FAILED,
 }
-#: how far along a row is; a report may only move a row to a higher rank
-_RANK = {PENDING: 0, SENDING: 0, UNKNOWN: 0, SENT: 1, DELIVERED: 2, UNDELIVERED: 2, FAILED: 2}
+#: how far along a row is; a report may only move a row to a higher rank. ``unconfirmed`` sits between
+#: ``sent`` and the final states: a late ``sent`` or ``queued`` leaves it alone, a late final report wins
+_RANK = {PENDING: 0, SENDING: 0, UNKNOWN: 0, SENT: 1, UNCONFIRMED: 2, DELIVERED: 3, UNDELIVERED: 3, FAILED: 3}
+
+
+@dataclass(frozen=True)
+class AwaitingReport:
+    """A row handed over (``sent``) whose final delivery report has not come."""
+
+    id: int
+    run_id: str
+    provider_id: str
+    gateway: str | None
+    sent_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,23 @@ class ProviderEvents:
                 )
             self._ledger_changes(conn, mine, actor, now)
         return mine
+
+    def apply_statuses(self, reports: Sequence[tuple[str, str, str | None]], *, actor: str) -> list[StateChange]:
+        """Several (provider id, status, error code) reports in one transaction, each applied exactly as
+        ``apply_status`` applies one (``_apply_one``: forward only, an attempt row and a ledger event per
+        change). For what the delivery-report sweep learns by asking: one transaction per answer made a
+        large run's sweep crawl. An id no row holds is dropped, not kept: the sweep only asks about ids
+        rows hold."""
+        usable = [r for r in reports if r[0] and PROVIDER_STATES.get(r[1].strip().lower()) is not None]
+        if not usable:
+            return []
+        now = self._db.now()
+        changes: list[StateChange] = []
+        with self._db.write() as conn:
+            for provider_id, status, error_code in usable:
+                changes += self._apply_one(conn, provider_id, status, error_code, actor, now)[0]
+            self._ledger_changes(conn, changes, actor, now)
+        return changes
 
     def drain_status_backlog(self) -> list[StateChange]:
         """Apply kept reports whose rows now hold the provider id (``record``, ``resume`` and every report
@@ -334,6 +366,74 @@ class ProviderEvents:
             self._ledger_changes(conn, changes, "resume", now)
         return len(changes)
 
+    # ------------------------------------------------------------------ chasing delivery reports
+
+    def runs_awaiting_reports(self, sent_before: datetime) -> list[str]:
+        """SMS runs with a row ``sent`` before ``sent_before`` and still without a final report, oldest first.
+
+        Ringback enrolments have no delivery reports: their ``sent`` is final.
+
+        One EXISTS per run over the (run, state) index: no scan of every delivery row.
+        """
+        r, d = t.runs, t.deliveries
+        waiting = sa.exists().where(d.c.run_id == r.c.id, d.c.state == SENT, _handed_over_at(d) < sent_before)
+        with self._db.read() as conn:
+            query = select(r.c.id).where(r.c.channel == "sms", waiting).order_by(r.c.created_at)
+            return [run_id for (run_id,) in conn.execute(query)]
+
+    def awaiting_report(
+        self, run_id: str, sent_before: datetime, *, after_id: int = 0, limit: int = 500
+    ) -> list[AwaitingReport]:
+        """Rows of an SMS run ``sent`` before ``sent_before`` with a provider id, in id order from ``after_id``."""
+        d = t.deliveries
+        query = (
+            select(d.c.id, d.c.run_id, d.c.provider_id, d.c.gateway, _handed_over_at(d).label("at"))
+            .where(
+                _sms_run(run_id),
+                d.c.run_id == run_id,
+                d.c.state == SENT,
+                _handed_over_at(d) < sent_before,
+                d.c.provider_id.is_not(None),
+                d.c.id > after_id,
+            )
+            .order_by(d.c.id)
+            .limit(limit)
+        )
+        with self._db.read() as conn:
+            return [
+                AwaitingReport(row.id, row.run_id, row.provider_id, row.gateway, as_utc(row.at))
+                for row in conn.execute(query)
+            ]
+
+    def mark_unconfirmed(self, run_id: str, sent_before: datetime, *, reason: str, actor: str) -> int:
+        """Rows of an SMS run still ``sent`` that were handed over before ``sent_before`` -> ``unconfirmed``.
+
+        The update is conditional on the row still being ``sent``, in the transaction that
+        writes its ledger event: a report that lands first wins, and two sweeps (an old and a
+        new leader, the scheduler and ``dispatch reconcile``) cannot mark a row twice.
+        """
+        d = t.deliveries
+        now = self._db.now()
+        with self._db.write() as conn:
+            ids = [
+                i
+                for (i,) in conn.execute(
+                    select(d.c.id)
+                    .where(_sms_run(run_id), d.c.run_id == run_id, d.c.state == SENT, _handed_over_at(d) < sent_before)
+                    .order_by(d.c.id)
+                )
+            ]
+            return transition(
+                conn,
+                now,
+                ids,
+                SENT,
+                UNCONFIRMED,
+                actor=actor,
+                reason=reason,
+                values={"reason": "no_final_report", "error_code": "dlr.deadline"},
+            )
+
     # ------------------------------------------------------------------ ringback
 
     def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> CreatedRun:
@@ -423,3 +523,13 @@ class ProviderEvents:
         with self._db.read() as conn:
             value = conn.execute(select(r.c.kept).where(r.c.run_id == run_id, r.c.phone == phone)).scalar()
         return dict(json.loads(value)) if value else None
+
+
+def _handed_over_at(d: sa.Table) -> Any:
+    """When a row was handed over: ``sent_at``, or its last update for rows written before it was kept."""
+    return sa.func.coalesce(d.c.sent_at, d.c.updated_at)
+
+
+def _sms_run(run_id: str) -> Any:
+    """The run sends SMS: ringback enrolments have no delivery reports, their ``sent`` is final."""
+    return sa.exists().where(t.runs.c.id == run_id, t.runs.c.channel == "sms")

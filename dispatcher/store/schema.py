@@ -20,9 +20,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
@@ -32,6 +33,11 @@ MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
     4: (("accounts", "disabled"),),
+    6: (("attempts", "trace_purged_at"),),
+}
+#: indexes an upgrade to that version creates on tables that already exist (``create_all`` leaves them alone)
+INDEX_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    5: ("ix_deliveries_provider_id",),
 }
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a log that grows
@@ -139,6 +145,14 @@ deliveries = Table(
     # by resident, not by phone: ids arrive in ascending order at fan-out, so this index costs little
     # to maintain, where a phone index (random order) doubled the time of writing a 200,000-row run
     Index("ix_deliveries_resident", "resident_id"),
+    # delivery reports (callbacks, and the sweep that asks for them) find their row by the provider's id;
+    # partial, so the rows written at fan-out (no id yet) cost this index nothing
+    Index(
+        "ix_deliveries_provider_id",
+        "provider_id",
+        sqlite_where=text("provider_id IS NOT NULL"),
+        postgresql_where=text("provider_id IS NOT NULL"),
+    ),
 )
 
 #: every attempt to hand a message to a gateway, kept for auditors (one row per try)
@@ -156,6 +170,9 @@ attempts = Table(
     Column("error_message", Text),
     #: JSON list of redacted HTTP exchanges (adapters that speak HTTP fill it)
     Column("trace", Text),
+    #: when the retention purge cleared ``trace`` (``dispatch purge``): the attempt row and its ledger
+    #: event stay, only the exchange text goes; NULL while the trace is kept (or there never was one)
+    Column("trace_purged_at", DateTime(timezone=True)),
     Column("at", DateTime(timezone=True), nullable=False),
     Index("ix_attempts_delivery", "delivery_id"),
     Index("ix_attempts_run", "run_id"),

@@ -41,6 +41,7 @@ from ._dashboard import DashboardReads
 from ._db import Db, one_line
 from ._reports import ReportReads
 from ._rows import as_utc, insert_run, keys_digest, transition
+from ._traces import TraceReads
 from .base import (
     CANCELLED,
     FAILED,
@@ -61,7 +62,7 @@ from .base import (
     UnknownRow,
 )
 from .control import FireRecord, RecentRun, RunControl, RunProgress
-from .provider import ProviderEvents, StateChange
+from .provider import AwaitingReport, ProviderEvents, StateChange
 
 Clock = Callable[[], datetime]
 
@@ -140,6 +141,7 @@ class SqlStore:
         self.audit = AuditLog(self._db)
         self.accounts = Accounts(self._db)
         self.dashboard = DashboardReads(self._db)
+        self.traces = TraceReads(self._db)
         self._control = RunControl(self._db)
         self._provider = ProviderEvents(self._db, reporter_gateways)
 
@@ -199,7 +201,7 @@ class SqlStore:
 
     @staticmethod
     def _upgrade(conn: Connection, found: int) -> None:
-        """Add the columns of every version after ``found`` (schema.MIGRATIONS)."""
+        """Add the columns and indexes of every version after ``found`` (schema.MIGRATIONS, INDEX_MIGRATIONS)."""
         preparer = conn.dialect.identifier_preparer
         inspector = sa.inspect(conn)
         for target in range(found + 1, t.SCHEMA_VERSION + 1):
@@ -211,6 +213,9 @@ class SqlStore:
                 conn.exec_driver_sql(
                     f"ALTER TABLE {preparer.quote(table_name)} ADD COLUMN {preparer.quote(column_name)} {kind}"
                 )
+            for index_name in t.INDEX_MIGRATIONS.get(target, ()):
+                index = next(i for table in t.metadata.tables.values() for i in table.indexes if i.name == index_name)
+                index.create(conn, checkfirst=True)  # checkfirst: an interrupted upgrade may have made it
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -1139,6 +1144,10 @@ class SqlStore:
         """Move the rows holding ``provider_id`` forward to what ``status`` means; returns what changed."""
         return self._provider.apply_status(provider_id, status, error_code=error_code, actor=actor)
 
+    def apply_statuses(self, reports: Sequence[tuple[str, str, str | None]], *, actor: str) -> list[StateChange]:
+        """Several (provider id, status, error code) reports in one transaction, each as ``apply_status``."""
+        return self._provider.apply_statuses(reports, actor=actor)
+
     def drain_status_backlog(self) -> list[StateChange]:
         """Apply kept reports whose rows now hold the provider id (``resume`` and every report call it)."""
         return self._provider.drain_status_backlog()
@@ -1160,6 +1169,20 @@ class SqlStore:
     def mark_unknown(self, run_id: str, ids: Sequence[int], *, reason: str) -> int:
         """Rows left in ``sending`` that nobody can look up become ``unknown`` (an operator decides)."""
         return self._provider.mark_unknown(run_id, ids, reason=reason)
+
+    def runs_awaiting_reports(self, sent_before: datetime) -> list[str]:
+        """Runs with a row ``sent`` before ``sent_before`` and still without a final report."""
+        return self._provider.runs_awaiting_reports(sent_before)
+
+    def awaiting_report(
+        self, run_id: str, sent_before: datetime, *, after_id: int = 0, limit: int = 500
+    ) -> list[AwaitingReport]:
+        """Rows of the run ``sent`` before ``sent_before`` with a provider id, in id order from ``after_id``."""
+        return self._provider.awaiting_report(run_id, sent_before, after_id=after_id, limit=limit)
+
+    def mark_unconfirmed(self, run_id: str, sent_before: datetime, *, reason: str, actor: str) -> int:
+        """Rows still ``sent`` that were handed over before ``sent_before`` -> ``unconfirmed`` (ledgered)."""
+        return self._provider.mark_unconfirmed(run_id, sent_before, reason=reason, actor=actor)
 
     def create_restore_run(self, spec: Any, enrol_run_id: str, states: Sequence[str]) -> CreatedRun:
         """A run whose rows are the numbers an enrol run may have changed (``states``), to put them back."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 from collections import defaultdict
@@ -33,9 +34,17 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .. import accounts, audit, domain, reports
+from .. import accounts, audit, domain, reports, traces
 from ..errors import InputError
-from ..store import FAILED_STATES, OPEN_STATES, REACHED_STATES
+from ..store import (
+    DELIVERED,
+    FAILED_STATES,
+    HANDED_OVER_STATES,
+    OPEN_STATES,
+    REACHED_STATES,
+    UNCONFIRMED,
+    UNDELIVERED,
+)
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -131,6 +140,7 @@ td,th{border:1px solid #d8dce3;padding:.3rem .5rem;font-size:.85rem;text-align:r
 th{background:#eef1f5}td.l,th.l{text-align:left}.bar{background:#e3e7ee;width:10rem;height:.7rem}
 .bar div{background:#2a9d8f;height:100%}.err{color:#b00020}.muted{color:#667}
 form.search label{margin-right:.6rem}input,select{font-size:.85rem}
+pre{background:#fff;border:1px solid #d8dce3;padding:.4rem;white-space:pre-wrap;font-size:.8rem;text-align:left}
 """
 
 
@@ -140,7 +150,8 @@ def _page(title: str, body: str, account: accounts.Account | None, csrf: str = "
         nav = (
             '<a href="/dashboard">Runs</a><a href="/dashboard/coverage">Coverage</a>'
             '<a href="/dashboard/rates">Delivery rates</a><a href="/dashboard/ledger">Ledger</a>'
-            f'<span class="muted">{escape(account.name)} ({escape(account.role)})</span>'
+            + ('<a href="/dashboard/delivery">Delivery traces</a>' if account.may_unmask else "")
+            + f'<span class="muted">{escape(account.name)} ({escape(account.role)})</span>'
             f'<form method="post" action="/logout"><input type="hidden" name="csrf" value="{escape(csrf)}">'
             "<button>Log out</button></form>"
         )
@@ -270,13 +281,15 @@ def routes(runtime: Runtime) -> list[Route]:
             return account
         rows = await run_in_threadpool(_runs_with_progress, runtime)
         body = ['<table id="runs"><tr><th class="l">run</th><th class="l">campaign</th><th class="l">owner</th>'
-                "<th>status</th><th>total</th><th>sent</th><th>failed</th><th>open</th><th>progress</th></tr>"]  # fmt: skip
+                "<th>status</th><th>total</th><th>sent</th><th>delivered</th><th>undelivered</th>"
+                "<th>unconfirmed</th><th>failed</th><th>open</th><th>progress</th></tr>"]  # fmt: skip
         for r in rows:
             pct = 100.0 * r["done"] / r["total"] if r["total"] else 100.0
             body.append(
                 f'<tr><td class="l">{escape(r["id"])}</td><td class="l">{escape(r["campaign_id"])}</td>'
                 f'<td class="l">{escape(r["owner_name"])}</td><td>{escape(r["status"])}</td><td>{r["total"]}</td>'
-                f"<td>{r['sent']}</td><td>{r['failed']}</td><td>{r['open']}</td>"
+                f"<td>{r['sent']}</td><td>{r['delivered']}</td><td>{r['undelivered']}</td>"
+                f"<td>{r['unconfirmed']}</td><td>{r['failed']}</td><td>{r['open']}</td>"
                 f'<td><div class="bar" title="{pct:.0f}%"><div style="width:{pct:.0f}%"></div></div></td></tr>'
             )
         body.append("</table>")
@@ -296,7 +309,8 @@ def routes(runtime: Runtime) -> list[Route]:
         html = [
             f'<form><label>Period <input name="period" value="{escape(report["period"])}"></label>'
             f'<button>Show</button></form><p class="muted">{report["runs"]} runs; percent of eligible residents '
-            "(registry, opted-out excluded) reached by a sent or delivered message.</p>"
+            "(registry, opted-out excluded) reached by a message a carrier took and did not report failed; "
+            "hover a cell for delivered, undelivered and unconfirmed (no final report by the deadline).</p>"
             '<table id="heatmap"><tr><th class="l">group</th>'
             + "".join(f"<th>{escape(d.name)}</th>" for d in domain.DISTRICTS)
             + "</tr>"
@@ -314,7 +328,8 @@ def routes(runtime: Runtime) -> list[Route]:
                 html.append(
                     f'<td data-district="{d.id}" data-segment="{s.id}" data-percent="{c["percent"]}" '
                     f'style="background:{_heat(c["percent"])}" title="{c["reached"]} of {c["eligible"]} reached, '
-                    f'{c["delivered"]} delivered">{c["percent"]}%</td>'
+                    f'{c["delivered"]} delivered, {c["undelivered"]} undelivered, {c["unconfirmed"]} unconfirmed">'
+                    f"{c['percent']}%</td>"
                 )
             html.append("</tr>")
         html.append('<tr><th class="l">all residents</th>')
@@ -374,11 +389,60 @@ def routes(runtime: Runtime) -> list[Route]:
         rows = await run_in_threadpool(search)
         cols = ("at", "run_id", "phone", "district", "from_state", "to_state", "gateway", "provider_id",
                 "error_code", "actor")  # fmt: skip
-        table = ['<table id="ledger"><tr>' + "".join(f'<th class="l">{c}</th>' for c in cols) + "</tr>"]
+        table = ['<table id="ledger"><tr>' + "".join(f'<th class="l">{c}</th>' for c in cols)
+                 + ('<th class="l">trace</th>' if account.may_unmask else "") + "</tr>"]  # fmt: skip
         for row in rows:
-            table.append("<tr>" + "".join(f'<td class="l">{escape(str(row[c] or ""))}</td>' for c in cols) + "</tr>")
+            # operators open the person's delivery page (attempts and HTTP exchanges) from the event
+            link = (
+                f'<td class="l"><a href="/dashboard/delivery?run={quote(str(row["run_id"]))}&amp;event={row["event_id"]}">'
+                "attempts</a></td>"
+                if account.may_unmask
+                else ""
+            )
+            table.append(
+                "<tr>" + "".join(f'<td class="l">{escape(str(row[c] or ""))}</td>' for c in cols) + link + "</tr>"
+            )
         table.append(f'</table><p class="muted">{len(rows)} events (at most 200; use `dispatch audit log` for all)</p>')
         return page(request, "Ledger search", "".join(form) + "".join(table), account)
+
+    async def delivery_page(request: Request) -> Response:
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        title = "Delivery traces"
+        # a trace is what was said to a provider about one person, found by their number: operators only
+        if not account.may_unmask:
+            return page(request, title, '<p class="err">Only operators may read delivery traces.</p>', account,
+                        status=403)  # fmt: skip
+        q = request.query_params
+        run_id, phone, event = (q.get("run") or "").strip(), (q.get("phone") or "").strip(), q.get("event") or ""
+        form = (
+            '<form class="search" id="delivery-search"><label>run <input name="run" value="'
+            f'{escape(run_id)}" size="24"></label><label>phone <input name="phone" size="16"></label>'
+            "<button>Show</button></form>"
+            '<p class="muted">Every view is recorded in the audit chain.</p>'
+        )
+        if not run_id or not (phone or event):
+            return page(request, title, form + '<p class="muted">Give a run and a phone number.</p>', account)
+        try:
+            event_id = int(event) if event and not phone else None
+            phone = traces.parse_phone(phone) if phone else ""
+        except ValueError:
+            return page(request, title, form + '<p class="err">event: expected an event id</p>', account, 400)
+        except InputError as exc:
+            return page(request, title, form + f'<p class="err">{escape(str(exc))}</p>', account, 400)
+
+        def look() -> dict[str, Any]:
+            return traces.delivery_trace(
+                store, run_id, phone=phone or None, event_id=event_id, actor=f"web:{account.name}", via="dashboard"
+            )
+
+        try:
+            found = await run_in_threadpool(look)
+        except InputError as exc:
+            return page(request, title, form + f'<p class="err">{escape(str(exc))}</p>', account, 404)
+        return page(request, f"Delivery {found['phone']} in run {found['run_id']}", form + _delivery_html(found),
+                    account)  # fmt: skip
 
     return [
         Route("/login", login_page, methods=["GET"]),
@@ -388,7 +452,75 @@ def routes(runtime: Runtime) -> list[Route]:
         Route("/dashboard/coverage", coverage_page),
         Route("/dashboard/rates", rates_page),
         Route("/dashboard/ledger", ledger_page),
+        Route("/dashboard/delivery", delivery_page),
     ]
+
+
+def _delivery_html(d: dict[str, Any]) -> str:
+    """One person's delivery: summary, every attempt with its state change and exchanges, the state history."""
+
+    def cell(value: Any) -> str:
+        return escape("" if value is None else str(value))
+
+    def local(iso: str | None) -> str:
+        return datetime.fromisoformat(iso).astimezone(audit.LOCAL_TZ).strftime("%Y-%m-%d %H:%M:%S") if iso else ""
+
+    def body(value: Any) -> str:
+        if value is None:
+            return ""
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1, sort_keys=True)
+        return f"<pre>{escape(text)}</pre>"
+
+    html = [
+        '<table id="delivery"><tr><th class="l">phone</th><th class="l">state</th><th class="l">gateway</th>'
+        '<th class="l">provider id</th><th class="l">error</th></tr>'
+        f'<tr><td class="l">{cell(d["phone"])}</td><td class="l">{cell(d["state"])}</td>'
+        f'<td class="l">{cell(d["gateway"])}</td><td class="l">{cell(d["provider_id"])}</td>'
+        f'<td class="l">{cell(d["error_code"])}</td></tr></table>'
+    ]
+    if not d["attempts"]:
+        html.append('<p class="muted">No attempts: nothing was handed to a gateway for this person.</p>')
+    for a in d["attempts"]:
+        html.append(
+            f'<section class="attempt" data-attempt="{a["attempt"]}" data-trace="{a["trace"]}">'
+            f"<h2>Attempt {a['attempt']} · {local(a['at'])} (Asia/Shanghai) · {cell(a['gateway'])}</h2>"
+            f"<p>{cell(a['from_state'] or '?')} → {cell(a['to_state'] or '?')} · outcome {cell(a['outcome'])}"
+            f" · error {cell(a['error_code'] or '-')} {cell(a['error_message'] or '')}</p>"
+        )
+        if a["trace"] == traces.PURGED:
+            html.append(f'<p class="muted">Trace purged at {local(a["trace_purged_at"])} (retention).</p>')
+        elif a["trace"] == traces.NONE:
+            html.append('<p class="muted">No HTTP exchange recorded.</p>')
+        for x in a["exchanges"]:
+            if "raw" in x:
+                html.append(body(x["raw"]))
+                continue
+            result = x.get("status") if x.get("status") is not None else x.get("error", "no answer")
+            html.append(
+                f'<div class="exchange"><p><strong>{cell(x.get("method"))}</strong> {cell(x.get("url"))} → '
+                f"{cell(result)} in {cell(x.get('elapsed_ms'))} ms</p>"
+                + "".join(
+                    f'<p class="muted">{label}</p>{body(x.get(name))}'
+                    for name, label in (
+                        ("request_headers", "request headers"),
+                        ("request", "request body"),
+                        ("response", "response body"),
+                    )
+                    if x.get(name) is not None
+                )
+                + "</div>"
+            )
+        html.append("</section>")
+    html.append('<h2>State history (ledger)</h2><table id="history"><tr><th class="l">time</th><th class="l">change</th>'
+                '<th class="l">error</th><th class="l">reason</th><th class="l">by</th></tr>')  # fmt: skip
+    for e in d["events"]:
+        html.append(
+            f'<tr><td class="l">{local(e["at"])}</td><td class="l">{cell(e["from_state"] or "-")} → '
+            f'{cell(e["to_state"] or "-")}</td><td class="l">{cell(e["error_code"])}</td>'
+            f'<td class="l">{cell(e["reason"])}</td><td class="l">{cell(e["actor"])}</td></tr>'
+        )
+    html.append("</table>")
+    return "".join(html)
 
 
 def _safe_next(value: str | None) -> str:
@@ -415,7 +547,10 @@ def _runs_with_progress(runtime: Runtime) -> list[dict[str, Any]]:
         dep = domain.department(r.owner)
         out.append({
             **r.as_dict(), "owner_name": dep.name if dep else r.owner, "total": total,
-            "sent": c.get("sent", 0) + c.get("delivered", 0), "failed": sum(c.get(s, 0) for s in FAILED_STATES),
+            # sent: handed over (whatever the report); the next three say what the carriers reported
+            "sent": sum(c.get(s, 0) for s in HANDED_OVER_STATES), "delivered": c.get(DELIVERED, 0),
+            "undelivered": c.get(UNDELIVERED, 0), "unconfirmed": c.get(UNCONFIRMED, 0),
+            "failed": sum(c.get(s, 0) for s in FAILED_STATES),
             "open": sum(c.get(s, 0) for s in OPEN_STATES), "done": total - sum(c.get(s, 0) for s in OPEN_STATES),
         })  # fmt: skip
     return out

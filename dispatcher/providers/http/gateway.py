@@ -28,6 +28,11 @@ one file (YAML or JSON, ``DISPATCH_HTTP_CONFIG``) says::
       result_to: mobile
       result_message_id: msgid
       result_error_code: code
+    status:                                      # optional: ask for a message's fate by its id
+      url: https://sms.example.cn/v2/report?id={provider_id}   # GET, with the headers above
+      status: data.state                         # dotted path to the provider's status word
+      error_code: data.err                       # optional
+      states: {DELIVRD: delivered, UNDELIV: undelivered, EXPIRED: undelivered, REJECTD: failed}
 
 A bad file is an ``InputError`` naming ``file:line:column: field``: the command
 exits 2 before anything is written or sent. Secrets are substituted when the file
@@ -37,6 +42,10 @@ able to send its own settings (the session secret, the database URL) to a provid
 HTTP 429 and refused connections are retried (a refused or unresolvable connection, and
 ``unavailable_codes``, let a failover list hand the message to its next provider), 5xx, read timeouts and a 2xx reply
 that is not JSON are ambiguous (the row goes to ``unknown``).
+
+Only a config with a ``status`` section makes the adapter ``can_fetch_status``: the
+delivery-report sweep then asks that URL about messages whose report never came (a
+404 means the provider does not know the id; a word not in ``states`` is not final).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 import yaml
@@ -62,7 +72,7 @@ from ...errors import (
     UnavailableSendError,
 )
 from ...settings import GATEWAY_SECRET_PREFIX
-from ..base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
+from ..base import BaseGateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
 from ..httptrace import TracedHttp, collecting
 from ..redaction import Redactor
 
@@ -97,6 +107,27 @@ class BatchSpec(_Model):
     result_error_code: str | None = None
 
 
+#: what a status word may mean: the words ``store.apply_status`` understands
+StatusWord = Literal["delivered", "undelivered", "failed", "sent"]
+
+
+class StatusSpec(_Model):
+    url: str
+    status: str
+    error_code: str | None = None
+    #: the provider's words -> ours; without it the provider's word is taken as is
+    states: dict[str, StatusWord] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        if "{provider_id}" not in value:
+            raise ValueError("the status URL never names the message: use {provider_id}")
+        return value
+
+
 class HttpConfig(_Model):
     url: str
     method: Literal["POST", "PUT", "GET"] = "POST"
@@ -110,6 +141,7 @@ class HttpConfig(_Model):
     unavailable_codes: list[str] = Field(default_factory=list)
     opt_out_codes: list[str] = Field(default_factory=list)
     batch: BatchSpec | None = None
+    status: StatusSpec | None = None
     #: the values substituted for ${NAME}: redacted from every trace
     secrets: list[str] = Field(default_factory=list, exclude=True)
     source: str = Field("", exclude=True)
@@ -314,6 +346,8 @@ class HttpGateway(BaseGateway):
         self.http = TracedHttp(redactor=self.redactor, timeout=config.timeout or timeout, transport=transport)
         #: numbers one call can carry: the sender hands over chunks this large so batches stay whole
         self.batch_capacity = config.batch.max_size if config.batch is not None else 1
+        #: declared by the config: only a provider with a status URL can be asked what became of a message
+        self.can_fetch_status = config.status is not None
 
     # ------------------------------------------------------------------ one call
 
@@ -482,6 +516,41 @@ class HttpGateway(BaseGateway):
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
         return {}
+
+    def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
+        """One GET of the status URL per message; ids the provider answers 404 for are left out."""
+        spec = self.config.status
+        if spec is None:
+            raise NotImplementedError("this HTTP gateway's config declares no status URL")
+        found: dict[str, MessageStatus] = {}
+        for provider_id in provider_ids:
+            url = spec.url.replace("{provider_id}", quote(provider_id, safe=""))
+            with collecting() as trace:
+                try:
+                    response = self.http.request("GET", url, headers=self.config.headers)
+                except httpx.HTTPError as exc:
+                    error = RetryableSendError(
+                        f"status: no reply: {type(exc).__name__}", code="http.status_unreachable"
+                    )
+                    raise self._with(error, trace) from exc
+            if response.status_code == 404:
+                continue
+            try:
+                data: Any = response.json() if response.status_code < 300 else None
+            except ValueError:
+                data = None
+            word = dig(data, spec.status)
+            if word is None:
+                raise self._with(
+                    RetryableSendError(f"status: HTTP {response.status_code} without a status", code="http.status"),
+                    trace,
+                )
+            code = dig(data, spec.error_code)
+            mapped = spec.states.get(str(word), str(word)) if spec.states else str(word)
+            found[provider_id] = MessageStatus(
+                mapped, error_code=f"http.{code}" if code not in (None, "") else None, trace=list(trace)
+            )
+        return found
 
     def close(self) -> None:
         self.http.close()

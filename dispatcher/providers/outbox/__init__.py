@@ -23,6 +23,8 @@ def _gateway(settings: Settings) -> Gateway:
         fail_permanent=settings.outbox_fail_permanent,
         fail_transient=settings.outbox_fail_transient,
         latency_ms=settings.outbox_latency_ms,
+        undelivered=settings.outbox_undelivered,
+        no_report=settings.outbox_no_report,
     )
 
 

@@ -12,6 +12,11 @@ Fault injection (``DISPATCH_OUTBOX_FAIL_PERMANENT`` / ``_TRANSIENT``): listed
 numbers fail with ``outbox.rejected`` (permanent) or ``outbox.busy`` (retryable,
 nothing written); ``DISPATCH_OUTBOX_LATENCY_MS`` makes every message take that long
 (a slow provider), and then messages are written one by one.
+
+Delivery status: ``fetch_status`` answers from the file too, so drills exercise the
+delivery-report sweep: a message in the file is ``delivered``, except to numbers in
+``DISPATCH_OUTBOX_UNDELIVERED`` (``undelivered``) and ``DISPATCH_OUTBOX_NO_REPORT``
+(still ``sent``: a carrier that never says what became of it).
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DispatchError, GatewayDown, PermanentSendError, RetryableSendError, SendError
-from ..base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
+from ..base import BaseGateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
 
 
 class OutboxGateway(BaseGateway):
     name = "outbox"
+    can_fetch_status = True
 
     def __init__(
         self,
@@ -41,14 +47,22 @@ class OutboxGateway(BaseGateway):
         fail_permanent: frozenset[str] = frozenset(),
         fail_transient: frozenset[str] = frozenset(),
         latency_ms: int = 0,
+        undelivered: frozenset[str] = frozenset(),
+        no_report: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
+        self.undelivered = undelivered
+        self.no_report = no_report
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fail_permanent = fail_permanent
         self.fail_transient = fail_transient
         self.latency = latency_ms / 1000
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         self._threads = threading.Lock()
+        #: what ``fetch_status`` has read of the file so far: key -> number, and up to which byte
+        self._sent_to: dict[str, str] = {}
+        self._indexed_upto = 0
+        self._index_lock = threading.Lock()
 
     def _line(self, message: OutgoingMessage) -> bytes:
         record = {
@@ -134,6 +148,42 @@ class OutboxGateway(BaseGateway):
             if key in wanted:
                 found[key] = SendResult(provider_id=f"outbox:{key}")
         return found
+
+    def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
+        """Messages in the file are delivered, but for the numbers told to stay silent or fail."""
+        recipients = self._recipients()
+        found: dict[str, MessageStatus] = {}
+        for provider_id in provider_ids:
+            to = recipients.get(provider_id.removeprefix("outbox:"))
+            if to is None:
+                continue
+            if to in self.no_report:
+                found[provider_id] = MessageStatus("sent")
+            elif to in self.undelivered:
+                found[provider_id] = MessageStatus("undelivered", error_code="outbox.undelivered")
+            else:
+                found[provider_id] = MessageStatus("delivered")
+        return found
+
+    def _recipients(self) -> dict[str, str]:
+        """Key -> number of every message in the file, read on from where the last call stopped.
+
+        The file only grows by whole lines (a torn tail is never a message), so a sweep that asks
+        in pages reads it once, not once per page.
+        """
+        with self._index_lock, self.path.open("rb") as fh:
+            fh.seek(self._indexed_upto)
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    record = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise OutboxCorrupt(f"{self.path}: unreadable outbox line ({exc})") from exc
+                if isinstance(record, dict) and isinstance(record.get("key"), str):
+                    self._sent_to[record["key"]] = str(record.get("to"))
+                self._indexed_upto += len(raw)
+            return self._sent_to
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # closing twice is harmless

@@ -17,6 +17,10 @@ timeout may have queued the SMS, so the row goes to ``unknown`` and ``lookup``
 asks Twilio for messages to that number since the attempt before anything is sent
 again. So does a success status whose body is not Twilio's JSON or carries no ``sid``
 (``twilio.bad_provider_response``).
+
+``fetch_status`` fetches each message by its SID (``GET .../Messages/{Sid}.json``),
+for rows whose status callback never came; a SID Twilio does not know (404) is left
+out of the answer.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from ...errors import (
     UnavailableSendError,
 )
 from ...redact import scrub
-from ..base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
+from ..base import BaseGateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
 from ..httptrace import TracedHttp, collecting
 from ..redaction import Redactor
 
@@ -184,6 +188,7 @@ def bad_response(message: str) -> SendError:
 
 class TwilioGateway(BaseGateway):
     name = "twilio"
+    can_fetch_status = True
 
     def __init__(
         self,
@@ -298,6 +303,34 @@ class TwilioGateway(BaseGateway):
                     continue  # nothing to record it by: never store "None" as a provider id
                 found[request.key] = SendResult(provider_id=str(m.sid), status=str(m.status), trace=list(trace))
                 break
+        return found
+
+    def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
+        """Each message's current status, fetched by SID; SIDs Twilio answers 404 for are left out."""
+        found: dict[str, MessageStatus] = {}
+        for sid in provider_ids:
+            with collecting() as trace:
+                try:
+                    message = self.client.messages(sid).fetch()
+                except TwilioRestException as exc:
+                    if exc.status == 404:
+                        continue  # not Twilio's (or deleted): nothing to learn about it
+                    error = classify(exc)
+                    error.trace = list(trace)
+                    raise error from exc
+                except TwilioException as exc:
+                    error = classify(exc)
+                    error.trace = list(trace)
+                    raise error from exc
+                except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                    error = bad_response(f"the reply to a status fetch is not Twilio's JSON: {type(exc).__name__}")
+                    error.trace = list(trace)
+                    raise error from exc
+            status = getattr(message, "status", None)
+            if not status:
+                continue
+            code = getattr(message, "error_code", None)
+            found[sid] = MessageStatus(str(status), error_code=f"twilio.{code}" if code else None, trace=list(trace))
         return found
 
     def close(self) -> None:
