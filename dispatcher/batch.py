@@ -106,7 +106,9 @@ def outcome_for(
         "run_id": row.run_id,
         "claim_token": row.claim_token,
         "attempt": row.attempts,
-        "gateway": gateway,
+        # a failover list names the provider that took (or answered for) this message
+        "gateway": getattr(result, "gateway", None) or gateway,
+        "refusals": list(getattr(result, "refusals", None) or ()),
         "parts": message.parts,
         "encoding": message.encoding,
         "body": message.body,
@@ -115,7 +117,14 @@ def outcome_for(
         return Outcome(state=SENT, outcome="sent", provider_id=result.provider_id, trace=result.trace, **common)
     trace = getattr(result, "trace", None) or []
     # the engineer on call needs the recipient of a refused send; the log's masking processor shows its last digits
-    log.warning("send.refused", to=row.phone, code=result.code, retryable=result.retryable, attempt=row.attempts)
+    log.warning(
+        "send.refused",
+        to=row.phone,
+        code=result.code,
+        retryable=result.retryable,
+        attempt=row.attempts,
+        gateway=common["gateway"],
+    )
     if isinstance(result, AmbiguousSendError):
         return Outcome(
             state=UNKNOWN,

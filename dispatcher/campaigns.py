@@ -17,18 +17,27 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from . import domain, safeyaml
 from .charcheck import LINE_BREAKS, first_bad_text
@@ -270,6 +279,16 @@ class RingbackWindow(_Model):
         return self
 
 
+def _registered_gateway(value: str, info: ValidationInfo) -> str:
+    """A provider name the registry knows. The registry is handed in as validation context
+    (``gateways``) by whoever loads the file: the model cannot import the providers; a run's
+    stored snapshot is parsed without it, as its names were checked when the run was made."""
+    known = (info.context or {}).get("gateways")
+    if known is not None and value not in known:
+        raise ValueError(f"unknown gateway {value!r} (known: {', '.join(sorted(known))})")
+    return value
+
+
 class Campaign(_Model):
     id: str
     title: str
@@ -292,9 +311,24 @@ class Campaign(_Model):
     frequency_cap: FrequencyCap | None = None
     #: ringback campaigns only: when callers hear the tone (enrol at start, restore at end)
     window: RingbackWindow | None = None
+    #: SMS providers to try in order (failover); empty = the deployment's DISPATCH_GATEWAY
+    gateways: list[Annotated[str, AfterValidator(_registered_gateway)]] = Field(
+        default_factory=list,
+        description="SMS providers to try in order when one is down, e.g. [twilio, http]",
+    )
+
+    @field_validator("gateways")
+    @classmethod
+    def _gateways_once(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed twice: each provider is tried once")
+        return value
 
     @model_validator(mode="after")
     def _ringback_window(self) -> Campaign:
+        if self.channel == "ringback" and self.gateways:
+            raise ValueError("gateways is for SMS campaigns; a ringback campaign uses DISPATCH_RINGBACK_GATEWAY")
         if self.channel == "ringback" and self.window is None:
             raise ValueError("a ringback campaign needs a window with start and end")
         if self.channel != "ringback" and self.window is not None:
@@ -630,13 +664,13 @@ def _field_help(loc: Iterable[Any]) -> str:
     return ""
 
 
-def _schema(located: Located) -> Campaign:
+def _schema(located: Located, gateways: Collection[str] | None = None) -> Campaign:
     found = first_bad_text(located.data, allow=LINE_BREAKS)
     if found:
         loc, reason = found
         raise located.error(reason, loc)
     try:
-        return Campaign.model_validate(located.data)
+        return Campaign.model_validate(located.data, context={"gateways": gateways})
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = _data_path(located.data, first["loc"])
@@ -895,12 +929,15 @@ def _template_errors(
 
 
 def check_file(
-    path: Path, templates_dir: Path, now: datetime | None = None
+    path: Path, templates_dir: Path, now: datetime | None = None, *, gateways: Collection[str] | None = None
 ) -> tuple[LoadedCampaign | None, list[InputError]]:
-    """Every problem with one campaign file (empty list = valid); ``now`` is the business clock's time."""
+    """Every problem with one campaign file (empty list = valid); ``now`` is the business clock's time.
+
+    ``gateways``: the registered SMS provider names a ``gateways:`` list may use (None: not checked).
+    """
     try:
         located = parse_yaml(path)
-        campaign = _schema(located)
+        campaign = _schema(located, gateways)
     except InputError as exc:
         return None, [exc]
     errors: list[InputError] = list(_world_errors(located, campaign, templates_dir))
@@ -916,9 +953,11 @@ def check_file(
     return LoadedCampaign(campaign, located, templates), []
 
 
-def load_campaign(path: Path, templates_dir: Path, now: datetime | None = None) -> LoadedCampaign:
+def load_campaign(
+    path: Path, templates_dir: Path, now: datetime | None = None, *, gateways: Collection[str] | None = None
+) -> LoadedCampaign:
     """The campaign at ``path``, fully checked; raises the first ``InputError`` found."""
-    loaded, errors = check_file(path, templates_dir, now)
+    loaded, errors = check_file(path, templates_dir, now, gateways=gateways)
     if errors:
         raise errors[0]
     assert loaded is not None
@@ -938,13 +977,13 @@ def campaign_files(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 def check_paths(
-    paths: Iterable[Path], templates_dir: Path, now: datetime | None = None
+    paths: Iterable[Path], templates_dir: Path, now: datetime | None = None, *, gateways: Collection[str] | None = None
 ) -> tuple[list[LoadedCampaign], list[InputError]]:
     loaded: list[LoadedCampaign] = []
     errors: list[InputError] = []
     ids: dict[str, Path] = {}
     for path in campaign_files(paths):
-        campaign, file_errors = check_file(path, templates_dir, now)
+        campaign, file_errors = check_file(path, templates_dir, now, gateways=gateways)
         errors.extend(file_errors)
         if campaign is not None:
             other = ids.get(campaign.campaign.id)

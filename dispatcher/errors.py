@@ -20,6 +20,8 @@ alone::
     └── SendError                  one message could not be handed to a gateway; .retryable, .code
         ├── PermanentSendError     never retried (invalid number, recipient opted out, ...)
         ├── RetryableSendError     nothing was sent; safe to try again (rate limited, refused connection)
+        │   └── UnavailableSendError   the provider proved it took nothing (refused connection, DNS failure,
+        │                              "not accepted"): another provider may take the message
         └── AmbiguousSendError     the message may have gone out; look it up before resending
 """
 
@@ -122,6 +124,10 @@ class SendError(DispatchError):
             self.retryable = retryable
         #: redacted HTTP exchanges of the failed send, stored with the attempt like a success's
         self.trace: list[dict[str, Any]] = []
+        #: the provider that answered, when a failover gateway chose among several (None: the only one)
+        self.gateway: str | None = None
+        #: providers tried first that proved they took nothing (failover), for the attempt log
+        self.refusals: list[dict[str, Any]] = []
 
 
 class PermanentSendError(SendError):
@@ -143,6 +149,13 @@ class RetryableSendError(SendError):
     def __init__(self, message: str, *, code: str, retry_after: float | None = None) -> None:
         super().__init__(message, code=code, retryable=True)
         self.retry_after = retry_after
+
+
+class UnavailableSendError(RetryableSendError):
+    """The provider proved it did not take the message because it cannot take any now: the
+    connection was refused, its name did not resolve, or it answered with an explicit "not
+    accepted". Nothing reached it, so a failover gateway may hand the message to the next provider;
+    an ambiguous failure (timeout, 5xx after the request went out) is never one of these."""
 
 
 class AmbiguousSendError(SendError):

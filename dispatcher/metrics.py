@@ -93,6 +93,24 @@ SCHEDULER_MISSED = Counter(
     ["campaign"],
     registry=REGISTRY,
 )
+GATEWAY_FAILOVERS = Counter(
+    "dispatch_gateway_failovers",
+    "Messages a failover list moved on to its next provider (the one before took nothing, or its circuit was open)",
+    ["from_gateway", "to_gateway"],
+    registry=REGISTRY,
+)
+GATEWAY_CIRCUIT = Counter(
+    "dispatch_gateway_circuit_changes",
+    "A provider's circuit breaker opening (provider down), half-opening (probe) or closing, in this process",
+    ["gateway", "state"],
+    registry=REGISTRY,
+)
+GATEWAY_CIRCUIT_OPEN = Gauge(
+    "dispatch_gateway_circuit_open",
+    "1 while this process passes the provider over or probes it (circuit open or half-open), else 0",
+    ["gateway"],
+    registry=REGISTRY,
+)
 
 
 class RecordedOutcome(Protocol):
@@ -135,9 +153,7 @@ def outcome_label(outcome: RecordedOutcome) -> str:
     return outcome.outcome
 
 
-def batch_done(
-    outcomes: Sequence[RecordedOutcome], *, lane: str, campaign: str, channel: str, started: float
-) -> None:
+def batch_done(outcomes: Sequence[RecordedOutcome], *, lane: str, campaign: str, channel: str, started: float) -> None:
     """Count a recorded batch's outcomes and parts and observe its duration (``started``: monotonic)."""
     BATCH_SECONDS.labels(lane, channel).observe(time.monotonic() - started)
     for o in outcomes:
@@ -158,6 +174,15 @@ def reports_applied(changes: Iterable[ReportedChange]) -> None:
             continue
         lag = (change.at - change.sent_at).total_seconds()
         REPORT_LAG.labels(change.gateway or "", change.to_state).observe(max(0.0, lag))
+
+
+def failed_over(from_gateway: str, to_gateway: str, messages: int) -> None:
+    GATEWAY_FAILOVERS.labels(from_gateway, to_gateway).inc(messages)
+
+
+def circuit_changed(gateway: str, state: str) -> None:
+    GATEWAY_CIRCUIT.labels(gateway, state).inc()
+    GATEWAY_CIRCUIT_OPEN.labels(gateway).set(0 if state == "closed" else 1)
 
 
 def leadership(leader: bool) -> None:

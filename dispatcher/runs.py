@@ -76,7 +76,12 @@ def run_spec(
         channel=c.channel,
         priority=c.priority,
         reason=c.reason,
-        gateway=runtime.settings.ringback_gateway if c.channel == "ringback" else runtime.settings.gateway,
+        # the providers the run sends through, in failover order (the column is 32 characters wide)
+        gateway=(
+            runtime.settings.ringback_gateway
+            if c.channel == "ringback"
+            else ",".join(c.gateways or runtime.settings.gateways)
+        )[:32],
         campaign_path=str(loaded.path),
         campaign_yaml=loaded.located.text,
         campaign_sha256=loaded.located.sha256,
@@ -272,7 +277,7 @@ def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], act
     if run.channel.startswith("ringback"):
         # enrolment and restore are idempotent (ringback adapters): doing one again is safe
         return 0, store.requeue(orphans, actor=actor)
-    gateway = runtime.gateway
+    gateway = runtime.gateway_for(run_campaign(run).gateways)
     if not gateway.can_lookup:
         # the provider cannot say what it took: resending could double-send, an operator decides
         settled = store.provider_events.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
@@ -286,7 +291,8 @@ def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], act
             run_id=run_id,
             state=SENT,
             attempt=o.attempts,
-            gateway=gateway.name,
+            # a failover list says which of its providers holds the message
+            gateway=known[o.key].gateway or gateway.name,
             outcome="found",
             provider_id=known[o.key].provider_id,
             reason="reconciled",
@@ -354,17 +360,26 @@ def reconcile_unknown(runtime: Runtime, run_id: str) -> tuple[int, int]:
     if store.get_run(run_id).channel.startswith("ringback"):
         # ringback enrol/restore calls are idempotent: try them again rather than ask
         return store.provider_events.settle_unknown(run_id, {}, [r.id for r in rows], gateway="ringback")
-    gateway = runtime.gateway
+    gateway = runtime.gateway_for(run_campaign(store.get_run(run_id)).gateways)
     if not gateway.can_lookup:
         # the provider cannot tell us what it took: resending could double-send, so an operator decides
         log.warning("run.unknown_left", unknown=len(rows), gateway=gateway.name)
         return 0, 0
     known = gateway.lookup([LookupRequest(r.key, r.phone, r.body or "", r.claimed_at or r.updated_at) for r in rows])
-    found = {r.id: known[r.key].provider_id for r in rows if r.key in known}
+    # found rows are recorded per provider that holds them (a failover list asks each of its providers)
+    by_gateway: dict[str, dict[int, str]] = {}
+    for r in rows:
+        if r.key in known:
+            result = known[r.key]
+            by_gateway.setdefault(result.gateway or gateway.name, {})[r.id] = result.provider_id
     missing = [r.id for r in rows if r.key not in known]
-    result = store.provider_events.settle_unknown(run_id, found, missing, gateway=gateway.name)
-    log.info("run.unknown_reconciled", unknown=len(rows), found=result[0], requeued=result[1])
-    return result
+    found_n, requeued = 0, 0
+    for name, found in by_gateway.items():
+        found_n += store.provider_events.settle_unknown(run_id, found, [], gateway=name)[0]
+    if missing:
+        requeued = store.provider_events.settle_unknown(run_id, {}, missing, gateway=gateway.name)[1]
+    log.info("run.unknown_reconciled", unknown=len(rows), found=found_n, requeued=requeued)
+    return found_n, requeued
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -405,6 +420,8 @@ class RunStatus:
     #: rows of a running run that should be moving and are not (see ``stall``)
     stalled: int
     last_progress: datetime | None
+    #: messages per provider and the failovers between them (``SqlStore.by_gateway``)
+    gateways: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: what the carriers reported of what was handed over: delivered, undelivered, unconfirmed (no final
     #: report by DISPATCH_DLR_DEADLINE) and awaiting (still ``sent``)
     delivery_reports: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -441,6 +458,7 @@ def status(runtime: Runtime, run_id: str) -> RunStatus:
         counts=counts,
         by_district=store.by_district(run_id),
         parts_sent=store.parts_sent(run_id),
+        gateways=store.by_gateway(run_id),
         open=sum(counts.get(s, 0) for s in ("pending", "sending", UNKNOWN)),
         failed=counts.get(FAILED, 0),
         halted=run.halted,

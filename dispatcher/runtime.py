@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import dramatiq
 
     from .providers.base import Gateway, RingbackGateway
+    from .providers.failover import CircuitBreaker
 
 
 @dataclass
@@ -38,7 +39,10 @@ class Runtime:
     gateway_factory: Callable[[Settings], Gateway] | None = None
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
     _store: SqlStore | None = None
-    _gateway: Gateway | None = None
+    #: SMS adapters by provider name, and the failover lists and circuit breakers over them
+    _gateways: dict[str, Gateway] = field(default_factory=dict)
+    _failovers: dict[tuple[str, ...], Gateway] = field(default_factory=dict)
+    _breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
     _broker: dramatiq.Broker | None = None
     #: the actors declared on this process's broker (``actors.declared``)
     _actors: dict[str, Any] | None = None
@@ -80,16 +84,52 @@ class Runtime:
 
     @property
     def gateway(self) -> Gateway:
-        with self._lock:
-            if self._gateway is None:
-                if self.gateway_factory is not None:
-                    self._gateway = self.gateway_factory(self.settings)
-                else:
-                    # the registry loads every provider's package and client library: only when one is needed
-                    from .providers.registry import create_gateway
+        """The SMS gateway ``DISPATCH_GATEWAY`` names: one adapter, or a failover list over several."""
+        return self.gateway_for(None)
 
-                    self._gateway = create_gateway(self.settings)
-            return self._gateway
+    def gateway_for(self, names: Sequence[str] | None) -> Gateway:
+        """The gateway of an ordered provider list (a campaign's ``gateways:``; None: ``DISPATCH_GATEWAY``).
+
+        Each adapter is built once per process and shared by every list naming it, and so is its
+        circuit breaker: a provider found down while sending one campaign is passed over by all.
+        """
+        wanted = tuple(names) if names else self.settings.gateways
+        with self._lock:
+            if len(wanted) == 1:
+                return self._member(wanted[0])
+            built = self._failovers.get(wanted)
+            if built is None:
+                from .providers.failover import CircuitBreaker, FailoverGateway
+
+                members = [self._member(name) for name in wanted]
+                for member in members:
+                    if member.name not in self._breakers:
+                        self._breakers[member.name] = CircuitBreaker(
+                            member.name, cooldown=self.settings.failover_cooldown
+                        )
+                built = FailoverGateway(members, self._breakers)
+                self._failovers[wanted] = built
+            return built
+
+    def known_gateways(self) -> list[str]:
+        """The SMS provider names a campaign's ``gateways:`` list may use (every registered one)."""
+        from .providers.registry import gateway_names
+
+        return gateway_names()
+
+    def _member(self, name: str) -> Gateway:
+        """One provider's adapter, built on first use (under ``_lock``)."""
+        adapter = self._gateways.get(name)
+        if adapter is None:
+            if self.gateway_factory is not None:
+                adapter = self.gateway_factory(self.settings.with_(gateway=name))
+            else:
+                # the registry loads every provider's package and client library: only when one is needed
+                from .providers.registry import create_gateway
+
+                adapter = create_gateway(self.settings, name)
+            self._gateways[name] = adapter
+        return adapter
 
     @property
     def ringback(self) -> RingbackGateway:
@@ -112,8 +152,8 @@ class Runtime:
             return self._broker
 
     def close(self) -> None:
-        if self._gateway is not None:
-            self._gateway.close()
+        for adapter in self._gateways.values():
+            adapter.close()
         if self._ringback is not None:
             self._ringback.close()
         if self._store is not None:

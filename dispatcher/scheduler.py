@@ -188,7 +188,12 @@ class Scheduler:
         on a reload a broken file is logged and its previous version kept, so a typo does not
         silently unschedule a quarterly campaign."""
         self._signature = self._files_signature()
-        loaded, errors = check_paths([self.campaigns_dir], self.runtime.settings.templates_dir, self.runtime.clock())
+        loaded, errors = check_paths(
+            [self.campaigns_dir],
+            self.runtime.settings.templates_dir,
+            self.runtime.clock(),
+            gateways=self.runtime.known_gateways(),
+        )
         if errors and strict:
             raise errors[0]
         entries: dict[Path, Entry] = {}

@@ -24,7 +24,7 @@ from .errors import (
     TemplateError,
 )
 from .phones import mask_text
-from .providers.base import OutgoingMessage, SendResult
+from .providers.base import Gateway, OutgoingMessage, SendResult
 from .ringback import process_ringback_batch
 from .send_window import campaign_may_send
 from .spool import record_durably, release_durably, replay
@@ -48,6 +48,12 @@ def settled_outcome(row: Claimed, gateway: str, state: str, outcome: str, **fiel
 def internal_message(exc: BaseException) -> str:
     """What an unexpected exception says, fit for the log and the delivery row: numbers masked, short."""
     return mask_text(f"{type(exc).__name__}: {exc}")[:300]
+
+
+def gateway_of(runtime: Runtime, context: RunContext) -> Gateway:
+    """The gateway a run sends through: its campaign's ``gateways:`` list, else ``DISPATCH_GATEWAY``
+    (one adapter, or a failover list that looks like one)."""
+    return runtime.gateway_for(context.campaign.gateways if context.campaign is not None else None)
 
 
 def _send_chunk(gateway: Any, messages: list[OutgoingMessage]) -> list[SendResult | SendError]:
@@ -77,7 +83,7 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
     or the send window closed; rows not handed over then are left in ``gate.unsent``.
     """
     now = runtime.clock()
-    gateway = runtime.gateway
+    gateway = gateway_of(runtime, context)
     outcomes: list[Outcome] = []
     to_send: list[tuple[Claimed, OutgoingMessage]] = []
 
@@ -188,7 +194,9 @@ def _apply_frequency_cap(
     keep = []
     for row, message in to_send:
         if counts.get(row.phone, 0) >= limit:
-            outcomes.append(settled_outcome(row, runtime.gateway.name, SKIPPED, "skipped", reason="frequency_cap"))
+            outcomes.append(
+                settled_outcome(row, gateway_of(runtime, context).name, SKIPPED, "skipped", reason="frequency_cap")
+            )
         else:
             keep.append((row, message))
     return keep
@@ -209,7 +217,7 @@ class Gate:
         self.limiter = runtime.rate_limiter
         #: one message at a time when paced, so the limiter spaces every single send; a gateway that
         #: takes many numbers in one call (HTTP adapter in batch mode) gets whole calls' worth
-        self.chunk = 1 if self.limiter is not None else max(20, runtime.gateway.batch_capacity)
+        self.chunk = 1 if self.limiter is not None else max(20, gateway_of(runtime, context).batch_capacity)
         self.unsent: list[Claimed] = []
         self.stop_reason: str | None = None
         #: why the gateway could take nothing more (disk full, ...), when stop_reason is gateway_down

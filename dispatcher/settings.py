@@ -112,7 +112,8 @@ class Settings:
     database_url: str = "sqlite:///var/dispatch.db"
     #: ``redis://...`` to use Redis and separate worker processes; empty = embedded in-process broker
     broker_url: str = ""
-    #: gateway adapter name: outbox (default), twilio, http, kannel
+    #: gateway adapter name: outbox (default), twilio, http, kannel; or an ordered failover list
+    #: ``twilio,http`` (see ``gateways``)
     gateway: str = "outbox"
     outbox_path: Path = Path("var/outbox.jsonl")
     campaigns_dir: Path = Path("campaigns")
@@ -214,6 +215,8 @@ class Settings:
     sending_deadline: float = 900.0
     #: how often the scheduler's leader runs the watchdog
     watchdog_every: float = 5.0
+    #: seconds a provider's circuit stays open (messages go to the next provider) before one probes it
+    failover_cooldown: float = 30.0
     # --- delivery reports ----------------------------------------------------------
     #: seconds after the hand-over before a row still ``sent`` (no final report) is asked about
     dlr_chase_after: float = 1800.0
@@ -249,7 +252,7 @@ class Settings:
             project_root=root,
             database_url=env.get("DISPATCH_DATABASE_URL") or f"sqlite:///{under_root('var', 'dispatch.db')}",
             broker_url=env.get("DISPATCH_BROKER_URL", ""),
-            gateway=env.get("DISPATCH_GATEWAY") or "outbox",
+            gateway=",".join(gateway_list(env.get("DISPATCH_GATEWAY") or "outbox", check=True)),
             outbox_path=Path(env.get("DISPATCH_OUTBOX_PATH") or under_root("var", "outbox.jsonl")),
             campaigns_dir=Path(env.get("DISPATCH_CAMPAIGNS_DIR") or under_root("campaigns")),
             templates_dir=Path(env.get("DISPATCH_TEMPLATES_DIR") or under_root("templates")),
@@ -295,6 +298,11 @@ class Settings:
             gateway_secrets={k: v for k, v in env.items() if k.startswith(GATEWAY_SECRET_PREFIX)},
         )
 
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        """``DISPATCH_GATEWAY`` as the ordered list of providers it names (one name: no failover)."""
+        return gateway_list(self.gateway)
+
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]  # dataclass fields are checked at runtime
 
@@ -333,7 +341,24 @@ def _fault_settings(env: Mapping[str, str]) -> dict[str, Any]:
         "stall_after": _float(env, "DISPATCH_STALL_AFTER", 30.0),
         "sending_deadline": _float(env, "DISPATCH_SENDING_DEADLINE", 900.0),
         "watchdog_every": _float(env, "DISPATCH_WATCHDOG_EVERY", 5.0),
+        "failover_cooldown": _float(env, "DISPATCH_FAILOVER_COOLDOWN", 30.0),
     }
+
+
+def gateway_list(text: str, *, check: bool = False) -> tuple[str, ...]:
+    """``twilio, http`` -> ("twilio", "http"); with ``check``, an empty or repeated name is a ConfigError.
+
+    Whether each name is a registered provider is checked when the gateway is built (the registry
+    knows them; settings must not import the providers).
+    """
+    names = tuple(n.strip() for n in text.split(","))
+    if check:
+        if any(not n for n in names):
+            raise ConfigError(f"DISPATCH_GATEWAY: an empty name in {text!r} (write e.g. twilio,http)")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"DISPATCH_GATEWAY: {', '.join(repeated)} listed twice in {text!r}")
+    return tuple(n for n in names if n)
 
 
 def _duration(env: Mapping[str, str], name: str, default: float) -> float:

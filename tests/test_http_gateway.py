@@ -13,7 +13,7 @@ import pytest
 from gateway_harness import Case, Exchange, Failed, Sent, message, run_case
 from twilio_support import Clock, LocalServer, drive, json_reply, start
 
-from dispatcher.errors import AmbiguousSendError, PermanentSendError, RetryableSendError
+from dispatcher.errors import AmbiguousSendError, PermanentSendError, RetryableSendError, UnavailableSendError
 from dispatcher.providers.http.gateway import HttpConfigError, HttpGateway, load_config
 from dispatcher.runs import resume_run
 
@@ -163,7 +163,8 @@ SINGLE_TABLE = [
         "refused",
         [message(A)],
         [Exchange("POST", SEND, raise_=httpx.ConnectError)],
-        [Failed(RetryableSendError, "http.connect")],
+        # nothing reached the provider: a failover list may hand the message to the next one
+        [Failed(UnavailableSendError, "http.connect")],
     ),
     Case(
         "read timeout",

@@ -17,7 +17,13 @@ from starlette.testclient import TestClient
 from twilio_support import Clock, drive, start
 
 from dispatcher.audit import verify
-from dispatcher.errors import AmbiguousSendError, ConfigError, PermanentSendError, RetryableSendError, SendError
+from dispatcher.errors import (
+    AmbiguousSendError,
+    ConfigError,
+    PermanentSendError,
+    SendError,
+    UnavailableSendError,
+)
 from dispatcher.providers import create_gateway
 from dispatcher.providers.base import OutgoingMessage
 from dispatcher.providers.kannel.gateway import KannelGateway, dlr_token
@@ -104,7 +110,7 @@ def test_accepted_and_queued_answers_are_hand_overs(answer: str) -> None:
         ((403, "Authorization failed for sendsms"), PermanentSendError, "kannel.auth"),
         ((202, "Authorization failed for sendsms"), AmbiguousSendError, "kannel.bad_provider_response"),
         ((400, "Missing receiver number, rejected"), PermanentSendError, "kannel.400"),
-        ((503, "Sending failed."), RetryableSendError, "kannel.503"),
+        ((503, "Sending failed."), UnavailableSendError, "kannel.503"),  # an explicit "not accepted"
         ((500, "Internal error"), AmbiguousSendError, "kannel.500"),
         ((202, "<html>proxy page</html>"), AmbiguousSendError, "kannel.bad_provider_response"),
     ],

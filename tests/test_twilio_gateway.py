@@ -23,7 +23,13 @@ from twilio.base.exceptions import TwilioServiceException
 from twilio_support import Clock, FakeTwilio, LocalServer, campaign_yaml, drive, json_reply, start
 
 from dispatcher.audit import verify
-from dispatcher.errors import AmbiguousSendError, ConfigError, PermanentSendError, RetryableSendError
+from dispatcher.errors import (
+    AmbiguousSendError,
+    ConfigError,
+    PermanentSendError,
+    RetryableSendError,
+    UnavailableSendError,
+)
 from dispatcher.providers import create_gateway
 from dispatcher.providers.base import LookupRequest, OutgoingMessage
 from dispatcher.providers.httptrace import collecting
@@ -332,7 +338,7 @@ TWILIO_TABLE = [
     _twilio_case(
         "refused",
         Exchange("POST", MESSAGES_PATH, raise_=httpx.ConnectError),
-        Failed(RetryableSendError, "twilio.connect"),
+        Failed(UnavailableSendError, "twilio.connect"),  # Twilio took nothing: another provider may
     ),
     _twilio_case(
         "read timeout",

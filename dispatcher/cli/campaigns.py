@@ -22,7 +22,9 @@ schedule_app = typer.Typer(no_args_is_help=True, help="Campaign schedules.")
 def validate(paths: list[Path] = typer.Argument(None, help="campaign files or folders (default: campaigns/)")) -> None:
     """Check campaign files: schema, districts, segments, templates, variables, length."""
     rt = runtime()
-    loaded, errors = check_paths(paths or [rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock())
+    loaded, errors = check_paths(
+        paths or [rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways()
+    )
     for error in errors:
         err.print(str(error), markup=False)
     if errors:
@@ -37,7 +39,7 @@ def preview(
 ) -> None:
     """Show who would be messaged and exactly what they would read. Sends nothing."""
     rt = runtime()
-    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock())
+    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways())
     report = build_preview(rt, loaded)
     if as_json:
         emit_json(report.as_dict())
@@ -89,7 +91,9 @@ def schedule_list(
 ) -> None:
     """Every scheduled campaign's next fire times (from now unless --from), with the template of each fire."""
     rt = runtime()
-    loaded, errors = check_paths([campaigns or rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock())
+    loaded, errors = check_paths(
+        [campaigns or rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways()
+    )
     if errors:
         raise errors[0]
     start = _when(since, "--from") or rt.clock()

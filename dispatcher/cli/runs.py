@@ -76,6 +76,14 @@ def print_summary(st: RunStatus, console: SafeConsole = out) -> None:
         console.print(f"as of {st.as_of.isoformat()} (theme {st.template})", markup=False)
     totals = ", ".join(f"{k} {v}" for k, v in sorted(st.counts.items()))
     console.print(f"total {st.total}: {totals}; parts sent {st.parts_sent}", markup=False)
+    gateways = st.gateways
+    if len(gateways.get("messages", {})) > 1 or gateways.get("refused"):
+        taken = ", ".join(f"{name} {n}" for name, n in sorted(gateways["messages"].items()))
+        console.print(f"messages per gateway: {taken}", markup=False)
+        for name, codes in sorted(gateways["refused"].items()):
+            why = ", ".join(f"{code} {n}" for code, n in sorted(codes.items()))
+            console.print(f"failover: {name} passed over {sum(codes.values())} times ({why})", markup=False)
+        console.print(f"failover: {gateways['failed_over']} messages went out through a later gateway", markup=False)
     reports = st.delivery_reports
     if any(reports.values()):
         console.print(
@@ -128,7 +136,7 @@ def run(
     if again and not (reason or "").strip():
         raise UsageError("--again needs --reason TEXT: why this campaign is sent again", field="reason")
     rt = runtime()
-    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock())
+    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways())
     run_as_of = parse_as_of(as_of, loaded.campaign.zone()) if as_of else None
     check_run_date(loaded, rt.clock(), run_as_of)
     as_of_time = run_as_of.when if run_as_of else None
@@ -150,7 +158,7 @@ def run(
     if not rt.settings.embedded:
         ping(rt.broker)
     # a misconfigured gateway, a passed send_by or an empty audience is reported (exit 2) before any row is written
-    _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway
+    _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway_for(loaded.campaign.gateways)
     refuse_pointless_run(rt, loaded)
     # open the delivery log and declare the actors before timing the fan-out
     rt.store  # noqa: B018

@@ -56,6 +56,10 @@ class SendResult:
     status: str = "sent"
     #: redacted HTTP exchanges of this send (method, url, status, elapsed_ms, bodies)
     trace: list[dict[str, Any]] = field(default_factory=list)
+    #: the provider that took it, when a failover gateway chose among several (None: the only one)
+    gateway: str | None = None
+    #: providers tried first that proved they took nothing (gateway, error_code, error_message, trace)
+    refusals: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

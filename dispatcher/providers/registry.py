@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -69,14 +69,26 @@ def reporter_gateways() -> dict[str, tuple[str, ...]]:
     return {p.name: p.reports_for for p in providers() if p.reports_for is not None}
 
 
-def create_gateway(settings: Settings) -> Gateway:
-    """The SMS adapter ``DISPATCH_GATEWAY`` names, configured from ``settings``."""
+def create_gateway(settings: Settings, name: str | None = None) -> Gateway:
+    """The SMS adapter named ``name`` (default: the one ``DISPATCH_GATEWAY`` names), configured from ``settings``.
+
+    A failover list (``twilio,http``) is built by the runtime, one adapter per name, over this.
+    """
+    wanted = name if name is not None else settings.gateway
     for provider in providers():
-        if provider.name == settings.gateway and provider.gateway is not None:
+        if provider.name == wanted and provider.gateway is not None:
             return provider.gateway(settings)
-    raise ConfigError(
-        f"DISPATCH_GATEWAY: unknown gateway {settings.gateway!r} (known: {', '.join(sorted(gateway_names()))})"
-    )
+    raise ConfigError(f"DISPATCH_GATEWAY: {unknown_gateways([wanted])}")
+
+
+def unknown_gateways(names: Sequence[str]) -> str | None:
+    """What is wrong with a list of SMS gateway names (one line naming the registered ones), or None."""
+    known = gateway_names()
+    bad = [n for n in names if n not in known]
+    if not bad:
+        return None
+    which = "unknown gateway" if len(bad) == 1 else "unknown gateways"
+    return f"{which} {', '.join(repr(b) for b in bad)} (known: {', '.join(sorted(known))})"
 
 
 def create_ringback(

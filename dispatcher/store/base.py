@@ -214,3 +214,6 @@ class Outcome:
     key: str | None = None
     #: the claim the outcome belongs to (None: not fenced, e.g. an operator's verdict)
     claim_token: str | None = None
+    #: providers of a failover list that proved they took nothing before ``gateway`` answered
+    #: (gateway, error_code, error_message, trace): each is kept as an attempt ``refused``
+    refusals: list[dict[str, Any]] = field(default_factory=list)

@@ -641,12 +641,14 @@ class SqlStore:
                 now,
             )
             late_ids = {o.id for o in late}
-            attempt_rows = [
-                _attempt_row(o, now)
+            recorded = [
+                o
                 for o in outcomes
                 if o.outcome != "skipped"
                 and (o.id in applied or o.id in settled_late or (o.id in late_ids and _handed_over(o)))
             ]
+            # providers a failover list tried first and that took nothing come before the one that answered
+            attempt_rows = [row for o in recorded for row in (*_refusal_rows(o, now), _attempt_row(o, now))]
             insert_many(conn, t.attempts, attempt_rows)
             opt_outs = {o.opt_out_phone for o in outcomes if o.opt_out_phone and o.id in applied}
             for phone in opt_outs:
@@ -982,6 +984,39 @@ class SqlStore:
             ).scalar_one()
         return int(value)
 
+    def by_gateway(self, run_id: str) -> dict[str, Any]:
+        """Which provider took what, and how often one was passed over for the next (failover).
+
+        ``messages``: rows handed over (or left ``unknown``) per provider; ``refused``: attempts a
+        provider proved it did not take (or was passed over, its circuit open), per provider and
+        code; ``failed_over``: messages that went out through a provider other than the first tried.
+        """
+        d, a = t.deliveries, t.attempts
+        with self._read() as conn:
+            messages = {
+                str(gateway): int(n)
+                for gateway, n in conn.execute(
+                    select(d.c.gateway, func.count())
+                    .where(d.c.run_id == run_id, d.c.state.in_((*HANDED_OVER_STATES, UNKNOWN)))
+                    .group_by(d.c.gateway)
+                )
+            }
+            refused: dict[str, dict[str, int]] = {}
+            for gateway, code, n in conn.execute(
+                select(a.c.gateway, a.c.error_code, func.count())
+                .where(a.c.run_id == run_id, a.c.outcome == "refused")
+                .group_by(a.c.gateway, a.c.error_code)
+            ):
+                refused.setdefault(str(gateway), {})[str(code)] = int(n)
+            failed_over = conn.execute(
+                select(func.count(func.distinct(d.c.id))).where(
+                    d.c.run_id == run_id,
+                    d.c.state.in_((*HANDED_OVER_STATES, UNKNOWN)),
+                    d.c.id.in_(select(a.c.delivery_id).where(a.c.run_id == run_id, a.c.outcome == "refused")),
+                )
+            ).scalar_one()
+        return {"messages": messages, "refused": refused, "failed_over": int(failed_over)}
+
     def deliveries(self, run_id: str, chunk: int = 5000) -> Iterator[dict[str, Any]]:
         """Stream a run's delivery rows in id order."""
         d = t.deliveries
@@ -1104,6 +1139,25 @@ def _attempt_row(o: Outcome, now: datetime) -> dict[str, Any]:
         "trace": scrub(json.dumps(o.trace, ensure_ascii=False)) if o.trace else None,
         "at": now,
     }
+
+
+def _refusal_rows(o: Outcome, now: datetime) -> list[dict[str, Any]]:
+    """One ``refused`` attempt per provider that proved it did not take the message (failover)."""
+    return [
+        {
+            "delivery_id": o.id,
+            "run_id": o.run_id,
+            "attempt": o.attempt,
+            "gateway": str(r.get("gateway") or "")[:32],
+            "outcome": "refused",
+            "provider_id": None,
+            "error_code": (str(r.get("error_code") or "") or None),
+            "error_message": scrub_optional(r.get("error_message")),
+            "trace": scrub(json.dumps(r["trace"], ensure_ascii=False)) if r.get("trace") else None,
+            "at": now,
+        }
+        for r in o.refusals
+    ]
 
 
 def open_store(

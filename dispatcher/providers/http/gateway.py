@@ -20,6 +20,7 @@ one file (YAML or JSON, ``DISPATCH_HTTP_CONFIG``) says::
       success_codes: ["0"]                       # error codes that mean "accepted"
     permanent_codes: ["1001", "1002"]            # fail at once
     retryable_codes: ["2001"]                    # nothing was sent; try again with backoff
+    unavailable_codes: ["5001"]                  # "not accepted, service down": a failover list tries the next
     opt_out_codes: ["1003"]                      # fail and opt the number out
     batch:                                       # optional: many numbers, one text, one call
       max_size: 500
@@ -38,7 +39,8 @@ exits 2 before anything is written or sent. Secrets are substituted when the fil
 is loaded and redacted from every trace. Only variables named ``DISPATCH_HTTP_SECRET_*``
 can be substituted: a config file is data from outside the program and must not be
 able to send its own settings (the session secret, the database URL) to a provider.
-HTTP 429 and refused connections are retried, 5xx, read timeouts and a 2xx reply
+HTTP 429 and refused connections are retried (a refused or unresolvable connection, and
+``unavailable_codes``, let a failover list hand the message to its next provider), 5xx, read timeouts and a 2xx reply
 that is not JSON are ambiguous (the row goes to ``unknown``).
 
 Only a config with a ``status`` section makes the adapter ``can_fetch_status``: the
@@ -61,7 +63,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ... import safeyaml
 from ...charcheck import first_bad_text
-from ...errors import AmbiguousSendError, InputError, PermanentSendError, RetryableSendError, SendError
+from ...errors import (
+    AmbiguousSendError,
+    InputError,
+    PermanentSendError,
+    RetryableSendError,
+    SendError,
+    UnavailableSendError,
+)
 from ...settings import GATEWAY_SECRET_PREFIX
 from ..base import BaseGateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
 from ..httptrace import TracedHttp, collecting
@@ -128,6 +137,8 @@ class HttpConfig(_Model):
     response: ResponseSpec
     permanent_codes: list[str] = Field(default_factory=list)
     retryable_codes: list[str] = Field(default_factory=list)
+    #: codes by which the provider says it took nothing because it cannot take anything now
+    unavailable_codes: list[str] = Field(default_factory=list)
     opt_out_codes: list[str] = Field(default_factory=list)
     batch: BatchSpec | None = None
     status: StatusSpec | None = None
@@ -142,7 +153,9 @@ class HttpConfig(_Model):
             raise ValueError("expected an http:// or https:// URL")
         return value
 
-    @field_validator("permanent_codes", "retryable_codes", "opt_out_codes", "response", mode="before")
+    @field_validator(
+        "permanent_codes", "retryable_codes", "unavailable_codes", "opt_out_codes", "response", mode="before"
+    )
     @classmethod
     def _codes_as_text(cls, value: Any) -> Any:
         if isinstance(value, list):
@@ -364,8 +377,13 @@ class HttpGateway(BaseGateway):
         with collecting() as trace:
             try:
                 response = self.http.request(self.config.method, self.config.url, **kwargs)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                error: SendError = RetryableSendError(f"could not connect: {type(exc).__name__}", code="http.connect")
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # refused or unresolvable: not a byte of the request reached the provider
+                error: SendError = UnavailableSendError(f"could not connect: {type(exc).__name__}", code="http.connect")
+                error.trace = list(trace)
+                raise error from exc
+            except httpx.PoolTimeout as exc:
+                error = RetryableSendError(f"could not connect: {type(exc).__name__}", code="http.connect")
                 error.trace = list(trace)
                 raise error from exc
             except httpx.HTTPError as exc:
@@ -405,7 +423,7 @@ class HttpGateway(BaseGateway):
             return str(code) in success
         # no success list: any code the config does not name as a failure means "accepted"
         c = self.config
-        return str(code) not in {*c.permanent_codes, *c.retryable_codes, *c.opt_out_codes}
+        return str(code) not in {*c.permanent_codes, *c.retryable_codes, *c.unavailable_codes, *c.opt_out_codes}
 
     @staticmethod
     def _with(error: SendError, trace: list[dict[str, Any]]) -> SendError:
@@ -417,6 +435,8 @@ class HttpGateway(BaseGateway):
         label = f"http.{code}"
         if code in self.config.opt_out_codes:
             return PermanentSendError(f"provider code {code}: recipient opted out", code=label, opt_out=True)
+        if code in self.config.unavailable_codes:
+            return UnavailableSendError(f"provider code {code}: not accepted, the service is unavailable", code=label)
         if code in self.config.retryable_codes:
             return RetryableSendError(f"provider code {code}", code=label)
         return PermanentSendError(f"provider code {code}", code=label)

@@ -14,7 +14,8 @@ asked for: the id already finds the row, and a number in a URL ends up in logs.
 Kannel's answers, classified in one table (``classify``): ``0: Accepted for
 delivery`` and ``3: Queued for later delivery`` are hand-overs; ``Authorization
 failed`` (403) and other 4xx are permanent; a 503 ``Sending failed`` /
-``Temporal failure`` means smsbox queued nothing, so it is retried; any other
+``Temporal failure`` means smsbox queued nothing (an explicit "not accepted":
+``UnavailableSendError``, so a failover list tries its next provider), so it is retried; any other
 answer, a read timeout or a success status with an unreadable body may have
 queued the SMS and leaves the row ``unknown``. A refused connection (or a connect
 timeout) means smsbox is not there: nothing was taken, and nothing after it will
@@ -40,6 +41,7 @@ from ...errors import (
     PermanentSendError,
     RetryableSendError,
     SendError,
+    UnavailableSendError,
 )
 from ..base import BaseGateway, LookupRequest, OutgoingMessage, SendResult
 from ..httptrace import TracedHttp, collecting
@@ -83,8 +85,8 @@ def classify(status: int, answer: str) -> SendError | None:
     if status == 403 or text.startswith("Authorization failed"):
         return PermanentSendError("Kannel refused the sendsms credentials", code="kannel.auth")
     if status == 503:
-        # smsbox could not hand the message to bearerbox: nothing is queued
-        return RetryableSendError(f"Kannel could not queue the message: {text[:80]}", code="kannel.503")
+        # smsbox could not hand the message to bearerbox: nothing is queued, an explicit "not accepted"
+        return UnavailableSendError(f"Kannel could not queue the message: {text[:80]}", code="kannel.503")
     if 400 <= status < 500:
         return PermanentSendError(f"Kannel rejected the request (HTTP {status}): {text[:80]}", code=f"kannel.{status}")
     return AmbiguousSendError(f"HTTP {status} from Kannel", code=f"kannel.{status}")

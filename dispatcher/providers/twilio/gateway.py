@@ -11,10 +11,12 @@ Every failure is classified in one place, ``classify``, from one table
 (``TWILIO_CODES``): Twilio's own error semantics decide whether the row is
 retried, failed, failed-and-opted-out, or left ``unknown`` for reconciliation.
 Twilio processes nothing on a 429 and a refused connection sends nothing, so both
-are retried; a 5xx or a read timeout may have queued the SMS, so the row goes to
-``unknown`` and ``lookup`` asks Twilio for messages to that number since the
-attempt before anything is sent again. So does a success status whose body is not
-Twilio's JSON or carries no ``sid`` (``twilio.bad_provider_response``).
+are retried (a refused or unresolvable connection is ``UnavailableSendError``: a
+failover gateway may hand the message to its next provider); a 5xx or a read
+timeout may have queued the SMS, so the row goes to ``unknown`` and ``lookup``
+asks Twilio for messages to that number since the attempt before anything is sent
+again. So does a success status whose body is not Twilio's JSON or carries no ``sid``
+(``twilio.bad_provider_response``).
 
 ``fetch_status`` fetches each message by its SID (``GET .../Messages/{Sid}.json``),
 for rows whose status callback never came; a SID Twilio does not know (404) is left
@@ -37,7 +39,14 @@ from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
 
 from ...clock import utcnow
-from ...errors import AmbiguousSendError, ConfigError, PermanentSendError, RetryableSendError, SendError
+from ...errors import (
+    AmbiguousSendError,
+    ConfigError,
+    PermanentSendError,
+    RetryableSendError,
+    SendError,
+    UnavailableSendError,
+)
 from ...redact import scrub
 from ..base import BaseGateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
 from ..httptrace import TracedHttp, collecting
@@ -64,9 +73,11 @@ TWILIO_CODES: dict[int, str] = {
 class TransportFailure(TwilioException):
     """An exchange that got no HTTP reply; ``sent`` says whether the request may have reached Twilio."""
 
-    def __init__(self, message: str, *, sent: bool) -> None:
+    def __init__(self, message: str, *, sent: bool, unreachable: bool = False) -> None:
         super().__init__(message)
         self.sent = sent
+        #: no connection could be made at all (refused, name not resolved, connect timeout)
+        self.unreachable = unreachable
 
 
 class DispatchHttpClient(HttpClient):
@@ -122,7 +133,13 @@ class DispatchHttpClient(HttpClient):
             kwargs["timeout"] = timeout
         try:
             response = self.http.request(method, url, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # refused, unresolvable or unanswered before a byte of the request left: Twilio took nothing
+            raise TransportFailure(
+                f"could not connect to Twilio: {type(exc).__name__}", sent=False, unreachable=True
+            ) from exc
+        except httpx.PoolTimeout as exc:
+            # our own pool was busy: nothing was sent, but Twilio is not shown to be down either
             raise TransportFailure(f"could not connect to Twilio: {type(exc).__name__}", sent=False) from exc
         except httpx.HTTPError as exc:
             # read timeouts, resets after the request went out: Twilio may have acted on it
@@ -138,6 +155,8 @@ def classify(exc: TwilioException) -> SendError:
     if isinstance(exc, TransportFailure):
         if exc.sent:
             return AmbiguousSendError(str(exc), code="twilio.timeout")
+        if exc.unreachable:
+            return UnavailableSendError(str(exc), code="twilio.connect")
         return RetryableSendError(str(exc), code="twilio.connect")
     status = getattr(exc, "status", None)
     if isinstance(exc, TwilioRestException | TwilioServiceException) and isinstance(status, int):
