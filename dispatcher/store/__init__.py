@@ -14,8 +14,8 @@ own module and each owning its tables and queries::
         / release / still_claimed / requeue / orphans
         / sending_holders / operator_settle / cancel_open     deliveries and claims
       heartbeat / forget_worker / live_workers                workers' heartbeats
-      counts / by_district / parts_sent / deliveries
-        / attempts_for                                        reading a run's rows
+      counts / by_district / by_gateway / parts_sent
+        / deliveries / attempts_for                           reading a run's rows
     store.control (control.py: RunControl)
       pause_run / unpause_run / halt_run / clear_halt / run_halted / cancel_claimed
       run_status / progress / running_runs                    what workers and the watchdog poll
