@@ -100,7 +100,8 @@ def chase_run(
     caps how many are asked. Each row is asked of the provider that took it (its ids mean
     nothing to another), rows of a provider this process cannot ask are not; the deadline applies
     to every row, but only once every row due has been asked (not while the provider is
-    unreachable, nor when the budget ran out first): a row is given up as unconfirmed only after the provider had its chance to say.
+    unreachable, nor when the budget ran out first): a row is given up as unconfirmed only after
+    the provider had its chance to say.
     """
     store, settings = runtime.store, runtime.settings
     now = runtime.clock()
