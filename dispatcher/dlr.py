@@ -35,7 +35,9 @@ from .errors import DispatchError, SendError
 from .store import DELIVERED, FAILED, SENT, UNCONFIRMED, UNDELIVERED
 
 if TYPE_CHECKING:
+    from .providers.base import Gateway
     from .runtime import Runtime
+    from .store import SqlStore
 
 log = structlog.get_logger("dispatcher.dlr")
 
@@ -95,21 +97,21 @@ def chase_run(
     ones past ``dlr_deadline`` ``unconfirmed``.
 
     ``memory`` leaves out rows asked about recently (and remembers the ones asked now); ``budget``
-    caps how many are asked. Only rows the current gateway sent are asked about (another
-    provider's ids mean nothing to it); the deadline applies to every row, but only once every
-    row due has been asked (not while the provider is unreachable, nor when the budget ran out
-    first): a row is given up as unconfirmed only after the provider had its chance to say.
+    caps how many are asked. Each row is asked of the provider that took it (its ids mean
+    nothing to another), rows of a provider this process cannot ask are not; the deadline applies
+    to every row, but only once every row due has been asked (not while the provider is
+    unreachable, nor when the budget ran out first): a row is given up as unconfirmed only after
+    the provider had its chance to say.
     """
     store, settings = runtime.store, runtime.settings
     now = runtime.clock()
     chase_before = now - timedelta(seconds=settings.dlr_chase_after)
     deadline_before = now - timedelta(seconds=settings.dlr_deadline)
-    gateway = runtime.gateway
-    result = ChaseResult(run_id, gateway.name, gateway.can_fetch_status)
-    reporter = f"dlr:{gateway.name}"
+    askable = askable_providers(runtime)
+    result = ChaseResult(run_id, runtime.gateway.name, bool(askable))
     with structlog.contextvars.bound_contextvars(run_id=run_id):
-        complete = not gateway.can_fetch_status
-        if gateway.can_fetch_status:
+        complete = not askable
+        if askable:
             after = 0
             while budget is None or result.asked < budget:
                 page = store.provider_events.awaiting_report(run_id, chase_before, after_id=after, limit=CHUNK)
@@ -117,38 +119,23 @@ def chase_run(
                     complete = True
                     break
                 after = page[-1].id
-                due = [r for r in page if r.gateway == gateway.name and not (memory and memory.recent(r.id))]
+                # each row is asked of the provider that took it (a failover list or a campaign's own
+                # `gateways:` spreads one run over several); rows of a provider that cannot be asked wait
+                due = [r for r in page if r.gateway in askable and not (memory and memory.recent(r.id))]
                 if budget is not None:
                     due = due[: budget - result.asked]
                 if not due:
                     continue
                 if memory is not None:
                     memory.mark(r.id for r in due)
-                try:
-                    answers = gateway.fetch_status([r.provider_id for r in due])
-                except SendError as exc:
-                    result.error = f"{exc.code}: {exc}"
-                    log.warning("dlr.fetch_failed", gateway=gateway.name, error=result.error)
+                by_provider: dict[str, list[str]] = {}
+                for r in due:
+                    by_provider.setdefault(r.gateway or "", []).append(r.provider_id)
+                for name, provider_ids in by_provider.items():
+                    if not _chase_page(store, askable[name], provider_ids, result):
+                        break
+                if result.error is not None:
                     break
-                finally:
-                    result.asked += len(due)
-                result.answered += len(answers)
-                changes = store.provider_events.apply_statuses(
-                    [(pid, st.status, st.error_code) for pid, st in answers.items()], actor=reporter
-                )
-                moved_to: dict[str, set[str]] = {}
-                for change in changes:
-                    moved_to.setdefault(change.provider_id or "", set()).add(change.to_state)
-                for provider_id in answers:
-                    moved = moved_to.get(provider_id, set())
-                    if DELIVERED in moved:
-                        result.delivered += 1
-                    elif UNDELIVERED in moved:
-                        result.undelivered += 1
-                    elif FAILED in moved:
-                        result.failed += 1
-                    else:
-                        result.no_final_status += 1
         if complete and result.error is None:
             result.unconfirmed = store.provider_events.mark_unconfirmed(
                 run_id, deadline_before, reason=deadline_reason(settings.dlr_deadline), actor=actor
@@ -158,6 +145,53 @@ def chase_run(
         if result.asked or result.unconfirmed:
             log.info("dlr.chased", **{k: v for k, v in result.as_dict().items() if k not in ("run_id", "now")})
     return result
+
+
+def askable_providers(runtime: Runtime) -> dict[str, Gateway]:
+    """The SMS providers this process can ask about a message's status, by name.
+
+    A provider this process is not configured for (no credentials, no config file) cannot be
+    asked, and neither can one that declares no ``can_fetch_status``.
+    """
+    found: dict[str, Gateway] = {}
+    for name in runtime.known_gateways():
+        try:
+            adapter = runtime.gateway_for([name])
+        except DispatchError:
+            continue
+        if adapter.can_fetch_status:
+            found[name] = adapter
+    return found
+
+
+def _chase_page(store: SqlStore, gateway: Gateway, provider_ids: list[str], result: ChaseResult) -> bool:
+    """Ask one provider about some of its messages and record the answers; False if it could not be asked."""
+    try:
+        answers = gateway.fetch_status(provider_ids)
+    except SendError as exc:
+        result.error = f"{exc.code}: {exc}"
+        log.warning("dlr.fetch_failed", gateway=gateway.name, error=result.error)
+        return False
+    finally:
+        result.asked += len(provider_ids)
+    result.answered += len(answers)
+    changes = store.provider_events.apply_statuses(
+        [(pid, st.status, st.error_code) for pid, st in answers.items()], actor=f"dlr:{gateway.name}"
+    )
+    moved_to: dict[str, set[str]] = {}
+    for change in changes:
+        moved_to.setdefault(change.provider_id or "", set()).add(change.to_state)
+    for provider_id in answers:
+        moved = moved_to.get(provider_id, set())
+        if DELIVERED in moved:
+            result.delivered += 1
+        elif UNDELIVERED in moved:
+            result.undelivered += 1
+        elif FAILED in moved:
+            result.failed += 1
+        else:
+            result.no_final_status += 1
+    return True
 
 
 class AskedMemory:

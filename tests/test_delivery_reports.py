@@ -551,3 +551,30 @@ def test_dashboard_runs_page_and_heat_map_show_delivered_undelivered_and_unconfi
         heat = client.get(base + "/dashboard/coverage", params={"period": quarter_of(clock())}).text
         titles = re.findall(r'title="\d+ of \d+ reached, (\d+) delivered, (\d+) undelivered, (\d+) unconfirmed"', heat)
         assert titles and any(u == "1" for _, u, _ in titles) and any(int(c) >= 1 for _, _, c in titles)
+
+
+def test_a_run_sent_through_a_failover_list_is_chased_at_the_provider_that_took_each_message(
+    any_db_project: Project,
+) -> None:
+    from prism_support import free_port
+
+    project = any_db_project
+    # the primary carrier refuses every connection, so the outbox (second in the list) takes everyone
+    project.write(
+        "carrier.yaml",
+        f"url: http://127.0.0.1:{free_port()}/send\nbody:\n  format: json\n  template:\n"
+        '    mobile: "{{to}}"\n    content: "{{body}}"\nresponse:\n  message_id: data.msgid\n',
+    )
+    project.env.update({"DISPATCH_GATEWAY": "http,outbox", "DISPATCH_HTTP_CONFIG": str(project.root / "carrier.yaml")})
+    project.registry(size=30, seed=17)
+    clock = Clock()
+    rt = project.runtime(clock=clock)
+    run_id = run_through(rt, project, clock, name="failover-dlr")
+    rows = sent_rows(rt, run_id)
+    assert rows and {r["gateway"] for r in rows} == {"outbox"}
+
+    clock.advance(35 * 60)
+    chased = chase_run(rt, run_id)
+    assert chased.asked == chased.answered == chased.delivered == len(rows), chased
+    assert {e.actor for e in ledger_events(rt, run_id, "delivered")} == {"dlr:outbox"}
+    assert verified(rt, run_id)

@@ -165,7 +165,8 @@ class FailoverGateway:
         #: ``unknown`` rows can be looked up only if every provider can say what it took
         self.can_lookup = all(m.can_lookup for m in self.members)
         self.batch_capacity = max(m.batch_capacity for m in self.members)
-        #: the delivery-report sweep asks one provider about the rows it sent; a list does not chase yet
+        #: a list is never asked as one: the delivery-report sweep asks each row's status of the
+        #: provider that took it (the row's ``gateway``), whichever list it was sent through
         self.can_fetch_status = False
 
     @property
@@ -287,7 +288,7 @@ class FailoverGateway:
         return found
 
     def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
-        raise NotImplementedError("a failover list is not asked for message statuses")
+        raise NotImplementedError("ask the provider that took the message, not the list")
 
     def close(self) -> None:
         """Nothing of its own: the adapters belong to the runtime, which shares them between lists."""
