@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, missing_service
+
+from tests.conftest import ROOT, missing_service
 
 PRISM_VERSION = "5.16.0"
 SPEC = ROOT.parent / "shared" / "twilio" / "twilio_api_v2010.json"

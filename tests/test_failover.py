@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import wait_for
 from prism_support import ACCOUNT_SID, AUTH_TOKEN, FROM, SPEC, _prism_command, free_port
 from twilio_support import campaign_yaml
 
@@ -34,6 +33,7 @@ from dispatcher import metrics
 from dispatcher.campaigns import load_campaign
 from dispatcher.errors import CampaignError, ConfigError
 from dispatcher.settings import Settings
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 

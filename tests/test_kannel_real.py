@@ -26,11 +26,11 @@ from urllib.parse import unquote_to_bytes
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import Project, missing_service, serve_web, stop_processes, wait_for
 
 from dispatcher.errors import GatewayDown, PermanentSendError
 from dispatcher.providers.base import OutgoingMessage
 from dispatcher.providers.kannel.gateway import KannelGateway
+from tests.conftest import Project, missing_service, serve_web, stop_processes, wait_for
 
 pytestmark = pytest.mark.slow
 
