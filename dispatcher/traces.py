@@ -66,7 +66,7 @@ def delivery_trace(
         found = store.traces.delivery(run_id, event_id=event_id) if event_id is not None else None
         if found is None:
             raise UsageError(f"no delivery for ledger event {event_id} in run {run_id}", field="event")
-        _record_view(store, actor=actor, via=via, run_id=run_id, phone=found.phone)
+        _record_view(store, actor=actor, via=via, run_id=run_id, phone=found.row.phone)
     return _as_dict(found)
 
 
@@ -76,15 +76,16 @@ def _record_view(store: SqlStore, *, actor: str, via: str, run_id: str, phone: s
 
 
 def _as_dict(d: StoredDelivery) -> dict[str, Any]:
+    row = d.row
     return {
-        "run_id": d.run_id,
-        "phone": mask(d.phone),
-        "key": mask_text(d.key),
-        "state": d.state,
-        "gateway": d.gateway,
+        "run_id": row.run_id,
+        "phone": mask(row.phone),
+        "key": mask_text(row.key),
+        "state": row.state,
+        "gateway": row.gateway,
         # provider ids may embed the number (the outbox's do)
-        "provider_id": mask_text(d.provider_id) if d.provider_id else None,
-        "error_code": d.error_code,
+        "provider_id": mask_text(row.provider_id) if row.provider_id else None,
+        "error_code": row.error_code,
         "attempts": [_attempt(a) for a in d.attempts],
         "events": [
             {
@@ -102,7 +103,8 @@ def _as_dict(d: StoredDelivery) -> dict[str, Any]:
     }
 
 
-def _attempt(a: StoredAttempt) -> dict[str, Any]:
+def _attempt(stored: StoredAttempt) -> dict[str, Any]:
+    a, event = stored.row, stored.event
     if a.trace is not None:
         status, exchanges = KEPT, _exchanges(a.trace)
     elif a.trace_purged_at is not None:
@@ -114,8 +116,8 @@ def _attempt(a: StoredAttempt) -> dict[str, Any]:
         "at": a.at.isoformat(),
         "gateway": a.gateway,
         "outcome": a.outcome,
-        "from_state": a.event.from_state if a.event else None,
-        "to_state": a.event.to_state if a.event else None,
+        "from_state": event.from_state if event else None,
+        "to_state": event.to_state if event else None,
         "provider_id": mask_text(a.provider_id) if a.provider_id else None,
         "error_code": a.error_code,
         "error_message": a.error_message,

@@ -15,7 +15,7 @@ own module and each owning its tables and queries::
         / sending_holders / operator_settle / cancel_open     deliveries and claims
       heartbeat / forget_worker / live_workers                workers' heartbeats
       counts / by_district / by_gateway / parts_sent
-        / deliveries / attempts_for                           reading a run's rows
+        / deliveries / attempts_for                           reading a run's rows (DeliveryRow, AttemptRow)
     store.control (control.py: RunControl)
       pause_run / unpause_run / halt_run / clear_halt / run_halted / cancel_claimed
       run_status / progress / running_runs                    what workers and the watchdog poll
@@ -77,9 +77,11 @@ from .base import (
     UNCONFIRMED,
     UNDELIVERED,
     UNKNOWN,
+    AttemptRow,
     AudienceFilter,
     Claimed,
     CreatedRun,
+    DeliveryRow,
     Outcome,
     Resident,
     RunRecord,
@@ -111,6 +113,7 @@ __all__ = [
     "UNCONFIRMED",
     "UNDELIVERED",
     "UNKNOWN",
+    "AttemptRow",
     "AudienceFilter",
     "AwaitingReport",
     "ChainBreak",
@@ -118,6 +121,7 @@ __all__ = [
     "CoverageCounts",
     "CreatedRun",
     "Credentials",
+    "DeliveryRow",
     "DepartmentCounts",
     "DuplicateRun",
     "FailureCount",

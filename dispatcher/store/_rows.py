@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from ..redact import scrub_optional
 from . import ledger
 from . import schema as t
-from .base import RunSpec
+from .base import AttemptRow, DeliveryRow, RunSpec
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -26,6 +26,25 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+_DELIVERY_TIMES = ("claimed_at", "next_attempt_at", "sent_at", "created_at", "updated_at")
+
+
+def delivery_row(row: Any) -> DeliveryRow:
+    """A ``deliveries`` row (a mapping of every column) as its record."""
+    values = dict(row)
+    for key in _DELIVERY_TIMES:
+        values[key] = as_utc(values[key])
+    return DeliveryRow(**values)
+
+
+def attempt_row(row: Any) -> AttemptRow:
+    """An ``attempts`` row (a mapping of every column) as its record."""
+    values = dict(row)
+    values["trace_purged_at"] = as_utc(values["trace_purged_at"])
+    values["at"] = as_utc(values["at"])
+    return AttemptRow(**values)
 
 
 def insert_run(conn: Connection, spec: RunSpec, now: datetime) -> None:

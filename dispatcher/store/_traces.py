@@ -20,7 +20,8 @@ from ..keys import delivery_key
 from . import ledger
 from . import schema as t
 from ._db import Db
-from ._rows import as_utc
+from ._rows import as_utc, attempt_row, delivery_row
+from .base import AttemptRow, DeliveryRow
 
 
 @dataclass(frozen=True)
@@ -40,31 +41,18 @@ class StoredEvent:
 
 @dataclass(frozen=True)
 class StoredAttempt:
-    """One hand-over to a gateway, with the ledger event written with it (same delivery, same instant)."""
+    """One hand-over to a gateway (its ``attempts`` row) with the ledger event written with it
+    (same delivery, same instant); None when no event lines up."""
 
-    attempt: int
-    gateway: str
-    outcome: str
-    provider_id: str | None
-    error_code: str | None
-    error_message: str | None
-    #: the redacted JSON list of exchanges, as stored; None when purged or never recorded
-    trace: str | None
-    trace_purged_at: datetime | None
-    at: datetime
+    row: AttemptRow
     event: StoredEvent | None
 
 
 @dataclass(frozen=True)
 class StoredDelivery:
-    id: int
-    run_id: str
-    key: str
-    phone: str
-    state: str
-    gateway: str | None
-    provider_id: str | None
-    error_code: str | None
+    """A delivery row with its history: its attempts and its ledger events, oldest first."""
+
+    row: DeliveryRow
     attempts: tuple[StoredAttempt, ...]
     events: tuple[StoredEvent, ...]
 
@@ -107,32 +95,10 @@ class TraceReads:
         answers = {e.at: e for e in events if e.kind == "delivery.late" or e.from_state == "sending"}
         handovers = {**at_instant, **answers}
         attempts = tuple(
-            StoredAttempt(
-                attempt=r["attempt"],
-                gateway=r["gateway"],
-                outcome=r["outcome"],
-                provider_id=r["provider_id"],
-                error_code=r["error_code"],
-                error_message=r["error_message"],
-                trace=r["trace"],
-                trace_purged_at=as_utc(r["trace_purged_at"]),
-                at=_at(r["at"]),
-                event=handovers.get(_at(r["at"])),
-            )
-            for r in attempt_rows
+            StoredAttempt(row=a_row, event=handovers.get(a_row.at))
+            for a_row in (attempt_row(r) for r in attempt_rows)
         )
-        return StoredDelivery(
-            id=row["id"],
-            run_id=row["run_id"],
-            key=row["key"],
-            phone=row["phone"],
-            state=row["state"],
-            gateway=row["gateway"],
-            provider_id=row["provider_id"],
-            error_code=row["error_code"],
-            attempts=attempts,
-            events=events,
-        )
+        return StoredDelivery(row=delivery_row(row), attempts=attempts, events=events)
 
     @staticmethod
     def _events(conn: Any, key: str, run_id: str) -> tuple[StoredEvent, ...]:

@@ -128,6 +128,64 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class DeliveryRow:
+    """One row of a run's delivery log (the ``deliveries`` table), as ``SqlStore.deliveries`` streams it.
+
+    Field names are the table's columns, so ``attempts`` is how many tries were made (the tries
+    themselves are ``AttemptRow``s). Times are timezone-aware UTC.
+    """
+
+    id: int
+    run_id: str
+    #: idempotency key: run + phone
+    key: str
+    resident_id: int
+    phone: str
+    district: str
+    grid: str
+    batch_no: int
+    state: str
+    reason: str | None
+    attempts: int
+    gateway: str | None
+    provider_id: str | None
+    error_code: str | None
+    error_message: str | None
+    parts: int | None
+    encoding: str | None
+    body: str | None
+    claim_token: str | None
+    claimed_by: str | None
+    claimed_at: datetime | None
+    next_attempt_at: datetime | None
+    sent_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    """One hand-over to a gateway (the ``attempts`` table), as ``SqlStore.attempts_for`` returns it.
+
+    ``trace`` is the redacted JSON list of exchanges as stored: None when purged (then
+    ``trace_purged_at`` says when) or never recorded. Times are timezone-aware UTC.
+    """
+
+    id: int
+    delivery_id: int
+    run_id: str
+    attempt: int
+    gateway: str
+    outcome: str
+    provider_id: str | None
+    error_code: str | None
+    error_message: str | None
+    trace: str | None
+    trace_purged_at: datetime | None
+    at: datetime
+
+
+@dataclass(frozen=True)
 class AudienceFilter:
     """Who a campaign selects: residents of ``districts``, where a district with listed ``grids`` is
     narrowed to those grids and every other selected district is taken whole; then the segments."""

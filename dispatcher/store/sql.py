@@ -40,7 +40,7 @@ from ._audit import AuditLog
 from ._dashboard import DashboardReads
 from ._db import Db, one_line
 from ._reports import ReportReads
-from ._rows import as_utc, insert_run, keys_digest, transition
+from ._rows import as_utc, attempt_row, delivery_row, insert_run, keys_digest, transition
 from ._traces import TraceReads
 from .base import (
     CANCELLED,
@@ -52,9 +52,11 @@ from .base import (
     SENT,
     SKIPPED,
     UNKNOWN,
+    AttemptRow,
     AudienceFilter,
     Claimed,
     CreatedRun,
+    DeliveryRow,
     Outcome,
     Resident,
     RunRecord,
@@ -1017,7 +1019,7 @@ class SqlStore:
             ).scalar_one()
         return {"messages": messages, "refused": refused, "failed_over": int(failed_over)}
 
-    def deliveries(self, run_id: str, chunk: int = 5000) -> Iterator[dict[str, Any]]:
+    def deliveries(self, run_id: str, chunk: int = 5000) -> Iterator[DeliveryRow]:
         """Stream a run's delivery rows in id order."""
         d = t.deliveries
         last = 0
@@ -1031,16 +1033,15 @@ class SqlStore:
             if not rows:
                 return
             for row in rows:
-                yield dict(row)
+                yield delivery_row(row)
             last = rows[-1]["id"]
 
-    def attempts_for(self, delivery_id: int) -> list[dict[str, Any]]:
+    def attempts_for(self, delivery_id: int) -> list[AttemptRow]:
+        """A delivery's hand-overs to gateways, oldest first."""
         a = t.attempts
         with self._read() as conn:
-            return [
-                dict(row)
-                for row in conn.execute(select(a).where(a.c.delivery_id == delivery_id).order_by(a.c.id)).mappings()
-            ]
+            rows = conn.execute(select(a).where(a.c.delivery_id == delivery_id).order_by(a.c.id)).mappings().all()
+        return [attempt_row(row) for row in rows]
 
     def drop_all(self) -> None:
         """Remove every table (tests only)."""
