@@ -16,8 +16,8 @@ def main() -> int:
     rt = Runtime(Settings.from_env())
     run = rt.store.get_run(sys.argv[2]) if len(sys.argv) > 2 else rt.store.list_runs(limit=1)[0]
     keys = collections.Counter(r["key"] for r in read_outbox(outbox) if r["run_id"] == run.id)
-    sent = {row["key"] for row in rt.store.deliveries(run.id) if row["state"] == "sent"}
-    eligible = sum(1 for row in rt.store.deliveries(run.id) if row["reason"] != "opted_out")
+    sent = {row.key for row in rt.store.deliveries(run.id) if row.state == "sent"}
+    eligible = sum(1 for row in rt.store.deliveries(run.id) if row.reason != "opted_out")
     twice = [k for k, n in keys.items() if n > 1]
     ok = not twice and set(keys) == sent and len(sent) == eligible
     print(

@@ -30,9 +30,9 @@ def test_a_runs_keys_are_run_colon_phone_and_its_snapshot_is_parsed_once(project
     run_id = json.loads(result.stdout)["run_id"]
     store = project.runtime().store
     rows = list(store.deliveries(run_id))
-    assert rows and all(r["key"] == delivery_key(run_id, r["phone"]) == f"{run_id}:{r['phone']}" for r in rows)
+    assert rows and all(r.key == delivery_key(run_id, r.phone) == f"{run_id}:{r.phone}" for r in rows)
     # an operator types a number the local way; settle finds the same row's key
-    assert settle_keys(run_id, [rows[0]["phone"].removeprefix("+86")]) == [rows[0]["key"]]
+    assert settle_keys(run_id, [rows[0].phone.removeprefix("+86")]) == [rows[0].key]
 
     # every reader of the run (worker, sweeps, TwiML, CLI) gets the one parsed campaign
     run = store.get_run(run_id)

@@ -47,11 +47,11 @@ def run_through(rt: Runtime, project: Project, clock: Clock, name: str = "dlr") 
 
 
 def sent_rows(rt: Runtime, run_id: str) -> list[dict[str, Any]]:
-    return [r for r in rt.store.deliveries(run_id) if r["state"] == "sent"]
+    return [r for r in rt.store.deliveries(run_id) if r.state == "sent"]
 
 
 def states(rt: Runtime, run_id: str) -> dict[str, str]:
-    return {r["phone"]: r["state"] for r in rt.store.deliveries(run_id)}
+    return {r.phone: r.state for r in rt.store.deliveries(run_id)}
 
 
 def ledger_events(rt: Runtime, run_id: str, to_state: str) -> list[Any]:
@@ -89,7 +89,7 @@ def test_outbox_rows_are_chased_then_the_silent_ones_become_unconfirmed_and_the_
     rt = outbox_runtime(project, clock, undelivered=[], silent=[])
     rows = sent_rows(rt, run_id)
     assert len(rows) >= 10
-    undelivered, silent = [r["phone"] for r in rows[:2]], [r["phone"] for r in rows[2:5]]
+    undelivered, silent = [r.phone for r in rows[:2]], [r.phone for r in rows[2:5]]
     rt = outbox_runtime(project, clock, undelivered=undelivered, silent=silent)
 
     clock.advance(10 * 60)  # younger than DISPATCH_DLR_CHASE_AFTER (30 min): nobody is asked yet
@@ -104,8 +104,8 @@ def test_outbox_rows_are_chased_then_the_silent_ones_become_unconfirmed_and_the_
     assert chased.unconfirmed == 0  # the deadline (72 h) is far off
     now = states(rt, run_id)
     assert {now[p] for p in undelivered} == {"undelivered"} and {now[p] for p in silent} == {"sent"}
-    undelivered_row = next(r for r in rt.store.deliveries(run_id) if r["phone"] == undelivered[0])
-    assert undelivered_row["error_code"] == "outbox.undelivered"
+    undelivered_row = next(r for r in rt.store.deliveries(run_id) if r.phone == undelivered[0])
+    assert undelivered_row.error_code == "outbox.undelivered"
     assert {e.actor for e in ledger_events(rt, run_id, "delivered")} == {"dlr:outbox"}
 
     clock.advance(72 * HOUR)
@@ -124,13 +124,13 @@ def test_outbox_rows_are_chased_then_the_silent_ones_become_unconfirmed_and_the_
     assert (again.asked, again.unconfirmed) == (0, 0)
 
     # a real report that arrives late still counts; a late "sent" does not move a row back
-    late = next(r for r in rt.store.deliveries(run_id) if r["phone"] == silent[0])
-    assert rt.store.provider_events.apply_status(late["provider_id"], "sent", actor="provider") == []
-    moved = rt.store.provider_events.apply_status(late["provider_id"], "delivered", actor="provider")
+    late = next(r for r in rt.store.deliveries(run_id) if r.phone == silent[0])
+    assert rt.store.provider_events.apply_status(late.provider_id, "sent", actor="provider") == []
+    moved = rt.store.provider_events.apply_status(late.provider_id, "delivered", actor="provider")
     assert [(c.from_state, c.to_state) for c in moved] == [("unconfirmed", "delivered")]
-    other = next(r for r in rt.store.deliveries(run_id) if r["phone"] == silent[1])
+    other = next(r for r in rt.store.deliveries(run_id) if r.phone == silent[1])
     moved = rt.store.provider_events.apply_status(
-        other["provider_id"], "undelivered", error_code="late.30003", actor="provider"
+        other.provider_id, "undelivered", error_code="late.30003", actor="provider"
     )
     assert [(c.from_state, c.to_state) for c in moved] == [("unconfirmed", "undelivered")]
     assert verified(rt, run_id)
@@ -144,8 +144,8 @@ def test_status_and_coverage_tell_delivered_undelivered_and_unconfirmed_apart(pr
     rt = outbox_runtime(
         project,
         clock,
-        undelivered=[rows[0]["phone"]],
-        silent=[r["phone"] for r in rows[1:3]],
+        undelivered=[rows[0].phone],
+        silent=[r.phone for r in rows[1:3]],
         DISPATCH_DLR_DEADLINE="1h",
     )
     clock.advance(2 * HOUR)
@@ -174,8 +174,8 @@ def test_dispatch_reconcile_prints_the_figures_and_status_shows_them(project: Pr
     env = {
         "DISPATCH_FAKE_NOW": (clock() + timedelta(hours=3)).isoformat(),
         "DISPATCH_DLR_DEADLINE": "2h",
-        "DISPATCH_OUTBOX_UNDELIVERED": rows[0]["phone"],
-        "DISPATCH_OUTBOX_NO_REPORT": f"{rows[1]['phone']},{rows[2]['phone']}",
+        "DISPATCH_OUTBOX_UNDELIVERED": rows[0].phone,
+        "DISPATCH_OUTBOX_NO_REPORT": f"{rows[1].phone},{rows[2].phone}",
     }
     done = project.dispatch("reconcile", run_id, env=env)
     assert done.returncode == 0, done.stderr
@@ -210,7 +210,7 @@ def test_the_scheduler_leader_chases_reports_each_row_at_most_once_per_interval(
     clock = Clock()
     run_id = run_through(project.runtime(clock=clock), project, clock)
     rows = sent_rows(project.runtime(clock=clock), run_id)
-    rt = outbox_runtime(project, clock, undelivered=[], silent=[rows[0]["phone"]], DISPATCH_DLR_DEADLINE="5h")
+    rt = outbox_runtime(project, clock, undelivered=[], silent=[rows[0].phone], DISPATCH_DLR_DEADLINE="5h")
     scheduler = Scheduler(rt, project.root / "campaigns", holder="leader-a")
 
     scheduler.tick()
@@ -221,15 +221,15 @@ def test_the_scheduler_leader_chases_reports_each_row_at_most_once_per_interval(
     scheduler.tick()
     assert scheduler.is_leader
     after = states(rt, run_id)
-    assert after[rows[0]["phone"]] == "sent"
-    assert {after[r["phone"]] for r in rows[1:]} == {"delivered"}
+    assert after[rows[0].phone] == "sent"
+    assert {after[r.phone] for r in rows[1:]} == {"delivered"}
     # the silent row was asked a moment ago: the next pass leaves it alone
     second = scheduler.reports_sweep.tick(force=True)
     assert second[run_id].asked == 0
 
     clock.advance(5 * HOUR)
     scheduler.reports_sweep.tick(force=True)
-    assert states(rt, run_id)[rows[0]["phone"]] == "unconfirmed"
+    assert states(rt, run_id)[rows[0].phone] == "unconfirmed"
     assert {e.actor for e in ledger_events(rt, run_id, "unconfirmed")} == {"scheduler"}
     assert verified(rt, run_id)
 
@@ -267,11 +267,11 @@ def test_rows_are_not_given_up_before_the_provider_was_asked_about_every_one(pro
     clock = Clock()
     run_id = run_through(project.runtime(clock=clock), project, clock)
     rows = sent_rows(project.runtime(clock=clock), run_id)
-    rt = outbox_runtime(project, clock, undelivered=[], silent=[r["phone"] for r in rows])
+    rt = outbox_runtime(project, clock, undelivered=[], silent=[r.phone for r in rows])
     clock.advance(73 * HOUR)
     partial = chase_run(rt, run_id, budget=5)
     assert (partial.asked, partial.unconfirmed) == (5, 0)
-    assert {r["state"] for r in rt.store.deliveries(run_id) if r["phone"] in {x["phone"] for x in rows}} == {"sent"}
+    assert {r.state for r in rt.store.deliveries(run_id) if r.phone in {x.phone for x in rows}} == {"sent"}
     whole = chase_run(rt, run_id)
     assert (whole.asked, whole.unconfirmed) == (len(rows), len(rows))
 
@@ -382,11 +382,11 @@ def test_twilio_messages_are_fetched_by_sid_and_their_final_status_recorded(proj
         rt = project.runtime(clock=clock, gateway_factory=lambda s: twilio(server.url))
         run_id = run_through(rt, project, clock, name="dlr-twilio")
         rows = sent_rows(rt, run_id)
-        assert len(rows) >= 5 and all(r["provider_id"].startswith("SM") for r in rows)
-        peer.final[rows[0]["phone"]] = ("undelivered", 30003)
-        peer.final[rows[1]["phone"]] = ("failed", 30008)
+        assert len(rows) >= 5 and all(r.provider_id.startswith("SM") for r in rows)
+        peer.final[rows[0].phone] = ("undelivered", 30003)
+        peer.final[rows[1].phone] = ("failed", 30008)
         for r in rows[3:]:
-            peer.final[r["phone"]] = ("delivered", None)
+            peer.final[r.phone] = ("delivered", None)
         # rows[2]: Twilio still says "sent" (no final status)
 
         peer.down = True
@@ -399,17 +399,17 @@ def test_twilio_messages_are_fetched_by_sid_and_their_final_status_recorded(proj
         result = chase_run(rt, run_id)
         assert result.error is None and result.asked == len(rows)
         assert (result.delivered, result.undelivered, result.failed, result.no_final_status) == (len(rows) - 3, 1, 1, 1)
-        by_phone = {r["phone"]: r for r in rt.store.deliveries(run_id)}
-        assert (by_phone[rows[0]["phone"]]["state"], by_phone[rows[0]["phone"]]["error_code"]) == (
+        by_phone = {r.phone: r for r in rt.store.deliveries(run_id)}
+        assert (by_phone[rows[0].phone].state, by_phone[rows[0].phone].error_code) == (
             "undelivered", "twilio.30003",
         )  # fmt: skip
-        assert by_phone[rows[1]["phone"]]["state"] == "failed"
-        assert by_phone[rows[2]["phone"]]["state"] == "sent"
+        assert by_phone[rows[1].phone].state == "failed"
+        assert by_phone[rows[2].phone].state == "sent"
 
         clock.advance(72 * HOUR)
         final = chase_run(rt, run_id)
-        assert final.unconfirmed == 1 and by_phone[rows[2]["phone"]]["id"] in {
-            r["id"] for r in rt.store.deliveries(run_id) if r["state"] == "unconfirmed"
+        assert final.unconfirmed == 1 and by_phone[rows[2].phone].id in {
+            r.id for r in rt.store.deliveries(run_id) if r.state == "unconfirmed"
         }
         assert verified(rt, run_id)
     finally:
@@ -444,11 +444,11 @@ def test_twilio_status_fetch_passes_twilio_schema_through_prism(project: Project
     assert rows
 
     with collecting() as trace:
-        answers = rt.gateway.fetch_status([rows[0]["provider_id"]])
+        answers = rt.gateway.fetch_status([rows[0].provider_id])
     assert [(t["method"], t["status"]) for t in trace] == [("GET", 200)]
-    assert trace[0]["url"].endswith(f"/Messages/{rows[0]['provider_id']}.json")
-    assert answers[rows[0]["provider_id"]].status == "sent"
-    assert answers[rows[0]["provider_id"]].error_code == "twilio.30007"
+    assert trace[0]["url"].endswith(f"/Messages/{rows[0].provider_id}.json")
+    assert answers[rows[0].provider_id].status == "sent"
+    assert answers[rows[0].provider_id].error_code == "twilio.30007"
 
     clock.advance(HOUR)
     asked = chase_run(rt, run_id)
@@ -531,8 +531,8 @@ def test_dashboard_runs_page_and_heat_map_show_delivered_undelivered_and_unconfi
     rt = outbox_runtime(
         project,
         clock,
-        undelivered=[rows[0]["phone"]],
-        silent=[r["phone"] for r in rows[1:3]],
+        undelivered=[rows[0].phone],
+        silent=[r.phone for r in rows[1:3]],
         DISPATCH_DLR_DEADLINE="1h",
     )
     clock.advance(2 * HOUR)
@@ -571,7 +571,7 @@ def test_a_run_sent_through_a_failover_list_is_chased_at_the_provider_that_took_
     rt = project.runtime(clock=clock)
     run_id = run_through(rt, project, clock, name="failover-dlr")
     rows = sent_rows(rt, run_id)
-    assert rows and {r["gateway"] for r in rows} == {"outbox"}
+    assert rows and {r.gateway for r in rows} == {"outbox"}
 
     clock.advance(35 * 60)
     chased = chase_run(rt, run_id)

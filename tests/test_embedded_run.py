@@ -32,10 +32,10 @@ def test_run_sends_every_eligible_resident_exactly_once_and_the_log_agrees(proje
     assert max(keys.values()) == 1
     rows = list(project.runtime().store.deliveries(st["run_id"]))
     assert len(rows) == st["total"] == 1200
-    sent = {r["key"] for r in rows if r["state"] == "sent"}
+    sent = {r.key for r in rows if r.state == "sent"}
     assert sent == set(keys)
     assert st["counts"] == {"sent": len(sent), "skipped": 1200 - len(sent)}
-    assert all(r["reason"] == "opted_out" for r in rows if r["state"] == "skipped")
+    assert all(r.reason == "opted_out" for r in rows if r.state == "skipped")
     assert sum(sum(c.values()) for c in st["by_district"].values()) == 1200
     for line in lines[:50]:
         assert line["body"].startswith("【常州经开区反诈中心】") and line["body"].endswith("回T退订")
@@ -93,8 +93,8 @@ def test_permanent_gateway_failure_fails_the_row_after_one_attempt(project: Proj
     st = json.loads(result.stdout)
     assert st["counts"] == {"sent": 1, "failed": 1}
     rt = project.runtime()
-    failed = next(r for r in rt.store.deliveries(st["run_id"]) if r["state"] == "failed")
-    assert failed["error_code"] == "outbox.rejected" and failed["attempts"] == 1
+    failed = next(r for r in rt.store.deliveries(st["run_id"]) if r.state == "failed")
+    assert failed.error_code == "outbox.rejected" and failed.attempts == 1
     assert [line["to"] for line in read_outbox(project.outbox)] == ["+8613800000001"]
 
 
@@ -114,8 +114,8 @@ def test_transient_failure_is_retried_then_fails_when_attempts_run_out(project: 
     assert st["counts"] == {"failed": 1}
     rt = project.runtime()
     row = next(rt.store.deliveries(st["run_id"]))
-    assert (row["attempts"], row["reason"], row["error_code"]) == (2, "attempts_exhausted", "outbox.busy")
-    assert [a["outcome"] for a in rt.store.attempts_for(row["id"])] == ["retry", "failed"]
+    assert (row.attempts, row.reason, row.error_code) == (2, "attempts_exhausted", "outbox.busy")
+    assert [a.outcome for a in rt.store.attempts_for(row.id)] == ["retry", "failed"]
     assert not project.outbox.exists() or not list(read_outbox(project.outbox))
 
 
@@ -156,7 +156,7 @@ def test_every_batch_message_delivered_twice_at_once_sends_nobody_twice(project:
     assert sum(sum(c) for c in claimed.values()) == created.pending
     keys = collections.Counter(line["key"] for line in read_outbox(project.outbox))
     assert len(keys) == created.pending and max(keys.values()) == 1
-    sent = {r["key"] for r in rt.store.deliveries(spec.run_id) if r["state"] == "sent"}
+    sent = {r.key for r in rt.store.deliveries(spec.run_id) if r.state == "sent"}
     assert sent == set(keys)
 
 
@@ -170,14 +170,14 @@ def test_a_resident_who_opts_out_after_the_run_is_created_is_skipped_not_sent(pr
     loaded = load_campaign(project.root / CAMPAIGN, project.root / "templates")
     spec = run_spec(rt, loaded)
     rt.store.create_run(spec, audience_filter(loaded))
-    pending = [r for r in rt.store.deliveries(spec.run_id) if r["state"] == "pending"]
-    late = pending[len(pending) // 2]["phone"]
+    pending = [r for r in rt.store.deliveries(spec.run_id) if r.state == "pending"]
+    late = pending[len(pending) // 2].phone
     assert late.lstrip("+86") in csv_path.read_text(encoding="utf-8")
     assert rt.store.set_opted_out(late, True)  # as the inbound webhook records a STOP reply
     result = project.dispatch("resume", spec.run_id, "--json")
     assert result.returncode == 0, result.stderr
-    rows = {r["phone"]: r for r in rt.store.deliveries(spec.run_id)}
-    assert (rows[late]["state"], rows[late]["reason"]) == ("skipped", "opted_out")
+    rows = {r.phone: r for r in rt.store.deliveries(spec.run_id)}
+    assert (rows[late].state, rows[late].reason) == ("skipped", "opted_out")
     sent_to = {line["to"] for line in read_outbox(project.outbox)}
     assert late not in sent_to and len(sent_to) == len(pending) - 1
 
@@ -204,7 +204,7 @@ def test_resume_after_a_crash_sends_only_what_the_gateway_never_got(project: Pro
     assert st["open"] == 0
     keys = collections.Counter(line["key"] for line in read_outbox(project.outbox))
     assert max(keys.values()) == 1
-    assert set(keys) == {r["key"] for r in rt.store.deliveries(spec.run_id) if r["state"] == "sent"}
+    assert set(keys) == {r.key for r in rt.store.deliveries(spec.run_id) if r.state == "sent"}
 
 
 def test_unknown_run_id_is_a_clear_input_error(project: Project) -> None:
@@ -269,10 +269,10 @@ def test_operator_settles_unknown_rows_with_a_reason_recorded_in_the_ledger(proj
     rest = project.dispatch("settle", run_id, "--as", "failed", "--reason", "provider has no record", "--json")
     st = json.loads(rest.stdout)
     assert st["settled"] == 3 and st["counts"].get("unknown", 0) == 0
-    rows = {r["phone"]: r for r in project.runtime().store.deliveries(run_id)}
-    assert rows[phones[0]]["state"] == "sent"
-    assert {rows[p]["state"] for p in phones[1:]} == {"failed"}
-    assert rows[phones[1]]["error_code"] == "operator.failed"
+    rows = {r.phone: r for r in project.runtime().store.deliveries(run_id)}
+    assert rows[phones[0]].state == "sent"
+    assert {rows[p].state for p in phones[1:]} == {"failed"}
+    assert rows[phones[1]].error_code == "operator.failed"
     verify = project.dispatch("audit", "verify", run_id)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     log = project.dispatch("audit", "log", "--run", run_id, "--state", "failed", "--format", "jsonl")

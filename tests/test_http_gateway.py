@@ -426,7 +426,7 @@ def test_batched_campaign_against_a_local_provider_uses_few_calls(project: Any) 
         )
         run_id = start(rt, path)
         counts = drive(rt, run_id, clock)
-        pending = sum(1 for r in rt.store.deliveries(run_id) if r["provider_id"])
+        pending = sum(1 for r in rt.store.deliveries(run_id) if r.provider_id)
         assert counts.get("sent") == pending == provider.recipients
         assert provider.calls <= -(-pending // 100) + rt.store.get_run(run_id).batches
         assert provider.calls < pending / 10
@@ -453,7 +453,7 @@ def test_rows_orphaned_with_a_provider_that_cannot_be_asked_become_unknown_not_r
         held = rt.store.claim(run_id, 0, "worker-that-died")  # no heartbeat: its claim is orphaned
         assert held
         resume_run(rt, run_id)
-        states = {r["id"]: r["state"] for r in rt.store.deliveries(run_id)}
+        states = {r.id: r.state for r in rt.store.deliveries(run_id)}
         assert {states[r.id] for r in held} == {"unknown"}
         assert provider.calls == 0  # nothing was sent again blindly
     finally:
@@ -488,14 +488,14 @@ def test_signed_delivery_report_moves_the_rows_the_http_gateway_sent(project: An
         )
         run_id = start(rt, path)
         drive(rt, run_id, clock)
-        row = next(r for r in rt.store.deliveries(run_id) if r["provider_id"])
-        body = json.dumps({"reports": [{"message_id": row["provider_id"], "status": "delivered"}]}).encode()
+        row = next(r for r in rt.store.deliveries(run_id) if r.provider_id)
+        body = json.dumps({"reports": [{"message_id": row.provider_id, "status": "delivered"}]}).encode()
         reply = TestClient(create_app(rt)).post(
             "/webhooks/http/report",
             content=body,
             headers={"X-Dispatch-Signature": report_signature("report-secret-7f31", body)},
         )
         assert reply.status_code == 200 and reply.json() == {"reports": 1, "changed": 1}
-        assert rt.store.provider_events.state_of(row["provider_id"]) == ["delivered"]
+        assert rt.store.provider_events.state_of(row.provider_id) == ["delivered"]
     finally:
         server.close()

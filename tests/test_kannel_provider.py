@@ -169,7 +169,7 @@ def test_dlr_types_move_the_row_only_to_final_states_and_forged_reports_change_n
     )
     run_id = start(rt, path)
     drive(rt, run_id, clock)
-    rows = [r for r in rt.store.deliveries(run_id) if r["provider_id"]]
+    rows = [r for r in rt.store.deliveries(run_id) if r.provider_id]
     assert rows and len(seen) == len(rows)
     # what smsbox would call: the DLR URL of the send with %d substituted
     urls = {}
@@ -185,7 +185,7 @@ def test_dlr_types_move_the_row_only_to_final_states_and_forged_reports_change_n
             query = query.split("&token=")[0] + f"&token={token}&type={kind}"
         return client.get(f"{target.path}?{query}")
 
-    first = rows[0]["provider_id"]
+    first = rows[0].provider_id
     assert report(first, "8").status_code == 200  # delivered to the SMSC: not final
     assert rt.store.provider_events.state_of(first) == ["sent"]
     assert report(first, "4").status_code == 200  # buffered on the SMSC: not final either
@@ -195,7 +195,7 @@ def test_dlr_types_move_the_row_only_to_final_states_and_forged_reports_change_n
     assert report(first, "1").status_code == 200
     assert rt.store.provider_events.state_of(first) == ["delivered"]
     if len(rows) > 1:
-        second = rows[1]["provider_id"]
+        second = rows[1].provider_id
         assert report(second, "16").status_code == 200
         assert rt.store.provider_events.state_of(second) == ["failed"]
     assert [r.problem for r in verify(rt.store, run_id)] == [None]
@@ -213,10 +213,10 @@ def test_a_kannel_report_cannot_move_a_row_another_gateway_sent(project: Any) ->
     )
     run_id = start(rt, path)
     drive(rt, run_id, clock)
-    row = next(r for r in rt.store.deliveries(run_id) if r["provider_id"])
-    assert row["gateway"] == "outbox" and row["state"] == "sent"
+    row = next(r for r in rt.store.deliveries(run_id) if r.provider_id)
+    assert row.gateway == "outbox" and row.state == "sent"
     # even with a valid token for that id (the secret leaked, or an id collided), Kannel speaks only for its own rows
-    query = httpx.QueryParams({"id": row["provider_id"], "token": dlr_token(DLR_SECRET, row["provider_id"])})
+    query = httpx.QueryParams({"id": row.provider_id, "token": dlr_token(DLR_SECRET, row.provider_id)})
     answer = TestClient(create_app(rt)).get(f"/webhooks/kannel/dlr?{query}&type=1&at=1795916726")
     assert answer.status_code == 200
-    assert rt.store.provider_events.state_of(row["provider_id"]) == ["sent"]
+    assert rt.store.provider_events.state_of(row.provider_id) == ["sent"]

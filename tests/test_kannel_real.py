@@ -214,18 +214,18 @@ def test_a_campaign_through_kannel_is_delivered_by_kannels_own_reports(
         rt = project.runtime()
 
         def rows() -> list[dict[str, Any]]:
-            return [r for r in rt.store.deliveries(run_id) if r["provider_id"]]
+            return [r for r in rt.store.deliveries(run_id) if r.provider_id]
 
         sent = rows()
-        assert len(sent) >= 20 and all(r["gateway"] == "kannel" for r in sent)
-        wait_for(lambda: all(r["state"] == "delivered" for r in rows()), 30, "Kannel's delivery reports")
+        assert len(sent) >= 20 and all(r.gateway == "kannel" for r in sent)
+        wait_for(lambda: all(r.state == "delivered" for r in rows()), 30, "Kannel's delivery reports")
     delivered = rows()
 
     # every recipient reached the SMSC exactly once, with the text rendered for them
     submitted = kannel.submitted()[before:]
-    assert Counter(receiver for _, receiver, _, _ in submitted) == Counter(r["phone"] for r in delivered)
+    assert Counter(receiver for _, receiver, _, _ in submitted) == Counter(r.phone for r in delivered)
     bodies = {receiver: unquote_to_bytes(data).decode("utf-16-be") for _, receiver, _, data in submitted}
-    assert all(bodies[r["phone"]] == r["body"] for r in delivered)
+    assert all(bodies[r.phone] == r.body for r in delivered)
 
     # one ledger event per change: sent -> delivered once per row, however many reports Kannel made
     engine = sa.create_engine(project.env["DISPATCH_DATABASE_URL"])
@@ -237,7 +237,7 @@ def test_a_campaign_through_kannel_is_delivered_by_kannels_own_reports(
             {"r": run_id},
         ).all()
     engine.dispose()
-    assert sorted(k for k, _ in moves) == sorted(r["key"] for r in delivered)
+    assert sorted(k for k, _ in moves) == sorted(r.key for r in delivered)
     assert {a for _, a in moves} == {"kannel"}
     verified = project.dispatch("audit", "verify")
     assert verified.returncode == 0 and f"ok {run_id}" in verified.stdout, verified.stdout + verified.stderr
@@ -245,10 +245,10 @@ def test_a_campaign_through_kannel_is_delivered_by_kannels_own_reports(
     # the web log saw every report, masked: no full number, no credential, no DLR token
     logged = web_log.read_text()
     assert logged.count('"final": false') >= len(delivered)  # type 8, submitted to the SMSC
-    assert not any(r["phone"] in logged or r["phone"][3:] in logged for r in delivered)
+    assert not any(r.phone in logged or r.phone[3:] in logged for r in delivered)
     assert PASSWORD not in logged and DLR_SECRET not in logged
 
-    lags = [(r["updated_at"] - r["sent_at"]).total_seconds() for r in delivered]
+    lags = [(r.updated_at - r.sent_at).total_seconds() for r in delivered]
     print(
         f"\nKannel DLR lag (sent_at -> delivered) over {len(lags)} messages: "
         f"median {statistics.median(lags) * 1000:.0f} ms, max {max(lags) * 1000:.0f} ms"

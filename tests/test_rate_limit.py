@@ -90,5 +90,5 @@ def test_three_worker_processes_together_never_exceed_the_limit(redis_project: P
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     assert 0.85 * 40 <= rate <= 41, f"paced at {rate:.1f} msg/s"
     # all three processes shared the work
-    senders = {a.get("claimed_by") for a in project.runtime().store.deliveries(run_id) if a["state"] == "sent"}
+    senders = {a.claimed_by for a in project.runtime().store.deliveries(run_id) if a.state == "sent"}
     assert len(senders) == 3

@@ -39,10 +39,10 @@ def _stop(*procs: subprocess.Popen[str]) -> None:
 def _check_exactly_once(project: Project, run_id: str) -> collections.Counter[str]:
     keys = collections.Counter(line["key"] for line in read_outbox(project.outbox) if line["run_id"] == run_id)
     rows = list(project.runtime().store.deliveries(run_id))
-    eligible = {r["key"] for r in rows if r["reason"] != "opted_out"}
+    eligible = {r.key for r in rows if r.reason != "opted_out"}
     assert [k for k, n in keys.items() if n > 1] == [], "someone was sent twice"
     assert set(keys) == eligible, f"missing {len(eligible - set(keys))}, unexpected {len(set(keys) - eligible)}"
-    assert {r["key"] for r in rows if r["state"] == "sent"} == eligible
+    assert {r.key for r in rows if r.state == "sent"} == eligible
     return keys
 
 

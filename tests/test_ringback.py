@@ -50,7 +50,7 @@ def ringback_yaml(campaign_id: str, clock: Clock, *, starts_in: timedelta = -tim
 
 
 def states(rt: Any, run_id: str) -> dict[str, str]:
-    return {r["phone"]: r["state"] for r in rt.store.deliveries(run_id)}
+    return {r.phone: r.state for r in rt.store.deliveries(run_id)}
 
 
 def enrol_then_restore(
@@ -147,23 +147,23 @@ def test_twilio_announce_against_prism_points_numbers_at_our_twiml_and_puts_them
     rt = project.runtime(clock=clock)
     enrol_run, restore_run = enrol_then_restore(project, rt, clock, "rb-twilio")
 
-    enrolled = [r for r in rt.store.deliveries(enrol_run) if r["state"] != "skipped"]
-    assert enrolled and all(r["state"] == "sent" and r["provider_id"].startswith("PN") for r in enrolled)
+    enrolled = [r for r in rt.store.deliveries(enrol_run) if r.state != "skipped"]
+    assert enrolled and all(r.state == "sent" and r.provider_id.startswith("PN") for r in enrolled)
     for row in enrolled:
-        trace = json.loads(rt.store.attempts_for(row["id"])[-1]["trace"])
+        trace = json.loads(rt.store.attempts_for(row.id)[-1].trace)
         update = trace[-1]
         assert update["method"] == "POST" and "/IncomingPhoneNumbers/PN" in update["url"]
         announce = update["request"]["VoiceUrl"]
         assert announce.startswith(f"{PUBLIC_URL}/twiml/ringback/rb-twilio?then=")
-        kept = rt.store.ringback.ringback_kept(enrol_run, row["phone"])
-        assert kept is not None and kept["sid"] == row["provider_id"]
+        kept = rt.store.ringback.ringback_kept(enrol_run, row.phone)
+        assert kept is not None and kept["sid"] == row.provider_id
         assert parse_qs(urlsplit(announce).query).get("then", [""]) == [kept["voice_url"]], (announce, kept)
     restored = [r for r in rt.store.deliveries(restore_run)]
-    assert {r["phone"] for r in restored} == {r["phone"] for r in enrolled}
+    assert {r.phone for r in restored} == {r.phone for r in enrolled}
     for row in restored:
-        assert row["state"] == "sent"
-        update = json.loads(rt.store.attempts_for(row["id"])[-1]["trace"])[-1]
-        kept_url = rt.store.ringback.ringback_kept(enrol_run, row["phone"])["voice_url"]
+        assert row.state == "sent"
+        update = json.loads(rt.store.attempts_for(row.id)[-1].trace)[-1]
+        kept_url = rt.store.ringback.ringback_kept(enrol_run, row.phone)["voice_url"]
         # Twilio's example number has no voice URL: it is restored to one that rejects calls, as before
         assert update["request"]["VoiceUrl"] == (kept_url or f"{PUBLIC_URL}/twiml/unrouted")
     assert prism.violations() == []
@@ -252,14 +252,14 @@ def test_carrier_http_ringback_retries_and_restores_every_number(project: Any) -
         drive(rt, enrol_run, clock)
         eligible = {p for p, s in states(rt, enrol_run).items() if s != "skipped"}
         assert platform.subscribed == eligible
-        retried = [r for r in rt.store.deliveries(enrol_run) if r["attempts"] == 2]
+        retried = [r for r in rt.store.deliveries(enrol_run) if r.attempts == 2]
         assert len(retried) == 1
         clock.advance(8 * 86400)
         restore_run = start_restore(rt, enrol_run)["run_id"]
         drive(rt, restore_run, clock)
         assert platform.subscribed == set()
         assert set(states(rt, restore_run).values()) == {"sent"}
-        traces = [a["trace"] for r in rt.store.deliveries(enrol_run) for a in rt.store.attempts_for(r["id"])]
+        traces = [a.trace for r in rt.store.deliveries(enrol_run) for a in rt.store.attempts_for(r.id)]
         assert traces and not any("crbt-token-3344" in (t or "") for t in traces)
     finally:
         server.close()

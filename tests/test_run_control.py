@@ -98,10 +98,10 @@ def test_pause_stops_sends_within_2s_and_resume_sends_everyone_exactly_once(pace
         _stop(workers)
     keys = collections.Counter(line["key"] for line in _lines(project, run_id))
     rows = list(project.runtime().store.deliveries(run_id))
-    eligible = {r["key"] for r in rows if r["reason"] != "opted_out"}
+    eligible = {r.key for r in rows if r.reason != "opted_out"}
     assert [k for k, n in keys.items() if n > 1] == [], "someone was sent twice"
     assert set(keys) == eligible
-    assert {r["key"] for r in rows if r["state"] == "sent"} == eligible
+    assert {r.key for r in rows if r.state == "sent"} == eligible
 
 
 def test_cancel_leaves_nothing_pending_and_nothing_sent_after_it_settles(paced: Project) -> None:
@@ -124,8 +124,8 @@ def test_cancel_leaves_nothing_pending_and_nothing_sent_after_it_settles(paced: 
     assert st["counts"]["cancelled"] > 0
     assert sum(st["counts"].values()) == st["total"]
     # every cancelled row says why
-    rows = [r for r in project.runtime().store.deliveries(run_id) if r["state"] == "cancelled"]
-    assert rows and {r["reason"] for r in rows} == {"cancelled"}
+    rows = [r for r in project.runtime().store.deliveries(run_id) if r.state == "cancelled"]
+    assert rows and {r.reason for r in rows} == {"cancelled"}
     # every cancellation (by the command, or by a worker for rows it held) is in the ledger
     verify = project.dispatch("audit", "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr

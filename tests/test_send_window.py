@@ -91,7 +91,7 @@ def test_bulk_run_at_22h_sends_nothing_until_08h_then_everything(project: Projec
         assert rt.store.counts(created.run_id).get("pending") == created.pending
         clock.set(datetime(2023, 4, 4, 7, 59, 58, tzinfo=SH))
         _wait(lambda: len(_sent(project, created.run_id)) == created.pending, 15, "the 08:00 opening")
-    first_sent = min(r["sent_at"] for r in rt.store.deliveries(created.run_id) if r["sent_at"])
+    first_sent = min(r.sent_at for r in rt.store.deliveries(created.run_id) if r.sent_at)
     assert first_sent.replace(tzinfo=ZoneInfo("UTC")) >= datetime(2023, 4, 4, 8, 0, tzinfo=SH)
     skipped = created.total - created.pending
     expected = {"sent": created.pending, **({"skipped": skipped} if skipped else {})}
@@ -132,8 +132,8 @@ def test_frequency_cap_skips_the_third_bulk_message_of_the_week_with_its_reason(
     assert counts[0]["sent"] == counts[1]["sent"] == eligible
     assert counts[2].get("sent", 0) == 0
     third = list(rt.store.deliveries(runs[2].run_id))
-    capped = [r for r in third if r["reason"] == "frequency_cap"]
-    assert len(capped) == eligible and all(r["state"] == "skipped" for r in capped)
+    capped = [r for r in third if r.reason == "frequency_cap"]
+    assert len(capped) == eligible and all(r.state == "skipped" for r in capped)
     assert len(_sent(project, runs[2].run_id)) == 0
     # nine days after the first, only one message is inside the rolling week: the cap allows another
     assert counts[3]["sent"] == eligible
@@ -156,9 +156,9 @@ def test_campaign_frequency_cap_overrides_the_default(project: Project) -> None:
         second = start_run(rt, loaded)
         _wait(lambda: rt.store.finish_if_done(second.run_id), 15, "second run")
     assert rt.store.counts(first.run_id)["sent"] == first.pending
-    second_rows = [r for r in rt.store.deliveries(second.run_id) if r["reason"] != "opted_out"]
+    second_rows = [r for r in rt.store.deliveries(second.run_id) if r.reason != "opted_out"]
     assert len(second_rows) == second.pending > 0
-    assert {(r["state"], r["reason"]) for r in second_rows} == {("skipped", "frequency_cap")}
+    assert {(r.state, r.reason) for r in second_rows} == {("skipped", "frequency_cap")}
 
 
 def test_bad_window_and_clock_settings_are_one_line_errors(project: Project) -> None:
@@ -198,9 +198,9 @@ def test_two_bulk_runs_sending_to_the_same_people_at_once_never_exceed_the_cap(p
     run_b = run_spec(rt, loaded)
     rt.store.create_run(run_b, audience_filter(loaded))
     process_batch(rt, run_b.run_id, 0)
-    b_rows = {r["phone"]: r for r in rt.store.deliveries(run_b.run_id)}
+    b_rows = {r.phone: r for r in rt.store.deliveries(run_b.run_id)}
     for row in in_flight:
-        assert (b_rows[row.phone]["state"], b_rows[row.phone]["reason"]) == ("skipped", "frequency_cap")
+        assert (b_rows[row.phone].state, b_rows[row.phone].reason) == ("skipped", "frequency_cap")
     assert not any(line["run_id"] == run_b.run_id for line in _outbox_lines(project))
 
 

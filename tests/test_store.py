@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,10 @@ def test_run_writes_one_row_per_selected_resident_with_opted_out_skipped(store) 
     counts = store.counts("r1")
     assert counts == {"pending": 44, "skipped": 1}
     rows = list(store.deliveries("r1"))
-    assert len({r["key"] for r in rows}) == 45
-    assert all(r["key"] == f"r1:{r['phone']}" for r in rows)
-    skipped = [r for r in rows if r["state"] == "skipped"]
-    assert skipped[0]["reason"] == "opted_out" and skipped[0]["phone"] == "+8613800000007"
+    assert len({r.key for r in rows}) == 45
+    assert all(r.key == f"r1:{r.phone}" for r in rows)
+    skipped = [r for r in rows if r.state == "skipped"]
+    assert skipped[0].reason == "opted_out" and skipped[0].phone == "+8613800000007"
 
 
 def test_segment_and_grid_filters_select_in_the_database(store) -> None:  # type: ignore[no-untyped-def]
@@ -75,7 +76,7 @@ def test_segment_and_grid_filters_select_in_the_database(store) -> None:  # type
 def test_a_batch_is_claimed_once_even_when_the_message_is_delivered_twice(store) -> None:  # type: ignore[no-untyped-def]
     store.upsert_residents(_residents(25))
     store.create_run(_spec("r1"), ALL)
-    pending_in_batch_0 = sum(1 for r in store.deliveries("r1") if r["batch_no"] == 0 and r["state"] == "pending")
+    pending_in_batch_0 = sum(1 for r in store.deliveries("r1") if r.batch_no == 0 and r.state == "pending")
     first = store.claim("r1", 0, "worker-a")
     second = store.claim("r1", 0, "worker-b")
     assert len(first) == pending_in_batch_0 == 9  # resident 7 (opted out) sits in batch 0 as `skipped`
@@ -138,7 +139,7 @@ def test_idempotency_key_is_unique_in_the_database(store) -> None:  # type: igno
     store.create_run(_spec("r1"), ALL)
     row = next(store.deliveries("r1"))
     with pytest.raises(sa.exc.IntegrityError), store.engine.begin() as conn:
-        conn.execute(sa.insert(t.deliveries).values({**{k: v for k, v in row.items() if k != "id"}}))
+        conn.execute(sa.insert(t.deliveries).values({k: v for k, v in dataclasses.asdict(row).items() if k != "id"}))
 
 
 def test_sqlite_store_uses_wal(tmp_path: Path) -> None:

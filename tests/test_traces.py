@@ -41,12 +41,12 @@ def traced_run(project: Project, prism: PrismServer, size: int = 8) -> dict[str,
     rt = project.runtime(clock=clock, gateway_factory=lambda s: gateway_for(prism.url, scenario, clock=clock))
     path = project.write("campaigns/traced.yaml", campaign_yaml("traced", send_by=clock() + timedelta(hours=2)))
     run_id = start(rt, path)
-    pending = [r["phone"] for r in rt.store.deliveries(run_id) if r["state"] == "pending"]
+    pending = [r.phone for r in rt.store.deliveries(run_id) if r.state == "pending"]
     limited, refused = pending[0], pending[1]
     scenario.set(limited, "code=429, example=tooMany", times=1)
     scenario.set(refused, "code=400, example=invalidTo")
     drive(rt, run_id, clock)
-    phones = [r["phone"] for r in rt.store.deliveries(run_id)]
+    phones = [r.phone for r in rt.store.deliveries(run_id)]
     assert STRANGER not in phones
     return {"run_id": run_id, "limited": limited, "refused": refused, "phones": phones}
 

@@ -85,8 +85,8 @@ def opted_out(rt: Any, phone: str) -> bool:
 def all_traces(rt: Any, run_id: str) -> list[dict[str, Any]]:
     out = []
     for row in rt.store.deliveries(run_id):
-        for attempt in rt.store.attempts_for(row["id"]):
-            out.extend(json.loads(attempt["trace"]) if attempt["trace"] else [])
+        for attempt in rt.store.attempts_for(row.id):
+            out.extend(json.loads(attempt.trace) if attempt.trace else [])
     return out
 
 
@@ -99,22 +99,22 @@ def test_campaign_through_prism_holds_sids_and_follows_twilio_error_semantics(pr
     rt = project.runtime(clock=clock, gateway_factory=lambda s: gateway_for(prism.url, scenario, clock=clock))
     path = project.write("campaigns/twilio-contract.yaml", campaign_yaml("twilio-contract", send_by=send_by))
     run_id = start(rt, path)
-    rows = [r for r in rt.store.deliveries(run_id) if r["state"] == "pending"]
-    invalid, unsubscribed, limited = rows[0]["phone"], rows[1]["phone"], rows[2]["phone"]
+    rows = [r for r in rt.store.deliveries(run_id) if r.state == "pending"]
+    invalid, unsubscribed, limited = rows[0].phone, rows[1].phone, rows[2].phone
     scenario.set(invalid, "code=400, example=invalidTo")
     scenario.set(unsubscribed, "code=400, example=unsubscribed")
     scenario.set(limited, "code=429, example=tooMany", times=1)
 
     counts = drive(rt, run_id, clock)
 
-    by_phone = {r["phone"]: r for r in rt.store.deliveries(run_id)}
-    assert by_phone[invalid]["state"] == "failed" and by_phone[invalid]["error_code"] == "twilio.21211"
-    assert by_phone[invalid]["attempts"] == 1
-    assert by_phone[unsubscribed]["state"] == "failed" and by_phone[unsubscribed]["error_code"] == "twilio.21610"
+    by_phone = {r.phone: r for r in rt.store.deliveries(run_id)}
+    assert by_phone[invalid].state == "failed" and by_phone[invalid].error_code == "twilio.21211"
+    assert by_phone[invalid].attempts == 1
+    assert by_phone[unsubscribed].state == "failed" and by_phone[unsubscribed].error_code == "twilio.21610"
     assert opted_out(rt, unsubscribed) and not opted_out(rt, invalid)
-    limited_attempts = rt.store.attempts_for(by_phone[limited]["id"])
-    assert [a["outcome"] for a in limited_attempts] == ["retry", "sent"]
-    assert by_phone[limited]["state"] == "sent"
+    limited_attempts = rt.store.attempts_for(by_phone[limited].id)
+    assert [a.outcome for a in limited_attempts] == ["retry", "sent"]
+    assert by_phone[limited].state == "sent"
     assert counts == {
         "sent": len(rows) - 2,
         "failed": 2,
@@ -122,12 +122,12 @@ def test_campaign_through_prism_holds_sids_and_follows_twilio_error_semantics(pr
     }
     # every sent row holds the SID Twilio (Prism) returned for that very request
     for row in by_phone.values():
-        if row["state"] != "sent":
+        if row.state != "sent":
             continue
-        assert SID_RE.match(row["provider_id"]), row["provider_id"]
-        last = rt.store.attempts_for(row["id"])[-1]
-        trace = json.loads(last["trace"])
-        assert trace[-1]["response"]["sid"] == row["provider_id"]
+        assert SID_RE.match(row.provider_id), row.provider_id
+        last = rt.store.attempts_for(row.id)[-1]
+        trace = json.loads(last.trace)
+        assert trace[-1]["response"]["sid"] == row.provider_id
         sent = trace[-1]["request"]
         assert sent["StatusCallback"] == f"{PUBLIC_URL}/webhooks/twilio/status"
         assert 1 <= int(sent["ValidityPeriod"]) <= 7200  # never beyond send_by
@@ -146,12 +146,12 @@ def test_opted_out_number_from_21610_is_recorded_in_the_registry(project: Any, p
     rt = project.runtime(clock=clock, gateway_factory=lambda s: gateway_for(prism.url, scenario, clock=clock))
     path = project.write("campaigns/twilio-optout.yaml", campaign_yaml("twilio-optout"))
     run_id = start(rt, path)
-    first = next(r for r in rt.store.deliveries(run_id) if r["state"] == "pending")["phone"]
+    first = next(r for r in rt.store.deliveries(run_id) if r.state == "pending").phone
     scenario.set(first, "code=400, example=unsubscribed")
     drive(rt, run_id, clock)
     second_run = start(rt, path)
-    row = next(r for r in rt.store.deliveries(second_run) if r["phone"] == first)
-    assert (row["state"], row["reason"]) == ("skipped", "opted_out")
+    row = next(r for r in rt.store.deliveries(second_run) if r.phone == first)
+    assert (row.state, row.reason) == ("skipped", "opted_out")
 
 
 def test_lookup_request_passes_twilio_schema(prism: PrismServer) -> None:
@@ -212,12 +212,12 @@ def test_ambiguous_reply_leaves_row_unknown_and_resume_reconciles_without_resend
     try:
         rt = project.runtime(clock=clock, gateway_factory=lambda s: gateway_for(server.url))
         run_id = start(rt, path)
-        phones = [r["phone"] for r in rt.store.deliveries(run_id) if r["state"] == "pending"]
+        phones = [r.phone for r in rt.store.deliveries(run_id) if r.state == "pending"]
         went_out, never_arrived = phones[0], phones[1]
         peer.fail_after_store.add(went_out)
         peer.fail_before_store.add(never_arrived)
         drive(rt, run_id, clock, rounds=1)
-        states = {r["phone"]: r["state"] for r in rt.store.deliveries(run_id)}
+        states = {r.phone: r.state for r in rt.store.deliveries(run_id)}
         assert states[went_out] == "unknown" and states[never_arrived] == "unknown"
         posts_before = peer.posts
 
@@ -225,11 +225,11 @@ def test_ambiguous_reply_leaves_row_unknown_and_resume_reconciles_without_resend
         assert result["already_sent"] == 1 and result["requeued"] == 1
         assert peer.posts == posts_before  # the reconciliation itself sent nothing
         drive(rt, run_id, clock)
-        rows = {r["phone"]: r for r in rt.store.deliveries(run_id)}
+        rows = {r.phone: r for r in rt.store.deliveries(run_id)}
         stored = {m["to"]: m["sid"] for m in peer.messages}
-        assert rows[went_out]["state"] == "sent" and rows[went_out]["provider_id"] == stored[went_out]
+        assert rows[went_out].state == "sent" and rows[went_out].provider_id == stored[went_out]
         assert sum(1 for m in peer.messages if m["to"] == went_out) == 1  # never sent twice
-        assert rows[never_arrived]["state"] == "sent" and rows[never_arrived]["provider_id"] == stored[never_arrived]
+        assert rows[never_arrived].state == "sent" and rows[never_arrived].provider_id == stored[never_arrived]
         assert [r.problem for r in verify(rt.store, run_id)] == [None]  # reconciliation is in the ledger
     finally:
         server.close()
@@ -265,11 +265,11 @@ def test_retry_that_would_land_after_send_by_expires_the_row(project: Any, prism
     )
     run_id = start(rt, path)
     for row in rt.store.deliveries(run_id):
-        scenario.set(row["phone"], "code=429, example=tooMany")
+        scenario.set(row.phone, "code=429, example=tooMany")
     drive(rt, run_id, clock, rounds=1)
-    rows = [r for r in rt.store.deliveries(run_id) if r["reason"] != "opted_out"]
-    assert rows and all((r["state"], r["reason"]) == ("expired", "send_by_passed") for r in rows)
-    assert all(r["attempts"] == 1 for r in rows)
+    rows = [r for r in rt.store.deliveries(run_id) if r.reason != "opted_out"]
+    assert rows and all((r.state, r.reason) == ("expired", "send_by_passed") for r in rows)
+    assert all(r.attempts == 1 for r in rows)
 
 
 # --------------------------------------------------------------------------- the classification table

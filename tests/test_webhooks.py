@@ -67,7 +67,7 @@ def signed_post(client: TestClient, path: str, params: dict[str, str], *, token:
 
 
 def rows(rt: Any, run_id: str) -> list[dict[str, Any]]:
-    return [r for r in rt.store.deliveries(run_id) if r["provider_id"]]
+    return [r for r in rt.store.deliveries(run_id) if r.provider_id]
 
 
 def test_signed_callback_moves_row_to_delivered_and_forged_or_late_ones_change_nothing(sent_run: Any) -> None:
@@ -76,30 +76,30 @@ def test_signed_callback_moves_row_to_delivered_and_forged_or_late_ones_change_n
     client = TestClient(create_app(rt))
     path = "/webhooks/twilio/status"
 
-    delivered = {"MessageSid": first["provider_id"], "MessageStatus": "delivered", "AccountSid": ACCOUNT_SID}
+    delivered = {"MessageSid": first.provider_id, "MessageStatus": "delivered", "AccountSid": ACCOUNT_SID}
     assert signed_post(client, path, delivered).status_code == 204
-    assert rt.store.provider_events.state_of(first["provider_id"]) == ["delivered"]
+    assert rt.store.provider_events.state_of(first.provider_id) == ["delivered"]
 
     # replayed out of order: a late "sent" never overwrites "delivered"; a repeat is harmless
     late = {**delivered, "MessageStatus": "sent"}
     assert signed_post(client, path, late).status_code == 204
     assert signed_post(client, path, delivered).status_code == 204
-    assert rt.store.provider_events.state_of(first["provider_id"]) == ["delivered"]
+    assert rt.store.provider_events.state_of(first.provider_id) == ["delivered"]
 
     # forged (wrong key) and unsigned callbacks are refused and change nothing
-    forged = {"MessageSid": second["provider_id"], "MessageStatus": "undelivered", "ErrorCode": "30003"}
+    forged = {"MessageSid": second.provider_id, "MessageStatus": "undelivered", "ErrorCode": "30003"}
     assert signed_post(client, path, forged, token="not-the-auth-token").status_code == 403
     assert client.post(path, data=forged).status_code == 403
     # a valid signature for other fields does not cover tampered ones
     signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC_URL + path, {**forged, "MessageStatus": "sent"})
     assert client.post(path, data=forged, headers={"X-Twilio-Signature": signature}).status_code == 403
-    assert rt.store.provider_events.state_of(second["provider_id"]) == ["sent"]
+    assert rt.store.provider_events.state_of(second.provider_id) == ["sent"]
 
     undelivered = {**forged}
     assert signed_post(client, path, undelivered).status_code == 204
-    row = next(r for r in rt.store.deliveries(run_id) if r["id"] == second["id"])
-    assert (row["state"], row["error_code"]) == ("undelivered", "twilio.30003")
-    assert [a["outcome"] for a in rt.store.attempts_for(second["id"])][-1] == "callback"
+    row = next(r for r in rt.store.deliveries(run_id) if r.id == second.id)
+    assert (row.state, row.error_code) == ("undelivered", "twilio.30003")
+    assert [a.outcome for a in rt.store.attempts_for(second.id)][-1] == "callback"
     # every move a callback made is in the run's hash-chained ledger
     assert [r.problem for r in verify(rt.store, run_id)] == [None]
 
@@ -122,7 +122,7 @@ def test_delivery_reports_never_lower_the_parts_sent_and_status_agrees_with_the_
     base = {"AccountSid": ACCOUNT_SID}
     assert (
         signed_post(
-            client, path, {**base, "MessageSid": first["provider_id"], "MessageStatus": "delivered"}
+            client, path, {**base, "MessageSid": first.provider_id, "MessageStatus": "delivered"}
         ).status_code
         == 204
     )
@@ -130,7 +130,7 @@ def test_delivery_reports_never_lower_the_parts_sent_and_status_agrees_with_the_
         signed_post(
             client,
             path,
-            {**base, "MessageSid": second["provider_id"], "MessageStatus": "undelivered", "ErrorCode": "30003"},
+            {**base, "MessageSid": second.provider_id, "MessageStatus": "undelivered", "ErrorCode": "30003"},
         ).status_code
         == 204
     )
@@ -145,7 +145,7 @@ def test_delivery_reports_never_lower_the_parts_sent_and_status_agrees_with_the_
 @pytest.mark.parametrize("word", ["退订", " td ", "T", "stop", "STOP\n"])
 def test_inbound_opt_out_word_opts_out_and_next_run_skips_the_person(sent_run: Any, word: str) -> None:
     project, run_id, rt = sent_run
-    phone = rows(rt, run_id)[0]["phone"]
+    phone = rows(rt, run_id)[0].phone
     client = TestClient(create_app(rt))
     reply = signed_post(client, "/webhooks/twilio/inbound", {"From": phone, "To": FROM, "Body": word})
     assert reply.status_code == 200
@@ -153,13 +153,13 @@ def test_inbound_opt_out_word_opts_out_and_next_run_skips_the_person(sent_run: A
     assert "<Response><Message>" in reply.text and "退订" in reply.text
 
     second = start(rt, project.root / "campaigns/hooks.yaml")
-    row = next(r for r in rt.store.deliveries(second) if r["phone"] == phone)
-    assert (row["state"], row["reason"]) == ("skipped", "opted_out")
+    row = next(r for r in rt.store.deliveries(second) if r.phone == phone)
+    assert (row.state, row.reason) == ("skipped", "opted_out")
 
 
 def test_start_opts_back_in_and_forged_inbound_changes_nothing(sent_run: Any) -> None:
     project, run_id, rt = sent_run
-    phone = rows(rt, run_id)[0]["phone"]
+    phone = rows(rt, run_id)[0].phone
     client = TestClient(create_app(rt))
     forged = client.post(
         "/webhooks/twilio/inbound", data={"From": phone, "Body": "退订"}, headers={"X-Twilio-Signature": "x"}
@@ -168,8 +168,8 @@ def test_start_opts_back_in_and_forged_inbound_changes_nothing(sent_run: Any) ->
     assert signed_post(client, "/webhooks/twilio/inbound", {"From": phone, "Body": "TD"}).status_code == 200
     assert signed_post(client, "/webhooks/twilio/inbound", {"From": phone, "Body": " Start "}).status_code == 200
     second = start(rt, project.root / "campaigns/hooks.yaml")
-    row = next(r for r in rt.store.deliveries(second) if r["phone"] == phone)
-    assert row["state"] == "pending"
+    row = next(r for r in rt.store.deliveries(second) if r.phone == phone)
+    assert row.state == "pending"
     other = signed_post(client, "/webhooks/twilio/inbound", {"From": phone, "Body": "谢谢"})
     assert other.status_code == 200 and "<Message>" not in other.text
 
@@ -178,10 +178,10 @@ def test_delivery_report_needs_the_body_hmac_and_cannot_move_a_row_twilio_sent(s
     _project, run_id, rt = sent_run
     row = rows(rt, run_id)[0]
     client = TestClient(create_app(rt))
-    body = json.dumps({"reports": [{"message_id": row["provider_id"], "status": "failed"}]}).encode()
+    body = json.dumps({"reports": [{"message_id": row.provider_id, "status": "failed"}]}).encode()
     bad = client.post("/webhooks/http/report", content=body, headers={"X-Dispatch-Signature": "sha256=00"})
     assert bad.status_code == 403
-    assert rt.store.provider_events.state_of(row["provider_id"]) == ["sent"]
+    assert rt.store.provider_events.state_of(row.provider_id) == ["sent"]
     # signed with the HTTP adapter's secret: it speaks for the HTTP adapter's messages only
     signed = client.post(
         "/webhooks/http/report",
@@ -189,9 +189,9 @@ def test_delivery_report_needs_the_body_hmac_and_cannot_move_a_row_twilio_sent(s
         headers={"X-Dispatch-Signature": report_signature(REPORT_SECRET, body)},
     )
     assert signed.status_code == 200 and signed.json() == {"reports": 1, "changed": 0}
-    assert rt.store.provider_events.state_of(row["provider_id"]) == ["sent"]
+    assert rt.store.provider_events.state_of(row.provider_id) == ["sent"]
     rt.store.provider_events.drain_status_backlog()  # kept reports replayed later do not move it either
-    assert rt.store.provider_events.state_of(row["provider_id"]) == ["sent"]
+    assert rt.store.provider_events.state_of(row.provider_id) == ["sent"]
 
 
 def test_stop_from_a_number_not_in_the_registry_is_not_confirmed_as_an_opt_out(sent_run: Any) -> None:
@@ -220,11 +220,11 @@ def test_dispatch_web_serves_signed_callbacks_as_a_process(sent_run: Any) -> Non
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "dispatch web did not come up"
             time.sleep(0.2)
-        params = {"MessageSid": row["provider_id"], "MessageStatus": "delivered"}
+        params = {"MessageSid": row.provider_id, "MessageStatus": "delivered"}
         signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC_URL + "/webhooks/twilio/status", params)
         reply = httpx.post(base + "/webhooks/twilio/status", data=params, headers={"X-Twilio-Signature": signature})
         assert reply.status_code == 204
-        assert rt.store.provider_events.state_of(row["provider_id"]) == ["delivered"]
+        assert rt.store.provider_events.state_of(row.provider_id) == ["delivered"]
     finally:
         proc.terminate()
         try:
@@ -232,7 +232,7 @@ def test_dispatch_web_serves_signed_callbacks_as_a_process(sent_run: Any) -> Non
         except subprocess.TimeoutExpired:
             proc.kill()
             output = proc.communicate()[0] or ""
-    assert row["phone"] not in output and AUTH_TOKEN not in output
+    assert row.phone not in output and AUTH_TOKEN not in output
 
 
 def test_callback_that_overtakes_the_recorded_sid_is_applied_when_the_batch_records_it(

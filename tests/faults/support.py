@@ -246,7 +246,7 @@ def check_recovery(project: Project, run_id: str, *, expected: set[str] | None =
     rt = project.runtime()
     rows = list(rt.store.deliveries(run_id))
     if expected is None:
-        expected = {r["key"] for r in rows if r["reason"] != "opted_out"}
+        expected = {r.key for r in rows if r.reason != "opted_out"}
     with rt.store.engine.connect() as conn:
         e = t.events
         handovers = conn.execute(
@@ -264,7 +264,7 @@ def check_recovery(project: Project, run_id: str, *, expected: set[str] | None =
         keys_in_gateway=len(keys),
         sent_twice=sum(1 for n in keys.values() if n > 1),
         lost=len(expected - set(keys)),
-        stranded=sum(1 for r in rows if r["state"] in ("pending", "sending")),
+        stranded=sum(1 for r in rows if r.state in ("pending", "sending")),
         handovers_in_ledger=int(handovers),
         outbox_lines=len(lines),
         verify_ok=verify.returncode == 0,
@@ -278,7 +278,7 @@ def check_recovery(project: Project, run_id: str, *, expected: set[str] | None =
     lost_rows = [
         {k: r[k] for k in ("key", "state", "reason", "error_code", "attempts", "claimed_by")}
         for r in rows
-        if r["key"] in expected - set(keys)
+        if r.key in expected - set(keys)
     ]
     assert result.lost == 0, f"lost: {lost_rows[:5]}"
     assert set(keys) <= expected, f"unexpected keys: {sorted(set(keys) - expected)[:5]}"

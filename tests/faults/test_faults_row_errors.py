@@ -34,15 +34,15 @@ def test_a_template_that_raises_for_one_grid_fails_those_rows_and_sends_everyone
     result = project.dispatch("run", "campaigns/grid-quota.yaml", "--json", timeout=120)
     st = json.loads(result.stdout)
     rows = list(project.runtime().store.deliveries(st["run_id"]))
-    broken = [r for r in rows if r["grid"].endswith("-10") and r["reason"] != "opted_out"]
+    broken = [r for r in rows if r.grid.endswith("-10") and r.reason != "opted_out"]
     assert broken, "the registry must have residents in a grid NN-10 for this test to mean anything"
-    assert {r["state"] for r in broken} == {"failed"}
-    assert {r["error_code"] for r in broken} == {"render_error"}
-    assert all("ZeroDivisionError" in r["error_message"] and "+86" not in r["error_message"] for r in broken)
+    assert {r.state for r in broken} == {"failed"}
+    assert {r.error_code for r in broken} == {"render_error"}
+    assert all("ZeroDivisionError" in r.error_message and "+86" not in r.error_message for r in broken)
     assert st["counts"].get("sending", 0) == 0 and st["counts"].get("pending", 0) == 0
     assert st["status"] == "completed", st
     assert result.returncode == 0, result.stderr
-    eligible = {r["key"] for r in rows if r["reason"] != "opted_out" and not r["grid"].endswith("-10")}
+    eligible = {r.key for r in rows if r.reason != "opted_out" and not r.grid.endswith("-10")}
     check_recovery(project, st["run_id"], expected=eligible)
     # each failure is on the ledger, with its code
     log = project.dispatch("audit", "log", "--run", st["run_id"], "--state", "failed", "--format", "jsonl")
@@ -77,11 +77,11 @@ def test_a_gateway_adapter_raising_something_unexpected_leaves_no_row_sending(sq
     spec = run_spec(rt, loaded)
     rt.store.create_run(spec, audience_filter(loaded))
     rows = list(rt.store.deliveries(spec.run_id))
-    BrokenAdapter.bad = next(r["phone"] for r in rows if r["reason"] != "opted_out")
+    BrokenAdapter.bad = next(r.phone for r in rows if r.reason != "opted_out")
     result = process_batch(rt, spec.run_id, 0)
     counts = rt.store.counts(spec.run_id)
     assert counts.get("sending", 0) == 0 and counts.get("pending", 0) == 0, counts
     assert result.counts.get("unknown", 0) >= 1 and result.counts.get("sent", 0) >= 1
-    unknown = [r for r in rt.store.deliveries(spec.run_id) if r["state"] == "unknown"]
-    assert {r["error_code"] for r in unknown} == {"internal_error"}
-    assert all("KeyError" in r["error_message"] for r in unknown)
+    unknown = [r for r in rt.store.deliveries(spec.run_id) if r.state == "unknown"]
+    assert {r.error_code for r in unknown} == {"internal_error"}
+    assert all("KeyError" in r.error_message for r in unknown)

@@ -90,14 +90,14 @@ def test_transient_failures_are_retried_on_time_and_strand_no_one(pg_redis_proje
         st = wait_done(project, run_id, 120)
         assert st["counts"].get("failed", 0) >= len(failing) * 0.9
         rows = list(project.runtime().store.deliveries(run_id))
-        expected = {r["key"] for r in rows if r["reason"] != "opted_out" and r["phone"] not in failing}
+        expected = {r.key for r in rows if r.reason != "opted_out" and r.phone not in failing}
         check_recovery(project, run_id, expected=expected)
         # backoff as designed: the second try ~1 s after the first, the third ~2 s after the second
         gaps: dict[int, list[float]] = {1: [], 2: [], 3: [], 4: []}
         store = project.runtime().store
         for row in rows:
-            if row["phone"] in failing and row["reason"] != "opted_out":
-                ats: list[datetime] = [a["at"] for a in store.attempts_for(row["id"])]
+            if row.phone in failing and row.reason != "opted_out":
+                ats: list[datetime] = [a.at for a in store.attempts_for(row.id)]
                 for i in range(1, min(len(ats), 5)):
                     gaps[i].append((ats[i] - ats[i - 1]).total_seconds())
         medians = {i: round(statistics.median(g), 2) for i, g in gaps.items() if g}
