@@ -56,7 +56,7 @@ response:
 
 
 def start_prism(log_path: Path, port: int) -> subprocess.Popen[bytes]:
-    from conftest import missing_service
+    from tests.conftest import missing_service
 
     command = _prism_command()
     if command is None or not SPEC.exists():
