@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -181,6 +182,27 @@ def classify(exc: TwilioException) -> SendError:
     return AmbiguousSendError(scrub(f"{type(exc).__name__}: {exc}"), code="twilio.client")
 
 
+@contextmanager
+def twilio_call(what: str) -> Iterator[list[dict[str, Any]]]:
+    """One call to Twilio, its HTTP exchanges collected; what it raises becomes our error, carrying them.
+
+    A success status whose body is not Twilio's JSON (a proxy's page, a truncated reply) surfaces
+    from the library as ValueError/TypeError/AttributeError/KeyError: the request reached Twilio,
+    so the answer is ambiguous, never a clean failure.
+    """
+    with collecting() as trace:
+        try:
+            yield trace
+        except TwilioException as exc:
+            error = classify(exc)
+            error.trace = list(trace)
+            raise error from exc
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            error = bad_response(f"the reply to a {what} is not Twilio's JSON: {type(exc).__name__}")
+            error.trace = list(trace)
+            raise error from exc
+
+
 def bad_response(message: str) -> SendError:
     """A reply we cannot read after the request reached Twilio: like a 5xx, the SMS may have gone out."""
     return AmbiguousSendError(message, code="twilio.bad_provider_response")
@@ -246,18 +268,8 @@ class TwilioGateway(BaseGateway):
         validity = self._validity(message)
         if validity is not None:
             params["validity_period"] = validity
-        with collecting() as trace:
-            try:
-                created = self.client.messages.create(**params)
-            except TwilioException as exc:
-                error = classify(exc)
-                error.trace = list(trace)
-                raise error from exc
-            except (ValueError, TypeError, AttributeError, KeyError) as exc:
-                # a success status whose body is not Twilio's JSON (a proxy's page, a truncated reply)
-                error = bad_response(f"the reply to a send is not Twilio's JSON: {type(exc).__name__}")
-                error.trace = list(trace)
-                raise error from exc
+        with twilio_call("send") as trace:
+            created = self.client.messages.create(**params)
         if not isinstance(created.sid, str) or not created.sid:
             # accepted, but with nothing to look the message up by: it may go out, so never resend blindly
             error = bad_response("Twilio accepted the message but its reply carries no sid")
@@ -279,17 +291,8 @@ class TwilioGateway(BaseGateway):
             kwargs: dict[str, Any] = {"to": request.to, "page_size": 50}
             if request.since is not None:
                 kwargs["date_sent_after"] = request.since - timedelta(days=1)
-            with collecting() as trace:
-                try:
-                    messages = list(self.client.messages.page(**kwargs))
-                except TwilioException as exc:
-                    error = classify(exc)
-                    error.trace = list(trace)
-                    raise error from exc
-                except (ValueError, TypeError, AttributeError, KeyError) as exc:
-                    error = bad_response(f"the reply to a lookup is not Twilio's JSON: {type(exc).__name__}")
-                    error.trace = list(trace)
-                    raise error from exc
+            with twilio_call("lookup") as trace:
+                messages = list(self.client.messages.page(**kwargs))
             earliest = request.since - timedelta(minutes=1) if request.since else None
             for m in messages:
                 if m.to != request.to or (m.direction and not str(m.direction).startswith("outbound")):
@@ -309,23 +312,13 @@ class TwilioGateway(BaseGateway):
         """Each message's current status, fetched by SID; SIDs Twilio answers 404 for are left out."""
         found: dict[str, MessageStatus] = {}
         for sid in provider_ids:
-            with collecting() as trace:
+            with twilio_call("status fetch") as trace:
                 try:
                     message = self.client.messages(sid).fetch()
                 except TwilioRestException as exc:
-                    if exc.status == 404:
-                        continue  # not Twilio's (or deleted): nothing to learn about it
-                    error = classify(exc)
-                    error.trace = list(trace)
-                    raise error from exc
-                except TwilioException as exc:
-                    error = classify(exc)
-                    error.trace = list(trace)
-                    raise error from exc
-                except (ValueError, TypeError, AttributeError, KeyError) as exc:
-                    error = bad_response(f"the reply to a status fetch is not Twilio's JSON: {type(exc).__name__}")
-                    error.trace = list(trace)
-                    raise error from exc
+                    if exc.status != 404:
+                        raise
+                    continue  # not Twilio's (or deleted): nothing to learn about it
             status = getattr(message, "status", None)
             if not status:
                 continue
