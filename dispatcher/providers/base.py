@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from ..errors import SendError
+from ..errors import GatewayDown, SendError
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -126,12 +126,16 @@ class BaseGateway:
         raise NotImplementedError
 
     def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
+        """One ``send`` each; when the provider goes away mid-chunk, what it took before is handed up with
+        the stop (``GatewayDown.done``), so those messages are recorded and only the rest go back."""
         results: list[SendResult | SendError] = []
         for message in messages:
             try:
                 results.append(self.send(message))
             except SendError as exc:
                 results.append(exc)
+            except GatewayDown as exc:
+                raise GatewayDown(str(exc), done=results) from exc
         return results
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:  # pragma: no cover

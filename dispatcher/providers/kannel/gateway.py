@@ -173,18 +173,6 @@ class KannelGateway(BaseGateway):
             raise failure
         return SendResult(provider_id=provider_id, status="queued", trace=list(trace))
 
-    def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
-        """One ``send`` each; when smsbox goes away mid-chunk, what it took before is handed up with the stop."""
-        results: list[SendResult | SendError] = []
-        for message in messages:
-            try:
-                results.append(self.send(message))
-            except SendError as exc:
-                results.append(exc)
-            except GatewayDown as exc:
-                raise GatewayDown(str(exc), done=results) from exc
-        return results
-
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
         return {}
 

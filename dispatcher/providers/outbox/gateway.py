@@ -117,15 +117,7 @@ class OutboxGateway(BaseGateway):
         """All accepted messages of a batch in one locked write (one line each)."""
         if self.latency:
             # a slow provider: hand over one by one so a crash can land between messages
-            done: list[SendResult | SendError] = []
-            for message in messages:
-                try:
-                    done.append(self.send(message))
-                except SendError as exc:
-                    done.append(exc)
-                except GatewayDown as exc:
-                    raise GatewayDown(str(exc), done=done) from exc
-            return done
+            return super().send_many(messages)
         results: list[SendResult | SendError] = []
         lines: list[bytes] = []
         for message in messages:
