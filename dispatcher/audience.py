@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from . import domain
 from .charcheck import bad_character
 from .errors import InputError, UsageError
+from .organisation import EVERYONE, Organisation
 from .phones import InvalidPhone, normalise
 from .store import Resident, iter_chunks
 
@@ -241,34 +242,31 @@ def import_csv(
     return ImportResult(written=written, duplicates=dup, bad=bad)
 
 
-def _segments_for(rng: random.Random) -> list[str]:
+def _segments_for(rng: random.Random, org: Organisation) -> list[str]:
+    """One synthetic resident's groups: a life stage by its share, then each group of that stage (and each
+    ``everyone`` group) with its chance, all from organisation.yaml; a chance of 1 draws nothing."""
     roll = rng.random()
+    stage = org.stages[-1].id
+    cumulative = 0.0
+    for candidate in org.stages:
+        cumulative += candidate.share
+        if roll < cumulative:
+            stage = candidate.id
+            break
     segs: list[str] = []
-    if roll < 0.12:  # students (some also counted as youth)
-        segs.append("students")
-        if rng.random() < 0.5:
-            segs.append("youth")
-    elif roll < 0.30:  # retirees
-        segs.append("retirees")
-        if rng.random() < 0.15:
-            segs.append("party_members")
-    else:  # working age
-        for seg, share in (
-            ("workers", 0.55), ("parents", 0.35), ("taxpayers", 0.40), ("youth", 0.30),
-            ("accountants", 0.07), ("enterprise_owners", 0.06), ("gatekeepers", 0.03),
-            ("financial_staff", 0.05), ("party_members", 0.09), ("service_hall_visitors", 0.14),
-        ):  # fmt: skip
-            if rng.random() < share:
-                segs.append(seg)
-    if rng.random() < 0.48:
-        segs.append("women")
+    for wanted in (stage, EVERYONE):
+        for seg in org.segments:
+            chance = dict(seg.registry).get(wanted)
+            if chance is not None and (chance >= 1 or rng.random() < chance):
+                segs.append(seg.id)
     return segs
 
 
 def generate(size: int, seed: int) -> Iterator[dict[str, str]]:
     """A deterministic synthetic registry: same size and seed, same rows, byte for byte."""
     rng = random.Random(seed)
-    weights = [d.weight for d in domain.DISTRICTS]
+    org = domain.current()
+    weights = [d.weight for d in org.districts]
     seen: set[str] = set()
     produced = 0
     while produced < size:
@@ -276,8 +274,8 @@ def generate(size: int, seed: int) -> Iterator[dict[str, str]]:
         if phone in seen:
             continue
         seen.add(phone)
-        district = rng.choices(domain.DISTRICTS, weights)[0]
-        grid = f"{district.grid_prefix}-{rng.randrange(1, domain.GRIDS_PER_DISTRICT + 1):02d}"
+        district = rng.choices(org.districts, weights)[0]
+        grid = rng.choice(district.grids)
         name = rng.choice(_SURNAMES) + "".join(rng.choice(_GIVEN) for _ in range(rng.choice((1, 2))))
         produced += 1
         yield {
@@ -285,7 +283,7 @@ def generate(size: int, seed: int) -> Iterator[dict[str, str]]:
             "name": name,
             "district": district.name,
             "grid": grid,
-            "segments": ";".join(_segments_for(rng)),
+            "segments": ";".join(_segments_for(rng, org)),
             "language": "zh-CN",
             "opted_out": "true" if rng.random() < 0.01 else "false",
         }

@@ -1,114 +1,183 @@
-"""The programme's fixed vocabulary: districts, population groups and departments.
+"""The programme's vocabulary: districts, population groups and departments, read from organisation.yaml.
 
 Taken from the Changzhou Economic Development Zone's 2021-2023 anti-telecom-fraud
-plan (``shared/seed``): six towns/streets run their own actions in grids, and each
-population group's warnings are owned by one department, which is assessed on
-them. Campaign files and CSV rows may name a district, group or department by its
-id (``henglin``) or its Chinese name (``横林镇``); everything stored uses the id.
+plan (``shared/seed``): six towns/streets run their own actions in grids (网格 + 警格),
+and each population group's warnings are owned by one department, which is assessed on
+them. Campaign files and CSV rows may name a district, group or department by its id
+(``henglin``) or its Chinese name (``横林镇``); everything stored uses the id.
+
+The data comes from ``organisation.yaml`` (``organisation.py``): the project's, once a
+process's settings name it (``use_file``, done by ``Runtime``), else the copy shipped in
+the package. It is read once per file and kept; ``DISTRICTS``, ``DEPARTMENTS`` and
+``SEGMENTS`` are looked up on the organisation in use each time they are read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-
-@dataclass(frozen=True)
-class District:
-    id: str
-    name: str
-    #: prefix of this district's grid codes, e.g. HL-07
-    grid_prefix: str
-    #: rough share of the zone's population, used by the synthetic registry
-    weight: float
-
-
-@dataclass(frozen=True)
-class Department:
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class Segment:
-    id: str
-    name: str
-    owner: str
-    #: share of residents in this group, used by the synthetic registry
-    share: float
-
-
-DISTRICTS: tuple[District, ...] = (
-    District("henglin", "横林镇", "HL", 0.22),
-    District("yaoguan", "遥观镇", "YG", 0.20),
-    District("hengshanqiao", "横山桥镇", "HSQ", 0.16),
-    District("lucheng", "潞城街道", "LC", 0.16),
-    District("dingyan", "丁堰街道", "DY", 0.12),
-    District("qishuyan", "戚墅堰街道", "QSY", 0.14),
+from .organisation import (
+    DEFAULT_PATH,
+    Department,
+    District,
+    Grid,
+    Organisation,
+    PoliceGrid,
+    Segment,
+    load,
 )
 
-#: grids per district in the synthetic registry (网格); real registries may use any code with the prefix
-GRIDS_PER_DISTRICT = 12
+__all__ = [
+    "DEPARTMENTS",
+    "DISTRICTS",
+    "GRIDS_PER_DISTRICT",
+    "SEGMENTS",
+    "Department",
+    "District",
+    "Grid",
+    "PoliceGrid",
+    "Segment",
+    "current",
+    "department",
+    "department_names",
+    "district",
+    "district_names",
+    "district_of_grid",
+    "grid",
+    "police_grid",
+    "police_grid_of",
+    "responsible_for",
+    "segment",
+    "segment_names",
+    "segments_of",
+    "use",
+    "use_file",
+]
 
-DEPARTMENTS: tuple[Department, ...] = (
-    Department("police", "公安分局"),
-    Department("social_security", "社会保障局"),
-    Department("social_affairs", "社会事业局"),
-    Department("economic_development", "经济发展局"),
-    Department("tech_finance", "科技金融局"),
-    Department("tax", "税务局"),
-    Department("organisation", "组织部"),
-    Department("party_mass", "党群工作部"),
-    Department("admin_approval", "行政审批局"),
-)
+if TYPE_CHECKING:  # looked up on the organisation in use by the module's __getattr__ below
+    DISTRICTS: tuple[District, ...]
+    DEPARTMENTS: tuple[Department, ...]
+    SEGMENTS: tuple[Segment, ...]
+    #: the most grids any district has (the synthetic registry draws from each district's own list)
+    GRIDS_PER_DISTRICT: int
 
-SEGMENTS: tuple[Segment, ...] = (
-    Segment("retirees", "退休人员", "social_security", 0.18),
-    Segment("students", "学生", "social_affairs", 0.12),
-    Segment("parents", "学生家长", "social_affairs", 0.20),
-    Segment("enterprise_owners", "企业主", "economic_development", 0.04),
-    Segment("accountants", "企业财会人员", "economic_development", 0.05),
-    Segment("gatekeepers", "企业门卫", "economic_development", 0.02),
-    Segment("financial_staff", "金融机构从业人员", "tech_finance", 0.03),
-    Segment("taxpayers", "纳税人", "tax", 0.25),
-    Segment("party_members", "党员", "organisation", 0.08),
-    Segment("workers", "职工", "party_mass", 0.35),
-    Segment("youth", "青年", "party_mass", 0.22),
-    Segment("women", "妇女", "party_mass", 0.48),
-    Segment("service_hall_visitors", "政务服务中心办事群众", "admin_approval", 0.10),
-)
+_lock = threading.Lock()
+_loaded: dict[tuple[str, int], Organisation] = {}
+_active: Organisation | None = None
 
-_DISTRICT_LOOKUP = {key: d for d in DISTRICTS for key in (d.id, d.name)}
-_SEGMENT_LOOKUP = {key: s for s in SEGMENTS for key in (s.id, s.name)}
-_DEPARTMENT_LOOKUP = {key: d for d in DEPARTMENTS for key in (d.id, d.name)}
+
+def _load_cached(path: Path) -> Organisation:
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        stamp = 0  # load() reports the missing file
+    key = (str(path.resolve()), stamp)
+    with _lock:
+        found = _loaded.get(key)
+    if found is None:
+        found = load(path)
+        with _lock:
+            _loaded[key] = found
+    return found
+
+
+def use_file(path: Path | None) -> Organisation:
+    """Use the organisation in ``path`` (None: the packaged default) from now on in this process.
+
+    Raises ``OrganisationError`` (one located line, exit 2) if the file is broken; the
+    organisation in use is then left as it was.
+    """
+    return use(_load_cached(path or DEFAULT_PATH))
+
+
+def use(org: Organisation) -> Organisation:
+    """Use ``org`` from now on; returns it (tests put the previous one back with ``use(previous)``)."""
+    global _active
+    with _lock:
+        _active = org
+    return org
+
+
+def current() -> Organisation:
+    """The organisation in use: the one last given to ``use``/``use_file``, else the packaged default."""
+    org = _active
+    if org is None:
+        org = use(_load_cached(DEFAULT_PATH))
+    return org
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DISTRICTS":
+        return current().districts
+    if name == "DEPARTMENTS":
+        return current().departments
+    if name == "SEGMENTS":
+        return current().segments
+    if name == "GRIDS_PER_DISTRICT":
+        return max((len(d.grids) for d in current().districts), default=0)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def district(name: str) -> District | None:
-    return _DISTRICT_LOOKUP.get(name.strip())
+    found: District | None = current().find("district", name)
+    return found
 
 
 def segment(name: str) -> Segment | None:
-    return _SEGMENT_LOOKUP.get(name.strip())
+    found: Segment | None = current().find("segment", name)
+    return found
 
 
 def department(name: str) -> Department | None:
-    return _DEPARTMENT_LOOKUP.get(name.strip())
+    found: Department | None = current().find("department", name)
+    return found
+
+
+def police_grid(name: str) -> PoliceGrid | None:
+    """A police grid (警格) by its id or name."""
+    found: PoliceGrid | None = current().find("police_grid", name)
+    return found
+
+
+def grid(code: str) -> Grid | None:
+    """A grid (网格) listed in the organisation, with its police grid and station."""
+    return current().grid(code)
+
+
+def police_grid_of(code: str) -> PoliceGrid | None:
+    """The police grid (警格) covering the grid ``code`` (``HL-03``), or None for a grid not listed."""
+    found = current().grid(code)
+    return police_grid(found.police_grid) if found else None
+
+
+def segments_of(department_id: str) -> tuple[Segment, ...]:
+    """The groups a department is responsible for (none for a town: it covers its own district)."""
+    return tuple(s for s in current().segments if s.owner == department_id)
+
+
+def responsible_for(department_id: str, segment_id: str) -> bool:
+    """Whether a department may warn a group: it owns the group, or it is a town (its own district's people)."""
+    dep = department(department_id)
+    seg = segment(segment_id)
+    if dep is None or seg is None:
+        return False
+    return dep.kind == "town" or seg.owner == dep.id
 
 
 def district_names() -> str:
-    return ", ".join(f"{d.id} ({d.name})" for d in DISTRICTS)
+    return ", ".join(f"{d.id} ({d.name})" for d in current().districts)
 
 
 def segment_names() -> str:
-    return ", ".join(f"{s.id} ({s.name})" for s in SEGMENTS)
+    return ", ".join(f"{s.id} ({s.name})" for s in current().segments)
 
 
 def department_names() -> str:
-    return ", ".join(f"{d.id} ({d.name})" for d in DEPARTMENTS)
+    return ", ".join(f"{d.id} ({d.name})" for d in current().departments)
 
 
 def district_of_grid(grid: str) -> District | None:
-    prefix = grid.split("-", 1)[0].upper()
-    for d in DISTRICTS:
-        if d.grid_prefix == prefix:
-            return d
-    return None
+    """The district a grid code belongs to, by its prefix (a registry may use grids the file does not list)."""
+    return current().district_of_prefix(grid.split("-", 1)[0])

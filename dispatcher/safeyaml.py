@@ -96,3 +96,24 @@ def load(text: str, name: str = "<file>") -> tuple[yaml.Node | None, Any]:
     finally:
         loader.dispose()
     return node, data
+
+
+def positions(node: yaml.Node) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """(line, column), 1-based, of every field and item, keyed by its path (``("districts", 0, "id")``).
+
+    A mapping's field points at its key, which is where an operator looks.
+    """
+    marks: dict[tuple[Any, ...], tuple[int, int]] = {}
+
+    def walk(item: yaml.Node, path: tuple[Any, ...]) -> None:
+        marks[path] = (item.start_mark.line + 1, item.start_mark.column + 1)
+        if isinstance(item, yaml.MappingNode):
+            for key_node, value_node in item.value:
+                walk(value_node, (*path, key_node.value))
+                marks[(*path, key_node.value)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+        elif isinstance(item, yaml.SequenceNode):
+            for index, child in enumerate(item.value):
+                walk(child, (*path, index))
+
+    walk(node, ())
+    return marks

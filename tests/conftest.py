@@ -115,7 +115,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @dataclass
 class Project:
-    """A working folder with the shipped campaigns and templates, and the env a command sees."""
+    """A working folder with the shipped campaigns, templates, organisation and themes, and the env a command sees."""
 
     root: Path
     env: dict[str, str]
@@ -217,6 +217,8 @@ def _base_env(root: Path, database_url: str) -> dict[str, str]:
 def _make_project(root: Path, database_url: str) -> Project:
     shutil.copytree(ROOT / "campaigns", root / "campaigns")
     shutil.copytree(ROOT / "templates", root / "templates")
+    for name in ("organisation.yaml", "themes.yaml"):  # the organisation and plan periods campaigns refer to
+        shutil.copy(ROOT / name, root / name)
     (root / "var").mkdir()
     return Project(root=root, env=_base_env(root, database_url))
 

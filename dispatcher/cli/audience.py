@@ -38,7 +38,8 @@ def audience_generate(
     seed: int = typer.Option(1, "--seed"),
     output: Path | None = typer.Option(None, "--output", "-o", help="file to write (default: standard output)"),
 ) -> None:
-    """Write a deterministic synthetic registry in the import format."""
+    """Write a deterministic synthetic registry in the import format (groups and grids from organisation.yaml)."""
+    runtime()  # the project's organisation.yaml, checked (a broken one: one line, exit 2)
     if output is None:
         write_csv(generate(size, seed), sys.stdout)
         return

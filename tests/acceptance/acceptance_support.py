@@ -47,10 +47,12 @@ def daytime_now() -> str:
 
 
 def copy_project(dest: Path) -> Path:
-    """A project folder as an operator has one: the shipped campaigns and templates, nothing else."""
+    """A project folder as an operator has one: the shipped campaigns, templates, organisation and themes."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "campaigns", dest / "campaigns")
     shutil.copytree(REPO / "templates", dest / "templates")
+    for name in ("organisation.yaml", "themes.yaml"):
+        shutil.copy(REPO / name, dest / name)
     return dest
 
 
