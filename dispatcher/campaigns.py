@@ -4,9 +4,11 @@ Three layers, each reporting ``path:line:column: field: message``:
 
 1. YAML syntax (PyYAML's marks give the position);
 2. the schema (pydantic; each error's ``loc`` is mapped back to the YAML node it came from);
-3. the world: districts, segments and departments exist, templates exist and parse,
-   every variable a template reads is given, and the message can fit 500 characters;
-   the schedule ends after it starts and its themes cover every quarter it fires in.
+3. the world: districts, segments and departments exist (organisation.yaml), the owner
+   and co-owners are responsible for the groups and districts targeted, templates exist
+   and parse, every variable a template reads is given, and the message can fit 500
+   characters; the schedule ends after it starts, lies within the campaign's plan period
+   (themes.yaml) and its themes cover every quarter it fires in.
 
 ``load_campaign`` stops at the first error; ``check_paths`` collects every error of
 every file so that ``dispatch validate`` can show them all at once.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -39,11 +41,12 @@ from pydantic import (
     model_validator,
 )
 
-from . import domain, safeyaml
+from . import domain, safeyaml, themes
 from .charcheck import LINE_BREAKS, first_bad_text
 from .errors import CampaignError, InputError, TemplateError, UsageError
 from .sms import MAX_MESSAGE_CHARS
 from .templates import BUILTIN_NAMES, SAMPLE_RECIPIENT, Composer, TemplateSource, load, undeclared
+from .themes import Plan
 
 DEFAULT_SIGNATURE = "【常州经开区反诈中心】"
 DEFAULT_OPT_OUT = "回T退订"
@@ -293,10 +296,15 @@ class Campaign(_Model):
     id: str
     title: str
     owner: str
+    #: departments sharing the campaign: together with the owner they must be responsible for its groups
+    co_owners: list[str] = Field(default_factory=list)
+    #: the plan (themes.yaml) the campaign belongs to: never scheduled, fired or run outside its period
+    plan: str | None = None
     #: "sms", or "ringback": numbers are enrolled with a warning tone for ``window`` and restored after
     channel: Literal["sms", "ringback"] = "sms"
     template: str | None = None
-    themes: dict[Literal["Q1", "Q2", "Q3", "Q4"], str] | None = None
+    #: quarter -> template (every year alike), or "plan": the plan's theme of each quarter of each year
+    themes: dict[Literal["Q1", "Q2", "Q3", "Q4"], str] | Literal["plan"] | None = None
     variables: dict[str, str | int | float | bool] = Field(default_factory=dict)
     audience: Audience = Field(default_factory=Audience)
     signature: str = DEFAULT_SIGNATURE
@@ -355,6 +363,8 @@ class Campaign(_Model):
             raise ValueError("give either template or themes (quarter -> template), not both or neither")
         if self.priority == "urgent" and not (self.reason or "").strip():
             raise ValueError("an urgent campaign must state a reason")
+        if self.themes == "plan" and self.plan is None:
+            raise ValueError("themes: plan takes the themes of the campaign's plan: give plan: <id> (themes.yaml)")
         return self
 
     def template_for(self, when: datetime | None = None) -> str:
@@ -362,6 +372,8 @@ class Campaign(_Model):
         if self.template is not None:
             return self.template
         assert self.themes is not None
+        if self.themes == "plan":  # the plan's calendar is read with the file (LoadedCampaign.template_for)
+            raise CampaignError("the themes are the plan's: read them with the campaign's plan", field="themes")
         when = when or datetime.now(ZoneInfo("Asia/Shanghai"))
         if when.tzinfo is not None:
             # a fire time arrives in UTC: 1 April 00:30 in Shanghai is still 31 March in UTC
@@ -379,6 +391,8 @@ class Campaign(_Model):
         if self.template is not None:
             return [self.template]
         assert self.themes is not None
+        if self.themes == "plan":
+            return []
         return list(dict.fromkeys(self.themes.values()))
 
     def send_by_datetime(self) -> datetime | None:
@@ -393,6 +407,11 @@ class Campaign(_Model):
 
     def owner_department(self) -> domain.Department | None:
         return domain.department(self.owner)
+
+    def owners(self) -> list[domain.Department]:
+        """The owner and the co-owners that exist, owner first."""
+        found = [domain.department(name) for name in (self.owner, *self.co_owners)]
+        return list({d.id: d for d in found if d is not None}.values())
 
 
 # ------------------------------------------------------------------ run snapshots
@@ -457,6 +476,21 @@ def _local(value: datetime | None, zone: ZoneInfo) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=zone) if value.tzinfo is None else value
+
+
+def within_plan(schedule: Schedule | None, plan: Plan | None) -> Schedule | None:
+    """``schedule`` with its start and end narrowed to the plan's period (None: unchanged)."""
+    if schedule is None or plan is None:
+        return schedule
+    zone = schedule.zone()
+    start, end = schedule.local_start(), schedule.local_end()
+    plan_start, plan_end = plan.start_at(zone), plan.end_at(zone)
+    return schedule.model_copy(
+        update={
+            "start": plan_start if start is None or start < plan_start else start,
+            "end": plan_end if end is None or end > plan_end else end,
+        }
+    )
 
 
 def make_trigger(schedule: Schedule) -> BaseTrigger:
@@ -691,13 +725,42 @@ class LoadedCampaign:
     campaign: Campaign
     located: Located
     templates: dict[str, TemplateSource]
+    #: the plan (themes.yaml) the campaign belongs to, if it names one
+    plan: Plan | None = None
 
     @property
     def path(self) -> Path:
         return self.located.path
 
+    @property
+    def schedule(self) -> Schedule | None:
+        """The schedule as it fires: within the plan's period when the campaign belongs to a plan."""
+        return within_plan(self.campaign.schedule, self.plan)
+
+    def template_names(self) -> list[str]:
+        if self.campaign.themes == "plan" and self.plan is not None:
+            return list(dict.fromkeys(t.template for t in self.plan.themes.values()))
+        return self.campaign.template_names()
+
+    def theme_title(self, when: datetime) -> str | None:
+        """The plan's theme of the quarter ``when`` falls in (campaigns with ``themes: plan``)."""
+        if self.campaign.themes != "plan" or self.plan is None:
+            return None
+        theme = self.plan.theme_at(when.astimezone(self.campaign.zone()))
+        return theme.title if theme else None
+
     def template_for(self, when: datetime | None = None) -> str:
         """The template as of ``when``; a quarter without a theme is reported at ``themes`` in the file."""
+        if self.campaign.themes == "plan" and self.plan is not None:
+            local = (when or datetime.now(UTC)).astimezone(self.campaign.zone())
+            theme = self.plan.theme_at(local)
+            if theme is None:
+                raise self.located.error(
+                    f"{local:%Y-%m-%d} is outside plan {self.plan.id} ({self.plan.period()}), which has the themes: "
+                    f"give --as-of a date within the plan",
+                    ("plan",),
+                )
+            return theme.template
         try:
             return self.campaign.template_for(when)
         except CampaignError as exc:
@@ -718,9 +781,21 @@ class LoadedCampaign:
         A yearly campaign themed only for its own quarter is still previewed the rest of the year.
         """
         c = self.campaign
-        if c.themes is None or c.schedule is None or quarter_of(now.astimezone(c.zone())) in c.themes:
+        schedule = self.schedule
+        if c.themes == "plan" and self.plan is not None:
+            local = now.astimezone(c.zone())
+            if self.plan.contains(local.date()):
+                return self.template_for(now)
+            # outside the plan: the theme of its next fire, else (the plan is over) of its last quarter
+            upcoming = next(fire_times(schedule, now, limit=1), None) if schedule else None
+            if upcoming is not None:
+                return self.template_for(upcoming)
+            return self.template_for(
+                self.plan.end_at(c.zone()) if local.date() > self.plan.end else self.plan.start_at(c.zone())
+            )
+        if c.themes is None or schedule is None or quarter_of(now.astimezone(c.zone())) in c.themes:
             return self.template_for(now)
-        upcoming = next(fire_times(c.schedule, now, limit=1), None)
+        upcoming = next(fire_times(schedule, now, limit=1), None)
         return self.template_for(upcoming) if upcoming is not None else c.template_names()[0]
 
     def composer_for(self, template_name: str) -> Composer:
@@ -778,6 +853,17 @@ def check_run_date(loaded: LoadedCampaign, now: datetime, as_of: AsOf | None = N
     Without ``--as-of`` a campaign whose schedule has ended is not run any more; with it, the
     as-of date must lie within the schedule (making up a fire that was missed, also after the end).
     """
+    plan = loaded.plan
+    if plan is not None:
+        zone = loaded.campaign.zone()
+        day = (as_of.when if as_of is not None else now).astimezone(zone).date()
+        if not plan.contains(day):
+            said = f"--as-of {as_of}" if as_of is not None else f"today ({day:%Y-%m-%d})"
+            hint = "" if as_of is not None else "; to run it as of a date in the plan, give --as-of"
+            raise loaded.located.error(
+                f"{said} is outside plan {plan.id} ({plan.period()}), to which the campaign belongs{hint}",
+                ("plan",),
+            )
     schedule = loaded.campaign.schedule
     start, end = (schedule.local_start(), schedule.local_end()) if schedule else (None, None)
     if as_of is not None:
@@ -801,6 +887,11 @@ def check_run_date(loaded: LoadedCampaign, now: datetime, as_of: AsOf | None = N
 def _world_errors(located: Located, campaign: Campaign, templates_dir: Path) -> Iterator[InputError]:
     if campaign.owner_department() is None:
         yield located.error(f"unknown department {campaign.owner!r} (known: {domain.department_names()})", ("owner",))
+    for index, name in enumerate(campaign.co_owners):
+        if domain.department(name) is None:
+            yield located.error(
+                f"unknown department {name!r} (known: {domain.department_names()})", ("co_owners", index)
+            )
     audience = campaign.audience
     if audience.districts != "all":
         for index, name in enumerate(audience.districts):
@@ -827,11 +918,94 @@ def _world_errors(located: Located, campaign: Campaign, templates_dir: Path) -> 
                 f"(districts: {selected}); a grid only narrows a district that is selected",
                 ("audience", "grids", index),
             )
+    yield from _ownership_errors(located, campaign)
 
 
-def _schedule_errors(located: Located, campaign: Campaign, now: datetime) -> Iterator[InputError]:
-    """A schedule that ends before it starts or never fires; themes missing a quarter it fires in."""
+def _ownership_errors(located: Located, campaign: Campaign) -> Iterator[InputError]:
+    """The owner and co-owners must be responsible for what the campaign targets (三, 五(三)).
+
+    A department warns the groups it owns in organisation.yaml; a town/street warns anyone, but only
+    in its own district (属地管理). A campaign for several departments' groups, or several towns'
+    districts, lists the others as ``co_owners``. No groups means everyone: any department may.
+    """
+    owner = campaign.owner_department()
+    if owner is None or any(domain.department(n) is None for n in campaign.co_owners):
+        return  # reported above
+    owners = campaign.owners()
+    names = "、".join(d.name for d in owners)
+    audience = campaign.audience
+    for index, name in enumerate(audience.segments):
+        seg = domain.segment(name)
+        if seg is None or any(domain.responsible_for(d.id, seg.id) for d in owners):
+            continue
+        responsible = domain.department(seg.owner)
+        who = responsible.name if responsible else seg.owner
+        yield located.error(
+            f"{seg.id} ({seg.name}) is {who}'s group ({seg.section or 'organisation.yaml'}), not {names}'s: "
+            f"add {who} to co_owners, or leave the group to its campaigns",
+            ("audience", "segments", index),
+        )
+    if owner.kind != "town":
+        return
+    towns = {d.district for d in owners if d.kind == "town"}
+    own = "、".join(d.name for d in owners if d.kind == "town")
+    if audience.districts == "all":
+        outside = [d for d in domain.DISTRICTS if d.id not in towns]
+        if outside:
+            yield located.error(
+                f"{own} may target only its own district, not all ({', '.join(d.name for d in outside)} "
+                f"are not its): list its district, or add those towns/streets to co_owners",
+                ("audience", "districts"),
+            )
+        return
+    for index, name in enumerate(audience.districts):
+        dist = domain.district(name)
+        if dist is not None and dist.id not in towns:
+            yield located.error(
+                f"{dist.name} is not {own}'s district: a town/street targets only its own, "
+                f"unless {dist.name} is among the co_owners",
+                ("audience", "districts", index),
+            )
+
+
+def _plan_errors(located: Located, campaign: Campaign, plan: Plan | None) -> Iterator[InputError]:
+    """A schedule or ringback window reaching outside the period of the plan the campaign belongs to."""
+    if plan is None:
+        return
     schedule = campaign.schedule
+    if schedule is not None:
+        zone = schedule.zone()
+        start, end = schedule.local_start(), schedule.local_end()
+        if start is not None and start < plan.start_at(zone):
+            yield located.error(
+                f"the schedule starts ({_minute(start)}) before plan {plan.id} does ({plan.period()})",
+                ("schedule", "start"),
+            )
+        if end is not None and end > plan.end_at(zone):
+            yield located.error(
+                f"the schedule ends ({_minute(end)}) after plan {plan.id} does ({plan.period()})", ("schedule", "end")
+            )
+        if start is not None and start > plan.end_at(zone):
+            yield located.error(
+                f"the schedule starts ({_minute(start)}) after plan {plan.id} has ended ({plan.period()})",
+                ("schedule", "start"),
+            )
+    window = campaign.window
+    if window is not None:
+        zone = campaign.zone()
+        if window.start < plan.start_at(zone) or window.end > plan.end_at(zone):
+            yield located.error(
+                f"the ringback window ({_minute(window.start)} to {_minute(window.end)}) is not within "
+                f"plan {plan.id} ({plan.period()})",
+                ("window",),
+            )
+
+
+def _schedule_errors(
+    located: Located, campaign: Campaign, now: datetime, plan: Plan | None = None
+) -> Iterator[InputError]:
+    """A schedule that ends before it starts or never fires; themes missing a quarter it fires in."""
+    schedule = within_plan(campaign.schedule, plan)
     fires: dict[str, datetime] | None = None
     if schedule is not None:
         start, end = schedule.local_start(), schedule.local_end()
@@ -843,8 +1017,9 @@ def _schedule_errors(located: Located, campaign: Campaign, now: datetime) -> Ite
                 return
             fires = first_fire_per_quarter(schedule, start, end)
             if not fires:
+                within = f" (within plan {plan.id})" if plan is not None else ""
                 yield located.error(
-                    f"the schedule never fires between its start ({_minute(start)}) and end ({_minute(end)})",
+                    f"the schedule never fires between its start ({_minute(start)}) and end ({_minute(end)}){within}",
                     ("schedule",),
                 )
                 return
@@ -852,8 +1027,8 @@ def _schedule_errors(located: Located, campaign: Campaign, now: datetime) -> Ite
             # no start: what matters is what it can still fire (a catch-up within misfire_grace included)
             since = start or now - parse_duration(schedule.misfire_grace)
             fires = first_fire_per_quarter(schedule, since, end)
-    if campaign.themes is None:
-        return
+    if campaign.themes is None or campaign.themes == "plan":
+        return  # a plan has a theme for every quarter of its period (checked with themes.yaml)
     if schedule is None:
         missing = [q for q in QUARTERS if q not in campaign.themes]
         if missing:
@@ -878,11 +1053,13 @@ def _minute(when: datetime) -> str:
 
 
 def _template_errors(
-    located: Located, campaign: Campaign, templates_dir: Path
+    located: Located, campaign: Campaign, templates_dir: Path, plan: Plan | None = None
 ) -> Iterator[InputError | TemplateSource]:
     names: list[tuple[str, tuple[Any, ...]]]
     if campaign.template is not None:
         names = [(campaign.template, ("template",))]
+    elif campaign.themes == "plan":
+        names = [(t.template, ("themes",)) for t in plan.themes.values()] if plan is not None else []
     else:
         assert campaign.themes is not None
         names = [(name, ("themes", quarter)) for quarter, name in campaign.themes.items()]
@@ -908,7 +1085,7 @@ def _template_errors(
                 TemplateError,
             )
             continue
-        lc = LoadedCampaign(campaign, located, {name: source})
+        lc = LoadedCampaign(campaign, located, {name: source}, plan)
         try:
             text = lc.composer_for(name).compose(SAMPLE_RECIPIENT)
         except TemplateError as exc:
@@ -928,36 +1105,66 @@ def _template_errors(
         yield source
 
 
+#: the plans a campaign may name, by id (``themes.load``); None: read themes.yaml beside templates/ when needed
+Plans = Mapping[str, Plan] | None
+
+
+def _plan_of(located: Located, campaign: Campaign, templates_dir: Path, plans: Plans) -> Plan:
+    """The plan a campaign names; themes.yaml is read here only when the caller passed none."""
+    assert campaign.plan is not None
+    path = templates_dir.parent / themes.FILE_NAME
+    known = plans if plans is not None else themes.load_optional(path)
+    plan = known.get(campaign.plan)
+    if plan is None:
+        raise located.error(themes.unknown_plan(campaign.plan, dict(known), path), ("plan",))
+    return plan
+
+
 def check_file(
-    path: Path, templates_dir: Path, now: datetime | None = None, *, gateways: Collection[str] | None = None
+    path: Path,
+    templates_dir: Path,
+    now: datetime | None = None,
+    *,
+    gateways: Collection[str] | None = None,
+    plans: Plans = None,
 ) -> tuple[LoadedCampaign | None, list[InputError]]:
     """Every problem with one campaign file (empty list = valid); ``now`` is the business clock's time.
 
     ``gateways``: the registered SMS provider names a ``gateways:`` list may use (None: not checked).
+    ``plans``: the plans of themes.yaml (None: read from beside ``templates_dir`` if the campaign names one).
     """
     try:
         located = parse_yaml(path)
         campaign = _schema(located, gateways)
+        plan = _plan_of(located, campaign, templates_dir, plans) if campaign.plan is not None else None
     except InputError as exc:
         return None, [exc]
     errors: list[InputError] = list(_world_errors(located, campaign, templates_dir))
-    errors.extend(_schedule_errors(located, campaign, now or datetime.now(UTC)))
+    outside = list(_plan_errors(located, campaign, plan))
+    errors.extend(outside)
+    if not outside:  # a schedule reaching outside its plan: that is the one thing to fix first
+        errors.extend(_schedule_errors(located, campaign, now or datetime.now(UTC), plan))
     templates: dict[str, TemplateSource] = {}
-    for item in _template_errors(located, campaign, templates_dir):
+    for item in _template_errors(located, campaign, templates_dir, plan):
         if isinstance(item, TemplateSource):
             templates[item.name] = item
         else:
             errors.append(item)
     if errors:
         return None, errors
-    return LoadedCampaign(campaign, located, templates), []
+    return LoadedCampaign(campaign, located, templates, plan), []
 
 
 def load_campaign(
-    path: Path, templates_dir: Path, now: datetime | None = None, *, gateways: Collection[str] | None = None
+    path: Path,
+    templates_dir: Path,
+    now: datetime | None = None,
+    *,
+    gateways: Collection[str] | None = None,
+    plans: Plans = None,
 ) -> LoadedCampaign:
     """The campaign at ``path``, fully checked; raises the first ``InputError`` found."""
-    loaded, errors = check_file(path, templates_dir, now, gateways=gateways)
+    loaded, errors = check_file(path, templates_dir, now, gateways=gateways, plans=plans)
     if errors:
         raise errors[0]
     assert loaded is not None
@@ -977,13 +1184,18 @@ def campaign_files(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 def check_paths(
-    paths: Iterable[Path], templates_dir: Path, now: datetime | None = None, *, gateways: Collection[str] | None = None
+    paths: Iterable[Path],
+    templates_dir: Path,
+    now: datetime | None = None,
+    *,
+    gateways: Collection[str] | None = None,
+    plans: Plans = None,
 ) -> tuple[list[LoadedCampaign], list[InputError]]:
     loaded: list[LoadedCampaign] = []
     errors: list[InputError] = []
     ids: dict[str, Path] = {}
     for path in campaign_files(paths):
-        campaign, file_errors = check_file(path, templates_dir, now, gateways=gateways)
+        campaign, file_errors = check_file(path, templates_dir, now, gateways=gateways, plans=plans)
         errors.extend(file_errors)
         if campaign is not None:
             other = ids.get(campaign.campaign.id)
@@ -998,18 +1210,21 @@ def check_paths(
 def upcoming_fires(
     loaded: Iterable[LoadedCampaign], start: datetime, end: datetime | None, count: int
 ) -> list[dict[str, Any]]:
-    """Every scheduled campaign's next ``count`` fire times from ``start``, with the template of each fire."""
+    """Every scheduled campaign's next ``count`` fire times from ``start``, with the template (and the plan's
+    theme) of each fire; a campaign of a plan fires only within the plan's period."""
     items: list[dict[str, Any]] = []
     for lc in loaded:
-        schedule = lc.campaign.schedule
+        schedule = lc.schedule
         if schedule is None:
             continue
         fires = [
-            {"fire_time": ft.isoformat(), "template": lc.campaign.template_for(ft)}
+            {"fire_time": ft.isoformat(), "template": lc.template_for(ft), "theme": lc.theme_title(ft)}
             for ft in fire_times(schedule, start, end, count)
         ]
+        plan = lc.plan
         items.append({
             "campaign_id": lc.campaign.id, "path": str(lc.path), "kind": schedule.kind, "timezone": schedule.timezone,
             "misfire_grace": schedule.misfire_grace, "priority": lc.campaign.priority, "fires": fires,
+            "plan": None if plan is None else {"id": plan.id, "start": str(plan.start), "end": str(plan.end)},
         })  # fmt: skip
     return items

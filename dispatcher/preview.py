@@ -81,7 +81,7 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
     audience = audience_filter(loaded)
     matrix = runtime.store.audience_matrix(audience)
     variants = []
-    for name in loaded.campaign.template_names():
+    for name in loaded.template_names():
         text, seg = loaded.composer_for(name).render(SAMPLE_RECIPIENT)
         variants.append(Variant(name, text, seg.encoding, seg.chars, seg.parts, split_parts(text)))
     current = loaded.template_now_or_next(runtime.clock())

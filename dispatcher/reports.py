@@ -12,8 +12,9 @@ delivery rows costs no Python memory. Definitions, so auditors can re-count them
 - what the carriers confirmed, by each resident's best row: **delivered** (a
   carrier receipt), else **unconfirmed** (no final report by the deadline,
   ``DISPATCH_DLR_DEADLINE``), else **undelivered** (the carrier said it was not).
-- A run belongs to a period by its fire time (scheduled runs) or else its
-  creation time, in Asia/Shanghai.
+- A run belongs to a period by its fire time (scheduled runs), else the date it
+  was run as of (``dispatch run --as-of``: a made-up fire of a past quarter counts
+  in that quarter), else its creation time, in Asia/Shanghai.
 """
 
 from __future__ import annotations

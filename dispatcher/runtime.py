@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from . import domain, themes
 from .broker import make_broker
 from .clock import offset_clock
 from .ratelimit import make_rate_limiter
 from .settings import Settings
 from .store import SqlStore, open_store, utcnow
+from .themes import Plan
 
 if TYPE_CHECKING:
     import dramatiq
@@ -51,6 +53,7 @@ class Runtime:
     #: builds the ringback adapter (tests inject one); default: DISPATCH_RINGBACK_GATEWAY
     ringback_factory: Callable[[Settings], RingbackGateway] | None = None
     _ringback: RingbackGateway | None = None
+    _plans: dict[str, Plan] | None = None
     #: set when the process is asked to stop (SIGTERM): batches hand out no new sends and release the rest
     stopping: threading.Event = field(default_factory=threading.Event)
     #: why this process cannot go on (its delivery log cannot be written); the embedded run reports it
@@ -61,6 +64,12 @@ class Runtime:
         # a clock injected by the caller wins
         if self.clock is utcnow and self.settings.clock_offset:
             self.clock = offset_clock(self.settings.clock_offset)
+        # the organisation (districts, groups, departments) every module reads through ``domain``:
+        # the project's organisation.yaml, read once; a broken one stops the command (one line, exit 2)
+        domain.use_file(self.settings.organisation_file)
+        # the plan periods and quarterly themes, read here too: a broken themes.yaml stops any command alike
+        path = self.settings.themes_file or self.settings.templates_dir.parent / themes.FILE_NAME
+        self._plans = themes.load_optional(path)
 
     @property
     def rate_limiter(self) -> Any:
@@ -110,6 +119,10 @@ class Runtime:
                 built = FailoverGateway(members, self._breakers)
                 self._failovers[wanted] = built
             return built
+
+    def plans(self) -> dict[str, Plan]:
+        """The plan periods and quarterly themes of the project's themes.yaml (none without one), read at start."""
+        return dict(self._plans or {})
 
     def known_gateways(self) -> list[str]:
         """The SMS provider names a campaign's ``gateways:`` list may use (every registered one)."""

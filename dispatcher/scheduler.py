@@ -193,12 +193,13 @@ class Scheduler:
             self.runtime.settings.templates_dir,
             self.runtime.clock(),
             gateways=self.runtime.known_gateways(),
+            plans=self.runtime.plans(),
         )
         if errors and strict:
             raise errors[0]
         entries: dict[Path, Entry] = {}
         for lc in loaded:
-            schedule = lc.campaign.schedule
+            schedule = lc.schedule  # a campaign of a plan never fires outside the plan's period
             if schedule is None:
                 continue
             entries[lc.path] = Entry(lc, make_trigger(schedule), parse_duration(schedule.misfire_grace))

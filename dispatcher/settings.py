@@ -118,6 +118,10 @@ class Settings:
     outbox_path: Path = Path("var/outbox.jsonl")
     campaigns_dir: Path = Path("campaigns")
     templates_dir: Path = Path("templates")
+    #: the project's organisation.yaml (departments, groups, districts, grids); None: the one shipped in the package
+    organisation_file: Path | None = None
+    #: the project's themes.yaml (plan periods and their quarterly themes); None: beside templates/
+    themes_file: Path | None = None
     #: recipients per Dramatiq message
     batch_size: int = 250
     #: worker threads per ``dispatch worker`` process
@@ -256,6 +260,8 @@ class Settings:
             outbox_path=Path(env.get("DISPATCH_OUTBOX_PATH") or under_root("var", "outbox.jsonl")),
             campaigns_dir=Path(env.get("DISPATCH_CAMPAIGNS_DIR") or under_root("campaigns")),
             templates_dir=Path(env.get("DISPATCH_TEMPLATES_DIR") or under_root("templates")),
+            organisation_file=under_root("organisation.yaml") if (root / "organisation.yaml").is_file() else None,
+            themes_file=under_root("themes.yaml"),
             batch_size=batch_size,
             worker_threads=_int(env, "DISPATCH_WORKER_THREADS", 4),
             max_attempts=_int(env, "DISPATCH_MAX_ATTEMPTS", 5),

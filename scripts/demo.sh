@@ -30,14 +30,18 @@ dispatch audience generate --size 20000 --seed 2021 --output var/residents.csv
 dispatch audience import var/residents.csv
 dispatch audience stats
 
-echo "== 2. validate every campaign"
-dispatch validate campaigns
+echo "== 2. validate every campaign and organisation.yaml; the 2021-2023 plan's themes, one per quarter of each year"
+dispatch validate
+dispatch schedule list --from 2021-01-01 --until 2024-01-01 --count 12 --campaigns campaigns/plan-2021-2023-themes.yaml
 
 echo "== 3. preview $CAMPAIGN (sends nothing)"
 dispatch preview "$CAMPAIGN"
 
 echo "== 4. run it on the embedded broker and the outbox gateway"
 RUN=$(dispatch run "$CAMPAIGN")
+
+echo "== 4b. the plan's campaign is over: a dry run as of a quarter of the plan renders that quarter's theme"
+dispatch run campaigns/plan-2021-2023-themes.yaml --dry-run --as-of 2022-07-05
 
 echo "== 5. check: one outbox line per eligible recipient, and the delivery log agrees"
 python scripts/demo_check.py var/outbox.jsonl "$RUN"

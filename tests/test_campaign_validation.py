@@ -38,7 +38,7 @@ def _one_line_error(result) -> re.Match[str]:  # type: ignore[no-untyped-def]
 def test_shipped_campaigns_validate(project: Project) -> None:
     result = project.dispatch("validate", "campaigns")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("ok ") == 5
+    assert result.stdout.count("ok ") == 6
 
 
 @pytest.mark.parametrize(

@@ -21,16 +21,27 @@ schedule_app = typer.Typer(no_args_is_help=True, help="Campaign schedules.")
 
 def validate(paths: list[Path] = typer.Argument(None, help="campaign files or folders (default: campaigns/)")) -> None:
     """Check campaign files: schema, districts, segments, templates, variables, length."""
-    rt = runtime()
+    rt = runtime()  # reads organisation.yaml: a broken one is reported here (one line, exit 2)
     loaded, errors = check_paths(
-        paths or [rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways()
+        paths or [rt.settings.campaigns_dir],
+        rt.settings.templates_dir,
+        rt.clock(),
+        gateways=rt.known_gateways(),
+        plans=rt.plans(),
     )
     for error in errors:
         err.print(str(error), markup=False)
     if errors:
         raise typer.Exit(2)
     for lc in loaded:
-        out.print(f"ok {lc.path} ({lc.campaign.id}: {', '.join(lc.campaign.template_names())})", markup=False)
+        out.print(f"ok {lc.path} ({lc.campaign.id}: {', '.join(lc.template_names())})", markup=False)
+    if not paths:
+        org = domain.current()
+        out.print(
+            f"ok {rt.settings.organisation_file or org.path} ({len(org.departments)} departments and towns, "
+            f"{len(org.segments)} groups, {len(org.districts)} districts, {len(org.grids)} grids)",
+            markup=False,
+        )
 
 
 def preview(
@@ -39,7 +50,9 @@ def preview(
 ) -> None:
     """Show who would be messaged and exactly what they would read. Sends nothing."""
     rt = runtime()
-    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways())
+    loaded = load_campaign(
+        campaign, rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways(), plans=rt.plans()
+    )
     report = build_preview(rt, loaded)
     if as_json:
         emit_json(report.as_dict())
@@ -92,7 +105,11 @@ def schedule_list(
     """Every scheduled campaign's next fire times (from now unless --from), with the template of each fire."""
     rt = runtime()
     loaded, errors = check_paths(
-        [campaigns or rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways()
+        [campaigns or rt.settings.campaigns_dir],
+        rt.settings.templates_dir,
+        rt.clock(),
+        gateways=rt.known_gateways(),
+        plans=rt.plans(),
     )
     if errors:
         raise errors[0]
@@ -105,6 +122,11 @@ def schedule_list(
     if not items:
         out.print("no campaign has a schedule", markup=False)
     for item in items:
-        out.print(f"{item['campaign_id']} ({item['kind']}, {item['timezone']}):", markup=False)
+        plan = item["plan"]
+        within = f", plan {plan['id']} {plan['start']} to {plan['end']}" if plan else ""
+        out.print(f"{item['campaign_id']} ({item['kind']}, {item['timezone']}{within}):", markup=False)
         for fire in item["fires"]:
-            out.print(f"  {fire['fire_time']}  {fire['template']}", markup=False)
+            theme = f"  {fire['theme']}" if fire["theme"] else ""
+            out.print(f"  {fire['fire_time']}  {fire['template']}{theme}", markup=False)
+        if not item["fires"]:
+            out.print("  no fire in this range" + (" (the plan's period is over)" if plan else ""), markup=False)

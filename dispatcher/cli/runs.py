@@ -136,7 +136,9 @@ def run(
     if again and not (reason or "").strip():
         raise UsageError("--again needs --reason TEXT: why this campaign is sent again", field="reason")
     rt = runtime()
-    loaded = load_campaign(campaign, rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways())
+    loaded = load_campaign(
+        campaign, rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways(), plans=rt.plans()
+    )
     run_as_of = parse_as_of(as_of, loaded.campaign.zone()) if as_of else None
     check_run_date(loaded, rt.clock(), run_as_of)
     as_of_time = run_as_of.when if run_as_of else None

@@ -95,7 +95,7 @@ def _runs_in(window: Window | None) -> Any:
     r = t.runs
     query = sa.select(r.c.id)
     if window is not None:
-        when = sa.func.coalesce(r.c.fire_time, r.c.created_at)
+        when = sa.func.coalesce(r.c.fire_time, r.c.as_of, r.c.created_at)
         query = query.where(when >= window.start, when < window.end)
     return query
 
@@ -151,7 +151,7 @@ class ReportReads:
     def departments(self, window: Window) -> DepartmentCounts:
         """Per run owner: campaigns and runs, recipients and sends, failures by cause."""
         r, d = t.runs, t.deliveries
-        when = sa.func.coalesce(r.c.fire_time, r.c.created_at)
+        when = sa.func.coalesce(r.c.fire_time, r.c.as_of, r.c.created_at)
         in_period = (when >= window.start, when < window.end)
         with self._db.read() as conn:
             runs = [

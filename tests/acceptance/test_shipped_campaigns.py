@@ -27,6 +27,21 @@ def _send_by_passed(campaign: Path, now: datetime) -> bool:
     return bool(send_by <= now)
 
 
+def _as_of_for_plan(campaign: Path, now: datetime) -> list[str]:
+    """``--as-of`` the last quarter's fire date of the campaign's plan when today is outside it, else nothing.
+
+    A campaign of a plan (themes.yaml) is run as an operator would once the plan is over: making up a fire.
+    """
+    plan_id = yaml.safe_load(campaign.read_text(encoding="utf-8")).get("plan")
+    if plan_id is None:
+        return []
+    plans = yaml.safe_load((REPO / "themes.yaml").read_text(encoding="utf-8"))["plans"]
+    plan = next(p for p in plans if p["id"] == plan_id)
+    if plan["start"] <= now.date() <= plan["end"]:
+        return []
+    return ["--as-of", f"{plan['end'].year}-10-05"]
+
+
 def test_the_shipped_campaigns_are_the_ones_this_layer_runs() -> None:
     assert len(SHIPPED) >= 5, "campaigns/ lost its shipped campaigns"
 
@@ -53,7 +68,12 @@ def test_shipped_campaign_validates_previews_dry_runs_runs_and_audits_with_agree
     human = ok(dispatch(root, "preview", rel, env=env)).stdout
     assert f"recipients {preview['recipients']}" in human
 
-    dry = json.loads(ok(dispatch(root, "run", rel, "--dry-run", "--json", env=env)).stdout)
+    as_of = _as_of_for_plan(campaign, datetime.fromisoformat(fake_now))
+    if as_of:  # outside its plan's period: refused in one line, then made up as of a date of the plan
+        refused = dispatch(root, "run", rel, "--dry-run", env=env)
+        assert refused.returncode == 2 and "plan" in refused.stderr and "Traceback" not in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    dry = json.loads(ok(dispatch(root, "run", rel, "--dry-run", "--json", *as_of, env=env)).stdout)
     assert dry["recipients"] == preview["recipients"]
     assert dry["parts"] == preview["total_parts"]
     assert dry["skipped"] == preview["opted_out"]
@@ -64,7 +84,7 @@ def test_shipped_campaign_validates_previews_dry_runs_runs_and_audits_with_agree
         assert len(refused.stderr.strip().splitlines()) == 1
         return
 
-    run = ok(dispatch(root, "run", rel, env=env))
+    run = ok(dispatch(root, "run", rel, *as_of, env=env))
     run_id = run.stdout.strip()
     assert "\n" not in run_id and run_id, f"the run id alone on standard output, got {run.stdout!r}"
 
