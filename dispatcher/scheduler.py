@@ -16,7 +16,8 @@ database:
   fire within ``misfire_grace`` is made up once; older ones are recorded ``skipped``
   with the reason. A campaign seen for the first time looks back only ``misfire_grace``.
 - **Themes.** The run's template is the one of the quarter the *fire time* falls in,
-  in the schedule's time zone (``Campaign.template_for``).
+  in the schedule's time zone (``LoadedCampaign.template_for``; with ``themes: plan``,
+  that quarter of that year). A campaign of a plan fires only within the plan's period.
 - **Clock.** Fire times are computed from ``Runtime.clock`` (tests and drills shift it);
   the lease uses real time, because it is about live processes.
 """
