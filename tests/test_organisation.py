@@ -62,7 +62,9 @@ def test_the_plans_departments_towns_groups_and_police_grids_are_in_the_organisa
 
 
 def test_a_town_campaign_is_accepted_for_its_own_district_and_refused_for_another(project: Project) -> None:
-    own = project.write("campaigns/drill.yaml", _campaign("潞城街道", "  districts: [lucheng]\n  segments: [retirees]\n"))
+    own = project.write(
+        "campaigns/drill.yaml", _campaign("潞城街道", "  districts: [lucheng]\n  segments: [retirees]\n")
+    )
     result = project.dispatch("validate", str(own))
     assert result.returncode == 0, result.stderr
 
@@ -157,9 +159,7 @@ def test_a_broken_organisation_yaml_is_one_line_naming_file_line_and_field_exit_
 
 
 def test_themes_differ_by_year_and_a_template_reused_by_accident_is_refused(project: Project) -> None:
-    loaded = load_campaign(
-        project.root / PLAN_CAMPAIGN, project.root / "templates", datetime(2026, 1, 1, tzinfo=UTC)
-    )
+    loaded = load_campaign(project.root / PLAN_CAMPAIGN, project.root / "templates", datetime(2026, 1, 1, tzinfo=UTC))
     picks = [loaded.template_for(datetime(year, 7, 5, 10, tzinfo=SHANGHAI)) for year in (2021, 2022, 2023)]
     assert len(set(picks)) == 3, picks
     texts = {loaded.templates[name].text for name in loaded.template_names()}
