@@ -147,10 +147,13 @@ def departments(store: SqlStore, period: Period) -> dict[str, Any]:
         s = slot(failed.owner)
         s["failed"] += failed.count
         s["failed_by_cause"][failed.cause] = s["failed_by_cause"].get(failed.cause, 0) + failed.count
+    assessor = domain.department(domain.current().assessed_by)
     return {
         "period": period.label,
         "start": period.start.isoformat(),
         "end": period.end.isoformat(),
+        # who takes these figures into the annual assessment (organisation.yaml's assessed_by, 三(四))
+        "assessed_by": {"department": assessor.id, "name": assessor.name} if assessor else None,
         "departments": list(stats.values()),
     }
 

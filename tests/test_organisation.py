@@ -244,6 +244,9 @@ def test_a_run_outside_the_plan_is_refused_and_made_up_with_as_of_a_date_inside(
     # the assessment counts the made-up fire in the quarter it stands for
     report = json.loads(project.dispatch("report", "coverage", "--period", "2022Q3", "--json").stdout)
     assert report["runs"] == 1
+    deps = json.loads(project.dispatch("report", "departments", "--year", "2022", "--json").stdout)
+    assert deps["assessed_by"] == {"department": "political_legal", "name": "政法和应急管理局"}
+    assert {d["department"]: d["runs"] for d in deps["departments"]}["police"] == 1
 
 
 def test_campaigns_without_a_plan_are_not_bounded_by_it(project: Project) -> None:

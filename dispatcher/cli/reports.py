@@ -67,7 +67,8 @@ def report_departments(
     report = reports.departments(runtime().store, reports.parse_period(year, "year"))
     if _report_out("departments", report, as_json, fmt):
         return
-    table = Table(title=f"departments {report['period']}")
+    assessor = report["assessed_by"]
+    table = Table(title=f"departments {report['period']}" + (f" (assessed by {assessor['name']})" if assessor else ""))
     for col in (
         "department",
         "campaigns",
