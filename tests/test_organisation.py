@@ -237,6 +237,8 @@ def test_a_run_outside_the_plan_is_refused_and_made_up_with_as_of_a_date_inside(
     assert not project.outbox.exists()
 
     project.registry(size=60, seed=3)
+    dry = project.dispatch("run", PLAN_CAMPAIGN, "--dry-run", "--as-of", "2023-01-05")
+    assert dry.returncode == 0 and "template themes/2023/screen_sharing.sms.j2 (屏幕共享诈骗)" in dry.stdout
     made_up = project.dispatch("run", PLAN_CAMPAIGN, "--as-of", "2022-07-05", "--json")
     assert made_up.returncode == 0, made_up.stderr
     st = json.loads(made_up.stdout)

@@ -152,6 +152,12 @@ def run(
                     f"{district_name(district_id)}: {b['recipients']} recipients, {b['parts']} parts, "
                     f"{b['skipped']} opted out"
                 )
+            when = as_of_time or rt.clock()
+            theme = loaded.theme_title(when)
+            out.print(
+                f"template {loaded.template_for(when)}" + (f" ({theme})" if theme else ""),
+                markup=False,
+            )
             out.print(
                 f"dry run: {totals.recipients} would be sent ({totals.parts} parts), "
                 f"{totals.skipped} skipped; nothing written or sent"
