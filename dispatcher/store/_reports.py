@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from . import schema as t
 from ._db import Db
+from ._rows import as_utc
 from .base import HANDED_OVER_STATES
 
 #: a recipient counts as reached once a row of theirs is in one of these states: handed to a carrier
@@ -22,6 +23,9 @@ from .base import HANDED_OVER_STATES
 REACHED_STATES = ("sent", "delivered", "unconfirmed")
 #: what carriers confirmed, best first: a resident's best row decides which one they count under
 CONFIRMATION_RANK = (("delivered", 3), ("unconfirmed", 2), ("undelivered", 1))
+#: what the assessment (考核) counts as reached: handed over and not reported failed. Stricter than the
+#: coverage report's REACHED_STATES: a row the carrier never confirmed (``unconfirmed``) does not count
+ASSESSED_STATES = ("sent", "delivered")
 #: rows that did not go out
 FAILED_STATES = ("failed", "undelivered", "expired", "unknown")
 
@@ -84,6 +88,43 @@ class DepartmentCounts:
 
 
 @dataclass(frozen=True)
+class RunSpend:
+    """What one run's accepted parts cost: parts times the price its provider had when the run was made."""
+
+    run_id: str
+    owner: str
+    #: fire time (scheduled runs) or creation time: what places the run in a period
+    when: datetime
+    parts: int
+    cost: float
+
+
+@dataclass(frozen=True)
+class QuarterReach:
+    """Residents (registry now, not opted out) and how many of them were reached in each quarter."""
+
+    eligible: int
+    #: one figure per quarter window asked for, in order
+    reached: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AssessmentCounts:
+    #: (district, segment) -> reach; a resident in two groups counts in both cells
+    cells: dict[tuple[str, str], QuarterReach]
+    #: district -> reach (each resident once)
+    districts: dict[str, QuarterReach]
+    #: (owner, district) -> reach of the residents in any group that owner is responsible for (each once)
+    owners: dict[tuple[str, str], QuarterReach]
+    #: run id -> index of its quarter window, for the runs of the year
+    runs: dict[str, int]
+    #: (run id, district) pairs: the run reached someone whose row names that district
+    run_districts: list[tuple[str, str]]
+    #: (run id, owner) pairs: the run reached someone in a group that owner is responsible for
+    run_owners: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
 class FailureCount:
     error_code: str
     gateway: str
@@ -98,6 +139,24 @@ def _runs_in(window: Window | None) -> Any:
         when = sa.func.coalesce(r.c.fire_time, r.c.created_at)
         query = query.where(when >= window.start, when < window.end)
     return query
+
+
+def _run_time() -> Any:
+    r = t.runs
+    return sa.func.coalesce(r.c.fire_time, r.c.created_at)
+
+
+def _utc(value: datetime) -> datetime:
+    utc = as_utc(value)
+    assert utc is not None  # a run always has a creation time
+    return utc
+
+
+def _price_now(gateway: Any, prices: dict[str, float]) -> Any:
+    """The current price of a provider, for runs created before prices were recorded with the run."""
+    if not prices:
+        return sa.literal(0.0)
+    return sa.case(*((gateway == name, sa.literal(price)) for name, price in prices.items()), else_=sa.literal(0.0))
 
 
 class ReportReads:
@@ -192,6 +251,131 @@ class ReportReads:
                 )
             ]
         return DepartmentCounts(runs, sends, failures)
+
+    def spend(self, window: Window, prices_now: dict[str, float]) -> list[RunSpend]:
+        """Per run of the window: SMS parts its providers accepted and what they cost.
+
+        Each row's parts are priced at the price its provider (the one that took it, after any
+        failover) had in ``run_prices`` when the run was created; a run from before prices were
+        recorded is priced at ``prices_now``. Rows never handed over cost nothing.
+        """
+        r, d, p = t.runs, t.deliveries, t.run_prices
+        when = _run_time()
+        price = sa.func.coalesce(p.c.price_per_part, _price_now(d.c.gateway, prices_now))
+        parts = sa.func.coalesce(d.c.parts, 0)
+        query = (
+            sa.select(r.c.id, r.c.owner, when, sa.func.sum(parts), sa.func.sum(parts * price))
+            .select_from(
+                d.join(r, r.c.id == d.c.run_id).outerjoin(
+                    p, sa.and_(p.c.run_id == d.c.run_id, p.c.gateway == d.c.gateway)
+                )
+            )
+            .where(d.c.state.in_(HANDED_OVER_STATES), when >= window.start, when < window.end)
+            .group_by(r.c.id, r.c.owner, when)
+        )
+        with self._db.read() as conn:
+            return [
+                RunSpend(run_id, owner, _utc(at), int(n or 0), float(cost or 0.0))
+                for run_id, owner, at, n, cost in conn.execute(query)
+            ]
+
+    def assessment(self, quarters: list[Window], owner_of: dict[str, str]) -> AssessmentCounts:
+        """Residents reached per quarter by district, group and responsible owner, and which runs reached them.
+
+        ``quarters``: consecutive windows (a year's four quarters); ``owner_of``: segment -> the owner
+        responsible for it. Reached = a row in ``ASSESSED_STATES`` in a run whose fire (else creation)
+        time falls in the quarter. One pass over the year's reached rows builds a per-resident flag per
+        quarter; the registry side is then a grouped join, as in ``coverage``.
+        """
+        r, rs, d, runs = t.residents, t.resident_segments, t.deliveries, t.runs
+        when = _run_time()
+        start, end = quarters[0].start, quarters[-1].end
+        in_year = (when >= start, when < end)
+        flags = [
+            sa.func.max(sa.case((sa.and_(when >= q.start, when < q.end), 1), else_=0)).label(f"q{i}")
+            for i, q in enumerate(quarters)
+        ]
+        per_resident = (
+            sa.select(d.c.resident_id.label("resident_id"), *flags)
+            .select_from(d.join(runs, runs.c.id == d.c.run_id))
+            .where(d.c.state.in_(ASSESSED_STATES), *in_year)
+            .group_by(d.c.resident_id)
+            .subquery()
+        )
+        sums = [sa.func.coalesce(sa.func.sum(per_resident.c[f"q{i}"]), 0) for i in range(len(quarters))]
+        owner_case = (
+            sa.case(*((rs.c.segment == seg, sa.literal(owner)) for seg, owner in owner_of.items()), else_=None)
+            if owner_of
+            else sa.null()
+        )
+        owned = sa.select(rs.c.resident_id.label("resident_id"), owner_case.label("owner")).distinct().subquery()
+        eligible_only = r.c.opted_out.is_(False)
+
+        def reach(figures: Any) -> QuarterReach:
+            n, *reached = figures
+            return QuarterReach(int(n), tuple(int(v) for v in reached))
+
+        with self._db.read() as conn:
+            run_quarters = {
+                run_id: next(i for i, q in enumerate(quarters) if q.start <= _utc(at) < q.end)
+                for run_id, at in conn.execute(sa.select(runs.c.id, when).where(*in_year))
+            }
+            cells = {
+                (dist, seg): reach(figures)
+                for dist, seg, *figures in conn.execute(
+                    sa.select(r.c.district, rs.c.segment, sa.func.count(), *sums)
+                    .select_from(
+                        r.join(rs, rs.c.resident_id == r.c.id).outerjoin(
+                            per_resident, per_resident.c.resident_id == r.c.id
+                        )
+                    )
+                    .where(eligible_only)
+                    .group_by(r.c.district, rs.c.segment)
+                )
+            }
+            districts = {
+                dist: reach(figures)
+                for dist, *figures in conn.execute(
+                    sa.select(r.c.district, sa.func.count(), *sums)
+                    .select_from(r.outerjoin(per_resident, per_resident.c.resident_id == r.c.id))
+                    .where(eligible_only)
+                    .group_by(r.c.district)
+                )
+            }
+            owners = {
+                (owner, dist): reach(figures)
+                for owner, dist, *figures in conn.execute(
+                    sa.select(owned.c.owner, r.c.district, sa.func.count(), *sums)
+                    .select_from(
+                        r.join(owned, owned.c.resident_id == r.c.id).outerjoin(
+                            per_resident, per_resident.c.resident_id == r.c.id
+                        )
+                    )
+                    .where(eligible_only, owned.c.owner.is_not(None))
+                    .group_by(owned.c.owner, r.c.district)
+                )
+            }
+            reached_rows = d.join(runs, runs.c.id == d.c.run_id)
+            run_districts = [
+                (run_id, dist)
+                for run_id, dist in conn.execute(
+                    sa.select(d.c.run_id, d.c.district)
+                    .select_from(reached_rows)
+                    .where(d.c.state.in_(ASSESSED_STATES), *in_year)
+                    .distinct()
+                )
+            ]
+            run_owners = [
+                (run_id, owner)
+                for run_id, owner in conn.execute(
+                    sa.select(d.c.run_id, owner_case)
+                    .select_from(reached_rows.join(rs, rs.c.resident_id == d.c.resident_id))
+                    .where(d.c.state.in_(ASSESSED_STATES), *in_year)
+                    .distinct()
+                )
+                if owner is not None
+            ]
+        return AssessmentCounts(cells, districts, owners, run_quarters, run_districts, run_owners)
 
     def failures(self, window: Window | None = None) -> list[FailureCount]:
         """Rows that did not go out, by error code (``reason`` when there is none), gateway and state."""
