@@ -22,9 +22,9 @@ import csv
 import json
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from collections.abc import Mapping
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, TextIO
 
@@ -240,10 +240,13 @@ def assessment(
 
     def score(target: Target | None, reach: QuarterReach, qi: int) -> dict[str, Any]:
         need = needed(target.coverage, reach.eligible) if target else None
+        reached = reach.reached[qi]
         return {
-            "eligible": reach.eligible, "reached": reach.reached[qi], "coverage": _ratio(reach.reached[qi], reach.eligible),
-            "shortfall": max(0, need - reach.reached[qi]) if need is not None else None,
-        }  # fmt: skip
+            "eligible": reach.eligible,
+            "reached": reached,
+            "coverage": _ratio(reached, reach.eligible),
+            "shortfall": max(0, need - reached) if need is not None else None,
+        }
 
     rows = []
     for qi, q in enumerate(QUARTERS):
@@ -272,9 +275,10 @@ def assessment(
         dep = domain.department(owner) or domain.district(owner)
         spend.append({"quarter": f"{year}{QUARTERS[qi]}", "owner": owner, "name": dep.name if dep else owner,
                       "parts": int(parts), "spend_cny": cny(cost)})  # fmt: skip
+    total_spend = cny(sum(c for _, c in spent.values()))
     return {
-        "year": year, "targets": str(targets.path), "targets_year": targets.year_in_force(year), "runs": len(counts.runs), "rows": rows, "spend": spend,
-        "total_spend_cny": cny(sum(c for _, c in spent.values())),
+        "year": year, "targets": str(targets.path), "targets_year": targets.year_in_force(year),
+        "runs": len(counts.runs), "rows": rows, "spend": spend, "total_spend_cny": total_spend,
     }  # fmt: skip
 
 
@@ -320,9 +324,23 @@ CSV_COLUMNS = {
         "spend_by_quarter",
     ),
     "assessment": (
-        "quarter", "unit", "name", "kind", "eligible", "reached", "coverage", "target_coverage", "pushes",
-        "target_pushes", "met", "shortfall", "shortfall_by_group", "shortfall_by_district", "parts", "spend_cny",
-    ),  # fmt: skip
+        "quarter",
+        "unit",
+        "name",
+        "kind",
+        "eligible",
+        "reached",
+        "coverage",
+        "target_coverage",
+        "pushes",
+        "target_pushes",
+        "met",
+        "shortfall",
+        "shortfall_by_group",
+        "shortfall_by_district",
+        "parts",
+        "spend_cny",
+    ),
     "failures": ("error_code", "gateway", "state", "count"),
 }
 

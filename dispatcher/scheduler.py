@@ -40,10 +40,10 @@ from apscheduler.triggers.base import BaseTrigger
 
 from . import metrics
 from .campaigns import LoadedCampaign, campaign_files, check_paths, make_trigger, next_after, parse_duration
+from .costs import over_budget
 from .dlr import DeliveryReportSweep
 from .errors import DispatchError, InputError
 from .restores import due_restores, start_restore
-from .costs import over_budget
 from .runs import dry_run_totals, enqueue_batches, start_run
 from .store import DuplicateRun, LeaseLost
 from .watchdog import Watchdog

@@ -174,8 +174,7 @@ def load(path: Path) -> Targets:
                 found = unit_id(str(key))
                 if found is None:
                     raise error(
-                        f"unknown department or town {key!r} (known: "
-                        f"{', '.join(u.id for u in units())})",
+                        f"unknown department or town {key!r} (known: {', '.join(u.id for u in units())})",
                         (year, quarter, key),
                     )
                 if found not in scored:

@@ -14,7 +14,6 @@ import json
 import math
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,7 +88,10 @@ def assessed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     project.write("campaigns/ledger-test.yaml", THREE_DISTRICTS)
     env = {"DISPATCH_FAKE_NOW": FAKE_NOW}
     first = project.dispatch(
-        "run", "campaigns/retirees-q1.yaml", "--json", env={**env, "DISPATCH_OUTBOX_FAIL_PERMANENT": ",".join(failing_1)}
+        "run",
+        "campaigns/retirees-q1.yaml",
+        "--json",
+        env={**env, "DISPATCH_OUTBOX_FAIL_PERMANENT": ",".join(failing_1)},
     )
     assert first.returncode == 0, first.stderr
     second = project.dispatch(
@@ -121,7 +123,9 @@ def assessed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 def _report(project: Project, *args: str) -> dict[str, Any]:
-    result = project.dispatch("report", "assessment", "--year", "2021", "--json", *args, env={"DISPATCH_FAKE_NOW": FAKE_NOW})
+    result = project.dispatch(
+        "report", "assessment", "--year", "2021", "--json", *args, env={"DISPATCH_FAKE_NOW": FAKE_NOW}
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -205,14 +209,19 @@ def test_assessment_csv_has_the_rows_of_json_and_the_table_names_what_is_not_met
     as_csv = project.dispatch("report", "assessment", "--year", "2021", "--format", "csv")
     assert as_csv.returncode == 0, as_csv.stderr
     got = list(csv.DictReader(io.StringIO(as_csv.stdout)))
-    assert [(r["quarter"], r["unit"], int(r["eligible"]), int(r["reached"]), r["met"], int(r["pushes"])) for r in got] == [
+    assert [
+        (r["quarter"], r["unit"], int(r["eligible"]), int(r["reached"]), r["met"], int(r["pushes"])) for r in got
+    ] == [
         (r["quarter"], r["unit"], r["eligible"], r["reached"], "yes" if r["met"] else "no", r["pushes"])
         for r in as_json["rows"]
     ]
     econ = next(r for r in got if r["quarter"] == "2021Q1" and r["unit"] == "economic_development")
-    assert json.loads(econ["shortfall_by_group"]) == next(
-        r for r in as_json["rows"] if r["quarter"] == "2021Q1" and r["unit"] == "economic_development"
-    )["shortfall_by_group"]
+    assert (
+        json.loads(econ["shortfall_by_group"])
+        == next(r for r in as_json["rows"] if r["quarter"] == "2021Q1" and r["unit"] == "economic_development")[
+            "shortfall_by_group"
+        ]
+    )
     table = project.dispatch("report", "assessment", "--year", "2021", "--quarter", "Q1")
     assert table.returncode == 0 and "经济发展局" in table.stdout and "not met" in table.stdout
 
@@ -263,7 +272,9 @@ def test_the_dashboard_shows_the_quarter_assessment_with_a_chart_to_logged_in_us
 
 
 def test_a_broken_targets_file_is_one_line_naming_its_line_and_field(project: Project) -> None:
-    project.write("targets.yaml", "2021:\n  default: {coverage: 0.9, pushes: 1}\n  Q2:\n    nosuch: {coverage: 0.9, pushes: 1}\n")
+    project.write(
+        "targets.yaml", "2021:\n  default: {coverage: 0.9, pushes: 1}\n  Q2:\n    nosuch: {coverage: 0.9, pushes: 1}\n"
+    )
     for args in (["validate"], ["report", "assessment", "--year", "2021"]):
         result = project.dispatch(*args)
         assert result.returncode == 2, result.stdout + result.stderr

@@ -80,8 +80,12 @@ def preview(
     costs = report.district_costs()
     out.print(f"cost at {report.price_per_part:g} CNY a part (DISPATCH_PART_PRICES):", markup=False)
     for d in districts:
-        out.print(f"  {d.name}: {report.parts_by_district.get(d.id, 0)} parts, {costs.get(d.id, 0.0):.2f} CNY", markup=False)
-    budget = "" if report.budget is None else f" (budget {report.budget:g} CNY: {'over' if report.cost > report.budget else 'within'} it)"
+        parts = report.parts_by_district.get(d.id, 0)
+        out.print(f"  {d.name}: {parts} parts, {costs.get(d.id, 0.0):.2f} CNY", markup=False)
+    budget = ""
+    if report.budget is not None:
+        verdict = "over" if report.cost > report.budget else "within"
+        budget = f" (budget {report.budget:g} CNY: {verdict} it)"
     out.print(f"  total: {report.total_parts} parts, {report.cost:.2f} CNY{budget}", markup=False)
 
 

@@ -9,7 +9,6 @@ import sys
 
 import typer
 from rich.table import Table
-
 from rich.text import Text
 
 from .. import domain, reports
@@ -143,7 +142,12 @@ def report_assessment(
             f"{r['spend_cny']:.2f}",
         )
     out.print(table)
-    out.print(f"total spend {report['total_spend_cny']:.2f} CNY", markup=False)
+    # who spent it: the owners of the runs, the police sub-bureau's quarterly themes included
+    shown = {r["quarter"] for r in report["rows"]}
+    for s in report["spend"]:
+        if s["quarter"] in shown:
+            out.print(f"spend {s['quarter']}: {s['name']} {s['spend_cny']:.2f} CNY ({s['parts']} parts)", markup=False)
+    out.print(f"total spend {report['year']}: {report['total_spend_cny']:.2f} CNY", markup=False)
 
 
 def _name(key: str) -> str:

@@ -76,7 +76,7 @@ def insert_run(conn: Connection, spec: RunSpec, now: datetime) -> None:
     if spec.part_prices:
         conn.execute(
             sa.insert(t.run_prices),
-            [{"run_id": spec.run_id, "gateway": name[:32], "price_per_part": price} for name, price in spec.part_prices],
+            [{"run_id": spec.run_id, "gateway": name[:32], "price_per_part": p} for name, p in spec.part_prices],
         )
 
 

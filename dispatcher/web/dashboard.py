@@ -37,8 +37,6 @@ from starlette.routing import Route
 
 from .. import accounts, audit, domain, reports, traces
 from ..errors import InputError
-from ..targets import QUARTERS
-from ..targets import load as load_targets
 from ..store import (
     DELIVERED,
     FAILED_STATES,
@@ -48,6 +46,8 @@ from ..store import (
     UNCONFIRMED,
     UNDELIVERED,
 )
+from ..targets import QUARTERS
+from ..targets import load as load_targets
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
