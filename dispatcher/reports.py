@@ -194,7 +194,7 @@ def assessment(
 
     - **eligible**: residents it answers for, in the registry now and not opted out (a department:
       anyone in at least one group it owns, once; a town: its district's residents);
-    - **reached**: of those, residents with a delivery row ``sent`` or ``delivered`` in a run of the
+    - **reached**: of those, residents with a delivery row ``sent`` or ``delivered`` in an SMS run of the
       quarter (by fire, else creation, time in Asia/Shanghai), whoever owned the run; ``coverage`` =
       reached / eligible. Rows never confirmed (``unconfirmed``) do not count, unlike ``coverage``'s
       "reached";

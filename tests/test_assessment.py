@@ -328,3 +328,22 @@ def test_a_run_over_its_budget_is_refused_with_nothing_written_or_sent(any_db_pr
     # within budget, the same campaign runs
     project.write("campaigns/retirees-pension-fraud.yaml", text + "budget: 100000\n")
     assert project.dispatch("run", "campaigns/retirees-pension-fraud.yaml", env=env).returncode == 0
+
+
+def test_a_scheduled_fire_over_its_budget_creates_no_run_and_is_recorded_skipped(project: Project) -> None:
+    from datetime import UTC, datetime
+
+    from dispatcher.clock import SettableClock
+    from tests.test_scheduler import SH, _only, _scheduler
+
+    _only(project, "quarterly-themes")
+    path = project.root / "campaigns" / "quarterly-themes.yaml"
+    path.write_text(path.read_text(encoding="utf-8") + "budget: 0.5\n", encoding="utf-8")
+    project.registry(size=40, seed=5)
+    rt, sched = _scheduler(project, SettableClock(datetime(2023, 7, 5, 10, 0, 1, tzinfo=SH)))
+    entry = next(iter(sched.entries.values()))
+    assert sched.fire(entry, datetime(2023, 7, 5, 10, 0, tzinfo=SH).astimezone(UTC)) is None
+    assert rt.store.list_runs(campaign_id="quarterly-themes") == []
+    (fire,) = rt.store.coordination.list_fires("quarterly-themes")
+    assert fire.status == "skipped" and "over the budget of 0.5 CNY" in (fire.reason or "")
+    assert not project.outbox.exists()

@@ -280,7 +280,7 @@ class ReportReads:
             ]
 
     def assessment(self, quarters: list[Window], owner_of: dict[str, str]) -> AssessmentCounts:
-        """Residents reached per quarter by district, group and responsible owner, and which runs reached them.
+        """Residents reached by SMS per quarter by district, group and responsible owner, and which runs did.
 
         ``quarters``: consecutive windows (a year's four quarters); ``owner_of``: segment -> the owner
         responsible for it. Reached = a row in ``ASSESSED_STATES`` in a run whose fire (else creation)
@@ -290,7 +290,8 @@ class ReportReads:
         r, rs, d, runs = t.residents, t.resident_segments, t.deliveries, t.runs
         when = _run_time()
         start, end = quarters[0].start, quarters[-1].end
-        in_year = (when >= start, when < end)
+        # SMS runs only: a ringback enrolment plays the warning to a resident's callers, not to the resident
+        in_year = (when >= start, when < end, runs.c.channel == "sms")
         flags = [
             sa.func.max(sa.case((sa.and_(when >= q.start, when < q.end), 1), else_=0)).label(f"q{i}")
             for i, q in enumerate(quarters)
