@@ -22,7 +22,7 @@ import csv
 import json
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
@@ -206,37 +206,53 @@ def assessment(
     A unit without a target for that quarter is listed with ``met`` null.
     """
     quarters = [parse_period(f"{year}{q}") for q in QUARTERS]
-    owner_of = {s.id: s.owner for s in domain.SEGMENTS}
-    counts = store.reports.assessment([Window(p.start, p.end) for p in quarters], owner_of)
+    counts = store.reports.assessment([Window(p.start, p.end) for p in quarters], [s.id for s in domain.SEGMENTS])
     spends = store.reports.spend(Window(quarters[0].start, quarters[-1].end), dict(prices_now or {}))
     empty = QuarterReach(0, (0, 0, 0, 0))
+
+    def add(reaches: Iterable[QuarterReach]) -> QuarterReach:
+        listed = list(reaches)
+        return QuarterReach(
+            sum(x.eligible for x in listed), tuple(sum(x.reached[i] for x in listed) for i in range(len(QUARTERS)))
+        )
+
+    owner_of = {s.id: s.owner for s in domain.SEGMENTS}
+    # every figure is a sum over (district, set of groups) profiles, so a resident in several groups
+    # counts once in a district's or an owner's total and once in each of their groups
+    in_district: dict[str, list[QuarterReach]] = defaultdict(list)
+    in_cell: dict[tuple[str, str], list[QuarterReach]] = defaultdict(list)
+    in_owner: dict[tuple[str, str], list[QuarterReach]] = defaultdict(list)
+    for p in counts.profiles:
+        in_district[p.district].append(p.reach)
+        for seg in p.segments:
+            in_cell[(p.district, seg)].append(p.reach)
+        for owner in {owner_of[seg] for seg in p.segments if seg in owner_of}:
+            in_owner[(owner, p.district)].append(p.reach)
+    districts_ = {k: add(v) for k, v in in_district.items()}
+    cells = {k: add(v) for k, v in in_cell.items()}
+    owners = {k: add(v) for k, v in in_owner.items()}
     pushes: dict[tuple[str, int], set[str]] = defaultdict(set)
     for run_id, dist in counts.run_districts:
         pushes[(dist, counts.runs[run_id])].add(run_id)
-    for run_id, owner in counts.run_owners:
-        pushes[(owner, counts.runs[run_id])].add(run_id)
+    for run_id, seg in counts.run_segments:
+        if seg in owner_of:
+            pushes[(owner_of[seg], counts.runs[run_id])].add(run_id)
     spent: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0, 0.0])
     for sp in spends:
         slot = spent[(sp.owner, int(quarter_of(sp.when)[-1]) - 1)]
         slot[0] += sp.parts
         slot[1] += sp.cost
 
-    def add(reaches: list[QuarterReach]) -> QuarterReach:
-        return QuarterReach(
-            sum(x.eligible for x in reaches), tuple(sum(x.reached[i] for x in reaches) for i in range(4))
-        )
-
     def parts_of(unit: Unit) -> tuple[list[tuple[str, str, QuarterReach]], list[tuple[str, str, QuarterReach]]]:
         """(by group, by district) of a unit: id, name, reach."""
         if unit.kind == "town":
-            groups = [(s.id, s.name, counts.cells.get((unit.id, s.id), empty)) for s in domain.SEGMENTS]
-            return groups, [(unit.id, unit.name, counts.districts.get(unit.id, empty))]
+            groups = [(s.id, s.name, cells.get((unit.id, s.id), empty)) for s in domain.SEGMENTS]
+            return groups, [(unit.id, unit.name, districts_.get(unit.id, empty))]
+        names = {s.id: s.name for s in domain.SEGMENTS}
         groups = [
-            (seg, (domain.segment(seg) or domain.SEGMENTS[0]).name,
-             add([counts.cells.get((d.id, seg), empty) for d in domain.DISTRICTS]))
-            for seg in unit.segments
-        ]  # fmt: skip
-        return groups, [(d.id, d.name, counts.owners.get((unit.id, d.id), empty)) for d in domain.DISTRICTS]
+            (seg, names[seg], add(cells.get((d.id, seg), empty) for d in domain.DISTRICTS)) for seg in unit.segments
+        ]
+        return groups, [(d.id, d.name, owners.get((unit.id, d.id), empty)) for d in domain.DISTRICTS]
 
     def score(target: Target | None, reach: QuarterReach, qi: int) -> dict[str, Any]:
         need = needed(target.coverage, reach.eligible) if target else None
@@ -253,7 +269,7 @@ def assessment(
         for unit in units():
             target = targets.target(year, q, unit.id)
             groups, districts = parts_of(unit)
-            total = counts.districts.get(unit.id, empty) if unit.kind == "town" else add([r for _, _, r in districts])
+            total = districts_.get(unit.id, empty) if unit.kind == "town" else add(r for _, _, r in districts)
             scored = score(target, total, qi)
             n_pushes = len(pushes.get((unit.id, qi), ()))
             by_group = [{"segment": i, "name": n, **score(target, r, qi)} for i, n, r in groups]

@@ -109,19 +109,27 @@ class QuarterReach:
 
 
 @dataclass(frozen=True)
+class Profile:
+    """Residents sharing one district and one exact set of groups, and how many were reached per quarter.
+
+    Every per-district, per-group and per-owner figure is a sum over profiles, so one pass over the
+    registry serves them all and a resident in several groups is still counted once wherever needed.
+    """
+
+    district: str
+    segments: frozenset[str]
+    reach: QuarterReach
+
+
+@dataclass(frozen=True)
 class AssessmentCounts:
-    #: (district, segment) -> reach; a resident in two groups counts in both cells
-    cells: dict[tuple[str, str], QuarterReach]
-    #: district -> reach (each resident once)
-    districts: dict[str, QuarterReach]
-    #: (owner, district) -> reach of the residents in any group that owner is responsible for (each once)
-    owners: dict[tuple[str, str], QuarterReach]
-    #: run id -> index of its quarter window, for the runs of the year
+    profiles: list[Profile]
+    #: run id -> index of its quarter window, for the SMS runs of the year
     runs: dict[str, int]
     #: (run id, district) pairs: the run reached someone whose row names that district
     run_districts: list[tuple[str, str]]
-    #: (run id, owner) pairs: the run reached someone in a group that owner is responsible for
-    run_owners: list[tuple[str, str]]
+    #: (run id, segment) pairs: the run reached someone in that group (registry now)
+    run_segments: list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -279,13 +287,14 @@ class ReportReads:
                 for run_id, owner, at, n, cost in conn.execute(query)
             ]
 
-    def assessment(self, quarters: list[Window], owner_of: dict[str, str]) -> AssessmentCounts:
-        """Residents reached by SMS per quarter by district, group and responsible owner, and which runs did.
+    def assessment(self, quarters: list[Window], segments: list[str]) -> AssessmentCounts:
+        """Residents reached by SMS per quarter, by district and set of groups, and which runs reached whom.
 
-        ``quarters``: consecutive windows (a year's four quarters); ``owner_of``: segment -> the owner
-        responsible for it. Reached = a row in ``ASSESSED_STATES`` in a run whose fire (else creation)
-        time falls in the quarter. One pass over the year's reached rows builds a per-resident flag per
-        quarter; the registry side is then a grouped join, as in ``coverage``.
+        ``quarters``: consecutive windows (a year's four quarters); ``segments``: every group id (at most
+        62, each a bit of the residents' group mask). Reached = a row in ``ASSESSED_STATES`` in an SMS run
+        whose fire (else creation) time falls in the quarter. One pass over the year's reached rows builds
+        a per-resident flag per quarter, and one grouped pass over the registry counts residents by
+        (district, group mask): a few thousand rows however large the registry.
         """
         r, rs, d, runs = t.residents, t.resident_segments, t.deliveries, t.runs
         when = _run_time()
@@ -303,59 +312,36 @@ class ReportReads:
             .group_by(d.c.resident_id)
             .subquery()
         )
-        sums = [sa.func.coalesce(sa.func.sum(per_resident.c[f"q{i}"]), 0) for i in range(len(quarters))]
-        owner_case = (
-            sa.case(*((rs.c.segment == seg, sa.literal(owner)) for seg, owner in owner_of.items()), else_=None)
-            if owner_of
-            else sa.null()
+        bit = sa.case(*((rs.c.segment == seg, sa.literal(1 << i)) for i, seg in enumerate(segments)), else_=0)
+        masks = (
+            sa.select(rs.c.resident_id.label("resident_id"), sa.func.sum(bit).label("mask"))
+            .group_by(rs.c.resident_id)
+            .subquery()
         )
-        owned = sa.select(rs.c.resident_id.label("resident_id"), owner_case.label("owner")).distinct().subquery()
-        eligible_only = r.c.opted_out.is_(False)
-
-        def reach(figures: Any) -> QuarterReach:
-            n, *reached = figures
-            return QuarterReach(int(n), tuple(int(v) for v in reached))
-
+        mask = sa.func.coalesce(masks.c.mask, 0)
+        sums = [sa.func.coalesce(sa.func.sum(per_resident.c[f"q{i}"]), 0) for i in range(len(quarters))]
         with self._db.read() as conn:
             run_quarters = {
                 run_id: next(i for i, q in enumerate(quarters) if q.start <= _utc(at) < q.end)
                 for run_id, at in conn.execute(sa.select(runs.c.id, when).where(*in_year))
             }
-            cells = {
-                (dist, seg): reach(figures)
-                for dist, seg, *figures in conn.execute(
-                    sa.select(r.c.district, rs.c.segment, sa.func.count(), *sums)
+            profiles = [
+                Profile(
+                    dist,
+                    frozenset(seg for i, seg in enumerate(segments) if int(bits) >> i & 1),
+                    QuarterReach(int(n), tuple(int(v) for v in reached)),
+                )
+                for dist, bits, n, *reached in conn.execute(
+                    sa.select(r.c.district, mask, sa.func.count(), *sums)
                     .select_from(
-                        r.join(rs, rs.c.resident_id == r.c.id).outerjoin(
+                        r.outerjoin(masks, masks.c.resident_id == r.c.id).outerjoin(
                             per_resident, per_resident.c.resident_id == r.c.id
                         )
                     )
-                    .where(eligible_only)
-                    .group_by(r.c.district, rs.c.segment)
+                    .where(r.c.opted_out.is_(False))
+                    .group_by(r.c.district, mask)
                 )
-            }
-            districts = {
-                dist: reach(figures)
-                for dist, *figures in conn.execute(
-                    sa.select(r.c.district, sa.func.count(), *sums)
-                    .select_from(r.outerjoin(per_resident, per_resident.c.resident_id == r.c.id))
-                    .where(eligible_only)
-                    .group_by(r.c.district)
-                )
-            }
-            owners = {
-                (owner, dist): reach(figures)
-                for owner, dist, *figures in conn.execute(
-                    sa.select(owned.c.owner, r.c.district, sa.func.count(), *sums)
-                    .select_from(
-                        r.join(owned, owned.c.resident_id == r.c.id).outerjoin(
-                            per_resident, per_resident.c.resident_id == r.c.id
-                        )
-                    )
-                    .where(eligible_only, owned.c.owner.is_not(None))
-                    .group_by(owned.c.owner, r.c.district)
-                )
-            }
+            ]
             reached_rows = d.join(runs, runs.c.id == d.c.run_id)
             run_districts = [
                 (run_id, dist)
@@ -366,17 +352,16 @@ class ReportReads:
                     .distinct()
                 )
             ]
-            run_owners = [
-                (run_id, owner)
-                for run_id, owner in conn.execute(
-                    sa.select(d.c.run_id, owner_case)
+            run_segments = [
+                (run_id, seg)
+                for run_id, seg in conn.execute(
+                    sa.select(d.c.run_id, rs.c.segment)
                     .select_from(reached_rows.join(rs, rs.c.resident_id == d.c.resident_id))
                     .where(d.c.state.in_(ASSESSED_STATES), *in_year)
                     .distinct()
                 )
-                if owner is not None
             ]
-        return AssessmentCounts(cells, districts, owners, run_quarters, run_districts, run_owners)
+        return AssessmentCounts(profiles, run_quarters, run_districts, run_segments)
 
     def failures(self, window: Window | None = None) -> list[FailureCount]:
         """Rows that did not go out, by error code (``reason`` when there is none), gateway and state."""
