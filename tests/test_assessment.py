@@ -347,3 +347,37 @@ def test_a_scheduled_fire_over_its_budget_creates_no_run_and_is_recorded_skipped
     (fire,) = rt.store.coordination.list_fires("quarterly-themes")
     assert fire.status == "skipped" and "over the budget of 0.5 CNY" in (fire.reason or "")
     assert not project.outbox.exists()
+
+
+def test_a_version_6_log_gains_run_prices_and_its_older_runs_are_priced_at_todays_prices(
+    any_db_project: Project,
+) -> None:
+    import sqlalchemy as sa
+
+    project = any_db_project
+    project.registry(60, seed=8)
+    project.write("campaigns/ledger-test.yaml", THREE_DISTRICTS)
+    first = project.dispatch("run", "campaigns/ledger-test.yaml", "--json", env={"DISPATCH_FAKE_NOW": FAKE_NOW})
+    assert first.returncode == 0, first.stderr
+    engine = sa.create_engine(project.env["DISPATCH_DATABASE_URL"])
+    with engine.begin() as conn:  # what a version 6 program left: no prices recorded with its runs
+        conn.execute(sa.text("DROP TABLE run_prices"))
+        conn.execute(sa.text("UPDATE dispatch_meta SET value = '6' WHERE key = 'schema_version'"))
+    engine.dispose()
+    parts = sum(json.loads(line)["parts"] for line in project.outbox.read_text(encoding="utf-8").splitlines())
+    result = project.dispatch(
+        "report", "departments", "--year", "2021", "--json", env={"DISPATCH_PART_PRICES": "outbox=0.08"}
+    )
+    assert result.returncode == 0, result.stderr
+    police = next(d for d in json.loads(result.stdout)["departments"] if d["department"] == "police")
+    assert police["spend_cny"] == round(parts * 0.08, 2) > 0
+    # the upgraded log records the prices of the runs made from now on
+    again = project.dispatch(
+        "run", "campaigns/ledger-test.yaml", "--again", "--reason", "drill", env={"DISPATCH_FAKE_NOW": FAKE_NOW}
+    )
+    assert again.returncode == 0, again.stderr
+    engine = sa.create_engine(project.env["DISPATCH_DATABASE_URL"])
+    with engine.connect() as conn:
+        prices = dict(conn.execute(sa.text("SELECT gateway, price_per_part FROM run_prices")).all())
+    engine.dispose()
+    assert prices == {"twilio": 0.05, "http": 0.045, "kannel": 0.04, "outbox": 0.05}

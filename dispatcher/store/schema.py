@@ -24,12 +24,13 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
 #: Each column is declared on its table below as well, so a new database gets it directly.
-#: New tables (3: leader_fences; 4: sessions, login_throttle; run_prices) need no entry: ``create_all`` adds them.
+#: New tables (3: leader_fences; 4: sessions, login_throttle; 7: run_prices) need no entry: ``create_all`` adds
+#: them, but only when the version moves (a log at this version is only read), hence a bump for each.
 MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
