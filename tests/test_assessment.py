@@ -248,6 +248,8 @@ def test_spend_is_accepted_parts_at_the_price_recorded_with_each_run(assessed: d
     assert social["spend_cny"] == round(parts["social_security"] * default["outbox"], 2)
 
 
+# the page reads through the same report as the CLI (checked on both databases above): served once, on SQLite
+@pytest.mark.parametrize("assessed", ["sqlite"], indirect=True)
 def test_the_dashboard_shows_the_quarter_assessment_with_a_chart_to_logged_in_users(assessed: dict[str, Any]) -> None:
     import httpx
 
@@ -255,8 +257,6 @@ def test_the_dashboard_shows_the_quarter_assessment_with_a_chart_to_logged_in_us
     from tests.test_dashboard_browser import add_user, login
 
     project = assessed["project"]
-    if project.env["DISPATCH_DATABASE_URL"].startswith("postgresql"):
-        pytest.skip("the page reads through the same report as the CLI; served once, on SQLite")
     assert add_user(project, "dora", "auditor", "dora's long password").returncode == 0
     with serve_web(project, project.root / "web.log") as (base, _proc):
         anonymous = httpx.get(base + "/dashboard/assessment?year=2021&quarter=Q1", follow_redirects=False)
