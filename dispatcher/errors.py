@@ -13,6 +13,7 @@ alone::
     │   ├── CampaignError          campaign YAML: syntax, schema, unknown district/segment/owner
     │   ├── TemplateError          missing template, syntax error, undefined variable, too long
     │   ├── OrganisationError      organisation.yaml or themes.yaml: syntax, schema, inconsistent ids
+    │   ├── TargetsError           targets.yaml: syntax, schema, unknown department or town
     │   └── UsageError             unknown run id, impossible option combination
     ├── ConfigError                bad environment / settings (exit 2 as well: the operator fixes it)
     ├── StoreError                 the delivery log could not be read or written
@@ -82,6 +83,8 @@ class TemplateError(InputError):
 class OrganisationError(InputError):
     """organisation.yaml (departments, groups, districts, grids) or themes.yaml (plan periods and
     quarterly themes) that does not parse or does not hold together."""
+class TargetsError(InputError):
+    """The assessment targets file (``targets.yaml``) does not parse or does not validate."""
 
 
 class UsageError(InputError):
