@@ -11,8 +11,8 @@ and per quarter (``Q1``..``Q4``) entries by department or town (id or Chinese na
 ``coverage`` is the share (0-1) of the residents it answers for that must be reached in the
 quarter; ``pushes`` how many runs must have reached them. Who answers for whom: a department
 for the population groups it owns (``domain.SEGMENTS``' owner), a town or street for the
-residents of its district. A department that owns no group (the police sub-bureau leads the
-programme as a whole) has no one of its own to cover and is not scored; naming it is an error.
+residents of its district. A department that owns no group in organisation.yaml (法院, 检察院,
+政法和应急管理局, 财政局) has no one of its own to cover and is not scored; naming it is an error.
 
 Errors are one line, ``targets.yaml:LINE: field: message`` (exit 2), like campaign files.
 """

@@ -78,7 +78,8 @@ def assessed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     url = next(urls)
     project = _make_project(root / "project", url)
     project.write("targets.yaml", TARGETS)
-    rows = registry_rows(project.registry(600, seed=11))
+    # a seed whose registry (organisation.yaml's groups) leaves 潞城街道 short of 90% by the police run's failures
+    rows = registry_rows(project.registry(600, seed=12))
     eligible = [r for r in rows if not r["opted_out"]]
     retirees = [r["phone"] for r in eligible if "retirees" in r["segments"]]
     failing_1 = set(retirees[::9])
@@ -283,7 +284,8 @@ def test_a_broken_targets_file_is_one_line_naming_its_line_and_field(project: Pr
     project.write("targets.yaml", "2021:\n  default: {coverage: 1.5, pushes: 1}\n")
     result = project.dispatch("validate")
     assert result.returncode == 2 and result.stderr.startswith("targets.yaml:2: 2021.default.coverage:"), result.stderr
-    project.write("targets.yaml", "2021:\n  Q1:\n    police: {coverage: 0.9, pushes: 1}\n")
+    # 财政局 funds the action (三(八)) and warns no group of its own
+    project.write("targets.yaml", "2021:\n  Q1:\n    finance: {coverage: 0.9, pushes: 1}\n")
     result = project.dispatch("validate")
     assert result.returncode == 2 and "owns no population group" in result.stderr
 

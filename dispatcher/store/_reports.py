@@ -144,14 +144,15 @@ def _runs_in(window: Window | None) -> Any:
     r = t.runs
     query = sa.select(r.c.id)
     if window is not None:
-        when = sa.func.coalesce(r.c.fire_time, r.c.as_of, r.c.created_at)
+        when = _run_time()
         query = query.where(when >= window.start, when < window.end)
     return query
 
 
 def _run_time() -> Any:
+    """When a run counts: its fire time, else the date it was run as of (a made-up fire), else its creation."""
     r = t.runs
-    return sa.func.coalesce(r.c.fire_time, r.c.created_at)
+    return sa.func.coalesce(r.c.fire_time, r.c.as_of, r.c.created_at)
 
 
 def _utc(value: datetime) -> datetime:
@@ -218,7 +219,7 @@ class ReportReads:
     def departments(self, window: Window) -> DepartmentCounts:
         """Per run owner: campaigns and runs, recipients and sends, failures by cause."""
         r, d = t.runs, t.deliveries
-        when = sa.func.coalesce(r.c.fire_time, r.c.as_of, r.c.created_at)
+        when = _run_time()
         in_period = (when >= window.start, when < window.end)
         with self._db.read() as conn:
             runs = [
