@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 from apscheduler.triggers.base import BaseTrigger
 
-from . import metrics
+from . import alerting, metrics
 from .campaigns import LoadedCampaign, campaign_files, check_paths, make_trigger, next_after, parse_duration
 from .dlr import DeliveryReportSweep
 from .errors import DispatchError, InputError
@@ -234,6 +234,8 @@ class Scheduler:
                 log.warning("scheduler.fence_unavailable", error=str(exc))
                 return 0
             log.info("scheduler.fenced", fence=self.token)
+        # early-warning steps first: a resident in contact with a fraudster does not wait for campaign fires
+        self.fire_alert_steps()
         fired = 0
         for entry in list(self.entries.values()):
             try:
@@ -249,6 +251,14 @@ class Scheduler:
         self.watchdog.tick()
         self.reports_sweep.tick()
         return fired
+
+    def fire_alert_steps(self) -> None:
+        """As leader, record what alerts' runs did and fire the escalation steps now due (each exactly once:
+        a step is taken with a conditional UPDATE in the transaction that creates its run)."""
+        try:
+            alerting.tick(self.runtime, actor=f"scheduler:{self.holder}")
+        except DispatchError as exc:
+            log.error("scheduler.alerts_failed", error=str(exc))
 
     #: monotonic time of the next ringback sweep (the leader sweeps every RINGBACK_SWEEP_SECONDS)
     _ringback_due_at: float = 0.0

@@ -39,6 +39,8 @@ own module and each owning its tables and queries::
     store.reports    (_reports.py)                            aggregates for the assessment reports
     store.dashboard  (_dashboard.py)                          reads the dashboard's pages need
     store.traces     (_traces.py)                             a delivery's attempts and HTTP traces, trace purge
+    store.alerts     (_alerts.py)                             early-warning alerts, their steps and chains,
+                                                              the roster, API keys
 
 Groups share only the connection plumbing (``_db.Db``) and the row helpers in ``_rows``; none
 calls another's private methods. Everything else in this package (``sql``, ``control``,
@@ -48,6 +50,7 @@ from ``dispatcher.store`` only. SQL stays inside this package; callers get recor
 """
 
 from ._accounts import Credentials, StoredAccount
+from ._alerts import AlertRecord, AlertStep, Milestone, NewAlert, RosterEntry
 from ._reports import (
     FAILED_STATES,
     REACHED_STATES,
@@ -82,6 +85,7 @@ from .base import (
     Claimed,
     CreatedRun,
     DeliveryRow,
+    DirectRecipient,
     Outcome,
     Resident,
     RunRecord,
@@ -95,6 +99,12 @@ from .provider import PROVIDER_STATES, AwaitingReport, StateChange
 from .sql import DuplicateRun, LeaseLost, SqlStore, iter_chunks, open_store, utcnow
 
 __all__ = [
+    "AlertRecord",
+    "AlertStep",
+    "DirectRecipient",
+    "Milestone",
+    "NewAlert",
+    "RosterEntry",
     "AUDIT_CHAIN",
     "CANCELLED",
     "DELIVERED",

@@ -36,6 +36,17 @@ GENESIS = "0" * 64
 #: the chain of audit events that belong to no run (``audit.export``: who exported unmasked numbers).
 #: Run ids look like ``20210315-080000-a1b2c3``, so this id can never collide with one.
 AUDIT_CHAIN = "audit"
+#: an early-warning alert's chain is ``alert:<alert id>`` (no run id holds a colon)
+ALERT_CHAIN_PREFIX = "alert:"
+
+
+def alert_chain(alert_id: str) -> str:
+    return f"{ALERT_CHAIN_PREFIX}{alert_id}"
+
+
+def is_side_chain(chain_id: str) -> bool:
+    """A chain that belongs to no run: its tail lives in ``ledger_chains``."""
+    return chain_id == AUDIT_CHAIN or chain_id.startswith(ALERT_CHAIN_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ def append(conn: Connection, run_id: str, events: Sequence[Event], at: datetime)
     if not events:
         return
     # a run keeps its tail on its own row; chains that belong to no run (the audit chain) in ledger_chains
-    runs = t.runs if run_id != AUDIT_CHAIN else _chain_row(conn, run_id, at)
+    runs = t.runs if not is_side_chain(run_id) else _chain_row(conn, run_id, at)
     query = sa.select(runs.c.ledger_seq, runs.c.ledger_hash).where(runs.c.id == run_id)
     if conn.dialect.name != "sqlite":
         query = query.with_for_update()
