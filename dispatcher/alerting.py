@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 import secrets
 import statistics
 from collections import Counter
@@ -236,7 +237,7 @@ def check_request(req: AlertRequest) -> AlertRequest:
         phone=phone,
         fraud_type=fraud_type(req.fraud_type),
         name=req.name.strip(),
-        source=req.source,
+        source=mask_numbers(req.source),
         external_id=req.external_id.strip() if req.external_id else None,
         actor=req.actor,
     )
@@ -409,9 +410,18 @@ def close_alert(runtime: Runtime, alert_id: str, outcome: str, note: str | None,
         raise UsageError(f"unknown outcome {outcome!r} (known: {', '.join(OUTCOMES)})", field="outcome")
     if note is not None and len(note) > 1000:
         raise UsageError("the note is at most 1000 characters", field="note")
-    record = runtime.store.alerts.close(alert_id, outcome=outcome, note=note, actor=actor)
+    record = runtime.store.alerts.close(alert_id, outcome=outcome, note=mask_numbers(note), actor=actor)
     log.info("alert.closed", alert_id=alert_id, outcome=outcome)
     return record
+
+
+#: any run of 7 or more digits: a note is written in Chinese, where a number follows a character without a gap
+_DIGITS_RE = re.compile(r"\+?\d{7,}")
+
+
+def mask_numbers(text: str | None) -> str | None:
+    """Mask every long digit run of free text (a case note), even one glued to Chinese characters."""
+    return None if text is None else _DIGITS_RE.sub(lambda m: mask(m.group(0)), text)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -457,6 +467,7 @@ def alert_status(runtime: Runtime, alert_id: str) -> dict[str, Any]:
                 "state": s.state,
                 "run_id": s.run_id,
                 "fired_at": _iso(s.fired_at),
+                "fired_by": s.fired_by,
                 "detail": s.detail,
                 "deliveries": rows,
             }
