@@ -90,7 +90,11 @@ DEFAULT_TEMPLATES = {
         "电话与短信{{ waited }}分钟内未获确认，请立即上门劝阻。预警编号{{ alert_id }}"
     ),
 }
-TEMPLATE_FOR = {"sms": "alerts/warning.sms.j2", "call": "alerts/call.voice.j2", "notify_grid": "alerts/escalation.sms.j2"}
+TEMPLATE_FOR = {
+    "sms": "alerts/warning.sms.j2",
+    "call": "alerts/call.voice.j2",
+    "notify_grid": "alerts/escalation.sms.j2",
+}
 
 
 # ------------------------------------------------------------------ policy
@@ -153,9 +157,7 @@ def parse_policy(text: str, name: str) -> Policy:
             message = "unknown field (check its spelling)"
         elif first["type"] == "missing":
             message = "required field is missing"
-        raise CampaignError(
-            message, path=name, line=_line_of(node, loc), field=".".join(str(p) for p in loc)
-        ) from exc
+        raise CampaignError(message, path=name, line=_line_of(node, loc), field=".".join(str(p) for p in loc)) from exc
 
 
 def _line_of(node: yaml.Node, loc: tuple[Any, ...]) -> int:

@@ -63,9 +63,7 @@ def _resident(project: Project) -> dict[str, str]:
 def _roster(project: Project, grid: str) -> Path:
     return project.write(
         "var/roster.csv",
-        "grid,role,name,phone\n"
-        f"{grid},grid_worker,王网格,13900007001\n"
-        f"{grid},police_duty,警格值班,13900007002\n",
+        f"grid,role,name,phone\n{grid},grid_worker,王网格,13900007001\n{grid},police_duty,警格值班,13900007002\n",
     )
 
 
@@ -155,7 +153,9 @@ def test_unconfirmed_alert_escalates_to_the_grid_roster_when_its_step_is_due(red
 def test_closing_an_alert_records_its_outcome_and_cancels_the_steps_left(redis_project: Project) -> None:
     project = redis_project
     alert = _send(project, "--phone", "13812340000", "--type", "loan")
-    closed = project.dispatch("alert", "close", alert["id"], "--outcome", "dissuaded", "--note", "回拨13812340000已劝阻")
+    closed = project.dispatch(
+        "alert", "close", alert["id"], "--outcome", "dissuaded", "--note", "回拨13812340000已劝阻"
+    )
     assert closed.returncode == 0, closed.stderr
     st = _status(project, alert["id"])
     assert st["status"] == "closed" and st["outcome"] == "dissuaded"
@@ -179,7 +179,9 @@ def test_a_step_due_after_the_leader_is_killed_fires_exactly_once_by_the_new_lea
     empty.mkdir()
     env = {"DISPATCH_SCHEDULER_LEASE": "3", "DISPATCH_SCHEDULER_TICK": "0.25"}
     logs = [project.root / "var" / f"scheduler-{i}.log" for i in range(2)]
-    first = project.popen("scheduler", "--campaigns", str(empty), env=env, stdout=logs[0].open("w"), stderr=subprocess.STDOUT)
+    first = project.popen(
+        "scheduler", "--campaigns", str(empty), env=env, stdout=logs[0].open("w"), stderr=subprocess.STDOUT
+    )
     try:
         _wait(lambda: "scheduler.leader" in logs[0].read_text(), 30, "the first scheduler to lead")
         second = project.popen(

@@ -79,7 +79,9 @@ def alert_status(alert_id: str, as_json: bool = typer.Option(False, "--json")) -
         markup=False,
     )
     for s in st["steps"]:
-        rows = ", ".join(f"{r['phone']} {r['state']}{'/' + r['error_code'] if r['error_code'] else ''}" for r in s["deliveries"])
+        rows = ", ".join(
+            f"{r['phone']} {r['state']}{'/' + r['error_code'] if r['error_code'] else ''}" for r in s["deliveries"]
+        )
         out.print(
             f"  step {s['seq']} {s['action']:<11} due {s['due_at']}  {s['state']:<9} {s['run_id'] or ''} "
             f"{rows}{(' (' + s['detail'] + ')') if s['detail'] else ''}",
@@ -94,7 +96,7 @@ def alerts_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Alerts, newest first."""
-    items = [alerting.alert_json(a) for a in runtime().store.alerts.list(open_only=open_only)]
+    items = [alerting.alert_json(a) for a in runtime().store.alerts.recent(open_only=open_only)]
     if as_json:
         emit_json({"alerts": items})
         return

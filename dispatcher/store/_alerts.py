@@ -195,7 +195,7 @@ class Alerts:
             row = conn.execute(sa.select(t.alerts).where(t.alerts.c.external_id == external_id)).mappings().first()
         return _alert(row) if row is not None else None
 
-    def list(self, *, open_only: bool = False, limit: int = 200) -> list[AlertRecord]:
+    def recent(self, *, open_only: bool = False, limit: int = 200) -> list[AlertRecord]:
         query = sa.select(t.alerts).order_by(t.alerts.c.created_at.desc(), t.alerts.c.id.desc()).limit(limit)
         if open_only:
             query = query.where(t.alerts.c.status == "open")
@@ -314,12 +314,16 @@ class Alerts:
                 return self.cancel_steps(alert_id, actor=actor, why=why, conn=c)
         s = t.alert_steps
         now = self._db.now()
-        cancelled = conn.execute(
-            sa.update(s)
-            .where(s.c.alert_id == alert_id, s.c.state == DUE)
-            .values(state=CANCELLED_STEP, detail=why, fired_at=now, fired_by=actor)
-            .returning(s.c.seq)
-        ).scalars().all()
+        cancelled = (
+            conn.execute(
+                sa.update(s)
+                .where(s.c.alert_id == alert_id, s.c.state == DUE)
+                .values(state=CANCELLED_STEP, detail=why, fired_at=now, fired_by=actor)
+                .returning(s.c.seq)
+            )
+            .scalars()
+            .all()
+        )
         if cancelled:
             self._chain(conn, alert_id, "alert.steps_cancelled", actor, {"why": why, "seqs": sorted(cancelled)}, now)
         return len(cancelled)
@@ -363,7 +367,7 @@ class Alerts:
             for alert_id, seq, action, kind, to_state, at in found:
                 suffix = "confirmed" if kind == "delivery.confirmed" else to_state
                 name = f"{action}{seq}.{suffix}"
-                at = as_utc(at)
+                at = as_utc(at) or now
                 added = conn.execute(
                     insert(m).values(alert_id=alert_id, name=name, at=at).on_conflict_do_nothing()
                 ).rowcount

@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from sqlalchemy import func, literal, select
 from sqlalchemy.engine import Connection
 
+from ..keys import delivery_key
 from ..redact import scrub_optional
 from . import ledger
 from . import schema as t
-from ..keys import delivery_key
 from .base import PENDING, AttemptRow, DeliveryRow, DirectRecipient, RunSpec
 
 
@@ -149,7 +149,7 @@ def insert_direct_run(
     """
     insert_run(conn, spec, now)
     seen: set[str] = set()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in recipients:
         if r.phone in seen:
             continue
