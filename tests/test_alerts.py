@@ -278,3 +278,42 @@ def test_api_alerts_need_a_live_key_and_are_idempotent_on_the_external_id(redis_
         assert "13812345678" not in revoked.text
     alerts = json.loads(project.dispatch("alerts", "--json").stdout)["alerts"]
     assert [a["external_id"] for a in alerts] == ["API-1"]
+
+
+def test_dashboard_lists_open_alerts_to_operators_and_closes_one_through_its_form(redis_project: Project) -> None:
+    import re
+
+    from tests.conftest import serve_web
+    from tests.test_dashboard_browser import add_user, login
+
+    project = redis_project
+    assert add_user(project, "op", "operator", "operator-pass-1234").returncode == 0
+    assert add_user(project, "au", "auditor", "auditor-pass-1234").returncode == 0
+    older = _send(project, "--phone", "13812340001", "--type", "loan")
+    newer = _send(project, "--phone", "13812340002", "--type", "refund")
+    with serve_web(project, project.root / "var" / "web.log", DISPATCH_FAKE_NOW="") as (base, _proc):
+        auditor = httpx.Client()
+        assert login(base, "au", "auditor-pass-1234", auditor).status_code == 303
+        assert auditor.get(base + "/dashboard/alerts").status_code == 403
+        client = httpx.Client()
+        assert login(base, "op", "operator-pass-1234", client).status_code == 303
+        listing = client.get(base + "/dashboard/alerts")
+        assert listing.status_code == 200
+        html = listing.text
+        assert html.index(newer["id"]) < html.index(older["id"])  # newest first
+        assert "13812340001" not in html and mask("+8613812340001") in html
+        token = re.search(r'name="csrf" value="([^"]+)"', html)
+        assert token
+        action = f"{base}/dashboard/alerts/{older['id']}/close"
+        forged = client.post(action, data={"outcome": "reached"}, headers={"Origin": base})
+        assert forged.status_code == 403
+        done = client.post(
+            action,
+            data={"outcome": "stop_payment_requested", "note": "已联系银行止付", "csrf": token.group(1)},
+            headers={"Origin": base},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303, done.text
+        assert older["id"] not in client.get(base + "/dashboard/alerts").text
+    st = _status(project, older["id"])
+    assert st["status"] == "closed" and st["outcome"] == "stop_payment_requested"
