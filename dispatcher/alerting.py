@@ -249,7 +249,7 @@ def check_request(req: AlertRequest) -> AlertRequest:
 class Taken:
     alert: AlertRecord
     created: bool
-    #: the steps fired at once by this request (runs enqueued on the urgent lane)
+    #: the runs of the steps fired at once by this request (enqueued on the urgent lane)
     fired: list[str]
 
 
@@ -361,7 +361,7 @@ def voice_gateway(runtime: Runtime) -> str:
 
 
 def fire_due(runtime: Runtime, *, actor: str, alert_id: str | None = None, limit: int = 100) -> list[str]:
-    """Fire every step due now (of one alert, or of all); each is taken atomically. Returns ``alert#seq`` fired."""
+    """Fire every step due now (of one alert, or of all); each is taken atomically. Returns the runs started."""
     from .runs import enqueue_batches
 
     store = runtime.store
@@ -390,7 +390,7 @@ def fire_due(runtime: Runtime, *, actor: str, alert_id: str | None = None, limit
                 continue
             enqueue_batches(runtime, spec.run_id, [0], "urgent")
             log.info("alert.step_fired", run_id=spec.run_id, recipients=len(recipients))
-            fired.append(f"{alert.id}#{step.seq}")
+            fired.append(spec.run_id)
     return fired
 
 
@@ -412,6 +412,8 @@ def close_alert(runtime: Runtime, alert_id: str, outcome: str, note: str | None,
         raise UsageError(f"unknown outcome {outcome!r} (known: {', '.join(OUTCOMES)})", field="outcome")
     if note is not None and len(note) > 1000:
         raise UsageError("the note is at most 1000 characters", field="note")
+    # what the runs did until now goes into the chain before the close does
+    runtime.store.alerts.observe(actor)
     record = runtime.store.alerts.close(alert_id, outcome=outcome, note=mask_numbers(note), actor=actor)
     log.info("alert.closed", alert_id=alert_id, outcome=outcome)
     return record

@@ -34,6 +34,12 @@ def alert_send(
         phone=phone, fraud_type=fraud_type, name=name, source=source, external_id=external_id, actor="operator"
     )
     taken = alerting.send_alert(rt, req)
+    if rt.settings.embedded:
+        # no worker process will take the runs from an in-process broker: send them here before returning
+        from ..follow import follow_run
+
+        for run_id in taken.fired:
+            follow_run(rt, run_id, embedded=True)
     data = {**alerting.alert_json(taken.alert), "created": taken.created, "fired": taken.fired}
     if as_json:
         emit_json(data)
