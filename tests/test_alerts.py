@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from prism_support import ACCOUNT_SID, AUTH_TOKEN, FROM, PrismServer, prism_server  # noqa: F401
 
 from dispatcher.phones import mask
 from dispatcher.providers.outbox.gateway import read_outbox
@@ -317,3 +318,26 @@ def test_dashboard_lists_open_alerts_to_operators_and_closes_one_through_its_for
         assert older["id"] not in client.get(base + "/dashboard/alerts").text
     st = _status(project, older["id"])
     assert st["status"] == "closed" and st["outcome"] == "stop_payment_requested"
+
+
+def test_alert_against_prism_sends_its_sms_through_the_twilio_adapter(project: Project, prism: PrismServer) -> None:
+    project.env.update(
+        {
+            "DISPATCH_GATEWAY": "twilio",
+            "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "TWILIO_FROM": FROM,
+            "DISPATCH_TWILIO_BASE_URL": prism.url,
+            "DISPATCH_PUBLIC_URL": "https://dispatch.example.gov.cn",
+        }
+    )
+    # embedded broker: the command sends the runs of the steps it fired before it returns
+    alert = _send(project, "--phone", "13812345678", "--type", "investment", "--id", "PRISM-1")
+    st = _status(project, alert["id"])
+    sms = st["steps"][0]
+    assert sms["action"] == "sms" and sms["state"] == "fired"
+    assert [d["state"] for d in sms["deliveries"]] == ["sent"]
+    rt = project.runtime()
+    row = next(iter(rt.store.deliveries(sms["run_id"])))
+    assert row.gateway == "twilio" and (row.provider_id or "").startswith("SM")
+    assert prism.violations() == []
