@@ -146,6 +146,10 @@ def test_unconfirmed_alert_escalates_to_the_grid_roster_when_its_step_is_due(red
     notify = [s for s in st["steps"] if s["action"] == "notify_grid"]
     assert [s["state"] for s in notify] == ["fired"]
     assert sorted(d["phone"] for d in notify[0]["deliveries"]) == [mask("+8613900007001"), mask("+8613900007002")]
+    # what the runs did is in the alert's own chain: the SMS handed over, each step fired once
+    assert "sms0.sent" in [m["name"] for m in st["milestones"]]
+    kinds = [e["kind"] for e in _chain(project, alert["id"])]
+    assert kinds[0] == "alert.created" and kinds.count("alert.step") == 2 and "alert.milestone" in kinds
     chain = project.dispatch("audit", "verify")
     assert chain.returncode == 0, chain.stdout + chain.stderr
     assert f"alert:{alert['id']}" in chain.stdout
