@@ -350,3 +350,25 @@ def test_http_voice_adapter_places_calls_and_its_signed_reports_answer_fail_and_
         "busy": 1,
     }
     intact(rt, run_id)
+
+
+def test_preview_shows_what_a_call_says_and_status_counts_the_calls(project: Any) -> None:
+    project.registry(size=6, seed=9)
+    path = "campaigns/voice-cli.yaml"
+    project.write(path, campaign_yaml("voice-cli", extra=VOICE))
+
+    shown = project.dispatch("preview", path)
+    assert shown.returncode == 0, shown.stderr
+    assert "twice" in shown.stdout and "按1确认" in shown.stdout and "退订" not in shown.stdout
+    assert "calls" in shown.stdout
+    as_json = json.loads(project.dispatch("preview", path, "--json").stdout)
+    assert as_json["channel"] == "voice" and as_json["variants"][0]["encoding"] == "voice"
+    assert as_json["total_parts"] == as_json["recipients"]
+
+    ran = project.dispatch("run", path)
+    assert ran.returncode == 0, ran.stderr
+    status = json.loads(project.dispatch("status", "--json").stdout)
+    assert status["channel"] == "voice"
+    assert status["calls"] == {"placed": status["counts"]["sent"], "answered": 0, "confirmed": 0}
+    printed = project.dispatch("status").stdout
+    assert f"calls: {status['counts']['sent']} placed, 0 answered, 0 confirmed" in printed
