@@ -293,8 +293,10 @@ class Campaign(_Model):
     id: str
     title: str
     owner: str
-    #: "sms", or "ringback": numbers are enrolled with a warning tone for ``window`` and restored after
-    channel: Literal["sms", "ringback"] = "sms"
+    #: "sms"; "ringback": numbers are enrolled with a warning tone for ``window`` and restored after;
+    #: "voice": one call each, the warning spoken and repeated, press 1 to confirm (small audiences only,
+    #: DISPATCH_VOICE_MAX_AUDIENCE)
+    channel: Literal["sms", "ringback", "voice"] = "sms"
     template: str | None = None
     themes: dict[Literal["Q1", "Q2", "Q3", "Q4"], str] | None = None
     variables: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -329,6 +331,8 @@ class Campaign(_Model):
     def _ringback_window(self) -> Campaign:
         if self.channel == "ringback" and self.gateways:
             raise ValueError("gateways is for SMS campaigns; a ringback campaign uses DISPATCH_RINGBACK_GATEWAY")
+        if self.channel == "voice" and self.gateways:
+            raise ValueError("gateways is for SMS campaigns; a voice campaign uses DISPATCH_VOICE_GATEWAY")
         if self.channel == "ringback" and self.window is None:
             raise ValueError("a ringback campaign needs a window with start and end")
         if self.channel != "ringback" and self.window is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .campaigns import LoadedCampaign
+from .channels import VOICE, voice_script
 from .runs import audience_filter
 from .sms import split_parts
 from .templates import SAMPLE_RECIPIENT
@@ -55,7 +56,9 @@ class Preview:
     variants: list[Variant]
     #: the template a run would use now
     template_now: str
+    #: SMS parts a run would send now; for a voice campaign, calls it would place
     total_parts: int
+    channel: str = "sms"
 
     def district_totals(self) -> dict[str, int]:
         """Residents per district a run would message (selected minus opted out)."""
@@ -73,6 +76,7 @@ class Preview:
             "variants": [v.as_dict() for v in self.variants],
             "template_now": self.template_now,
             "total_parts": self.total_parts,
+            "channel": self.channel,
         }
 
 
@@ -80,8 +84,14 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
     """Count the audience and render every variant; the total parts use the template of now."""
     audience = audience_filter(loaded)
     matrix = runtime.store.audience_matrix(audience)
+    voice = loaded.campaign.channel == VOICE
     variants = []
     for name in loaded.campaign.template_names():
+        if voice:
+            # what a call says (twice, then asks for 1): one "part" per call, no SMS signature or opt-out
+            said = voice_script(loaded.composer_for(name), SAMPLE_RECIPIENT)
+            variants.append(Variant(name, said, "voice", len(said), 1, [said]))
+            continue
         text, seg = loaded.composer_for(name).render(SAMPLE_RECIPIENT)
         variants.append(Variant(name, text, seg.encoding, seg.chars, seg.parts, split_parts(text)))
     current = loaded.template_now_or_next(runtime.clock())
@@ -91,6 +101,9 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
         if row.opted_out:
             continue
         recipients += 1
+        if voice:
+            total_parts += 1
+            continue
         total_parts += composer.render({"name": row.name, "district": row.district, "grid": row.grid})[1].parts
     return Preview(
         campaign_id=loaded.campaign.id,
@@ -103,4 +116,5 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
         variants=variants,
         template_now=current,
         total_parts=total_parts,
+        channel=loaded.campaign.channel,
     )

@@ -29,7 +29,7 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-_DELIVERY_TIMES = ("claimed_at", "next_attempt_at", "sent_at", "created_at", "updated_at")
+_DELIVERY_TIMES = ("claimed_at", "next_attempt_at", "sent_at", "created_at", "updated_at", "confirmed_at")
 
 
 def delivery_row(row: Any) -> DeliveryRow:

@@ -175,6 +175,8 @@ class DeliveryRow:
     sent_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    #: voice calls: when the listener pressed 1 to confirm the warning; None otherwise
+    confirmed_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -294,7 +294,11 @@ def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
         return brk
     if _sha(run.campaign_yaml) != run.campaign_sha256 or _sha(run.template_text) != run.template_sha256:
         return Break(run.id, None, None, "the run's stored campaign/template text does not match its sha256")
-    return _check_deliveries(conn, run, head_payload, chunk) or _check_attempts(conn, run)
+    return (
+        _check_deliveries(conn, run, head_payload, chunk)
+        or _check_attempts(conn, run)
+        or _check_confirmed(conn, run)
+    )
 
 
 #: events that record a gateway's answer to a hand-over: each must have its attempt row, and back
@@ -342,6 +346,32 @@ def _check_attempts(conn: Connection, run: Any) -> Break | None:
             run.id, unbacked.seq, unbacked.id,
             f"hand-over event of delivery {unbacked.delivery_id} has no attempt row",
         )  # fmt: skip
+    return None
+
+
+def _check_confirmed(conn: Connection, run: Any) -> Break | None:
+    """A voice call's confirmation (``deliveries.confirmed_at``) and its ``delivery.confirmed`` event go
+    together: a row confirmed without the event was changed behind the ledger's back, an event whose row
+    is not confirmed means the row was cleared after the fact."""
+    d, e = t.deliveries, t.events
+    confirmed_event = sa.exists().where(
+        e.c.run_id == run.id, e.c.key == d.c.key, e.c.kind == "delivery.confirmed", e.c.at == d.c.confirmed_at
+    )
+    unbacked = conn.execute(
+        sa.select(d.c.id).where(d.c.run_id == run.id, d.c.confirmed_at.is_not(None), ~confirmed_event).limit(1)
+    ).first()
+    if unbacked is not None:
+        return Break(run.id, None, None, f"delivery {unbacked.id} is confirmed but has no delivery.confirmed event")
+    cleared = conn.execute(
+        sa.select(e.c.id, e.c.seq, e.c.delivery_id)
+        .select_from(e.join(d, d.c.key == e.c.key))
+        .where(e.c.run_id == run.id, e.c.kind == "delivery.confirmed", d.c.confirmed_at.is_(None))
+        .limit(1)
+    ).first()
+    if cleared is not None:
+        return Break(
+            run.id, cleared.seq, cleared.id, f"delivery {cleared.delivery_id} was confirmed but is no longer"
+        )
     return None
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
@@ -34,6 +34,7 @@ MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
     4: (("accounts", "disabled"),),
     6: (("attempts", "trace_purged_at"),),
+    7: (("deliveries", "confirmed_at"),),
 }
 #: indexes an upgrade to that version creates on tables that already exist (``create_all`` leaves them alone)
 INDEX_MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -140,6 +141,8 @@ deliveries = Table(
     Column("sent_at", DateTime(timezone=True)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    #: voice calls: when the listener pressed 1 to confirm they heard the warning (``delivery.confirmed``)
+    Column("confirmed_at", DateTime(timezone=True)),
     Index("ix_deliveries_run_batch_state", "run_id", "batch_no", "state"),
     Index("ix_deliveries_run_state", "run_id", "state"),
     # by resident, not by phone: ids arrive in ascending order at fan-out, so this index costs little

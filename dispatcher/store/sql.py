@@ -43,6 +43,7 @@ from ._db import Db, one_line
 from ._reports import ReportReads
 from ._rows import as_utc, attempt_row, delivery_row, insert_run, keys_digest, transition
 from ._traces import TraceReads
+from ._voice import VoiceCalls
 from .base import (
     CANCELLED,
     FAILED,
@@ -144,6 +145,7 @@ class SqlStore:
         self.coordination = Coordination(self._db, _lock_base(url))
         self.provider_events = ProviderEvents(self._db, reporter_gateways)
         self.ringback = Ringback(self._db)
+        self.voice = VoiceCalls(self._db, reporter_gateways)
         self.reports = ReportReads(self._db)
         self.audit = AuditLog(self._db)
         self.accounts = Accounts(self._db)
