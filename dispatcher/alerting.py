@@ -78,15 +78,15 @@ signature: 【常州经开区反诈中心】
 #: the message texts when the project's templates/alerts/ lacks them
 DEFAULT_TEMPLATES = {
     "alerts/warning.sms.j2": (
-        "紧急提醒：您可能正在遭遇“{{ fraud_name }}”诈骗！请立即停止转账、挂断对方电话，不要透露验证码。"
+        "紧急提醒：您可能正在遭遇诈骗（{{ fraud_name }}）！请立即停止转账、挂断对方电话，不要透露验证码。"
         "民警将与您联系，咨询请拨{{ hotline }}。预警编号{{ alert_id }}"
     ),
+    # the call names the sender and asks for the key press itself (channels.voice_script, the TwiML)
     "alerts/call.voice.j2": (
-        "您好，这里是常州经开区反诈中心。您可能正在遭遇{{ fraud_name }}诈骗，请立即停止转账，"
-        "不要向任何人透露验证码。如已知悉，请按1。"
+        "您可能正在遭遇诈骗，类型是{{ fraud_name }}。请立即停止转账，挂断对方电话，不要向任何人透露验证码。"
     ),
     "alerts/escalation.sms.j2": (
-        "预警劝阻：网格{{ grid }}居民（尾号{{ resident_last4 }}）疑似遭遇“{{ fraud_name }}”诈骗，"
+        "预警劝阻：网格{{ grid }}居民（尾号{{ resident_last4 }}）疑似遭遇诈骗（{{ fraud_name }}），"
         "电话与短信{{ waited }}分钟内未获确认，请立即上门劝阻。预警编号{{ alert_id }}"
     ),
 }
@@ -330,7 +330,7 @@ def _spec(runtime: Runtime, policy: Policy, alert: AlertRecord, step: AlertStep,
     text = _campaign_yaml(policy, alert, step, channel, tmpl)
     Campaign.model_validate(yaml.safe_load(text))  # the worker parses the same snapshot
     settings = runtime.settings
-    gateway = voice_gateway(runtime) if channel == "voice" else ",".join(settings.gateways)
+    gateway = settings.voice_gateway if channel == "voice" else ",".join(settings.gateways)
     spec = RunSpec(
         run_id=new_run_id(runtime.clock()),
         campaign_id=f"alert-{alert.fraud_type.replace('_', '-')}",
@@ -355,11 +355,6 @@ def _spec(runtime: Runtime, policy: Policy, alert: AlertRecord, step: AlertStep,
     return spec, channel
 
 
-def voice_gateway(runtime: Runtime) -> str:
-    """The provider calls go through (DISPATCH_VOICE_GATEWAY once the voice channel is configured)."""
-    return str(getattr(runtime.settings, "voice_gateway", "") or "outbox")
-
-
 def fire_due(runtime: Runtime, *, actor: str, alert_id: str | None = None, limit: int = 100) -> list[str]:
     """Fire every step due now (of one alert, or of all); each is taken atomically. Returns the runs started."""
     from .runs import enqueue_batches
@@ -381,7 +376,7 @@ def fire_due(runtime: Runtime, *, actor: str, alert_id: str | None = None, limit
                 try:
                     spec, _channel = _spec(runtime, policy, alert, step, actor)
                 except ValidationError as exc:
-                    # a channel this deployment cannot use (no voice channel): the step is skipped, on record
+                    # a snapshot the campaign model refuses cannot be sent: the step is skipped, on record
                     why_not = f"cannot {step.action}: {exc.errors()[0]['msg']}"
             if not store.alerts.fire_step(step, actor=actor, spec=spec, recipients=recipients, detail=why_not):
                 continue  # another process fired or cancelled it

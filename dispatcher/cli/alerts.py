@@ -6,12 +6,15 @@ The logic lives in alerting.py; this module only parses options and prints. Numb
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 
 from .. import alerting
 from ..errors import UsageError
+from ..runtime import Runtime
+from ..store import OPEN_STATES
 from .console import emit_json, err, out, runtime
 
 alert_app = typer.Typer(no_args_is_help=True, help="Early warning: reach one resident now, escalate until confirmed.")
@@ -34,12 +37,8 @@ def alert_send(
         phone=phone, fraud_type=fraud_type, name=name, source=source, external_id=external_id, actor="operator"
     )
     taken = alerting.send_alert(rt, req)
-    if rt.settings.embedded:
-        # no worker process will take the runs from an in-process broker: send them here before returning
-        from ..follow import follow_run
-
-        for run_id in taken.fired:
-            follow_run(rt, run_id, embedded=True)
+    if rt.settings.embedded and taken.fired:
+        _send_here(rt, taken.fired)
     data = {**alerting.alert_json(taken.alert), "created": taken.created, "fired": taken.fired}
     if as_json:
         emit_json(data)
@@ -53,6 +52,28 @@ def alert_send(
         )
     else:
         out.print(f"alert {a.id} exists for id {a.external_id} ({a.status}): nothing new sent", markup=False)
+
+
+def _send_here(rt: Runtime, run_ids: list[str], timeout: float = 120.0) -> None:
+    """No worker process takes runs from an in-process broker: send them here before returning."""
+    from ..workers import start_worker, stop_worker, stub_idle
+
+    worker, heartbeat = start_worker(rt)
+    try:
+        deadline = time.monotonic() + timeout
+        idle_since: float | None = None
+        while time.monotonic() < deadline and not rt.fatal:
+            if not any(rt.store.counts(r).get(s) for r in run_ids for s in OPEN_STATES):
+                return
+            if stub_idle(rt):
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 1.0:
+                    return  # what is still open waits on an operator (unknown rows)
+            else:
+                idle_since = None
+            time.sleep(0.1)
+    finally:
+        stop_worker(rt, worker, heartbeat)
 
 
 @alert_app.command("close")
