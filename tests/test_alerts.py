@@ -83,8 +83,9 @@ def _status(project: Project, alert_id: str) -> dict:  # type: ignore[type-arg]
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
-def _sent_to(project: Project, phone: str) -> list[dict]:  # type: ignore[type-arg]
-    return [m for m in read_outbox(project.outbox) if m.get("to") == phone]
+def _sent_to(project: Project, phone: str, channel: str = "sms") -> list[dict]:  # type: ignore[type-arg]
+    """What the outbox took for ``phone``: SMS lines, or the voice channel's call lines."""
+    return [m for m in read_outbox(project.outbox) if m.get("to") == phone and m.get("channel", "sms") == channel]
 
 
 def test_alert_sms_goes_out_on_the_urgent_lane_and_a_repeated_id_creates_nothing(redis_project: Project) -> None:
@@ -94,10 +95,12 @@ def test_alert_sms_goes_out_on_the_urgent_lane_and_a_repeated_id_creates_nothing
         assert first["created"] and first["phone"] == mask("+8613812345678")
         assert first["district"] == ""  # not in the registry, alerted all the same
         _wait(lambda: bool(_sent_to(project, "+8613812345678")), 20, "the alert SMS")
+        _wait(lambda: bool(_sent_to(project, "+8613812345678", "voice")), 20, "the alert call")
         again = _send(project, "--phone", "13812345678", "--type", "brushing", "--id", "HZ-2021-0001")
     assert again["id"] == first["id"] and not again["created"] and again["fired"] == []
     messages = _sent_to(project, "+8613812345678")
     assert len(messages) == 1
+    assert len(_sent_to(project, "+8613812345678", "voice")) == 1  # and one call, at once
     assert "刷单返利" in messages[0]["body"] and first["id"] in messages[0]["body"]
     assert "退订" not in messages[0]["body"]  # a warning to one person carries no opt-out line
     listed = json.loads(project.dispatch("alerts", "--json").stdout)["alerts"]
