@@ -46,7 +46,11 @@ echo "== 6. auditors: the hash-chained ledger verifies, and this quarter's cover
 dispatch audit verify
 dispatch report coverage
 
-echo "== 7. early warning: one resident alerted by SMS and call at once (alerting.yaml), then the case closed"
+echo "== 7. the annual assessment (考核): this quarter, every department and town against targets.yaml"
+read -r YEAR QUARTER < <(python -c 'import datetime, os, zoneinfo; t=datetime.datetime.fromisoformat(os.environ["DISPATCH_FAKE_NOW"]) if os.environ.get("DISPATCH_FAKE_NOW") else datetime.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")); print(t.year, f"Q{(t.month - 1) // 3 + 1}")')
+dispatch report assessment --year "$YEAR" --quarter "$QUARTER"
+
+echo "== 8. early warning: one resident alerted by SMS and call at once (alerting.yaml), then the case closed"
 RESIDENT=$(python -c 'import csv; print(next(csv.DictReader(open("var/residents.csv", encoding="utf-8")))["phone"])')
 GRID=$(python -c 'import csv; print(next(csv.DictReader(open("var/residents.csv", encoding="utf-8")))["grid"])')
 printf 'grid,role,name,phone\n%s,grid_worker,网格员,13900000001\n%s,police_duty,警格值班,13900000002\n' \

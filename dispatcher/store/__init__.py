@@ -36,7 +36,8 @@ own module and each owning its tables and queries::
       keep_ringback / ringback_kept / create_restore_run      what an enrolment changed, and its restore
     store.accounts   (_accounts.py)                           accounts, sessions, login throttle
     store.audit      (_audit.py)                              ledger verification, event log, audit chain
-    store.reports    (_reports.py)                            aggregates for the assessment reports
+    store.reports    (_reports.py)                            aggregates for the reports: coverage, departments
+                                                              and spend, failures, the annual assessment
     store.dashboard  (_dashboard.py)                          reads the dashboard's pages need
     store.traces     (_traces.py)                             a delivery's attempts and HTTP traces, trace purge
     store.alerts     (_alerts.py)                             early-warning alerts, their steps and chains,
@@ -52,15 +53,20 @@ from ``dispatcher.store`` only. SQL stays inside this package; callers get recor
 from ._accounts import Credentials, StoredAccount
 from ._alerts import AlertRecord, AlertStep, Milestone, NewAlert, RosterEntry
 from ._reports import (
+    ASSESSED_STATES,
     FAILED_STATES,
     REACHED_STATES,
+    AssessmentCounts,
     CoverageCounts,
     DepartmentCounts,
     FailureCount,
     OwnerFailures,
     OwnerRuns,
     OwnerSends,
+    Profile,
+    QuarterReach,
     Reach,
+    RunSpend,
     Window,
 )
 from ._rows import as_utc
@@ -99,6 +105,7 @@ from .provider import PROVIDER_STATES, AwaitingReport, StateChange
 from .sql import DuplicateRun, LeaseLost, SqlStore, iter_chunks, open_store, utcnow
 
 __all__ = [
+    "ASSESSED_STATES",
     "AUDIT_CHAIN",
     "CANCELLED",
     "DELIVERED",
@@ -119,6 +126,7 @@ __all__ = [
     "UNKNOWN",
     "AlertRecord",
     "AlertStep",
+    "AssessmentCounts",
     "AttemptRow",
     "AudienceFilter",
     "AwaitingReport",
@@ -140,6 +148,8 @@ __all__ = [
     "OwnerFailures",
     "OwnerRuns",
     "OwnerSends",
+    "Profile",
+    "QuarterReach",
     "Reach",
     "RecentRun",
     "Resident",
@@ -147,6 +157,7 @@ __all__ = [
     "RunProgress",
     "RunRecord",
     "RunSpec",
+    "RunSpend",
     "SqlStore",
     "StateChange",
     "StoredAccount",
