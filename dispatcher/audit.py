@@ -56,7 +56,7 @@ class ChainResult:
 
 
 def verify(store: SqlStore, run_id: str | None = None) -> Iterator[ChainResult]:
-    """Verify one run's chain, or every run's and the audit chain; yields one result per chain."""
+    """Verify one run's chain, or every run's, the audit chain and every alert's; yields one result per chain."""
     if run_id is not None:
         store.get_run(run_id)  # unknown id -> UsageError (exit 2)
     for rid in store.audit.run_ids(run_id):
@@ -65,6 +65,10 @@ def verify(store: SqlStore, run_id: str | None = None) -> Iterator[ChainResult]:
     if run_id is None:
         events, problem = store.audit.verify_audit_chain()
         yield ChainResult(AUDIT_CHAIN, events, problem)
+        # every early-warning alert keeps its own chain (created, steps fired, milestones, closed)
+        for chain_id in store.alerts.chain_ids():
+            events, problem = store.audit.verify_side_chain(chain_id)
+            yield ChainResult(chain_id, events, problem)
 
 
 # ------------------------------------------------------------------ filters

@@ -300,8 +300,10 @@ class Campaign(_Model):
     co_owners: list[str] = Field(default_factory=list)
     #: the plan (themes.yaml) the campaign belongs to: never scheduled, fired or run outside its period
     plan: str | None = None
-    #: "sms", or "ringback": numbers are enrolled with a warning tone for ``window`` and restored after
-    channel: Literal["sms", "ringback"] = "sms"
+    #: "sms"; "ringback": numbers are enrolled with a warning tone for ``window`` and restored after;
+    #: "voice": one call each, the warning spoken and repeated, press 1 to confirm (small audiences only,
+    #: DISPATCH_VOICE_MAX_AUDIENCE)
+    channel: Literal["sms", "ringback", "voice"] = "sms"
     template: str | None = None
     #: quarter -> template (every year alike), or "plan": the plan's theme of each quarter of each year
     themes: dict[Literal["Q1", "Q2", "Q3", "Q4"], str] | Literal["plan"] | None = None
@@ -341,6 +343,8 @@ class Campaign(_Model):
             raise ValueError("budget is for SMS campaigns: ringback enrolments are not priced")
         if self.channel == "ringback" and self.gateways:
             raise ValueError("gateways is for SMS campaigns; a ringback campaign uses DISPATCH_RINGBACK_GATEWAY")
+        if self.channel == "voice" and self.gateways:
+            raise ValueError("gateways is for SMS campaigns; a voice campaign uses DISPATCH_VOICE_GATEWAY")
         if self.channel == "ringback" and self.window is None:
             raise ValueError("a ringback campaign needs a window with start and end")
         if self.channel != "ringback" and self.window is not None:

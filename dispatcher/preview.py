@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .campaigns import LoadedCampaign
+from .channels import VOICE, voice_script
 from .costs import cny
 from .runs import audience_filter, run_price
 from .sms import split_parts
@@ -56,12 +57,14 @@ class Preview:
     variants: list[Variant]
     #: the template a run would use now
     template_now: str
+    #: SMS parts a run would send now; for a voice campaign, calls it would place
     total_parts: int
     #: district id -> parts a run would send there now
     parts_by_district: dict[str, int]
     #: CNY per part the estimate uses (the dearest provider the campaign may send through)
     price_per_part: float
     budget: float | None = None
+    channel: str = "sms"
 
     @property
     def cost(self) -> float:
@@ -86,6 +89,7 @@ class Preview:
             "variants": [v.as_dict() for v in self.variants],
             "template_now": self.template_now,
             "total_parts": self.total_parts,
+            "channel": self.channel,
             "parts_by_district": self.parts_by_district,
             "price_per_part": self.price_per_part,
             "cost_cny": self.cost,
@@ -98,8 +102,14 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
     """Count the audience and render every variant; the total parts use the template of now."""
     audience = audience_filter(loaded)
     matrix = runtime.store.audience_matrix(audience)
+    voice = loaded.campaign.channel == VOICE
     variants = []
     for name in loaded.template_names():
+        if voice:
+            # what a call says (twice, then asks for 1): one "part" per call, no SMS signature or opt-out
+            said = voice_script(loaded.composer_for(name), SAMPLE_RECIPIENT)
+            variants.append(Variant(name, said, "voice", len(said), 1, [said]))
+            continue
         text, seg = loaded.composer_for(name).render(SAMPLE_RECIPIENT)
         variants.append(Variant(name, text, seg.encoding, seg.chars, seg.parts, split_parts(text)))
     current = loaded.template_now_or_next(runtime.clock())
@@ -110,6 +120,10 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
         if row.opted_out:
             continue
         recipients += 1
+        if voice:
+            total_parts += 1
+            parts_by_district[row.district] = parts_by_district.get(row.district, 0) + 1
+            continue
         parts = composer.render({"name": row.name, "district": row.district, "grid": row.grid})[1].parts
         total_parts += parts
         parts_by_district[row.district] = parts_by_district.get(row.district, 0) + parts
@@ -124,6 +138,7 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
         variants=variants,
         template_now=current,
         total_parts=total_parts,
+        channel=loaded.campaign.channel,
         parts_by_district=parts_by_district,
         price_per_part=run_price(runtime, loaded),
         budget=loaded.campaign.budget,

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .actors import declared
-from .batch import run_campaign
+from .batch import context_from_run, run_campaign
 from .campaigns import LoadedCampaign, parse_duration
+from .channels import VOICE, channel_of, voice_script
 from .costs import cny, estimate_price, over_budget
 from .errors import UsageError
 from .keys import delivery_key
 from .phones import InvalidPhone, normalise
-from .providers.base import LookupRequest
+from .providers.base import Gateway, LookupRequest
 from .store import (
     DELIVERED,
     FAILED,
@@ -81,6 +82,8 @@ def run_spec(
         gateway=(
             runtime.settings.ringback_gateway
             if c.channel == "ringback"
+            else runtime.settings.voice_gateway
+            if c.channel == "voice"
             else ",".join(c.gateways or runtime.settings.gateways)
         )[:32],
         campaign_path=str(loaded.path),
@@ -128,7 +131,28 @@ def refuse_pointless_run(runtime: Runtime, loaded: LoadedCampaign) -> int:
     if eligible <= 0:
         why = "no resident matches it" if selected == 0 else f"all {selected} selected residents opted out"
         raise loaded.located.error(f"{why}: nothing to send", ("audience",))
+    refuse_oversized_voice(runtime, loaded, eligible)
     return eligible
+
+
+def refuse_oversized_voice(runtime: Runtime, loaded: LoadedCampaign, eligible: int | None = None) -> None:
+    """Refuse (exit 2, nothing written) a voice campaign that would call more than DISPATCH_VOICE_MAX_AUDIENCE.
+
+    Calls are for small, urgent audiences: each occupies a line for half a minute or more, and a
+    mistaken audience of thousands would ring every one of them.
+    """
+    if loaded.campaign.channel != "voice":
+        return
+    if eligible is None:
+        matrix = runtime.store.audience_matrix(audience_filter(loaded))
+        eligible = sum(v["selected"] - v["opted_out"] for v in matrix["by_district"].values())
+    limit = runtime.settings.voice_max_audience
+    if eligible > limit:
+        raise loaded.located.error(
+            f"a voice campaign may call at most {limit} people (DISPATCH_VOICE_MAX_AUDIENCE); "
+            f"this audience has {eligible}: narrow it or send SMS",
+            ("audience",),
+        )
 
 
 def start_run(
@@ -142,6 +166,7 @@ def start_run(
     fence: tuple[str, str, int] | None = None,
 ) -> CreatedRun:
     """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
+    refuse_oversized_voice(runtime, loaded)
     spec = dataclasses.replace(
         run_spec(runtime, loaded, fire_time=fire_time, as_of=as_of), actor=actor, again_reason=again_reason
     )
@@ -190,11 +215,16 @@ class DryRunRow:
 def dry_run(runtime: Runtime, loaded: LoadedCampaign, as_of: datetime | None = None) -> Iterator[DryRunRow]:
     """Select and render exactly as a run would, streaming; writes and sends nothing."""
     composer = loaded.composer(as_of or runtime.clock())
+    voice = loaded.campaign.channel == VOICE
     for row in runtime.store.iter_audience(audience_filter(loaded)):
         if row.opted_out:
             yield DryRunRow(row.phone, row.district, "", 0, "", "opted_out")
             continue
-        text, seg = composer.render({"name": row.name, "district": row.district, "grid": row.grid})
+        recipient = {"name": row.name, "district": row.district, "grid": row.grid}
+        if voice:
+            yield DryRunRow(row.phone, row.district, voice_script(composer, recipient), 1, "voice", None)
+            continue
+        text, seg = composer.render(recipient)
         yield DryRunRow(row.phone, row.district, text, seg.parts, seg.encoding, None)
 
 
@@ -301,6 +331,11 @@ def why_still_open(runtime: Runtime, run_id: str, st: RunStatus) -> str:
     return "; ".join(parts)
 
 
+def run_gateway(runtime: Runtime, run: RunRecord) -> Gateway:
+    """The gateway a run's messages went through, as its channel says (SMS or voice)."""
+    return channel_of(context_from_run(run)).gateway(runtime, context_from_run(run))
+
+
 def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], actor: str) -> tuple[int, int]:
     """Settle rows left in ``sending``: the gateway has the key -> ``sent``; else back to ``pending``.
 
@@ -314,7 +349,7 @@ def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], act
     if run.channel.startswith("ringback"):
         # enrolment and restore are idempotent (ringback adapters): doing one again is safe
         return 0, store.requeue(orphans, actor=actor)
-    gateway = runtime.gateway_for(run_campaign(run).gateways)
+    gateway = run_gateway(runtime, run)
     if not gateway.can_lookup:
         # the provider cannot say what it took: resending could double-send, an operator decides
         settled = store.provider_events.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
@@ -397,7 +432,7 @@ def reconcile_unknown(runtime: Runtime, run_id: str) -> tuple[int, int]:
     if store.get_run(run_id).channel.startswith("ringback"):
         # ringback enrol/restore calls are idempotent: try them again rather than ask
         return store.provider_events.settle_unknown(run_id, {}, [r.id for r in rows], gateway="ringback")
-    gateway = runtime.gateway_for(run_campaign(store.get_run(run_id)).gateways)
+    gateway = run_gateway(runtime, store.get_run(run_id))
     if not gateway.can_lookup:
         # the provider cannot tell us what it took: resending could double-send, so an operator decides
         log.warning("run.unknown_left", unknown=len(rows), gateway=gateway.name)
@@ -462,6 +497,8 @@ class RunStatus:
     #: what the carriers reported of what was handed over: delivered, undelivered, unconfirmed (no final
     #: report by DISPATCH_DLR_DEADLINE) and awaiting (still ``sent``)
     delivery_reports: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: voice runs: calls placed, answered (``delivered``), confirmed (pressed 1), and why the rest failed
+    calls: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The status as the CLI's ``--json`` prints it: times as ISO 8601 strings."""
@@ -508,6 +545,7 @@ def status(runtime: Runtime, run_id: str) -> RunStatus:
         },
         stalled=stalled,
         last_progress=last_progress,
+        calls=store.voice.call_outcomes(run_id) if run.channel == "voice" else {},
     )
 
 

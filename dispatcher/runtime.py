@@ -30,7 +30,7 @@ from .themes import Plan
 if TYPE_CHECKING:
     import dramatiq
 
-    from .providers.base import Gateway, RingbackGateway
+    from .providers.base import Gateway, RingbackGateway, VoiceGateway
     from .providers.failover import CircuitBreaker
 
 
@@ -54,6 +54,9 @@ class Runtime:
     ringback_factory: Callable[[Settings], RingbackGateway] | None = None
     _ringback: RingbackGateway | None = None
     _plans: dict[str, Plan] | None = None
+    #: builds the voice adapter (tests inject one); default: DISPATCH_VOICE_GATEWAY
+    voice_factory: Callable[[Settings], VoiceGateway] | None = None
+    _voice: VoiceGateway | None = None
     #: set when the process is asked to stop (SIGTERM): batches hand out no new sends and release the rest
     stopping: threading.Event = field(default_factory=threading.Event)
     #: why this process cannot go on (its delivery log cannot be written); the embedded run reports it
@@ -158,6 +161,19 @@ class Runtime:
             return self._ringback
 
     @property
+    def voice(self) -> VoiceGateway:
+        """The voice-call adapter ``DISPATCH_VOICE_GATEWAY`` names (``providers/``), built on first use."""
+        with self._lock:
+            if self._voice is None:
+                if self.voice_factory is not None:
+                    self._voice = self.voice_factory(self.settings)
+                else:
+                    from .providers.registry import create_voice
+
+                    self._voice = create_voice(self.settings)
+            return self._voice
+
+    @property
     def broker(self) -> dramatiq.Broker:
         with self._lock:
             if self._broker is None:
@@ -169,6 +185,8 @@ class Runtime:
             adapter.close()
         if self._ringback is not None:
             self._ringback.close()
+        if self._voice is not None:
+            self._voice.close()
         if self._store is not None:
             self._store.close()
         if self._broker is not None:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 from apscheduler.triggers.base import BaseTrigger
 
-from . import metrics
+from . import alerting, metrics
 from .campaigns import LoadedCampaign, campaign_files, check_paths, make_trigger, next_after, parse_duration
 from .costs import over_budget
 from .dlr import DeliveryReportSweep
@@ -169,6 +169,8 @@ class Scheduler:
         #: this leader's fencing token (leader_fences); None while it has not taken the fence
         self.token: int | None = None
         self.watchdog = Watchdog(runtime)
+        #: one pass over the alerts at a time in this process (the tick and the alert loop both fire steps)
+        self._alerts_lock = threading.Lock()
         #: chases delivery reports that never came, beside (not inside) the watchdog
         self.reports_sweep = DeliveryReportSweep(runtime)
         self._signature: tuple[Any, ...] = ()
@@ -237,6 +239,8 @@ class Scheduler:
                 log.warning("scheduler.fence_unavailable", error=str(exc))
                 return 0
             log.info("scheduler.fenced", fence=self.token)
+        # early-warning steps first: a resident in contact with a fraudster does not wait for campaign fires
+        self.fire_alert_steps()
         fired = 0
         for entry in list(self.entries.values()):
             try:
@@ -252,6 +256,24 @@ class Scheduler:
         self.watchdog.tick()
         self.reports_sweep.tick()
         return fired
+
+    def fire_alert_steps(self) -> None:
+        """As leader, record what alerts' runs did and fire the escalation steps now due (each exactly once:
+        a step is taken with a conditional UPDATE in the transaction that creates its run)."""
+        if not self._alerts_lock.acquire(blocking=False):
+            return  # the other loop of this process is at it
+        try:
+            alerting.tick(self.runtime, actor=f"scheduler:{self.holder}")
+        except DispatchError as exc:
+            log.error("scheduler.alerts_failed", error=str(exc))
+        finally:
+            self._alerts_lock.release()
+
+    def _alert_loop(self, stop: threading.Event) -> None:
+        """Escalation steps on their own beat: a long watchdog or report sweep in ``tick`` never delays one."""
+        while not stop.wait(self.runtime.settings.scheduler_tick):
+            if self.is_leader and self.token is not None:
+                self.fire_alert_steps()
 
     #: monotonic time of the next ringback sweep (the leader sweeps every RINGBACK_SWEEP_SECONDS)
     _ringback_due_at: float = 0.0
@@ -375,6 +397,7 @@ class Scheduler:
             signal.signal(signal.SIGINT, lambda *_: stop.set())
             signal.signal(signal.SIGHUP, lambda *_: reload.set())
         log.info("scheduler.started", holder=self.holder, lease_s=self.runtime.settings.scheduler_lease)
+        threading.Thread(target=self._alert_loop, args=(stop,), name="alert-steps", daemon=True).start()
         try:
             while True:
                 if reload.is_set():

@@ -16,6 +16,7 @@ import structlog
 from . import metrics
 from .batch import RUNS, BatchResult, RunContext, outcome_for, seconds_until
 from .campaigns import parse_duration
+from .channels import channel_of
 from .errors import (
     AmbiguousSendError,
     GatewayDown,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = structlog.get_logger("dispatcher.sender")
-SMS = "sms"
 
 
 def settled_outcome(row: Claimed, gateway: str, state: str, outcome: str, **fields: Any) -> Outcome:
@@ -51,9 +51,10 @@ def internal_message(exc: BaseException) -> str:
 
 
 def gateway_of(runtime: Runtime, context: RunContext) -> Gateway:
-    """The gateway a run sends through: its campaign's ``gateways:`` list, else ``DISPATCH_GATEWAY``
-    (one adapter, or a failover list that looks like one)."""
-    return runtime.gateway_for(context.campaign.gateways if context.campaign is not None else None)
+    """The gateway a run sends through, as its channel says: an SMS run its campaign's ``gateways:`` list,
+    else ``DISPATCH_GATEWAY`` (one adapter, or a failover list that looks like one); a voice run
+    ``runtime.voice``."""
+    return channel_of(context).gateway(runtime, context)
 
 
 def _send_chunk(gateway: Any, messages: list[OutgoingMessage]) -> list[SendResult | SendError]:
@@ -83,7 +84,8 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
     or the send window closed; rows not handed over then are left in ``gate.unsent``.
     """
     now = runtime.clock()
-    gateway = gateway_of(runtime, context)
+    channel = channel_of(context)
+    gateway = channel.gateway(runtime, context)
     outcomes: list[Outcome] = []
     to_send: list[tuple[Claimed, OutgoingMessage]] = []
 
@@ -98,7 +100,7 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
             outcomes.append(settled(row, EXPIRED, "skipped", reason="send_by_passed"))
             continue
         try:
-            body, seg = context.composer.render({"name": row.name, "district": row.district, "grid": row.grid})
+            composed = channel.compose(context, {"name": row.name, "district": row.district, "grid": row.grid})
         except TemplateError as exc:
             outcomes.append(settled(row, FAILED, "failed", error_code="template.render", error_message=exc.message))
             continue
@@ -116,11 +118,12 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
                     run_id=row.run_id,
                     campaign_id=context.campaign_id,
                     to=row.phone,
-                    body=body,
-                    parts=seg.parts,
-                    encoding=seg.encoding,
+                    body=composed.body,
+                    parts=composed.parts,
+                    encoding=composed.encoding,
                     send_by=context.send_by,
                     priority=context.priority,
+                    delivery_id=row.id,
                 ),
             )
         )
@@ -336,7 +339,10 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
             raise
         # never return (ack the message) before the results are in the log: retried, spooled meanwhile
         record_durably(runtime, outcomes)
-        metrics.batch_done(outcomes, lane=context.priority, campaign=context.campaign_id, channel=SMS, started=started)
+        metrics.batch_done(
+            outcomes, lane=context.priority, campaign=context.campaign_id, channel=channel_of(context).name,
+            started=started,
+        )  # fmt: skip
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[o.outcome] = counts.get(o.outcome, 0) + 1

@@ -175,6 +175,12 @@ class Settings:
     ringback_gateway: str = "outbox"
     #: config file of the carrier-http ringback adapter
     ringback_config: Path | None = None
+    #: voice-call adapter: outbox (default, drills: no call is placed), twilio, http
+    voice_gateway: str = "outbox"
+    #: config file of the http voice adapter (same format as DISPATCH_HTTP_CONFIG)
+    voice_config: Path | None = None
+    #: largest audience a voice campaign may call: calls are for small, urgent audiences
+    voice_max_audience: int = 500
     #: signs dashboard session cookies (HMAC-SHA256), at least 32 characters; empty = a random secret kept
     #: in the delivery log (sessions themselves are rows there, so they can be ended at once)
     session_secret: str = ""
@@ -296,6 +302,9 @@ class Settings:
             http_report_secret=env.get("DISPATCH_HTTP_REPORT_SECRET", ""),
             ringback_gateway=env.get("DISPATCH_RINGBACK_GATEWAY") or "outbox",
             ringback_config=Path(env["DISPATCH_RINGBACK_CONFIG"]) if env.get("DISPATCH_RINGBACK_CONFIG") else None,
+            voice_gateway=env.get("DISPATCH_VOICE_GATEWAY") or "outbox",
+            voice_config=Path(env["DISPATCH_VOICE_CONFIG"]) if env.get("DISPATCH_VOICE_CONFIG") else None,
+            voice_max_audience=_positive(env, "DISPATCH_VOICE_MAX_AUDIENCE", 500),
             session_secret=_session_secret(env),
             session_max_age=_int(env, "DISPATCH_SESSION_MAX_AGE", 8 * 3600),
             web_host=env.get("DISPATCH_WEB_HOST") or "127.0.0.1",

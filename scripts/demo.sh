@@ -54,6 +54,17 @@ echo "== 7. the annual assessment (考核): this quarter, every department and t
 read -r YEAR QUARTER < <(python -c 'import datetime, os, zoneinfo; t=datetime.datetime.fromisoformat(os.environ["DISPATCH_FAKE_NOW"]) if os.environ.get("DISPATCH_FAKE_NOW") else datetime.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")); print(t.year, f"Q{(t.month - 1) // 3 + 1}")')
 dispatch report assessment --year "$YEAR" --quarter "$QUARTER"
 
+echo "== 8. early warning: one resident alerted by SMS and call at once (alerting.yaml), then the case closed"
+RESIDENT=$(python -c 'import csv; print(next(csv.DictReader(open("var/residents.csv", encoding="utf-8")))["phone"])')
+GRID=$(python -c 'import csv; print(next(csv.DictReader(open("var/residents.csv", encoding="utf-8")))["grid"])')
+printf 'grid,role,name,phone\n%s,grid_worker,网格员,13900000001\n%s,police_duty,警格值班,13900000002\n' \
+  "$GRID" "$GRID" > var/roster.csv
+dispatch roster import var/roster.csv
+ALERT=$(dispatch alert send --phone "$RESIDENT" --type impersonating_police --id DEMO-0001 --source "demo" --json \
+  | python -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+dispatch alert close "$ALERT" --outcome dissuaded --note "demo: reached by phone, no transfer made"
+dispatch alert status "$ALERT"
+
 cat <<TXT
 
 == done: run $RUN is in var/dispatch.db, the default delivery log. Next steps (see README):

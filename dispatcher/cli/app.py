@@ -5,7 +5,7 @@ as one line (``path:line:column: field: message``) with no traceback, before
 anything is written or sent.
 
 Each command group lives in its own module (campaigns, runs, processes, ringback,
-audience, audit, traces, reports, users) and only parses options and prints; the work is
+audience, audit, traces, reports, users, alerts) and only parses options and prints; the work is
 done by the pipeline modules they call. This module is the one place that puts
 them together: the order below is the order ``dispatch --help`` lists them in.
 """
@@ -20,7 +20,7 @@ import typer
 from .. import logs
 from ..errors import DispatchError, InputError
 from ..redact import scrub
-from . import audience, audit, campaigns, processes, reports, ringback, runs, traces, users
+from . import alerts, audience, audit, campaigns, processes, reports, ringback, runs, traces, users
 from .console import State, err
 
 app = typer.Typer(
@@ -50,6 +50,11 @@ app.command("trace")(traces.trace)
 app.command("purge")(traces.purge)
 app.add_typer(reports.report_app, name="report")
 app.add_typer(users.users_app, name="users")
+app.add_typer(alerts.alert_app, name="alert")
+app.command("alerts")(alerts.alerts_list)
+app.add_typer(alerts.roster_app, name="roster")
+app.add_typer(alerts.apikeys_app, name="apikeys")
+reports.report_app.command("alerts")(alerts.report_alerts)
 
 
 def _click_classes(name: str) -> tuple[type[BaseException], ...]:

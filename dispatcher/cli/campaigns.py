@@ -13,6 +13,7 @@ from .. import domain
 from ..campaigns import check_paths, load_campaign, upcoming_fires
 from ..errors import InputError, UsageError
 from ..preview import preview as build_preview
+from ..providers.base import CONFIRM_PROMPT
 from ..sms import part_lines
 from ..targets import load as load_targets
 from .console import emit_json, err, matrix_table, out, runtime
@@ -80,6 +81,10 @@ def preview(
         out.print(f"{d.name} {totals[d.id]} in {len(grids)} grid(s): {listed}", markup=False)
     for v in report.variants:
         marker = " (this quarter)" if v.template == report.template_now else ""
+        if report.channel == "voice":
+            out.print(Text.assemble("\n", (str(v.template), "bold"), f"{marker}: a call says, in Mandarin, twice:"))
+            out.print(f"{v.text} {CONFIRM_PROMPT}", markup=False)
+            continue
         out.print(
             Text.assemble(
                 "\n",
@@ -89,6 +94,9 @@ def preview(
         )
         for line in part_lines(str(v.text)):  # where each part ends, as handsets and providers split it
             out.print(line, markup=False)
+    if report.channel == "voice":
+        out.print(f"\nrecipients {report.recipients}, opted out {report.opted_out}, calls {report.total_parts}")
+        return
     out.print(f"\nrecipients {report.recipients}, opted out {report.opted_out}, total parts {report.total_parts}")
     costs = report.district_costs()
     out.print(f"cost at {report.price_per_part:g} CNY a part (DISPATCH_PART_PRICES):", markup=False)

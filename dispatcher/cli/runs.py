@@ -63,6 +63,9 @@ def progress_follow(rt: Runtime, run_id: str, *, embedded: bool, show: bool) -> 
         return follow_run(rt, run_id, embedded=embedded, on_progress=on_progress)
 
 
+_CALL_HEAD = ("placed", "answered", "confirmed")
+
+
 def print_summary(st: RunStatus, console: SafeConsole = out) -> None:
     table = Table(title=f"run {st.run_id} — {st.campaign_id} ({st.status})")
     states = [s for s in SUMMARY_STATES if any(s in v for v in st.by_district.values())]
@@ -85,6 +88,13 @@ def print_summary(st: RunStatus, console: SafeConsole = out) -> None:
             why = ", ".join(f"{code} {n}" for code, n in sorted(codes.items()))
             console.print(f"failover: {name} passed over {sum(codes.values())} times ({why})", markup=False)
         console.print(f"failover: {gateways['failed_over']} messages went out through a later gateway", markup=False)
+    if st.calls:
+        failed = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in st.calls.items() if k not in _CALL_HEAD)
+        console.print(
+            f"calls: {st.calls['placed']} placed, {st.calls['answered']} answered, "
+            f"{st.calls['confirmed']} confirmed (pressed 1)" + (f"; not reached: {failed}" if failed else ""),
+            markup=False,
+        )
     reports = st.delivery_reports
     if any(reports.values()):
         console.print(

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
     from ..settings import Settings
 
-#: what a provider can carry: text messages, or the ringback tone (彩铃) callers of a number hear
-Channel = Literal["sms", "ringback"]
+#: what a provider can carry: text messages, the ringback tone (彩铃) callers of a number hear, or voice calls
+Channel = Literal["sms", "ringback", "voice"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class OutgoingMessage:
     #: do not deliver after this moment (provider-side validity where supported)
     send_by: datetime | None = None
     priority: str = "bulk"
+    #: the delivery row this message is for: a voice call's TwiML and key-press URLs name it (never the number)
+    delivery_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,35 @@ class RingbackGateway(Protocol):
     def close(self) -> None: ...
 
 
+class VoiceGateway(Gateway, Protocol):
+    """Places one call per message: ``body`` is what is said, ``delivery_id`` names the row in our URLs.
+
+    The same contract as an SMS gateway (``send``/``send_many``/``lookup``), so a voice run gets
+    every guarantee of the batch skeleton: a call the provider accepted is ``sent`` with the
+    call's id; ``answered`` -> ``delivered``; busy, no answer, failed, canceled -> ``failed``
+    (``CALL_STATUSES``).
+    """
+
+
+#: what a call asks after each saying of the warning: the listener confirms they heard it with 1
+CONFIRM_PROMPT = "如您已听清以上提醒，请按1确认。"
+
+#: a provider's call status -> (the delivery-report word ``apply_status`` understands, our error code).
+#: Answered and completed calls were heard; the rest never were. Unknown words are ignored.
+CALL_STATUSES: dict[str, tuple[str, str | None]] = {
+    "queued": ("sent", None),
+    "initiated": ("sent", None),
+    "ringing": ("sent", None),
+    "answered": ("delivered", None),
+    "in-progress": ("delivered", None),
+    "completed": ("delivered", None),
+    "busy": ("failed", "voice.busy"),
+    "no-answer": ("failed", "voice.no_answer"),
+    "failed": ("failed", "voice.failed"),
+    "canceled": ("failed", "voice.canceled"),
+}
+
+
 class DeliveryReports(Protocol):
     """The port through which a provider's webhooks change delivery state.
 
@@ -210,11 +241,22 @@ class DeliveryReports(Protocol):
         """The warning the newest ringback run of the campaign says; None when there is none to say."""
         ...
 
+    def voice_script(self, delivery_id: int) -> str | None:
+        """What the call of voice delivery ``delivery_id`` says; None when there is no such call."""
+        ...
+
+    def key_press(self, delivery_id: int | None, digits: str, *, call_sid: str | None, actor: str) -> str:
+        """Record a key press on that call (None: the call ``call_sid``, as a carrier's report names it):
+        ``confirmed`` (1), ``repeated`` (1 again), ``recorded`` (another key) or ``unknown``."""
+        ...
+
 
 #: builds an SMS adapter from the settings
 GatewayFactory = Callable[["Settings"], Gateway]
 #: builds a ringback adapter; tests inject the HTTP transport and extra headers
 RingbackFactory = Callable[..., RingbackGateway]
+#: builds a voice adapter; tests inject the HTTP transport and extra headers
+VoiceFactory = Callable[..., VoiceGateway]
 #: a provider's webhook routes, given the port they write through and the settings
 RoutesFactory = Callable[[DeliveryReports, "Settings"], "list[BaseRoute]"]
 
@@ -241,15 +283,22 @@ class Provider:
     ringback: RingbackFactory | None = None
     routes: RoutesFactory | None = None
     reports_for: tuple[str, ...] | None = None
+    #: what ``DISPATCH_VOICE_GATEWAY`` calls this provider's voice adapter
+    voice_name: str | None = None
+    voice: VoiceFactory | None = None
 
     def __post_init__(self) -> None:
         if ("sms" in self.channels) != (self.gateway is not None):
             raise ValueError(f"provider {self.name!r}: the sms channel and an SMS adapter go together")
         if ("ringback" in self.channels) != (self.ringback is not None and self.ringback_name is not None):
             raise ValueError(f"provider {self.name!r}: the ringback channel needs a named ringback adapter")
+        if ("voice" in self.channels) != (self.voice is not None and self.voice_name is not None):
+            raise ValueError(f"provider {self.name!r}: the voice channel needs a named voice adapter")
 
 
 __all__ = [
+    "CALL_STATUSES",
+    "CONFIRM_PROMPT",
     "BaseGateway",
     "Channel",
     "DeliveryReports",
@@ -262,4 +311,5 @@ __all__ = [
     "RingbackRequest",
     "RingbackResult",
     "SendResult",
+    "VoiceGateway",
 ]

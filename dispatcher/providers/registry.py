@@ -1,7 +1,8 @@
 """Providers by name: each provider package registers its ``Provider`` here, the runtime asks by name.
 
 ``DISPATCH_GATEWAY`` names a provider serving the ``sms`` channel,
-``DISPATCH_RINGBACK_GATEWAY`` a ringback adapter by its ``ringback_name``; the
+``DISPATCH_RINGBACK_GATEWAY`` a ringback adapter by its ``ringback_name``,
+``DISPATCH_VOICE_GATEWAY`` a voice adapter by its ``voice_name``; the
 web app asks every provider for its webhook routes. The provider packages are
 imported on first use (``BUILTIN``); importing one is cheap, because a package's
 ``__init__`` only declares its ``Provider`` and builds adapters lazily.
@@ -15,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .base import DeliveryReports, Gateway, Provider, RingbackGateway
+from .base import DeliveryReports, Gateway, Provider, RingbackGateway, VoiceGateway
 
 if TYPE_CHECKING:
     import httpx
@@ -64,6 +65,10 @@ def ringback_names() -> list[str]:
     return [p.ringback_name for p in providers() if "ringback" in p.channels and p.ringback_name]
 
 
+def voice_names() -> list[str]:
+    return [p.voice_name for p in providers() if "voice" in p.channels and p.voice_name]
+
+
 def reporter_gateways() -> dict[str, tuple[str, ...]]:
     """Which gateways' rows each provider's delivery reports may move (providers that say so)."""
     return {p.name: p.reports_for for p in providers() if p.reports_for is not None}
@@ -104,6 +109,22 @@ def create_ringback(
             return provider.ringback(settings, transport=transport, extra_headers=extra_headers)
     raise ConfigError(
         f"DISPATCH_RINGBACK_GATEWAY: unknown ringback adapter {name!r} (known: {', '.join(sorted(ringback_names()))})"
+    )
+
+
+def create_voice(
+    settings: Settings,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    extra_headers: Callable[[str, str, Mapping[str, Any] | None], Mapping[str, str]] | None = None,
+) -> VoiceGateway:
+    """The voice adapter ``DISPATCH_VOICE_GATEWAY`` names."""
+    name = settings.voice_gateway
+    for provider in providers():
+        if provider.voice_name == name and provider.voice is not None:
+            return provider.voice(settings, transport=transport, extra_headers=extra_headers)
+    raise ConfigError(
+        f"DISPATCH_VOICE_GATEWAY: unknown voice adapter {name!r} (known: {', '.join(sorted(voice_names()))})"
     )
 
 

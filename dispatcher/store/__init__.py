@@ -40,6 +40,8 @@ own module and each owning its tables and queries::
                                                               and spend, failures, the annual assessment
     store.dashboard  (_dashboard.py)                          reads the dashboard's pages need
     store.traces     (_traces.py)                             a delivery's attempts and HTTP traces, trace purge
+    store.alerts     (_alerts.py)                             early-warning alerts, their steps and chains,
+                                                              the roster, API keys
 
 Groups share only the connection plumbing (``_db.Db``) and the row helpers in ``_rows``; none
 calls another's private methods. Everything else in this package (``sql``, ``control``,
@@ -49,6 +51,7 @@ from ``dispatcher.store`` only. SQL stays inside this package; callers get recor
 """
 
 from ._accounts import Credentials, StoredAccount
+from ._alerts import AlertRecord, AlertStep, Milestone, NewAlert, RosterEntry
 from ._reports import (
     ASSESSED_STATES,
     FAILED_STATES,
@@ -88,6 +91,7 @@ from .base import (
     Claimed,
     CreatedRun,
     DeliveryRow,
+    DirectRecipient,
     Outcome,
     Resident,
     RunRecord,
@@ -120,6 +124,8 @@ __all__ = [
     "UNCONFIRMED",
     "UNDELIVERED",
     "UNKNOWN",
+    "AlertRecord",
+    "AlertStep",
     "AssessmentCounts",
     "AttemptRow",
     "AudienceFilter",
@@ -131,10 +137,13 @@ __all__ = [
     "Credentials",
     "DeliveryRow",
     "DepartmentCounts",
+    "DirectRecipient",
     "DuplicateRun",
     "FailureCount",
     "FireRecord",
     "LeaseLost",
+    "Milestone",
+    "NewAlert",
     "Outcome",
     "OwnerFailures",
     "OwnerRuns",
@@ -144,6 +153,7 @@ __all__ = [
     "Reach",
     "RecentRun",
     "Resident",
+    "RosterEntry",
     "RunProgress",
     "RunRecord",
     "RunSpec",

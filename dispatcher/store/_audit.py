@@ -105,6 +105,15 @@ class AuditLog:
             ).scalar()
         return (0 if tail is None else tail + 1), problem
 
+    def verify_side_chain(self, chain_id: str) -> tuple[int, ledger.Break | None]:
+        """The same for a chain that belongs to no run (an alert's)."""
+        with self._db.read() as conn:
+            problem = ledger.verify_chain(conn, chain_id)
+            tail = conn.execute(
+                sa.select(t.ledger_chains.c.ledger_seq).where(t.ledger_chains.c.id == chain_id)
+            ).scalar()
+        return (0 if tail is None else tail + 1), problem
+
     # ------------------------------------------------------------------ the log
 
     def events(self, f: EventQuery, *, limit: int | None = None, chunk: int = 5000) -> Iterator[dict[str, Any]]:

@@ -15,10 +15,11 @@ import sqlalchemy as sa
 from sqlalchemy import func, literal, select
 from sqlalchemy.engine import Connection
 
+from ..keys import delivery_key
 from ..redact import scrub_optional
 from . import ledger
 from . import schema as t
-from .base import AttemptRow, DeliveryRow, RunSpec
+from .base import PENDING, AttemptRow, DeliveryRow, DirectRecipient, RunSpec
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -28,7 +29,7 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-_DELIVERY_TIMES = ("claimed_at", "next_attempt_at", "sent_at", "created_at", "updated_at")
+_DELIVERY_TIMES = ("claimed_at", "next_attempt_at", "sent_at", "created_at", "updated_at", "confirmed_at")
 
 
 def delivery_row(row: Any) -> DeliveryRow:
@@ -140,3 +141,72 @@ def transition(
         now,
     )
     return len(moved)
+
+
+def insert_direct_run(
+    conn: Connection, spec: RunSpec, recipients: Sequence[DirectRecipient], now: datetime, *, is_sqlite: bool
+) -> tuple[int, int]:
+    """A run over a given list of numbers (which need not be in the registry), inside the caller's transaction.
+
+    Written like a campaign's run (snapshot row, one ``pending`` delivery row per number, ``run.created``
+    with the keys' digest at the head of its chain), so claims, retries, delivery reports and the ledger
+    treat it like any other. A number repeated in the list gets one row. Returns (rows, batches).
+    """
+    insert_run(conn, spec, now)
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    for r in recipients:
+        if r.phone in seen:
+            continue
+        seen.add(r.phone)
+        rows.append(
+            {
+                "run_id": spec.run_id,
+                "key": delivery_key(spec.run_id, r.phone),
+                "resident_id": r.resident_id,
+                "phone": r.phone,
+                "district": r.district,
+                "grid": r.grid,
+                "batch_no": len(rows) // spec.batch_size,
+                "state": PENDING,
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    if rows:
+        conn.execute(sa.insert(t.deliveries), rows)
+    batches = (len(rows) + spec.batch_size - 1) // spec.batch_size
+    ledger.append(
+        conn,
+        spec.run_id,
+        [
+            ledger.Event(
+                kind="run.created",
+                actor=spec.actor,
+                payload={
+                    "campaign_id": spec.campaign_id,
+                    "campaign_sha256": spec.campaign_sha256,
+                    "template_name": spec.template_name,
+                    "template_sha256": spec.template_sha256,
+                    "fire_time": None,
+                    "total": len(rows),
+                    "pending": len(rows),
+                    "keys_sha256": keys_digest(conn, spec.run_id, is_sqlite=is_sqlite),
+                    **({"reason": spec.reason} if spec.reason else {}),
+                },
+            )
+        ],
+        now,
+    )
+    conn.execute(
+        sa.update(t.runs)
+        .where(t.runs.c.id == spec.run_id)
+        .values(
+            total=len(rows),
+            batches=batches,
+            status="running" if rows else "completed",
+            finished_at=None if rows else now,
+        )
+    )
+    return len(rows), batches

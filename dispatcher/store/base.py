@@ -56,6 +56,20 @@ class Resident:
 
 
 @dataclass(frozen=True)
+class DirectRecipient:
+    """One number of a run made from a list rather than the registry (an alert's resident, a roster).
+
+    ``resident_id`` is the registry's id when the number is known, else 0: the row is then sent with
+    no name and no opt-out of its own (the claim joins the registry loosely).
+    """
+
+    phone: str
+    district: str = ""
+    grid: str = ""
+    resident_id: int = 0
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """Everything a run snapshots at creation: the campaign and template exactly as they were."""
 
@@ -163,6 +177,8 @@ class DeliveryRow:
     sent_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    #: voice calls: when the listener pressed 1 to confirm the warning; None otherwise
+    confirmed_at: datetime | None = None
 
 
 @dataclass(frozen=True)

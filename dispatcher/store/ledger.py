@@ -36,6 +36,17 @@ GENESIS = "0" * 64
 #: the chain of audit events that belong to no run (``audit.export``: who exported unmasked numbers).
 #: Run ids look like ``20210315-080000-a1b2c3``, so this id can never collide with one.
 AUDIT_CHAIN = "audit"
+#: an early-warning alert's chain is ``alert:<alert id>`` (no run id holds a colon)
+ALERT_CHAIN_PREFIX = "alert:"
+
+
+def alert_chain(alert_id: str) -> str:
+    return f"{ALERT_CHAIN_PREFIX}{alert_id}"
+
+
+def is_side_chain(chain_id: str) -> bool:
+    """A chain that belongs to no run: its tail lives in ``ledger_chains``."""
+    return chain_id == AUDIT_CHAIN or chain_id.startswith(ALERT_CHAIN_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ def append(conn: Connection, run_id: str, events: Sequence[Event], at: datetime)
     if not events:
         return
     # a run keeps its tail on its own row; chains that belong to no run (the audit chain) in ledger_chains
-    runs = t.runs if run_id != AUDIT_CHAIN else _chain_row(conn, run_id, at)
+    runs = t.runs if not is_side_chain(run_id) else _chain_row(conn, run_id, at)
     query = sa.select(runs.c.ledger_seq, runs.c.ledger_hash).where(runs.c.id == run_id)
     if conn.dialect.name != "sqlite":
         query = query.with_for_update()
@@ -283,7 +294,11 @@ def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
         return brk
     if _sha(run.campaign_yaml) != run.campaign_sha256 or _sha(run.template_text) != run.template_sha256:
         return Break(run.id, None, None, "the run's stored campaign/template text does not match its sha256")
-    return _check_deliveries(conn, run, head_payload, chunk) or _check_attempts(conn, run)
+    return (
+        _check_deliveries(conn, run, head_payload, chunk)
+        or _check_attempts(conn, run)
+        or _check_confirmed(conn, run)
+    )
 
 
 #: events that record a gateway's answer to a hand-over: each must have its attempt row, and back
@@ -331,6 +346,32 @@ def _check_attempts(conn: Connection, run: Any) -> Break | None:
             run.id, unbacked.seq, unbacked.id,
             f"hand-over event of delivery {unbacked.delivery_id} has no attempt row",
         )  # fmt: skip
+    return None
+
+
+def _check_confirmed(conn: Connection, run: Any) -> Break | None:
+    """A voice call's confirmation (``deliveries.confirmed_at``) and its ``delivery.confirmed`` event go
+    together: a row confirmed without the event was changed behind the ledger's back, an event whose row
+    is not confirmed means the row was cleared after the fact."""
+    d, e = t.deliveries, t.events
+    confirmed_event = sa.exists().where(
+        e.c.run_id == run.id, e.c.key == d.c.key, e.c.kind == "delivery.confirmed", e.c.at == d.c.confirmed_at
+    )
+    unbacked = conn.execute(
+        sa.select(d.c.id).where(d.c.run_id == run.id, d.c.confirmed_at.is_not(None), ~confirmed_event).limit(1)
+    ).first()
+    if unbacked is not None:
+        return Break(run.id, None, None, f"delivery {unbacked.id} is confirmed but has no delivery.confirmed event")
+    cleared = conn.execute(
+        sa.select(e.c.id, e.c.seq, e.c.delivery_id)
+        .select_from(e.join(d, d.c.key == e.c.key))
+        .where(e.c.run_id == run.id, e.c.kind == "delivery.confirmed", d.c.confirmed_at.is_(None))
+        .limit(1)
+    ).first()
+    if cleared is not None:
+        return Break(
+            run.id, cleared.seq, cleared.id, f"delivery {cleared.delivery_id} was confirmed but is no longer"
+        )
     return None
 
 

@@ -24,18 +24,20 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
 #: Each column is declared on its table below as well, so a new database gets it directly.
-#: New tables (3: leader_fences; 4: sessions, login_throttle; 7: run_prices) need no entry: ``create_all`` adds
+#: New tables (3: leader_fences; 4: sessions, login_throttle; 7: run_prices; 8: alerts, alert_steps,
+#: alert_milestones, roster, api_keys) need no entry: ``create_all`` adds
 #: them, but only when the version moves (a log at this version is only read), hence a bump for each.
 MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
     4: (("accounts", "disabled"),),
     6: (("attempts", "trace_purged_at"),),
+    8: (("deliveries", "confirmed_at"),),
 }
 #: indexes an upgrade to that version creates on tables that already exist (``create_all`` leaves them alone)
 INDEX_MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -142,6 +144,8 @@ deliveries = Table(
     Column("sent_at", DateTime(timezone=True)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    #: voice calls: when the listener pressed 1 to confirm they heard the warning (``delivery.confirmed``)
+    Column("confirmed_at", DateTime(timezone=True)),
     Index("ix_deliveries_run_batch_state", "run_id", "batch_no", "state"),
     Index("ix_deliveries_run_state", "run_id", "state"),
     # by resident, not by phone: ids arrive in ascending order at fan-out, so this index costs little
@@ -338,4 +342,82 @@ status_backlog = Table(
     Column("actor", String(32), nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Index("ix_status_backlog_provider", "provider_id"),
+)
+
+#: early-warning alerts (dispatcher/alerting.py): one resident to reach now, by SMS and call, escalated to
+#: their grid until confirmed. ``external_id`` is the anti-fraud centre's id: unique, so a repeated alert
+#: creates nothing. Each alert's events form their own hash chain (``alert:<id>`` in ``ledger_chains``).
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", String(24), primary_key=True),
+    Column("external_id", String(128), unique=True),
+    Column("phone", String(20), nullable=False),
+    Column("name", String(64), nullable=False, default=""),
+    Column("fraud_type", String(32), nullable=False),
+    Column("source", Text),
+    #: from the registry when the number is in it; empty for an unknown number
+    Column("district", String(32), nullable=False, default=""),
+    Column("grid", String(16), nullable=False, default=""),
+    Column("status", String(16), nullable=False),  # open, closed
+    Column("outcome", String(32)),
+    Column("note", Text),
+    Column("actor", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    #: first time the resident was reached (an SMS delivered or a call answered)
+    Column("first_contact_at", DateTime(timezone=True)),
+    #: the resident pressed 1 on a call: the escalation stops
+    Column("confirmed_at", DateTime(timezone=True)),
+    Column("closed_at", DateTime(timezone=True)),
+    Index("ix_alerts_status_created", "status", "created_at"),
+)
+
+#: an alert's escalation steps, due at a time; the scheduler's leader fires each with a conditional UPDATE
+#: (state due -> fired) in the transaction that creates its run, so a step fires once and is never lost
+alert_steps = Table(
+    "alert_steps",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("alert_id", String(24), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("action", String(16), nullable=False),  # sms, call, notify_grid
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("state", String(16), nullable=False),  # due, fired, cancelled, skipped
+    Column("run_id", String(32)),
+    Column("fired_at", DateTime(timezone=True)),
+    Column("fired_by", String(128)),
+    Column("detail", Text),
+    UniqueConstraint("alert_id", "seq", name="uq_alert_steps_alert_seq"),
+    Index("ix_alert_steps_state_due", "state", "due_at"),
+)
+
+#: what an alert observed of its runs (sms sent/delivered, call answered, key pressed), once each:
+#: the tick appends each milestone to the alert's chain when it first sees it
+alert_milestones = Table(
+    "alert_milestones",
+    metadata,
+    Column("alert_id", String(24), primary_key=True),
+    Column("name", String(48), primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+#: who is told when an alert goes unconfirmed: grid workers and the police grid's duty number, per grid
+roster = Table(
+    "roster",
+    metadata,
+    Column("grid", String(16), primary_key=True),
+    Column("role", String(16), primary_key=True),  # grid_worker, police_duty
+    Column("phone", String(20), primary_key=True),
+    Column("name", String(64), nullable=False, default=""),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+#: keys that may post alerts (``POST /api/alerts``): only a sha256 of the key is kept
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
 )

@@ -36,12 +36,14 @@ from ..redact import scrub, scrub_optional
 from . import ledger
 from . import schema as t
 from ._accounts import Accounts
+from ._alerts import Alerts
 from ._audit import AuditLog
 from ._dashboard import DashboardReads
 from ._db import Db, one_line
 from ._reports import ReportReads
 from ._rows import as_utc, attempt_row, delivery_row, insert_run, keys_digest, transition
 from ._traces import TraceReads
+from ._voice import VoiceCalls
 from .base import (
     CANCELLED,
     FAILED,
@@ -143,11 +145,13 @@ class SqlStore:
         self.coordination = Coordination(self._db, _lock_base(url))
         self.provider_events = ProviderEvents(self._db, reporter_gateways)
         self.ringback = Ringback(self._db)
+        self.voice = VoiceCalls(self._db, reporter_gateways)
         self.reports = ReportReads(self._db)
         self.audit = AuditLog(self._db)
         self.accounts = Accounts(self._db)
         self.dashboard = DashboardReads(self._db)
         self.traces = TraceReads(self._db)
+        self.alerts = Alerts(self._db)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -289,6 +293,19 @@ class SqlStore:
             if seg_rows:
                 conn.execute(sa.insert(t.resident_segments), seg_rows)
         return len(ids)
+
+    def resident_by_phone(self, phone: str) -> Resident | None:
+        """The registry's resident with this number (E.164), without segments; None if unknown."""
+        r = t.residents
+        with self._read() as conn:
+            row = conn.execute(
+                select(r.c.phone, r.c.name, r.c.district, r.c.grid, r.c.language, r.c.opted_out).where(
+                    r.c.phone == phone
+                )
+            ).first()
+        if row is None:
+            return None
+        return Resident(row.phone, row.name, row.district, row.grid, (), row.language, bool(row.opted_out))
 
     def set_opted_out(self, phone: str, opted_out: bool = True) -> bool:
         """Record a resident's opt-out (or opt back in); False if the number is not in the registry."""
@@ -567,7 +584,8 @@ class SqlStore:
                 return []
             rows = conn.execute(
                 select(*_claimed_columns())
-                .select_from(d.join(r, r.c.id == d.c.resident_id))
+                # loosely: a row of a run made from a list (an alert's number) may have no resident
+                .select_from(d.outerjoin(r, r.c.id == d.c.resident_id))
                 # the (run, batch, state) index finds the batch; the token picks this claim's rows
                 .where(d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == SENDING, d.c.claim_token == token)
                 .order_by(d.c.id)
@@ -841,7 +859,7 @@ class SqlStore:
         with self._read() as conn:
             rows = conn.execute(
                 select(*_claimed_columns(), d.c.claimed_by, d.c.claimed_at)
-                .select_from(d.join(r, r.c.id == d.c.resident_id))
+                .select_from(d.outerjoin(r, r.c.id == d.c.resident_id))
                 .where(d.c.run_id == run_id, d.c.state == SENDING)
                 .order_by(d.c.id)
             ).all()
@@ -1053,8 +1071,8 @@ def _claimed_columns() -> tuple[Any, ...]:
     """What a worker needs of a claimed row to render and send it (deliveries joined to residents)."""
     d, r = t.deliveries, t.residents
     return (
-        d.c.id, d.c.key, d.c.run_id, d.c.phone, r.c.name, d.c.district, d.c.grid, d.c.attempts, r.c.opted_out,
-        d.c.claim_token,
+        d.c.id, d.c.key, d.c.run_id, d.c.phone, func.coalesce(r.c.name, "").label("name"), d.c.district,
+        d.c.grid, d.c.attempts, func.coalesce(r.c.opted_out, sa.false()).label("opted_out"), d.c.claim_token,
     )  # fmt: skip
 
 

@@ -20,3 +20,8 @@ ROUTE_MODULES.append(dashboard)
 from . import scrape  # noqa: E402
 
 ROUTE_MODULES.append(scrape)
+
+# POST /api/alerts: early-warning alerts from the anti-fraud centre, authenticated by API key
+from . import alerts_api  # noqa: E402
+
+ROUTE_MODULES.append(alerts_api)

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .. import accounts, audit, domain, reports, traces
+from .. import accounts, alerting, audit, domain, reports, traces
 from ..errors import InputError
 from ..store import (
     DELIVERED,
@@ -155,6 +155,7 @@ def _page(title: str, body: str, account: accounts.Account | None, csrf: str = "
             '<a href="/dashboard/rates">Delivery rates</a><a href="/dashboard/assessment">Assessment</a>'
             '<a href="/dashboard/ledger">Ledger</a>'
             + ('<a href="/dashboard/delivery">Delivery traces</a>' if account.may_unmask else "")
+            + ('<a href="/dashboard/alerts">Alerts</a>' if account.role == "operator" else "")
             + f'<span class="muted">{escape(account.name)} ({escape(account.role)})</span>'
             f'<form method="post" action="/logout"><input type="hidden" name="csrf" value="{escape(csrf)}">'
             "<button>Log out</button></form>"
@@ -471,7 +472,60 @@ def routes(runtime: Runtime) -> list[Route]:
         return page(request, f"Delivery {found['phone']} in run {found['run_id']}", form + _delivery_html(found),
                     account)  # fmt: skip
 
+    # ---------------------------------------------------------- early-warning alerts (operators only)
+
+    def alerts_html(message: str = "") -> str:
+        rows = [
+            '<table id="alerts"><tr><th class="l">alert</th><th class="l">created</th><th class="l">fraud type</th>'
+            '<th class="l">resident</th><th class="l">district</th><th class="l">grid</th><th>first contact</th>'
+            '<th>confirmed</th><th class="l">close</th></tr>'
+        ]
+        options = "".join(f'<option value="{o}">{o}</option>' for o in alerting.OUTCOMES)
+        for a in store.alerts.recent(open_only=True):
+            j = alerting.alert_json(a)
+            rows.append(
+                f'<tr><td class="l">{escape(a.id)}</td><td class="l">{escape(j["created_at"] or "")}</td>'
+                f'<td class="l">{escape(j["fraud_name"])}</td><td class="l">{escape(j["phone"])}</td>'
+                f'<td class="l">{escape(a.district or "-")}</td><td class="l">{escape(a.grid or "-")}</td>'
+                f"<td>{escape(j['first_contact_at'] or '-')}</td><td>{escape(j['confirmed_at'] or '-')}</td>"
+                f'<td class="l"><form method="post" action="/dashboard/alerts/{escape(a.id)}/close">'
+                f'<input type="hidden" name="csrf" value="{_CSRF_SLOT}"><select name="outcome">{options}</select> '
+                '<input name="note" placeholder="note" maxlength="1000"> <button>Close</button></form></td></tr>'
+            )
+        rows.append("</table>")
+        return (f'<p class="err" role="alert">{escape(message)}</p>' if message else "") + "".join(rows)
+
+    async def alerts_page(request: Request) -> Response:
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        if account.role != "operator":
+            return page(request, "Open alerts", '<p class="err">Only operators handle alerts.</p>', account, 403)
+        return page(request, "Open alerts", await run_in_threadpool(alerts_html), account)
+
+    async def close_alert(request: Request) -> Response:
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        form = await read_form(request)
+        if forged(request, form):
+            return Response("cross-site request refused", status_code=403)
+        if account.role != "operator":
+            return page(request, "Open alerts", '<p class="err">Only operators handle alerts.</p>', account, 403)
+        alert_id = request.path_params["alert_id"]
+        try:
+            await run_in_threadpool(
+                alerting.close_alert, runtime, alert_id, form.get("outcome", ""), form.get("note") or None,
+                account.name,
+            )  # fmt: skip
+        except InputError as exc:
+            body = await run_in_threadpool(alerts_html, str(exc))
+            return page(request, "Open alerts", body, account, 400)
+        return RedirectResponse("/dashboard/alerts", status_code=303)
+
     return [
+        Route("/dashboard/alerts", alerts_page),
+        Route("/dashboard/alerts/{alert_id}/close", close_alert, methods=["POST"]),
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),

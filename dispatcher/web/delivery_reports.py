@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .. import metrics
-from ..batch import context_from_run
+from ..batch import RUNS, context_from_run
+from ..channels import voice_script
 from ..ringback import ENROL_CHANNEL, announcement_text
 
 if TYPE_CHECKING:
@@ -36,6 +37,18 @@ class StoreDeliveryReports:
 
     def set_opted_out(self, phone: str, opted_out: bool) -> bool:
         return self.runtime.store.set_opted_out(phone, opted_out)
+
+    def voice_script(self, delivery_id: int) -> str | None:
+        """What the call of a voice delivery says, rendered from its run's snapshot for that recipient."""
+        target = self.runtime.store.voice.call_target(delivery_id)
+        if target is None:
+            return None
+        context = RUNS.get(self.runtime, target.run_id)
+        recipient = {"name": target.name, "district": target.district, "grid": target.grid}
+        return voice_script(context.composer, recipient)
+
+    def key_press(self, delivery_id: int | None, digits: str, *, call_sid: str | None, actor: str) -> str:
+        return self.runtime.store.voice.key_press(delivery_id, digits, call_sid=call_sid, actor=actor)
 
     def ringback_text(self, campaign_id: str) -> str | None:
         """The warning text of the newest ringback run of the campaign (its snapshot), without the SMS opt-out."""

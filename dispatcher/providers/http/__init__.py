@@ -3,7 +3,9 @@
 - ``gateway.py``: ``DISPATCH_GATEWAY=http``, its config file (``DISPATCH_HTTP_CONFIG``) and its
   error table (the codes the config names);
 - ``ringback.py``: ``DISPATCH_RINGBACK_GATEWAY=carrier-http``, two config sections (enrol, restore);
-- ``webhooks.py``: the signed delivery-report route.
+- ``voice.py``: ``DISPATCH_VOICE_GATEWAY=http``, a carrier's voice-notification API, same config format
+  (``DISPATCH_VOICE_CONFIG``);
+- ``webhooks.py``: the signed delivery-report routes (SMS and voice calls).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
-from ..base import DeliveryReports, Gateway, Provider, RingbackGateway
+from ..base import DeliveryReports, Gateway, Provider, RingbackGateway, VoiceGateway
 from ..registry import register
 
 if TYPE_CHECKING:
@@ -50,6 +52,21 @@ def _ringback(
     )
 
 
+def _voice(
+    settings: Settings,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    extra_headers: Callable[[str, str, Mapping[str, Any] | None], Mapping[str, str]] | None = None,
+) -> VoiceGateway:
+    from .voice import load_voice
+
+    if settings.voice_config is None:
+        raise ConfigError("DISPATCH_VOICE_CONFIG must name the carrier's voice config file")
+    return load_voice(
+        settings.voice_config, env=settings.gateway_secrets, timeout=settings.gateway_timeout, transport=transport
+    )
+
+
 def _routes(reports: DeliveryReports, settings: Settings) -> list[BaseRoute]:
     from . import webhooks
 
@@ -59,12 +76,14 @@ def _routes(reports: DeliveryReports, settings: Settings) -> list[BaseRoute]:
 PROVIDER = register(
     Provider(
         name="http",
-        channels=frozenset({"sms", "ringback"}),
+        channels=frozenset({"sms", "ringback", "voice"}),
         gateway=_gateway,
         ringback_name="carrier-http",
         ringback=_ringback,
+        voice_name="http",
+        voice=_voice,
         routes=_routes,
-        # the report secret is this provider's: it speaks for the rows its two adapters sent
-        reports_for=("http", "carrier-http"),
+        # the report secret is this provider's: it speaks for the rows its three adapters sent
+        reports_for=("http", "carrier-http", "http-voice"),
     )
 )

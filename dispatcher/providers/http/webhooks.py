@@ -1,4 +1,10 @@
-"""The HTTP adapter's delivery reports: ``POST /webhooks/http/report``, signed over the raw body.
+"""The HTTP adapters' delivery reports: ``POST /webhooks/http/report`` (SMS) and ``/webhooks/http/voice/report``
+(calls), signed over the raw body.
+
+A call report is ``{"call_id": ..., "status": ..., "digits": ...}`` (or a list of them, or
+``{"reports": [...]}``): the status is a call status word (``CALL_STATUSES``: answered ->
+delivered; busy, no-answer, failed, canceled -> failed), ``digits`` what the listener pressed
+(1 confirms).
 
 A report is believed only when ``X-Dispatch-Signature`` is ``sha256=`` + the hex
 HMAC-SHA256 of the raw body with ``DISPATCH_HTTP_REPORT_SECRET``; otherwise 403 and
@@ -19,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..base import DeliveryReports
+from ..base import CALL_STATUSES, DeliveryReports
 
 if TYPE_CHECKING:
     from ...settings import Settings
@@ -34,20 +40,31 @@ def report_signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
 
 
+def _signed_items(secret: str, body: bytes, given: str) -> list[Any] | None:
+    """The report items of a body signed with ``secret``; None when the signature does not hold."""
+    expected = report_signature(secret, body).encode("ascii")
+    if not secret or not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
+        return None
+    data: Any = json.loads(body)  # ValueError: the caller answers 400
+    return data if isinstance(data, list) else data.get("reports", [data]) if isinstance(data, dict) else []
+
+
 def routes(reports: DeliveryReports, settings: Settings) -> list[BaseRoute]:
-    async def http_report(request: Request) -> Response:
+    async def signed_items(request: Request, endpoint: str) -> list[Any] | Response:
         body = await request.body()
-        secret = settings.http_report_secret
-        given = request.headers.get(REPORT_SIGNATURE_HEADER, "")
-        expected = report_signature(secret, body).encode("ascii")
-        if not secret or not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
-            log.warning("webhook.forged", endpoint="http.report")
-            return Response("signature check failed", status_code=403)
         try:
-            data: Any = json.loads(body)
+            items = _signed_items(settings.http_report_secret, body, request.headers.get(REPORT_SIGNATURE_HEADER, ""))
         except ValueError:
             return JSONResponse({"error": "body is not JSON"}, status_code=400)
-        items = data if isinstance(data, list) else data.get("reports", [data]) if isinstance(data, dict) else []
+        if items is None:
+            log.warning("webhook.forged", endpoint=endpoint)
+            return Response("signature check failed", status_code=403)
+        return items
+
+    async def http_report(request: Request) -> Response:
+        items = await signed_items(request, "http.report")
+        if isinstance(items, Response):
+            return items
         changed = 0
         for item in items:
             if not isinstance(item, dict):
@@ -61,4 +78,26 @@ def routes(reports: DeliveryReports, settings: Settings) -> list[BaseRoute]:
         log.info("webhook.report", reports=len(items), changed=changed)
         return JSONResponse({"reports": len(items), "changed": changed})
 
-    return [Route("/webhooks/http/report", http_report, methods=["POST"])]
+    async def voice_report(request: Request) -> Response:
+        items = await signed_items(request, "http.voice_report")
+        if isinstance(items, Response):
+            return items
+        changed = confirmed = 0
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            call_id = str(item.get("call_id") or item.get("message_id") or item.get("id") or "")
+            word, code = CALL_STATUSES.get(str(item.get("status") or "").strip().lower(), (None, None))
+            if call_id and word is not None:
+                changed += await run_in_threadpool(reports.apply_status, call_id, word, error_code=code, actor="http")
+            digits = str(item.get("digits") or "").strip()
+            if call_id and digits:
+                pressed = await run_in_threadpool(reports.key_press, None, digits, call_sid=call_id, actor="http")
+                confirmed += pressed == "confirmed"
+        log.info("webhook.call_report", reports=len(items), changed=changed, confirmed=confirmed)
+        return JSONResponse({"reports": len(items), "changed": changed, "confirmed": confirmed})
+
+    return [
+        Route("/webhooks/http/report", http_report, methods=["POST"]),
+        Route("/webhooks/http/voice/report", voice_report, methods=["POST"]),
+    ]
