@@ -35,6 +35,7 @@ own module and each owning its tables and queries::
     store.ringback (provider.py: Ringback)
       keep_ringback / ringback_kept / create_restore_run      what an enrolment changed, and its restore
     store.accounts   (_accounts.py)                           accounts, sessions, login throttle
+    store.approvals  (_approvals.py)                          two-person approval of campaign versions
     store.audit      (_audit.py)                              ledger verification, event log, audit chain
     store.reports    (_reports.py)                            aggregates for the assessment reports
     store.dashboard  (_dashboard.py)                          reads the dashboard's pages need
@@ -48,6 +49,7 @@ from ``dispatcher.store`` only. SQL stays inside this package; callers get recor
 """
 
 from ._accounts import Credentials, StoredAccount
+from ._approvals import ApprovalRow, ApprovalState
 from ._reports import (
     FAILED_STATES,
     REACHED_STATES,
@@ -113,6 +115,8 @@ __all__ = [
     "UNCONFIRMED",
     "UNDELIVERED",
     "UNKNOWN",
+    "ApprovalRow",
+    "ApprovalState",
     "AttemptRow",
     "AudienceFilter",
     "AwaitingReport",
