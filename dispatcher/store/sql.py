@@ -436,8 +436,10 @@ class SqlStore:
                     # a scheduler that lost its lease (frozen, then woken) must not fire: checked in the
                     # transaction that creates the run, so no new leader can have fired in between
                     raise LeaseLost(f"scheduler {fence[1]} no longer holds the lease (token {fence[2]})")
-                if spec.approved_by and spec.version_sha256 and not still_approved(
-                    conn, spec.campaign_id, spec.version_sha256, spec.approved_by
+                if (
+                    spec.approved_by
+                    and spec.version_sha256
+                    and not still_approved(conn, spec.campaign_id, spec.version_sha256, spec.approved_by)
                 ):
                     # an edit voided the approval between the gate's check and this transaction
                     raise UsageError(
@@ -481,8 +483,11 @@ class SqlStore:
                                 # the version it was made of and who approved it (or why it needed no approval)
                                 **({"version_sha256": spec.version_sha256} if spec.version_sha256 else {}),
                                 **({"approved_by": spec.approved_by} if spec.approved_by else {}),
-                                **({"approval_exempt": scrub_optional(spec.approval_exempt)}
-                                   if spec.approval_exempt else {}),
+                                **(
+                                    {"approval_exempt": scrub_optional(spec.approval_exempt)}
+                                    if spec.approval_exempt
+                                    else {}
+                                ),
                             },
                         )
                     ],
