@@ -87,7 +87,8 @@ def audit_kinds(project: Project) -> list[str]:
 
 
 def setup(project: Project, *, size: int = 20) -> None:
-    project.registry(size, seed=5)
+    if size:
+        project.registry(size, seed=5)
     project.write("templates/approval.sms.j2", TEMPLATE)
     project.write("campaigns/approval-test.yaml", CAMPAIGN)
     users_add(project, "alice")
@@ -258,3 +259,54 @@ def test_scheduler_skips_an_unapproved_fire_as_not_approved_and_fires_an_approve
     assert (run.version_sha256, run.approved_by) == (version, "approval-second")
     statuses = sorted(f.status for f in rt.store.coordination.list_fires("daily-approval"))
     assert statuses == ["fired", "skipped"]
+
+
+def test_dashboard_lists_pending_approvals_and_a_second_operator_approves_with_the_csrf_form(
+    project: Project, tmp_path: Path
+) -> None:
+    import re
+
+    import httpx
+
+    from tests.conftest import serve_web
+    from tests.test_dashboard_browser import login
+
+    setup(project, size=0)  # approving needs no residents
+    users_add(project, "carol", role="auditor")
+    submitted = as_operator(project, "submit", "alice")
+    assert submitted.returncode == 0, submitted.stderr
+    version = re.search(r"version ([0-9a-f]{12}) submitted", submitted.stdout).group(1)  # type: ignore[union-attr]
+
+    def form_of(client: httpx.Client, base: str) -> tuple[str, str]:
+        page = client.get(base + "/dashboard/approvals", headers={"Accept": "text/html"})
+        assert page.status_code == 200 and "approval-test" in page.text and version[:12] in page.text
+        token = re.search(r'action="/dashboard/approvals"><input type="hidden" name="csrf" value="([^"]+)"', page.text)
+        return page.text, token.group(1) if token else ""
+
+    with serve_web(project, tmp_path / "web.log") as (base, _proc):
+        clients = {name: httpx.Client(timeout=30) for name in ("alice", "bob", "carol")}
+        for name, client in clients.items():
+            assert login(base, name, PASSWORD, client).status_code == 303
+        alice_page, alice_token = form_of(clients["alice"], base)
+        assert "yours: a second operator approves it" in alice_page and not alice_token
+        carol_page, carol_token = form_of(clients["carol"], base)
+        assert "submitted by alice" in carol_page and not carol_token
+        data = {"campaign": "approval-test", "version": version}
+        # an auditor cannot approve, and neither can a page on another site
+        carol_csrf = clients["carol"].cookies.get("dispatch_csrf") or ""
+        refused = clients["carol"].post(base + "/dashboard/approvals", data={**data, "csrf": carol_csrf})
+        assert refused.status_code == 403
+        _bob_page, bob_token = form_of(clients["bob"], base)
+        assert bob_token
+        evil = clients["bob"].post(
+            base + "/dashboard/approvals", data={**data, "csrf": bob_token}, headers={"Origin": "https://evil.example"}
+        )
+        assert evil.status_code == 403
+        ok = clients["bob"].post(
+            base + "/dashboard/approvals", data={**data, "csrf": bob_token}, headers={"Origin": base}
+        )
+        assert ok.status_code == 303, ok.text
+        for client in clients.values():
+            client.close()
+    item = approvals(project)["approval-test"]
+    assert (item["state"], item["approved_by"], item["submitted_by"]) == ("approved", "bob", "alice")
