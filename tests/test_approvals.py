@@ -86,13 +86,14 @@ def audit_kinds(project: Project) -> list[str]:
     return [e["kind"] for e in reversed(events)]
 
 
-def setup(project: Project, *, size: int = 20) -> None:
+def setup(project: Project, *, size: int = 20, users: bool = True) -> None:
     if size:
         project.registry(size, seed=5)
     project.write("templates/approval.sms.j2", TEMPLATE)
     project.write("campaigns/approval-test.yaml", CAMPAIGN)
-    users_add(project, "alice")
-    users_add(project, "bob")
+    if users:
+        users_add(project, "alice")
+        users_add(project, "bob")
 
 
 def test_author_cannot_approve_own_version_a_second_operator_can_and_audit_verify_covers_it(
@@ -184,18 +185,37 @@ def test_http_run_waits_for_approval_and_a_template_edit_voids_it(project: Proje
         server.close()
 
 
-def test_outbox_drill_and_urgent_send_are_exempt_and_the_run_says_why(project: Project) -> None:
+def current_version(project: Project, relative: str) -> str:
+    from dispatcher.approvals import campaign_version
+    from dispatcher.campaigns import load_campaign
+
+    return campaign_version(load_campaign(project.root / relative, project.root / "templates"))
+
+
+def test_outbox_drill_is_exempt_says_why_and_its_approval_columns_are_sealed_in_the_ledger(project: Project) -> None:
+    setup(project, size=10, users=False)
+    drill = project.dispatch("run", "campaigns/approval-test.yaml", env={"DISPATCH_FAKE_NOW": FAKE_NOW})
+    assert drill.returncode == 0, drill.stderr
+    (run,) = project.runtime().store.list_runs()
+    assert (run.approved_by, run.approval_exempt) == (None, "drill: outbox gateway")
+    assert run.version_sha256 == current_version(project, "campaigns/approval-test.yaml")
+    # the run row's approval is sealed in its ledger head: claiming an approver afterwards is caught
+    engine = sa.create_engine(project.env["DISPATCH_DATABASE_URL"])
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE runs SET approved_by = 'bob', approval_exempt = NULL"))
+    finally:
+        engine.dispose()
+    forged = project.dispatch("audit", "verify", run.id)
+    assert forged.returncode == 1 and "does not match the run's approval" in forged.stderr, forged.stderr
+
+
+def test_urgent_send_is_exempt_and_a_drill_resumed_through_a_real_gateway_is_refused(project: Project) -> None:
     provider = Provider()
     server = LocalServer(provider)
     try:
-        setup(project, size=10)
+        setup(project, size=10, users=False)
         project.env["DISPATCH_FAKE_NOW"] = FAKE_NOW
-        drill = project.dispatch("run", "campaigns/approval-test.yaml")
-        assert drill.returncode == 0, drill.stderr
-        (run,) = project.runtime().store.list_runs()
-        assert (run.approved_by, run.approval_exempt) == (None, "drill: outbox gateway")
-        assert run.version_sha256 == approvals(project)["approval-test"]["version"]
-
         project.write("gateway.yaml", GATEWAY.format(url=server.url))
         urgent = CAMPAIGN.replace("id: approval-test", "id: urgent-approval-test") + (
             "priority: urgent\nreason: 已发现针对本辖区的冒充客服诈骗，须立即预警\n"
@@ -205,13 +225,18 @@ def test_outbox_drill_and_urgent_send_are_exempt_and_the_run_says_why(project: P
         sent = project.dispatch("run", "campaigns/urgent.yaml", env=env)
         assert sent.returncode == 0, sent.stderr
         assert provider.sent > 0
-        run = project.runtime().store.list_runs(campaign_id="urgent-approval-test")[0]
+        (run,) = project.runtime().store.list_runs(campaign_id="urgent-approval-test")
         assert run.approved_by is None and run.approval_exempt == "urgent: 已发现针对本辖区的冒充客服诈骗，须立即预警"
 
-        # the drill resumed through the real gateway would send an unapproved version: refused
-        drill_id = project.runtime().store.list_runs(campaign_id="approval-test")[0].id
+        # a drill left pending (no send in the window yet), then resumed through the real gateway
+        late = project.dispatch(
+            "run", "campaigns/approval-test.yaml", env={"DISPATCH_FAKE_NOW": "2021-02-15T22:00:00+08:00"}
+        )
+        assert late.returncode == 1 and "outside the send window" in late.stderr, late.stderr  # left pending
+        drill_id = late.stdout.strip()
         resumed = project.dispatch("resume", drill_id, env=env)
         assert resumed.returncode == 2 and "made as a drill" in one_line(resumed)
+        assert provider.sent == len([r for r in project.runtime().store.deliveries(run.id) if r.provider_id])
     finally:
         server.close()
 
