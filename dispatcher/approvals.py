@@ -26,17 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .batch import run_campaign
+from .batch import DRILL_GATEWAY, run_campaign
 from .campaigns import LoadedCampaign
 from .errors import UsageError
 from .store import ApprovalRow, ApprovalState, RunRecord
 
 if TYPE_CHECKING:
     from .runtime import Runtime
-
-#: the provider whose sends are drills (lines in a local file): no approval needed
-DRILL_GATEWAY = "outbox"
-
 
 class NotApproved(UsageError):
     """A run through a real gateway of a campaign version no second operator has approved."""

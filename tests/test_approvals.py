@@ -335,3 +335,37 @@ def test_dashboard_lists_pending_approvals_and_a_second_operator_approves_with_t
             client.close()
     item = approvals(project)["approval-test"]
     assert (item["state"], item["approved_by"], item["submitted_by"]) == ("approved", "bob", "alice")
+
+
+def test_a_drill_run_reaching_a_worker_with_a_real_gateway_is_halted_until_approved_and_resumed(
+    project: Project,
+) -> None:
+    from dispatcher.campaigns import load_campaign
+    from dispatcher.runs import resume_run, start_run
+    from dispatcher.sender import process_batch
+    from tests.conftest import approve_campaign
+    from tests.twilio_support import Clock
+
+    provider = Provider()
+    server = LocalServer(provider)
+    try:
+        setup(project, size=10, users=False)
+        path = project.root / "campaigns/approval-test.yaml"
+        clock = Clock()
+        drill_rt = project.runtime(clock=clock)  # the operator's shell: the outbox
+        created = start_run(drill_rt, load_campaign(path, drill_rt.settings.templates_dir))
+        assert drill_rt.store.get_run(created.run_id).approval_exempt == "drill: outbox gateway"
+
+        project.write("gateway.yaml", GATEWAY.format(url=server.url))
+        project.env.update({"DISPATCH_GATEWAY": "http", "DISPATCH_HTTP_CONFIG": str(project.root / "gateway.yaml")})
+        worker_rt = project.runtime(clock=clock)  # a worker configured with a carrier's HTTP API
+        process_batch(worker_rt, created.run_id, 0)
+        run = worker_rt.store.get_run(created.run_id)
+        assert provider.sent == 0 and run.status == "paused" and "made as a drill" in (run.halted or "")
+
+        approve_campaign(worker_rt, path)
+        resume_run(worker_rt, created.run_id)
+        process_batch(worker_rt, created.run_id, 0)
+        assert provider.sent > 0 and worker_rt.store.get_run(created.run_id).halted is None
+    finally:
+        server.close()
