@@ -37,7 +37,8 @@ own module and each owning its tables and queries::
     store.accounts   (_accounts.py)                           accounts, sessions, login throttle
     store.approvals  (_approvals.py)                          two-person approval of campaign versions
     store.audit      (_audit.py)                              ledger verification, event log, audit chain
-    store.reports    (_reports.py)                            aggregates for the assessment reports
+    store.reports    (_reports.py)                            aggregates for the reports: coverage, departments
+                                                              and spend, failures, the annual assessment
     store.dashboard  (_dashboard.py)                          reads the dashboard's pages need
     store.traces     (_traces.py)                             a delivery's attempts and HTTP traces, trace purge
 
@@ -51,15 +52,20 @@ from ``dispatcher.store`` only. SQL stays inside this package; callers get recor
 from ._accounts import Credentials, StoredAccount
 from ._approvals import ApprovalRow, ApprovalState
 from ._reports import (
+    ASSESSED_STATES,
     FAILED_STATES,
     REACHED_STATES,
+    AssessmentCounts,
     CoverageCounts,
     DepartmentCounts,
     FailureCount,
     OwnerFailures,
     OwnerRuns,
     OwnerSends,
+    Profile,
+    QuarterReach,
     Reach,
+    RunSpend,
     Window,
 )
 from ._rows import as_utc
@@ -97,6 +103,7 @@ from .provider import PROVIDER_STATES, AwaitingReport, StateChange
 from .sql import DuplicateRun, LeaseLost, SqlStore, iter_chunks, open_store, utcnow
 
 __all__ = [
+    "ASSESSED_STATES",
     "AUDIT_CHAIN",
     "CANCELLED",
     "DELIVERED",
@@ -117,6 +124,7 @@ __all__ = [
     "UNKNOWN",
     "ApprovalRow",
     "ApprovalState",
+    "AssessmentCounts",
     "AttemptRow",
     "AudienceFilter",
     "AwaitingReport",
@@ -135,12 +143,15 @@ __all__ = [
     "OwnerFailures",
     "OwnerRuns",
     "OwnerSends",
+    "Profile",
+    "QuarterReach",
     "Reach",
     "RecentRun",
     "Resident",
     "RunProgress",
     "RunRecord",
     "RunSpec",
+    "RunSpend",
     "SqlStore",
     "StateChange",
     "StoredAccount",

@@ -90,6 +90,8 @@ class RunSpec:
     approved_by: str | None = None
     approved_at: datetime | None = None
     approval_exempt: str | None = None
+    #: CNY per SMS part per provider at creation (DISPATCH_PART_PRICES), kept with the run
+    part_prices: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
