@@ -72,6 +72,10 @@ def insert_run(conn: Connection, spec: RunSpec, now: datetime) -> None:
             send_by=spec.send_by,
             batch_size=spec.batch_size,
             created_at=now,
+            version_sha256=spec.version_sha256,
+            approved_by=spec.approved_by,
+            approved_at=spec.approved_at,
+            approval_exempt=scrub_optional(spec.approval_exempt),  # an urgent run's reason is free text
         )
     )
     if spec.part_prices:
