@@ -198,6 +198,12 @@ def insert_direct_run(
                     "pending": len(rows),
                     "keys_sha256": keys_digest(conn, spec.run_id, is_sqlite=is_sqlite),
                     **({"reason": spec.reason} if spec.reason else {}),
+                    # sealed like a campaign run's: why this run needed no approval
+                    **(
+                        {"approval_exempt": scrub_optional(spec.approval_exempt)}
+                        if spec.approval_exempt
+                        else {}
+                    ),
                 },
             )
         ],
