@@ -33,6 +33,22 @@ def run_campaign(run: RunRecord) -> Campaign:
 
 #: the provider whose sends are drills (lines in a local file): runs on it need no approval
 DRILL_GATEWAY = "outbox"
+#: the drill adapter of each channel (SMS and ringback share the outbox's name; calls have their own)
+_DRILL_ADAPTERS = frozenset({DRILL_GATEWAY, "outbox-voice"})
+
+
+def channel_adapter(runtime: Runtime, channel: str, gateways: list[str] | None) -> str:
+    """The name of the adapter that would carry a run of this channel in this process."""
+    if channel.startswith("ringback"):
+        return runtime.ringback.name
+    if channel == "voice":
+        return runtime.voice.name
+    return runtime.gateway_for(gateways).name
+
+
+def is_drill(adapter: str) -> bool:
+    """Whether an adapter only writes drill lines to a local file (no message leaves the machine)."""
+    return adapter in _DRILL_ADAPTERS
 
 
 @dataclass(frozen=True)

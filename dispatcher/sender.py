@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from . import metrics
-from .batch import DRILL_GATEWAY, RUNS, BatchResult, RunContext, outcome_for, seconds_until
+from .batch import DRILL_GATEWAY, RUNS, BatchResult, RunContext, channel_adapter, is_drill, outcome_for, seconds_until
 from .campaigns import parse_duration
 from .channels import channel_of
 from .errors import (
@@ -299,9 +299,12 @@ def _window_delay(runtime: Runtime, opens_at: datetime) -> float:
 def _not_a_drill(runtime: Runtime, context: RunContext) -> bool:
     """A run made unapproved as a drill, reaching a worker whose gateway is real (its DISPATCH_GATEWAY
     differs from the creating command's): halted, nothing sent, until its version is approved and resumed."""
-    ringback = context.campaign is not None and context.campaign.channel == "ringback"
-    name = runtime.ringback.name if ringback else gateway_of(runtime, context).name
-    if name == DRILL_GATEWAY:
+    campaign = context.campaign
+    if campaign is None:
+        name = gateway_of(runtime, context).name
+    else:
+        name = channel_adapter(runtime, campaign.channel, campaign.gateways)
+    if is_drill(name):
         return False
     if context.version is not None:
         approved = runtime.store.approvals.state(context.campaign_id, context.version).current
