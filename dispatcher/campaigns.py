@@ -313,6 +313,8 @@ class Campaign(_Model):
     frequency_cap: FrequencyCap | None = None
     #: ringback campaigns only: when callers hear the tone (enrol at start, restore at end)
     window: RingbackWindow | None = None
+    #: the most a run may cost, in CNY (parts x DISPATCH_PART_PRICES); a run estimated above it is refused
+    budget: float | None = Field(None, gt=0, description="CNY a run may cost at most, e.g. 5000")
     #: SMS providers to try in order (failover); empty = the deployment's DISPATCH_GATEWAY
     gateways: list[Annotated[str, AfterValidator(_registered_gateway)]] = Field(
         default_factory=list,
@@ -329,6 +331,8 @@ class Campaign(_Model):
 
     @model_validator(mode="after")
     def _ringback_window(self) -> Campaign:
+        if self.channel == "ringback" and self.budget is not None:
+            raise ValueError("budget is for SMS campaigns: ringback enrolments are not priced")
         if self.channel == "ringback" and self.gateways:
             raise ValueError("gateways is for SMS campaigns; a ringback campaign uses DISPATCH_RINGBACK_GATEWAY")
         if self.channel == "voice" and self.gateways:

@@ -12,6 +12,7 @@ alone::
     ├── InputError                 bad operator input; exit 2; carries path/line/column/field
     │   ├── CampaignError          campaign YAML: syntax, schema, unknown district/segment/owner
     │   ├── TemplateError          missing template, syntax error, undefined variable, too long
+    │   ├── TargetsError           targets.yaml: syntax, schema, unknown department or town
     │   └── UsageError             unknown run id, impossible option combination
     ├── ConfigError                bad environment / settings (exit 2 as well: the operator fixes it)
     ├── StoreError                 the delivery log could not be read or written
@@ -76,6 +77,10 @@ class CampaignError(InputError):
 
 class TemplateError(InputError):
     """A message template that is missing, broken, needs absent variables or can never fit."""
+
+
+class TargetsError(InputError):
+    """The assessment targets file (``targets.yaml``) does not parse or does not validate."""
 
 
 class UsageError(InputError):

@@ -2,7 +2,7 @@
 
 Who is selected (by district, group and grid, opted-out people counted apart), every
 template variant rendered for a sample resident with its encoding and parts, the theme
-a run would use now, and the total parts a run would send now.
+a run would use now, and the parts a run would send now with what they would cost, per district.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from .campaigns import LoadedCampaign
 from .channels import VOICE, voice_script
-from .runs import audience_filter
+from .costs import cny
+from .runs import audience_filter, run_price
 from .sms import split_parts
 from .templates import SAMPLE_RECIPIENT
 
@@ -58,7 +59,19 @@ class Preview:
     template_now: str
     #: SMS parts a run would send now; for a voice campaign, calls it would place
     total_parts: int
+    #: district id -> parts a run would send there now
+    parts_by_district: dict[str, int]
+    #: CNY per part the estimate uses (the dearest provider the campaign may send through)
+    price_per_part: float
+    budget: float | None = None
     channel: str = "sms"
+
+    @property
+    def cost(self) -> float:
+        return cny(self.total_parts * self.price_per_part)
+
+    def district_costs(self) -> dict[str, float]:
+        return {d: cny(n * self.price_per_part) for d, n in self.parts_by_district.items()}
 
     def district_totals(self) -> dict[str, int]:
         """Residents per district a run would message (selected minus opted out)."""
@@ -76,6 +89,11 @@ class Preview:
             "variants": [v.as_dict() for v in self.variants],
             "template_now": self.template_now,
             "total_parts": self.total_parts,
+            "parts_by_district": self.parts_by_district,
+            "price_per_part": self.price_per_part,
+            "cost_cny": self.cost,
+            "cost_by_district": self.district_costs(),
+            "budget_cny": self.budget,
             "channel": self.channel,
         }
 
@@ -97,14 +115,15 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
     current = loaded.template_now_or_next(runtime.clock())
     composer = loaded.composer_for(current)
     total_parts = recipients = 0
+    parts_by_district: dict[str, int] = {}
     for row in runtime.store.iter_audience(audience):
         if row.opted_out:
             continue
         recipients += 1
-        if voice:
-            total_parts += 1
-            continue
-        total_parts += composer.render({"name": row.name, "district": row.district, "grid": row.grid})[1].parts
+        recipient = {"name": row.name, "district": row.district, "grid": row.grid}
+        parts = 1 if voice else composer.render(recipient)[1].parts  # a call is one "part"
+        total_parts += parts
+        parts_by_district[row.district] = parts_by_district.get(row.district, 0) + parts
     return Preview(
         campaign_id=loaded.campaign.id,
         title=loaded.campaign.title,
@@ -116,5 +135,8 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
         variants=variants,
         template_now=current,
         total_parts=total_parts,
+        parts_by_district=parts_by_district,
+        price_per_part=run_price(runtime, loaded),
+        budget=loaded.campaign.budget,
         channel=loaded.campaign.channel,
     )

@@ -22,6 +22,7 @@ from .actors import declared
 from .batch import context_from_run, run_campaign
 from .campaigns import LoadedCampaign, parse_duration
 from .channels import VOICE, channel_of, voice_script
+from .costs import cny, estimate_price, over_budget
 from .errors import UsageError
 from .keys import delivery_key
 from .phones import InvalidPhone, normalise
@@ -97,6 +98,7 @@ def run_spec(
         as_of=as_of,
         signature=c.signature,
         opt_out_text=c.opt_out_text,
+        part_prices=tuple(sorted(runtime.settings.part_prices.items())),
     )
 
 
@@ -228,7 +230,7 @@ def dry_run(runtime: Runtime, loaded: LoadedCampaign, as_of: datetime | None = N
 
 @dataclass
 class DryRunTotals:
-    """What a dry run would send, in total and per district."""
+    """What a dry run would send, in total and per district, and what it would cost."""
 
     campaign_id: str
     recipients: int = 0
@@ -236,21 +238,57 @@ class DryRunTotals:
     parts: int = 0
     #: district id -> {"recipients", "skipped", "parts"}
     by_district: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    #: CNY per part the estimate uses (costs.estimate_price) and the campaign's budget, if any
+    price_per_part: float = 0.0
+    budget: float | None = None
+
+    @property
+    def cost(self) -> float:
+        return cny(self.parts * self.price_per_part)
+
+    def district_costs(self) -> dict[str, float]:
+        return {d: cny(b["parts"] * self.price_per_part) for d, b in self.by_district.items()}
 
     def as_dict(self) -> dict[str, Any]:
+        costs = self.district_costs()
         return {
             "campaign_id": self.campaign_id,
             "dry_run": True,
             "recipients": self.recipients,
             "skipped": self.skipped,
             "parts": self.parts,
-            "by_district": self.by_district,
+            "price_per_part": self.price_per_part,
+            "cost_cny": self.cost,
+            "budget_cny": self.budget,
+            "by_district": {d: {**b, "cost_cny": costs[d]} for d, b in self.by_district.items()},
         }
+
+
+def run_price(runtime: Runtime, loaded: LoadedCampaign) -> float:
+    """CNY per part an estimate of this campaign uses: its dearest provider (ringback and voice calls: not
+    priced, the SMS part prices say nothing about them)."""
+    c = loaded.campaign
+    if c.channel in ("ringback", VOICE):
+        return 0.0
+    return estimate_price(c.gateways or runtime.settings.gateways, runtime.settings.part_prices)
+
+
+def refuse_over_budget(runtime: Runtime, loaded: LoadedCampaign, as_of: datetime | None = None) -> None:
+    """Refuse (exit 2, one line at ``budget`` in the file) a run estimated to cost more than its budget."""
+    budget = loaded.campaign.budget
+    if budget is None:
+        return
+    totals = dry_run_totals(runtime, loaded, as_of)
+    why = over_budget(budget, totals.parts, totals.price_per_part)
+    if why:
+        raise loaded.located.error(why, ("budget",))
 
 
 def dry_run_totals(runtime: Runtime, loaded: LoadedCampaign, as_of: datetime | None = None) -> DryRunTotals:
     """Count what ``dry_run`` renders: recipients and parts, opted-out people skipped."""
-    totals = DryRunTotals(campaign_id=loaded.campaign.id)
+    totals = DryRunTotals(
+        campaign_id=loaded.campaign.id, price_per_part=run_price(runtime, loaded), budget=loaded.campaign.budget
+    )
     for row in dry_run(runtime, loaded, as_of):
         bucket = totals.by_district.setdefault(row.district, {"recipients": 0, "skipped": 0, "parts": 0})
         if row.skipped:

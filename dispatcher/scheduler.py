@@ -40,10 +40,11 @@ from apscheduler.triggers.base import BaseTrigger
 
 from . import metrics
 from .campaigns import LoadedCampaign, campaign_files, check_paths, make_trigger, next_after, parse_duration
+from .costs import over_budget
 from .dlr import DeliveryReportSweep
 from .errors import DispatchError, InputError
 from .restores import due_restores, start_restore
-from .runs import enqueue_batches, start_run
+from .runs import dry_run_totals, enqueue_batches, start_run
 from .store import DuplicateRun, LeaseLost
 from .watchdog import Watchdog
 
@@ -326,6 +327,14 @@ class Scheduler:
             if not self.lease.hold():
                 raise LeaseLost(f"scheduler {self.holder} lost its lease before firing")
             log.info("scheduler.firing", fence=self.token)
+            over = self._over_budget(entry, fire_time)
+            if over and store.coordination.run_for_fire(campaign_id, fire_time) is None:
+                # a fire over its budget creates no run: it is recorded as skipped, with why
+                log.warning("scheduler.over_budget", reason=over)
+                store.coordination.record_fire(
+                    campaign_id, fire_time, "skipped", scheduler=self.holder, reason=over, lease_token=self.token
+                )
+                return None
             try:
                 actor = f"scheduler:{self.holder}"
                 fence = (LEASE_NAME, self.holder, self.token) if self.token is not None else None
@@ -345,6 +354,13 @@ class Scheduler:
             )
             metrics.fired(campaign_id)
         return run_id
+
+    def _over_budget(self, entry: Entry, fire_time: datetime) -> str | None:
+        """Why this fire would cost more than the campaign's budget (None: within it, or no budget)."""
+        if entry.loaded.campaign.budget is None:
+            return None
+        totals = dry_run_totals(self.runtime, entry.loaded, fire_time)
+        return over_budget(entry.loaded.campaign.budget, totals.parts, totals.price_per_part)
 
     # ---- the process
 

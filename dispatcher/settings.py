@@ -118,6 +118,8 @@ class Settings:
     outbox_path: Path = Path("var/outbox.jsonl")
     campaigns_dir: Path = Path("campaigns")
     templates_dir: Path = Path("templates")
+    #: what each department and town must reach per quarter (dispatch report assessment)
+    targets_path: Path = Path("targets.yaml")
     #: recipients per Dramatiq message
     batch_size: int = 250
     #: worker threads per ``dispatch worker`` process
@@ -236,6 +238,9 @@ class Settings:
     #: what ``${NAME}`` in an HTTP gateway or ringback config may name: only DISPATCH_HTTP_SECRET_* variables,
     #: so a config file can never send the program's own settings (session secret, database URL) anywhere
     gateway_secrets: Mapping[str, str] = field(default_factory=dict)
+    #: CNY per SMS part, per provider (DISPATCH_PART_PRICES); a provider not listed costs 0. Each run
+    #: records the prices of its creation, so a later change of price never reprices old spend
+    part_prices: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_PART_PRICES))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -262,6 +267,7 @@ class Settings:
             outbox_path=Path(env.get("DISPATCH_OUTBOX_PATH") or under_root("var", "outbox.jsonl")),
             campaigns_dir=Path(env.get("DISPATCH_CAMPAIGNS_DIR") or under_root("campaigns")),
             templates_dir=Path(env.get("DISPATCH_TEMPLATES_DIR") or under_root("templates")),
+            targets_path=Path(env.get("DISPATCH_TARGETS_PATH") or under_root("targets.yaml")),
             batch_size=batch_size,
             worker_threads=_int(env, "DISPATCH_WORKER_THREADS", 4),
             max_attempts=_int(env, "DISPATCH_MAX_ATTEMPTS", 5),
@@ -305,6 +311,7 @@ class Settings:
             **_dlr_settings(env),
             trace_retention=_retention(env),
             gateway_secrets={k: v for k, v in env.items() if k.startswith(GATEWAY_SECRET_PREFIX)},
+            part_prices=part_prices(env.get("DISPATCH_PART_PRICES")),
         )
 
     @property
@@ -330,6 +337,39 @@ class Settings:
     def embedded(self) -> bool:
         """True when no broker URL is set: runs are processed inside the ``dispatch run`` process."""
         return not self.broker_url
+
+
+#: list prices of a domestic SMS part in CNY, so that a demo or a fresh deployment shows non-zero costs;
+#: a deployment sets its contract's prices in DISPATCH_PART_PRICES
+DEFAULT_PART_PRICES: dict[str, float] = {"twilio": 0.05, "http": 0.045, "kannel": 0.04, "outbox": 0.05}
+
+
+def part_prices(text: str | None) -> dict[str, float]:
+    """``twilio=0.05,http=0.045`` -> {"twilio": 0.05, "http": 0.045}; unset = ``DEFAULT_PART_PRICES``.
+
+    Whether each name is a registered provider is not checked here (settings must not import the
+    providers): a price for a provider never used is harmless, a provider without one costs 0.
+    """
+    if text is None or not text.strip():
+        return dict(DEFAULT_PART_PRICES)
+    prices: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not item.strip():
+            continue
+        try:
+            price = float(raw) if sep and name else -1.0
+        except ValueError:
+            price = -1.0
+        if price < 0 or price != price or price == float("inf"):
+            raise ConfigError(
+                f"DISPATCH_PART_PRICES: expected gateway=CNY per part such as twilio=0.05, got {item.strip()!r}"
+            )
+        if name in prices:
+            raise ConfigError(f"DISPATCH_PART_PRICES: {name} priced twice")
+        prices[name] = price
+    return prices
 
 
 def _retention(env: Mapping[str, str]) -> str:

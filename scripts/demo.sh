@@ -46,6 +46,10 @@ echo "== 6. auditors: the hash-chained ledger verifies, and this quarter's cover
 dispatch audit verify
 dispatch report coverage
 
+echo "== 7. the annual assessment (考核): this quarter, every department and town against targets.yaml"
+read -r YEAR QUARTER < <(python -c 'import datetime, os, zoneinfo; t=datetime.datetime.fromisoformat(os.environ["DISPATCH_FAKE_NOW"]) if os.environ.get("DISPATCH_FAKE_NOW") else datetime.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")); print(t.year, f"Q{(t.month - 1) // 3 + 1}")')
+dispatch report assessment --year "$YEAR" --quarter "$QUARTER"
+
 cat <<TXT
 
 == done: run $RUN is in var/dispatch.db, the default delivery log. Next steps (see README):

@@ -108,6 +108,38 @@ def test_phone_searches_from_the_cli_are_recorded_with_a_keyed_digest_only(proje
     assert project.dispatch("audit", "verify").returncode == 0
 
 
+def test_no_export_carries_an_unsalted_digest_of_a_number(project: Project) -> None:
+    """An 11-digit number's plain hash is reversed by trying them all in milliseconds: next to a masked
+    number it undoes the mask, so no export (masked or not, CSV or JSONL) may carry one."""
+    import hashlib
+
+    csv_path = project.registry(size=20, seed=44)
+    result = project.dispatch("run", "campaigns/quarterly-themes.yaml", "--json")
+    assert result.returncode == 0, result.stderr
+    numbers = ["+86" + line.split(",")[0] for line in csv_path.read_text(encoding="utf-8").splitlines()[1:]]
+    digests = {
+        getattr(hashlib, algo)(form.encode()).hexdigest()
+        for n in numbers
+        for form in (n, n[3:])
+        for algo in ("md5", "sha1", "sha256", "sha512")
+    }
+    for fmt in ("csv", "jsonl"):
+        for unmask in ((), ("--unmask",)):
+            out = project.dispatch("audit", "log", "--format", fmt, *unmask)
+            assert out.returncode == 0, out.stderr
+            first = out.stdout.splitlines()[0]
+            columns = first.split(",") if fmt == "csv" else list(json.loads(first))
+            assert not [c for c in columns if "sha" in c.lower() or "hash" in c.lower()], columns
+            found = [d for d in digests if d in out.stdout]
+            assert not found, (fmt, unmask, found[:2])
+    # the record of an unmasked export filtered by number keeps only a keyed digest
+    searched = project.dispatch("audit", "log", "--phone", numbers[0], "--unmask", "--format", "csv")
+    assert searched.returncode == 0, searched.stderr
+    recorded = project.dispatch("audit", "exports", "--json")
+    assert recorded.returncode == 0 and numbers[0][3:] not in recorded.stdout
+    assert not [d for d in digests if d in recorded.stdout]
+
+
 # ------------------------------------------------------------------ credentials in stored errors and traces
 
 

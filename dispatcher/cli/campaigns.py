@@ -11,27 +11,38 @@ from rich.text import Text
 
 from .. import domain
 from ..campaigns import check_paths, load_campaign, upcoming_fires
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..preview import preview as build_preview
 from ..providers.base import CONFIRM_PROMPT
 from ..sms import part_lines
+from ..targets import load as load_targets
 from .console import emit_json, err, matrix_table, out, runtime
 
 schedule_app = typer.Typer(no_args_is_help=True, help="Campaign schedules.")
 
 
 def validate(paths: list[Path] = typer.Argument(None, help="campaign files or folders (default: campaigns/)")) -> None:
-    """Check campaign files: schema, districts, segments, templates, variables, length."""
+    """Check campaign files (schema, districts, segments, templates, variables, length) and targets.yaml."""
     rt = runtime()
     loaded, errors = check_paths(
         paths or [rt.settings.campaigns_dir], rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways()
     )
+    targets_ok = rt.settings.targets_path.exists()
+    if targets_ok:
+        # the assessment's targets are checked with the campaigns: a broken file would only show at report time
+        try:
+            load_targets(rt.settings.targets_path)
+        except InputError as exc:
+            errors.append(exc)
+            targets_ok = False
     for error in errors:
         err.print(str(error), markup=False)
     if errors:
         raise typer.Exit(2)
     for lc in loaded:
         out.print(f"ok {lc.path} ({lc.campaign.id}: {', '.join(lc.campaign.template_names())})", markup=False)
+    if targets_ok:
+        out.print(f"ok {rt.settings.targets_path} (assessment targets)", markup=False)
 
 
 def preview(
@@ -74,6 +85,16 @@ def preview(
         out.print(f"\nrecipients {report.recipients}, opted out {report.opted_out}, calls {report.total_parts}")
         return
     out.print(f"\nrecipients {report.recipients}, opted out {report.opted_out}, total parts {report.total_parts}")
+    costs = report.district_costs()
+    out.print(f"cost at {report.price_per_part:g} CNY a part (DISPATCH_PART_PRICES):", markup=False)
+    for d in districts:
+        parts = report.parts_by_district.get(d.id, 0)
+        out.print(f"  {d.name}: {parts} parts, {costs.get(d.id, 0.0):.2f} CNY", markup=False)
+    budget = ""
+    if report.budget is not None:
+        verdict = "over" if report.cost > report.budget else "within"
+        budget = f" (budget {report.budget:g} CNY: {verdict} it)"
+    out.print(f"  total: {report.total_parts} parts, {report.cost:.2f} CNY{budget}", markup=False)
 
 
 def _when(text: str | None, option: str) -> datetime | None:

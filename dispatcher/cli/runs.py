@@ -23,6 +23,7 @@ from ..runs import (
     cancel_run,
     dry_run_totals,
     pause_run,
+    refuse_over_budget,
     refuse_pointless_run,
     resume_run,
     settle_keys,
@@ -155,21 +156,26 @@ def run(
         if as_json:
             emit_json(totals.as_dict())
         else:
+            costs = totals.district_costs()
             for district_id, b in sorted(totals.by_district.items()):
                 out.print(
                     f"{district_name(district_id)}: {b['recipients']} recipients, {b['parts']} parts, "
-                    f"{b['skipped']} opted out"
+                    f"{costs[district_id]:.2f} CNY, {b['skipped']} opted out"
                 )
             out.print(
-                f"dry run: {totals.recipients} would be sent ({totals.parts} parts), "
-                f"{totals.skipped} skipped; nothing written or sent"
+                f"dry run: {totals.recipients} would be sent ({totals.parts} parts, {totals.cost:.2f} CNY at "
+                f"{totals.price_per_part:g} CNY a part), {totals.skipped} skipped; nothing written or sent"
             )
+            if totals.budget is not None:
+                verdict = "over" if totals.cost > totals.budget else "within"
+                out.print(f"budget {totals.budget:g} CNY: {verdict} it")
         return
     if not rt.settings.embedded:
         ping(rt.broker)
     # a misconfigured gateway, a passed send_by or an empty audience is reported (exit 2) before any row is written
     _ = rt.ringback if loaded.campaign.channel == "ringback" else rt.gateway_for(loaded.campaign.gateways)
     refuse_pointless_run(rt, loaded)
+    refuse_over_budget(rt, loaded, as_of_time)
     # open the delivery log and declare the actors before timing the fan-out
     rt.store  # noqa: B018
     declared(rt)

@@ -36,7 +36,8 @@ own module and each owning its tables and queries::
       keep_ringback / ringback_kept / create_restore_run      what an enrolment changed, and its restore
     store.accounts   (_accounts.py)                           accounts, sessions, login throttle
     store.audit      (_audit.py)                              ledger verification, event log, audit chain
-    store.reports    (_reports.py)                            aggregates for the assessment reports
+    store.reports    (_reports.py)                            aggregates for the reports: coverage, departments
+                                                              and spend, failures, the annual assessment
     store.dashboard  (_dashboard.py)                          reads the dashboard's pages need
     store.traces     (_traces.py)                             a delivery's attempts and HTTP traces, trace purge
 
@@ -49,15 +50,20 @@ from ``dispatcher.store`` only. SQL stays inside this package; callers get recor
 
 from ._accounts import Credentials, StoredAccount
 from ._reports import (
+    ASSESSED_STATES,
     FAILED_STATES,
     REACHED_STATES,
+    AssessmentCounts,
     CoverageCounts,
     DepartmentCounts,
     FailureCount,
     OwnerFailures,
     OwnerRuns,
     OwnerSends,
+    Profile,
+    QuarterReach,
     Reach,
+    RunSpend,
     Window,
 )
 from ._rows import as_utc
@@ -95,6 +101,7 @@ from .provider import PROVIDER_STATES, AwaitingReport, StateChange
 from .sql import DuplicateRun, LeaseLost, SqlStore, iter_chunks, open_store, utcnow
 
 __all__ = [
+    "ASSESSED_STATES",
     "AUDIT_CHAIN",
     "CANCELLED",
     "DELIVERED",
@@ -113,6 +120,7 @@ __all__ = [
     "UNCONFIRMED",
     "UNDELIVERED",
     "UNKNOWN",
+    "AssessmentCounts",
     "AttemptRow",
     "AudienceFilter",
     "AwaitingReport",
@@ -131,12 +139,15 @@ __all__ = [
     "OwnerFailures",
     "OwnerRuns",
     "OwnerSends",
+    "Profile",
+    "QuarterReach",
     "Reach",
     "RecentRun",
     "Resident",
     "RunProgress",
     "RunRecord",
     "RunSpec",
+    "RunSpend",
     "SqlStore",
     "StateChange",
     "StoredAccount",

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from . import schema as t
 from ._db import Db
+from ._rows import as_utc
 from .base import HANDED_OVER_STATES
 
 #: a recipient counts as reached once a row of theirs is in one of these states: handed to a carrier
@@ -22,6 +23,9 @@ from .base import HANDED_OVER_STATES
 REACHED_STATES = ("sent", "delivered", "unconfirmed")
 #: what carriers confirmed, best first: a resident's best row decides which one they count under
 CONFIRMATION_RANK = (("delivered", 3), ("unconfirmed", 2), ("undelivered", 1))
+#: what the assessment (考核) counts as reached: handed over and not reported failed. Stricter than the
+#: coverage report's REACHED_STATES: a row the carrier never confirmed (``unconfirmed``) does not count
+ASSESSED_STATES = ("sent", "delivered")
 #: rows that did not go out
 FAILED_STATES = ("failed", "undelivered", "expired", "unknown")
 
@@ -84,6 +88,51 @@ class DepartmentCounts:
 
 
 @dataclass(frozen=True)
+class RunSpend:
+    """What one run's accepted parts cost: parts times the price its provider had when the run was made."""
+
+    run_id: str
+    owner: str
+    #: fire time (scheduled runs) or creation time: what places the run in a period
+    when: datetime
+    parts: int
+    cost: float
+
+
+@dataclass(frozen=True)
+class QuarterReach:
+    """Residents (registry now, not opted out) and how many of them were reached in each quarter."""
+
+    eligible: int
+    #: one figure per quarter window asked for, in order
+    reached: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Residents sharing one district and one exact set of groups, and how many were reached per quarter.
+
+    Every per-district, per-group and per-owner figure is a sum over profiles, so one pass over the
+    registry serves them all and a resident in several groups is still counted once wherever needed.
+    """
+
+    district: str
+    segments: frozenset[str]
+    reach: QuarterReach
+
+
+@dataclass(frozen=True)
+class AssessmentCounts:
+    profiles: list[Profile]
+    #: run id -> index of its quarter window, for the SMS runs of the year
+    runs: dict[str, int]
+    #: (run id, district) pairs: the run reached someone whose row names that district
+    run_districts: list[tuple[str, str]]
+    #: (run id, segment) pairs: the run reached someone in that group (registry now)
+    run_segments: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
 class FailureCount:
     error_code: str
     gateway: str
@@ -98,6 +147,24 @@ def _runs_in(window: Window | None) -> Any:
         when = sa.func.coalesce(r.c.fire_time, r.c.created_at)
         query = query.where(when >= window.start, when < window.end)
     return query
+
+
+def _run_time() -> Any:
+    r = t.runs
+    return sa.func.coalesce(r.c.fire_time, r.c.created_at)
+
+
+def _utc(value: datetime) -> datetime:
+    utc = as_utc(value)
+    assert utc is not None  # a run always has a creation time
+    return utc
+
+
+def _price_now(gateway: Any, prices: dict[str, float]) -> Any:
+    """The current price of a provider, for runs created before prices were recorded with the run."""
+    if not prices:
+        return sa.literal(0.0)
+    return sa.case(*((gateway == name, sa.literal(price)) for name, price in prices.items()), else_=sa.literal(0.0))
 
 
 class ReportReads:
@@ -192,6 +259,109 @@ class ReportReads:
                 )
             ]
         return DepartmentCounts(runs, sends, failures)
+
+    def spend(self, window: Window, prices_now: dict[str, float]) -> list[RunSpend]:
+        """Per run of the window: SMS parts its providers accepted and what they cost.
+
+        Each row's parts are priced at the price its provider (the one that took it, after any
+        failover) had in ``run_prices`` when the run was created; a run from before prices were
+        recorded is priced at ``prices_now``. Rows never handed over cost nothing.
+        """
+        r, d, p = t.runs, t.deliveries, t.run_prices
+        when = _run_time()
+        price = sa.func.coalesce(p.c.price_per_part, _price_now(d.c.gateway, prices_now))
+        parts = sa.func.coalesce(d.c.parts, 0)
+        query = (
+            sa.select(r.c.id, r.c.owner, when, sa.func.sum(parts), sa.func.sum(parts * price))
+            .select_from(
+                d.join(r, r.c.id == d.c.run_id).outerjoin(
+                    p, sa.and_(p.c.run_id == d.c.run_id, p.c.gateway == d.c.gateway)
+                )
+            )
+            .where(d.c.state.in_(HANDED_OVER_STATES), when >= window.start, when < window.end)
+            .group_by(r.c.id, r.c.owner, when)
+        )
+        with self._db.read() as conn:
+            return [
+                RunSpend(run_id, owner, _utc(at), int(n or 0), float(cost or 0.0))
+                for run_id, owner, at, n, cost in conn.execute(query)
+            ]
+
+    def assessment(self, quarters: list[Window], segments: list[str]) -> AssessmentCounts:
+        """Residents reached by SMS per quarter, by district and set of groups, and which runs reached whom.
+
+        ``quarters``: consecutive windows (a year's four quarters); ``segments``: every group id (at most
+        62, each a bit of the residents' group mask). Reached = a row in ``ASSESSED_STATES`` in an SMS run
+        whose fire (else creation) time falls in the quarter. One pass over the year's reached rows builds
+        a per-resident flag per quarter, and one grouped pass over the registry counts residents by
+        (district, group mask): a few thousand rows however large the registry.
+        """
+        r, rs, d, runs = t.residents, t.resident_segments, t.deliveries, t.runs
+        when = _run_time()
+        start, end = quarters[0].start, quarters[-1].end
+        # SMS runs only: a ringback enrolment plays the warning to a resident's callers, not to the resident
+        in_year = (when >= start, when < end, runs.c.channel == "sms")
+        flags = [
+            sa.func.max(sa.case((sa.and_(when >= q.start, when < q.end), 1), else_=0)).label(f"q{i}")
+            for i, q in enumerate(quarters)
+        ]
+        per_resident = (
+            sa.select(d.c.resident_id.label("resident_id"), *flags)
+            .select_from(d.join(runs, runs.c.id == d.c.run_id))
+            .where(d.c.state.in_(ASSESSED_STATES), *in_year)
+            .group_by(d.c.resident_id)
+            .subquery()
+        )
+        bit = sa.case(*((rs.c.segment == seg, sa.literal(1 << i)) for i, seg in enumerate(segments)), else_=0)
+        masks = (
+            sa.select(rs.c.resident_id.label("resident_id"), sa.func.sum(bit).label("mask"))
+            .group_by(rs.c.resident_id)
+            .subquery()
+        )
+        mask = sa.func.coalesce(masks.c.mask, 0)
+        sums = [sa.func.coalesce(sa.func.sum(per_resident.c[f"q{i}"]), 0) for i in range(len(quarters))]
+        with self._db.read() as conn:
+            run_quarters = {
+                run_id: next(i for i, q in enumerate(quarters) if q.start <= _utc(at) < q.end)
+                for run_id, at in conn.execute(sa.select(runs.c.id, when).where(*in_year))
+            }
+            profiles = [
+                Profile(
+                    dist,
+                    frozenset(seg for i, seg in enumerate(segments) if int(bits) >> i & 1),
+                    QuarterReach(int(n), tuple(int(v) for v in reached)),
+                )
+                for dist, bits, n, *reached in conn.execute(
+                    sa.select(r.c.district, mask, sa.func.count(), *sums)
+                    .select_from(
+                        r.outerjoin(masks, masks.c.resident_id == r.c.id).outerjoin(
+                            per_resident, per_resident.c.resident_id == r.c.id
+                        )
+                    )
+                    .where(r.c.opted_out.is_(False))
+                    .group_by(r.c.district, mask)
+                )
+            ]
+            reached_rows = d.join(runs, runs.c.id == d.c.run_id)
+            run_districts = [
+                (run_id, dist)
+                for run_id, dist in conn.execute(
+                    sa.select(d.c.run_id, d.c.district)
+                    .select_from(reached_rows)
+                    .where(d.c.state.in_(ASSESSED_STATES), *in_year)
+                    .distinct()
+                )
+            ]
+            run_segments = [
+                (run_id, seg)
+                for run_id, seg in conn.execute(
+                    sa.select(d.c.run_id, rs.c.segment)
+                    .select_from(reached_rows.join(rs, rs.c.resident_id == d.c.resident_id))
+                    .where(d.c.state.in_(ASSESSED_STATES), *in_year)
+                    .distinct()
+                )
+            ]
+        return AssessmentCounts(profiles, run_quarters, run_districts, run_segments)
 
     def failures(self, window: Window | None = None) -> list[FailureCount]:
         """Rows that did not go out, by error code (``reason`` when there is none), gateway and state."""

@@ -73,6 +73,11 @@ def insert_run(conn: Connection, spec: RunSpec, now: datetime) -> None:
             created_at=now,
         )
     )
+    if spec.part_prices:
+        conn.execute(
+            sa.insert(t.run_prices),
+            [{"run_id": spec.run_id, "gateway": name[:32], "price_per_part": p} for name, p in spec.part_prices],
+        )
 
 
 def keys_digest(conn: Connection, run_id: str, *, is_sqlite: bool) -> str:

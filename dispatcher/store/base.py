@@ -84,6 +84,8 @@ class RunSpec:
     as_of: datetime | None = None
     #: the operator's reason for running a campaign again within its frequency period
     again_reason: str | None = None
+    #: CNY per SMS part per provider at creation (DISPATCH_PART_PRICES), kept with the run
+    part_prices: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

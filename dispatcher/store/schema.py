@@ -13,6 +13,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -23,18 +24,19 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
 #: Each column is declared on its table below as well, so a new database gets it directly.
-#: New tables (3: leader_fences; 4: sessions, login_throttle) need no entry: ``create_all`` adds them.
+#: New tables (3: leader_fences; 4: sessions, login_throttle; 7: run_prices) need no entry: ``create_all`` adds
+#: them, but only when the version moves (a log at this version is only read), hence a bump for each.
 MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
     4: (("accounts", "disabled"),),
     6: (("attempts", "trace_purged_at"),),
-    7: (("deliveries", "confirmed_at"),),
+    8: (("deliveries", "confirmed_at"),),
 }
 #: indexes an upgrade to that version creates on tables that already exist (``create_all`` leaves them alone)
 INDEX_MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -156,6 +158,17 @@ deliveries = Table(
         sqlite_where=text("provider_id IS NOT NULL"),
         postgresql_where=text("provider_id IS NOT NULL"),
     ),
+)
+
+#: the price per SMS part of each provider when the run was created (DISPATCH_PART_PRICES), in CNY:
+#: spend is parts a provider accepted times the price recorded here, so changing a contract's price
+#: later never reprices what was already sent. A table of its own, written with the run row.
+run_prices = Table(
+    "run_prices",
+    metadata,
+    Column("run_id", String(32), primary_key=True),
+    Column("gateway", String(32), primary_key=True),
+    Column("price_per_part", Float, nullable=False),
 )
 
 #: every attempt to hand a message to a gateway, kept for auditors (one row per try)

@@ -1,5 +1,6 @@
 # ruff: noqa: E501 - HTML and SVG fragments read better as whole lines than split mid-tag
-"""The auditors' read-only dashboard: runs and progress, coverage heat map, delivery rates, ledger search.
+"""The auditors' read-only dashboard: runs and progress, coverage heat map, delivery rates, the quarter's
+assessment against targets, ledger search.
 
 Every page needs a login (accounts.py: roles ``auditor`` and ``operator``, scrypt
 hashes, no default account). The session cookie carries a random session id
@@ -45,6 +46,8 @@ from ..store import (
     UNCONFIRMED,
     UNDELIVERED,
 )
+from ..targets import QUARTERS
+from ..targets import load as load_targets
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -149,7 +152,8 @@ def _page(title: str, body: str, account: accounts.Account | None, csrf: str = "
     if account is not None:
         nav = (
             '<a href="/dashboard">Runs</a><a href="/dashboard/coverage">Coverage</a>'
-            '<a href="/dashboard/rates">Delivery rates</a><a href="/dashboard/ledger">Ledger</a>'
+            '<a href="/dashboard/rates">Delivery rates</a><a href="/dashboard/assessment">Assessment</a>'
+            '<a href="/dashboard/ledger">Ledger</a>'
             + ('<a href="/dashboard/delivery">Delivery traces</a>' if account.may_unmask else "")
             + f'<span class="muted">{escape(account.name)} ({escape(account.role)})</span>'
             f'<form method="post" action="/logout"><input type="hidden" name="csrf" value="{escape(csrf)}">'
@@ -349,6 +353,29 @@ def routes(runtime: Runtime) -> list[Route]:
         days = await run_in_threadpool(_daily_rates, runtime)
         return page(request, "Delivery rate by day", _rates_svg(days), account)
 
+    async def assessment_page(request: Request) -> Response:
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        now = _quarter_of(runtime.clock())
+        raw_year = (request.query_params.get("year") or now[:4]).strip()
+        raw_quarter = (request.query_params.get("quarter") or now[-2:]).strip().upper()
+        form = (
+            f'<form id="assessment-form"><label>Year <input name="year" value="{escape(raw_year)}" size="6"></label>'
+            f' <label>Quarter <input name="quarter" value="{escape(raw_quarter)}" size="3"></label>'
+            "<button>Show</button></form>"
+        )
+        try:
+            year = reports.parse_year(raw_year)
+            if raw_quarter not in QUARTERS:
+                raise InputError(f"quarter: expected Q1, Q2, Q3 or Q4, got {raw_quarter!r}", field="quarter")
+            targets = load_targets(runtime.settings.targets_path)
+        except InputError as exc:
+            return page(request, "Assessment", form + f'<p class="err">{escape(str(exc))}</p>', account)
+        report = await run_in_threadpool(reports.assessment, store, year, targets, runtime.settings.part_prices)
+        rows = [r for r in report["rows"] if r["quarter"].endswith(raw_quarter)]
+        return page(request, f"Assessment {year}{raw_quarter}", form + _assessment_html(report, rows), account)
+
     async def ledger_page(request: Request) -> Response:
         account = await who(request)
         if isinstance(account, Response):
@@ -451,9 +478,78 @@ def routes(runtime: Runtime) -> list[Route]:
         Route("/dashboard", runs_page),
         Route("/dashboard/coverage", coverage_page),
         Route("/dashboard/rates", rates_page),
+        Route("/dashboard/assessment", assessment_page),
         Route("/dashboard/ledger", ledger_page),
         Route("/dashboard/delivery", delivery_page),
     ]
+
+
+def _assessment_html(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """One quarter's scores: a bar per department and town (coverage, the target as a tick), then the table."""
+    in_force = report["targets_year"]
+    note = (
+        f'<p class="muted">{report["runs"]} runs in {report["year"]}; targets from {escape(report["targets"])}'
+        + (f" (those of {in_force})" if in_force not in (None, report["year"]) else "")
+        + ". Coverage: residents it answers for (a department: its groups; a town: its district; opted-out "
+        "excluded) with a message sent or delivered in the quarter. Pushes: runs that reached them.</p>"
+    )
+    if not rows:
+        return note
+    label_w, bar_w, row_h = 150, 360, 22
+    height = row_h * len(rows) + 30
+    svg = [f'<svg id="assessment-chart" xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 170}" '
+           f'height="{height}" role="img" aria-label="coverage against target">']  # fmt: skip
+    for pct in (0, 50, 100):
+        x = label_w + bar_w * pct / 100
+        svg.append(f'<line x1="{x:.0f}" x2="{x:.0f}" y1="0" y2="{height - 20}" stroke="#ccd"/>'
+                   f'<text x="{x - 8:.0f}" y="{height - 6}" font-size="10">{pct}%</text>')  # fmt: skip
+    for i, r in enumerate(rows):
+        y = i * row_h + 4
+        pct = 100 * r["coverage"]
+        colour = {True: "#2a9d8f", False: "#e76f51", None: "#9aa3b1"}[r["met"]]
+        verdict = {True: "met", False: "not met", None: "no target"}[r["met"]]
+        svg.append(
+            f'<text x="4" y="{y + 13}" font-size="12">{escape(r["name"])}</text>'
+            f'<rect x="{label_w}" y="{y}" width="{bar_w * pct / 100:.1f}" height="{row_h - 6}" fill="{colour}" '
+            f'data-unit="{r["unit"]}" data-coverage="{r["coverage"]}" data-met="{verdict}">'
+            f"<title>{escape(r['name'])}: {pct:.1f}% of {r['eligible']}, {r['pushes']} push(es); {verdict}</title></rect>"
+        )
+        if r["target_coverage"] is not None:
+            tx = label_w + bar_w * r["target_coverage"]
+            svg.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{y - 2}" y2="{y + row_h - 4}" stroke="#1d2330" '
+                       'stroke-width="2"/>')  # fmt: skip
+        svg.append(f'<text x="{label_w + bar_w + 6}" y="{y + 13}" font-size="11">{pct:.1f}% · {verdict}</text>')
+    svg.append("</svg>")
+
+    def names(shortfall: dict[str, int]) -> str:
+        found = (domain.segment(k) or domain.district(k) for k in shortfall)
+        return ", ".join(f"{escape(f.name if f else k)} {n}" for f, (k, n) in zip(found, shortfall.items(), strict=True))
+
+    table = ['<table id="assessment"><tr><th class="l">department / town</th><th>eligible</th><th>reached</th>'
+             "<th>coverage</th><th>target</th><th>pushes</th><th>target</th><th>met</th><th>shortfall</th>"
+             '<th class="l">by group</th><th class="l">by district</th><th>spend CNY</th></tr>']  # fmt: skip
+    for r in rows:
+        verdict = {True: "met", False: "not met", None: "no target"}[r["met"]]
+        target = "" if r["target_coverage"] is None else f"{100 * r['target_coverage']:.0f}%"
+        table.append(
+            f'<tr data-unit="{r["unit"]}"><td class="l">{escape(r["name"])}</td><td>{r["eligible"]}</td>'
+            f"<td>{r['reached']}</td><td>{100 * r['coverage']:.1f}%</td><td>{target}</td><td>{r['pushes']}</td>"
+            f"<td>{'' if r['target_pushes'] is None else r['target_pushes']}</td>"
+            f'<td class="{"err" if r["met"] is False else ""}">{verdict}</td><td>{r["shortfall"] or ""}</td>'
+            f'<td class="l">{names(r["shortfall_by_group"])}</td><td class="l">{names(r["shortfall_by_district"])}</td>'
+            f"<td>{r['spend_cny']:.2f}</td></tr>"
+        )
+    table.append("</table>")
+    spend = [s for s in report["spend"] if rows and s["quarter"] == rows[0]["quarter"]]
+    if spend:
+        table.append('<h2>Spend by owning department</h2><table id="spend"><tr><th class="l">owner</th>'
+                     "<th>parts</th><th>CNY</th></tr>")  # fmt: skip
+        table.extend(
+            f'<tr><td class="l">{escape(s["name"])}</td><td>{s["parts"]}</td><td>{s["spend_cny"]:.2f}</td></tr>'
+            for s in spend
+        )
+        table.append("</table>")
+    return note + "".join(svg) + "".join(table)
 
 
 def _delivery_html(d: dict[str, Any]) -> str:

@@ -33,6 +33,10 @@ def person_env(**documented: str) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
     }
+    if os.environ.get("PYTHONPATH"):
+        # a checkout tested with a virtual environment installed from another one: without this the
+        # `dispatch` script would import the other checkout's code and this layer would test that
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     env.update(documented)
     return env
 

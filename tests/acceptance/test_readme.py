@@ -56,6 +56,19 @@ def test_readme_quick_start_is_make_demo_and_make_test() -> None:
     assert blocks and blocks[0] == ["make demo", "make test"]
 
 
+def test_the_acceptance_layer_sets_only_variables_the_readme_documents() -> None:
+    """A setting only the tests know about would let this layer pass where a user's deployment fails."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Configuration (environment)", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(DISPATCH_[A-Z0-9_]+)", table))
+    used = {
+        name
+        for path in Path(__file__).parent.glob("*.py")
+        for name in re.findall(r"\b(DISPATCH_[A-Z0-9_]+)\b", path.read_text(encoding="utf-8"))
+    }
+    assert used and used <= documented, sorted(used - documented)
+
+
 @pytest.mark.slow
 def test_every_readme_command_works_as_written_in_a_clean_copy(tmp_path: Path) -> None:
     blocks = shell_blocks((REPO / "README.md").read_text(encoding="utf-8"))

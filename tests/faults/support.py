@@ -216,6 +216,7 @@ def wait_done(project: Project, run_id: str, timeout: float) -> dict[str, Any]:
 class Recovery:
     """What a scenario's checks found after recovery (one row of the report's table)."""
 
+    eligible: int
     keys_in_gateway: int
     sent_twice: int
     lost: int
@@ -226,7 +227,8 @@ class Recovery:
 
     def row(self) -> str:
         return (
-            f"keys in gateway {self.keys_in_gateway}, sent twice {self.sent_twice}, lost {self.lost}, "
+            f"eligible {self.eligible}, keys in gateway {self.keys_in_gateway} "
+            f"(once {self.keys_in_gateway - self.sent_twice}), sent twice {self.sent_twice}, lost {self.lost}, "
             f"stranded {self.stranded}, ledger hand-overs {self.handovers_in_ledger}/{self.outbox_lines} "
             f"outbox lines, verify {'ok' if self.verify_ok else 'BROKEN'}"
         )
@@ -261,6 +263,7 @@ def check_recovery(project: Project, run_id: str, *, expected: set[str] | None =
         ).scalar_one()
     verify = project.dispatch("audit", "verify", run_id, "--json", timeout=120)
     result = Recovery(
+        eligible=len(expected),
         keys_in_gateway=len(keys),
         sent_twice=sum(1 for n in keys.values() if n > 1),
         lost=len(expected - set(keys)),

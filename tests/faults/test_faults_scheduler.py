@@ -94,4 +94,8 @@ def test_a_frozen_leader_does_not_block_followers_and_cannot_fire_after_losing_i
         keys = collections.Counter(x["key"] for x in read_outbox(project.outbox) if x["run_id"] == run.id)
         assert not [k for k, n in keys.items() if n > 1], f"run {run.id} sent someone twice"
     verify = project.dispatch("audit", "verify", "--json", timeout=120)
+    print(
+        f"fires {len(fires)} (schedulers {sorted({f.scheduler for f in fires})}), runs per fire time "
+        f"{sorted(n for _, n in runs)}, lease tokens {tokens}, verify {'ok' if verify.returncode == 0 else 'BROKEN'}"
+    )
     assert verify.returncode == 0, verify.stdout[-2000:]

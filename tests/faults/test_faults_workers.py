@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -49,11 +50,18 @@ def test_two_resumes_racing_a_live_worker_send_no_one_twice(pg_redis_project: Pr
     try:
         run_id = start_run(project)
         wait_for(lambda: status(project, run_id)["counts"].get("sent", 0) > 1000, 60, "sending to get going")
+        store = project.runtime().store
+
+        def held_by_victim() -> int:
+            # rows in `sending` count every worker's claims: only the victim's make orphans
+            return sum(n for holder, n in store.sending_holders(run_id).items() if f":{victim.pid}:" in holder)
+
+        wait_for(lambda: held_by_victim() > 0, 30, "the victim to hold a claim", interval=0.02)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
         killed_at = time.monotonic()
         procs.append(worker(project, "replacement"))
-        held = status(project, run_id)["counts"].get("sending", 0)
+        held = held_by_victim()
         assert held > 0, "the victim must die holding claims"
         time.sleep(max(0.0, 3.5 - (time.monotonic() - killed_at)))  # its heartbeat goes stale
         # two operators resume 0.6 s apart: the second reads the orphan list while the first is still
@@ -61,8 +69,14 @@ def test_two_resumes_racing_a_live_worker_send_no_one_twice(pg_redis_project: Pr
         resumes = [project.popen("resume", run_id, "--no-wait", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
         time.sleep(0.6)
         resumes.append(project.popen("resume", run_id, "--no-wait", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        orphaned = 0
         for r in resumes:
-            r.communicate(timeout=120)
+            _, err = r.communicate(timeout=120)
+            said = (err.strip().splitlines() or [""])[-1]
+            print(f"\nresume exit {r.returncode}: {said[:200]} (victim held {held})")
+            found = re.search(r": (\d+) orphaned", said)
+            orphaned += int(found.group(1)) if found else 0
+        assert orphaned > 0, "the resumes must find the victim's claims, or there was no race to lose"
         wait_done(project, run_id, 120)
         check_recovery(project, run_id)
     finally:
@@ -188,6 +202,10 @@ def test_a_batch_that_loses_the_database_before_its_first_hand_over_gives_its_cl
     # the message comes again (Dramatiq retries it) and the batch goes out, each person once
     again = process_batch(rt, run_id, 0)
     keys = [line["key"] for line in read_outbox(project.outbox)]
+    print(
+        f"\nafter the outage: counts {counts}; retried batch claimed {again.claimed}, {len(keys)} outbox lines, "
+        f"{len(set(keys))} distinct keys, counts {dict(again.counts)}"
+    )
     assert again.claimed > 0 and len(keys) == again.counts["sent"] == len(set(keys)), again
 
 
