@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -124,17 +125,24 @@ def main() -> int:
             DISPATCH_LOG_FORMAT="json",
         )
 
-        def dispatch(*argv: str) -> subprocess.CompletedProcess[str]:
+        def dispatch(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                [sys.executable, "-m", "dispatcher", *argv], cwd=root, env=env, capture_output=True, text=True
-            )
+                [sys.executable, "-m", "dispatcher", *argv], cwd=root, env=env, capture_output=True, text=True,
+                input=stdin,
+            )  # fmt: skip
 
         csv_path = root / "var" / "residents.csv"
-        for argv in (
-            ("audience", "generate", "--size", str(args.size), "--seed", "11", "--output", str(csv_path)),
-            ("audience", "import", str(csv_path)),
+        password = secrets.token_urlsafe(18) + "\n"
+        # an HTTP carrier is a real gateway: it sends only a version two operators approved
+        for argv, stdin in (
+            (("audience", "generate", "--size", str(args.size), "--seed", "11", "--output", str(csv_path)), None),
+            (("audience", "import", str(csv_path)), None),
+            (("users", "add", "bench-author", "--role", "operator"), password),
+            (("users", "add", "bench-approver", "--role", "operator"), password),
+            (("submit", "campaigns/bench.yaml", "--as", "bench-author"), password),
+            (("approve", "campaigns/bench.yaml", "--as", "bench-approver"), password),
         ):
-            done = dispatch(*argv)
+            done = dispatch(*argv, stdin=stdin)
             if done.returncode != 0:
                 print(done.stderr, file=sys.stderr)
                 return 1

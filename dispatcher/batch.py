@@ -31,6 +31,10 @@ def run_campaign(run: RunRecord) -> Campaign:
     return campaign_snapshot(run.id, run.campaign_sha256, run.campaign_yaml)
 
 
+#: the provider whose sends are drills (lines in a local file): runs on it need no approval
+DRILL_GATEWAY = "outbox"
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What a worker needs to render a run's messages, rebuilt from the run's snapshot."""
@@ -43,6 +47,10 @@ class RunContext:
     status: str
     #: the campaign as snapshotted: its send window, time zone and frequency cap
     campaign: Campaign | None = None
+    #: made without approval as a drill: only the drill gateway may send it, unless its version
+    #: (``version``) has been approved since (approvals.py)
+    drill: bool = False
+    version: str | None = None
 
 
 def context_from_run(run: RunRecord) -> RunContext:
@@ -63,6 +71,8 @@ def context_from_run(run: RunRecord) -> RunContext:
         composer=composer,
         status=run.status,
         campaign=campaign,
+        drill=(run.approval_exempt or "").startswith("drill"),
+        version=run.version_sha256,
     )
 
 

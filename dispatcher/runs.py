@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .actors import declared
+from .approvals import check_resume, gate
 from .batch import context_from_run, run_campaign
 from .campaigns import LoadedCampaign, parse_duration
 from .channels import VOICE, channel_of, voice_script
@@ -165,10 +166,21 @@ def start_run(
     again_reason: str | None = None,
     fence: tuple[str, str, int] | None = None,
 ) -> CreatedRun:
-    """Create the run and its delivery rows, then enqueue its batches. Returns the run summary."""
+    """Create the run and its delivery rows, then enqueue its batches. Returns the run summary.
+
+    A run through a real gateway needs the campaign's current version approved by a second
+    operator (``approvals.gate``: ``NotApproved``, exit 2, before anything is written).
+    """
     refuse_oversized_voice(runtime, loaded)
+    approval = gate(runtime, loaded, actor=actor)
     spec = dataclasses.replace(
-        run_spec(runtime, loaded, fire_time=fire_time, as_of=as_of), actor=actor, again_reason=again_reason
+        run_spec(runtime, loaded, fire_time=fire_time, as_of=as_of),
+        actor=actor,
+        again_reason=again_reason,
+        version_sha256=approval.version,
+        approved_by=approval.approved_by,
+        approved_at=approval.approved_at,
+        approval_exempt=approval.exempt,
     )
     created = runtime.store.create_run(spec, audience_filter(loaded), fence=fence)
     with structlog.contextvars.bound_contextvars(run_id=spec.run_id, campaign_id=spec.campaign_id):
@@ -389,6 +401,7 @@ def resume_run(runtime: Runtime, run_id: str) -> dict[str, int]:
     """
     store = runtime.store
     run = store.get_run(run_id)
+    check_resume(runtime, run)  # a drill resumed through a real gateway needs its version approved
     with store.coordination.operator_lock(f"campaign:{run.campaign_id}"):
         return _resume_locked(runtime, run_id)
 

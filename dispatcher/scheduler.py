@@ -40,6 +40,7 @@ import structlog
 from apscheduler.triggers.base import BaseTrigger
 
 from . import alerting, metrics
+from .approvals import NotApproved
 from .campaigns import LoadedCampaign, campaign_files, check_paths, make_trigger, next_after, parse_duration
 from .costs import over_budget
 from .dlr import DeliveryReportSweep
@@ -178,8 +179,12 @@ class Scheduler:
     # ---- campaign files
 
     def _files_signature(self) -> tuple[Any, ...]:
+        """The campaign files and the templates, by size and time: an edited template is a new
+        campaign version (which needs its own approval), so it is re-read like a campaign."""
         items = []
-        for path in campaign_files([self.campaigns_dir]):
+        templates_dir = self.runtime.settings.templates_dir
+        templates = sorted(p for p in templates_dir.rglob("*") if p.is_file()) if templates_dir.is_dir() else []
+        for path in [*campaign_files([self.campaigns_dir]), *templates]:
             try:
                 st = path.stat()
             except OSError:
@@ -318,8 +323,7 @@ class Scheduler:
                 )
                 log.warning("scheduler.fire_skipped", fire_time=fire_time, reason=reason)
                 metrics.missed_fire(campaign_id)
-            else:
-                self.fire(entry, fire_time)
+            elif self.fire(entry, fire_time) is not None:
                 fired += 1
             cursor = fire_time
         return fired
@@ -366,6 +370,15 @@ class Scheduler:
                 run_id: str | None = created.run_id
                 late = (self.runtime.clock() - fire_time).total_seconds()
                 log.info("scheduler.fired", run_id=run_id, late_s=round(late, 3))
+            except NotApproved as exc:
+                # never silently: the fire is on record as skipped, with the line an operator acts on
+                reason = f"not_approved: {exc.message}"
+                store.coordination.record_fire(
+                    campaign_id, fire_time, "skipped", scheduler=self.holder, reason=reason, lease_token=self.token
+                )
+                log.warning("scheduler.fire_skipped", reason=reason)
+                metrics.missed_fire(campaign_id)
+                return None
             except DuplicateRun:
                 run_id = store.coordination.run_for_fire(campaign_id, fire_time)
                 if run_id and not store.coordination.fire_recorded(campaign_id, fire_time):

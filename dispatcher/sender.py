@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from . import metrics
-from .batch import RUNS, BatchResult, RunContext, outcome_for, seconds_until
+from .batch import DRILL_GATEWAY, RUNS, BatchResult, RunContext, outcome_for, seconds_until
 from .campaigns import parse_duration
 from .channels import channel_of
 from .errors import (
@@ -296,12 +296,34 @@ def _window_delay(runtime: Runtime, opens_at: datetime) -> float:
     return min(runtime.settings.window_recheck, max(0.05, (opens_at - runtime.clock()).total_seconds()))
 
 
+def _not_a_drill(runtime: Runtime, context: RunContext) -> bool:
+    """A run made unapproved as a drill, reaching a worker whose gateway is real (its DISPATCH_GATEWAY
+    differs from the creating command's): halted, nothing sent, until its version is approved and resumed."""
+    ringback = context.campaign is not None and context.campaign.channel == "ringback"
+    name = runtime.ringback.name if ringback else gateway_of(runtime, context).name
+    if name == DRILL_GATEWAY:
+        return False
+    if context.version is not None:
+        approved = runtime.store.approvals.state(context.campaign_id, context.version).current
+        if approved is not None and approved.approved_by:
+            return False  # approved since it was made: `dispatch resume` let it through
+    why = (
+        f"made as a drill on the {DRILL_GATEWAY} gateway, but this worker sends through {name}: "
+        f"approve the campaign's version (dispatch approvals), then `dispatch resume {context.run_id}`"
+    )
+    if runtime.store.control.halt_run(context.run_id, why):
+        log.error("run.halted", run_id=context.run_id, reason=why)
+    return True
+
+
 def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
     """Send what is pending in one batch of one run and record it; return when to retry, if needed."""
     store = runtime.store
     # results an earlier attempt could not write go in first (fenced, so replaying is harmless)
     replay(runtime)
     context = RUNS.get(runtime, run_id)
+    if context.drill and _not_a_drill(runtime, context):
+        return BatchResult(0, {"parked": 1}, None)
     if context.campaign is not None and context.campaign.channel == "ringback":
         # enrol/restore a ringback tone instead of sending an SMS: same claims, retries and log
         return process_ringback_batch(runtime, run_id, batch_no)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end demo on the embedded defaults: synthetic registry -> validate -> preview -> run -> check.
+# End-to-end demo on the embedded defaults: synthetic registry -> validate -> preview -> approval -> run -> check.
 # It uses the same delivery log and outbox as every later `dispatch` command in this folder
 # (var/dispatch.db, var/outbox.jsonl), so the README's next steps see the demo's run.
 set -euo pipefail
@@ -37,24 +37,44 @@ dispatch schedule list --from 2021-01-01 --until 2024-01-01 --count 12 --campaig
 echo "== 3. preview $CAMPAIGN (sends nothing)"
 dispatch preview "$CAMPAIGN"
 
-echo "== 4. run it on the embedded broker and the outbox gateway"
+echo "== 4. two-person approval: one operator submits the campaign's version, a second approves it"
+# two demo operators with random passwords given on standard input (never on the command line); the
+# passwords are not kept, and the accounts are disabled again once they have approved
+AUTHOR_PW=$(python -c 'import secrets; print(secrets.token_urlsafe(18))')
+APPROVER_PW=$(python -c 'import secrets; print(secrets.token_urlsafe(18))')
+printf '%s\n' "$AUTHOR_PW" | dispatch users add demo-author --role operator --replace
+printf '%s\n' "$APPROVER_PW" | dispatch users add demo-approver --role operator --replace
+printf '%s\n' "$AUTHOR_PW" | dispatch submit "$CAMPAIGN" --as demo-author
+if printf '%s\n' "$AUTHOR_PW" | dispatch approve "$CAMPAIGN" --as demo-author; then
+  echo "the author approved their own version: that must never happen" >&2; exit 1
+fi
+echo "   (refused as it should be: the author cannot approve their own version)"
+printf '%s\n' "$APPROVER_PW" | dispatch approve "$CAMPAIGN" --as demo-approver
+dispatch users disable demo-author
+dispatch users disable demo-approver
+dispatch approvals
+echo "   Twilio, a carrier's HTTP API or Kannel send only an approved version; this demo runs on the outbox"
+echo "   drill gateway, which is exempt (the run records 'drill: outbox gateway'), so it would run unapproved too."
+unset AUTHOR_PW APPROVER_PW
+
+echo "== 5. run it on the embedded broker and the outbox gateway"
 RUN=$(dispatch run "$CAMPAIGN")
 
-echo "== 4b. the plan's campaign is over: a dry run as of a quarter of the plan renders that quarter's theme"
+echo "== 5b. the plan's campaign is over: a dry run as of a quarter of the plan renders that quarter's theme"
 dispatch run campaigns/plan-2021-2023-themes.yaml --dry-run --as-of 2022-07-05
 
-echo "== 5. check: one outbox line per eligible recipient, and the delivery log agrees"
+echo "== 6. check: one outbox line per eligible recipient, and the delivery log agrees"
 python scripts/demo_check.py var/outbox.jsonl "$RUN"
 
-echo "== 6. auditors: the hash-chained ledger verifies, and this quarter's coverage by district and group"
+echo "== 7. auditors: the hash-chained ledger verifies, and this quarter's coverage by district and group"
 dispatch audit verify
 dispatch report coverage
 
-echo "== 7. the annual assessment (考核): this quarter, every department and town against targets.yaml"
+echo "== 8. the annual assessment (考核): this quarter, every department and town against targets.yaml"
 read -r YEAR QUARTER < <(python -c 'import datetime, os, zoneinfo; t=datetime.datetime.fromisoformat(os.environ["DISPATCH_FAKE_NOW"]) if os.environ.get("DISPATCH_FAKE_NOW") else datetime.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")); print(t.year, f"Q{(t.month - 1) // 3 + 1}")')
 dispatch report assessment --year "$YEAR" --quarter "$QUARTER"
 
-echo "== 8. early warning: one resident alerted by SMS and call at once (alerting.yaml), then the case closed"
+echo "== 9. early warning: one resident alerted by SMS and call at once (alerting.yaml), then the case closed"
 RESIDENT=$(python -c 'import csv; print(next(csv.DictReader(open("var/residents.csv", encoding="utf-8")))["phone"])')
 GRID=$(python -c 'import csv; print(next(csv.DictReader(open("var/residents.csv", encoding="utf-8")))["grid"])')
 printf 'grid,role,name,phone\n%s,grid_worker,网格员,13900000001\n%s,police_duty,警格值班,13900000002\n' \

@@ -146,9 +146,9 @@ class Project:
         return rt
 
     def dispatch(
-        self, *args: str, timeout: float = 180, env: dict[str, str] | None = None
+        self, *args: str, timeout: float = 180, env: dict[str, str] | None = None, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run the real `dispatch` command in a subprocess."""
+        """Run the real `dispatch` command in a subprocess (``input``: its standard input, e.g. a password)."""
         return subprocess.run(
             [sys.executable, "-m", "dispatcher", *args],
             cwd=self.root,
@@ -156,6 +156,7 @@ class Project:
             capture_output=True,
             text=True,
             timeout=timeout,
+            input=input,
         )
 
     def popen(self, *args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
@@ -166,6 +167,10 @@ class Project:
             text=True,
             **kwargs,
         )
+
+    def approve(self, relative: str) -> str:
+        """Approve the campaign file's current version as two operators (``approve_campaign``)."""
+        return approve_campaign(self.runtime(), self.root / relative)
 
     def write(self, relative: str, text: str) -> Path:
         path = self.root / relative
@@ -180,6 +185,35 @@ class Project:
         imp = self.dispatch("audience", "import", str(csv_path))
         assert imp.returncode == 0, imp.stderr
         return csv_path
+
+
+#: the two operators the shared approval helper creates: one submits a campaign version, the other approves it
+AUTHOR, APPROVER = "approval-author", "approval-second"
+OPERATOR_PASSWORD = "correct horse battery"
+
+
+def approve_campaign(rt: Runtime, path: Path | str) -> str:
+    """Approve the campaign's current version the way operators do; returns the version.
+
+    Two operator accounts (created once), each proving its password through the login check
+    the command line uses; the first submits the version, the second approves it. Runs of the
+    campaign through a real gateway (Twilio, HTTP, Kannel, failover lists) are refused without it.
+    """
+    from dispatcher import approvals
+    from dispatcher.accounts import add_user, get, login
+    from dispatcher.campaigns import load_campaign
+
+    proven = []
+    for name in (AUTHOR, APPROVER):
+        if get(rt.store, name) is None:
+            add_user(rt.store, name, "operator", OPERATOR_PASSWORD)
+        account = login(rt.store, name, OPERATOR_PASSWORD, "cli")
+        assert account is not None and account.role == "operator"
+        proven.append(account.name)
+    loaded = load_campaign(Path(path), rt.settings.templates_dir, rt.clock(), gateways=rt.known_gateways())
+    approvals.submit(rt, loaded, by=proven[0])
+    _outcome, row = approvals.approve(rt, loaded, by=proven[1])
+    return row.version
 
 
 def daytime_offset(hour: int = 10) -> float:

@@ -366,6 +366,7 @@ def run_against(
     try:
         project.registry(size=60)
         path = project.write("campaigns/drill.yaml", CAMPAIGN)
+        project.approve("campaigns/drill.yaml")  # Twilio and HTTP carriers send approved versions only
         # an HTTP config may name only DISPATCH_HTTP_SECRET_* variables: the provider's URL comes in as one
         urls = {"DISPATCH_TWILIO_BASE_URL": server.url, "DISPATCH_HTTP_SECRET_PROVIDER_URL": server.url}
         result = dispatch(project, "run", str(path), "--json", env={**env, **urls})

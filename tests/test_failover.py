@@ -33,7 +33,7 @@ from dispatcher import metrics
 from dispatcher.campaigns import load_campaign
 from dispatcher.errors import CampaignError, ConfigError
 from dispatcher.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import approve_campaign, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -191,6 +191,7 @@ def test_killing_prism_mid_run_fails_over_to_the_outbox_and_sends_everyone_exact
     try:
         project.registry(size=300, seed=21)
         project.write("campaigns/failover.yaml", campaign_yaml("failover-drill"))
+        project.approve("campaigns/failover.yaml")  # Twilio first: a real gateway sends approved versions only
         env = {
             "DISPATCH_GATEWAY": "twilio,outbox",
             "DISPATCH_TWILIO_BASE_URL": f"http://127.0.0.1:{port}",
@@ -265,6 +266,7 @@ def test_ambiguous_failures_of_the_primary_never_fail_over(project: Any, carrier
     project.write("carrier.yaml", CARRIER.format(url=f"http://127.0.0.1:{port}"))
     project.registry(size=12, seed=22)
     project.write("campaigns/ambiguous.yaml", campaign_yaml("ambiguous-drill", extra="gateways: [http, outbox]\n"))
+    project.approve("campaigns/ambiguous.yaml")
     result = project.dispatch(
         "run",
         "campaigns/ambiguous.yaml",
@@ -306,6 +308,7 @@ def test_breaker_probes_the_restarted_primary_after_the_cooldown_and_closes(proj
 
     counted_before = failovers()
     rt = project.runtime()
+    approve_campaign(rt, path)
     run = start_run(rt, load_campaign(path, rt.settings.templates_dir, gateways=rt.known_gateways()))
     run_id = run.run_id
     # batch 0: nobody listens on the carrier's port, the first refusal opens its circuit

@@ -194,6 +194,7 @@ def test_a_campaign_through_kannel_is_delivered_by_kannels_own_reports(
     project.registry(size=40, seed=5)
     project.write("templates/kannel.sms.j2", TEMPLATE)
     project.write("campaigns/kannel-e2e.yaml", CAMPAIGN)
+    project.approve("campaigns/kannel-e2e.yaml")  # Kannel is a real gateway: approved versions only
     kannel_env = {
         "DISPATCH_GATEWAY": "kannel",
         "DISPATCH_KANNEL_URL": kannel.sendsms_url,

@@ -59,6 +59,11 @@ def campaign_yaml(campaign_id: str, *, send_by: datetime | None = None, extra: s
 
 
 def start(rt: Runtime, path: Path) -> str:
+    """Start a run of the campaign at ``path``, its current version first approved by two operators:
+    these runs go through real gateways (Twilio, HTTP, Kannel), which send only approved versions."""
+    from tests.conftest import approve_campaign
+
+    approve_campaign(rt, path)
     loaded = load_campaign(path, rt.settings.templates_dir)
     return str(start_run(rt, loaded).run_id)
 

@@ -5,7 +5,7 @@ as one line (``path:line:column: field: message``) with no traceback, before
 anything is written or sent.
 
 Each command group lives in its own module (campaigns, runs, processes, ringback,
-audience, audit, traces, reports, users, alerts) and only parses options and prints; the work is
+audience, audit, traces, reports, users, alerts, approvals) and only parses options and prints; the work is
 done by the pipeline modules they call. This module is the one place that puts
 them together: the order below is the order ``dispatch --help`` lists them in.
 """
@@ -20,7 +20,7 @@ import typer
 from .. import logs
 from ..errors import DispatchError, InputError
 from ..redact import scrub
-from . import alerts, audience, audit, campaigns, processes, reports, ringback, runs, traces, users
+from . import alerts, approvals, audience, audit, campaigns, processes, reports, ringback, runs, traces, users
 from .console import State, err
 
 app = typer.Typer(
@@ -33,6 +33,9 @@ app.add_typer(audience.audience_app, name="audience")
 app.add_typer(campaigns.schedule_app, name="schedule")
 app.command("validate")(campaigns.validate)
 app.command("preview")(campaigns.preview)
+app.command("submit")(approvals.submit)
+app.command("approve")(approvals.approve)
+app.command("approvals")(approvals.approvals_cmd)
 app.command("run")(runs.run)
 app.command("runs")(runs.runs)
 app.command("status")(runs.status_cmd)

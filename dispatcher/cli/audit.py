@@ -147,7 +147,8 @@ def _print_log_table(rows: Iterable[dict[str, Any]]) -> int:
 
 @audit_app.command("exports")
 def audit_exports(limit: int = typer.Option(50, min=1), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Who exported or viewed unmasked numbers, searched by number, read or purged traces, newest first."""
+    """Who exported or viewed unmasked numbers, searched by number, read or purged traces, submitted, approved
+    or voided campaign versions, newest first."""
     rows = audit.audit_events(runtime().store, limit)
     if as_json:
         emit_json({"exports": rows})
@@ -158,8 +159,8 @@ def audit_exports(limit: int = typer.Option(50, min=1), as_json: bool = typer.Op
         what = payload.get("filter") if "filter" in payload else {
             k: v for k, v in payload.items() if k not in ("via", "phone_hmac")
         }  # fmt: skip
+        via = f" via {payload['via']}" if "via" in payload else ""  # approvals are made by command or dashboard alike
         out.print(
-            f"{row['at'][:19]} {row['actor']} {row['kind']} via {payload.get('via')} "
-            f"{'filter' if 'filter' in payload else 'on'} {what}",
+            f"{row['at'][:19]} {row['actor']} {row['kind']}{via} {'filter' if 'filter' in payload else 'on'} {what}",
             markup=False,
         )

@@ -35,6 +35,7 @@ own module and each owning its tables and queries::
     store.ringback (provider.py: Ringback)
       keep_ringback / ringback_kept / create_restore_run      what an enrolment changed, and its restore
     store.accounts   (_accounts.py)                           accounts, sessions, login throttle
+    store.approvals  (_approvals.py)                          two-person approval of campaign versions
     store.audit      (_audit.py)                              ledger verification, event log, audit chain
     store.reports    (_reports.py)                            aggregates for the reports: coverage, departments
                                                               and spend, failures, the annual assessment
@@ -52,6 +53,7 @@ from ``dispatcher.store`` only. SQL stays inside this package; callers get recor
 
 from ._accounts import Credentials, StoredAccount
 from ._alerts import AlertRecord, AlertStep, Milestone, NewAlert, RosterEntry
+from ._approvals import ApprovalRow, ApprovalState
 from ._reports import (
     ASSESSED_STATES,
     FAILED_STATES,
@@ -126,6 +128,8 @@ __all__ = [
     "UNKNOWN",
     "AlertRecord",
     "AlertStep",
+    "ApprovalRow",
+    "ApprovalState",
     "AssessmentCounts",
     "AttemptRow",
     "AudienceFilter",

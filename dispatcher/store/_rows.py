@@ -72,6 +72,10 @@ def insert_run(conn: Connection, spec: RunSpec, now: datetime) -> None:
             send_by=spec.send_by,
             batch_size=spec.batch_size,
             created_at=now,
+            version_sha256=spec.version_sha256,
+            approved_by=spec.approved_by,
+            approved_at=spec.approved_at,
+            approval_exempt=scrub_optional(spec.approval_exempt),  # an urgent run's reason is free text
         )
     )
     if spec.part_prices:
@@ -194,6 +198,12 @@ def insert_direct_run(
                     "pending": len(rows),
                     "keys_sha256": keys_digest(conn, spec.run_id, is_sqlite=is_sqlite),
                     **({"reason": spec.reason} if spec.reason else {}),
+                    # sealed like a campaign run's: why this run needed no approval
+                    **(
+                        {"approval_exempt": scrub_optional(spec.approval_exempt)}
+                        if spec.approval_exempt
+                        else {}
+                    ),
                 },
             )
         ],

@@ -98,6 +98,12 @@ class RunSpec:
     as_of: datetime | None = None
     #: the operator's reason for running a campaign again within its frequency period
     again_reason: str | None = None
+    #: the campaign version (dispatcher/approvals.py) the run is made of, who approved it and when;
+    #: or, for a run that needs no approval, why (``approval_exempt``)
+    version_sha256: str | None = None
+    approved_by: str | None = None
+    approved_at: datetime | None = None
+    approval_exempt: str | None = None
     #: CNY per SMS part per provider at creation (DISPATCH_PART_PRICES), kept with the run
     part_prices: tuple[tuple[str, float], ...] = ()
 
@@ -138,6 +144,11 @@ class RunRecord:
     ledger_hash: str | None
     #: why the run stopped by itself (its outbox or delivery log could not be written); cleared by resume
     halted: str | None
+    #: the campaign version it was made of and its approval, or why it needed none (None: made before approvals)
+    version_sha256: str | None = None
+    approved_by: str | None = None
+    approved_at: datetime | None = None
+    approval_exempt: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

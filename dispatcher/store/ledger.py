@@ -265,7 +265,8 @@ def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
     """Recompute one run's chain from its head; return the first break, or None if it is intact.
 
     Beyond the chain itself, the head must match the run's snapshot (and the snapshot its
-    own text), the chain must end at the recorded tail, and the deliveries table must agree
+    own text) and the approval it was made under (version, approver, or why it needed none),
+    the chain must end at the recorded tail, and the deliveries table must agree
     with the chain: every row's state is the ``to_state`` of its last event, and the
     (key, initial state) digest equals the one sealed in the head. So an event edited,
     deleted, swapped or re-ordered, and a delivery row changed behind the ledger's back,
@@ -287,6 +288,11 @@ def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
                 run.template_sha256,
             ):
                 return Break(run.id, 0, ev["id"], "head does not match the run's campaign/template snapshot")
+            approval = tuple(head_payload.get(k) for k in ("version_sha256", "approved_by", "approval_exempt"))
+            if approval != (run.version_sha256, run.approved_by, run.approval_exempt):
+                return Break(
+                    run.id, 0, ev["id"], "head does not match the run's approval (version, approver, exemption)"
+                )
     if head_payload is None:
         return Break(run.id, None, None, "the run has no ledger head (event seq 0 missing)")
     brk = _tail_break(run.id, walked, (run.ledger_seq, run.ledger_hash))

@@ -24,13 +24,13 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
 #: Each column is declared on its table below as well, so a new database gets it directly.
 #: New tables (3: leader_fences; 4: sessions, login_throttle; 7: run_prices; 8: alerts, alert_steps,
-#: alert_milestones, roster, api_keys) need no entry: ``create_all`` adds
+#: alert_milestones, roster, api_keys; 9: campaign_approvals) need no entry: ``create_all`` adds
 #: them, but only when the version moves (a log at this version is only read), hence a bump for each.
 MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
@@ -38,6 +38,7 @@ MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     4: (("accounts", "disabled"),),
     6: (("attempts", "trace_purged_at"),),
     8: (("deliveries", "confirmed_at"),),
+    9: (("runs", "version_sha256"), ("runs", "approved_by"), ("runs", "approved_at"), ("runs", "approval_exempt")),
 }
 #: indexes an upgrade to that version creates on tables that already exist (``create_all`` leaves them alone)
 INDEX_MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -112,6 +113,13 @@ runs = Table(
     Column("ledger_hash", String(64)),
     #: why the run stopped by itself (its outbox or delivery log could not be written); cleared by resume
     Column("halted", Text),
+    #: the campaign version (sha256 over the campaign file and every template it uses) the run was made of,
+    #: and who approved that version and when; or why it needed no approval (a drill, an urgent send).
+    #: NULL on runs made before approvals existed
+    Column("version_sha256", String(64)),
+    Column("approved_by", String(64)),
+    Column("approved_at", DateTime(timezone=True)),
+    Column("approval_exempt", Text),
     UniqueConstraint("campaign_id", "fire_time", name="uq_runs_campaign_fire"),
 )
 
@@ -295,6 +303,33 @@ schedule_fires = Table(
     #: the leader's fencing token when it fired: strictly increasing across changes of leader
     Column("lease_token", Integer),
     UniqueConstraint("campaign_id", "fire_time", name="uq_schedule_fires_campaign_fire"),
+)
+
+#: two-person approval of campaign versions (dispatcher/approvals.py): one operator submits a version, another
+#: approves it. A row is live until an edit of the campaign or a template it uses makes another version current
+#: (``voided_at``); at most one live row per campaign, so two submissions at once cannot both stand.
+campaign_approvals = Table(
+    "campaign_approvals",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("campaign_id", String(64), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("campaign_path", Text, nullable=False),
+    Column("submitted_by", String(64), nullable=False),
+    Column("submitted_at", DateTime(timezone=True), nullable=False),
+    Column("approved_by", String(64)),
+    Column("approved_at", DateTime(timezone=True)),
+    Column("voided_at", DateTime(timezone=True)),
+    #: the version that was current when this one was voided
+    Column("voided_by_version", String(64)),
+    Index("ix_campaign_approvals_campaign", "campaign_id", "id"),
+    Index(
+        "uq_campaign_approvals_live",
+        "campaign_id",
+        unique=True,
+        sqlite_where=text("voided_at IS NULL"),
+        postgresql_where=text("voided_at IS NULL"),
+    ),
 )
 
 #: the scheduler leader's fencing token, whatever holds the lease (Redis or the database): a new

@@ -37,6 +37,7 @@ from . import ledger
 from . import schema as t
 from ._accounts import Accounts
 from ._alerts import Alerts
+from ._approvals import Approvals, still_approved
 from ._audit import AuditLog
 from ._dashboard import DashboardReads
 from ._db import Db, one_line
@@ -149,6 +150,7 @@ class SqlStore:
         self.reports = ReportReads(self._db)
         self.audit = AuditLog(self._db)
         self.accounts = Accounts(self._db)
+        self.approvals = Approvals(self._db)
         self.dashboard = DashboardReads(self._db)
         self.traces = TraceReads(self._db)
         self.alerts = Alerts(self._db)
@@ -451,6 +453,17 @@ class SqlStore:
                     # a scheduler that lost its lease (frozen, then woken) must not fire: checked in the
                     # transaction that creates the run, so no new leader can have fired in between
                     raise LeaseLost(f"scheduler {fence[1]} no longer holds the lease (token {fence[2]})")
+                if (
+                    spec.approved_by
+                    and spec.version_sha256
+                    and not still_approved(conn, spec.campaign_id, spec.version_sha256, spec.approved_by)
+                ):
+                    # an edit voided the approval between the gate's check and this transaction
+                    raise UsageError(
+                        f"campaign {spec.campaign_id}: the approval of version {spec.version_sha256[:12]} was "
+                        "voided while the run was being made; see `dispatch approvals`",
+                        field="approval",
+                    )
                 if not self.is_sqlite:
                     # numbering the selection sorts it; give the sort memory instead of spilling to disk
                     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
@@ -484,6 +497,14 @@ class SqlStore:
                                 "pending": pending,
                                 "keys_sha256": digest,
                                 **({"again_reason": spec.again_reason} if spec.again_reason else {}),
+                                # the version it was made of and who approved it (or why it needed no approval)
+                                **({"version_sha256": spec.version_sha256} if spec.version_sha256 else {}),
+                                **({"approved_by": spec.approved_by} if spec.approved_by else {}),
+                                **(
+                                    {"approval_exempt": scrub_optional(spec.approval_exempt)}
+                                    if spec.approval_exempt
+                                    else {}
+                                ),
                             },
                         )
                     ],
@@ -1092,7 +1113,7 @@ def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
     )
 
 
-_RUN_TIMES = ("fire_time", "as_of", "send_by", "created_at", "finished_at")
+_RUN_TIMES = ("fire_time", "as_of", "send_by", "created_at", "finished_at", "approved_at")
 
 
 def _run_record(row: Any) -> RunRecord:

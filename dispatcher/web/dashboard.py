@@ -1,6 +1,6 @@
 # ruff: noqa: E501 - HTML and SVG fragments read better as whole lines than split mid-tag
-"""The auditors' read-only dashboard: runs and progress, coverage heat map, delivery rates, the quarter's
-assessment against targets, ledger search.
+"""The auditors' dashboard: runs and progress, coverage heat map, delivery rates, the quarter's
+assessment against targets, ledger search, and campaign approvals.
 
 Every page needs a login (accounts.py: roles ``auditor`` and ``operator``, scrypt
 hashes, no default account). The session cookie carries a random session id
@@ -10,7 +10,8 @@ page (303), any other anonymous client gets 401 and no data.
 
 Numbers are masked for everyone; only an operator may tick "unmask" in the ledger
 search or search by phone number, and each such view or search is appended to the
-audit chain like a CLI export. Sessions are server-side (accounts.py) and end at
+audit chain like a CLI export. Operators approve campaign versions other operators
+submitted (``/dashboard/approvals``, the one form that changes anything). Sessions are server-side (accounts.py) and end at
 once on logout, a password or role change, or ``users disable|remove``; every POST
 carries a CSRF token (a cookie matched by a hidden field) and must come from our
 own origin.
@@ -35,7 +36,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .. import accounts, alerting, audit, domain, reports, traces
+from .. import accounts, alerting, approvals, audit, domain, reports, traces
+from ..campaigns import LoadedCampaign, check_paths
 from ..errors import InputError
 from ..store import (
     DELIVERED,
@@ -156,6 +158,7 @@ def _page(title: str, body: str, account: accounts.Account | None, csrf: str = "
             '<a href="/dashboard/ledger">Ledger</a>'
             + ('<a href="/dashboard/delivery">Delivery traces</a>' if account.may_unmask else "")
             + ('<a href="/dashboard/alerts">Alerts</a>' if account.role == "operator" else "")
+            + '<a href="/dashboard/approvals">Approvals</a>'
             + f'<span class="muted">{escape(account.name)} ({escape(account.role)})</span>'
             f'<form method="post" action="/logout"><input type="hidden" name="csrf" value="{escape(csrf)}">'
             "<button>Log out</button></form>"
@@ -523,6 +526,74 @@ def routes(runtime: Runtime) -> list[Route]:
             return page(request, "Open alerts", body, account, 400)
         return RedirectResponse("/dashboard/alerts", status_code=303)
 
+    # ---------------------------------------------------------- approvals
+
+    def campaigns() -> list[LoadedCampaign]:
+        settings = runtime.settings
+        loaded, _errors = check_paths(
+            [settings.campaigns_dir], settings.templates_dir, runtime.clock(), gateways=runtime.known_gateways()
+        )
+        return sorted(loaded, key=lambda lc: lc.campaign.id)
+
+    def approval_rows(account: accounts.Account) -> str:
+        rows = ['<table id="approvals"><tr><th class="l">campaign</th><th class="l">version</th>'
+                '<th class="l">state</th><th class="l"></th></tr>']  # fmt: skip
+        for lc in campaigns():
+            version, state = approvals.current(runtime, lc, actor=f"web:{account.name}")
+            action = ""
+            row = state.current
+            if row is not None and not row.approved_by and account.role == "operator":
+                if row.submitted_by == account.name:
+                    action = '<span class="muted">yours: a second operator approves it</span>'
+                else:
+                    action = (
+                        '<form method="post" action="/dashboard/approvals">'
+                        f'<input type="hidden" name="csrf" value="{_CSRF_SLOT}">'
+                        f'<input type="hidden" name="campaign" value="{escape(lc.campaign.id)}">'
+                        f'<input type="hidden" name="version" value="{escape(version)}">'
+                        "<button>Approve</button></form>"
+                    )
+            rows.append(
+                f'<tr><td class="l">{escape(lc.campaign.id)}</td><td class="l"><code>{approvals.short(version)}</code></td>'
+                f'<td class="l">{escape(approvals.describe(state))}</td><td class="l">{action}</td></tr>'
+            )
+        rows.append("</table>")
+        return "".join(rows)
+
+    async def approvals_page(request: Request) -> Response:
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        body = await run_in_threadpool(approval_rows, account)
+        return page(request, "Campaign approvals", body, account)
+
+    async def approve(request: Request) -> Response:
+        """An operator approves a version another operator submitted (the version shown, or nothing)."""
+        account = await who(request)
+        if isinstance(account, Response):
+            return account
+        form = await read_form(request)
+        if forged(request, form):
+            return Response("cross-site request refused", status_code=403)
+        if account.role != "operator":
+            return Response("only operators approve campaigns", status_code=403)
+
+        def act() -> str:
+            found = next((lc for lc in campaigns() if lc.campaign.id == form.get("campaign")), None)
+            if found is None:
+                return f"no valid campaign {form.get('campaign', '')!r} under {runtime.settings.campaigns_dir}"
+            try:
+                approvals.approve(runtime, found, by=account.name, expected=form.get("version") or "-")
+            except InputError as exc:
+                return exc.message
+            return ""
+
+        problem = await run_in_threadpool(act)
+        if problem:
+            body = f'<p class="err" role="alert">{escape(problem)}</p>' + await run_in_threadpool(approval_rows, account)
+            return page(request, "Campaign approvals", body, account, 409)
+        return RedirectResponse("/dashboard/approvals", status_code=303)
+
     return [
         Route("/dashboard/alerts", alerts_page),
         Route("/dashboard/alerts/{alert_id}/close", close_alert, methods=["POST"]),
@@ -535,6 +606,8 @@ def routes(runtime: Runtime) -> list[Route]:
         Route("/dashboard/assessment", assessment_page),
         Route("/dashboard/ledger", ledger_page),
         Route("/dashboard/delivery", delivery_page),
+        Route("/dashboard/approvals", approvals_page, methods=["GET"]),
+        Route("/dashboard/approvals", approve, methods=["POST"]),
     ]
 
 
