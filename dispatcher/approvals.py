@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .batch import DRILL_GATEWAY, run_campaign
+from .batch import DRILL_GATEWAY, channel_adapter, is_drill, run_campaign
 from .campaigns import LoadedCampaign
 from .errors import UsageError
 from .store import ApprovalRow, ApprovalState, RunRecord
@@ -79,8 +79,7 @@ def exemption(runtime: Runtime, loaded: LoadedCampaign) -> str | None:
 
 
 def _drill(runtime: Runtime, channel: str, gateways: list[str]) -> str | None:
-    name = runtime.ringback.name if channel.startswith("ringback") else runtime.gateway_for(gateways).name
-    return f"drill: {DRILL_GATEWAY} gateway" if name == DRILL_GATEWAY else None
+    return f"drill: {DRILL_GATEWAY} gateway" if is_drill(channel_adapter(runtime, channel, gateways)) else None
 
 
 def describe(state: ApprovalState) -> str:

@@ -1,7 +1,7 @@
 """What every batch of a run shares, whatever its channel: the run's context, the result, the outcome of a send.
 
-The SMS sender (sender.py) and the ringback adapter's batches (ringback.py) both build on
-these, so neither has to import the other's internals.
+The one batch skeleton (sender.py) and the channels it is given (channels.py: SMS, voice,
+ringback enrol and restore) build on these, so neither has to import the other's internals.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import structlog
 
 from .campaigns import Campaign, campaign_snapshot
 from .errors import AmbiguousSendError, PermanentSendError, RetryableSendError, SendError
+from .phones import mask_text
 from .providers.base import OutgoingMessage, SendResult
 from .store import EXPIRED, FAILED, PENDING, SENT, UNKNOWN, Claimed, Outcome, RunRecord
 from .templates import Composer, TemplateSource
@@ -33,6 +34,22 @@ def run_campaign(run: RunRecord) -> Campaign:
 
 #: the provider whose sends are drills (lines in a local file): runs on it need no approval
 DRILL_GATEWAY = "outbox"
+#: the drill adapter of each channel (SMS and ringback share the outbox's name; calls have their own)
+_DRILL_ADAPTERS = frozenset({DRILL_GATEWAY, "outbox-voice"})
+
+
+def channel_adapter(runtime: Runtime, channel: str, gateways: list[str] | None) -> str:
+    """The name of the adapter that would carry a run of this channel in this process."""
+    if channel.startswith("ringback"):
+        return runtime.ringback.name
+    if channel == "voice":
+        return runtime.voice.name
+    return runtime.gateway_for(gateways).name
+
+
+def is_drill(adapter: str) -> bool:
+    """Whether an adapter only writes drill lines to a local file (no message leaves the machine)."""
+    return adapter in _DRILL_ADAPTERS
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,10 @@ class RunContext:
     #: (``version``) has been approved since (approvals.py)
     drill: bool = False
     version: str | None = None
+    #: the run's channel (``runs.channel``): sms, voice, ringback or ringback-restore
+    channel: str = "sms"
+    #: the run's recorded reason (a restore run names the enrol run it puts back)
+    reason: str | None = None
 
 
 def context_from_run(run: RunRecord) -> RunContext:
@@ -73,6 +94,8 @@ def context_from_run(run: RunRecord) -> RunContext:
         campaign=campaign,
         drill=(run.approval_exempt or "").startswith("drill"),
         version=run.version_sha256,
+        channel=run.channel,
+        reason=run.reason,
     )
 
 
@@ -93,6 +116,19 @@ class RunCache:
 
 
 RUNS = RunCache()
+
+
+def settled_outcome(row: Claimed, gateway: str, state: str, outcome: str, **fields: Any) -> Outcome:
+    """An outcome decided without a gateway call (skipped, expired, capped, render failure)."""
+    return Outcome(
+        id=row.id, key=row.key, run_id=row.run_id, state=state, attempt=row.attempts,
+        gateway=gateway, outcome=outcome, claim_token=row.claim_token, **fields,
+    )  # fmt: skip
+
+
+def internal_message(exc: BaseException) -> str:
+    """What an unexpected exception says, fit for the log and the delivery row: numbers masked, short."""
+    return mask_text(f"{type(exc).__name__}: {exc}")[:300]
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:

@@ -120,11 +120,8 @@ def preview(runtime: Runtime, loaded: LoadedCampaign) -> Preview:
         if row.opted_out:
             continue
         recipients += 1
-        if voice:
-            total_parts += 1
-            parts_by_district[row.district] = parts_by_district.get(row.district, 0) + 1
-            continue
-        parts = composer.render({"name": row.name, "district": row.district, "grid": row.grid})[1].parts
+        recipient = {"name": row.name, "district": row.district, "grid": row.grid}
+        parts = 1 if voice else composer.render(recipient)[1].parts  # a call is one "part"
         total_parts += parts
         parts_by_district[row.district] = parts_by_district.get(row.district, 0) + parts
     return Preview(

@@ -2,12 +2,13 @@
 
 A ringback campaign (``channel: ringback``, ``window: {start, end}``) runs through the
 same delivery log as SMS: ``dispatch run`` creates the *enrol* run (one row per
-resident, opted-out people ``skipped``), and its batches are processed here instead
-of by the SMS sender (``sender.process_batch`` hands them over). At the window's end
-``restore`` creates a *restore* run (channel ``ringback-restore``) whose rows are
-every number the enrol run may have changed, and processes it the same way. So both
-steps get the same claims, retries with backoff, ``unknown`` on ambiguous replies,
-per-attempt traces, ledger events and idempotency keys as a send.
+resident, opted-out people ``skipped``), and its batches go through the one batch
+skeleton (``sender.process_batch``) with the ringback channel (``channels.py``), whose
+gateway is ``RingbackSends`` here. At the window's end ``restore`` creates a *restore*
+run (channel ``ringback-restore``) whose rows are every number the enrol run may have
+changed, and processes it the same way. So both steps get the same claims, retries with
+backoff, ``unknown`` on ambiguous replies, per-attempt traces, ledger events, idempotency
+keys, pause/cancel between chunks and durable recording as a send.
 
 Rules:
 - a number opted out is never enrolled (checked at run creation and again at claim);
@@ -18,19 +19,27 @@ Rules:
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import metrics
-from .batch import RUNS, BatchResult, outcome_for, seconds_until
-from .errors import SendError
-from .providers.base import OutgoingMessage, RingbackRequest, RingbackResult, SendResult
-from .store import DELIVERED, EXPIRED, SENDING, SENT, SKIPPED, UNKNOWN, Outcome
+from .batch import internal_message
+from .errors import AmbiguousSendError, GatewayDown, SendError
+from .providers.base import (
+    BaseGateway,
+    LookupRequest,
+    OutgoingMessage,
+    RingbackGateway,
+    RingbackRequest,
+    RingbackResult,
+    SendResult,
+)
+from .store import DELIVERED, SENDING, SENT, UNKNOWN
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from .store import SqlStore
 
 log = structlog.get_logger("dispatcher.ringback")
 
@@ -52,92 +61,73 @@ def restore_reason(enrol_run_id: str) -> str:
     return f"restore of {enrol_run_id}"
 
 
-def process_ringback_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
-    """Enrol or restore the pending rows of one batch; record every attempt like a send."""
-    store = runtime.store
-    run = store.get_run(run_id)
-    restoring = run.channel == RESTORE_CHANNEL
-    context = RUNS.get(runtime, run_id)
-    campaign = context.campaign
-    assert campaign is not None and campaign.window is not None
-    window = campaign.window
-    if run.status in ("cancelled", "completed"):
-        return BatchResult(0, {}, None)
-    with structlog.contextvars.bound_contextvars(run_id=run_id, campaign_id=context.campaign_id, batch=batch_no):
-        now = runtime.clock()
-        if run.status == "paused":
-            return BatchResult(0, {"parked": 1}, None)
-        if not restoring and now < window.start:
-            log.info("ringback.deferred", opens_at=window.start.isoformat())
-            delay = min(runtime.settings.window_recheck, max(0.05, (window.start - now).total_seconds()))
-            return BatchResult(0, {"deferred": 1}, delay)
-        started = time.monotonic()
-        rows = store.claim(run_id, batch_no, runtime.worker_id)
-        if not rows:
-            return BatchResult(0, {}, seconds_until(runtime, store.next_retry_at(run_id, batch_no)))
-        adapter = runtime.ringback
-        enrol_run_id = (run.reason or "").removeprefix("restore of ") if restoring else run_id
-        text = announcement_text(context)
-        outcomes: list[Outcome] = []
-        for row in rows:
-            common: dict[str, Any] = {
-                "id": row.id,
-                "key": row.key,
-                "run_id": row.run_id,
-                "claim_token": row.claim_token,
-                "attempt": row.attempts,
-                "gateway": adapter.name,
-            }
-            if not restoring and row.opted_out:
-                outcomes.append(Outcome(state=SKIPPED, outcome="skipped", reason="opted_out", **common))
-                continue
-            if not restoring and now >= window.end:
-                outcomes.append(Outcome(state=EXPIRED, outcome="skipped", reason="window_ended", **common))
-                continue
-            request = RingbackRequest(
-                key=row.key,
-                run_id=row.run_id,
-                campaign_id=context.campaign_id,
-                phone=row.phone,
-                text=text,
-                start=window.start,
-                end=window.end,
-                kept=store.ringback.ringback_kept(enrol_run_id, row.phone) if restoring else None,
-            )
-            result: SendResult | SendError
+class RingbackSends(BaseGateway):
+    """The ringback adapter seen as a gateway, so enrol and restore go through the one batch skeleton.
+
+    Each message is one number: enrolment keeps what the adapter changed (``keep_ringback``, first
+    write wins) for the restore run, and restore hands back what the enrolment kept. Both are
+    idempotent at the adapter, so a row found in ``sending`` or ``unknown`` is simply done again
+    (``runs.reconcile_orphans``): there is nothing to look up.
+    """
+
+    can_lookup = False
+
+    def __init__(
+        self,
+        adapter: RingbackGateway,
+        store: SqlStore,
+        *,
+        restoring: bool,
+        enrol_run_id: str,
+        start: datetime,
+        end: datetime,
+    ) -> None:
+        self.adapter = adapter
+        self.name = adapter.name
+        self.store = store
+        self.restoring = restoring
+        self.enrol_run_id = enrol_run_id
+        self.start = start
+        self.end = end
+
+    def send(self, message: OutgoingMessage) -> SendResult:
+        request = RingbackRequest(
+            key=message.key,
+            run_id=message.run_id,
+            campaign_id=message.campaign_id,
+            phone=message.to,
+            text=message.body,
+            start=self.start,
+            end=self.end,
+            kept=self.store.ringback.ringback_kept(self.enrol_run_id, message.to) if self.restoring else None,
+        )
+        if self.restoring:
+            done: RingbackResult = self.adapter.restore(request)
+        else:
+            done = self.adapter.enrol(request)
+            self.store.ringback.keep_ringback(message.run_id, message.to, done.provider_id, done.kept)
+        return SendResult(
+            provider_id=done.provider_id, status="restored" if self.restoring else "enrolled", trace=done.trace
+        )
+
+    def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
+        """One number at a time; an adapter that raises something unexpected for one number leaves that
+        row ``unknown`` (done again on resume: enrol and restore are idempotent), not its whole chunk."""
+        results: list[SendResult | SendError] = []
+        for message in messages:
             try:
-                done: RingbackResult = adapter.restore(request) if restoring else adapter.enrol(request)
+                results.append(self.send(message))
             except SendError as exc:
-                result = exc
-            else:
-                if not restoring:
-                    store.ringback.keep_ringback(run_id, row.phone, done.provider_id, done.kept)
-                result = SendResult(
-                    provider_id=done.provider_id,
-                    status="restored" if restoring else "enrolled",
-                    trace=done.trace,
-                )
-            message = OutgoingMessage(
-                key=row.key,
-                run_id=row.run_id,
-                campaign_id=context.campaign_id,
-                to=row.phone,
-                body=text,
-                parts=1,
-                encoding="voice",
-                send_by=None if restoring else window.end,
-                priority=context.priority,
-            )
-            outcomes.append(
-                outcome_for(row, message, result, adapter.name, runtime.clock(), runtime.settings.max_attempts)
-            )
-        store.record(outcomes)
-        kind = RESTORE_CHANNEL if restoring else ENROL_CHANNEL
-        metrics.batch_done(outcomes, lane=context.priority, campaign=context.campaign_id, channel=kind, started=started)
-        counts: dict[str, int] = {}
-        for o in outcomes:
-            counts[o.outcome] = counts.get(o.outcome, 0) + 1
-        log.info("ringback.batch_done", action="restore" if restoring else "enrol", claimed=len(rows), **counts)
-        retry_at = store.next_retry_at(run_id, batch_no) if counts.get("retry") else None
-        store.finish_if_done(run_id)
-        return BatchResult(len(rows), counts, seconds_until(runtime, retry_at))
+                results.append(exc)
+            except GatewayDown as exc:
+                raise GatewayDown(str(exc), done=results) from exc
+            except Exception as exc:  # an adapter bug must not take the other numbers of the chunk with it
+                log.exception("ringback.internal_error")
+                results.append(AmbiguousSendError(internal_message(exc), code="internal_error"))
+        return results
+
+    def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
+        return {}
+
+    def close(self) -> None:
+        return None  # the adapter belongs to the runtime

@@ -277,9 +277,10 @@ class DryRunTotals:
 
 
 def run_price(runtime: Runtime, loaded: LoadedCampaign) -> float:
-    """CNY per part an estimate of this campaign uses: its dearest provider (ringback: not priced)."""
+    """CNY per part an estimate of this campaign uses: its dearest provider (ringback and voice calls: not
+    priced, the SMS part prices say nothing about them)."""
     c = loaded.campaign
-    if c.channel == "ringback":
+    if c.channel in ("ringback", VOICE):
         return 0.0
     return estimate_price(c.gateways or runtime.settings.gateways, runtime.settings.part_prices)
 

@@ -14,7 +14,18 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from . import metrics
-from .batch import DRILL_GATEWAY, RUNS, BatchResult, RunContext, outcome_for, seconds_until
+from .batch import (
+    DRILL_GATEWAY,
+    RUNS,
+    BatchResult,
+    RunContext,
+    channel_adapter,
+    internal_message,
+    is_drill,
+    outcome_for,
+    seconds_until,
+    settled_outcome,
+)
 from .campaigns import parse_duration
 from .channels import channel_of
 from .errors import (
@@ -22,32 +33,15 @@ from .errors import (
     GatewayDown,
     SendError,
     StoreError,
-    TemplateError,
 )
-from .phones import mask_text
 from .providers.base import Gateway, OutgoingMessage, SendResult
-from .ringback import process_ringback_batch
-from .send_window import campaign_may_send
 from .spool import record_durably, release_durably, replay
-from .store import EXPIRED, FAILED, SKIPPED, Claimed, Outcome
+from .store import EXPIRED, SKIPPED, Claimed, Outcome
 
 if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = structlog.get_logger("dispatcher.sender")
-
-
-def settled_outcome(row: Claimed, gateway: str, state: str, outcome: str, **fields: Any) -> Outcome:
-    """An outcome decided without a gateway call (skipped, expired, capped, render failure)."""
-    return Outcome(
-        id=row.id, key=row.key, run_id=row.run_id, state=state, attempt=row.attempts,
-        gateway=gateway, outcome=outcome, claim_token=row.claim_token, **fields,
-    )  # fmt: skip
-
-
-def internal_message(exc: BaseException) -> str:
-    """What an unexpected exception says, fit for the log and the delivery row: numbers masked, short."""
-    return mask_text(f"{type(exc).__name__}: {exc}")[:300]
 
 
 def gateway_of(runtime: Runtime, context: RunContext) -> Gateway:
@@ -93,41 +87,14 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
         return settled_outcome(row, gateway.name, state, outcome, **fields)
 
     for row in rows:
-        if row.opted_out:
-            outcomes.append(settled(row, SKIPPED, "skipped", reason="opted_out"))
-            continue
-        if context.send_by is not None and now > context.send_by:
-            outcomes.append(settled(row, EXPIRED, "skipped", reason="send_by_passed"))
-            continue
-        try:
-            composed = channel.compose(context, {"name": row.name, "district": row.district, "grid": row.grid})
-        except TemplateError as exc:
-            outcomes.append(settled(row, FAILED, "failed", error_code="template.render", error_message=exc.message))
-            continue
-        except Exception as exc:  # a template that raises for one recipient fails that row, not the batch
-            log.warning("row.render_error", error=internal_message(exc))
-            outcomes.append(
-                settled(row, FAILED, "failed", error_code="render_error", error_message=internal_message(exc))
-            )
-            continue
-        to_send.append(
-            (
-                row,
-                OutgoingMessage(
-                    key=row.key,
-                    run_id=row.run_id,
-                    campaign_id=context.campaign_id,
-                    to=row.phone,
-                    body=composed.body,
-                    parts=composed.parts,
-                    encoding=composed.encoding,
-                    send_by=context.send_by,
-                    priority=context.priority,
-                    delivery_id=row.id,
-                ),
-            )
-        )
-    to_send = _apply_frequency_cap(runtime, context, to_send, outcomes, now)
+        prepared = channel.prepare(context, row, now, gateway.name)
+        if isinstance(prepared, Outcome):
+            outcomes.append(prepared)
+        else:
+            to_send.append((row, prepared))
+    if channel.capped:
+        to_send = _apply_frequency_cap(runtime, context, to_send, outcomes, now)
+    deadline = channel.deadline(context)
     if to_send and gate is None:
         results = _send_chunk(gateway, [m for _, m in to_send])
         for (row, message), result in zip(to_send, results, strict=True):
@@ -147,7 +114,7 @@ def send_rows(runtime: Runtime, context: RunContext, rows: list[Claimed], gate: 
                 to_send = [item for item in to_send if item[0].id not in taken]
                 continue
             gate.pace(chunk)
-            if context.send_by is not None and runtime.clock() > context.send_by:
+            if deadline is not None and runtime.clock() > deadline:
                 # the deadline passed while this batch was being paced: nothing more goes out
                 for row, _ in to_send[index:]:
                     outcomes.append(settled(row, EXPIRED, "skipped", reason="send_by_passed"))
@@ -217,7 +184,8 @@ class Gate:
     def __init__(self, runtime: Runtime, context: RunContext) -> None:
         self.runtime = runtime
         self.context = context
-        self.limiter = runtime.rate_limiter
+        # the shared limiter paces the channels that reach people through the gateway (not ringback)
+        self.limiter = runtime.rate_limiter if channel_of(context).paced else None
         #: one message at a time when paced, so the limiter spaces every single send; a gateway that
         #: takes many numbers in one call (HTTP adapter in batch mode) gets whole calls' worth
         self.chunk = 1 if self.limiter is not None else max(20, gateway_of(runtime, context).batch_capacity)
@@ -281,14 +249,9 @@ class Gate:
 
 
 def window_opening(runtime: Runtime, context: RunContext) -> datetime | None:
-    """When the run's send window next opens, or None if it may send now."""
-    if context.campaign is not None and context.campaign.window is not None:
-        # a ringback campaign: its own window (start..end), not the SMS hours, decides when it may start
-        now = runtime.clock()
-        return context.campaign.window.start if now < context.campaign.window.start else None
-    if not runtime.settings.send_window_enforced or context.campaign is None:
-        return None
-    return campaign_may_send(context.campaign, context.priority, runtime.clock())
+    """When the run may next hand something over (its channel's readiness: the SMS and call hours,
+    a ringback campaign's window start), or None if it may now."""
+    return channel_of(context).opens_at(runtime, context)
 
 
 def _window_delay(runtime: Runtime, opens_at: datetime) -> float:
@@ -299,9 +262,9 @@ def _window_delay(runtime: Runtime, opens_at: datetime) -> float:
 def _not_a_drill(runtime: Runtime, context: RunContext) -> bool:
     """A run made unapproved as a drill, reaching a worker whose gateway is real (its DISPATCH_GATEWAY
     differs from the creating command's): halted, nothing sent, until its version is approved and resumed."""
-    ringback = context.campaign is not None and context.campaign.channel == "ringback"
-    name = runtime.ringback.name if ringback else gateway_of(runtime, context).name
-    if name == DRILL_GATEWAY:
+    gateways = context.campaign.gateways if context.campaign is not None else None
+    name = channel_adapter(runtime, context.channel, gateways)
+    if is_drill(name):
         return False
     if context.version is not None:
         approved = runtime.store.approvals.state(context.campaign_id, context.version).current
@@ -324,9 +287,6 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
     context = RUNS.get(runtime, run_id)
     if context.drill and _not_a_drill(runtime, context):
         return BatchResult(0, {"parked": 1}, None)
-    if context.campaign is not None and context.campaign.channel == "ringback":
-        # enrol/restore a ringback tone instead of sending an SMS: same claims, retries and log
-        return process_ringback_batch(runtime, run_id, batch_no)
     if runtime.stopping.is_set():
         # shutting down: claim nothing; the message goes back to the queue for another worker
         return BatchResult(0, {"stopping": 1}, 0.0)

@@ -288,3 +288,38 @@ def test_scheduler_leader_restores_numbers_once_the_window_has_ended(project: An
     assert set(states(rt, restore.id)) == enrolled and set(states(rt, restore.id).values()) == {"sent"}
     scheduler._ringback_due_at = 0.0
     assert scheduler.restore_ended_ringback_windows() == 0  # a repeated sweep starts nothing twice
+
+
+def test_an_adapter_bug_for_one_number_leaves_that_row_unknown_and_resume_enrols_it(project: Any) -> None:
+    from dispatcher.providers.outbox.ringback import OutboxRingback
+    from dispatcher.runs import resume_run
+
+    project.registry(size=6, seed=23)
+    clock = Clock()
+    broken: set[str] = set()
+
+    class Flaky(OutboxRingback):
+        def enrol(self, request: Any) -> Any:
+            if request.phone in broken:
+                raise RuntimeError(f"adapter bug for {request.phone}")
+            return super().enrol(request)
+
+    rt = project.runtime(clock=clock, ringback_factory=lambda s: Flaky(project.root / "var" / "ringback.jsonl"))
+    path = project.write("campaigns/rb-flaky.yaml", ringback_yaml("rb-flaky", clock))
+    run_id = start(rt, path)
+    victim = sorted(p for p, s in states(rt, run_id).items() if s == "pending")[2]
+    broken.add(victim)
+
+    drive(rt, run_id, clock)
+
+    after = states(rt, run_id)
+    assert after[victim] == "unknown"
+    assert all(s == "sent" for p, s in after.items() if p not in (victim,) and s != "skipped")
+    row = next(r for r in rt.store.deliveries(run_id) if r.phone == victim)
+    assert row.error_code == "internal_error" and victim not in (row.error_message or "")
+
+    broken.clear()
+    resume_run(rt, run_id)  # enrolment is idempotent: the row is simply done again
+    drive(rt, run_id, clock)
+    assert states(rt, run_id)[victim] == "sent"
+    assert all(r.problem is None for r in verify(rt.store, run_id))

@@ -372,3 +372,18 @@ def test_preview_shows_what_a_call_says_and_status_counts_the_calls(project: Any
     assert status["calls"] == {"placed": status["counts"]["sent"], "answered": 0, "confirmed": 0}
     printed = project.dispatch("status").stdout
     assert f"calls: {status['counts']['sent']} placed, 0 answered, 0 confirmed" in printed
+
+
+def test_a_version_7_delivery_log_gains_the_confirmation_column_in_place(database_url: str) -> None:
+    from dispatcher.store import open_store
+
+    store = open_store(database_url)
+    with store.engine.begin() as conn:  # what a version 7 program left: deliveries without confirmed_at
+        conn.execute(sa.text("ALTER TABLE deliveries DROP COLUMN confirmed_at"))
+        conn.execute(sa.text("UPDATE dispatch_meta SET value = '7' WHERE key = 'schema_version'"))
+    store.close()
+    upgraded = open_store(database_url)
+    assert upgraded.schema_version() == schema.SCHEMA_VERSION
+    with upgraded.engine.connect() as conn:
+        assert "confirmed_at" in {c["name"] for c in sa.inspect(conn).get_columns("deliveries")}
+    upgraded.close()
