@@ -79,32 +79,36 @@ def start_worker(
 
 
 class LaneWorkers:
-    """A worker on every lane, with threads kept for urgent work alone.
+    """One Dramatiq worker for the bulk lanes and a second, small one kept for the urgent lane alone.
 
-    Dramatiq's actor priority only reorders messages a worker has already prefetched; when
-    every thread is busy with a long bulk batch, an urgent message still waits for one to
-    finish. So one Dramatiq worker serves both lanes (urgent first by priority) and a second,
-    small one serves only the urgent queue: an urgent run starts at once behind any backlog.
+    Dramatiq's actor priority only reorders messages a worker has already fetched: a worker whose
+    threads are all in long bulk batches still fetches urgent messages (its consumers prefetch
+    regardless of idle threads), and each then waits for one of those batches to finish, seconds
+    on a busy run. So the bulk worker does not consume the urgent lane at all: every urgent
+    message is fetched by the urgent worker, whose threads only ever hold urgent work, and starts
+    at once behind any backlog. ``DISPATCH_URGENT_THREADS=0`` goes back to one worker on every lane.
     """
 
     def __init__(self, runtime: Runtime, threads: int, urgent_threads: int) -> None:
         # each Dramatiq worker registers its own consumer-adding middleware on the shared broker,
         # which Dramatiq warns about; here two workers on one broker is the intent
         runtime.broker.logger.addFilter(lambda record: "same type twice" not in record.getMessage())
-        self.all_lanes = Worker(runtime.broker, worker_threads=threads, worker_timeout=100)
+        # every lane declared (bulk, bulk-retry; their delay queues follow them) but the urgent one
+        lanes = {q for q in runtime.broker.get_declared_queues() if q != URGENT_QUEUE}
+        self.bulk = Worker(runtime.broker, queues=lanes, worker_threads=threads, worker_timeout=100)
         self.urgent = Worker(runtime.broker, queues={URGENT_QUEUE}, worker_threads=urgent_threads, worker_timeout=100)
         self.worker_threads = threads + urgent_threads
 
     def start(self) -> None:
         self.urgent.start()
-        self.all_lanes.start()
+        self.bulk.start()
 
     def stop(self, timeout: int = 600_000) -> None:
-        self.all_lanes.stop(timeout=timeout)
+        self.bulk.stop(timeout=timeout)
         self.urgent.stop(timeout=timeout)
 
     def join(self) -> None:
-        self.all_lanes.join()
+        self.bulk.join()
         self.urgent.join()
 
 

@@ -89,6 +89,33 @@ def test_urgent_run_starts_at_once_behind_a_bulk_backlog(redis_project: Project)
         _stop(worker)
 
 
+def test_alerts_start_at_once_while_every_bulk_thread_is_in_a_long_batch(redis_project: Project) -> None:
+    project = redis_project
+    # one worker, its 2 bulk threads each in a batch of 200 paced at 25/s (8 s a batch): an alert
+    # fetched by a bulk thread's worker would wait for one of them to finish
+    project.env.update({"DISPATCH_RATE_LIMIT": "50", "DISPATCH_BATCH_SIZE": "200"})
+    project.registry(size=3000, seed=43)
+    project.write("alerting.yaml", "steps:\n  - {after: 0s, action: sms}\n")
+    worker = _worker(project, "worker", "--threads", "2")
+    try:
+        bulk = _run(project, "campaigns/quarterly-themes.yaml")
+        _wait(lambda: len(_stamps(project, bulk["run_id"])) >= 20, 30, "bulk sending")
+        waited: list[float] = []
+        for i in range(10):
+            result = project.dispatch("alert", "send", "--phone", f"1370000{i:04d}", "--type", "refund", "--json")
+            returned = time.time()
+            assert result.returncode == 0, result.stderr
+            run_id = json.loads(result.stdout)["fired"][0]
+            _wait(lambda run_id=run_id: len(_stamps(project, run_id)) == 1, 15, "the alert's SMS")
+            # from the command returning, so after the message was enqueued: an upper bound of the wait
+            waited.append(_stamps(project, run_id)[0] - returned)
+        assert max(waited) < 1.0, f"alerts waited behind bulk batches: {[round(w, 2) for w in waited]}"
+        assert len(_stamps(project, bulk["run_id"])) < bulk["pending"], "bulk finished first: no backlog was tested"
+        project.dispatch("cancel", bulk["run_id"])
+    finally:
+        _stop(worker)
+
+
 def test_queues_option_chooses_lanes(redis_project: Project) -> None:
     project = redis_project
     project.registry(size=400, seed=42)
