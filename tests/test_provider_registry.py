@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from dispatcher.errors import ConfigError
 from dispatcher.providers import create_gateway, create_ringback
-from dispatcher.providers.registry import gateway_names, providers, ringback_names
+from dispatcher.providers.registry import gateway_names, providers, ringback_names, voice_names
 from dispatcher.web.app import create_app
 
 
@@ -38,8 +38,9 @@ def test_unknown_ringback_adapter_is_refused_with_every_registered_name(project:
 def test_every_provider_declares_what_it_serves() -> None:
     assert set(gateway_names()) >= {"outbox", "twilio", "http", "kannel"}
     assert set(ringback_names()) == {"outbox", "twilio-announce", "carrier-http"}
+    assert set(voice_names()) == {"outbox", "twilio", "http"}
     for provider in providers():
-        assert provider.channels <= {"sms", "ringback"}
+        assert provider.channels <= {"sms", "ringback", "voice"}
 
 
 def test_the_web_app_serves_every_providers_webhooks(project: Any) -> None:
