@@ -16,7 +16,7 @@ from sqlalchemy import func, literal, select
 from sqlalchemy.engine import Connection
 
 from ..keys import delivery_key
-from ..redact import scrub_optional
+from ..redact import scrub, scrub_optional
 from . import ledger
 from . import schema as t
 from .base import PENDING, AttemptRow, DeliveryRow, DirectRecipient, RunSpec
@@ -147,6 +147,21 @@ def transition(
     return len(moved)
 
 
+def approval_seal(spec: RunSpec) -> dict[str, str]:
+    """What a run's head event seals of its approval: the version and its approver, or why none was needed.
+
+    ``audit verify`` compares these with the run row, so an approval cannot be added afterwards.
+    """
+    seal: dict[str, str] = {}
+    if spec.version_sha256:
+        seal["version_sha256"] = spec.version_sha256
+    if spec.approved_by:
+        seal["approved_by"] = spec.approved_by
+    if spec.approval_exempt:
+        seal["approval_exempt"] = scrub(spec.approval_exempt)
+    return seal
+
+
 def insert_direct_run(
     conn: Connection, spec: RunSpec, recipients: Sequence[DirectRecipient], now: datetime, *, is_sqlite: bool
 ) -> tuple[int, int]:
@@ -198,12 +213,7 @@ def insert_direct_run(
                     "pending": len(rows),
                     "keys_sha256": keys_digest(conn, spec.run_id, is_sqlite=is_sqlite),
                     **({"reason": spec.reason} if spec.reason else {}),
-                    # sealed like a campaign run's: why this run needed no approval
-                    **(
-                        {"approval_exempt": scrub_optional(spec.approval_exempt)}
-                        if spec.approval_exempt
-                        else {}
-                    ),
+                    **approval_seal(spec),
                 },
             )
         ],

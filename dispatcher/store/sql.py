@@ -42,7 +42,7 @@ from ._audit import AuditLog
 from ._dashboard import DashboardReads
 from ._db import Db, one_line
 from ._reports import ReportReads
-from ._rows import as_utc, attempt_row, delivery_row, insert_run, keys_digest, transition
+from ._rows import approval_seal, as_utc, attempt_row, delivery_row, insert_run, keys_digest, transition
 from ._traces import TraceReads
 from ._voice import VoiceCalls
 from .base import (
@@ -498,13 +498,7 @@ class SqlStore:
                                 "keys_sha256": digest,
                                 **({"again_reason": spec.again_reason} if spec.again_reason else {}),
                                 # the version it was made of and who approved it (or why it needed no approval)
-                                **({"version_sha256": spec.version_sha256} if spec.version_sha256 else {}),
-                                **({"approved_by": spec.approved_by} if spec.approved_by else {}),
-                                **(
-                                    {"approval_exempt": scrub_optional(spec.approval_exempt)}
-                                    if spec.approval_exempt
-                                    else {}
-                                ),
+                                **approval_seal(spec),
                             },
                         )
                     ],
