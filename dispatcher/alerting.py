@@ -133,18 +133,7 @@ class Policy(_Model):
 
 def parse_policy(text: str, name: str) -> Policy:
     """The policy in ``text``; any problem is one ``name:line: field: reason`` error (exit 2)."""
-    try:
-        node, data = safeyaml.load(text, name)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise CampaignError(
-            f"invalid YAML: {exc.problem or exc.context or 'invalid YAML'}",
-            path=name,
-            line=mark.line + 1 if mark else None,
-            field=getattr(exc, "field", None),
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise CampaignError(f"invalid YAML: {exc}", path=name) from exc
+    node, data = safeyaml.load_or_fail(text, name, CampaignError)
     if not isinstance(data, dict) or node is None:
         raise CampaignError("the policy is a mapping with steps", path=name, line=1)
     try:

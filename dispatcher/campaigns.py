@@ -631,20 +631,7 @@ def parse_yaml(path: Path) -> Located:
         raise CampaignError("not UTF-8 text", path=str(path)) from exc
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL in the path
         raise CampaignError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", path=str(path)) from exc
-    try:
-        node, data = safeyaml.load(text, str(path))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        if exc.context_mark is not None and exc.problem and "<stream end>" in exc.problem:
-            mark = exc.context_mark  # an unclosed bracket: point at where it was opened
-        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        problem = exc.problem or exc.context or "invalid YAML"
-        field_name = getattr(exc, "field", None)
-        raise CampaignError(
-            f"invalid YAML: {problem}", path=str(path), line=line, column=column, field=field_name
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise CampaignError(f"invalid YAML: {exc}", path=str(path)) from exc
+    node, data = safeyaml.load_or_fail(text, str(path), CampaignError)
     if not isinstance(data, dict) or node is None:
         raise CampaignError("a campaign file is a mapping of fields (id, title, owner, ...)", path=str(path), line=1)
     located = Located(path=path, text=text, data=data)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import safeyaml
@@ -225,19 +224,7 @@ def read_config(path: Path, model: type[M], what: str) -> tuple[M, ConfigFile]:
         raise OrganisationError("file not found", path=name) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise OrganisationError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", path=name) from exc
-    try:
-        node, data = safeyaml.load(text, name)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise OrganisationError(
-            f"invalid YAML: {exc.problem or exc.context or 'invalid YAML'}",
-            path=name,
-            line=mark.line + 1 if mark else None,
-            column=mark.column + 1 if mark else None,
-            field=getattr(exc, "field", None),
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise OrganisationError(f"invalid YAML: {exc}", path=name) from exc
+    node, data = safeyaml.load_or_fail(text, name, OrganisationError)
     if node is None or not isinstance(data, dict):
         raise OrganisationError(f"{what} is a mapping of fields", path=name, line=1)
     config = ConfigFile(name, safeyaml.positions(node))

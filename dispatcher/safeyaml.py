@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from .errors import InputError
+
 #: deeper than any campaign or gateway config needs (they use four or five levels)
 MAX_DEPTH = 32
 
@@ -79,7 +81,7 @@ def load(text: str, name: str = "<file>") -> tuple[yaml.Node | None, Any]:
     """The document's node tree (for line numbers) and its plain data, composed once.
 
     Raises ``yaml.YAMLError`` (a ``MarkedYAMLError`` with a line for everything this
-    module refuses); callers already turn those into one-line input errors.
+    module refuses); ``load_or_fail`` turns those into one-line input errors.
     """
     try:
         loader = _Loader(text)
@@ -117,3 +119,28 @@ def positions(node: yaml.Node) -> dict[tuple[Any, ...], tuple[int, int]]:
 
     walk(node, ())
     return marks
+
+
+def load_or_fail(
+    text: str, name: str, error: type[InputError], what: str = "invalid YAML"
+) -> tuple[yaml.Node | None, Any]:
+    """``load``, with any YAML problem raised as one located ``error`` (``name:line:column: field: …``).
+
+    An unclosed bracket is reported where it was opened, not at the end of the file where
+    the parser noticed it.
+    """
+    try:
+        return load(text, name)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        if exc.context_mark is not None and exc.problem and "<stream end>" in exc.problem:
+            mark = exc.context_mark
+        raise error(
+            f"{what}: {exc.problem or exc.context or 'invalid YAML'}",
+            path=name,
+            line=mark.line + 1 if mark else None,
+            column=mark.column + 1 if mark else None,
+            field=getattr(exc, "field", None),
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise error(f"{what}: {exc}", path=name) from exc

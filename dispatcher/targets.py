@@ -128,18 +128,7 @@ def load(path: Path) -> Targets:
         raise TargetsError("file not found (the assessment needs its targets)", path=str(path)) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise TargetsError(f"cannot read: {exc}", path=str(path)) from exc
-    try:
-        node, data = safeyaml.load(text, str(path))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise TargetsError(
-            f"invalid YAML: {exc.problem or exc.context}",
-            path=str(path),
-            line=mark.line + 1 if mark else None,
-            field=getattr(exc, "field", None),
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise TargetsError(f"invalid YAML: {exc}", path=str(path)) from exc
+    node, data = safeyaml.load_or_fail(text, str(path), TargetsError)
     marks: dict[tuple[Any, ...], int] = {}
     if node is not None:
         _marks(node, (), marks)

@@ -348,7 +348,7 @@ def test_harness_fails_on_a_real_network_call(tmp_path: Path) -> None:
             SINGLE.replace("${DISPATCH_HTTP_SECRET_CARRIER_SIGN}", "${DISPATCH_HTTP_SECRET_MISSING}"),
             "gateway.yaml:9:5: body.template.sign: environment variable DISPATCH_HTTP_SECRET_MISSING is not set",
         ),
-        ("url: [unclosed\n", "gateway.yaml:2:1: invalid YAML/JSON"),
+        ("url: [unclosed\n", "gateway.yaml:1:6: invalid YAML/JSON"),  # where the bracket was opened
         (
             SINGLE.replace("  message_id: data.msgid\n", ""),
             "gateway.yaml:11:1: response.message_id: required field is missing",

@@ -225,19 +225,7 @@ def load_config(path: Path, *, env: Mapping[str, str], section: str | None = Non
         raise HttpConfigError("file not found", path=where, field="DISPATCH_HTTP_CONFIG") from exc
     except (UnicodeDecodeError, OSError) as exc:
         raise HttpConfigError(f"cannot read: {exc}", path=where) from exc
-    try:
-        node, data = safeyaml.load(text, where)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise HttpConfigError(
-            f"invalid YAML/JSON: {exc.problem or exc.context}",
-            path=where,
-            line=mark.line + 1 if mark else None,
-            column=mark.column + 1 if mark else None,
-            field=getattr(exc, "field", None),
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise HttpConfigError(f"invalid YAML/JSON: {exc}", path=where) from exc
+    node, data = safeyaml.load_or_fail(text, where, HttpConfigError, "invalid YAML/JSON")
     if not isinstance(data, dict) or node is None:
         raise HttpConfigError("expected a mapping with url, body and response", path=where, line=1)
     marks: dict[tuple[Any, ...], tuple[int, int]] = {}
