@@ -147,6 +147,28 @@ def transition(
     return len(moved)
 
 
+def head_payload(spec: RunSpec, total: int, pending: int, digest: str) -> dict[str, Any]:
+    """What a run's ``run.created`` event seals: what it was made of, its rows, and its approval.
+
+    One shape for campaign runs and runs over a list of numbers, so ``audit verify`` reads both alike.
+    """
+    return {
+        "campaign_id": spec.campaign_id,
+        "campaign_sha256": spec.campaign_sha256,
+        "template_name": spec.template_name,
+        "template_sha256": spec.template_sha256,
+        "fire_time": spec.fire_time.isoformat() if spec.fire_time else None,
+        **({"as_of": spec.as_of.isoformat()} if spec.as_of else {}),
+        "total": total,
+        "pending": pending,
+        "keys_sha256": digest,
+        **({"reason": scrub(spec.reason)} if spec.reason else {}),
+        **({"again_reason": spec.again_reason} if spec.again_reason else {}),
+        # the version it was made of and who approved it (or why it needed no approval)
+        **approval_seal(spec),
+    }
+
+
 def approval_seal(spec: RunSpec) -> dict[str, str]:
     """What a run's head event seals of its approval: the version and its approver, or why none was needed.
 
@@ -203,18 +225,9 @@ def insert_direct_run(
             ledger.Event(
                 kind="run.created",
                 actor=spec.actor,
-                payload={
-                    "campaign_id": spec.campaign_id,
-                    "campaign_sha256": spec.campaign_sha256,
-                    "template_name": spec.template_name,
-                    "template_sha256": spec.template_sha256,
-                    "fire_time": None,
-                    "total": len(rows),
-                    "pending": len(rows),
-                    "keys_sha256": keys_digest(conn, spec.run_id, is_sqlite=is_sqlite),
-                    **({"reason": spec.reason} if spec.reason else {}),
-                    **approval_seal(spec),
-                },
+                payload=head_payload(
+                    spec, len(rows), len(rows), keys_digest(conn, spec.run_id, is_sqlite=is_sqlite)
+                ),
             )
         ],
         now,

@@ -42,7 +42,7 @@ from ._audit import AuditLog
 from ._dashboard import DashboardReads
 from ._db import Db, one_line
 from ._reports import ReportReads
-from ._rows import approval_seal, as_utc, attempt_row, delivery_row, insert_run, keys_digest, transition
+from ._rows import as_utc, attempt_row, delivery_row, head_payload, insert_run, keys_digest, transition
 from ._traces import TraceReads
 from ._voice import VoiceCalls
 from .base import (
@@ -486,20 +486,7 @@ class SqlStore:
                         ledger.Event(
                             kind="run.created",
                             actor=spec.actor,
-                            payload={
-                                "campaign_id": spec.campaign_id,
-                                "campaign_sha256": spec.campaign_sha256,
-                                "template_name": spec.template_name,
-                                "template_sha256": spec.template_sha256,
-                                "fire_time": spec.fire_time.isoformat() if spec.fire_time else None,
-                                **({"as_of": spec.as_of.isoformat()} if spec.as_of else {}),
-                                "total": int(total),
-                                "pending": pending,
-                                "keys_sha256": digest,
-                                **({"again_reason": spec.again_reason} if spec.again_reason else {}),
-                                # the version it was made of and who approved it (or why it needed no approval)
-                                **approval_seal(spec),
-                            },
+                            payload=head_payload(spec, int(total), pending, digest),
                         )
                     ],
                     now,
