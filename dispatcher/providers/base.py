@@ -404,6 +404,9 @@ class Provider:
     #: what ``DISPATCH_VOICE_GATEWAY`` calls this provider's voice adapter
     voice_name: str | None = None
     voice: VoiceFactory | None = None
+    #: numbers one call of its SMS adapter carries, read from the settings without building the adapter
+    #: (``dispatch preview`` writes and opens nothing); None: one number a call
+    batch_capacity: Callable[[Settings], int] | None = None
 
     def __post_init__(self) -> None:
         if ("sms" in self.channels) != (self.gateway is not None):

@@ -33,6 +33,15 @@ def _gateway(settings: Settings) -> Gateway:
     return HttpGateway(config, timeout=settings.gateway_timeout, concurrency=settings.gateway_concurrency)
 
 
+def _batch_capacity(settings: Settings) -> int:
+    from .gateway import load_config
+
+    if settings.http_config is None:
+        return 1
+    config = load_config(settings.http_config, env=settings.gateway_secrets)
+    return config.batch.max_size if config.batch is not None else 1
+
+
 def _ringback(
     settings: Settings,
     *,
@@ -82,6 +91,7 @@ PROVIDER = register(
         name="http",
         channels=frozenset({"sms", "ringback", "voice"}),
         gateway=_gateway,
+        batch_capacity=_batch_capacity,
         ringback_name="carrier-http",
         ringback=_ringback,
         voice_name="http",

@@ -97,9 +97,7 @@ class DispatchHttpClient(HttpClient):
         super().__init__(logging.getLogger("dispatcher.twilio.http"), is_async=False, timeout=timeout)
         self.base_url = base_url.rstrip("/")
         # thread-safe: the gateway's send threads share it; every request's state is local to the call
-        self.http = TracedHttp(
-            redactor=redactor, timeout=timeout, transport=transport, max_connections=max_connections
-        )
+        self.http = TracedHttp(redactor=redactor, timeout=timeout, transport=transport, max_connections=max_connections)
         #: headers to add per request (tests use it to select Prism examples with ``Prefer``)
         self.extra_headers = extra_headers
 
