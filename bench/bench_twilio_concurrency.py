@@ -17,7 +17,7 @@ Prints both rates (messages the provider answered per second, first request to l
 the ratio (target: at least 80 %), the most requests in flight the provider saw in each, and
 "sent twice" from the provider's per-number counts. Needs PostgreSQL and Redis (bench/_harness.py).
 
-    .venv/bin/python bench/bench_twilio_concurrency.py [--size 3000] [--workers 2] [--concurrency 50]
+    .venv/bin/python bench/bench_twilio_concurrency.py [--size 3000] [--workers 2] [--concurrency 50] [--batch-size 250]
 """
 
 from __future__ import annotations
@@ -181,6 +181,14 @@ def settled(provider: ProviderProcess, expected: int, timeout: float) -> dict[st
 # ---------------------------------------------------------------- (a) dispatch workers
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux ``/proc``)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def dispatch_workers(args: argparse.Namespace, provider: ProviderProcess) -> tuple[dict[str, Any], dict[str, Any]]:
     project = BenchProject(
         DISPATCH_GATEWAY="twilio",
@@ -191,6 +199,7 @@ def dispatch_workers(args: argparse.Namespace, provider: ProviderProcess) -> tup
         DISPATCH_PUBLIC_URL="https://dispatch.example.org",
         DISPATCH_RATE_LIMIT="100000",  # far above what is reached: the provider's latency is the limit
         DISPATCH_GATEWAY_CONCURRENCY=str(args.concurrency),
+        DISPATCH_BATCH_SIZE=str(args.batch_size),
         DISPATCH_LOG_LEVEL="INFO",
     )
     try:
@@ -223,9 +232,12 @@ def dispatch_workers(args: argparse.Namespace, provider: ProviderProcess) -> tup
             status.update(json.loads(project.dispatch("status", run["run_id"], "--json").stdout))
             return status.get("status") == "completed"
 
+        cpu_before = [cpu_seconds(p.pid) for p in project.procs]
         stats = settled(provider, 1, 600)
+        cpu = sum(cpu_seconds(p.pid) for p in project.procs) - sum(cpu_before)
         wait_for(finished, 600, "the run to complete", every=2.0)
         stats = provider.stats()
+        stats["worker_cpu"] = cpu
         stats["wall"] = time.monotonic() - started
         stats["run"] = {"total": run["total"], "batches": run["batches"], "counts": status.get("counts")}
         return stats, status
@@ -259,10 +271,12 @@ def twilio_alone(args: argparse.Namespace, provider: ProviderProcess, count: int
         await http.close()
 
     provider.reset()
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     asyncio.run(main())
+    cpu = time.process_time() - cpu
     stats = settled(provider, count, 600)
     stats["wall"] = time.monotonic() - started
+    stats["cpu"] = cpu
     return stats
 
 
@@ -272,6 +286,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4, help="worker threads per dispatch worker")
     parser.add_argument("--concurrency", type=int, default=50, help="DISPATCH_GATEWAY_CONCURRENCY")
+    parser.add_argument("--batch-size", type=int, default=250, help="DISPATCH_BATCH_SIZE (rows per batch)")
     parser.add_argument("--in-flight", type=int, default=100, help="requests the twilio library keeps in flight")
     parser.add_argument("--latency", type=float, default=0.15, help="seconds the provider takes to answer")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -279,6 +294,9 @@ def main() -> None:
     if args.serve:
         serve(args.latency)
         return
+    import os
+
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     provider = ProviderProcess(args.latency)
     try:
         a, status = dispatch_workers(args, provider)
@@ -290,13 +308,17 @@ def main() -> None:
     print(f"provider latency {args.latency * 1000:.0f} ms; registry {args.size}; run {a['run']}")
     print(
         f"(a) {args.workers} dispatch workers x {args.threads} threads, DISPATCH_GATEWAY_CONCURRENCY="
-        f"{args.concurrency}: {a['requests']} messages in {a['elapsed']:.2f} s = {rate_a:.0f} msg/s "
+        f"{args.concurrency}, DISPATCH_BATCH_SIZE={args.batch_size}: {a['requests']} messages in "
+        f"{a['elapsed']:.2f} s = {rate_a:.0f} msg/s "
         f"(first request to last answer; {a['wall']:.1f} s from `dispatch run` to the run completed); "
-        f"max in flight {a['max_in_flight']}; sent twice: {a['sent_twice']}"
+        f"max in flight {a['max_in_flight']}; sent twice: {a['sent_twice']}; the workers used "
+        f"{a['worker_cpu']:.1f} CPU seconds ({a['worker_cpu'] / a['requests'] * 1000:.2f} ms a message)"
     )
     print(
         f"(b) twilio AsyncTwilioHttpClient, {args.in_flight} in flight: {b['requests']} messages in "
-        f"{b['elapsed']:.2f} s = {rate_b:.0f} msg/s; max in flight {b['max_in_flight']}; sent twice: {b['sent_twice']}"
+        f"{b['elapsed']:.2f} s = {rate_b:.0f} msg/s; max in flight {b['max_in_flight']}; sent twice: "
+        f"{b['sent_twice']}; the client used {b['cpu']:.1f} CPU seconds "
+        f"({b['cpu'] / b['requests'] * 1000:.2f} ms a message)"
     )
     ratio = rate_a / rate_b if rate_b else 0.0
     print(f"ratio (a)/(b): {ratio:.0%} (target >= 80%)")
