@@ -349,3 +349,81 @@ def test_preview_shows_what_the_name_costs_in_calls_and_parts(project: Any) -> N
     line = f"personalised: {recipients:,} texts in {cost['calls']:,} calls, {cost['parts']:,} parts"
     assert line in text.stdout
     assert f"the same warning without the name: {cost['without_name']['calls']:,} calls" in text.stdout
+
+
+# ------------------------------------------------------------------ carrier-http ringback
+
+CRBT = """\
+enrol:
+  url: {url}/crbt/subscribe
+  body:
+    format: json
+    template: {{msisdn: "{{to}}", tone: "anti-fraud-2026"}}
+  response: {{message_id: order_id, error_code: code, success_codes: ["0"]}}
+restore:
+  url: {url}/crbt/unsubscribe
+  body:
+    format: json
+    template: {{msisdn: "{{to}}"}}
+  response: {{message_id: order_id, error_code: code, success_codes: ["0"]}}
+"""
+
+
+class SlowPlatform:
+    """A carrier's ringback platform answering after a delay, counting the calls it holds at once."""
+
+    def __init__(self, delay: float = 0.05) -> None:
+        self.delay = delay
+        self.subscribed: dict[str, int] = {}
+        self.unsubscribed: dict[str, int] = {}
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        number = json.loads(body)["msisdn"]
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        time.sleep(self.delay)
+        with self.lock:
+            self.in_flight -= 1
+            seen = self.subscribed if path.endswith("/subscribe") else self.unsubscribed
+            seen[number] = seen.get(number, 0) + 1
+        return json_reply(200, {"code": "0", "order_id": f"o-{number[-4:]}-{path.rsplit('/', 1)[1]}"})
+
+
+def test_carrier_ringback_enrols_and_restores_numbers_concurrently_each_once(project: Any) -> None:
+    from test_ringback import ringback_yaml, states
+
+    from dispatcher.restores import start_restore
+
+    platform = SlowPlatform()
+    server = LocalServer(platform)
+    try:
+        config = project.write("crbt.yaml", CRBT.format(url=server.url))
+        project.env.update(
+            {
+                "DISPATCH_RINGBACK_GATEWAY": "carrier-http",
+                "DISPATCH_RINGBACK_CONFIG": str(config),
+                "DISPATCH_GATEWAY_CONCURRENCY": "4",
+            }
+        )
+        project.registry(size=40, seed=35)
+        clock = Clock()
+        rt = project.runtime(clock=clock)
+        enrol_run = start(rt, project.write("campaigns/rb-many.yaml", ringback_yaml("rb-many", clock)))
+        drive(rt, enrol_run, clock)
+        enrolled = {p for p, s in states(rt, enrol_run).items() if s == "sent"}
+        clock.advance(8 * 86400)
+        restore_run = start_restore(rt, enrol_run)["run_id"]
+        drive(rt, restore_run, clock)
+    finally:
+        server.close()
+    assert enrolled and set(platform.subscribed) == enrolled and set(platform.subscribed.values()) == {1}
+    assert set(platform.unsubscribed) == enrolled and set(platform.unsubscribed.values()) == {1}
+    assert set(states(rt, restore_run).values()) == {"sent"}
+    assert 1 < platform.max_in_flight <= 4
+    # what each enrolment kept is the order of that very number (restore gets it back)
+    for row in rt.store.deliveries(enrol_run):
+        if row.state == "sent":
+            assert row.provider_id == f"o-{row.phone[-4:]}-subscribe"
