@@ -499,3 +499,34 @@ def test_signed_delivery_report_moves_the_rows_the_http_gateway_sent(project: An
         assert rt.store.provider_events.state_of(row.provider_id) == ["delivered"]
     finally:
         server.close()
+
+
+def test_resume_with_redis_returns_when_only_rows_the_provider_cannot_be_asked_about_are_open(
+    redis_project: Any,
+) -> None:
+    """Orphans a no-lookup provider leaves `unknown` wait for an operator: `resume` says so and exits 1, not wait on."""
+    project = redis_project
+    provider = BatchProvider()
+    server = LocalServer(provider)
+    try:
+        project.write("gateway.yaml", BATCH.replace("https://sms.example.cn", server.url))
+        project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
+        gateway_config = str(project.root / "gateway.yaml")
+        project.env.update({"DISPATCH_GATEWAY": "http", "DISPATCH_HTTP_CONFIG": gateway_config, **ENV})
+        project.env["DISPATCH_SEND_WINDOW"] = "ignore"
+        project.registry(size=5, seed=10)
+        rt = project.runtime()
+        path = project.write(
+            "campaigns/plain.yaml",
+            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
+        )
+        run_id = start(rt, path)
+        held = rt.store.claim(run_id, 0, "worker-that-died")  # every row, held by a worker with no heartbeat
+        assert held and not rt.store.counts(run_id).get("pending")
+        resumed = project.dispatch("resume", run_id, "--json", timeout=60)
+        assert resumed.returncode == 1, resumed.stderr
+        assert f"{len(held)} rows unknown" in resumed.stderr and "dispatch settle" in resumed.stderr
+        assert json.loads(resumed.stdout)["counts"].get("unknown") == len(held)
+        assert provider.calls == 0
+    finally:
+        server.close()
