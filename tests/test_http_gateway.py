@@ -530,3 +530,83 @@ def test_resume_with_redis_returns_when_only_rows_the_provider_cannot_be_asked_a
         assert provider.calls == 0
     finally:
         server.close()
+
+
+LOOKUP = """\
+url: https://sms.example.cn/v2/send
+body:
+  template: {mobile: "{to}", content: "{body}", out_id: "{key}"}
+response: {message_id: data.msgid, error_code: code, success_codes: ["0"]}
+lookup:
+  url: https://sms.example.cn/v2/query?out_id={key}
+  message_id: data.msgid
+"""
+
+
+def test_lookup_answers_taken_for_an_id_never_taken_for_404_and_fails_on_anything_else(tmp_path: Path) -> None:
+    from dispatcher.providers.base import LookupRequest
+
+    replies = {f"run-1:{A}": (200, {"code": 0, "data": {"msgid": "m-7"}}), f"run-1:{B}": (404, {"code": 404})}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v2/query"
+        status, body = replies.get(request.url.params["out_id"], (500, {"code": 500}))
+        return httpx.Response(status, json=body)
+
+    gateway = HttpGateway(config(tmp_path, LOOKUP), transport=httpx.MockTransport(answer))
+    assert gateway.can_lookup and not HttpGateway(config(tmp_path, SINGLE)).can_lookup
+    found = gateway.lookup([LookupRequest(f"run-1:{n}", n, "", None) for n in (A, B)])
+    assert {k: r.provider_id for k, r in found.items()} == {f"run-1:{A}": "m-7"}
+    with pytest.raises(RetryableSendError) as failed:  # a provider error is no "never taken": nothing resent
+        gateway.lookup([LookupRequest(f"run-1:{C}", C, "", None)])
+    assert failed.value.code == "http.lookup"
+
+
+def test_lookup_url_that_never_names_the_message_is_reported_at_its_line(tmp_path: Path) -> None:
+    with pytest.raises(HttpConfigError) as bad:
+        config(tmp_path, LOOKUP.replace("?out_id={key}", ""))
+    assert "lookup.url" in str(bad.value) and ":6:" in str(bad.value)
+
+
+def test_rows_orphaned_with_a_provider_that_can_be_asked_are_settled_by_lookup_each_sent_once(
+    project: Any, tmp_path: Path
+) -> None:
+    import threading
+
+    from tests.fake_carrier import CARRIER_CONFIG, LOOKUP_SECTION, Carrier, serve
+
+    carrier = Carrier(tmp_path / "carrier.jsonl", token=TOKEN, delay=0.0)
+    server = serve("127.0.0.1", 0, carrier)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        project.write(
+            "gateway.yaml", CARRIER_CONFIG.format(url=url, timeout=5, max_size=50) + LOOKUP_SECTION.format(url=url)
+        )
+        project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
+        project.env.update(
+            {"DISPATCH_GATEWAY": "http", "DISPATCH_HTTP_CONFIG": str(project.root / "gateway.yaml"), **ENV}
+        )
+        project.registry(size=20, seed=10)
+        clock = Clock()
+        rt = project.runtime(clock=clock)
+        path = project.write(
+            "campaigns/plain.yaml",
+            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
+        )
+        run_id = start(rt, path)
+        held = rt.store.claim(run_id, 0, "worker-that-died")  # no heartbeat: its claim is orphaned
+        handed = held[: len(held) // 2]
+        carrier.take(run_id, [r.phone for r in handed])  # it had handed these over before it died, unrecorded
+        result = resume_run(rt, run_id)
+        assert result["already_sent"] == len(handed) and result["requeued"] == len(held) - len(handed)
+        drive(rt, run_id, clock)
+        rows = {r.key: r for r in rt.store.deliveries(run_id)}
+        assert {rows[r.key].state for r in held} == {"sent"}
+        assert all(rows[r.key].provider_id == carrier.lookup(r.key) for r in held)
+        lines = (tmp_path / "carrier.jsonl").read_text().splitlines()
+        taken = [f"{json.loads(x)['run_id']}:{json.loads(x)['to']}" for x in lines]
+        assert len(taken) == len(set(taken)) == len(held), "each person taken by the carrier exactly once"
+    finally:
+        server.shutdown()
+        server.server_close()
