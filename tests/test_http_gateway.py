@@ -610,3 +610,52 @@ def test_rows_orphaned_with_a_provider_that_can_be_asked_are_settled_by_lookup_e
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_watchdog_that_loses_the_lead_during_slow_lookups_moves_nothing(project: Any, tmp_path: Path) -> None:
+    """One lookup per key can outlast the scheduler's lease: the pass renews it between lookups and,
+    once another scheduler leads, settles and requeues nothing (the new leader does)."""
+    import threading
+
+    from dispatcher.runs import LOOKUP_CHUNK
+    from dispatcher.watchdog import Watchdog
+    from tests.fake_carrier import CARRIER_CONFIG, LOOKUP_SECTION, Carrier, serve
+
+    carrier = Carrier(tmp_path / "carrier.jsonl", token=TOKEN, delay=0.0)
+    server = serve("127.0.0.1", 0, carrier)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        gateway_yaml = CARRIER_CONFIG.format(url=url, timeout=5, max_size=50) + LOOKUP_SECTION.format(url=url)
+        project.write("gateway.yaml", gateway_yaml)
+        project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
+        project.env.update({"DISPATCH_GATEWAY": "http", "DISPATCH_HTTP_CONFIG": str(project.root / "gateway.yaml")})
+        project.env.update({**ENV, "DISPATCH_BATCH_SIZE": "100"})
+        project.registry(size=60, seed=12)
+        rt = project.runtime(clock=Clock())
+        path = project.write(
+            "campaigns/plain.yaml",
+            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
+        )
+        run_id = start(rt, path)
+        held = rt.store.claim(run_id, 0, "worker-that-died")
+        assert len(held) > 2 * LOOKUP_CHUNK
+        carrier.take(run_id, [r.phone for r in held[:5]])
+        asked: list[bool] = []
+
+        def lead_lost_after_two() -> bool:
+            asked.append(len(asked) < 2)
+            return asked[-1]
+
+        result = Watchdog(rt).check_run(run_id, leading=lead_lost_after_two)
+        assert result["found"] == result["requeued"] == 0
+        assert rt.store.counts(run_id).get("sending") == len(held), "a deposed leader moved rows"
+        assert asked[:3] == [True, True, False]  # renewed before two lookups, then the lead was gone
+
+        renewals: list[int] = []
+        result = Watchdog(rt).check_run(run_id, leading=lambda: renewals.append(1) is None)
+        assert (result["found"], result["requeued"]) == (5, len(held) - 5)
+        assert len(renewals) >= -(-len(held) // LOOKUP_CHUNK), "the lease is renewed between lookups"
+    finally:
+        server.shutdown()
+        server.server_close()

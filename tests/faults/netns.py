@@ -99,6 +99,8 @@ def namespaces_unavailable() -> str | None:
         return "network namespaces need root (ip netns add)"
     if shutil.which("ip") is None:
         return "the ip command (iproute2) is not installed"
+    if shutil.which("unshare") is None:
+        return "the unshare command (util-linux) is not installed"
     probe = f"dspprobe-{uuid.uuid4().hex[:6]}"
     done = _ip("netns", "add", probe, check=False)
     if done.returncode != 0:

@@ -234,6 +234,7 @@ def test_a_worker_host_cut_off_mid_run_sends_nobody_twice_loses_nobody_and_one_s
             redis.kill()
         try:
             _check(operator, run_id, record)
+            _check_one_leader_at_a_time({name: p.root / "var" / "scheduler.log" for name, p in hosts.items()})
         finally:
             if pg is not None:
                 pg.destroy()
@@ -312,3 +313,29 @@ def _check(operator: Project, run_id: str, record: Path) -> None:
         f"run {run_id}: {len(eligible)} eligible, {len(taken)} at the carrier once each; "
         f"drill fires {len(fires)} by {[f.scheduler.split(':')[0] for f in fires]}, fences {tokens}"
     )
+
+
+#: what only the leading scheduler does, as its log says
+LEADER_ACTIONS = ("scheduler.fired", "run.reconciled", "watchdog.requeued")
+
+
+def _check_one_leader_at_a_time(logs: dict[str, Path]) -> None:
+    """No scheduler acts as leader after another one took a newer fence (the lead passed while it was busy)."""
+    fenced = [
+        (e["timestamp"], name, int(e["fence"]))
+        for name, log in logs.items()
+        for e in _events(log)
+        if e.get("event") == "scheduler.fenced"
+    ]
+    overlaps = []
+    for name, log in logs.items():
+        for e in _events(log):
+            if e.get("event") not in LEADER_ACTIONS:
+                continue
+            at = e["timestamp"]
+            own = max((f for t, n, f in fenced if n == name and t <= at), default=0)
+            newer = [(t, n, f) for t, n, f in fenced if n != name and f > own and t < at]
+            if newer:
+                took, other, fence = newer[0]
+                overlaps.append(f"{name} {e['event']} at {at} under fence {own}, {other} took fence {fence} at {took}")
+    assert not overlaps, f"two schedulers acted as leader at once: {overlaps[:3]}"
