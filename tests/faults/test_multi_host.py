@@ -229,13 +229,12 @@ def test_a_worker_host_cut_off_mid_run_sends_nobody_twice_loses_nobody_and_one_s
                 final = wait_done(operator, run_id, timeout=120)
             print(f"final counts {final['counts']} (unknown before resume: {unknown})")
             time.sleep(8)  # a few more drill fires with both schedulers on the network again
-        finally:
             stop_processes(procs)
-            redis.kill()
-        try:
             _check(operator, run_id, record)
             _check_one_leader_at_a_time({name: p.root / "var" / "scheduler.log" for name, p in hosts.items()})
         finally:
+            stop_processes(procs)  # whatever failed: no process of the test outlives it or its namespaces
+            redis.kill()
             if pg is not None:
                 pg.destroy()
     print(f"multi-host test took {time.monotonic() - started:.0f}s")
