@@ -574,7 +574,7 @@ def _check_attempts(conn: Connection, run: Any) -> Break | None:
             "a hand-over to the gateway is missing from the ledger",
         )  # fmt: skip
     unbacked = conn.execute(
-        sa.select(e.c.id, e.c.seq, e.c.delivery_id)
+        sa.select(e.c.id, e.c.seq, e.c.delivery_id, e.c.batch)
         .where(
             e.c.run_id == run.id,
             _HANDOVER,
@@ -584,7 +584,7 @@ def _check_attempts(conn: Connection, run: Any) -> Break | None:
     ).first()
     if unbacked is not None:
         return Break(
-            run.id, unbacked.seq, unbacked.id,
+            Chain(run.id, unbacked.batch).name, unbacked.seq, unbacked.id,
             f"hand-over event of delivery {unbacked.delivery_id} has no attempt row",
         )  # fmt: skip
     return None
@@ -604,14 +604,17 @@ def _check_confirmed(conn: Connection, run: Any) -> Break | None:
     if unbacked is not None:
         return Break(run.id, None, None, f"delivery {unbacked.id} is confirmed but has no delivery.confirmed event")
     cleared = conn.execute(
-        sa.select(e.c.id, e.c.seq, e.c.delivery_id)
+        sa.select(e.c.id, e.c.seq, e.c.delivery_id, e.c.batch)
         .select_from(e.join(d, d.c.key == e.c.key))
         .where(e.c.run_id == run.id, e.c.kind == "delivery.confirmed", d.c.confirmed_at.is_(None))
         .limit(1)
     ).first()
     if cleared is not None:
         return Break(
-            run.id, cleared.seq, cleared.id, f"delivery {cleared.delivery_id} was confirmed but is no longer"
+            Chain(run.id, cleared.batch).name,
+            cleared.seq,
+            cleared.id,
+            f"delivery {cleared.delivery_id} was confirmed but is no longer",
         )
     return None
 
@@ -683,7 +686,7 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
             if row.key in last_to and last_to[row.key][0] != row.state:
                 to_state, seq, event_id = last_to[row.key]
                 return Break(
-                    run.id, seq, event_id,
+                    Chain(run.id, None if run.batch_chains is None else row.batch_no).name, seq, event_id,
                     f"delivery {row.id} is {row.state!r} in the deliveries table "
                     f"but its last event says {to_state!r}",
                 )  # fmt: skip
