@@ -253,6 +253,7 @@ def test_verify_catches_a_batch_chain_cut_short_behind_a_rewritten_tail_or_delet
     assert "batch chains but the run row says 1" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_a_run_recorded_by_several_worker_processes_at_once_verifies(database_url: str) -> None:
     """Four processes claim and record the same run's batches at once (each tries every batch, from a
     different one first, so some race for a batch): every event lands in its batch's chain, intact."""
