@@ -15,6 +15,11 @@ here, with the URL's password masked.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
@@ -67,6 +72,10 @@ def _rabbitmq_broker(url: str) -> dramatiq.Broker:
         raise BrokerError("the RabbitMQ broker needs pika: pip install 'dramatiq[rabbitmq]'") from exc
     import pika.exceptions
 
+    # pika logs every failed connection attempt as an ERROR with its traceback, many lines each; the
+    # same failure reaches the operator once, as one line: a BrokerError here, Dramatiq's own
+    # "consumer encountered a connection error" in a worker
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     try:
         broker = RabbitmqBroker(url=url, confirm_delivery=True)
     except ValueError as exc:
@@ -80,7 +89,7 @@ def _rabbitmq_broker(url: str) -> dramatiq.Broker:
 
 def amqp_reason(exc: BaseException) -> str:
     """pika's exceptions often have an empty ``str`` (a refused socket sits in ``args``): one short reason."""
-    text = str(exc) or "; ".join(str(a) for a in exc.args if str(a)) or type(exc).__name__
+    text = str(exc) or "; ".join(str(a) or repr(a) for a in exc.args) or type(exc).__name__
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -91,12 +100,11 @@ def _is_rabbitmq(broker: dramatiq.Broker) -> bool:
 def ping(broker: dramatiq.Broker) -> None:
     """Raise ``BrokerError`` when the broker cannot be reached (the embedded one always can)."""
     if _is_rabbitmq(broker):
-        import pika
+        import pika.exceptions
 
-        params = broker.parameters  # type: ignore[attr-defined]  # RabbitmqBroker
         try:
-            # a connection of its own: this thread's may be idle for long and closed by the server
-            pika.BlockingConnection(params).close()
+            with _amqp_connection(broker):  # this thread's connection may have idled out: a fresh one
+                pass
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"cannot reach the RabbitMQ broker: {amqp_reason(exc)}") from exc
         return
@@ -152,23 +160,63 @@ def queue_depths(broker: dramatiq.Broker) -> dict[str, dict[str, int]]:
 def _rabbitmq_depths(broker: dramatiq.Broker) -> dict[str, dict[str, int]]:
     """RabbitMQ's counts per lane: ``ready`` in ``lane``, ``delayed`` in ``lane.DQ``.
 
-    AMQP tells a queue's ready messages (``queue.declare``'s ``message_count``) but not those a
-    consumer holds unacknowledged: ``in_progress`` is not reported rather than reported as 0, and
-    ``delayed`` counts the delayed messages no worker has fetched yet (a worker fetches delayed
-    messages early and holds them until due). The management plugin would tell more, but is an
-    HTTP service of its own that a deployment may not run.
+    AMQP tells a queue's ready messages (a passive ``queue.declare``'s ``message_count``) but not
+    those a consumer holds unacknowledged: ``in_progress`` is not reported rather than reported as
+    0, and ``delayed`` counts the delayed messages no worker has fetched yet (a worker fetches
+    delayed messages early and holds them until due). The management plugin would tell more, but
+    it is an HTTP service of its own that a deployment may not run. A lane never declared holds 0.
     """
     import pika.exceptions
+    from dramatiq.common import dq_name
 
     depths: dict[str, dict[str, int]] = {}
     try:
-        for lane in LANES:
-            ready, delayed, _dead = broker.get_queue_message_counts(lane)  # type: ignore[attr-defined]
-            depths[lane] = {"ready": int(ready), "delayed": int(delayed)}
+        with _amqp_connection(broker) as conn:
+            for lane in LANES:
+                depths[lane] = {"ready": _ready(conn, lane), "delayed": _ready(conn, dq_name(lane))}
     except pika.exceptions.AMQPError as exc:
-        del broker.connection  # type: ignore[attr-defined]  # the next scrape opens a fresh one
         raise BrokerError(f"cannot read the broker's queues: {amqp_reason(exc)}") from exc
     return depths
+
+
+@contextmanager
+def _amqp_connection(broker: dramatiq.Broker) -> Iterator[Any]:
+    """A connection of its own for an occasional look (a scrape, a watchdog pass).
+
+    Dramatiq keeps one connection per thread, and pika only answers the server's heartbeats while
+    a connection is used: one idle between two scrapes (each maybe on another web thread) is closed
+    by the server and would fail the next look. A fresh one costs a few milliseconds.
+    """
+    import pika
+
+    conn = pika.BlockingConnection(broker.parameters)  # type: ignore[attr-defined]  # RabbitmqBroker
+    try:
+        yield conn
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def _ready(conn: Any, queue: str) -> int:
+    """Ready messages in ``queue``; 0 when it does not exist."""
+    found = _passive_declare(conn, queue)
+    return 0 if found is None else found
+
+
+def _passive_declare(conn: Any, queue: str) -> int | None:
+    """``queue``'s ready messages, or None when it does not exist (RabbitMQ then closes the channel)."""
+    import pika.exceptions
+
+    channel = conn.channel()
+    try:
+        return int(channel.queue_declare(queue=queue, passive=True).method.message_count)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return None
+        raise
+    finally:
+        if channel.is_open:
+            channel.close()
 
 
 # ------------------------------------------------------------------ the watchdog's sentinel
@@ -184,15 +232,9 @@ def sentinel_present(broker: dramatiq.Broker, namespace: str, value: str) -> boo
         import pika.exceptions
 
         try:
-            broker.channel.queue_declare(queue=f"{namespace}.sentinel.{value}", passive=True)  # type: ignore[attr-defined]
-            return True
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            del broker.channel  # type: ignore[attr-defined]  # RabbitMQ closes a channel that asked for a missing queue
-            if exc.reply_code == 404:
-                return False
-            raise BrokerError(f"cannot read the broker's sentinel: {amqp_reason(exc)}") from exc
+            with _amqp_connection(broker) as conn:
+                return _passive_declare(conn, f"{namespace}.sentinel.{value}") is not None
         except pika.exceptions.AMQPError as exc:
-            del broker.connection  # type: ignore[attr-defined]
             raise BrokerError(f"cannot read the broker's sentinel: {amqp_reason(exc)}") from exc
     import redis
 
@@ -209,9 +251,9 @@ def plant_sentinel(broker: dramatiq.Broker, namespace: str, value: str) -> None:
         import pika.exceptions
 
         try:
-            broker.channel.queue_declare(queue=f"{namespace}.sentinel.{value}", durable=True)  # type: ignore[attr-defined]
+            with _amqp_connection(broker) as conn:
+                conn.channel().queue_declare(queue=f"{namespace}.sentinel.{value}", durable=True)
         except pika.exceptions.AMQPError as exc:
-            del broker.connection  # type: ignore[attr-defined]
             raise BrokerError(f"cannot plant the broker's sentinel: {amqp_reason(exc)}") from exc
         return
     import redis
