@@ -114,6 +114,24 @@ def rabbitmq_available() -> Iterator[str]:
         proc.wait(60)
 
 
+def add_vhost(vhost: str, user: str) -> None:
+    """Create ``vhost`` and let ``user`` configure, write and read everything in it."""
+    added = _rabbitmqctl("add_vhost", vhost)
+    assert added.returncode == 0, added.stderr
+    granted = _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    assert granted.returncode == 0, granted.stderr
+
+
+def empty_vhost(url: str) -> None:
+    """What a RabbitMQ server that lost its data looks like to its clients: the URL's vhost is deleted
+    (every queue, message and connection in it gone) and made again, empty."""
+    parsed = urlparse(url)
+    vhost = parsed.path.lstrip("/")
+    deleted = _rabbitmqctl("delete_vhost", vhost)
+    assert deleted.returncode == 0, deleted.stderr
+    add_vhost(vhost, parsed.username or "guest")
+
+
 @pytest.fixture
 def rabbitmq_url(rabbitmq_available: str) -> Iterator[str]:
     """A RabbitMQ URL on a fresh vhost, deleted after the test.
@@ -125,10 +143,7 @@ def rabbitmq_url(rabbitmq_available: str) -> Iterator[str]:
     """
     parsed = urlparse(rabbitmq_available)
     vhost = f"dispatch-test-{uuid.uuid4().hex[:8]}"
-    added = _rabbitmqctl("add_vhost", vhost)
-    assert added.returncode == 0, added.stderr
-    granted = _rabbitmqctl("set_permissions", "-p", vhost, parsed.username or "guest", ".*", ".*", ".*")
-    assert granted.returncode == 0, granted.stderr
+    add_vhost(vhost, parsed.username or "guest")
     yield f"{parsed.scheme}://{parsed.netloc}/{vhost}"
     deleting = subprocess.Popen(
         ["rabbitmqctl", "-q", "delete_vhost", vhost], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -1,6 +1,6 @@
 """Workers under faults, on private PostgreSQL and Redis: racing resumes, retries, a database outage,
 SIGTERM mid-batch. After recovery: every key once in the gateway, nothing stranded, ledger complete.
-The racing resumes (crash-resume) and the retries (delayed messages) run on RabbitMQ too."""
+The retries (delayed messages, ``.DQ`` queues) run on RabbitMQ too."""
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ from tests.faults.support import (
 pytestmark = pytest.mark.slow
 
 
-def test_two_resumes_racing_a_live_worker_send_no_one_twice(pg_broker_project: Project) -> None:
-    project = pg_broker_project
+def test_two_resumes_racing_a_live_worker_send_no_one_twice(pg_redis_project: Project) -> None:
+    # Redis only: the race is between two resumes' claims in the database; a worker killed mid-run and
+    # resumed on RabbitMQ is test_redis_workers.py's kill -9 test
+    project = pg_redis_project
     # 50-row batches of 20 ms messages: a live worker holds a re-queued batch for about a second
     project.env.update(
         {"DISPATCH_OUTBOX_LATENCY_MS": "20", "DISPATCH_BATCH_SIZE": "50", "DISPATCH_WORKER_STALE_AFTER": "3"}
