@@ -7,8 +7,12 @@ sees a connection.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +28,66 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+class WriterTurns:
+    """Hands SQLite's one write lock from writer to writer at once, across threads and processes.
+
+    A writer that finds the database locked is put to sleep by SQLite's busy handler in growing steps
+    (1, 2, 5 ... 100 ms), so under contention the lock lies idle most of the time: two workers of four
+    threads each recorded 1,300 rows/s where the writes alone take a fifth of that time. Writers here
+    first take their turn: a lock per process, then an advisory ``flock`` on ``<database>.writers``
+    polled every half millisecond. The turn only orders writers; SQLite's own lock still guarantees
+    correctness, so a writer whose turn does not come within ``wait`` seconds (a frozen process holding
+    it) goes ahead and falls back to SQLite's busy handler.
+    """
+
+    POLL = 0.0005
+
+    def __init__(self, path: str) -> None:
+        self._path = f"{path}.writers"
+        self._local = threading.local()
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own description
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextmanager
+    def turn(self, wait: float) -> Iterator[None]:
+        if getattr(self._local, "held", False):
+            yield  # already this thread's turn (a write inside a write's scope)
+            return
+        deadline = time.monotonic() + wait
+        if not self._thread_lock.acquire(timeout=wait):
+            yield
+            return
+        locked = False
+        try:
+            try:
+                fd = self._file()
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        locked = True
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            break
+                        time.sleep(self.POLL)
+            except OSError:
+                pass  # no turn file (read-only folder): SQLite's busy handler alone orders writers
+            self._local.held = True
+            yield
+        finally:
+            self._local.held = False
+            if locked and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._thread_lock.release()
+
+
 class Db:
     """An engine with the store's three ways in; ``clock`` is read on every call so a swapped clock counts."""
 
@@ -33,6 +97,11 @@ class Db:
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._writer = engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
         self._short_writer = engine.execution_options(sqlite_begin="BEGIN IMMEDIATE", sqlite_busy_ms=2000)
+        path = engine.url.database if self.is_sqlite else None
+        self._turns = WriterTurns(path) if path and path != ":memory:" else None
+
+    def _turn(self, wait: float) -> Any:
+        return self._turns.turn(wait) if self._turns is not None else nullcontext()
 
     def now(self) -> datetime:
         return self._clock()
@@ -40,7 +109,7 @@ class Db:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         try:
-            with self._writer.begin() as conn:
+            with self._turn(60.0), self._writer.begin() as conn:
                 yield conn
         except (OperationalError, sa.exc.InterfaceError) as exc:
             raise StoreError(f"delivery log write failed: {one_line(exc.orig or exc)}") from exc
@@ -49,7 +118,7 @@ class Db:
     def write_short(self) -> Iterator[Connection]:
         """A write that gives up after about two seconds of waiting for a lock (leases, fences)."""
         try:
-            with self._short_writer.begin() as conn:
+            with self._turn(2.0), self._short_writer.begin() as conn:
                 if not self.is_sqlite:
                     conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
                 yield conn
