@@ -102,8 +102,9 @@ def rabbitmq_available() -> Iterator[str]:
         pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL + "?connection_attempts=1&socket_timeout=2")).close()
     except pika.exceptions.AMQPError as exc:
         from dispatcher.broker import amqp_reason
+        from dispatcher.redact import mask_url
 
-        missing_service(f"RabbitMQ not reachable at 127.0.0.1:5672: {amqp_reason(exc)}")
+        missing_service(f"RabbitMQ not reachable at {mask_url(RABBITMQ_URL)}: {amqp_reason(exc)}")
     if shutil.which("rabbitmqctl") is None:
         missing_service("rabbitmqctl is not installed: the RabbitMQ tests isolate themselves in vhosts")
     check = _rabbitmqctl("list_vhosts")
