@@ -39,6 +39,10 @@ def follow_run(runtime: Runtime, run_id: str, *, embedded: bool, on_progress: Pr
                 on_progress(st.total - st.open, st.total)
             if st.open == 0 or st.status in ("completed", "cancelled") or st.halted:
                 break
+            if st.open == st.counts.get("unknown", 0):
+                # only rows the provider left ambiguous are open: no worker moves them, an operator does
+                # (`resume` asks the provider, `settle` decides); waiting on would never end with Redis
+                break
             if embedded:
                 # nothing queued and nothing in flight: what is still open waits on an operator (unknown rows)
                 if stub_idle(runtime):

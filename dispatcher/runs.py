@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from .costs import cny, estimate_price, over_budget
 from .errors import UsageError
 from .keys import delivery_key
 from .phones import InvalidPhone, normalise
-from .providers.base import Gateway, LookupRequest
+from .providers.base import Gateway, LookupRequest, SendResult
 from .store import (
     DELIVERED,
     FAILED,
@@ -349,11 +349,24 @@ def run_gateway(runtime: Runtime, run: RunRecord) -> Gateway:
     return channel_of(context_from_run(run)).gateway(runtime, context_from_run(run))
 
 
-def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], actor: str) -> tuple[int, int]:
+#: orphans looked up per gateway call when a leader reconciles: between calls it renews its lease
+LOOKUP_CHUNK = 20
+
+
+def reconcile_orphans(
+    runtime: Runtime,
+    run_id: str,
+    orphans: list[Claimed],
+    actor: str,
+    leading: Callable[[], bool] | None = None,
+) -> tuple[int, int]:
     """Settle rows left in ``sending``: the gateway has the key -> ``sent``; else back to ``pending``.
 
     Both moves are fenced on the claim token read with the orphan list, so a row a live worker
-    claimed since is left alone. Returns (found sent, requeued).
+    claimed since is left alone. Returns (found sent, requeued). ``leading`` (the scheduler's
+    lease, renewed by each call): asked between lookups, which may take longer than the lease
+    (one HTTP request per key), and before anything moves, so a leader that lost its lease
+    meanwhile acts on nothing and one still leading keeps its lease.
     """
     if not orphans:
         return 0, 0
@@ -368,7 +381,19 @@ def reconcile_orphans(runtime: Runtime, run_id: str, orphans: list[Claimed], act
         settled = store.provider_events.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
         log.warning("run.orphans_unknown", orphans=len(orphans), marked=settled)
         return 0, 0
-    known = gateway.lookup([LookupRequest(o.key, o.phone, "", o.claimed_at) for o in orphans])
+    requests = [LookupRequest(o.key, o.phone, "", o.claimed_at) for o in orphans]
+    known: dict[str, SendResult] = {}
+    if leading is None:
+        known = gateway.lookup(requests)
+    else:
+        for start in range(0, len(requests), LOOKUP_CHUNK):
+            if not leading():
+                log.warning("run.reconcile_abandoned", reason="lead lost", orphans=len(orphans))
+                return 0, 0
+            known.update(gateway.lookup(requests[start : start + LOOKUP_CHUNK]))
+        if not leading():
+            log.warning("run.reconcile_abandoned", reason="lead lost", orphans=len(orphans))
+            return 0, 0
     outcomes = [
         Outcome(
             id=o.id,

@@ -265,7 +265,7 @@ class Scheduler:
             except DispatchError as exc:
                 log.error("scheduler.fire_failed", campaign_id=entry.loaded.campaign.id, error=str(exc))
         self.restore_ended_ringback_windows()
-        self.watchdog.tick()
+        self.watchdog.tick(leading=self.lease.hold)  # a long pass must not outlive this scheduler's lead
         self.reports_sweep.tick()
         return fired
 

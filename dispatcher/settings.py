@@ -170,6 +170,13 @@ class Settings:
     kannel_dlr_secret: str = field(default="", repr=False)
     #: seconds to wait for a provider's reply before the send counts as ambiguous
     gateway_timeout: float = 10.0
+    #: requests a network gateway (Twilio, the HTTP adapter, carrier-http ringback) keeps in flight at
+    #: once per worker process. A provider answers each request after 100-300 ms, so one at a time
+    #: caps a worker at a few messages a second per thread whatever the contracted rate; the
+    #: provider's rate (DISPATCH_RATE_LIMIT) is the limit to reach. 50 lets one worker carry ~300
+    #: msg/s at 150 ms a reply and two workers stay within Twilio's ~100 concurrent requests per
+    #: account; raise it with the number of workers only as far as the provider's own cap allows
+    gateway_concurrency: int = 50
     #: config file of the generic HTTP adapter (DISPATCH_GATEWAY=http)
     http_config: Path | None = None
     #: shared secret of the HTTP adapter's delivery reports (HMAC-SHA256 of the body)
@@ -260,6 +267,9 @@ class Settings:
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"DISPATCH_REDIS_URL: expected a redis:// URL, got {redis_url.split(':')[0]}://")
         batch_size = _int(env, "DISPATCH_BATCH_SIZE", 250)
+        gateway_concurrency = _int(env, "DISPATCH_GATEWAY_CONCURRENCY", 50)
+        if not 1 <= gateway_concurrency <= 1000:
+            raise ConfigError(f"DISPATCH_GATEWAY_CONCURRENCY: must be between 1 and 1000, got {gateway_concurrency}")
         if not 1 <= batch_size <= 5000:
             raise ConfigError(f"DISPATCH_BATCH_SIZE: must be between 1 and 5000, got {batch_size}")
         cwd = Path.cwd()
@@ -305,6 +315,7 @@ class Settings:
             kannel_from=env.get("DISPATCH_KANNEL_FROM", ""),
             kannel_dlr_secret=env.get("DISPATCH_KANNEL_DLR_SECRET", ""),
             gateway_timeout=_float(env, "DISPATCH_GATEWAY_TIMEOUT", 10.0),
+            gateway_concurrency=gateway_concurrency,
             http_config=Path(env["DISPATCH_HTTP_CONFIG"]) if env.get("DISPATCH_HTTP_CONFIG") else None,
             http_report_secret=env.get("DISPATCH_HTTP_REPORT_SECRET", ""),
             ringback_gateway=env.get("DISPATCH_RINGBACK_GATEWAY") or "outbox",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -37,8 +38,12 @@ class Watchdog:
         #: monotonic time each run was last re-enqueued (at most once per stall_after)
         self._kicked: dict[str, float] = {}
 
-    def tick(self, *, force: bool = False) -> dict[str, Any]:
-        """One pass if due (or ``force``); returns what it did, per run."""
+    def tick(self, *, force: bool = False, leading: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """One pass if due (or ``force``); returns what it did, per run.
+
+        ``leading`` renews and checks the scheduler's lease: asked before each run and during long
+        reconciliations, so a pass that outlives the lease stops rather than act beside the next leader.
+        """
         now = time.monotonic()
         if not force and now < self._due_at:
             return {}
@@ -47,7 +52,10 @@ class Watchdog:
         try:
             lost = self.broker_lost()
             for run_id in self.runtime.store.control.running_runs():
-                done[run_id] = self.check_run(run_id, requeue_all=lost)
+                if leading is not None and not leading():
+                    log.warning("watchdog.lead_lost", detail="another scheduler leads now; this pass stops")
+                    break
+                done[run_id] = self.check_run(run_id, requeue_all=lost, leading=leading)
         except DispatchError as exc:
             log.error("watchdog.failed", error=str(exc))
         return done
@@ -76,7 +84,9 @@ class Watchdog:
             log.error("watchdog.broker_lost", detail="the broker lost its queues; re-enqueueing every running run")
         return lost
 
-    def check_run(self, run_id: str, *, requeue_all: bool = False) -> dict[str, int]:
+    def check_run(
+        self, run_id: str, *, requeue_all: bool = False, leading: Callable[[], bool] | None = None
+    ) -> dict[str, int]:
         runtime, store, settings = self.runtime, self.runtime.store, self.runtime.settings
         result = {"found": 0, "requeued": 0, "batches": 0}
         with structlog.contextvars.bound_contextvars(run_id=run_id):
@@ -87,7 +97,11 @@ class Watchdog:
                 run_id, settings.worker_stale_after, older_than=datetime.fromtimestamp(deadline, UTC)
             )
             if orphans:
-                result["found"], result["requeued"] = reconcile_orphans(runtime, run_id, orphans, actor="watchdog")
+                result["found"], result["requeued"] = reconcile_orphans(
+                    runtime, run_id, orphans, actor="watchdog", leading=leading
+                )
+                if leading is not None and not leading():
+                    return result
             progress = store.control.progress(run_id)
             last = progress.last_progress
             quiet = last is None or (runtime.clock() - last).total_seconds() > settings.stall_after

@@ -499,3 +499,163 @@ def test_signed_delivery_report_moves_the_rows_the_http_gateway_sent(project: An
         assert rt.store.provider_events.state_of(row.provider_id) == ["delivered"]
     finally:
         server.close()
+
+
+def test_resume_with_redis_returns_when_only_rows_the_provider_cannot_be_asked_about_are_open(
+    redis_project: Any,
+) -> None:
+    """Orphans a no-lookup provider leaves `unknown` wait for an operator: `resume` says so and exits 1, not wait on."""
+    project = redis_project
+    provider = BatchProvider()
+    server = LocalServer(provider)
+    try:
+        project.write("gateway.yaml", BATCH.replace("https://sms.example.cn", server.url))
+        project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
+        gateway_config = str(project.root / "gateway.yaml")
+        project.env.update({"DISPATCH_GATEWAY": "http", "DISPATCH_HTTP_CONFIG": gateway_config, **ENV})
+        project.env["DISPATCH_SEND_WINDOW"] = "ignore"
+        project.registry(size=5, seed=10)
+        rt = project.runtime()
+        path = project.write(
+            "campaigns/plain.yaml",
+            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
+        )
+        run_id = start(rt, path)
+        held = rt.store.claim(run_id, 0, "worker-that-died")  # every row, held by a worker with no heartbeat
+        assert held and not rt.store.counts(run_id).get("pending")
+        resumed = project.dispatch("resume", run_id, "--json", timeout=60)
+        assert resumed.returncode == 1, resumed.stderr
+        assert f"{len(held)} rows unknown" in resumed.stderr and "dispatch settle" in resumed.stderr
+        assert json.loads(resumed.stdout)["counts"].get("unknown") == len(held)
+        assert provider.calls == 0
+    finally:
+        server.close()
+
+
+LOOKUP = """\
+url: https://sms.example.cn/v2/send
+body:
+  template: {mobile: "{to}", content: "{body}", out_id: "{key}"}
+response: {message_id: data.msgid, error_code: code, success_codes: ["0"]}
+lookup:
+  url: https://sms.example.cn/v2/query?out_id={key}
+  message_id: data.msgid
+"""
+
+
+def test_lookup_answers_taken_for_an_id_never_taken_for_404_and_fails_on_anything_else(tmp_path: Path) -> None:
+    from dispatcher.providers.base import LookupRequest
+
+    replies = {f"run-1:{A}": (200, {"code": 0, "data": {"msgid": "m-7"}}), f"run-1:{B}": (404, {"code": 404})}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v2/query"
+        status, body = replies.get(request.url.params["out_id"], (500, {"code": 500}))
+        return httpx.Response(status, json=body)
+
+    gateway = HttpGateway(config(tmp_path, LOOKUP), transport=httpx.MockTransport(answer))
+    assert gateway.can_lookup and not HttpGateway(config(tmp_path, SINGLE)).can_lookup
+    found = gateway.lookup([LookupRequest(f"run-1:{n}", n, "", None) for n in (A, B)])
+    assert {k: r.provider_id for k, r in found.items()} == {f"run-1:{A}": "m-7"}
+    with pytest.raises(RetryableSendError) as failed:  # a provider error is no "never taken": nothing resent
+        gateway.lookup([LookupRequest(f"run-1:{C}", C, "", None)])
+    assert failed.value.code == "http.lookup"
+
+
+def test_lookup_url_that_never_names_the_message_is_reported_at_its_line(tmp_path: Path) -> None:
+    with pytest.raises(HttpConfigError) as bad:
+        config(tmp_path, LOOKUP.replace("?out_id={key}", ""))
+    assert "lookup.url" in str(bad.value) and ":6:" in str(bad.value)
+
+
+def test_rows_orphaned_with_a_provider_that_can_be_asked_are_settled_by_lookup_each_sent_once(
+    project: Any, tmp_path: Path
+) -> None:
+    import threading
+
+    from tests.fake_carrier import CARRIER_CONFIG, LOOKUP_SECTION, Carrier, serve
+
+    carrier = Carrier(tmp_path / "carrier.jsonl", token=TOKEN, delay=0.0)
+    server = serve("127.0.0.1", 0, carrier)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        project.write(
+            "gateway.yaml", CARRIER_CONFIG.format(url=url, timeout=5, max_size=50) + LOOKUP_SECTION.format(url=url)
+        )
+        project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
+        project.env.update(
+            {"DISPATCH_GATEWAY": "http", "DISPATCH_HTTP_CONFIG": str(project.root / "gateway.yaml"), **ENV}
+        )
+        project.registry(size=20, seed=10)
+        clock = Clock()
+        rt = project.runtime(clock=clock)
+        path = project.write(
+            "campaigns/plain.yaml",
+            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
+        )
+        run_id = start(rt, path)
+        held = rt.store.claim(run_id, 0, "worker-that-died")  # no heartbeat: its claim is orphaned
+        handed = held[: len(held) // 2]
+        carrier.take(run_id, [r.phone for r in handed])  # it had handed these over before it died, unrecorded
+        result = resume_run(rt, run_id)
+        assert result["already_sent"] == len(handed) and result["requeued"] == len(held) - len(handed)
+        drive(rt, run_id, clock)
+        rows = {r.key: r for r in rt.store.deliveries(run_id)}
+        assert {rows[r.key].state for r in held} == {"sent"}
+        assert all(rows[r.key].provider_id == carrier.lookup(r.key) for r in held)
+        lines = (tmp_path / "carrier.jsonl").read_text().splitlines()
+        taken = [f"{json.loads(x)['run_id']}:{json.loads(x)['to']}" for x in lines]
+        assert len(taken) == len(set(taken)) == len(held), "each person taken by the carrier exactly once"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_watchdog_that_loses_the_lead_during_slow_lookups_moves_nothing(project: Any, tmp_path: Path) -> None:
+    """One lookup per key can outlast the scheduler's lease: the pass renews it between lookups and,
+    once another scheduler leads, settles and requeues nothing (the new leader does)."""
+    import threading
+
+    from dispatcher.runs import LOOKUP_CHUNK
+    from dispatcher.watchdog import Watchdog
+    from tests.fake_carrier import CARRIER_CONFIG, LOOKUP_SECTION, Carrier, serve
+
+    carrier = Carrier(tmp_path / "carrier.jsonl", token=TOKEN, delay=0.0)
+    server = serve("127.0.0.1", 0, carrier)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        gateway_yaml = CARRIER_CONFIG.format(url=url, timeout=5, max_size=50) + LOOKUP_SECTION.format(url=url)
+        project.write("gateway.yaml", gateway_yaml)
+        project.write("templates/plain.sms.j2", "请警惕冒充客服退款诈骗，核实请拨96110。")
+        project.env.update({"DISPATCH_GATEWAY": "http", "DISPATCH_HTTP_CONFIG": str(project.root / "gateway.yaml")})
+        project.env.update({**ENV, "DISPATCH_BATCH_SIZE": "100"})
+        project.registry(size=60, seed=12)
+        rt = project.runtime(clock=Clock())
+        path = project.write(
+            "campaigns/plain.yaml",
+            "id: plain\ntitle: 统一提醒\nowner: 公安分局\ntemplate: plain.sms.j2\naudience:\n  districts: all\n",
+        )
+        run_id = start(rt, path)
+        held = rt.store.claim(run_id, 0, "worker-that-died")
+        assert len(held) > 2 * LOOKUP_CHUNK
+        carrier.take(run_id, [r.phone for r in held[:5]])
+        asked: list[bool] = []
+
+        def lead_lost_after_two() -> bool:
+            asked.append(len(asked) < 2)
+            return asked[-1]
+
+        result = Watchdog(rt).check_run(run_id, leading=lead_lost_after_two)
+        assert result["found"] == result["requeued"] == 0
+        assert rt.store.counts(run_id).get("sending") == len(held), "a deposed leader moved rows"
+        assert asked[:3] == [True, True, False]  # renewed before two lookups, then the lead was gone
+
+        renewals: list[int] = []
+        result = Watchdog(rt).check_run(run_id, leading=lambda: renewals.append(1) is None)
+        assert (result["found"], result["requeued"]) == (5, len(held) - 5)
+        assert len(renewals) >= -(-len(held) // LOOKUP_CHUNK), "the lease is renewed between lookups"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -584,6 +584,10 @@ class SqlStore:
             ).rowcount
             if not claimed:
                 return []
+            # claiming proves the worker alive: its heartbeat thread can lag behind (a connection that hung
+            # through a network cut recovers after fresh ones do), and the leader must not take these rows
+            # for a dead worker's orphans, look them up and resend them while this worker hands them over
+            conn.execute(sa.update(t.workers).where(t.workers.c.id == worker_id).values(heartbeat_at=now))
             rows = conn.execute(
                 select(*_claimed_columns())
                 # loosely: a row of a run made from a list (an alert's number) may have no resident

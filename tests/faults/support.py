@@ -39,34 +39,42 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
 
 
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    """``argv`` run inside the network namespace ``netns`` (``ip netns exec``), or as is for None."""
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
 @dataclass
 class PrivateRedis:
+    """A private redis-server bound to ``host`` (started inside network namespace ``netns`` when given)."""
+
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
+    netns: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             missing_service("redis-server is not installed")
         assert exe is not None
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: _port_open(self.port), 10, f"private redis on {self.port}")
+        argv = [exe, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no"]
+        if self.host != "127.0.0.1":
+            argv += ["--protected-mode", "no"]  # other hosts of a test network: redis refuses them by default
+        self.proc = subprocess.Popen(in_netns(self.netns, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _port_open(self.port, self.host), 10, f"private redis on {self.host}:{self.port}")
 
     def kill(self) -> None:
         """SIGKILL: the broker is gone with everything it held (no persistence)."""
@@ -77,33 +85,34 @@ class PrivateRedis:
 
 @dataclass
 class PrivatePostgres:
+    """A private PostgreSQL cluster listening on ``host`` (its server started inside ``netns`` when given)."""
+
     root: Path
     port: int
     bindir: Path
     databases: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    netns: str | None = None
 
     @property
     def base_url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}"
 
     def _ctl(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run(
-            ["runuser", "-u", "postgres", "--", str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"), *args],
-            check=True,
-            capture_output=True,
-            timeout=timeout,
-        )
+        pg_ctl = ["runuser", "-u", "postgres", "--", str(self.bindir / "pg_ctl"), "-D", str(self.root / "data")]
+        # the postmaster forked by `start` stays in the namespace it was started in
+        subprocess.run(in_netns(self.netns, [*pg_ctl, *args]), check=True, capture_output=True, timeout=timeout)
 
     def start(self) -> None:
         self._ctl("-l", str(self.root / "log"), "-w", "start")
-        wait_for(lambda: _port_open(self.port), 30, "private postgres")
+        wait_for(lambda: _port_open(self.port, self.host), 30, f"private postgres on {self.host}:{self.port}")
 
     def stop(self) -> None:
         """Fast shutdown: every session is cut, as in an outage."""
         self._ctl("-m", "fast", "-w", "stop")
 
     def running(self) -> bool:
-        return _port_open(self.port)
+        return _port_open(self.port, self.host)
 
     def new_database(self) -> str:
         import sqlalchemy as sa
@@ -116,9 +125,15 @@ class PrivatePostgres:
         self.databases.append(name)
         return f"{self.base_url}/{name}"
 
+    def destroy(self) -> None:
+        """Immediate stop (whatever state the test left it in) and the cluster's files removed."""
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._ctl("-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
 
-@pytest.fixture(scope="session")
-def private_postgres() -> Iterator[PrivatePostgres]:
+
+def init_postgres(host: str = "127.0.0.1", netns: str | None = None, port: int | None = None) -> PrivatePostgres:
+    """initdb a private cluster listening on ``host`` only, start it (inside ``netns`` if given) and return it."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found or shutil.which("runuser") is None:
         missing_service("PostgreSQL server binaries (/usr/lib/postgresql/*/bin) are not installed")
@@ -126,7 +141,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     root = Path(tempfile.mkdtemp(prefix="dispatch-faults-pg-"))
     os.chmod(root, 0o755)
     shutil.chown(root, "postgres", "postgres")
-    port = free_port()
+    port = port or free_port()
     subprocess.run(
         ["runuser", "-u", "postgres", "--", str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust",
          "-U", "postgres", "--no-sync"],
@@ -135,15 +150,25 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     conf = root / "data" / "postgresql.conf"
     with conf.open("a") as fh:
         fh.write(
-            f"\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{root}'\n"
+            f"\nport = {port}\nlisten_addresses = '{host}'\nunix_socket_directories = '{root}'\n"
             "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
         )
-    pg = PrivatePostgres(root=root, port=port, bindir=bindir)
-    pg.start()
+    with (root / "data" / "pg_hba.conf").open("a") as fh:
+        fh.write("host all all samenet trust\n")  # the other hosts of a test network (its /24)
+    pg = PrivatePostgres(root=root, port=port, bindir=bindir, host=host, netns=netns)
+    try:
+        pg.start()
+    except BaseException:
+        pg.destroy()
+        raise
+    return pg
+
+
+@pytest.fixture(scope="session")
+def private_postgres() -> Iterator[PrivatePostgres]:
+    pg = init_postgres()
     yield pg
-    with contextlib.suppress(subprocess.SubprocessError):
-        pg._ctl("-m", "immediate", "-w", "stop")
-    shutil.rmtree(root, ignore_errors=True)
+    pg.destroy()
 
 
 @pytest.fixture

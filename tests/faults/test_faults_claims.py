@@ -95,3 +95,25 @@ def _events(store, run_id: str) -> list[dict]:  # type: ignore[no-untyped-def,ty
 
     with store.engine.connect() as conn:
         return [dict(r) for r in conn.execute(sa.select(t.events).where(t.events.c.run_id == run_id)).mappings()]
+
+
+def test_rows_a_worker_claims_while_its_heartbeat_lags_are_not_taken_for_orphans(database_url: str) -> None:
+    """A worker back from a network cut claims at once while its heartbeat thread is still stuck on a
+    connection that hung: the claim itself shows it alive, so the leader leaves those rows to it."""
+    from datetime import timedelta
+
+    from dispatcher.clock import utcnow
+
+    now = [utcnow()]
+    store = open_store(database_url, clock=lambda: now[0])
+    store.upsert_residents(_residents(10))
+    store.create_run(_spec("r1", batch_size=10), ALL)
+    store.heartbeat("returning", "w1", 4242)  # its last beat before the cut
+    now[0] += timedelta(seconds=60)  # the cut, far longer than the stale window
+    assert "returning" not in store.live_workers(10)
+    claimed = store.claim("r1", 0, "returning")
+    assert claimed
+    assert store.orphans("r1", stale_after_seconds=10) == [], "a worker that just claimed is not dead"
+    now[0] += timedelta(seconds=11)  # and if it then goes silent for the stale window, they are orphans again
+    assert len(store.orphans("r1", stale_after_seconds=10)) == len(claimed)
+    store.close()

@@ -33,6 +33,9 @@ one file (YAML or JSON, ``DISPATCH_HTTP_CONFIG``) says::
       status: data.state                         # dotted path to the provider's status word
       error_code: data.err                       # optional
       states: {DELIVRD: delivered, UNDELIV: undelivered, EXPIRED: undelivered, REJECTD: failed}
+    lookup:                                      # optional: did you take the message with this key?
+      url: https://sms.example.cn/v2/query?out_id={key}        # GET, with the headers above; {to} too
+      message_id: data.msgid                     # 200 with an id: taken; 404: never taken
 
 A bad file is an ``InputError`` naming ``file:line:column: field``: the command
 exits 2 before anything is written or sent. Secrets are substituted when the file
@@ -42,6 +45,13 @@ able to send its own settings (the session secret, the database URL) to a provid
 HTTP 429 and refused connections are retried (a refused or unresolvable connection, and
 ``unavailable_codes``, let a failover list hand the message to its next provider), 5xx, read timeouts and a 2xx reply
 that is not JSON are ambiguous (the row goes to ``unknown``).
+
+Only a config with a ``lookup`` section makes the adapter ``can_lookup``: rows a worker
+left in flight (it died, or its host was cut off) and ambiguous sends are then settled by
+asking the provider about the delivery key (``{run_id}:{phone}``: the provider finds it by the
+``{key}`` or ``{run_id}`` the body template sent, or by number) instead of waiting for an
+operator. Any answer other than a 200 with an id or a 404 fails the lookup: nothing is
+sent again on a guess.
 
 Only a config with a ``status`` section makes the adapter ``can_fetch_status``: the
 delivery-report sweep then asks that URL about messages whose report never came (a
@@ -128,6 +138,21 @@ class StatusSpec(_Model):
         return value
 
 
+class LookupSpec(_Model):
+    url: str
+    #: dotted path to the provider's message id in a 200 reply: the message was taken
+    message_id: str
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        if "{key}" not in value and "{to}" not in value:
+            raise ValueError("the lookup URL never names the message: use {key} (and {to} if the provider needs it)")
+        return value
+
+
 class HttpConfig(_Model):
     url: str
     method: Literal["POST", "PUT", "GET"] = "POST"
@@ -142,6 +167,7 @@ class HttpConfig(_Model):
     opt_out_codes: list[str] = Field(default_factory=list)
     batch: BatchSpec | None = None
     status: StatusSpec | None = None
+    lookup: LookupSpec | None = None
     #: the values substituted for ${NAME}: redacted from every trace
     secrets: list[str] = Field(default_factory=list, exclude=True)
     source: str = Field("", exclude=True)
@@ -321,21 +347,50 @@ def _fill(template: Any, values: Mapping[str, Any]) -> Any:
     return template
 
 
+def calls_for(messages: Sequence[OutgoingMessage], max_size: int) -> list[list[int]]:
+    """The carrier calls a chunk makes in batch mode: indexes of the messages with the same text,
+    in order of first appearance, at most ``max_size`` numbers a call. A text personalised per
+    recipient (a name first) makes one call per number: ``dispatch preview`` shows that cost."""
+    by_text: dict[str, list[int]] = {}
+    for index, message in enumerate(messages):
+        by_text.setdefault(message.body, []).append(index)
+    return [
+        indexes[start : start + max_size] for indexes in by_text.values() for start in range(0, len(indexes), max_size)
+    ]
+
+
 class HttpGateway(BaseGateway):
     name = "http"
-    #: a generic provider offers no way to ask "did you take this message?"; unknown rows wait for an operator
+    #: without a ``lookup`` section a provider cannot be asked "did you take this message?": unknown rows
+    #: wait for an operator
     can_lookup = False
 
     def __init__(
-        self, config: HttpConfig, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None
+        self,
+        config: HttpConfig,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+        concurrency: int = 1,
+        connections: int | None = None,
     ) -> None:
         self.config = config
         self.redactor = Redactor(config.secrets)
-        self.http = TracedHttp(redactor=self.redactor, timeout=config.timeout or timeout, transport=transport)
+        # one keep-alive connection per call in flight (``connections``: when another drives the calls)
+        self.http = TracedHttp(
+            redactor=self.redactor,
+            timeout=config.timeout or timeout,
+            transport=transport,
+            max_connections=max(20, connections or concurrency),
+        )
+        # up to ``concurrency`` calls in flight: one per message, or in batch mode one per call
+        self.drive_concurrently(concurrency)
         #: numbers one call can carry: the sender hands over chunks this large so batches stay whole
         self.batch_capacity = config.batch.max_size if config.batch is not None else 1
         #: declared by the config: only a provider with a status URL can be asked what became of a message
         self.can_fetch_status = config.status is not None
+        #: and only one with a lookup URL whether it took a message at all
+        self.can_lookup = config.lookup is not None
 
     # ------------------------------------------------------------------ one call
 
@@ -444,19 +499,26 @@ class HttpGateway(BaseGateway):
         return SendResult(provider_id=str(provider_id), status="accepted", trace=trace)
 
     def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
+        """Without a batch section, one call per message; with one, one call per text: the messages of
+        the chunk that say the same thing, up to ``max_size`` numbers a call. Either way up to
+        ``concurrency`` calls are in flight at once, and the answers come back per message, in order."""
         batch = self.config.batch
         if batch is None:
             return super().send_many(messages)
+        calls = calls_for(messages, batch.max_size)
         results: list[SendResult | SendError | None] = [None] * len(messages)
-        by_text: dict[str, list[int]] = {}
-        for index, message in enumerate(messages):
-            by_text.setdefault(message.body, []).append(index)
-        for indexes in by_text.values():
-            for start in range(0, len(indexes), batch.max_size):
-                chunk = indexes[start : start + batch.max_size]
-                for index, outcome in zip(chunk, self._send_chunk([messages[i] for i in chunk]), strict=True):
-                    results[index] = outcome
+        for indexes, outcomes in zip(calls, self._calls([[messages[i] for i in c] for c in calls]), strict=True):
+            for index, outcome in zip(indexes, outcomes, strict=True):
+                results[index] = outcome
         return [r for r in results if r is not None]
+
+    def _calls(self, calls: list[list[OutgoingMessage]]) -> list[list[SendResult | SendError]]:
+        """Each call's answers; the calls run ``concurrency`` at a time (``_send_chunk`` never raises)."""
+        if self.handover is None:
+            return [self._send_chunk(call) for call in calls]
+        # the pool bounds calls in flight, not numbers: a call of 500 numbers is one request
+        answers = self.handover.run(self._send_chunk, calls)
+        return [a if isinstance(a, list) else [a] * len(call) for a, call in zip(answers, calls, strict=True)]
 
     def _send_chunk(self, chunk: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
         batch = self.config.batch
@@ -503,7 +565,39 @@ class HttpGateway(BaseGateway):
         return out
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
-        return {}
+        """One GET of the lookup URL per key: the keys the provider says it took, with its message ids.
+
+        A 404 means "never taken"; any other answer without an id (an error, a timeout) raises a
+        ``RetryableSendError``, so the caller leaves the rows where they are rather than resend them.
+        """
+        spec = self.config.lookup
+        if spec is None:
+            return {}
+        found: dict[str, SendResult] = {}
+        for request in requests:
+            url = spec.url.replace("{key}", quote(request.key, safe="")).replace("{to}", quote(request.to, safe=""))
+            with collecting() as trace:
+                try:
+                    response = self.http.request("GET", url, headers=self.config.headers)
+                except httpx.HTTPError as exc:
+                    error = RetryableSendError(
+                        f"lookup: no reply: {type(exc).__name__}", code="http.lookup_unreachable"
+                    )
+                    raise self._with(error, trace) from exc
+            if response.status_code == 404:
+                continue
+            try:
+                data: Any = response.json() if response.status_code < 300 else None
+            except ValueError:
+                data = None
+            provider_id = dig(data, spec.message_id)
+            if provider_id in (None, ""):
+                raise self._with(
+                    RetryableSendError(f"lookup: HTTP {response.status_code} without a message id", code="http.lookup"),
+                    trace,
+                )
+            found[request.key] = SendResult(provider_id=str(provider_id), status="accepted", trace=list(trace))
+        return found
 
     def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
         """One GET of the status URL per message; ids the provider answers 404 for are left out."""
@@ -541,4 +635,5 @@ class HttpGateway(BaseGateway):
         return found
 
     def close(self) -> None:
+        super().close()  # the calls in flight finish before their client goes
         self.http.close()
