@@ -110,8 +110,11 @@ class Settings:
     project_root: Path = Path(".")
     #: SQLAlchemy URL of the delivery log; SQLite file by default
     database_url: str = "sqlite:///var/dispatch.db"
-    #: ``redis://...`` to use Redis and separate worker processes; empty = embedded in-process broker
+    #: ``redis://...`` or ``amqp://...`` (RabbitMQ) to use separate worker processes; empty = embedded broker
     broker_url: str = ""
+    #: with a RabbitMQ broker, the Redis that shares the rate limiter's schedule and the scheduler's lease
+    #: across hosts; empty = the database keeps both (``coordination_redis_url``)
+    redis_url: str = ""
     #: gateway adapter name: outbox (default), twilio, http, kannel; or an ordered failover list
     #: ``twilio,http`` (see ``gateways``)
     gateway: str = "outbox"
@@ -260,6 +263,9 @@ class Settings:
         def numbers(name: str) -> frozenset[str]:
             return frozenset(n.strip() for n in env.get(name, "").split(",") if n.strip())
 
+        redis_url = env.get("DISPATCH_REDIS_URL", "")
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"DISPATCH_REDIS_URL: expected a redis:// URL, got {redis_url.split(':')[0]}://")
         batch_size = _int(env, "DISPATCH_BATCH_SIZE", 250)
         gateway_concurrency = _int(env, "DISPATCH_GATEWAY_CONCURRENCY", 50)
         if not 1 <= gateway_concurrency <= 1000:
@@ -277,6 +283,7 @@ class Settings:
             project_root=root,
             database_url=env.get("DISPATCH_DATABASE_URL") or f"sqlite:///{under_root('var', 'dispatch.db')}",
             broker_url=env.get("DISPATCH_BROKER_URL", ""),
+            redis_url=redis_url,
             gateway=",".join(gateway_list(env.get("DISPATCH_GATEWAY") or "outbox", check=True)),
             outbox_path=Path(env.get("DISPATCH_OUTBOX_PATH") or under_root("var", "outbox.jsonl")),
             campaigns_dir=Path(env.get("DISPATCH_CAMPAIGNS_DIR") or under_root("campaigns")),
@@ -354,6 +361,27 @@ class Settings:
     def embedded(self) -> bool:
         """True when no broker URL is set: runs are processed inside the ``dispatch run`` process."""
         return not self.broker_url
+
+    @property
+    def broker_kind(self) -> str:
+        """``embedded``, ``redis`` or ``rabbitmq``, from the broker URL's scheme (checked by ``make_broker``)."""
+        if self.embedded:
+            return "embedded"
+        return "rabbitmq" if self.broker_url.startswith(("amqp://", "amqps://")) else "redis"
+
+    @property
+    def coordination_redis_url(self) -> str:
+        """The Redis that paces sends and elects the scheduler's leader; empty = the database does.
+
+        A Redis broker is that Redis. A RabbitMQ broker has no shared counter or expiring key to
+        build either on, so ``DISPATCH_REDIS_URL`` may name a Redis for them; without one the
+        delivery log keeps the rate schedule and the lease, which every process already reaches.
+        """
+        if self.broker_kind == "redis":
+            return self.broker_url
+        if self.broker_kind == "rabbitmq":
+            return self.redis_url
+        return ""
 
 
 #: list prices of a domestic SMS part in CNY, so that a demo or a fresh deployment shows non-zero costs;

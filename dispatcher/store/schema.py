@@ -24,14 +24,15 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
 #: Each column is declared on its table below as well, so a new database gets it directly.
 #: New tables (3: leader_fences; 4: sessions, login_throttle; 7: run_prices; 8: alerts, alert_steps,
-#: alert_milestones, roster, api_keys; 9: campaign_approvals; 10: ledger_tails) need no entry: ``create_all`` adds
-#: them, but only when the version moves (a log at this version is only read), hence a bump for each.
+#: alert_milestones, roster, api_keys; 9: campaign_approvals; 10: ledger_tails; 11: rate_schedules) need no
+#: entry: ``create_all`` adds them, but only when the version moves (a log at this version is only read),
+#: hence a bump for each.
 MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
@@ -383,6 +384,16 @@ scheduler_leases = Table(
     Column("name", String(64), primary_key=True),
     Column("holder", String(128), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+#: the shared rate limiter's schedule when no Redis is configured (a RabbitMQ broker without
+#: DISPATCH_REDIS_URL): one row per gateway holding the GCRA "theoretical arrival time" in
+#: microseconds since the epoch, moved by one atomic upsert per send (``Coordination.reserve_slot``)
+rate_schedules = Table(
+    "rate_schedules",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("tat_us", BigInteger, nullable=False),
 )
 
 #: what a ringback enrolment changed on a number and must put back at the window's end:
