@@ -27,13 +27,14 @@ process; the answers still come back per message, in order.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from ..errors import GatewayDown, SendError, UnavailableSendError
 
@@ -192,26 +193,119 @@ class Handover:
 
         pool = self._executor()
         futures = [pool.submit(contextvars.copy_context().run, one, item) for item in items]
-        answers = [f.result() for f in futures]
-        stopped = next((a for a in answers if isinstance(a, GatewayDown)), None)
-        if stopped is not None:
-            handed = [not isinstance(a, GatewayDown | _NotHandedOver) for a in answers]
-            last = max((i for i, h in enumerate(handed) if h), default=-1)
-            done = [
-                a if handed[i] else UnavailableSendError(f"not handed over: {stopped}", code="gateway.down")
-                for i, a in enumerate(answers[: last + 1])
-            ]
-            raise GatewayDown(str(stopped), done=done) from stopped
-        for answer in answers:
-            if isinstance(answer, BaseException) and not isinstance(answer, SendError):
-                raise answer
-        return cast("list[R | SendError]", answers)
+        return _settle([f.result() for f in futures])
 
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+def _settle(answers: Sequence[Any]) -> list[Any]:
+    """The answers of a concurrent hand-over as a loop would have given them (see ``Handover.run``)."""
+    stopped = next((a for a in answers if isinstance(a, GatewayDown)), None)
+    if stopped is not None:
+        handed = [not isinstance(a, GatewayDown | _NotHandedOver) for a in answers]
+        last = max((i for i, h in enumerate(handed) if h), default=-1)
+        done = [
+            a if handed[i] else UnavailableSendError(f"not handed over: {stopped}", code="gateway.down")
+            for i, a in enumerate(answers[: last + 1])
+        ]
+        raise GatewayDown(str(stopped), done=done) from stopped
+    for answer in answers:
+        if isinstance(answer, BaseException) and not isinstance(answer, SendError):
+            raise answer
+    return list(answers)
+
+
+class AsyncHandover:
+    """``Handover`` on one event loop: up to ``concurrency`` coroutine sends in flight, no thread each.
+
+    Fifty threads blocked on a provider's 150 ms answers spend more CPU taking turns at the GIL and at
+    httpx's pool lock than on the requests (measured: 2.5 ms of CPU a message against 0.34 ms for the
+    ``twilio`` library's own async client), so an adapter with an async client runs its batch here:
+    one loop thread per gateway object, started on first use. The caller's context is copied into the
+    batch's task, and asyncio gives each send a copy of that, so log fields and per-send traces behave
+    as in ``Handover``; the answers are settled the same way (in order, ``GatewayDown`` with ``done``).
+    """
+
+    def __init__(self, concurrency: int, name: str) -> None:
+        self.concurrency = max(1, concurrency)
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name=f"{self._name}-loop", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def call(self, coroutine: Coroutine[Any, Any, R]) -> R:
+        """Run one coroutine on the loop, in a copy of the caller's context, and wait for its answer."""
+        loop = self.loop()
+        context = contextvars.copy_context()
+        done: Future[R] = Future()
+
+        def start() -> None:
+            task = loop.create_task(coroutine, context=context)
+
+            def finished(t: asyncio.Task[R]) -> None:
+                if t.cancelled():
+                    done.set_exception(RuntimeError("the send loop was stopped"))
+                elif (exc := t.exception()) is not None:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(t.result())
+
+            task.add_done_callback(finished)
+
+        loop.call_soon_threadsafe(start)
+        return done.result()
+
+    def run(self, send: Callable[[T], Awaitable[R]], items: Sequence[T]) -> list[R | SendError]:
+        """``send`` per item, ``concurrency`` at once, with ``Handover.run``'s guarantees."""
+
+        async def everything() -> list[Any]:
+            gate = asyncio.Semaphore(self.concurrency)
+            down = False
+
+            async def one(item: T) -> Any:
+                nonlocal down
+                async with gate:
+                    if down:
+                        return _NOT_HANDED_OVER
+                    try:
+                        return await send(item)
+                    except GatewayDown as exc:
+                        down = True
+                        return exc
+                    except Exception as exc:  # SendError, or a bug raised once the others are in
+                        return exc
+
+            return list(await asyncio.gather(*(one(item) for item in items)))
+
+        return _settle(self.call(everything()))
+
+    def close(self, closing: Coroutine[Any, Any, Any] | None = None) -> None:
+        """Stop the loop, after running ``closing`` on it (the async client's ``aclose``)."""
+        with self._lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None:
+            if closing is not None:
+                closing.close()
+            return
+        if closing is not None:
+            asyncio.run_coroutine_threadsafe(closing, loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=10)
+        loop.close()
 
 
 def _one_by_one(send: Callable[[T], R], items: Sequence[T]) -> list[R | SendError]:

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
-from twilio.http import HttpClient
+from twilio.http import AsyncHttpClient, HttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
 
@@ -49,8 +49,8 @@ from ...errors import (
     UnavailableSendError,
 )
 from ...redact import scrub
-from ..base import BaseGateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
-from ..httptrace import TracedHttp, collecting
+from ..base import AsyncHandover, BaseGateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
+from ..httptrace import AsyncTracedHttp, TracedHttp, collecting
 from ..redaction import Redactor
 
 #: Twilio accepts a ValidityPeriod of 1..36000 seconds
@@ -119,38 +119,95 @@ class DispatchHttpClient(HttpClient):
         timeout: float | None = None,
         allow_redirects: bool = False,
     ) -> TwilioResponse:
-        url = self._url(uri)
-        all_headers = dict(headers or {})
-        if self.extra_headers is not None:
-            all_headers.update(self.extra_headers(method, url, data))
-        if auth is not None:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
-            all_headers["Authorization"] = f"Basic {token}"
-        kwargs: dict[str, Any] = {"headers": all_headers, "params": params or None}
-        if data:
-            if all_headers.get("Content-Type", "").endswith("json"):
-                kwargs["json"] = data
-            else:
-                kwargs["data"] = data
-        if timeout is not None:
-            kwargs["timeout"] = timeout
+        url, kwargs = _prepare(self, method, uri, params, data, headers, auth, timeout)
         try:
             response = self.http.request(method, url, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            # refused, unresolvable or unanswered before a byte of the request left: Twilio took nothing
-            raise TransportFailure(
-                f"could not connect to Twilio: {type(exc).__name__}", sent=False, unreachable=True
-            ) from exc
-        except httpx.PoolTimeout as exc:
-            # our own pool was busy: nothing was sent, but Twilio is not shown to be down either
-            raise TransportFailure(f"could not connect to Twilio: {type(exc).__name__}", sent=False) from exc
         except httpx.HTTPError as exc:
-            # read timeouts, resets after the request went out: Twilio may have acted on it
-            raise TransportFailure(f"no reply from Twilio: {type(exc).__name__}", sent=True) from exc
+            raise _transport_failure(exc) from exc
         return TwilioResponse(response.status_code, response.text, response.headers)
 
     def close(self) -> None:
         self.http.close()
+
+
+
+def _prepare(
+    client: DispatchHttpClient | DispatchAsyncHttpClient,
+    method: str,
+    uri: str,
+    params: dict[str, object] | None,
+    data: dict[str, object] | None,
+    headers: dict[str, str] | None,
+    auth: tuple[str, str] | None,
+    timeout: float | None,
+) -> tuple[str, dict[str, Any]]:
+    """The URL (moved to ``base_url``) and httpx arguments of one request the ``twilio`` client makes."""
+    url = client._url(uri)
+    all_headers = dict(headers or {})
+    if client.extra_headers is not None:
+        all_headers.update(client.extra_headers(method, url, data))
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
+        all_headers["Authorization"] = f"Basic {token}"
+    kwargs: dict[str, Any] = {"headers": all_headers, "params": params or None}
+    if data:
+        if all_headers.get("Content-Type", "").endswith("json"):
+            kwargs["json"] = data
+        else:
+            kwargs["data"] = data
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    return url, kwargs
+
+
+def _transport_failure(exc: httpx.HTTPError) -> TransportFailure:
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        # refused, unresolvable or unanswered before a byte of the request left: Twilio took nothing
+        return TransportFailure(f"could not connect to Twilio: {type(exc).__name__}", sent=False, unreachable=True)
+    if isinstance(exc, httpx.PoolTimeout):
+        # our own pool was busy: nothing was sent, but Twilio is not shown to be down either
+        return TransportFailure(f"could not connect to Twilio: {type(exc).__name__}", sent=False)
+    # read timeouts, resets after the request went out: Twilio may have acted on it
+    return TransportFailure(f"no reply from Twilio: {type(exc).__name__}", sent=True)
+
+
+class DispatchAsyncHttpClient(AsyncHttpClient):
+    """``DispatchHttpClient`` for the ``twilio`` library's async API: the same requests, traces and
+    failures, on an ``httpx.AsyncClient`` whose pool holds one connection per request in flight."""
+
+    def __init__(
+        self,
+        *,
+        redactor: Redactor,
+        base_url: str = "",
+        timeout: float = 10.0,
+        extra_headers: Callable[[str, str, Mapping[str, Any] | None], Mapping[str, str]] | None = None,
+        max_connections: int = 20,
+    ) -> None:
+        super().__init__(logging.getLogger("dispatcher.twilio.http"), is_async=True, timeout=timeout)
+        self.base_url = base_url.rstrip("/")
+        self.http = AsyncTracedHttp(redactor=redactor, timeout=timeout, max_connections=max_connections)
+        self.extra_headers = extra_headers
+
+    _url = DispatchHttpClient._url
+
+    async def request(
+        self,
+        method: str,
+        uri: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,
+        allow_redirects: bool = False,
+    ) -> TwilioResponse:
+        url, kwargs = _prepare(self, method, uri, params, data, headers, auth, timeout)
+        try:
+            response = await self.http.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise _transport_failure(exc) from exc
+        return TwilioResponse(response.status_code, response.text, response.headers)
 
 
 def classify(exc: TwilioException) -> SendError:
@@ -252,8 +309,22 @@ class TwilioGateway(BaseGateway):
             max_connections=max(20, concurrency),
         )
         self.client = Client(account_sid, auth_token, http_client=self.http_client)
-        # ``send_many`` keeps up to ``concurrency`` messages in flight (DISPATCH_GATEWAY_CONCURRENCY)
-        self.drive_concurrently(concurrency)
+        # ``send_many`` keeps up to ``concurrency`` messages in flight (DISPATCH_GATEWAY_CONCURRENCY): on an
+        # event loop through the library's async API; a test that injects an httpx transport gets threads
+        self.async_handover: AsyncHandover | None = None
+        if concurrency > 1 and transport is None:
+            self.async_http_client = DispatchAsyncHttpClient(
+                redactor=self.redactor,
+                base_url=base_url,
+                timeout=timeout,
+                extra_headers=extra_headers,
+                max_connections=max(20, concurrency),
+            )
+            self.async_client = Client(account_sid, auth_token, http_client=self.async_http_client)
+            self.async_handover = AsyncHandover(concurrency, self.name)
+            self.concurrency = concurrency
+        else:
+            self.drive_concurrently(concurrency)
 
     def _validity(self, message: OutgoingMessage) -> int | None:
         """Seconds Twilio may keep the message queued: never beyond the campaign's ``send_by``."""
@@ -262,7 +333,7 @@ class TwilioGateway(BaseGateway):
         seconds = int((message.send_by - self.clock()).total_seconds())
         return max(1, min(MAX_VALIDITY, seconds))
 
-    def send(self, message: OutgoingMessage) -> SendResult:
+    def _params(self, message: OutgoingMessage) -> dict[str, Any]:
         params: dict[str, Any] = {
             "to": message.to,
             "body": message.body,
@@ -275,14 +346,22 @@ class TwilioGateway(BaseGateway):
         validity = self._validity(message)
         if validity is not None:
             params["validity_period"] = validity
+        return params
+
+    def send(self, message: OutgoingMessage) -> SendResult:
         with twilio_call("send") as trace:
-            created = self.client.messages.create(**params)
-        if not isinstance(created.sid, str) or not created.sid:
-            # accepted, but with nothing to look the message up by: it may go out, so never resend blindly
-            error = bad_response("Twilio accepted the message but its reply carries no sid")
-            error.trace = list(trace)
-            raise error
-        return SendResult(provider_id=created.sid, status=str(created.status or "queued"), trace=list(trace))
+            created = self.client.messages.create(**self._params(message))
+        return _accepted(created, trace)
+
+    async def send_async(self, message: OutgoingMessage) -> SendResult:
+        with twilio_call("send") as trace:
+            created = await self.async_client.messages.create_async(**self._params(message))
+        return _accepted(created, trace)
+
+    def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
+        if self.async_handover is None or len(messages) <= 1:
+            return super().send_many(messages)
+        return self.async_handover.run(self.send_async, messages)
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
         """Which of these messages Twilio holds: messages to that number created since the attempt.
@@ -335,4 +414,15 @@ class TwilioGateway(BaseGateway):
 
     def close(self) -> None:
         super().close()  # the in-flight sends finish before their client goes
+        if self.async_handover is not None:
+            self.async_handover.close(self.async_http_client.http.aclose())
         self.http_client.close()
+
+
+def _accepted(created: Any, trace: list[dict[str, Any]]) -> SendResult:
+    if not isinstance(created.sid, str) or not created.sid:
+        # accepted, but with nothing to look the message up by: it may go out, so never resend blindly
+        error = bad_response("Twilio accepted the message but its reply carries no sid")
+        error.trace = list(trace)
+        raise error
+    return SendResult(provider_id=created.sid, status=str(created.status or "queued"), trace=list(trace))
