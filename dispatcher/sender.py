@@ -196,6 +196,8 @@ class Gate:
         #: messages handed to the gateway so far (a crash before the first leaves nothing to reconcile)
         self.handed = 0
         self._claim_checked = time.monotonic()
+        #: when this batch's claim was last renewed (made just before the gate: the claim itself)
+        self._claim_renewed = self._claim_checked
         self.opens_at: datetime | None = None
         self._checked = 0.0
 
@@ -228,17 +230,40 @@ class Gate:
     def taken_away(self, chunk: list[tuple[Claimed, OutgoingMessage]]) -> set[int]:
         """Rows of the chunk no longer held under their claim, checked at most every ``CHECK_EVERY``.
 
-        A worker frozen (SIGSTOP, a stalled VM) past its heartbeat may wake to find its rows
-        reconciled and re-queued: handing them over then would send those people twice.
+        A worker frozen (SIGSTOP, a stalled VM) or cut off past its heartbeat may come back to find
+        its rows reconciled and re-queued: handing them over then would send those people twice.
+
+        Once a third of ``worker_stale_after`` has passed since the claim was last renewed, the check
+        renews it (one UPDATE over every row the batch still holds): the leader's requeue is fenced on
+        ``claimed_at``, so for each row either the renewal or the requeue wins, never both. Measured
+        from the last renewal, this also renews at the first check after any gap long enough for the
+        leader to have judged this worker dead (a freeze, a network cut). In between, a read suffices:
+        a claim renewed within a third of the window is not listed as an orphan (``orphans`` wants it
+        a whole window old), so nobody can be requeueing it.
         """
         now = time.monotonic()
         if now - self._claim_checked < self.CHECK_EVERY:
             return set()
         self._claim_checked = now
-        try:
-            held = self.runtime.store.still_claimed([row.id for row, _ in chunk], chunk[0][0].claim_token)
-        except StoreError:
-            return set()  # the log is unreachable: nobody can have taken them through it either
+        store, token = self.runtime.store, chunk[0][0].claim_token
+        renewing = now - self._claim_renewed >= self.runtime.settings.worker_stale_after / 3
+        held: set[int] | None = None
+        # a renewal that fails may have lost to the leader's requeue (PostgreSQL aborts one of two
+        # transactions that lock the same rows in opposite orders): asked again, the row says who won
+        for _ in range(2 if renewing else 1):
+            try:
+                if renewing:
+                    held = store.renew_claim(self.context.run_id, token)
+                    self._claim_renewed = now
+                else:
+                    held = store.still_claimed([row.id for row, _ in chunk], token)
+                break
+            except StoreError:
+                continue
+        if held is None:
+            # the log is unreachable (or there is no token): nobody can have taken them through it
+            # either, and the next check renews (the gap since the last renewal only grows)
+            return set()
         return {row.id for row, _ in chunk if row.id not in held}
 
     def pace(self, chunk: list[tuple[Claimed, OutgoingMessage]]) -> None:
