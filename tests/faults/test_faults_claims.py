@@ -237,3 +237,55 @@ def _race(worker, leader, token: str | None, orphans: list) -> tuple[set[int], i
         th.join(30)
     assert len(renewed) == 1 and len(requeued) == 1, "both sides answered"
     return renewed[0], requeued[0]
+
+
+def _gate_on_a_claimed_batch(project):  # type: ignore[no-untyped-def]
+    """A real worker runtime that claimed batch 0 of a run, its gate, and the batch's rows as chunks."""
+    from dispatcher.batch import RUNS
+    from dispatcher.campaigns import load_campaign
+    from dispatcher.runs import start_run
+    from dispatcher.sender import Gate
+    from tests.conftest import approve_campaign
+
+    project.registry(size=40, seed=7)
+    project.env["DISPATCH_WORKER_STALE_AFTER"] = "1"  # renewals due every third of a second
+    project.env["DISPATCH_BATCH_SIZE"] = "10"
+    path = project.root / "campaigns" / "refund-scam-lucheng.yaml"
+    rt = project.runtime()
+    approve_campaign(rt, path)
+    run_id = start_run(rt, load_campaign(path, project.root / "templates")).run_id
+    rows = rt.store.claim(run_id, 0, rt.worker_id)
+    gate = Gate(rt, RUNS.get(rt, run_id))
+    # the gate looks only at the rows and their claim; the messages are not handed to anyone here
+    chunks = [[(row, None)] for row in rows]
+    return rt, run_id, rows, gate, chunks
+
+
+def test_a_gate_hands_over_none_of_the_rows_the_leader_requeued_before_its_renewal(any_db_project) -> None:  # type: ignore[no-untyped-def]
+    """The leader requeued the batch while the worker was away; the worker's first check renews, finds
+    them taken, and so does the chunk right after, although the log is asked at most every CHECK_EVERY."""
+    import time
+    from datetime import timedelta
+
+    rt, run_id, rows, gate, chunks = _gate_on_a_claimed_batch(any_db_project)
+    orphans = rt.store.orphans(run_id, 1, older_than=rt.clock() + timedelta(seconds=60))
+    assert rt.store.requeue(orphans, actor="watchdog") == len(rows)
+    time.sleep(gate.CHECK_EVERY + 0.1)  # past the check interval and a third of the stale window
+    assert gate.taken_away(chunks[0]) == {rows[0].id}
+    assert gate.taken_away(chunks[1]) == {rows[1].id}, "the next chunk, between checks, is known taken too"
+
+
+def test_a_gate_that_renewed_keeps_its_rows_from_the_leaders_requeue(any_db_project) -> None:  # type: ignore[no-untyped-def]
+    """The leader listed the batch as orphans, then the worker's gate renewed before the requeue: the
+    requeue moves nothing and the gate hands every chunk over."""
+    import time
+    from datetime import timedelta
+
+    rt, run_id, rows, gate, chunks = _gate_on_a_claimed_batch(any_db_project)
+    orphans = rt.store.orphans(run_id, 1, older_than=rt.clock() + timedelta(seconds=60))
+    assert len(orphans) == len(rows)
+    time.sleep(gate.CHECK_EVERY + 0.1)
+    assert gate.taken_away(chunks[0]) == set()
+    assert rt.store.requeue(orphans, actor="watchdog") == 0, "a claim renewed after the orphan list stays"
+    assert all(gate.taken_away(chunk) == set() for chunk in chunks[1:])
+    assert rt.store.counts(run_id).get("sending") == len(rows)
