@@ -9,7 +9,11 @@ spaced and never more than ``rate + 1`` fall in any one-second window.
 
 ``RedisRateLimiter`` keeps the schedule in one Redis key updated by a Lua script
 using Redis's own clock (``TIME``), so every worker process on every host shares
-one schedule without trusting each other's clocks. ``MemoryRateLimiter`` is the
+one schedule without trusting each other's clocks. ``DatabaseRateLimiter`` keeps it
+in one row of the delivery log instead, for a RabbitMQ broker with no Redis beside it
+(``Settings.coordination_redis_url``): RabbitMQ has no atomic counter to build a shared
+schedule on, and the database is the one service every worker already reaches; one
+upsert per send, timed by the database server's clock. ``MemoryRateLimiter`` is the
 same algorithm for the embedded broker (threads of one process).
 """
 
@@ -23,6 +27,7 @@ from .errors import BrokerError
 
 if TYPE_CHECKING:
     from .settings import Settings
+    from .store import SqlStore
 
 
 #: slots are spaced for this share of the contracted rate. A sender that wakes a few tens of
@@ -98,14 +103,34 @@ class RedisRateLimiter(RateLimiter):
         return max(0.0, int(wait_us) / 1_000_000)
 
 
-def make_rate_limiter(settings: Settings) -> RateLimiter:
-    """Redis when the workers are separate processes, in-memory on the embedded broker."""
+class DatabaseRateLimiter(RateLimiter):
+    """The schedule of every worker process, in one row of the delivery log (one upsert per send)."""
+
+    def __init__(self, store: SqlStore, key: str, rate: float, share: float = PACING_SHARE) -> None:
+        super().__init__(rate, share)
+        self.store = store
+        self.key = key
+
+    def reserve(self, cost: float = 1.0) -> float:
+        # a StoreError goes up as it is: the batch is retried like any other write to the log that failed
+        wait_us = self.store.coordination.reserve_slot(self.key, int(cost * self.interval * 1_000_000))
+        return wait_us / 1_000_000
+
+
+def make_rate_limiter(settings: Settings, store: SqlStore | None = None) -> RateLimiter:
+    """In-memory on the embedded broker; else Redis when there is one (``coordination_redis_url``),
+    else the delivery log ``store`` (a RabbitMQ broker without DISPATCH_REDIS_URL)."""
     if settings.embedded:
         return MemoryRateLimiter(settings.rate_limit)
+    key = f"{settings.broker_namespace}:ratelimit:{settings.gateway}"
+    url = settings.coordination_redis_url
+    if not url:
+        if store is None:
+            raise ValueError("a rate limiter without Redis needs the delivery log")
+        return DatabaseRateLimiter(store, key, settings.rate_limit)
     try:
         import redis
     except ImportError as exc:  # pragma: no cover - redis is a core dependency
         raise ImportError("the shared rate limiter needs redis-py: pip install redis") from exc
-    client = redis.Redis.from_url(settings.broker_url)
-    key = f"{settings.broker_namespace}:ratelimit:{settings.gateway}"
+    client = redis.Redis.from_url(url)
     return RedisRateLimiter(client, key, settings.rate_limit)

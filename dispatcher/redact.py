@@ -66,3 +66,18 @@ def scrub(text: str) -> str:
 
 def scrub_optional(text: str | None) -> str | None:
     return None if text is None else scrub(text)
+
+
+def mask_url(url: str) -> str:
+    """``amqp://user:secret@host/vhost`` -> ``amqp://user:***@host/vhost``: a URL fit for an error message."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))

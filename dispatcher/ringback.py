@@ -19,6 +19,8 @@ Rules:
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,7 @@ from .batch import internal_message
 from .errors import AmbiguousSendError, GatewayDown, SendError
 from .providers.base import (
     BaseGateway,
+    Handover,
     LookupRequest,
     OutgoingMessage,
     RingbackGateway,
@@ -61,6 +64,19 @@ def restore_reason(enrol_run_id: str) -> str:
     return f"restore of {enrol_run_id}"
 
 
+_handovers: weakref.WeakKeyDictionary[Any, Handover] = weakref.WeakKeyDictionary()
+_handovers_lock = threading.Lock()
+
+
+def _handover(adapter: RingbackGateway) -> Handover:
+    """The adapter's pool of concurrent calls: one per adapter, so ``concurrency`` bounds the process."""
+    with _handovers_lock:
+        found = _handovers.get(adapter)
+        if found is None:
+            found = _handovers[adapter] = Handover(adapter.concurrency, f"ringback-{adapter.name}")
+        return found
+
+
 class RingbackSends(BaseGateway):
     """The ringback adapter seen as a gateway, so enrol and restore go through the one batch skeleton.
 
@@ -84,14 +100,16 @@ class RingbackSends(BaseGateway):
     ) -> None:
         self.adapter = adapter
         self.name = adapter.name
+        #: chunks as large as the adapter's concurrent calls (the sender's ``Gate``)
+        self.concurrency = adapter.concurrency
         self.store = store
         self.restoring = restoring
         self.enrol_run_id = enrol_run_id
         self.start = start
         self.end = end
 
-    def send(self, message: OutgoingMessage) -> SendResult:
-        request = RingbackRequest(
+    def _request(self, message: OutgoingMessage) -> RingbackRequest:
+        return RingbackRequest(
             key=message.key,
             run_id=message.run_id,
             campaign_id=message.campaign_id,
@@ -101,30 +119,48 @@ class RingbackSends(BaseGateway):
             end=self.end,
             kept=self.store.ringback.ringback_kept(self.enrol_run_id, message.to) if self.restoring else None,
         )
-        if self.restoring:
-            done: RingbackResult = self.adapter.restore(request)
-        else:
-            done = self.adapter.enrol(request)
+
+    def _call(self, request: RingbackRequest) -> RingbackResult:
+        """The adapter's enrol or restore of one number; a bug for one number answers that number only."""
+        try:
+            return self.adapter.restore(request) if self.restoring else self.adapter.enrol(request)
+        except (SendError, GatewayDown):
+            raise
+        except Exception as exc:  # an adapter bug must not take the other numbers of the chunk with it
+            log.exception("ringback.internal_error")
+            raise AmbiguousSendError(internal_message(exc), code="internal_error") from exc
+
+    def _result(self, message: OutgoingMessage, done: RingbackResult) -> SendResult:
+        if not self.restoring:
             self.store.ringback.keep_ringback(message.run_id, message.to, done.provider_id, done.kept)
         return SendResult(
             provider_id=done.provider_id, status="restored" if self.restoring else "enrolled", trace=done.trace
         )
 
+    def send(self, message: OutgoingMessage) -> SendResult:
+        return self._result(message, self._call(self._request(message)))
+
     def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
-        """One number at a time; an adapter that raises something unexpected for one number leaves that
-        row ``unknown`` (done again on resume: enrol and restore are idempotent), not its whole chunk."""
-        results: list[SendResult | SendError] = []
-        for message in messages:
-            try:
-                results.append(self.send(message))
-            except SendError as exc:
-                results.append(exc)
-            except GatewayDown as exc:
-                raise GatewayDown(str(exc), done=results) from exc
-            except Exception as exc:  # an adapter bug must not take the other numbers of the chunk with it
-                log.exception("ringback.internal_error")
-                results.append(AmbiguousSendError(internal_message(exc), code="internal_error"))
-        return results
+        """The adapter's calls ``concurrency`` at a time (one ``Handover`` per adapter, shared by the
+        worker's threads), each number answered on its own: an adapter that raises something
+        unexpected for one number leaves that row ``unknown`` (done again on resume: enrol and restore
+        are idempotent), not its whole chunk. The store is read before the calls and written after
+        them, from this thread: a number enrolled but not yet kept is in ``sending``, enrolled again."""
+        requests = [self._request(m) for m in messages]
+        try:
+            answers = _handover(self.adapter).run(self._call, requests)
+        except GatewayDown as exc:
+            kept = self._keep(messages, exc.done)
+            raise GatewayDown(str(exc), done=kept) from exc
+        return self._keep(messages, answers)
+
+    def _keep(
+        self, messages: Sequence[OutgoingMessage], answers: Sequence[RingbackResult | SendError]
+    ) -> list[SendResult | SendError]:
+        return [
+            answer if isinstance(answer, SendError) else self._result(message, answer)
+            for message, answer in zip(messages, answers, strict=False)
+        ]
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:
         return {}

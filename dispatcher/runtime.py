@@ -76,10 +76,15 @@ class Runtime:
 
     @property
     def rate_limiter(self) -> Any:
-        """The gateway's shared pacer (Redis across processes, in-memory on the embedded broker), or None."""
+        """The gateway's shared pacer (Redis or the database across processes, in-memory on the embedded
+        broker), or None."""
+        settings = self.settings
+        # the store first: its property takes the same lock
+        needs_store = settings.rate_limit > 0 and not settings.embedded and not settings.coordination_redis_url
+        store = self.store if needs_store else None
         with self._lock:
-            if self._rate_limiter is None and self.settings.rate_limit > 0:
-                self._rate_limiter = make_rate_limiter(self.settings)
+            if self._rate_limiter is None and settings.rate_limit > 0:
+                self._rate_limiter = make_rate_limiter(settings, store)
             return self._rate_limiter
 
     @property

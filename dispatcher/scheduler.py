@@ -5,7 +5,7 @@ its *triggers* (cron, interval) to compute fire times and keeps all state in the
 database:
 
 - **One leader.** Every ``dispatch scheduler`` process tries to take a lease (Redis
-  ``SET NX PX`` with renewal when a broker URL is set, else a row in the database);
+  ``SET NX PX`` with renewal when there is a Redis, else a row in the database);
   only the holder fires. A leader that dies stops renewing and another takes over
   when the lease runs out.
 - **Exactly once.** A fire creates a run keyed by (campaign, fire time), unique in the
@@ -115,7 +115,7 @@ class RedisLease:
 
 
 class DatabaseLease:
-    """Leadership as a row in the delivery log, for set-ups without Redis."""
+    """Leadership as a row in the delivery log, for set-ups without Redis (embedded, or RabbitMQ alone)."""
 
     def __init__(self, runtime: Runtime, holder: str, seconds: float) -> None:
         self.runtime = runtime
@@ -135,12 +135,19 @@ class DatabaseLease:
 
 
 def make_lease(runtime: Runtime, holder: str) -> Lease:
+    """Redis when there is one (the Redis broker, or DISPATCH_REDIS_URL beside RabbitMQ); else the database.
+
+    RabbitMQ has no expiring key to hold a lease with, and its exclusive queues die with the connection
+    that holds them, which pika lets lapse between heartbeats in a busy tick; the database lease
+    needs nothing more than the delivery log every scheduler already writes to.
+    """
     settings = runtime.settings
-    if settings.embedded:
+    url = settings.coordination_redis_url
+    if not url:
         return DatabaseLease(runtime, holder, settings.scheduler_lease)
     import redis
 
-    client = redis.Redis.from_url(settings.broker_url)
+    client = redis.Redis.from_url(url)
     key = f"{settings.broker_namespace}:scheduler:leader"
     return RedisLease(client, key, holder, settings.scheduler_lease)
 

@@ -187,9 +187,7 @@ class Gate:
         self.context = context
         # the shared limiter paces the channels that reach people through the gateway (not ringback)
         self.limiter = runtime.rate_limiter if channel_of(context).paced else None
-        #: one message at a time when paced, so the limiter spaces every single send; a gateway that
-        #: takes many numbers in one call (HTTP adapter in batch mode) gets whole calls' worth
-        self.chunk = 1 if self.limiter is not None else max(20, gateway_of(runtime, context).batch_capacity)
+        self.chunk = self.chunk_size(runtime, gateway_of(runtime, context), paced=self.limiter is not None)
         self.unsent: list[Claimed] = []
         self.stop_reason: str | None = None
         #: why the gateway could take nothing more (disk full, ...), when stop_reason is gateway_down
@@ -205,6 +203,23 @@ class Gate:
         self._lost: set[int] = set()
         self.opens_at: datetime | None = None
         self._checked = 0.0
+
+    @staticmethod
+    def chunk_size(runtime: Runtime, gateway: Gateway, *, paced: bool) -> int:
+        """Messages handed over at once between two looks at the gate (pause, cancel, window, claims).
+
+        A chunk is what the gateway keeps in flight at once (``concurrency``; whole calls' worth for a
+        gateway that takes many numbers in one call), so a worker waits on the provider's round trip
+        once per chunk, not once per message. Paced, the chunk's tokens are taken as a whole before it
+        leaves (``Gate.pace``), so the limiter still bounds the average rate; a chunk is then also no
+        larger than a second's worth of the rate, so a burst stays within one second's allowance (any one
+        second sees at most a chunk more than the rate). A gateway that sends one at a time is paced one
+        message at a time, every single send spaced.
+        """
+        if not paced:
+            return max(20, gateway.batch_capacity, gateway.concurrency)
+        per_second = max(1, int(runtime.settings.rate_limit))
+        return max(gateway.batch_capacity, min(gateway.concurrency, per_second))
 
     def should_stop(self) -> bool:
         if self.stop_reason is not None:

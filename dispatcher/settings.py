@@ -110,8 +110,11 @@ class Settings:
     project_root: Path = Path(".")
     #: SQLAlchemy URL of the delivery log; SQLite file by default
     database_url: str = "sqlite:///var/dispatch.db"
-    #: ``redis://...`` to use Redis and separate worker processes; empty = embedded in-process broker
+    #: ``redis://...`` or ``amqp://...`` (RabbitMQ) to use separate worker processes; empty = embedded broker
     broker_url: str = ""
+    #: with a RabbitMQ broker, the Redis that shares the rate limiter's schedule and the scheduler's lease
+    #: across hosts; empty = the database keeps both (``coordination_redis_url``)
+    redis_url: str = ""
     #: gateway adapter name: outbox (default), twilio, http, kannel; or an ordered failover list
     #: ``twilio,http`` (see ``gateways``)
     gateway: str = "outbox"
@@ -167,6 +170,13 @@ class Settings:
     kannel_dlr_secret: str = field(default="", repr=False)
     #: seconds to wait for a provider's reply before the send counts as ambiguous
     gateway_timeout: float = 10.0
+    #: requests a network gateway (Twilio, the HTTP adapter, carrier-http ringback) keeps in flight at
+    #: once per worker process. A provider answers each request after 100-300 ms, so one at a time
+    #: caps a worker at a few messages a second per thread whatever the contracted rate; the
+    #: provider's rate (DISPATCH_RATE_LIMIT) is the limit to reach. 50 lets one worker carry ~300
+    #: msg/s at 150 ms a reply and two workers stay within Twilio's ~100 concurrent requests per
+    #: account; raise it with the number of workers only as far as the provider's own cap allows
+    gateway_concurrency: int = 50
     #: config file of the generic HTTP adapter (DISPATCH_GATEWAY=http)
     http_config: Path | None = None
     #: shared secret of the HTTP adapter's delivery reports (HMAC-SHA256 of the body)
@@ -254,7 +264,13 @@ class Settings:
         def numbers(name: str) -> frozenset[str]:
             return frozenset(n.strip() for n in env.get(name, "").split(",") if n.strip())
 
+        redis_url = env.get("DISPATCH_REDIS_URL", "")
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"DISPATCH_REDIS_URL: expected a redis:// URL, got {redis_url.split(':')[0]}://")
         batch_size = _int(env, "DISPATCH_BATCH_SIZE", 250)
+        gateway_concurrency = _int(env, "DISPATCH_GATEWAY_CONCURRENCY", 50)
+        if not 1 <= gateway_concurrency <= 1000:
+            raise ConfigError(f"DISPATCH_GATEWAY_CONCURRENCY: must be between 1 and 1000, got {gateway_concurrency}")
         if not 1 <= batch_size <= 5000:
             raise ConfigError(f"DISPATCH_BATCH_SIZE: must be between 1 and 5000, got {batch_size}")
         cwd = Path.cwd()
@@ -268,6 +284,7 @@ class Settings:
             project_root=root,
             database_url=env.get("DISPATCH_DATABASE_URL") or f"sqlite:///{under_root('var', 'dispatch.db')}",
             broker_url=env.get("DISPATCH_BROKER_URL", ""),
+            redis_url=redis_url,
             gateway=",".join(gateway_list(env.get("DISPATCH_GATEWAY") or "outbox", check=True)),
             outbox_path=Path(env.get("DISPATCH_OUTBOX_PATH") or under_root("var", "outbox.jsonl")),
             campaigns_dir=Path(env.get("DISPATCH_CAMPAIGNS_DIR") or under_root("campaigns")),
@@ -299,6 +316,7 @@ class Settings:
             kannel_from=env.get("DISPATCH_KANNEL_FROM", ""),
             kannel_dlr_secret=env.get("DISPATCH_KANNEL_DLR_SECRET", ""),
             gateway_timeout=_float(env, "DISPATCH_GATEWAY_TIMEOUT", 10.0),
+            gateway_concurrency=gateway_concurrency,
             http_config=Path(env["DISPATCH_HTTP_CONFIG"]) if env.get("DISPATCH_HTTP_CONFIG") else None,
             http_report_secret=env.get("DISPATCH_HTTP_REPORT_SECRET", ""),
             ringback_gateway=env.get("DISPATCH_RINGBACK_GATEWAY") or "outbox",
@@ -344,6 +362,27 @@ class Settings:
     def embedded(self) -> bool:
         """True when no broker URL is set: runs are processed inside the ``dispatch run`` process."""
         return not self.broker_url
+
+    @property
+    def broker_kind(self) -> str:
+        """``embedded``, ``redis`` or ``rabbitmq``, from the broker URL's scheme (checked by ``make_broker``)."""
+        if self.embedded:
+            return "embedded"
+        return "rabbitmq" if self.broker_url.startswith(("amqp://", "amqps://")) else "redis"
+
+    @property
+    def coordination_redis_url(self) -> str:
+        """The Redis that paces sends and elects the scheduler's leader; empty = the database does.
+
+        A Redis broker is that Redis. A RabbitMQ broker has no shared counter or expiring key to
+        build either on, so ``DISPATCH_REDIS_URL`` may name a Redis for them; without one the
+        delivery log keeps the rate schedule and the lease, which every process already reaches.
+        """
+        if self.broker_kind == "redis":
+            return self.broker_url
+        if self.broker_kind == "rabbitmq":
+            return self.redis_url
+        return ""
 
 
 #: list prices of a domestic SMS part in CNY, so that a demo or a fresh deployment shows non-zero costs;

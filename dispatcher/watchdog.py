@@ -9,8 +9,8 @@ still says what is left. Every ``watchdog_every`` seconds the leader:
   ``claimed_at``, so a worker that renews meanwhile keeps its rows);
 - re-enqueues the pending batches of a run whose due rows have not moved for
   ``stall_after`` seconds (a duplicate message is harmless: claims are atomic);
-- notices a broker that lost its data (a sentinel key it wrote is gone while the
-  database remembers writing it) and re-enqueues every running run at once.
+- notices a broker that lost its data (a sentinel it planted, a Redis key or a durable
+  RabbitMQ queue, is gone while the database remembers planting it) and re-enqueues every running run at once.
 """
 
 from __future__ import annotations
@@ -66,20 +66,19 @@ class Watchdog:
         settings = self.runtime.settings
         if settings.embedded:
             return False
-        import redis
+        from .broker import plant_sentinel, sentinel_present
+        from .errors import BrokerError
 
         store = self.runtime.store
-        key = f"{settings.broker_namespace}:watchdog:sentinel"
-        client = self.runtime.broker.client  # type: ignore[attr-defined]
+        broker, ns = self.runtime.broker, settings.broker_namespace
         try:
             expected = store.coordination.get_marker(SENTINEL)
-            present = client.get(key)
-            lost = expected is not None and (present is None or present.decode() != expected)
+            lost = expected is not None and not sentinel_present(broker, ns, expected)
             if expected is None or lost:
                 value = uuid.uuid4().hex
-                client.set(key, value)
+                plant_sentinel(broker, ns, value)
                 store.coordination.set_marker(SENTINEL, value)
-        except redis.RedisError as exc:
+        except BrokerError as exc:
             log.warning("watchdog.broker_unreachable", error=str(exc))
             return False
         if lost:

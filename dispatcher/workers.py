@@ -68,14 +68,21 @@ def start_worker(
     if queues is None and urgent_threads > 0 and not runtime.settings.embedded:
         worker = LaneWorkers(runtime, threads or runtime.settings.worker_threads, urgent_threads)
     else:
-        worker = Worker(
-            runtime.broker,
-            queues=queues,
-            worker_threads=threads or runtime.settings.worker_threads,
-            worker_timeout=100,
-        )
+        worker = _worker(runtime.broker, queues, threads or runtime.settings.worker_threads)
     worker.start()
     return worker, heartbeat
+
+
+def _worker(broker: Any, queues: set[str] | None, threads: int) -> Worker:
+    """A Dramatiq worker that fetches no more batches than it has threads.
+
+    Dramatiq prefetches twice its threads by default. A batch is seconds of work (a provider's round
+    trips), so the first worker to ask takes twice its share of a campaign's batches and holds them
+    queued while other workers sit idle; one batch per thread keeps a run spread over every worker.
+    """
+    worker = Worker(broker, queues=queues, worker_threads=threads, worker_timeout=100)
+    worker.queue_prefetch = threads
+    return worker
 
 
 class LaneWorkers:
@@ -95,8 +102,8 @@ class LaneWorkers:
         runtime.broker.logger.addFilter(lambda record: "same type twice" not in record.getMessage())
         # every lane declared (bulk, bulk-retry; their delay queues follow them) but the urgent one
         lanes = {q for q in runtime.broker.get_declared_queues() if q != URGENT_QUEUE}
-        self.bulk = Worker(runtime.broker, queues=lanes, worker_threads=threads, worker_timeout=100)
-        self.urgent = Worker(runtime.broker, queues={URGENT_QUEUE}, worker_threads=urgent_threads, worker_timeout=100)
+        self.bulk = _worker(runtime.broker, lanes, threads)
+        self.urgent = _worker(runtime.broker, {URGENT_QUEUE}, urgent_threads)
         self.worker_threads = threads + urgent_threads
 
     def start(self) -> None:

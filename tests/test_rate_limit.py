@@ -50,6 +50,24 @@ def test_redis_limiter_is_one_schedule_for_every_client(redis_url: str) -> None:
         a.client.delete(key)
 
 
+def test_database_limiter_is_one_schedule_for_every_client(database_url: str) -> None:
+    from dispatcher.ratelimit import DatabaseRateLimiter
+    from dispatcher.store import open_store
+
+    stores = [open_store(database_url), open_store(database_url)]  # two clients, as two processes have
+    try:
+        a, b = (DatabaseRateLimiter(store, "dispatch:ratelimit:outbox", 20) for store in stores)
+        waits = [limiter.reserve() for limiter in (a, b, a, b, a, b)]
+        assert waits[0] < 0.02
+        for earlier, later in itertools.pairwise(waits):
+            assert later - earlier == pytest.approx(a.interval, abs=0.02)
+        assert a.reserve(3) - waits[-1] == pytest.approx(a.interval, abs=0.02)  # after the last slot...
+        assert b.reserve() - waits[-1] == pytest.approx(4 * a.interval, abs=0.02)  # ...three parts take three
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_a_bad_rate_setting_is_a_one_line_error(project: Project) -> None:
     result = project.dispatch("runs", env={"DISPATCH_RATE_LIMIT": "fast"})
     assert result.returncode == 2
@@ -57,8 +75,9 @@ def test_a_bad_rate_setting_is_a_one_line_error(project: Project) -> None:
 
 
 @pytest.mark.slow
-def test_three_worker_processes_together_never_exceed_the_limit(redis_project: Project) -> None:
-    project = redis_project
+def test_three_worker_processes_together_never_exceed_the_limit(broker_project: Project) -> None:
+    # on RabbitMQ (no DISPATCH_REDIS_URL) the three processes share the schedule in the database
+    project = broker_project
     project.env.update({"DISPATCH_RATE_LIMIT": "40", "DISPATCH_BATCH_SIZE": "20"})
     project.registry(size=260, seed=31)
     logs = [project.root / "var" / f"worker-{i}.log" for i in range(3)]

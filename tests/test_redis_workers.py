@@ -1,4 +1,4 @@
-"""Production shape: PostgreSQL, Redis and separate `dispatch worker` processes, including kill -9."""
+"""Production shape: PostgreSQL, Redis or RabbitMQ, and separate `dispatch worker` processes, including kill -9."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def _check_exactly_once(project: Project, run_id: str) -> collections.Counter[st
     return keys
 
 
-def test_two_worker_processes_send_a_run_exactly_once(redis_project: Project) -> None:
-    project = redis_project
+def test_two_worker_processes_send_a_run_exactly_once(broker_project: Project) -> None:
+    project = broker_project
     project.registry(size=3000, seed=11)
     workers = [_worker(project, "w1.log"), _worker(project, "w2.log")]
     try:
@@ -100,8 +100,8 @@ def _kill_while_holding_rows(project: Project, run_id: str, victim: subprocess.P
     raise AssertionError("the worker never held rows of the run: the kill could not land mid-batch")
 
 
-def test_kill_9_of_a_worker_mid_run_then_resume_sends_everyone_exactly_once(redis_project: Project) -> None:
-    project = redis_project
+def test_kill_9_of_a_worker_mid_run_then_resume_sends_everyone_exactly_once(broker_project: Project) -> None:
+    project = broker_project
     project.env.update(
         {"DISPATCH_OUTBOX_LATENCY_MS": "3", "DISPATCH_BATCH_SIZE": "50", "DISPATCH_WORKER_STALE_AFTER": "3"}
     )

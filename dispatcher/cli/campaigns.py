@@ -108,6 +108,11 @@ def preview(
         verdict = "over" if report.cost > report.budget else "within"
         budget = f" (budget {report.budget:g} CNY: {verdict} it)"
     out.print(f"  total: {report.total_parts} parts, {report.cost:.2f} CNY{budget}", markup=False)
+    if report.personalising is not None:
+        p = report.personalising
+        how = f"up to {p.per_call} numbers a call" if p.per_call > 1 else "one number a call"
+        out.print(f"what the name costs (the gateway takes {how}):", markup=False)
+        out.print(f"  {p.line()}", markup=False)
 
 
 def _when(text: str | None, option: str) -> datetime | None:

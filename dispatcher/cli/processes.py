@@ -38,11 +38,12 @@ def worker(
     threads: int | None = typer.Option(None, help="worker threads (default DISPATCH_WORKER_THREADS)"),
     metrics_port: int | None = typer.Option(None, min=0, max=65535, help=_METRICS_HELP),
 ) -> None:
-    """Process batches from the Redis broker until SIGTERM/SIGINT."""
+    """Process batches from the Redis or RabbitMQ broker until SIGTERM/SIGINT."""
     rt = runtime("INFO")
     if rt.settings.embedded:
         raise UsageError(
-            "dispatch worker needs DISPATCH_BROKER_URL=redis://...; without it `dispatch run` sends in-process"
+            "dispatch worker needs DISPATCH_BROKER_URL=redis://... or amqp://...; "
+            "without it `dispatch run` sends in-process"
         )
     _serve_metrics(rt, metrics_port)
     serve(rt, queues={q.strip() for q in queues.split(",") if q.strip()} if queues else None, threads=threads)

@@ -15,16 +15,27 @@ says ``can_fetch_status = True`` and answers ``fetch_status`` by provider id: th
 delivery-report sweep (``dlr.py``) asks it about rows whose report never came.
 Adapters raise only ``SendError`` subclasses (``errors.py``); the third-party
 exception is chained with ``raise ... from exc``.
+
+A network provider answers each request after tens or hundreds of milliseconds, and
+takes many at once (Twilio allows about a hundred concurrent API requests per
+account): one request at a time per worker thread caps a worker at a few dozen
+messages a second whatever the provider's rate. A gateway that says
+``concurrency = n`` has its ``send_many`` drive up to ``n`` requests at once over
+its pooled client (``Handover``), one pool per gateway object, so per worker
+process; the answers still come back per message, in order.
 """
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
-from ..errors import GatewayDown, SendError
+from ..errors import GatewayDown, SendError, UnavailableSendError
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -93,6 +104,8 @@ class Gateway(Protocol):
     batch_capacity: int
     #: whether ``fetch_status`` can say what became of a message after the hand-over
     can_fetch_status: bool
+    #: requests ``send_many`` keeps in flight at once; the sender hands over chunks at least this large
+    concurrency: int
 
     def send(self, message: OutgoingMessage) -> SendResult:
         """Hand one message over; raise a ``SendError`` subclass on failure."""
@@ -116,29 +129,131 @@ class Gateway(Protocol):
     def close(self) -> None: ...
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _NotHandedOver:
+    """A message a concurrent ``send_many`` never started, because the gateway had gone down."""
+
+
+_NOT_HANDED_OVER = _NotHandedOver()
+
+
+class Handover:
+    """Up to ``concurrency`` sends of one gateway in flight at once, on threads of its own.
+
+    Threads, not asyncio: the adapters are blocking code over one ``httpx.Client``, which is
+    thread-safe and pools keep-alive connections (sized to ``concurrency`` by the adapter), and
+    the ``twilio`` client keeps no per-request state on its objects. One pool serves every worker
+    thread of the process, so ``concurrency`` bounds the whole process's requests to the provider.
+    Each send runs in a copy of the caller's context: its log fields and its own trace
+    (``httptrace.collecting``) are those of the batch that handed it over.
+    """
+
+    def __init__(self, concurrency: int, name: str) -> None:
+        self.concurrency = max(1, concurrency)
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._name = name
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"{self._name}-send")
+            return self._pool
+
+    def run(self, send: Callable[[T], R], items: Sequence[T]) -> list[R | SendError]:
+        """``send`` per item (a message, or a carrier call of several), answers in order, ``concurrency``
+        in flight at once, with the guarantees of a loop:
+
+        - every item gets its own answer, in order: what ``send`` returned or the ``SendError`` it raised;
+        - when a send raises ``GatewayDown``, no item not yet started is started; the ones in flight
+          finish (none is abandoned half-sent), and ``GatewayDown.done`` holds the answers of every
+          item up to the last one whose request completed, an item in between that was never handed
+          over answered ``UnavailableSendError`` (``gateway.down``: nothing sent, retried); the items
+          after it were not handed over and go back;
+        - anything else a send raises is raised once every request in flight has finished.
+        """
+        if self.concurrency <= 1 or len(items) <= 1:
+            return _one_by_one(send, items)
+        down = threading.Event()
+
+        def one(item: T) -> R | BaseException | _NotHandedOver:
+            if down.is_set():
+                return _NOT_HANDED_OVER
+            try:
+                return send(item)
+            except GatewayDown as exc:
+                down.set()
+                return exc
+            except Exception as exc:  # SendError, or a bug raised once the others are in
+                return exc
+
+        pool = self._executor()
+        futures = [pool.submit(contextvars.copy_context().run, one, item) for item in items]
+        answers = [f.result() for f in futures]
+        stopped = next((a for a in answers if isinstance(a, GatewayDown)), None)
+        if stopped is not None:
+            handed = [not isinstance(a, GatewayDown | _NotHandedOver) for a in answers]
+            last = max((i for i, h in enumerate(handed) if h), default=-1)
+            done = [
+                a if handed[i] else UnavailableSendError(f"not handed over: {stopped}", code="gateway.down")
+                for i, a in enumerate(answers[: last + 1])
+            ]
+            raise GatewayDown(str(stopped), done=done) from stopped
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, SendError):
+                raise answer
+        return cast("list[R | SendError]", answers)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def _one_by_one(send: Callable[[T], R], items: Sequence[T]) -> list[R | SendError]:
+    """One ``send`` each; when the provider goes away mid-chunk, what it took before is handed up with
+    the stop (``GatewayDown.done``), so those messages are recorded and only the rest go back."""
+    results: list[R | SendError] = []
+    for message in items:
+        try:
+            results.append(send(message))
+        except SendError as exc:
+            results.append(exc)
+        except GatewayDown as exc:
+            raise GatewayDown(str(exc), done=results) from exc
+    return results
+
+
 class BaseGateway:
-    """Shared behaviour: ``send_many`` as a loop for providers without a batch call."""
+    """Shared behaviour: ``send_many`` as ``send`` per message, ``concurrency`` of them at once
+    (``Handover``; one at a time unless the adapter sets ``handover``)."""
 
     name = "base"
     can_lookup = True
     batch_capacity = 1
     can_fetch_status = False
+    #: requests in flight at once; an adapter that drives several calls ``drive_concurrently``
+    concurrency = 1
+    handover: Handover | None = None
+
+    def drive_concurrently(self, concurrency: int) -> None:
+        """Let ``send_many`` keep up to ``concurrency`` requests in flight (1: one at a time)."""
+        self.concurrency = max(1, concurrency)
+        self.handover = Handover(self.concurrency, self.name) if self.concurrency > 1 else None
 
     def send(self, message: OutgoingMessage) -> SendResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
-        """One ``send`` each; when the provider goes away mid-chunk, what it took before is handed up with
-        the stop (``GatewayDown.done``), so those messages are recorded and only the rest go back."""
-        results: list[SendResult | SendError] = []
-        for message in messages:
-            try:
-                results.append(self.send(message))
-            except SendError as exc:
-                results.append(exc)
-            except GatewayDown as exc:
-                raise GatewayDown(str(exc), done=results) from exc
-        return results
+        """One ``send`` per message (``Handover.run``): answers in order; on ``GatewayDown`` the answers
+        of what was handed over before travel with the stop (``GatewayDown.done``)."""
+        if self.handover is None:
+            return _one_by_one(self.send, messages)
+        return self.handover.run(self.send, messages)
 
     def lookup(self, requests: Sequence[LookupRequest]) -> dict[str, SendResult]:  # pragma: no cover
         raise NotImplementedError
@@ -147,7 +262,8 @@ class BaseGateway:
         raise NotImplementedError(f"{self.name} cannot be asked for a message's status")
 
     def close(self) -> None:
-        return None
+        if self.handover is not None:
+            self.handover.close()
 
 
 @dataclass(frozen=True)
@@ -176,6 +292,8 @@ class RingbackGateway(Protocol):
     """Enrol a number with the warning tone for a window, restore it after; both idempotent."""
 
     name: str
+    #: numbers enrolled (or restored) at once; 1: one request at a time
+    concurrency: int
 
     def enrol(self, request: RingbackRequest) -> RingbackResult:
         """Make callers of ``request.phone`` hear the warning; raise a ``SendError`` on failure."""
@@ -286,6 +404,9 @@ class Provider:
     #: what ``DISPATCH_VOICE_GATEWAY`` calls this provider's voice adapter
     voice_name: str | None = None
     voice: VoiceFactory | None = None
+    #: numbers one call of its SMS adapter carries, read from the settings without building the adapter
+    #: (``dispatch preview`` writes and opens nothing); None: one number a call
+    batch_capacity: Callable[[Settings], int] | None = None
 
     def __post_init__(self) -> None:
         if ("sms" in self.channels) != (self.gateway is not None):
@@ -303,6 +424,7 @@ __all__ = [
     "Channel",
     "DeliveryReports",
     "Gateway",
+    "Handover",
     "LookupRequest",
     "MessageStatus",
     "OutgoingMessage",

@@ -165,6 +165,8 @@ class FailoverGateway:
         #: ``unknown`` rows can be looked up only if every provider can say what it took
         self.can_lookup = all(m.can_lookup for m in self.members)
         self.batch_capacity = max(m.batch_capacity for m in self.members)
+        #: chunks sized for the most concurrent member: each member bounds its own requests in flight
+        self.concurrency = max(m.concurrency for m in self.members)
         #: a list is never asked as one: the delivery-report sweep asks each row's status of the
         #: provider that took it (the row's ``gateway``), whichever list it was sent through
         self.can_fetch_status = False

@@ -86,6 +86,14 @@ def create_gateway(settings: Settings, name: str | None = None) -> Gateway:
     raise ConfigError(f"DISPATCH_GATEWAY: {unknown_gateways([wanted])}")
 
 
+def batch_capacity(settings: Settings, names: Sequence[str]) -> int:
+    """The most numbers one call of any of these SMS gateways carries, from their configuration alone."""
+    wanted = set(names)
+    return max(
+        [1, *(p.batch_capacity(settings) for p in providers() if p.name in wanted and p.batch_capacity is not None)]
+    )
+
+
 def unknown_gateways(names: Sequence[str]) -> str | None:
     """What is wrong with a list of SMS gateway names (one line naming the registered ones), or None."""
     known = gateway_names()

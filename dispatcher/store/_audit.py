@@ -90,11 +90,16 @@ class AuditLog:
             return [i for (i,) in conn.execute(query)]
 
     def verify_run(self, run_id: str) -> tuple[int, ledger.Break | None]:
-        """How many events the run's chain holds, and the first break found in it (None: intact)."""
+        """How many events the run's chains hold (its own and its batches'), and the first break found
+        in them (None: intact)."""
         with self._db.read() as conn:
             run = conn.execute(sa.select(t.runs).where(t.runs.c.id == run_id)).one()
             problem = ledger.verify_run(conn, run)
-        return (0 if run.ledger_seq is None else run.ledger_seq + 1), problem
+            lt = t.ledger_tails
+            in_batches = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(lt.c.ledger_seq + 1), 0)).where(lt.c.run_id == run_id)
+            ).scalar_one()
+        return (0 if run.ledger_seq is None else run.ledger_seq + 1) + int(in_batches), problem
 
     def verify_audit_chain(self) -> tuple[int, ledger.Break | None]:
         """The same for the audit chain (exports, searches by phone)."""

@@ -134,14 +134,23 @@ def transition(
         sa.update(d)
         .where(*where)
         .values(state=to_state, updated_at=now, **(values or {}))
-        .returning(d.c.id, d.c.key, d.c.run_id)
+        .returning(d.c.id, d.c.key, d.c.run_id, d.c.batch_no)
     ).all()
     ledger.append_by_run(
         conn,
         (
             (
                 row.run_id,
-                ledger.Event("delivery.state", row.key, row.id, from_state, to_state, reason=reason, actor=actor),
+                ledger.Event(
+                    "delivery.state",
+                    row.key,
+                    row.id,
+                    from_state,
+                    to_state,
+                    reason=reason,
+                    actor=actor,
+                    batch=row.batch_no,
+                ),
             )
             for row in sorted(moved, key=lambda r: r.id)
         ),
@@ -221,18 +230,14 @@ def insert_direct_run(
     if rows:
         conn.execute(sa.insert(t.deliveries), rows)
     batches = (len(rows) + spec.batch_size - 1) // spec.batch_size
-    ledger.append(
+    ledger.open_run(
         conn,
         spec.run_id,
-        [
-            ledger.Event(
-                kind="run.created",
-                actor=spec.actor,
-                payload=head_payload(
-                    spec, len(rows), len(rows), keys_digest(conn, spec.run_id, is_sqlite=is_sqlite)
-                ),
-            )
-        ],
+        ledger.Event(
+            kind="run.created",
+            actor=spec.actor,
+            payload=head_payload(spec, len(rows), len(rows), keys_digest(conn, spec.run_id, is_sqlite=is_sqlite)),
+        ),
         now,
     )
     conn.execute(

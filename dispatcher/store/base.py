@@ -149,6 +149,8 @@ class RunRecord:
     approved_by: str | None = None
     approved_at: datetime | None = None
     approval_exempt: str | None = None
+    #: how many per-batch ledger chains the run has (None: made before them, one chain)
+    batch_chains: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

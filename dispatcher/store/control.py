@@ -406,6 +406,42 @@ class Coordination:
             stmt = stmt.on_conflict_do_nothing()
             return bool(conn.execute(stmt).rowcount)
 
+    # ------------------------------------------------------------------ rate schedule (no Redis)
+
+    def reserve_slot(self, name: str, cost_us: int) -> int:
+        """Reserve the next send slot of schedule ``name`` (GCRA); returns microseconds to wait for it.
+
+        One statement: ``tat = max(tat, now) + cost``, returning the slot it reserved. PostgreSQL
+        locks the row for the upsert, so concurrent callers on every host queue up behind each other,
+        and ``now`` is the server's clock (``clock_timestamp()``), so the hosts' clocks need not
+        agree. SQLite is one host's file and serialises writers; its ``now`` (read once per statement,
+        to the millisecond) is taken once the write lock is held, so a wait for the lock is not paced twice.
+        """
+        if self._db.is_sqlite:
+            now = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
+            stmt = (
+                f"INSERT INTO rate_schedules (name, tat_us) VALUES (:name, {now} + :cost) "
+                f"ON CONFLICT (name) DO UPDATE SET tat_us = MAX(rate_schedules.tat_us, {now}) + :cost "
+                f"RETURNING tat_us - :cost - {now}"
+            )
+        else:
+            now = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint"
+            stmt = (
+                f"WITH c AS (SELECT {now} AS now_us) "
+                "INSERT INTO rate_schedules (name, tat_us) SELECT :name, c.now_us + :cost FROM c "
+                "ON CONFLICT (name) DO UPDATE SET tat_us = GREATEST(rate_schedules.tat_us, "
+                "(SELECT now_us FROM c)) + :cost "
+                "RETURNING tat_us - :cost - (SELECT now_us FROM c)"
+            )
+        with self._db.write() as conn:
+            if not self._db.is_sqlite:
+                # the wait is counted from the server's ``now``: the sender sleeps it only once the commit
+                # is back, so a slow commit (a WAL flush) sends late and bunches sends. The schedule needs
+                # no durability: one lost in a crash only restarts the pacing from now.
+                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            wait = conn.execute(sa.text(stmt), {"name": name, "cost": int(cost_us)}).scalar_one()
+        return max(0, int(wait))
+
     def release_lease(self, name: str, holder: str) -> None:
         lease = t.scheduler_leases
         with self._db.write() as conn:

@@ -1,17 +1,28 @@
 """The tamper-evident ledger: every change of a delivery's state as an append-only, hash-chained event.
 
-One chain per run. Event 0 (``run.created``) carries the run's campaign and template
-snapshot hashes and a digest of every idempotency key with its initial state, so
-the head ties the chain to exactly what was planned. Every later event names a
-delivery (``key``), its from- and to-state, provider id, error code, reason, actor
-and time, and carries the hash of the event before it. ``runs.ledger_seq`` and
-``runs.ledger_hash`` hold the tail, so cutting events off the end is caught too.
+A run has one chain of its own and one chain per batch of its deliveries. The run's chain
+(``events.batch`` NULL) starts with ``run.created`` (seq 0), which carries the run's campaign and
+template snapshot hashes, a digest of every idempotency key with its initial state, and the number
+of batch chains, so the head ties the ledger to exactly what was planned and a whole batch chain
+deleted is missed by name. Every event about a delivery (its key, from- and to-state, provider id,
+error code, reason, actor and time) goes to the chain of the delivery's batch (``events.batch`` =
+``deliveries.batch_no``) and carries the hash of the event before it in that chain; the chain's
+identity (``<run id>/<batch>``) is inside the hashed material, so an event moved to another chain
+does not verify. Each chain's tail (last seq and hash) is kept apart from its events: the run's in
+``runs.ledger_seq``/``ledger_hash``, each batch chain's in its own ``ledger_tails`` row, so cutting
+events off the end of any chain is caught too. When a run finishes (or is cancelled) a
+``batches.sealed`` event on the run's chain records every batch tail (seqs and a digest of the
+hashes), so a batch chain cut back and its tail row rewritten to match is caught as well.
 
-Appends happen inside the same transaction as the state change they record (the
-store calls ``append`` from every method that changes ``deliveries.state``), so a
-state change without its event cannot be committed. On PostgreSQL the run row is
-locked (``SELECT ... FOR UPDATE``) to serialise appends to one chain; SQLite's
-``BEGIN IMMEDIATE`` already serialises writers.
+Appends happen inside the same transaction as the state change they record (the store calls
+``append``/``append_by_run`` from every method that changes ``deliveries.state``), so a state change
+without its event cannot be committed. On PostgreSQL an append locks only the tail it extends
+(``SELECT ... FOR UPDATE`` on that batch's ``ledger_tails`` row; the run row for the run's own
+chain): workers recording different batches of one run never wait on each other, where one chain
+per run made every worker on every host queue on the run row. SQLite's ``BEGIN IMMEDIATE``
+serialises writers anyway. Tails are locked in batch order, so a transaction that spans batches
+(a cancel, a requeue, delivery reports) cannot deadlock with another. Runs made before batch chains
+(``runs.batch_chains`` NULL) keep every event in the run's chain, as they were written.
 
 Nothing in the program updates or deletes an event.
 """
@@ -21,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..errors import StoreError
 from ..keys import delivery_key
 from ..redact import scrub_optional
 from . import schema as t
@@ -61,6 +73,26 @@ class Event:
     reason: str | None = None
     actor: str = "system"
     payload: dict[str, Any] = field(default_factory=dict)
+    #: the delivery's batch when the caller has it at hand (the ledger reads it otherwise); it picks
+    #: the chain and is sealed as the chain's identity, not as a field of its own
+    batch: int | None = None
+
+
+#: the event on a run's chain that records every batch chain's tail (when the run finishes or is cancelled)
+SEAL_KIND = "batches.sealed"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One hash chain: a run's own (``batch`` None; also the side chains) or one batch's of a run."""
+
+    run_id: str
+    batch: int | None = None
+
+    @property
+    def name(self) -> str:
+        """What the chain is called in verify's messages and in every event's hashed material."""
+        return self.run_id if self.batch is None else f"{self.run_id}/{self.batch}"
 
 
 def _iso(value: datetime) -> str:
@@ -100,17 +132,103 @@ def keys_digest(rows: Iterable[tuple[str, str]]) -> str:
 
 
 def append(conn: Connection, run_id: str, events: Sequence[Event], at: datetime) -> None:
-    """Append ``events`` to the run's chain inside the caller's transaction."""
-    if not events:
+    """Append ``events`` to the run's chains inside the caller's transaction: events about a delivery
+    to its batch's chain, the others to the run's own chain (or to the side chain ``run_id`` names)."""
+    append_by_run(conn, ((run_id, event) for event in events), at)
+
+
+def append_by_run(conn: Connection, events: Iterable[tuple[str, Event]], at: datetime) -> None:
+    """Append ``(run_id, event)`` pairs, each to its chain, in the order given within each chain."""
+    pairs = list(events)
+    if not pairs:
         return
-    # a run keeps its tail on its own row; chains that belong to no run (the audit chain) in ledger_chains
-    runs = t.runs if not is_side_chain(run_id) else _chain_row(conn, run_id, at)
-    query = sa.select(runs.c.ledger_seq, runs.c.ledger_hash).where(runs.c.id == run_id)
+    unknown = [e.delivery_id for rid, e in pairs if _routed(rid, e) and e.batch is None]
+    batch_of = _batches_of(conn, unknown) if unknown else {}
+    by_run: dict[str, list[tuple[int | None, Event]]] = {}
+    for run_id, event in pairs:
+        batch = None
+        if _routed(run_id, event):
+            batch = event.batch if event.batch is not None else batch_of.get(int(event.delivery_id or 0))
+        by_run.setdefault(run_id, []).append((batch, event))
+    # one order of locks for every writer (runs by id, a run's batches ascending, its own chain last)
+    for run_id in sorted(by_run):
+        _append_run(conn, run_id, by_run[run_id], at)
+
+
+def _routed(run_id: str, event: Event) -> bool:
+    """Whether the event goes to a batch chain: it is about a delivery of a run (not a side chain's)."""
+    return event.delivery_id is not None and not is_side_chain(run_id)
+
+
+def _batches_of(conn: Connection, ids: Sequence[int | None]) -> dict[int, int]:
+    d = t.deliveries
+    wanted = sorted({int(i) for i in ids if i is not None})
+    return {int(i): int(b) for i, b in conn.execute(sa.select(d.c.id, d.c.batch_no).where(d.c.id.in_(wanted)))}
+
+
+def _append_run(conn: Connection, run_id: str, items: Sequence[tuple[int | None, Event]], at: datetime) -> None:
+    groups: dict[int | None, list[Event]] = {}
+    for batch, event in items:
+        groups.setdefault(batch, []).append(event)
+    batches = sorted(b for b in groups if b is not None)
+    for i, batch in enumerate(batches):
+        tail = _lock_tail(conn, run_id, batch)
+        if tail is None:
+            if i == 0 and _single_chain(conn, run_id):
+                # a run made before batch chains: everything stays in its one chain, in the order given
+                _append_chain(conn, Chain(run_id), [event for _, event in items], at)
+                return
+            raise StoreError(
+                f"run {run_id}: the ledger has no tail for batch {batch}; `dispatch audit verify {run_id}`"
+            )
+        _append_chain(conn, Chain(run_id, batch), groups[batch], at, tail)
+    if None in groups:
+        _append_chain(conn, Chain(run_id), groups[None], at)
+
+
+def _lock_tail(conn: Connection, run_id: str, batch: int) -> tuple[int | None, str | None] | None:
+    lt = t.ledger_tails
+    query = sa.select(lt.c.ledger_seq, lt.c.ledger_hash).where(lt.c.run_id == run_id, lt.c.batch == batch)
     if conn.dialect.name != "sqlite":
         query = query.with_for_update()
-    row = conn.execute(query).one()
-    seq = -1 if row.ledger_seq is None else int(row.ledger_seq)
-    prev = row.ledger_hash or GENESIS
+    row = conn.execute(query).first()
+    return None if row is None else (row.ledger_seq, row.ledger_hash)
+
+
+def _single_chain(conn: Connection, run_id: str) -> bool:
+    """A run made before batch chains (``runs.batch_chains`` NULL), or no run at all (one chain, as ever)."""
+    chains = conn.execute(sa.select(t.runs.c.batch_chains).where(t.runs.c.id == run_id)).first()
+    return chains is None or chains[0] is None
+
+
+def _append_chain(
+    conn: Connection,
+    chain: Chain,
+    events: Sequence[Event],
+    at: datetime,
+    tail: tuple[int | None, str | None] | None = None,
+) -> None:
+    """Append to one chain; ``tail`` is the batch chain's tail already locked by the caller."""
+    if not events:
+        return
+    run_id = chain.run_id
+    if chain.batch is not None:
+        table: sa.Table = t.ledger_tails
+        where = [table.c.run_id == run_id, table.c.batch == chain.batch]
+        assert tail is not None
+        recorded = tail
+    else:
+        # a run keeps its own chain's tail on its row; chains that belong to no run in ledger_chains
+        table = t.runs if not is_side_chain(run_id) else _chain_row(conn, run_id, at)
+        where = [table.c.id == run_id]
+        query = sa.select(table.c.ledger_seq, table.c.ledger_hash).where(*where)
+        if conn.dialect.name != "sqlite":
+            query = query.with_for_update()
+        row = conn.execute(query).one()
+        recorded = (row.ledger_seq, row.ledger_hash)
+    seq = -1 if recorded[0] is None else int(recorded[0])
+    prev = recorded[1] or GENESIS
+    name = chain.name
     rows = []
     for event in events:
         seq += 1
@@ -127,11 +245,13 @@ def append(conn: Connection, run_id: str, events: Sequence[Event], at: datetime)
             "actor": event.actor,
             "payload": _payload_text(event.payload),
         }
-        digest = event_hash(prev, run_id, seq, at, data)
-        rows.append({**data, "run_id": run_id, "seq": seq, "at": at, "prev_hash": prev, "hash": digest})
+        digest = event_hash(prev, name, seq, at, data)
+        rows.append(
+            {**data, "run_id": run_id, "batch": chain.batch, "seq": seq, "at": at, "prev_hash": prev, "hash": digest}
+        )
         prev = digest
     conn.execute(sa.insert(t.events), rows)  # executemany: psycopg pipelines it
-    conn.execute(sa.update(runs).where(runs.c.id == run_id).values(ledger_seq=seq, ledger_hash=prev))
+    conn.execute(sa.update(table).where(*where).values(ledger_seq=seq, ledger_hash=prev))
 
 
 def _payload_text(payload: dict[str, Any]) -> str | None:
@@ -150,13 +270,44 @@ def _chain_row(conn: Connection, chain_id: str, at: datetime) -> sa.Table:
     return t.ledger_chains
 
 
-def append_by_run(conn: Connection, events: Iterable[tuple[str, Event]], at: datetime) -> None:
-    """Append ``(run_id, event)`` pairs, each run's events to its own chain, in the order given."""
-    by_run: dict[str, list[Event]] = {}
-    for run_id, event in events:
-        by_run.setdefault(run_id, []).append(event)
-    for run_id, run_events in by_run.items():
-        append(conn, run_id, run_events, at)
+def open_run(conn: Connection, run_id: str, head: Event, at: datetime) -> int:
+    """Start a run's ledger, inside the transaction that wrote its delivery rows: one empty tail per batch
+    (``ledger_tails``), their number on the run row, and the ``run.created`` head, which seals that number
+    too. Returns the number of batch chains."""
+    d, lt = t.deliveries, t.ledger_tails
+    top = conn.execute(sa.select(sa.func.max(d.c.batch_no)).where(d.c.run_id == run_id)).scalar()
+    chains = 0 if top is None else int(top) + 1
+    if chains:
+        conn.execute(sa.insert(lt), [{"run_id": run_id, "batch": b} for b in range(chains)])
+    conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(batch_chains=chains))
+    _append_chain(conn, Chain(run_id), [replace(head, payload={**head.payload, "batch_chains": chains})], at)
+    return chains
+
+
+def tails_digest(tails: Iterable[tuple[int, int, str | None]]) -> str:
+    """Digest of (batch, seq, hash) tails in batch order: what a ``batches.sealed`` event holds."""
+    h = hashlib.sha256()
+    for batch, seq, digest in tails:
+        h.update(f"{batch}\t{seq}\t{digest}\n".encode())
+    return h.hexdigest()
+
+
+def seal_batches(conn: Connection, run_id: str, at: datetime, actor: str = "system") -> bool:
+    """Record every batch chain's tail on the run's own chain (a rare moment: the run finished or was
+    cancelled). Reads the tails without locking them: each is a committed point of an append-only chain,
+    which is all verify needs to find it again. False for a run without batch chains."""
+    lt = t.ledger_tails
+    tails = [
+        (int(b), -1 if s is None else int(s), h or GENESIS)
+        for b, s, h in conn.execute(
+            sa.select(lt.c.batch, lt.c.ledger_seq, lt.c.ledger_hash).where(lt.c.run_id == run_id).order_by(lt.c.batch)
+        )
+    ]
+    if not tails:
+        return False
+    payload = {"seqs": [s for _, s, _ in tails], "tails_sha256": tails_digest(tails)}
+    _append_chain(conn, Chain(run_id), [Event(SEAL_KIND, actor=actor, payload=payload)], at)
+    return True
 
 
 @dataclass(frozen=True)
@@ -187,7 +338,7 @@ class _Walked:
     hash: str = GENESIS
 
 
-def _walk(conn: Connection, chain_id: str, chunk: int, walked: _Walked) -> Iterator[Step]:
+def _walk(conn: Connection, chain: Chain, chunk: int, walked: _Walked) -> Iterator[Step]:
     """Recompute a chain event by event (constant memory: see ``_chain_events``).
 
     Yields ``(event, None)`` for each event that checks out, ``(None, break)`` at the first
@@ -195,22 +346,23 @@ def _walk(conn: Connection, chain_id: str, chunk: int, walked: _Walked) -> Itera
     end of the chain, for the caller to compare with the recorded tail.
     """
     prev = GENESIS
-    for expected_seq, ev in enumerate(_chain_events(conn, chain_id, chunk)):
+    name = chain.name
+    for expected_seq, ev in enumerate(_chain_events(conn, chain, chunk)):
         if ev["seq"] != expected_seq:
             problem = (
                 f"expected seq {expected_seq} here but found seq {ev['seq']}: "
                 "an event was deleted here, or events were swapped or re-ordered"
             )
-            yield None, Break(chain_id, ev["seq"], ev["id"], problem)
+            yield None, Break(name, ev["seq"], ev["id"], problem)
             return
         if ev["prev_hash"] != prev:
             problem = "does not link to the event before it (prev_hash differs)"
-            yield None, Break(chain_id, ev["seq"], ev["id"], problem)
+            yield None, Break(name, ev["seq"], ev["id"], problem)
             return
         at = ev["at"] if ev["at"].tzinfo else ev["at"].replace(tzinfo=UTC)
-        if event_hash(prev, chain_id, ev["seq"], at, dict(ev)) != ev["hash"]:
+        if event_hash(prev, name, ev["seq"], at, dict(ev)) != ev["hash"]:
             problem = "content does not match its hash (edited after it was written)"
-            yield None, Break(chain_id, ev["seq"], ev["id"], problem)
+            yield None, Break(name, ev["seq"], ev["id"], problem)
             return
         yield dict(ev), None
         prev = ev["hash"]
@@ -218,7 +370,7 @@ def _walk(conn: Connection, chain_id: str, chunk: int, walked: _Walked) -> Itera
     yield None, None
 
 
-def _chain_events(conn: Connection, chain_id: str, chunk: int) -> Iterator[Any]:
+def _chain_events(conn: Connection, chain: Chain, chunk: int) -> Iterator[Any]:
     """A chain's events in id order, one page in memory at a time.
 
     PostgreSQL streams one query through a server-side cursor: keyset pages there can
@@ -226,9 +378,10 @@ def _chain_events(conn: Connection, chain_id: str, chunk: int) -> Iterator[Any]:
     (just after a bulk load). SQLite reads keyset pages, each a short read.
     """
     e = t.events
+    where = [e.c.run_id == chain.run_id, e.c.batch.is_(None) if chain.batch is None else e.c.batch == chain.batch]
     if conn.dialect.name != "sqlite":
         result = conn.execution_options(stream_results=True, yield_per=chunk).execute(
-            sa.select(e).where(e.c.run_id == chain_id).order_by(e.c.id)
+            sa.select(e).where(*where).order_by(e.c.id)
         )
         try:
             yield from result.mappings()
@@ -237,11 +390,7 @@ def _chain_events(conn: Connection, chain_id: str, chunk: int) -> Iterator[Any]:
         return
     last_id = 0
     while True:
-        rows = (
-            conn.execute(sa.select(e).where(e.c.run_id == chain_id, e.c.id > last_id).order_by(e.c.id).limit(chunk))
-            .mappings()
-            .all()
-        )
+        rows = conn.execute(sa.select(e).where(*where, e.c.id > last_id).order_by(e.c.id).limit(chunk)).mappings().all()
         if not rows:
             return
         yield from rows
@@ -261,24 +410,35 @@ def _tail_break(chain_id: str, walked: _Walked, recorded: tuple[int | None, str 
     return Break(chain_id, walked_seq, None, problem)
 
 
-def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
-    """Recompute one run's chain from its head; return the first break, or None if it is intact.
+@dataclass(frozen=True)
+class _Seal:
+    seq: int
+    event_id: int
+    payload: dict[str, Any]
 
-    Beyond the chain itself, the head must match the run's snapshot (and the snapshot its
+
+def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
+    """Recompute a run's chains from their heads; return the first break, or None if they are intact.
+
+    Beyond each chain itself, the head must match the run's snapshot (and the snapshot its
     own text) and the approval it was made under (version, approver, or why it needed none),
-    the chain must end at the recorded tail, and the deliveries table must agree
-    with the chain: every row's state is the ``to_state`` of its last event, and the
-    (key, initial state) digest equals the one sealed in the head. So an event edited,
-    deleted, swapped or re-ordered, and a delivery row changed behind the ledger's back,
-    are all caught.
+    every batch chain the head seals must be there, each chain must end at its recorded tail
+    and hold the tails sealed when the run finished, and the deliveries table must agree
+    with the chains: every row's state is the ``to_state`` of its last event, its events are
+    in its batch's chain, and the (key, initial state) digest equals the one sealed in the head.
+    So an event edited, deleted, swapped or re-ordered, a chain cut short or deleted whole,
+    and a delivery row changed behind the ledger's back, are all caught.
     """
     head_payload: dict[str, Any] | None = None
+    seals: list[_Seal] = []
     walked = _Walked()
-    for ev, brk in _walk(conn, run.id, chunk, walked):
+    for ev, brk in _walk(conn, Chain(run.id), chunk, walked):
         if brk is not None:
             return brk
         if ev is None:
             break
+        if ev["kind"] == SEAL_KIND:
+            seals.append(_Seal(ev["seq"], ev["id"], json.loads(ev["payload"] or "{}")))
         if ev["seq"] == 0:
             head_payload = json.loads(ev["payload"] or "{}")
             if ev["kind"] != "run.created":
@@ -293,6 +453,12 @@ def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
                 return Break(
                     run.id, 0, ev["id"], "head does not match the run's approval (version, approver, exemption)"
                 )
+            if head_payload.get("batch_chains") != run.batch_chains:
+                return Break(
+                    run.id, 0, ev["id"],
+                    f"head seals {head_payload.get('batch_chains')} batch chains "
+                    f"but the run row says {run.batch_chains}",
+                )  # fmt: skip
     if head_payload is None:
         return Break(run.id, None, None, "the run has no ledger head (event seq 0 missing)")
     brk = _tail_break(run.id, walked, (run.ledger_seq, run.ledger_hash))
@@ -301,10 +467,79 @@ def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
     if _sha(run.campaign_yaml) != run.campaign_sha256 or _sha(run.template_text) != run.template_sha256:
         return Break(run.id, None, None, "the run's stored campaign/template text does not match its sha256")
     return (
-        _check_deliveries(conn, run, head_payload, chunk)
+        _verify_batch_chains(conn, run, head_payload.get("batch_chains"), seals, chunk)
+        or _check_deliveries(conn, run, head_payload, chunk)
         or _check_attempts(conn, run)
         or _check_confirmed(conn, run)
     )
+
+
+def _verify_batch_chains(
+    conn: Connection, run: Any, sealed: int | None, seals: Sequence[_Seal], chunk: int
+) -> Break | None:
+    """Walk every batch chain the head seals, against its tail row and the tails sealed on finishing.
+
+    Memory grows with the number of batches (a seq and a hash each), never with the events.
+    """
+    e, lt = t.events, t.ledger_tails
+    chains = int(sealed or 0)
+    stray = conn.execute(
+        sa.select(e.c.id, e.c.batch, e.c.seq)
+        .where(e.c.run_id == run.id, e.c.batch.is_not(None), sa.or_(e.c.batch < 0, e.c.batch >= chains))
+        .limit(1)
+    ).first()
+    if stray is not None:
+        return Break(
+            Chain(run.id, stray.batch).name, stray.seq, stray.id, f"the head seals {chains} batch chains, not this one"
+        )
+    tails = {
+        int(b): (s, h)
+        for b, s, h in conn.execute(
+            sa.select(lt.c.batch, lt.c.ledger_seq, lt.c.ledger_hash).where(lt.c.run_id == run.id)
+        )
+    }
+    extra = sorted(b for b in tails if not 0 <= b < chains)
+    if extra:
+        return Break(Chain(run.id, extra[0]).name, None, None, "a tail for a batch chain the head does not seal")
+    # the hashes the seals expect to find, by batch and seq (filled in while walking)
+    wanted: dict[int, dict[int, str | None]] = {}
+    for seal in seals:
+        seqs = seal.payload.get("seqs")
+        if not isinstance(seqs, list) or len(seqs) != chains:
+            return Break(run.id, seal.seq, seal.event_id, f"the seal does not hold {chains} batch tails")
+        for batch, seq in enumerate(seqs):
+            wanted.setdefault(batch, {})[int(seq)] = None
+    for batch in range(chains):
+        chain = Chain(run.id, batch)
+        if batch not in tails:
+            return Break(chain.name, None, None, "the batch chain sealed in the head has no tail: it was deleted")
+        walked = _Walked()
+        found = wanted.get(batch, {})
+        for ev, brk in _walk(conn, chain, chunk, walked):
+            if brk is not None:
+                return brk
+            if ev is not None and ev["seq"] in found:
+                found[ev["seq"]] = ev["hash"]
+        brk = _tail_break(chain.name, walked, tails[batch])
+        if brk is not None:
+            return brk
+    for seal in seals:
+        rebuilt = []
+        for batch, seq in enumerate(seal.payload["seqs"]):
+            digest = GENESIS if seq < 0 else wanted[batch][seq]
+            if digest is None:
+                return Break(
+                    Chain(run.id, batch).name, seq, None,
+                    f"the chain ends before seq {seq}, sealed by event {seal.event_id} (seq {seal.seq}) "
+                    f"of chain {run.id}: events were cut off and the tail rewritten",
+                )  # fmt: skip
+            rebuilt.append((batch, seq, digest))
+        if tails_digest(rebuilt) != seal.payload.get("tails_sha256"):
+            return Break(
+                run.id, seal.seq, seal.event_id,
+                "the batch tails sealed here are not in the chains: a batch chain was rewritten",
+            )  # fmt: skip
+    return None
 
 
 #: events that record a gateway's answer to a hand-over: each must have its attempt row, and back
@@ -339,7 +574,7 @@ def _check_attempts(conn: Connection, run: Any) -> Break | None:
             "a hand-over to the gateway is missing from the ledger",
         )  # fmt: skip
     unbacked = conn.execute(
-        sa.select(e.c.id, e.c.seq, e.c.delivery_id)
+        sa.select(e.c.id, e.c.seq, e.c.delivery_id, e.c.batch)
         .where(
             e.c.run_id == run.id,
             _HANDOVER,
@@ -349,7 +584,7 @@ def _check_attempts(conn: Connection, run: Any) -> Break | None:
     ).first()
     if unbacked is not None:
         return Break(
-            run.id, unbacked.seq, unbacked.id,
+            Chain(run.id, unbacked.batch).name, unbacked.seq, unbacked.id,
             f"hand-over event of delivery {unbacked.delivery_id} has no attempt row",
         )  # fmt: skip
     return None
@@ -369,14 +604,17 @@ def _check_confirmed(conn: Connection, run: Any) -> Break | None:
     if unbacked is not None:
         return Break(run.id, None, None, f"delivery {unbacked.id} is confirmed but has no delivery.confirmed event")
     cleared = conn.execute(
-        sa.select(e.c.id, e.c.seq, e.c.delivery_id)
+        sa.select(e.c.id, e.c.seq, e.c.delivery_id, e.c.batch)
         .select_from(e.join(d, d.c.key == e.c.key))
         .where(e.c.run_id == run.id, e.c.kind == "delivery.confirmed", d.c.confirmed_at.is_(None))
         .limit(1)
     ).first()
     if cleared is not None:
         return Break(
-            run.id, cleared.seq, cleared.id, f"delivery {cleared.delivery_id} was confirmed but is no longer"
+            Chain(run.id, cleared.batch).name,
+            cleared.seq,
+            cleared.id,
+            f"delivery {cleared.delivery_id} was confirmed but is no longer",
         )
     return None
 
@@ -387,7 +625,7 @@ def verify_chain(conn: Connection, chain_id: str, chunk: int = 5000) -> Break | 
         sa.select(t.ledger_chains.c.ledger_seq, t.ledger_chains.c.ledger_hash).where(t.ledger_chains.c.id == chain_id)
     ).first()
     walked = _Walked()
-    for _ev, brk in _walk(conn, chain_id, chunk, walked):
+    for _ev, brk in _walk(conn, Chain(chain_id), chunk, walked):
         if brk is not None:
             return brk
     if tail is None:
@@ -409,7 +647,7 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
     total = 0
     while True:
         rows = conn.execute(
-            sa.select(d.c.id, d.c.key, d.c.state, d.c.phone)
+            sa.select(d.c.id, d.c.key, d.c.state, d.c.phone, d.c.batch_no)
             .where(d.c.run_id == run.id, d.c.id > last_id)
             .order_by(d.c.id)
             .limit(chunk)
@@ -418,15 +656,26 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
             break
         first_from: dict[str, str] = {}
         last_to: dict[str, tuple[str, int, int]] = {}
+        batch_of = {r.key: r.batch_no for r in rows}
         # select by key only (ix_events_key) and order here: with run_id or ORDER BY seq in the query
         # SQLite picks the (run_id, seq) index and scans the whole chain once per page
         found = conn.execute(
-            sa.select(e.c.key, e.c.from_state, e.c.to_state, e.c.seq, e.c.id, e.c.run_id, e.c.kind).where(
-                e.c.key.in_([r.key for r in rows])
-            )
+            sa.select(
+                e.c.key, e.c.from_state, e.c.to_state, e.c.seq, e.c.id, e.c.run_id, e.c.kind, e.c.batch
+            ).where(e.c.key.in_([r.key for r in rows]))
         ).all()
-        for key, from_state, to_state, seq, event_id, chain, kind in sorted(found, key=lambda ev: ev.seq):
-            if chain != run.id or kind != "delivery.state":
+        # a delivery's events are all in one chain (its batch's; the run's own for a run made before
+        # batch chains), so their seqs order them
+        for key, from_state, to_state, seq, event_id, chain, kind, batch in sorted(found, key=lambda ev: ev.seq):
+            if chain != run.id:
+                continue
+            expected = None if run.batch_chains is None else batch_of[key]
+            if batch != expected:
+                return Break(
+                    Chain(run.id, batch).name, seq, event_id,
+                    f"an event of delivery {key!r} outside its batch's chain ({Chain(run.id, expected).name})",
+                )  # fmt: skip
+            if kind != "delivery.state":
                 continue
             first_from.setdefault(key, from_state)
             last_to[key] = (to_state, seq, event_id)
@@ -437,7 +686,7 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
             if row.key in last_to and last_to[row.key][0] != row.state:
                 to_state, seq, event_id = last_to[row.key]
                 return Break(
-                    run.id, seq, event_id,
+                    Chain(run.id, None if run.batch_chains is None else row.batch_no).name, seq, event_id,
                     f"delivery {row.id} is {row.state!r} in the deliveries table "
                     f"but its last event says {to_state!r}",
                 )  # fmt: skip

@@ -515,7 +515,7 @@ class Ringback:
                 "keys_sha256": digest,
                 "restores": enrol_run_id,
             }
-            ledger.append(conn, spec.run_id, [ledger.Event(kind="run.created", actor=spec.actor, payload=payload)], now)
+            ledger.open_run(conn, spec.run_id, ledger.Event(kind="run.created", actor=spec.actor, payload=payload), now)
             conn.execute(
                 sa.update(t.runs)
                 .where(t.runs.c.id == spec.run_id)

@@ -24,14 +24,15 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 11
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
 #: Each column is declared on its table below as well, so a new database gets it directly.
 #: New tables (3: leader_fences; 4: sessions, login_throttle; 7: run_prices; 8: alerts, alert_steps,
-#: alert_milestones, roster, api_keys; 9: campaign_approvals) need no entry: ``create_all`` adds
-#: them, but only when the version moves (a log at this version is only read), hence a bump for each.
+#: alert_milestones, roster, api_keys; 9: campaign_approvals; 10: ledger_tails; 11: rate_schedules) need no
+#: entry: ``create_all`` adds them, but only when the version moves (a log at this version is only read),
+#: hence a bump for each.
 MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
@@ -39,10 +40,14 @@ MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     6: (("attempts", "trace_purged_at"),),
     8: (("deliveries", "confirmed_at"),),
     9: (("runs", "version_sha256"), ("runs", "approved_by"), ("runs", "approved_at"), ("runs", "approval_exempt")),
+    # per-batch ledger chains; the upgrade also trades events' (run_id, seq) uniqueness for the two
+    # indexes below (SqlStore._upgrade_events_to_chains), which SQLite can only do by rebuilding the table
+    10: (("events", "batch"), ("runs", "batch_chains")),
 }
 #: indexes an upgrade to that version creates on tables that already exist (``create_all`` leaves them alone)
 INDEX_MIGRATIONS: dict[int, tuple[str, ...]] = {
     5: ("ix_deliveries_provider_id",),
+    10: ("uq_events_chain_seq", "uq_events_main_seq"),
 }
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a log that grows
@@ -111,6 +116,9 @@ runs = Table(
     #: tail of the run's ledger chain (store/ledger.py): last sequence number and its hash
     Column("ledger_seq", Integer),
     Column("ledger_hash", String(64)),
+    #: how many per-batch ledger chains the run has (its head seals the same number); their tails are
+    #: in ``ledger_tails``. NULL on runs made before batch chains: all their events are in the run's chain
+    Column("batch_chains", Integer),
     #: why the run stopped by itself (its outbox or delivery log could not be written); cleared by resume
     Column("halted", Text),
     #: the campaign version (sha256 over the campaign file and every template it uses) the run was made of,
@@ -209,6 +217,9 @@ events = Table(
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("run_id", String(32), nullable=False),
+    #: the chain within the run: NULL is the run's own chain (head, run-level events; every event of a run
+    #: made before batch chains), a number the chain of that batch's deliveries (ledger.py)
+    Column("batch", Integer),
     Column("seq", Integer, nullable=False),
     Column("kind", String(32), nullable=False),
     Column("key", String(64)),
@@ -223,7 +234,17 @@ events = Table(
     Column("at", DateTime(timezone=True), nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
-    UniqueConstraint("run_id", "seq", name="uq_events_run_seq"),
+    # one seq per chain: (run_id, batch, seq) for batch chains; NULLs never collide in a unique index,
+    # so the run's own chain (and the side chains) get a partial one
+    Index("uq_events_chain_seq", "run_id", "batch", "seq", unique=True),
+    Index(
+        "uq_events_main_seq",
+        "run_id",
+        "seq",
+        unique=True,
+        sqlite_where=text("batch IS NULL"),
+        postgresql_where=text("batch IS NULL"),
+    ),
     Index("ix_events_key", "key"),
     Index("ix_events_at", "at"),
 )
@@ -237,6 +258,18 @@ ledger_chains = Table(
     Column("ledger_seq", Integer),
     Column("ledger_hash", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+#: the tail of each batch chain of a run (store/ledger.py): written with the run's head, one row per batch,
+#: and locked (``FOR UPDATE``) only by appends to that batch, so workers recording different batches of one
+#: run never wait on each other
+ledger_tails = Table(
+    "ledger_tails",
+    metadata,
+    Column("run_id", String(32), primary_key=True),
+    Column("batch", Integer, primary_key=True, autoincrement=False),
+    Column("ledger_seq", Integer),
+    Column("ledger_hash", String(64)),
 )
 
 #: dashboard accounts (dispatcher/accounts.py): role ``auditor`` or ``operator``, scrypt password hash
@@ -351,6 +384,16 @@ scheduler_leases = Table(
     Column("name", String(64), primary_key=True),
     Column("holder", String(128), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+#: the shared rate limiter's schedule when no Redis is configured (a RabbitMQ broker without
+#: DISPATCH_REDIS_URL): one row per gateway holding the GCRA "theoretical arrival time" in
+#: microseconds since the epoch, moved by one atomic upsert per send (``Coordination.reserve_slot``)
+rate_schedules = Table(
+    "rate_schedules",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("tat_us", BigInteger, nullable=False),
 )
 
 #: what a ringback enrolment changed on a number and must put back at the window's end:

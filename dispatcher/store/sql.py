@@ -223,6 +223,8 @@ class SqlStore:
                 conn.exec_driver_sql(
                     f"ALTER TABLE {preparer.quote(table_name)} ADD COLUMN {preparer.quote(column_name)} {kind}"
                 )
+            if target == 10:
+                _events_unique_per_chain(conn)
             for index_name in t.INDEX_MIGRATIONS.get(target, ()):
                 index = next(i for table in t.metadata.tables.values() for i in table.indexes if i.name == index_name)
                 index.create(conn, checkfirst=True)  # checkfirst: an interrupted upgrade may have made it
@@ -479,16 +481,12 @@ class SqlStore:
                 pending = int(pending or 0)
                 batches = 0 if batches is None else int(batches) + 1
                 digest = keys_digest(conn, spec.run_id, is_sqlite=self.is_sqlite)
-                ledger.append(
+                ledger.open_run(
                     conn,
                     spec.run_id,
-                    [
-                        ledger.Event(
-                            kind="run.created",
-                            actor=spec.actor,
-                            payload=head_payload(spec, int(total), pending, digest),
-                        )
-                    ],
+                    ledger.Event(
+                        kind="run.created", actor=spec.actor, payload=head_payload(spec, int(total), pending, digest)
+                    ),
                     now,
                 )
                 conn.execute(
@@ -537,11 +535,15 @@ class SqlStore:
         with self._write() as conn:
             if conn.execute(select(any_open)).scalar_one():
                 return False
-            conn.execute(
+            now = self.clock()
+            finished = conn.execute(
                 sa.update(t.runs)
                 .where(t.runs.c.id == run_id, t.runs.c.status.in_(("running", "creating")))
-                .values(status="completed", finished_at=self.clock())
-            )
+                .values(status="completed", finished_at=now)
+            ).rowcount
+            if finished:
+                # once per run: the batch chains' tails go on the run's own chain
+                ledger.seal_batches(conn, run_id, now)
         return True
 
     # ------------------------------------------------------------------ worker side
@@ -599,7 +601,10 @@ class SqlStore:
             ledger.append(
                 conn,
                 run_id,
-                [ledger.Event("delivery.state", row.key, row.id, PENDING, SENDING, actor=worker_id) for row in rows],
+                [
+                    ledger.Event("delivery.state", row.key, row.id, PENDING, SENDING, actor=worker_id, batch=batch_no)
+                    for row in rows
+                ],
                 now,
             )
         return [_claimed(row, now) for row in rows]
@@ -1005,6 +1010,7 @@ class SqlStore:
                     values={"reason": "cancelled"},
                 )
             conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(status="cancelled"))
+            ledger.seal_batches(conn, run_id, self.clock(), actor=actor)
         return n
 
     def heartbeat(self, worker_id: str, host: str, pid: int) -> None:
@@ -1115,6 +1121,27 @@ class SqlStore:
         """Remove every table (tests only)."""
         with self._write() as conn:
             t.metadata.drop_all(conn)
+
+
+def _events_unique_per_chain(conn: Connection) -> None:
+    """Drop events' (run_id, seq) uniqueness (version 10: each batch chain of a run counts from 0).
+
+    PostgreSQL drops the constraint. SQLite cannot drop a constraint written into its CREATE TABLE, so
+    the table is rebuilt: renamed aside, made anew from the schema, filled with every row (ids kept),
+    the old one dropped; in the upgrade's transaction, so a failure leaves version 9 as it was.
+    """
+    if not any(c.get("name") == "uq_events_run_seq" for c in sa.inspect(conn).get_unique_constraints("events")):
+        return  # an upgrade interrupted after this step
+    if conn.dialect.name != "sqlite":
+        conn.exec_driver_sql("ALTER TABLE events DROP CONSTRAINT uq_events_run_seq")
+        return
+    columns = ", ".join(c.name for c in t.events.columns)
+    conn.exec_driver_sql("ALTER TABLE events RENAME TO events_v9")
+    for index in t.events.indexes:  # index names are per database: the old table's must go first
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
+    t.events.create(conn)
+    conn.exec_driver_sql(f"INSERT INTO events ({columns}) SELECT {columns} FROM events_v9 ORDER BY id")
+    conn.exec_driver_sql("DROP TABLE events_v9")
 
 
 def _claimed_columns() -> tuple[Any, ...]:

@@ -4,6 +4,10 @@ Never the shared services on 6379/5432: each fault test owns what it breaks. Pos
 is one private cluster for the session (initdb takes seconds) with a fresh database per
 test; a test that stops it starts it again before it ends. Redis is one private server
 per test (it starts in milliseconds), started with no persistence so a restart is empty.
+
+RabbitMQ is the shared server with a fresh vhost per test (``pg_broker_project``), never a
+private one: a RabbitMQ node takes seconds to boot and wants its own Erlang node name and
+data directory, so the tests that kill or restart the broker stay on the private Redis.
 """
 
 from __future__ import annotations
@@ -184,6 +188,28 @@ def pg_redis_project(
         private_postgres.start()
     p = _make_project(tmp_path / "project", private_postgres.new_database())
     p.env["DISPATCH_BROKER_URL"] = private_redis.url
+    p.env["DISPATCH_SEND_WINDOW"] = "ignore"
+    yield p
+    for rt in p.runtimes:
+        rt.close()
+
+
+@pytest.fixture
+def pg_broker_project(
+    request: pytest.FixtureRequest, tmp_path: Path, private_postgres: PrivatePostgres, broker_kind: str
+) -> Iterator[Project]:
+    """``pg_redis_project``, or the same on a fresh vhost of the shared RabbitMQ (parametrised by ``broker_kind``).
+
+    For faults of the workers and the database, not of the broker: nothing here kills RabbitMQ.
+    """
+    if not private_postgres.running():
+        private_postgres.start()
+    if broker_kind == "redis":
+        url = request.getfixturevalue("private_redis").url
+    else:
+        url = request.getfixturevalue("rabbitmq_url")
+    p = _make_project(tmp_path / "project", private_postgres.new_database())
+    p.env["DISPATCH_BROKER_URL"] = url
     p.env["DISPATCH_SEND_WINDOW"] = "ignore"
     yield p
     for rt in p.runtimes:

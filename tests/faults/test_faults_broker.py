@@ -1,4 +1,9 @@
-"""The broker restarted empty: the run is seen stalled, and the scheduler's watchdog brings it home."""
+"""The broker restarted empty: the run is seen stalled, and the scheduler's watchdog brings it home.
+
+A private Redis is killed and restarted empty. RabbitMQ is the shared server, which no test may
+stop: its "restart empty" is the test's vhost deleted and made again (every queue, message and
+connection of the deployment gone), which is what its clients see of a server that lost its data.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import Project, stop_processes, wait_for
+from tests.conftest import Project, empty_vhost, stop_processes, wait_for
 from tests.faults.support import PrivateRedis, check_recovery, start_run, status, wait_done, wait_log, worker
 
 pytestmark = pytest.mark.slow
@@ -57,9 +62,9 @@ def test_a_run_whose_broker_lost_its_queues_shows_stalled_and_the_watchdog_finis
 
 
 def test_the_watchdog_notices_a_broker_that_lost_its_data_at_once(
-    pg_redis_project: Project, private_redis: PrivateRedis
+    pg_broker_project: Project, broker_kind: str, request: pytest.FixtureRequest
 ) -> None:
-    project = pg_redis_project
+    project = pg_broker_project
     project.env.update(
         {"DISPATCH_OUTBOX_LATENCY_MS": "5", "DISPATCH_BATCH_SIZE": "100", "DISPATCH_STALL_AFTER": "600",
          "DISPATCH_WATCHDOG_EVERY": "1"}
@@ -69,7 +74,11 @@ def test_the_watchdog_notices_a_broker_that_lost_its_data_at_once(
     try:
         wait_log(project.root / "var" / "scheduler.log", "scheduler.leader", 30)
         run_id = start_run(project)
-        _lose_the_broker(project, private_redis, run_id)
+        if broker_kind == "redis":
+            _lose_the_broker(project, request.getfixturevalue("private_redis"), run_id)
+        else:
+            wait_for(lambda: status(project, run_id)["counts"].get("sent", 0) > 300, 60, "sending to start")
+            empty_vhost(project.env["DISPATCH_BROKER_URL"])
         lost_at = time.monotonic()
         wait_log(project.root / "var" / "scheduler.log", "watchdog.broker_lost", 30)
         print(f"\nbroker loss noticed {time.monotonic() - lost_at:.1f}s after the restart")

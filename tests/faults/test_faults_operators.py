@@ -51,6 +51,8 @@ def test_two_manual_runs_of_one_campaign_at_once_create_one_run_and_the_second_n
 
     with project.runtime().store.engine.connect() as conn:
         payload = conn.execute(
-            sa.select(t.events.c.payload).where(t.events.c.run_id == run_id, t.events.c.seq == 0)
+            sa.select(t.events.c.payload).where(
+                t.events.c.run_id == run_id, t.events.c.batch.is_(None), t.events.c.seq == 0
+            )
         ).scalar_one()
     assert json.loads(payload)["again_reason"] == "drill: resend after carrier outage"

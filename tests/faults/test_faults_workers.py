@@ -1,5 +1,6 @@
 """Workers under faults, on private PostgreSQL and Redis: racing resumes, retries, a database outage,
-SIGTERM mid-batch. After recovery: every key once in the gateway, nothing stranded, ledger complete."""
+SIGTERM mid-batch. After recovery: every key once in the gateway, nothing stranded, ledger complete.
+The retries (delayed messages, ``.DQ`` queues) run on RabbitMQ too."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_resumes_racing_a_live_worker_send_no_one_twice(pg_redis_project: Project) -> None:
+    # Redis only: the race is between two resumes' claims in the database; a worker killed mid-run and
+    # resumed on RabbitMQ is test_redis_workers.py's kill -9 test
     project = pg_redis_project
     # 50-row batches of 20 ms messages: a live worker holds a re-queued batch for about a second
     project.env.update(
@@ -89,8 +92,8 @@ def _phones(project: Project) -> list[str]:
         return [row["phone"] for row in csv.DictReader(fh)]
 
 
-def test_transient_failures_are_retried_on_time_and_strand_no_one(pg_redis_project: Project) -> None:
-    project = pg_redis_project
+def test_transient_failures_are_retried_on_time_and_strand_no_one(pg_broker_project: Project) -> None:
+    project = pg_broker_project
     project.env["DISPATCH_BATCH_SIZE"] = "100"
     project.registry(size=2000, seed=92)
     phones = _phones(project)

@@ -30,7 +30,16 @@ def _gateway(settings: Settings) -> Gateway:
     if settings.http_config is None:
         raise ConfigError("DISPATCH_HTTP_CONFIG must name the HTTP adapter's config file")
     config = load_config(settings.http_config, env=settings.gateway_secrets)
-    return HttpGateway(config, timeout=settings.gateway_timeout)
+    return HttpGateway(config, timeout=settings.gateway_timeout, concurrency=settings.gateway_concurrency)
+
+
+def _batch_capacity(settings: Settings) -> int:
+    from .gateway import load_config
+
+    if settings.http_config is None:
+        return 1
+    config = load_config(settings.http_config, env=settings.gateway_secrets)
+    return config.batch.max_size if config.batch is not None else 1
 
 
 def _ringback(
@@ -46,9 +55,13 @@ def _ringback(
         raise ConfigError("DISPATCH_RINGBACK_CONFIG must name the carrier's ringback config file")
     enrol = load_config(settings.ringback_config, env=settings.gateway_secrets, section="enrol")
     restore = load_config(settings.ringback_config, env=settings.gateway_secrets, section="restore")
+    # the batch skeleton drives the numbers concurrently (``RingbackSends``); each section's client
+    # pools as many keep-alive connections
+    pool = settings.gateway_concurrency
     return CarrierHttpRingback(
-        HttpGateway(enrol, timeout=settings.gateway_timeout, transport=transport),
-        HttpGateway(restore, timeout=settings.gateway_timeout, transport=transport),
+        HttpGateway(enrol, timeout=settings.gateway_timeout, transport=transport, connections=pool),
+        HttpGateway(restore, timeout=settings.gateway_timeout, transport=transport, connections=pool),
+        concurrency=pool,
     )
 
 
@@ -78,6 +91,7 @@ PROVIDER = register(
         name="http",
         channels=frozenset({"sms", "ringback", "voice"}),
         gateway=_gateway,
+        batch_capacity=_batch_capacity,
         ringback_name="carrier-http",
         ringback=_ringback,
         voice_name="http",

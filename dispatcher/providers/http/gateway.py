@@ -347,6 +347,18 @@ def _fill(template: Any, values: Mapping[str, Any]) -> Any:
     return template
 
 
+def calls_for(messages: Sequence[OutgoingMessage], max_size: int) -> list[list[int]]:
+    """The carrier calls a chunk makes in batch mode: indexes of the messages with the same text,
+    in order of first appearance, at most ``max_size`` numbers a call. A text personalised per
+    recipient (a name first) makes one call per number: ``dispatch preview`` shows that cost."""
+    by_text: dict[str, list[int]] = {}
+    for index, message in enumerate(messages):
+        by_text.setdefault(message.body, []).append(index)
+    return [
+        indexes[start : start + max_size] for indexes in by_text.values() for start in range(0, len(indexes), max_size)
+    ]
+
+
 class HttpGateway(BaseGateway):
     name = "http"
     #: without a ``lookup`` section a provider cannot be asked "did you take this message?": unknown rows
@@ -354,11 +366,25 @@ class HttpGateway(BaseGateway):
     can_lookup = False
 
     def __init__(
-        self, config: HttpConfig, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None
+        self,
+        config: HttpConfig,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+        concurrency: int = 1,
+        connections: int | None = None,
     ) -> None:
         self.config = config
         self.redactor = Redactor(config.secrets)
-        self.http = TracedHttp(redactor=self.redactor, timeout=config.timeout or timeout, transport=transport)
+        # one keep-alive connection per call in flight (``connections``: when another drives the calls)
+        self.http = TracedHttp(
+            redactor=self.redactor,
+            timeout=config.timeout or timeout,
+            transport=transport,
+            max_connections=max(20, connections or concurrency),
+        )
+        # up to ``concurrency`` calls in flight: one per message, or in batch mode one per call
+        self.drive_concurrently(concurrency)
         #: numbers one call can carry: the sender hands over chunks this large so batches stay whole
         self.batch_capacity = config.batch.max_size if config.batch is not None else 1
         #: declared by the config: only a provider with a status URL can be asked what became of a message
@@ -473,19 +499,26 @@ class HttpGateway(BaseGateway):
         return SendResult(provider_id=str(provider_id), status="accepted", trace=trace)
 
     def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
+        """Without a batch section, one call per message; with one, one call per text: the messages of
+        the chunk that say the same thing, up to ``max_size`` numbers a call. Either way up to
+        ``concurrency`` calls are in flight at once, and the answers come back per message, in order."""
         batch = self.config.batch
         if batch is None:
             return super().send_many(messages)
+        calls = calls_for(messages, batch.max_size)
         results: list[SendResult | SendError | None] = [None] * len(messages)
-        by_text: dict[str, list[int]] = {}
-        for index, message in enumerate(messages):
-            by_text.setdefault(message.body, []).append(index)
-        for indexes in by_text.values():
-            for start in range(0, len(indexes), batch.max_size):
-                chunk = indexes[start : start + batch.max_size]
-                for index, outcome in zip(chunk, self._send_chunk([messages[i] for i in chunk]), strict=True):
-                    results[index] = outcome
+        for indexes, outcomes in zip(calls, self._calls([[messages[i] for i in c] for c in calls]), strict=True):
+            for index, outcome in zip(indexes, outcomes, strict=True):
+                results[index] = outcome
         return [r for r in results if r is not None]
+
+    def _calls(self, calls: list[list[OutgoingMessage]]) -> list[list[SendResult | SendError]]:
+        """Each call's answers; the calls run ``concurrency`` at a time (``_send_chunk`` never raises)."""
+        if self.handover is None:
+            return [self._send_chunk(call) for call in calls]
+        # the pool bounds calls in flight, not numbers: a call of 500 numbers is one request
+        answers = self.handover.run(self._send_chunk, calls)
+        return [a if isinstance(a, list) else [a] * len(call) for a, call in zip(answers, calls, strict=True)]
 
     def _send_chunk(self, chunk: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
         batch = self.config.batch
@@ -602,4 +635,5 @@ class HttpGateway(BaseGateway):
         return found
 
     def close(self) -> None:
+        super().close()  # the calls in flight finish before their client goes
         self.http.close()

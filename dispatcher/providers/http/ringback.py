@@ -17,9 +17,12 @@ class CarrierHttpRingback:
 
     name = "carrier-http"
 
-    def __init__(self, enrol: Any, restore: Any) -> None:
+    def __init__(self, enrol: Any, restore: Any, *, concurrency: int = 1) -> None:
         self.enrol_gateway = enrol
         self.restore_gateway = restore
+        #: numbers enrolled or restored at once (DISPATCH_GATEWAY_CONCURRENCY): the carrier's platform
+        #: answers each call after a round trip, like an SMS provider
+        self.concurrency = concurrency
 
     @staticmethod
     def _message(request: RingbackRequest) -> OutgoingMessage:

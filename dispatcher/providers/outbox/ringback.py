@@ -26,6 +26,8 @@ class OutboxRingback:
     """Writes each action as one JSON line (flock, one write per line), like the SMS outbox."""
 
     name = "outbox"
+    #: a local file: nothing to wait for, so nothing gained from several at once
+    concurrency = 1
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -38,6 +38,7 @@ def _gateway(settings: Settings) -> Gateway:
         public_url=settings.public_url,
         base_url=settings.twilio_base_url,
         timeout=settings.gateway_timeout,
+        concurrency=settings.gateway_concurrency,
     )
 
 

@@ -92,10 +92,12 @@ class DispatchHttpClient(HttpClient):
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         extra_headers: Callable[[str, str, Mapping[str, Any] | None], Mapping[str, str]] | None = None,
+        max_connections: int = 20,
     ) -> None:
         super().__init__(logging.getLogger("dispatcher.twilio.http"), is_async=False, timeout=timeout)
         self.base_url = base_url.rstrip("/")
-        self.http = TracedHttp(redactor=redactor, timeout=timeout, transport=transport)
+        # thread-safe: the gateway's send threads share it; every request's state is local to the call
+        self.http = TracedHttp(redactor=redactor, timeout=timeout, transport=transport, max_connections=max_connections)
         #: headers to add per request (tests use it to select Prism examples with ``Prefer``)
         self.extra_headers = extra_headers
 
@@ -225,6 +227,7 @@ class TwilioGateway(BaseGateway):
         transport: httpx.BaseTransport | None = None,
         extra_headers: Callable[[str, str, Mapping[str, Any] | None], Mapping[str, str]] | None = None,
         clock: Callable[[], datetime] | None = None,
+        concurrency: int = 1,
     ) -> None:
         if not account_sid or not auth_token:
             raise ConfigError("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set for DISPATCH_GATEWAY=twilio")
@@ -245,8 +248,12 @@ class TwilioGateway(BaseGateway):
             timeout=timeout,
             transport=transport,
             extra_headers=extra_headers,
+            # one keep-alive connection per request in flight, and the pool's default for the rest
+            max_connections=max(20, concurrency),
         )
         self.client = Client(account_sid, auth_token, http_client=self.http_client)
+        # ``send_many`` keeps up to ``concurrency`` messages in flight (DISPATCH_GATEWAY_CONCURRENCY)
+        self.drive_concurrently(concurrency)
 
     def _validity(self, message: OutgoingMessage) -> int | None:
         """Seconds Twilio may keep the message queued: never beyond the campaign's ``send_by``."""
@@ -327,4 +334,5 @@ class TwilioGateway(BaseGateway):
         return found
 
     def close(self) -> None:
+        super().close()  # the in-flight sends finish before their client goes
         self.http_client.close()

@@ -24,6 +24,8 @@ class TwilioAnnounce:
     """Numbers hosted on Twilio: a pre-connect announcement through the number's voice URL."""
 
     name = "twilio-announce"
+    #: two calls per number (find it, then update it): one number at a time
+    concurrency = 1
 
     def __init__(self, sms: Any, public_url: str) -> None:
         #: a ``TwilioGateway``: same client, HTTP client, redaction and error table
