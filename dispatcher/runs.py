@@ -363,10 +363,12 @@ def reconcile_orphans(
     """Settle rows left in ``sending``: the gateway has the key -> ``sent``; else back to ``pending``.
 
     Both moves are fenced on the claim token read with the orphan list, so a row a live worker
-    claimed since is left alone. Returns (found sent, requeued). ``leading`` (the scheduler's
-    lease, renewed by each call): asked between lookups, which may take longer than the lease
-    (one HTTP request per key), and before anything moves, so a leader that lost its lease
-    meanwhile acts on nothing and one still leading keeps its lease.
+    claimed since is left alone; requeueing (and marking unknown) also on the row's ``claimed_at``,
+    so a row whose worker came back and renewed its claim during the lookups is left to it (it
+    may be handing it over right now; a requeue would send it twice). Returns (found sent, requeued).
+    ``leading`` (the scheduler's lease, renewed by each call): asked between lookups, which may take
+    longer than the lease (one HTTP request per key), and before anything moves, so a leader that
+    lost its lease meanwhile acts on nothing and one still leading keeps its lease.
     """
     if not orphans:
         return 0, 0
@@ -378,7 +380,12 @@ def reconcile_orphans(
     gateway = run_gateway(runtime, run)
     if not gateway.can_lookup:
         # the provider cannot say what it took: resending could double-send, an operator decides
-        settled = store.provider_events.mark_unknown(run_id, [o.id for o in orphans], reason="orphan_no_lookup")
+        settled = store.provider_events.mark_unknown(
+            run_id,
+            [o.id for o in orphans],
+            reason="orphan_no_lookup",
+            seen={o.id: (o.claim_token, o.claimed_at) for o in orphans},
+        )
         log.warning("run.orphans_unknown", orphans=len(orphans), marked=settled)
         return 0, 0
     requests = [LookupRequest(o.key, o.phone, "", o.claimed_at) for o in orphans]

@@ -7,6 +7,7 @@ rows still ``pending``, so a second delivery of the message finds nothing to do.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -194,6 +195,12 @@ class Gate:
         #: messages handed to the gateway so far (a crash before the first leaves nothing to reconcile)
         self.handed = 0
         self._claim_checked = time.monotonic()
+        #: when this batch's claim was last renewed (made just before the gate: the claim itself)
+        self._claim_renewed = self._claim_checked
+        #: rows the last renewal found still held (None: none yet), and rows a check found taken away;
+        #: a row taken away never comes back under the same claim, so both stay true for the batch
+        self._held: set[int] | None = None
+        self._lost: set[int] = set()
         self.opens_at: datetime | None = None
         self._checked = 0.0
 
@@ -241,20 +248,56 @@ class Gate:
         return False
 
     def taken_away(self, chunk: list[tuple[Claimed, OutgoingMessage]]) -> set[int]:
-        """Rows of the chunk no longer held under their claim, checked at most every ``CHECK_EVERY``.
+        """Rows of the chunk no longer held under their claim, asked of the log at most every ``CHECK_EVERY``.
 
-        A worker frozen (SIGSTOP, a stalled VM) past its heartbeat may wake to find its rows
-        reconciled and re-queued: handing them over then would send those people twice.
+        A worker frozen (SIGSTOP, a stalled VM) or cut off past its heartbeat may come back to find
+        its rows reconciled and re-queued: handing them over then would send those people twice.
+
+        Once a third of ``worker_stale_after`` has passed since the claim was last renewed, the check
+        renews it (one UPDATE over every row the batch still holds): the leader's requeue is fenced on
+        ``claimed_at``, so for each row either the renewal or the requeue wins, never both. Measured
+        from the last renewal, this also renews at the first check after any gap long enough for the
+        leader to have judged this worker dead (a freeze, a network cut). In between, a read suffices:
+        a claim renewed within a third of the window is not listed as an orphan (``orphans`` wants it
+        a whole window old), so nobody can be requeueing it. What the last renewal and checks found
+        taken away answers for the chunks between checks, so a chunk right after one that was taken
+        away is not handed over unchecked.
+
+        A renewal that cannot be written (the log unreachable) is retried until it is: past the
+        third of the window, the rows may be the leader's, and only the log can say.
         """
         now = time.monotonic()
-        if now - self._claim_checked < self.CHECK_EVERY:
-            return set()
-        self._claim_checked = now
-        try:
-            held = self.runtime.store.still_claimed([row.id for row, _ in chunk], chunk[0][0].claim_token)
-        except StoreError:
-            return set()  # the log is unreachable: nobody can have taken them through it either
-        return {row.id for row, _ in chunk if row.id not in held}
+        ids = [row.id for row, _ in chunk]
+        if now - self._claim_checked >= self.CHECK_EVERY:
+            self._claim_checked = now
+            store, token = self.runtime.store, chunk[0][0].claim_token
+            if token is None:
+                return set()  # rows not taken under a claim (none are, from claim()): nothing to fence on
+            if now - self._claim_renewed >= self.runtime.settings.worker_stale_after / 3:
+                held = self._renew(token)
+                if held is None:
+                    return set(ids)  # shutting down before the log answered: hand nothing more over
+                self._held, self._claim_renewed = held, now
+            else:
+                # unreadable for a moment: fine, the claim was renewed within a third of the window
+                with contextlib.suppress(StoreError):
+                    self._lost |= set(ids) - store.still_claimed(ids, token)
+        return {i for i in ids if i in self._lost or (self._held is not None and i not in self._held)}
+
+    def _renew(self, token: str) -> set[int] | None:
+        """The batch's rows still held after renewing its claim; None if the worker stops first."""
+        warned = False
+        while True:
+            try:
+                return self.runtime.store.renew_claim(self.context.run_id, token) or set()
+            except StoreError as exc:
+                # a failed renewal may also have lost to the leader's requeue (PostgreSQL aborts one of
+                # two transactions locking the same rows in opposite orders): asked again, the rows say
+                if not warned:
+                    log.warning("batch.claim_unrenewed", error=str(exc))
+                    warned = True
+            if self.runtime.stopping.wait(self.CHECK_EVERY):
+                return None
 
     def pace(self, chunk: list[tuple[Claimed, OutgoingMessage]]) -> None:
         if self.limiter is None:

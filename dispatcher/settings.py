@@ -233,7 +233,8 @@ class Settings:
     record_retry_for: float = 600.0
     #: a running run with rows due and no row moving for this long is stalled: the watchdog re-queues it
     stall_after: float = 30.0
-    #: a row in ``sending`` longer than this is reconciled by the watchdog even if its worker still beats
+    #: a row in ``sending`` whose claim was not renewed for this long is reconciled by the watchdog even if
+    #: its worker still beats (a worker stuck in one hand-over stops renewing)
     sending_deadline: float = 900.0
     #: how often the scheduler's leader runs the watchdog
     watchdog_every: float = 5.0

@@ -4,8 +4,9 @@ Dramatiq messages only carry work; when they are lost (a broker restarted empty,
 retry message that was never sent, a worker that died holding claims) the database
 still says what is left. Every ``watchdog_every`` seconds the leader:
 
-- reconciles rows in ``sending`` whose worker is gone, or that have been in flight
-  longer than ``sending_deadline`` (asks the gateway, fenced on the claim token);
+- reconciles rows in ``sending`` whose worker is gone, or whose claim has not been
+  renewed for ``sending_deadline`` (asks the gateway; fenced on the claim token and on
+  ``claimed_at``, so a worker that renews meanwhile keeps its rows);
 - re-enqueues the pending batches of a run whose due rows have not moved for
   ``stall_after`` seconds (a duplicate message is harmless: claims are atomic);
 - notices a broker that lost its data (a sentinel it planted, a Redis key or a durable

@@ -114,12 +114,14 @@ def transition(
     reason: str | None = None,
     values: dict[str, Any] | None = None,
     token: str | None = None,
+    fence: Sequence[Any] = (),
 ) -> int:
     """Move rows ``from_state`` -> ``to_state`` and append one ledger event per row moved.
 
     Every state change outside claim/record goes through here, inside the caller's
     transaction, so the delivery log and the ledger can never disagree. With ``token``,
-    only rows still held under that claim move.
+    only rows still held under that claim move; ``fence`` adds further conditions a row
+    must still meet (its claim not renewed since it was read).
     """
     if not ids:
         return 0
@@ -127,6 +129,7 @@ def transition(
     where = [d.c.id.in_(ids), d.c.state == from_state]
     if token is not None:
         where.append(d.c.claim_token == token)
+    where.extend(fence)
     moved = conn.execute(
         sa.update(d)
         .where(*where)

@@ -349,8 +349,19 @@ class ProviderEvents:
         found_n = sum(1 for c in changes if c.to_state == SENT)
         return found_n, len(changes) - found_n
 
-    def mark_unknown(self, run_id: str, ids: Sequence[int], *, reason: str) -> int:
-        """Rows left in ``sending`` that nobody can look up become ``unknown`` (an operator decides)."""
+    def mark_unknown(
+        self,
+        run_id: str,
+        ids: Sequence[int],
+        *,
+        reason: str,
+        seen: Mapping[int, tuple[str | None, datetime | None]] | None = None,
+    ) -> int:
+        """Rows left in ``sending`` that nobody can look up become ``unknown`` (an operator decides).
+
+        With ``seen`` (each row's claim token and ``claimed_at`` as the orphan list read them), a row
+        re-claimed or renewed by its worker since is left to that worker.
+        """
         if not ids:
             return 0
         d = t.deliveries
@@ -361,9 +372,14 @@ class ProviderEvents:
             ).all()
             changes = []
             for row in rows:
+                fence: list[Any] = []
+                if seen is not None and row.id in seen:
+                    token, claimed_at = seen[row.id]
+                    fence.append(d.c.claim_token.is_(None) if token is None else d.c.claim_token == token)
+                    fence.append(d.c.claimed_at.is_(None) if claimed_at is None else d.c.claimed_at == claimed_at)
                 done = conn.execute(
                     sa.update(d)
-                    .where(d.c.id == row.id, d.c.state == SENDING)
+                    .where(d.c.id == row.id, d.c.state == SENDING, *fence)
                     .values(state=UNKNOWN, reason=reason, claim_token=None, updated_at=now)
                 ).rowcount
                 if done:

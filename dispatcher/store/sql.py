@@ -841,32 +841,73 @@ class SqlStore:
                 )
             }
 
+    def renew_claim(self, run_id: str, token: str | None) -> set[int] | None:
+        """Renew this claim on every row still held under ``token``; returns their ids (None: no token).
+
+        One UPDATE of ``claimed_at``: the leader requeues, settles or marks an orphan only if its
+        ``claimed_at`` is still what it read with the orphan list, so for each row either this renewal
+        or the leader's move wins, decided by the row itself. A row not in the answer was taken away
+        and must not be handed over. Like a claim, a renewal proves the worker alive (its heartbeat
+        thread can lag behind after a network cut).
+        """
+        if token is None:
+            return None
+        d = t.deliveries
+        now = self.clock()
+        with self._write() as conn:
+            rows = conn.execute(
+                sa.update(d)
+                # the (run, state) index bounds the scan to the run's rows in flight
+                .where(d.c.run_id == run_id, d.c.state == SENDING, d.c.claim_token == token)
+                .values(claimed_at=now)
+                .returning(d.c.id, d.c.claimed_by)
+            ).all()
+            holders = {row.claimed_by for row in rows if row.claimed_by is not None}
+            if holders:
+                conn.execute(sa.update(t.workers).where(t.workers.c.id.in_(holders)).values(heartbeat_at=now))
+        return {row.id for row in rows}
+
     def live_workers(self, stale_after_seconds: float) -> set[str]:
         """Workers that beat within the window, less those on this host whose process is gone.
 
         A worker killed on this machine is known dead at once (its pid no longer exists), so a
         ``resume`` right after a crash does not wait for the heartbeat to go stale.
         """
+        return self._worker_liveness(stale_after_seconds)[0]
+
+    def _worker_liveness(self, stale_after_seconds: float) -> tuple[set[str], set[str], set[str]]:
+        """(workers that beat within the window and whose process is not known gone,
+        workers on this host whose process has exited, every worker registered)."""
         import socket
 
         w = t.workers
         cutoff = self.clock().timestamp() - stale_after_seconds
         here = socket.gethostname()
         alive: set[str] = set()
+        exited: set[str] = set()
+        registered: set[str] = set()
         with self._read() as conn:
             for wid, host, pid, beat in conn.execute(select(w.c.id, w.c.host, w.c.pid, w.c.heartbeat_at)):
+                registered.add(wid)
+                if host == here and not _pid_alive(int(pid)):
+                    exited.add(wid)
+                    continue
                 if (as_utc(beat) or datetime.min.replace(tzinfo=UTC)).timestamp() < cutoff:
                     continue
-                if host == here and not _pid_alive(int(pid)):
-                    continue
                 alive.add(wid)
-        return alive
+        return alive, exited, registered
 
     def orphans(self, run_id: str, stale_after_seconds: float, *, older_than: datetime | None = None) -> list[Claimed]:
-        """Rows in ``sending`` whose holder is gone (no recent heartbeat, or its process has exited),
-        or, with ``older_than``, claimed before that time whoever holds them (a stuck worker)."""
+        """Rows in ``sending`` whose holder is gone (its process has exited, it is not registered, or
+        no recent heartbeat and a claim not renewed within the window either), or, with ``older_than``,
+        whose claim was last renewed before that time whoever holds them (a stuck worker).
+
+        Each row carries the ``claimed_at`` read here: every move of an orphan is fenced on it, so a
+        row whose worker renews its claim meanwhile (back from a network cut) is left to that worker.
+        """
         d, r = t.deliveries, t.residents
-        alive = self.live_workers(stale_after_seconds)
+        alive, exited, registered = self._worker_liveness(stale_after_seconds)
+        stale = datetime.fromtimestamp(self.clock().timestamp() - stale_after_seconds, UTC)
         with self._read() as conn:
             rows = conn.execute(
                 select(*_claimed_columns(), d.c.claimed_by, d.c.claimed_at)
@@ -874,11 +915,14 @@ class SqlStore:
                 .where(d.c.run_id == run_id, d.c.state == SENDING)
                 .order_by(d.c.id)
             ).all()
+        never = datetime.min.replace(tzinfo=UTC)
         return [
             _claimed(row, as_utc(row.claimed_at))
             for row in rows
-            if row.claimed_by not in alive
-            or (older_than is not None and (as_utc(row.claimed_at) or older_than) < older_than)
+            if row.claimed_by in exited
+            or row.claimed_by not in registered
+            or (row.claimed_by not in alive and (as_utc(row.claimed_at) or never) < stale)
+            or (older_than is not None and (as_utc(row.claimed_at) or never) < older_than)
         ]
 
     def sending_holders(self, run_id: str) -> dict[str, int]:
@@ -897,19 +941,19 @@ class SqlStore:
     def requeue(self, rows: Sequence[Claimed], actor: str = "resume") -> int:
         """Orphaned rows the gateway never received go back to ``pending`` (attempt already counted).
 
-        Fenced on each row's claim token: a row re-claimed since the orphan list was read is not touched.
+        Fenced on each row's claim token and ``claimed_at`` as the orphan list read them: a row
+        re-claimed since, or whose worker renewed its claim since (it came back and may be handing
+        it over), is not touched.
         """
         if not rows:
             return 0
-        by_token: dict[str | None, list[int]] = defaultdict(list)
-        for row in rows:
-            by_token[row.claim_token].append(row.id)
         moved = 0
         with self._write() as conn:
-            for token, ids in by_token.items():
+            for (token, seen), ids in _by_claim(rows).items():
                 moved += transition(
                     conn, self.clock(), ids, SENDING, PENDING, actor=actor, reason="requeued",
                     values={"claim_token": None, "next_attempt_at": None}, token=token,
+                    fence=claim_unrenewed(seen),
                 )  # fmt: skip
         return moved
 
@@ -1107,6 +1151,20 @@ def _claimed_columns() -> tuple[Any, ...]:
         d.c.id, d.c.key, d.c.run_id, d.c.phone, func.coalesce(r.c.name, "").label("name"), d.c.district,
         d.c.grid, d.c.attempts, func.coalesce(r.c.opted_out, sa.false()).label("opted_out"), d.c.claim_token,
     )  # fmt: skip
+
+
+def _by_claim(rows: Sequence[Claimed]) -> dict[tuple[str | None, datetime | None], list[int]]:
+    """Row ids grouped by (claim token, claimed_at) as read: one fenced UPDATE per group."""
+    groups: dict[tuple[str | None, datetime | None], list[int]] = defaultdict(list)
+    for row in rows:
+        groups[(row.claim_token, row.claimed_at)].append(row.id)
+    return groups
+
+
+def claim_unrenewed(seen: datetime | None) -> list[Any]:
+    """The condition that a row's claim was not renewed since ``claimed_at`` was read as ``seen``."""
+    d = t.deliveries
+    return [d.c.claimed_at.is_(None) if seen is None else d.c.claimed_at == seen]
 
 
 def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
