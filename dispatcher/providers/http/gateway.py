@@ -576,20 +576,10 @@ class HttpGateway(BaseGateway):
         found: dict[str, SendResult] = {}
         for request in requests:
             url = spec.url.replace("{key}", quote(request.key, safe="")).replace("{to}", quote(request.to, safe=""))
-            with collecting() as trace:
-                try:
-                    response = self.http.request("GET", url, headers=self.config.headers)
-                except httpx.HTTPError as exc:
-                    error = RetryableSendError(
-                        f"lookup: no reply: {type(exc).__name__}", code="http.lookup_unreachable"
-                    )
-                    raise self._with(error, trace) from exc
-            if response.status_code == 404:
+            got = self._get_json(url, "lookup")
+            if got is None:
                 continue
-            try:
-                data: Any = response.json() if response.status_code < 300 else None
-            except ValueError:
-                data = None
+            response, data, trace = got
             provider_id = dig(data, spec.message_id)
             if provider_id in (None, ""):
                 raise self._with(
@@ -599,6 +589,24 @@ class HttpGateway(BaseGateway):
             found[request.key] = SendResult(provider_id=str(provider_id), status="accepted", trace=list(trace))
         return found
 
+    def _get_json(self, url: str, what: str) -> tuple[httpx.Response, Any, list[dict[str, Any]]] | None:
+        """One traced GET of a lookup or status URL: None for a 404 (the provider does not know it), else
+        the response, its JSON (None when it is not JSON or not a success) and the trace; no reply at all
+        raises ``RetryableSendError`` (``http.<what>_unreachable``), so nothing is decided on a guess."""
+        with collecting() as trace:
+            try:
+                response = self.http.request("GET", url, headers=self.config.headers)
+            except httpx.HTTPError as exc:
+                error = RetryableSendError(f"{what}: no reply: {type(exc).__name__}", code=f"http.{what}_unreachable")
+                raise self._with(error, trace) from exc
+        if response.status_code == 404:
+            return None
+        try:
+            data: Any = response.json() if response.status_code < 300 else None
+        except ValueError:
+            data = None
+        return response, data, trace
+
     def fetch_status(self, provider_ids: Sequence[str]) -> dict[str, MessageStatus]:
         """One GET of the status URL per message; ids the provider answers 404 for are left out."""
         spec = self.config.status
@@ -607,20 +615,10 @@ class HttpGateway(BaseGateway):
         found: dict[str, MessageStatus] = {}
         for provider_id in provider_ids:
             url = spec.url.replace("{provider_id}", quote(provider_id, safe=""))
-            with collecting() as trace:
-                try:
-                    response = self.http.request("GET", url, headers=self.config.headers)
-                except httpx.HTTPError as exc:
-                    error = RetryableSendError(
-                        f"status: no reply: {type(exc).__name__}", code="http.status_unreachable"
-                    )
-                    raise self._with(error, trace) from exc
-            if response.status_code == 404:
+            got = self._get_json(url, "status")
+            if got is None:
                 continue
-            try:
-                data: Any = response.json() if response.status_code < 300 else None
-            except ValueError:
-                data = None
+            response, data, trace = got
             word = dig(data, spec.status)
             if word is None:
                 raise self._with(
