@@ -38,9 +38,11 @@ prism:
 		echo "npm not found: Prism not installed, the Twilio contract tests will skip (and fail under CI)"; \
 	fi
 
-## bench: print throughput and memory figures (needs Redis; starts a throwaway one if needed)
+## bench: print throughput and memory figures, then Twilio-compatible sending against the twilio library alone
+## (needs Redis, which it starts if needed, and PostgreSQL)
 bench: $(VENV)/.installed-dev
 	$(BIN)/python scripts/with_redis.py $(BIN)/python bench/bench_pipeline.py $(BENCH_ARGS)
+	$(BIN)/python scripts/with_redis.py $(BIN)/python bench/bench_twilio_concurrency.py
 
 ## bench-http: the HTTP adapter sending a 10,000-person campaign in batched calls to a local provider
 bench-http: $(VENV)/.installed-dev
