@@ -41,8 +41,11 @@ prism:
 ## bench: print throughput and memory figures, then Twilio-compatible sending against the twilio library alone
 ## (needs Redis, which it starts if needed, and PostgreSQL)
 bench: $(VENV)/.installed-dev
-	$(BIN)/python scripts/with_redis.py $(BIN)/python bench/bench_pipeline.py $(BENCH_ARGS)
-	$(BIN)/python scripts/with_redis.py $(BIN)/python bench/bench_twilio_concurrency.py
+	@# both run even when the first misses a target; the exit status says whether every target was met
+	@rc=0; \
+	$(BIN)/python scripts/with_redis.py $(BIN)/python bench/bench_pipeline.py $(BENCH_ARGS) || rc=1; \
+	$(BIN)/python scripts/with_redis.py $(BIN)/python bench/bench_twilio_concurrency.py || rc=1; \
+	exit $$rc
 
 ## bench-http: the HTTP adapter sending a 10,000-person campaign in batched calls to a local provider
 bench-http: $(VENV)/.installed-dev
