@@ -280,7 +280,7 @@ def twilio_alone(args: argparse.Namespace, provider: ProviderProcess, count: int
     return stats
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=3000, help="recipients in the registry")
     parser.add_argument("--workers", type=int, default=2)
@@ -293,7 +293,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve:
         serve(args.latency)
-        return
+        return 0
     import os
 
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
@@ -321,12 +321,14 @@ def main() -> None:
         f"({b['cpu'] / b['requests'] * 1000:.2f} ms a message)"
     )
     ratio = rate_a / rate_b if rate_b else 0.0
-    print(f"ratio (a)/(b): {ratio:.0%} (target >= 80%)")
-    print(f"sent twice: {a['sent_twice'] + b['sent_twice']}")
+    print(f"{'PASS' if ratio >= 0.8 else 'FAIL'} ratio (a)/(b): {ratio:.0%} (target >= 80%)")
+    twice = a["sent_twice"] + b["sent_twice"]
+    print(f"{'PASS' if twice == 0 else 'FAIL'} sent twice: {twice}")
     sent = (status.get("counts") or {}).get("sent", 0)
     if sent != a["requests"]:
         print(f"WARNING: {sent} rows sent in the log, {a['requests']} requests seen by the provider")
+    return 0 if ratio >= 0.8 and twice == 0 and sent == a["requests"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
