@@ -129,7 +129,9 @@ def test_database_outage_after_send_loses_no_result_and_strands_no_row(
     pg_redis_project: Project, private_postgres: PrivatePostgres
 ) -> None:
     project = pg_redis_project
-    project.env.update({"DISPATCH_OUTBOX_LATENCY_MS": "4", "DISPATCH_BATCH_SIZE": "100"})
+    # 20 ms a message: a batch spends 2 s handing over and milliseconds claiming and recording, so the
+    # outage lands between some batch's hand-over and its record (at 4 ms it could miss every send phase)
+    project.env.update({"DISPATCH_OUTBOX_LATENCY_MS": "20", "DISPATCH_BATCH_SIZE": "100"})
     project.registry(size=3000, seed=93)
     procs = [worker(project, "w1"), worker(project, "w2")]
     try:
