@@ -16,7 +16,7 @@ Every run also checks that each pending recipient was sent exactly once (deliver
 Usage: python bench/bench_pipeline.py [--size 100000] [--small 10000] [--database sqlite,postgresql]
        [--scale 1,2,4]            (make bench BENCH_ARGS="--size 1000000")
 Needs Redis (DISPATCH_TEST_REDIS_URL, default redis://127.0.0.1:6379/0) and, for postgresql,
-PostgreSQL (DISPATCH_TEST_POSTGRES_URL). BENCH_PROFILE=/tmp/prof writes py-spy samples of each worker.
+PostgreSQL (DISPATCH_TEST_POSTGRES_URL). BENCH_PROFILE=/tmp/prof writes py-spy samples (of the GIL holder) of each worker.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ CAMPAIGN = "campaigns/quarterly-themes.yaml"
 WORKER_THREADS = int(os.environ.get("BENCH_WORKER_THREADS", "4"))
 #: the bare baseline at its best on this machine: 2 processes x 8 threads
 BARE_THREADS = 8
+#: worker CPU per bare no-op message, set by bare_dramatiq()
+BARE_CPU_MS = float("nan")
 BATCH = int(os.environ.get("BENCH_BATCH", "500"))
 DISPATCH = (sys.executable, "-m", "dispatcher")
 
@@ -58,6 +60,29 @@ def peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a live process has used so far (to compare work per message on a noisy host:
+    a neighbour stealing cycles slows every rate here, not the CPU each message costs)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU used so far by every PostgreSQL process on this machine (its backends serve our workers)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as fh:
+                    if fh.read().strip() != "postgres":
+                        continue
+                total += cpu_seconds(int(entry))
+            except OSError:
+                continue
+    return total
 
 
 def wait_ready(proc: subprocess.Popen[str]) -> None:
@@ -95,6 +120,8 @@ def bare_dramatiq(n: int) -> tuple[float, float]:
     while done(keys=[queue_key, f"{queue_key}.msgs"]) > 0:
         time.sleep(0.005)
     process_rate = n / (time.perf_counter() - start)
+    global BARE_CPU_MS
+    BARE_CPU_MS = sum(cpu_seconds(w.pid) for w in workers) * 1000 / n
     for w in workers:
         w.terminate()
         w.wait(30)
@@ -165,6 +192,7 @@ def pipeline(size: int, kind: str, n_workers: int = 2) -> dict[str, float]:
                     [
                         "py-spy",
                         "record",
+                        "--gil",  # only the thread holding the GIL: where the workers' Python CPU goes
                         "--format",
                         "raw",
                         "--rate",
@@ -180,6 +208,8 @@ def pipeline(size: int, kind: str, n_workers: int = 2) -> dict[str, float]:
                 )
                 for i, w in enumerate(workers)
             ]
+        cpu_before = [cpu_seconds(w.pid) for w in workers]
+        pg_before = postgres_cpu_seconds()
         # fan-out: the `dispatch run --no-wait` process (it reports its own fan-out time)
         run = subprocess.run(
             [sys.executable, str(ROOT / "bench" / "maxrss.py"), *DISPATCH, "run", CAMPAIGN, "--no-wait", "--json"],
@@ -196,6 +226,8 @@ def pipeline(size: int, kind: str, n_workers: int = 2) -> dict[str, float]:
         while store.get_run(run_id).status != "completed":  # a cheap poll: no COUNT over the run
             time.sleep(0.05)
         e2e_seconds = time.time() - enqueued_at
+        worker_cpu = sum(cpu_seconds(w.pid) for w in workers) - sum(cpu_before)
+        pg_cpu = postgres_cpu_seconds() - pg_before  # includes the fan-out's share
         if os.environ.get("BENCH_PROFILE"):
             for prof in profilers:
                 prof.wait(60)
@@ -219,6 +251,8 @@ def pipeline(size: int, kind: str, n_workers: int = 2) -> dict[str, float]:
             "e2e_seconds": e2e_seconds,
             "run_rss_mb": run_rss,
             "worker_rss_mb": max(worker_rss),
+            "worker_cpu_ms": worker_cpu * 1000 / max(1, sent),
+            "pg_cpu_ms": pg_cpu * 1000 / max(1, sent),
         }
     finally:
         client = redis.Redis.from_url(REDIS_URL)
@@ -262,6 +296,11 @@ def main() -> int:
                 f"end-to-end {r['e2e_rate']:7.0f}/s ({r['e2e_seconds']:.2f} s)  "
                 f"sent {r['sent']} = outbox {r['outbox_lines']}  "
                 f"peak RSS run {r['run_rss_mb']:.0f} MB, worker {r['worker_rss_mb']:.0f} MB"
+            )
+            print(
+                f"{'':10} {'':>8} CPU per recipient: workers {r['worker_cpu_ms']:.3f} ms"
+                + (f", PostgreSQL {r['pg_cpu_ms']:.3f} ms" if kind == "postgresql" else "")
+                + f" (bare Dramatiq: {BARE_CPU_MS:.3f} ms per message)"
             )
         checks = {
             f"{kind}: fan-out >= 20x bare enqueue": (big["fanout_rate"] / enqueue_rate, 20.0, "x"),

@@ -122,7 +122,7 @@ def settled_outcome(row: Claimed, gateway: str, state: str, outcome: str, **fiel
     """An outcome decided without a gateway call (skipped, expired, capped, render failure)."""
     return Outcome(
         id=row.id, key=row.key, run_id=row.run_id, state=state, attempt=row.attempts,
-        gateway=gateway, outcome=outcome, claim_token=row.claim_token, **fields,
+        gateway=gateway, outcome=outcome, claim_token=row.claim_token, batch=row.batch, **fields,
     )  # fmt: skip
 
 
@@ -151,6 +151,7 @@ def outcome_for(
         "key": row.key,
         "run_id": row.run_id,
         "claim_token": row.claim_token,
+        "batch": row.batch,
         "attempt": row.attempts,
         # a failover list names the provider that took (or answered for) this message
         "gateway": getattr(result, "gateway", None) or gateway,

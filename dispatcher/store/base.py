@@ -250,6 +250,8 @@ class Claimed:
     #: so a stale resume cannot take a row a live worker holds, and a worker whose row was taken
     #: away cannot overwrite whoever holds it now
     claim_token: str | None = None
+    #: the row's batch: its ledger chain (saves looking it up when its result is recorded)
+    batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -306,3 +308,5 @@ class Outcome:
     #: providers of a failover list that proved they took nothing before ``gateway`` answered
     #: (gateway, error_code, error_message, trace): each is kept as an attempt ``refused``
     refusals: list[dict[str, Any]] = field(default_factory=list)
+    #: the row's batch, when the caller has it: the ledger chain its event goes to (read otherwise)
+    batch: int | None = None

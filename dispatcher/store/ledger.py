@@ -43,6 +43,7 @@ from ..errors import StoreError
 from ..keys import delivery_key
 from ..redact import scrub_optional
 from . import schema as t
+from ._bulk import insert_rows
 
 GENESIS = "0" * 64
 #: the chain of audit events that belong to no run (``audit.export``: who exported unmasked numbers).
@@ -250,7 +251,7 @@ def _append_chain(
             {**data, "run_id": run_id, "batch": chain.batch, "seq": seq, "at": at, "prev_hash": prev, "hash": digest}
         )
         prev = digest
-    conn.execute(sa.insert(t.events), rows)  # executemany: psycopg pipelines it
+    insert_rows(conn, t.events, rows)
     conn.execute(sa.update(table).where(*where).values(ledger_seq=seq, ledger_hash=prev))
 
 

@@ -37,6 +37,7 @@ from . import ledger
 from . import schema as t
 from ._accounts import Accounts
 from ._alerts import Alerts
+from ._bulk import insert_rows, update_where_held
 from ._approvals import Approvals, still_approved
 from ._audit import AuditLog
 from ._dashboard import DashboardReads
@@ -141,6 +142,8 @@ class SqlStore:
         self._db = Db(self.engine, lambda: self.clock())
         self.is_sqlite = self._db.is_sqlite
         self._secrets: dict[str, bytes] = {}
+        #: when each worker's heartbeat was last refreshed by one of its claims (see ``_prove_alive``)
+        self._proved: dict[str, datetime] = {}
         # the operation groups: the store's public face beside its own run/delivery/claim operations
         self.control = RunControl(self._db)
         self.coordination = Coordination(self._db, _lock_base(url))
@@ -586,10 +589,6 @@ class SqlStore:
             ).rowcount
             if not claimed:
                 return []
-            # claiming proves the worker alive: its heartbeat thread can lag behind (a connection that hung
-            # through a network cut recovers after fresh ones do), and the leader must not take these rows
-            # for a dead worker's orphans, look them up and resend them while this worker hands them over
-            conn.execute(sa.update(t.workers).where(t.workers.c.id == worker_id).values(heartbeat_at=now))
             rows = conn.execute(
                 select(*_claimed_columns())
                 # loosely: a row of a run made from a list (an alert's number) may have no resident
@@ -607,7 +606,32 @@ class SqlStore:
                 ],
                 now,
             )
+        self._prove_alive(worker_id, now)
         return [_claimed(row, now) for row in rows]
+
+    #: a claim refreshes its worker's heartbeat at most this often (seconds of the store's clock)
+    PROOF_EVERY = 1.0
+
+    def _prove_alive(self, worker_id: str, now: datetime) -> None:
+        """A claim proves its worker alive: refresh the heartbeat, at most once a second per worker.
+
+        The heartbeat thread can lag behind (a connection that hung through a network cut recovers
+        after fresh ones do); the rows just claimed are safe anyway (``orphans`` wants a claim a whole
+        stale window old), but ``resume`` and the watchdog also judge the worker itself by its beat.
+        The refresh is its own short transaction after the claim's: inside it, every thread of a worker
+        claiming at once queued on the worker's one row while the others wrote their ledger events.
+        """
+        last = self._proved.get(worker_id)
+        if last is not None and abs((now - last).total_seconds()) < self.PROOF_EVERY:
+            return
+        self._proved[worker_id] = now
+        try:
+            with self._write_short() as conn:
+                conn.execute(sa.update(t.workers).where(t.workers.c.id == worker_id).values(heartbeat_at=now))
+        except StoreError:
+            # the claim stands: its fresh claimed_at keeps the rows from being taken for orphans, and the
+            # heartbeat thread, which logs its own failures, keeps beating
+            self._proved.pop(worker_id, None)
 
     def next_retry_at(self, run_id: str, batch_no: int) -> datetime | None:
         """When the earliest postponed row of this batch becomes due (None if nothing is postponed)."""
@@ -664,6 +688,7 @@ class SqlStore:
                             error_code=o.error_code,
                             reason=o.reason or (o.outcome if o.outcome == "retry" else None),
                             actor=actor,
+                            batch=o.batch,
                         ),
                     )
                     for o in outcomes
@@ -785,27 +810,9 @@ class SqlStore:
     )  # fmt: skip
 
     def _update_from_values(self, conn: Connection, updates: list[dict[str, Any]]) -> int:
-        """executemany UPDATE of the rows still ``sending``; returns how many were updated.
-
-        (A single UPDATE ... FROM (VALUES ...) was tried: SQLAlchemy's compile time for 500-row
-        VALUES costs more than the round trips it saves.)
-        """
-        d = t.deliveries
-        fenced = [u for u in updates if u["_token"] is not None]
-        unfenced = [u for u in updates if u["_token"] is None]
-        values: dict[str, Any] = {n: sa.bindparam(n) for n in self._RECORD_COLUMNS}
-        done = 0
-        if fenced:
-            stmt = (
-                sa.update(d)
-                .where(d.c.id == sa.bindparam("_id"), d.c.state == SENDING, d.c.claim_token == sa.bindparam("_token"))
-                .values(values)
-            )
-            done += int(conn.execute(stmt, fenced).rowcount)
-        if unfenced:
-            stmt = sa.update(d).where(d.c.id == sa.bindparam("_id"), d.c.state == SENDING).values(values)
-            done += int(conn.execute(stmt, [{k: v for k, v in u.items() if k != "_token"} for u in unfenced]).rowcount)
-        return done
+        """UPDATE the rows still ``sending`` (under the outcome's claim token, when it has one); returns
+        how many were updated. One statement over arrays on PostgreSQL (``_bulk``)."""
+        return update_where_held(conn, t.deliveries, updates, self._RECORD_COLUMNS, held_state=SENDING)
 
     def release(self, ids: Sequence[int], token: str | None, actor: str = "worker") -> int:
         """Give claimed rows back to ``pending`` without counting an attempt (paused, stopping, shutting down).
@@ -1150,6 +1157,7 @@ def _claimed_columns() -> tuple[Any, ...]:
     return (
         d.c.id, d.c.key, d.c.run_id, d.c.phone, func.coalesce(r.c.name, "").label("name"), d.c.district,
         d.c.grid, d.c.attempts, func.coalesce(r.c.opted_out, sa.false()).label("opted_out"), d.c.claim_token,
+        d.c.batch_no,
     )  # fmt: skip
 
 
@@ -1180,6 +1188,7 @@ def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
         opted_out=bool(row.opted_out),
         claimed_at=claimed_at,
         claim_token=row.claim_token,
+        batch=row.batch_no,
     )
 
 
@@ -1286,9 +1295,8 @@ def open_store(
 
 
 def insert_many(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
-    """executemany INSERT (pipelined by psycopg; see ``create_engine``)."""
-    if rows:
-        conn.execute(sa.insert(table), list(rows))
+    """INSERT many rows in the caller's transaction (COPY on PostgreSQL; see ``_bulk``)."""
+    insert_rows(conn, table, rows)
 
 
 def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
