@@ -16,7 +16,8 @@ Every run also checks that each pending recipient was sent exactly once (deliver
 Usage: python bench/bench_pipeline.py [--size 100000] [--small 10000] [--database sqlite,postgresql]
        [--scale 1,2,4]            (make bench BENCH_ARGS="--size 1000000")
 Needs Redis (DISPATCH_TEST_REDIS_URL, default redis://127.0.0.1:6379/0) and, for postgresql,
-PostgreSQL (DISPATCH_TEST_POSTGRES_URL). BENCH_PROFILE=/tmp/prof writes py-spy samples (of the GIL holder) of each worker.
+PostgreSQL (DISPATCH_TEST_POSTGRES_URL). BENCH_PROFILE=/tmp/prof writes py-spy samples of each worker
+(of the thread holding the GIL: where its Python CPU goes).
 """
 
 from __future__ import annotations

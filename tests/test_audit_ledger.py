@@ -313,15 +313,17 @@ def test_a_run_recorded_by_several_worker_processes_at_once_verifies(database_ur
         assert store.get_run(run_id).status == "completed"
         events, problem = store.audit.verify_run(run_id)
         assert problem is None, str(problem)
-        # head, claim and result per row, and one seal of the 12 batch tails when the run finished
-        assert events == 1 + 2 * 480 + 1
+        # head, one claim per batch (each batch sent in one go), a result per row, and one seal of the
+        # 12 batch tails when the run finished
+        assert events == 1 + 12 + 480 + 1
         with store.engine.connect() as conn:
             per_chain = dict(
                 conn.execute(
                     sa.text("SELECT batch, count(*) FROM events WHERE run_id = :r GROUP BY batch"), {"r": run_id}
                 ).all()
             )
-        assert per_chain == {None: 2, **{b: 80 for b in range(12)}}
+        # each batch chain: its claim and its 40 results
+        assert per_chain == {None: 2, **{b: 41 for b in range(12)}}
     finally:
         store.close()
 

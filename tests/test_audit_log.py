@@ -50,7 +50,7 @@ def test_numbers_are_masked_everywhere_unless_unmasked(logged: dict[str, Any]) -
     out = logged["project"].dispatch("audit", "log", "--format", "csv")
     assert out.returncode == 0, out.stderr
     body = out.stdout
-    assert body.count("\n") > 500
+    assert body.count("\n") > 300  # a result event per recipient of both runs
     full_numbers = {r["phone"] for r in logged["rows"]}
     found = set(re.findall(r"\+86\d{11}", body)) | {"+86" + m for m in re.findall(r"(?<!\d)(1\d{10})(?!\d)", body)}
     assert not (found & full_numbers), "a full number leaked into a masked export"
@@ -65,11 +65,10 @@ def test_phone_filter_finds_exactly_that_numbers_events_across_runs(logged: dict
     )
     bare = target["phone"].removeprefix("+86")  # typed as people write it; normalised before matching
     events = jsonl(logged["project"].dispatch("audit", "log", "--phone", bare, "--format", "jsonl", "--unmask"))
-    # both campaigns include this resident: pending->sending and sending->sent in each run
+    # both campaigns include this resident: sent in each run (the claim before it is one event per batch,
+    # which names the row by id and belongs to no one number)
     assert [(e["campaign_id"], e["from_state"], e["to_state"]) for e in events] == [
-        ("ledger-test", "pending", "sending"),
         ("ledger-test", "sending", "sent"),
-        ("refund-scam-lucheng", "pending", "sending"),
         ("refund-scam-lucheng", "sending", "sent"),
     ]
     assert {e["phone"] for e in events} == {target["phone"]}

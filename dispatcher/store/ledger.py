@@ -6,7 +6,9 @@ template snapshot hashes, a digest of every idempotency key with its initial sta
 of batch chains, so the head ties the ledger to exactly what was planned and a whole batch chain
 deleted is missed by name. Every event about a delivery (its key, from- and to-state, provider id,
 error code, reason, actor and time) goes to the chain of the delivery's batch (``events.batch`` =
-``deliveries.batch_no``) and carries the hash of the event before it in that chain; the chain's
+``deliveries.batch_no``) and carries the hash of the event before it in that chain. A worker's claim
+is one ``batch.claimed`` event on that chain naming every row it took (pending -> sending for each),
+which ``audit verify`` reads as one state change per row named; the chain's
 identity (``<run id>/<batch>``) is inside the hashed material, so an event moved to another chain
 does not verify. Each chain's tail (last seq and hash) is kept apart from its events: the run's in
 ``runs.ledger_seq``/``ledger_hash``, each batch chain's in its own ``ledger_tails`` row, so cutting
@@ -81,6 +83,17 @@ class Event:
 
 #: the event on a run's chain that records every batch chain's tail (when the run finishes or is cancelled)
 SEAL_KIND = "batches.sealed"
+#: the event on a batch's chain that moves the rows it names (``payload.ids``) from pending to sending
+CLAIM_KIND = "batch.claimed"
+
+
+def claim_event(ids: Sequence[int], batch: int, actor: str) -> Event:
+    """A worker's claim of a batch's rows as one event: ``pending -> sending`` for each delivery id listed.
+
+    ``audit verify`` reads it as that many state changes, at this event's place in the batch chain.
+    """
+    return Event(CLAIM_KIND, from_state="pending", to_state="sending", actor=actor, batch=batch,
+                 payload={"ids": sorted(int(i) for i in ids)})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,8 +170,9 @@ def append_by_run(conn: Connection, events: Iterable[tuple[str, Event]], at: dat
 
 
 def _routed(run_id: str, event: Event) -> bool:
-    """Whether the event goes to a batch chain: it is about a delivery of a run (not a side chain's)."""
-    return event.delivery_id is not None and not is_side_chain(run_id)
+    """Whether the event goes to a batch chain: it is about a delivery of a run, or about a batch of its
+    deliveries (a claim), not a side chain's."""
+    return (event.delivery_id is not None or event.kind == CLAIM_KIND) and not is_side_chain(run_id)
 
 
 def _batches_of(conn: Connection, ids: Sequence[int | None]) -> dict[int, int]:
@@ -660,14 +674,18 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
         batch_of = {r.key: r.batch_no for r in rows}
         # select by key only (ix_events_key) and order here: with run_id or ORDER BY seq in the query
         # SQLite picks the (run_id, seq) index and scans the whole chain once per page
-        found = conn.execute(
-            sa.select(
-                e.c.key, e.c.from_state, e.c.to_state, e.c.seq, e.c.id, e.c.run_id, e.c.kind, e.c.batch
-            ).where(e.c.key.in_([r.key for r in rows]))
-        ).all()
+        found = [
+            tuple(ev)
+            for ev in conn.execute(
+                sa.select(
+                    e.c.key, e.c.from_state, e.c.to_state, e.c.seq, e.c.id, e.c.run_id, e.c.kind, e.c.batch
+                ).where(e.c.key.in_([r.key for r in rows]))
+            )
+        ]
+        found.extend(_claimed_in(conn, run, rows))
         # a delivery's events are all in one chain (its batch's; the run's own for a run made before
         # batch chains), so their seqs order them
-        for key, from_state, to_state, seq, event_id, chain, kind, batch in sorted(found, key=lambda ev: ev.seq):
+        for key, from_state, to_state, seq, event_id, chain, kind, batch in sorted(found, key=lambda ev: ev[3]):
             if chain != run.id:
                 continue
             expected = None if run.batch_chains is None else batch_of[key]
@@ -702,3 +720,25 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
             f"({head.get('total')} rows): a delivery row was added, deleted or changed outside the ledger",
         )  # fmt: skip
     return None
+
+
+def _claimed_in(conn: Connection, run: Any, rows: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The claims of a page of delivery rows, one ``delivery.state`` pending -> sending per row a claim
+    event names, shaped like the rows ``_check_deliveries`` reads (key, from, to, seq, id, chain, kind,
+    batch)."""
+    e = t.events
+    by_id = {r.id: r.key for r in rows}
+    # a run made before batch chains keeps every event in its own chain
+    batches = sorted({r.batch_no for r in rows})
+    where = e.c.batch.is_(None) if run.batch_chains is None else e.c.batch.in_(batches)
+    found = []
+    for seq, event_id, batch, from_state, to_state, payload in conn.execute(
+        sa.select(e.c.seq, e.c.id, e.c.batch, e.c.from_state, e.c.to_state, e.c.payload).where(
+            e.c.run_id == run.id, e.c.kind == CLAIM_KIND, where
+        )
+    ):
+        for delivery_id in json.loads(payload or "{}").get("ids", ()):
+            key = by_id.get(delivery_id)
+            if key is not None:
+                found.append((key, from_state, to_state, seq, event_id, run.id, "delivery.state", batch))
+    return found

@@ -37,9 +37,9 @@ from . import ledger
 from . import schema as t
 from ._accounts import Accounts
 from ._alerts import Alerts
-from ._bulk import insert_rows, update_where_held
 from ._approvals import Approvals, still_approved
 from ._audit import AuditLog
+from ._bulk import insert_rows, update_where_held
 from ._dashboard import DashboardReads
 from ._db import Db, one_line
 from ._reports import ReportReads
@@ -597,15 +597,9 @@ class SqlStore:
                 .where(d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == SENDING, d.c.claim_token == token)
                 .order_by(d.c.id)
             ).all()
-            ledger.append(
-                conn,
-                run_id,
-                [
-                    ledger.Event("delivery.state", row.key, row.id, PENDING, SENDING, actor=worker_id, batch=batch_no)
-                    for row in rows
-                ],
-                now,
-            )
+            # one event for the whole claim, naming every row it took: a claim is one decision about a batch,
+            # and an event per row cost as much again as recording the rows' results
+            ledger.append(conn, run_id, [ledger.claim_event([row.id for row in rows], batch_no, worker_id)], now)
         self._prove_alive(worker_id, now)
         return [_claimed(row, now) for row in rows]
 

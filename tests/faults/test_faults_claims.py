@@ -289,3 +289,26 @@ def test_a_gate_that_renewed_keeps_its_rows_from_the_leaders_requeue(any_db_proj
     assert rt.store.requeue(orphans, actor="watchdog") == 0, "a claim renewed after the orphan list stays"
     assert all(gate.taken_away(chunk) == set() for chunk in chunks[1:])
     assert rt.store.counts(run_id).get("sending") == len(rows)
+
+
+def test_a_claim_is_one_event_naming_its_rows_and_verify_reads_it_as_each_rows_change(database_url: str) -> None:
+    """A batch's claim is one ``batch.claimed`` event; verify still holds each row to it: a claimed row
+    is ``sending`` by its ledger, so a row put back to ``pending`` behind the ledger is caught."""
+    import json
+
+    import sqlalchemy as sa
+
+    store = open_store(database_url)
+    store.upsert_residents(_residents(10))
+    store.create_run(_spec("r1", batch_size=10), ALL)
+    claimed = store.claim("r1", 0, "w1")
+    claims = [e for e in _events(store, "r1") if e["kind"] == "batch.claimed"]
+    assert len(claims) == 1 and claims[0]["batch"] == 0 and claims[0]["actor"] == "w1"
+    assert json.loads(claims[0]["payload"])["ids"] == sorted(r.id for r in claimed)
+    assert [r.problem for r in audit.verify(store, "r1")] == [None], "a run mid-claim verifies"
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE deliveries SET state = 'pending' WHERE id = :i"), {"i": claimed[0].id})
+    problem = str(next(audit.verify(store, "r1")).problem)
+    assert f"delivery {claimed[0].id} is 'pending'" in problem and "last event says 'sending'" in problem, problem
+    assert f"event {claims[0]['id']} " in problem, "the break names the claim event"
+    store.close()
