@@ -167,3 +167,33 @@ def test_an_operator_lock_keeps_a_second_holder_out_until_it_is_released(databas
     finally:
         first.close()
         second.close()
+
+
+def test_a_large_run_on_postgresql_refreshes_the_planners_statistics_of_its_rows(postgres_url: str) -> None:
+    """Until the table is analyzed the planner does not know a fan-out's rows, and the frequency cap's query
+    per batch scanned them all in parallel: a run of 10,000 rows or more ends with ANALYZE deliveries."""
+    import time
+
+    store = open_store(postgres_url)
+    n = store.ANALYZE_AFTER_ROWS
+    for start in range(0, n, 2000):
+        store.upsert_residents(_residents(n)[start : start + 2000])
+
+    def analyzed() -> object:
+        with store.engine.connect() as conn:
+            return conn.execute(
+                sa.text(
+                    "SELECT greatest(last_analyze, last_autoanalyze) FROM pg_stat_user_tables "
+                    "WHERE relname = 'deliveries' AND schemaname = current_schema()"
+                )
+            ).scalar()
+
+    store.create_run(_spec("small", batch_size=500), AudienceFilter(districts=("henglin",)))
+    before = analyzed()
+    created = store.create_run(_spec("large", batch_size=500), ALL)
+    assert created.total >= n
+    deadline = time.monotonic() + 10  # statistics reach other sessions within a second or so
+    while analyzed() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert analyzed() != before, "deliveries was not analyzed after a large run"
+    store.close()
