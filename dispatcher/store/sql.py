@@ -719,7 +719,7 @@ class SqlStore:
             ]
             # providers a failover list tried first and that took nothing come before the one that answered
             attempt_rows = [row for o in recorded for row in (*_refusal_rows(o, now), _attempt_row(o, now))]
-            insert_many(conn, t.attempts, attempt_rows)
+            insert_rows(conn, t.attempts, attempt_rows)
             opt_outs = {o.opt_out_phone for o in outcomes if o.opt_out_phone and o.id in applied}
             for phone in opt_outs:
                 conn.execute(
@@ -1306,11 +1306,6 @@ def open_store(
     if migrate:
         store.migrate()
     return store
-
-
-def insert_many(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
-    """INSERT many rows in the caller's transaction (COPY on PostgreSQL; see ``_bulk``)."""
-    insert_rows(conn, table, rows)
 
 
 def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
