@@ -90,7 +90,7 @@ def test_worker_counters_by_outcome_equal_the_delivery_log_and_web_reads_the_que
     redis_project: Project,
 ) -> None:
     project = redis_project
-    project.env["DISPATCH_BATCH_SIZE"] = "60"
+    project.env["DISPATCH_BATCH_SIZE"] = "30"
     csv_path = project.root / "var" / "residents.csv"
     with csv_path.open("w", encoding="utf-8", newline="") as out:
         write_csv(generate(300, 21), out)
@@ -99,8 +99,9 @@ def test_worker_counters_by_outcome_equal_the_delivery_log_and_web_reads_the_que
     failing = sorted(r["phone"] for r in rows if not r["opted_out"])[:3]
     # the outbox (the workers' gateway) refuses these for good: failed outcomes with an error code
     project.env["DISPATCH_OUTBOX_FAIL_PERMANENT"] = ",".join(failing)
-    # paced by the shared limiter (fast enough not to slow the test): every hand-over waits for a slot
-    project.env["DISPATCH_RATE_LIMIT"] = "2000"
+    # paced by the shared limiter: every hand-over waits for a slot, and the run lasts long enough
+    # (about 1.5 s) for both idle workers to take batches of it
+    project.env["DISPATCH_RATE_LIMIT"] = "200"
     workers: list[subprocess.Popen[str]] = []
     # imported while the web process starts: each command's start-up takes seconds on a busy machine
     importing = project.popen("audience", "import", str(csv_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -116,11 +117,18 @@ def test_worker_counters_by_outcome_equal_the_delivery_log_and_web_reads_the_que
         assert waiting.total("dispatch_queue_messages", lane="bulk", state="ready") == batches > 1
         assert waiting.total("dispatch_queue_messages", lane="urgent") == 0
 
+        # paused while the workers start: one worker up seconds before the other would take every batch,
+        # and the sums below must come from two exporters that both counted something
+        assert project.dispatch("pause", run_id).returncode == 0
         ports = [_free_port(), _free_port()]
         try:
             workers = [_worker(project, port, project.root / "var" / f"w{i}.log") for i, port in enumerate(ports)]
             urls = [f"http://127.0.0.1:{port}/metrics" for port in ports]
             wait_for(lambda: all(_scrapable(u) for u in urls), 30, "the workers' metrics exporters")
+            parked = lambda: Scrape(f"{base}/metrics").total("dispatch_queue_messages", lane="bulk") == 0  # noqa: E731
+            wait_for(parked, 30, "the paused run's batches to be parked")
+            resumed = project.dispatch("resume", run_id)
+            assert resumed.returncode == 0, resumed.stderr
             store = project.runtime().store
             wait_for(lambda: store.control.run_status(run_id) == "completed", 45, "the run to complete")
             st = _status(project, run_id)
