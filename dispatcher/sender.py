@@ -160,11 +160,11 @@ def _apply_frequency_cap(
     period = parse_duration(cap.per if cap is not None else runtime.settings.frequency_cap_period)
     if limit <= 0:
         return to_send
-    phones = [row.phone for row, _ in to_send]
-    counts = runtime.store.coordination.bulk_sends_since(phones, now - period, exclude_run=context.run_id)
+    residents = [row.resident_id for row, _ in to_send if row.resident_id is not None]
+    counts = runtime.store.coordination.bulk_sends_since(residents, now - period, exclude_run=context.run_id)
     keep = []
     for row, message in to_send:
-        if counts.get(row.phone, 0) >= limit:
+        if counts.get(row.resident_id or 0, 0) >= limit:
             outcomes.append(
                 settled_outcome(row, gateway_of(runtime, context).name, SKIPPED, "skipped", reason="frequency_cap")
             )

@@ -252,6 +252,8 @@ class Claimed:
     claim_token: str | None = None
     #: the row's batch: its ledger chain (saves looking it up when its result is recorded)
     batch: int | None = None
+    #: whom the row is for: the frequency cap counts a person's bulk messages by it
+    resident_id: int | None = None
 
 
 @dataclass(frozen=True)

@@ -286,16 +286,20 @@ class Coordination:
     # ------------------------------------------------------------------ frequency cap
 
     def bulk_sends_since(
-        self, phones: Sequence[str], since: datetime, exclude_run: str | None = None
-    ) -> dict[str, int]:
-        """How many bulk messages each phone was sent (or is being sent) since ``since``, across all runs."""
-        if not phones:
+        self, resident_ids: Sequence[int], since: datetime, exclude_run: str | None = None
+    ) -> dict[int, int]:
+        """How many bulk messages each resident was sent (or is being sent) since ``since``, across all runs.
+
+        Asked once per batch with the batch's residents, straight on ``deliveries`` by its resident
+        index. Asked by phone, it joined ``residents`` first, and PostgreSQL read 500 phones against a
+        large registry by scanning it whole (in parallel): 33 ms a batch at 300,000 residents, growing
+        with the registry, the largest share of the database's work per recipient.
+        """
+        if not resident_ids:
             return {}
-        d, r, res = t.deliveries, t.runs, t.residents
-        # phone -> resident (unique index) -> deliveries (resident index): the delivery log is
-        # indexed by resident, which is cheap to maintain at fan-out, rather than by phone
+        d, r = t.deliveries, t.runs
         where = [
-            res.c.phone.in_(list(set(phones))),
+            self._db.one_of(d.c.resident_id, list(set(resident_ids))),
             # a message another run has claimed but not yet recorded counts too: of two runs
             # checking the same person at once, each sees the other's claim (claims commit
             # before the check), so together they can fall short of the cap but never exceed it
@@ -309,12 +313,12 @@ class Coordination:
             where.append(d.c.run_id != exclude_run)
         with self._db.read() as conn:
             return {
-                phone: int(n)
-                for phone, n in conn.execute(
-                    select(res.c.phone, func.count())
-                    .select_from(res.join(d, d.c.resident_id == res.c.id).join(r, r.c.id == d.c.run_id))
+                int(resident): int(n)
+                for resident, n in conn.execute(
+                    select(d.c.resident_id, func.count())
+                    .select_from(d.join(r, r.c.id == d.c.run_id))
                     .where(*where)
-                    .group_by(res.c.phone)
+                    .group_by(d.c.resident_id)
                 )
             }
 

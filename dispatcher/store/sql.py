@@ -523,11 +523,17 @@ class SqlStore:
         phone -> resident -> deliveries through the indexes: at 300,000 recipients PostgreSQL spent
         0.40 ms of CPU per recipient, 0.17 ms with this (``bench/bench_pipeline.py --size 300000``).
         Best effort: the run is committed already, and autovacuum will analyze the table anyway.
+        Only the columns the workers' queries filter on (claim, the cap, retries, finishing): the
+        sample is read either way, but the statistics of every column tripled the time (35 against
+        110 ms at 50,000 rows), a sixth of the whole fan-out.
         """
         if self.is_sqlite:
             return
         with contextlib.suppress(StoreError), self._write() as conn:
-            conn.exec_driver_sql("ANALYZE deliveries")
+            conn.exec_driver_sql(f"ANALYZE deliveries ({', '.join(self.ANALYZED_COLUMNS)})")
+
+    #: what the planner must know of a fresh run's rows to keep the workers' queries on their indexes
+    ANALYZED_COLUMNS = ("run_id", "batch_no", "state", "resident_id", "sent_at", "claimed_at", "next_attempt_at")
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._read() as conn:
@@ -1171,7 +1177,7 @@ def _claimed_columns() -> tuple[Any, ...]:
     return (
         d.c.id, d.c.key, d.c.run_id, d.c.phone, func.coalesce(r.c.name, "").label("name"), d.c.district,
         d.c.grid, d.c.attempts, func.coalesce(r.c.opted_out, sa.false()).label("opted_out"), d.c.claim_token,
-        d.c.batch_no,
+        d.c.batch_no, d.c.resident_id,
     )  # fmt: skip
 
 
@@ -1203,6 +1209,7 @@ def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
         claimed_at=claimed_at,
         claim_token=row.claim_token,
         batch=row.batch_no,
+        resident_id=row.resident_id,
     )
 
 
