@@ -519,9 +519,9 @@ class SqlStore:
         """Refresh PostgreSQL's statistics of ``deliveries`` once a run's rows are in.
 
         Until autovacuum's next analyze, the planner does not know the rows just written, and the
-        frequency cap's per-batch query then scanned ``deliveries`` in parallel instead of walking
-        phone -> resident -> deliveries through the indexes: at 300,000 recipients PostgreSQL spent
-        0.40 ms of CPU per recipient, 0.17 ms with this (``bench/bench_pipeline.py --size 300000``).
+        per-batch queries then chose parallel scans of ``deliveries`` over its indexes: at 300,000
+        recipients PostgreSQL spent 0.40 ms of CPU per recipient, 0.17 ms with this
+        (``bench/bench_pipeline.py --size 300000``, when the frequency cap still asked by phone).
         Best effort: the run is committed already, and autovacuum will analyze the table anyway.
         Only the columns the workers' queries filter on (claim, the cap, retries, finishing): the
         sample is read either way, but the statistics of every column tripled the time (35 against
