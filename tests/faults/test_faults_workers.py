@@ -176,7 +176,7 @@ def test_a_batch_that_loses_the_database_before_its_first_hand_over_gives_its_cl
     restart: list[threading.Timer] = []
 
     def cut_before_the_cap_read(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if cut.is_set() or "GROUP BY residents.phone" not in statement:
+        if cut.is_set() or "GROUP BY deliveries.resident_id" not in statement:
             return
         private_postgres.stop()  # every session is cut: this very read fails
         cut.set()
