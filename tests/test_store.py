@@ -142,6 +142,55 @@ def test_idempotency_key_is_unique_in_the_database(store) -> None:  # type: igno
         conn.execute(sa.insert(t.deliveries).values({k: v for k, v in dataclasses.asdict(row).items() if k != "id"}))
 
 
+def test_commands_starting_together_on_a_fresh_database_all_find_one_schema(database_url: str) -> None:
+    # `honcho start` on a new database starts the web, the workers and the scheduler at once, and each
+    # creates the schema if it is missing. The second here looks for the tables while the first has
+    # made them but not yet committed, and creates them after the first commits: PostgreSQL refused
+    # that ("relation/type ... already exists") until creation waited its turn on an advisory lock
+    import threading
+
+    from sqlalchemy import event
+
+    first, second = open_store(database_url, migrate=False), open_store(database_url, migrate=False)
+    first_holding, second_creating, first_committed = threading.Event(), threading.Event(), threading.Event()
+
+    def first_holds_its_tables_uncommitted(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().startswith("INSERT INTO dispatch_meta"):
+            # gives the second up to 3 s to reach its own CREATE TABLE (it never does when it waits its turn)
+            first_holding.set()
+            second_creating.wait(timeout=3)
+
+    def second_creates_after_the_first_commits(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().startswith("CREATE TABLE") and not second_creating.is_set():
+            second_creating.set()
+            first_committed.wait(timeout=10)
+
+    event.listen(first.engine, "before_cursor_execute", first_holds_its_tables_uncommitted)
+    event.listen(second.engine, "before_cursor_execute", second_creates_after_the_first_commits)
+    failures: list[BaseException] = []
+
+    def start_second() -> None:
+        try:
+            second.migrate()
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    try:
+        migrating = threading.Thread(target=start_second)
+        first_in_write = threading.Thread(target=lambda: (first.migrate(), first_committed.set()))
+        first_in_write.start()
+        assert first_holding.wait(timeout=30), "the first never reached the end of its creating transaction"
+        migrating.start()
+        first_in_write.join(timeout=30)
+        migrating.join(timeout=30)
+        assert failures == []
+        assert first.schema_version() == second.schema_version() == t.SCHEMA_VERSION
+    finally:
+        first_committed.set()
+        first.close()
+        second.close()
+
+
 def test_sqlite_store_uses_wal(tmp_path: Path) -> None:
     s = open_store(f"sqlite:///{tmp_path / 'x.db'}")
     with s.engine.connect() as conn:

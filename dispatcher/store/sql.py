@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import secrets
 import uuid
@@ -71,6 +72,10 @@ from .control import Coordination, RunControl, fence_holds
 from .provider import ProviderEvents, Ringback
 
 Clock = Callable[[], datetime]
+
+#: The PostgreSQL advisory lock that serialises schema creation and upgrades across processes
+#: (a fixed 64-bit key: the first 8 bytes of sha256("dispatch schema")).
+_SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"dispatch schema").digest()[:8], "big", signed=True)
 
 
 def utcnow() -> datetime:
@@ -192,6 +197,12 @@ class SqlStore:
             ) from exc
         try:
             with self._write() as conn:
+                if not self._db.is_sqlite:
+                    # PostgreSQL's CREATE TABLE is not safe to race (two processes starting on a fresh
+                    # database both see no table, and the second fails on the catalog's unique type
+                    # name): the first takes this lock, the others wait, then find the tables made.
+                    # SQLite's write turn already serialises the whole transaction.
+                    conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
                 t.metadata.create_all(conn)
                 # the row lock makes a second process wait for the first one's upgrade, then see it done
                 version = t.meta.c.key == "schema_version"
