@@ -46,6 +46,9 @@ def store(database_url: str):  # type: ignore[no-untyped-def]
 
 def test_schema_is_created_and_versioned(store) -> None:  # type: ignore[no-untyped-def]
     assert store.schema_version() == t.SCHEMA_VERSION
+    if not store.is_sqlite:
+        # keys are identifiers: compared byte by byte, not under the database's locale
+        assert _key_collations(store.engine) == {"deliveries": "C", "events": "C"}
     store.migrate()  # idempotent
     assert store.schema_version() == t.SCHEMA_VERSION
 
@@ -189,6 +192,52 @@ def test_commands_starting_together_on_a_fresh_database_all_find_one_schema(data
         first_committed.set()
         first.close()
         second.close()
+
+
+def _key_collations(engine: sa.Engine) -> dict[str, str | None]:
+    with engine.connect() as conn:
+        return {
+            table: conn.execute(
+                sa.text(
+                    "SELECT collation_name FROM information_schema.columns WHERE table_schema = current_schema() "
+                    "AND table_name = :t AND column_name = 'key'"
+                ),
+                {"t": table},
+            ).scalar_one()
+            for table in ("deliveries", "events")
+        }
+
+
+def test_a_version_11_delivery_log_trades_its_two_run_indexes_for_one_and_its_runs_still_send(store) -> None:  # type: ignore[no-untyped-def]
+    # version 11 kept (run, batch, state) and (run, state) on deliveries; one (run, state, batch) serves
+    # every query the two did, and each delivery row written or updated paid for both. On PostgreSQL its
+    # keys were compared under the database's locale, and are compared byte by byte now
+    store.upsert_residents(_residents(30))
+    store.create_run(_spec("r1"), ALL)
+    with store.engine.begin() as conn:  # what a version 11 program left
+        conn.execute(sa.text("DROP INDEX ix_deliveries_run_state_batch"))
+        conn.execute(sa.text("CREATE INDEX ix_deliveries_run_batch_state ON deliveries (run_id, batch_no, state)"))
+        conn.execute(sa.text("CREATE INDEX ix_deliveries_run_state ON deliveries (run_id, state)"))
+        if not store.is_sqlite:
+            for table in ("deliveries", "events"):
+                conn.execute(sa.text(f'ALTER TABLE {table} ALTER COLUMN key TYPE VARCHAR(64) COLLATE "default"'))
+        conn.execute(sa.text("UPDATE dispatch_meta SET value = '11' WHERE key = 'schema_version'"))
+    if not store.is_sqlite:
+        assert _key_collations(store.engine) == {"deliveries": None, "events": None}
+    upgraded = open_store(store.url)
+    try:
+        assert upgraded.schema_version() == t.SCHEMA_VERSION
+        if not upgraded.is_sqlite:
+            assert _key_collations(upgraded.engine) == {"deliveries": "C", "events": "C"}
+        with upgraded.engine.connect() as conn:
+            indexes = {i["name"]: i["column_names"] for i in sa.inspect(conn).get_indexes("deliveries")}
+        assert indexes["ix_deliveries_run_state_batch"] == ["run_id", "state", "batch_no"]
+        assert "ix_deliveries_run_batch_state" not in indexes and "ix_deliveries_run_state" not in indexes
+        assert upgraded.pending_batches("r1") == [0, 1, 2]
+        assert len(upgraded.claim("r1", 1, "w1")) == 10
+        assert len(upgraded.claim("r1", 1, "w2")) == 0  # claimed once
+    finally:
+        upgraded.close()
 
 
 def test_sqlite_store_uses_wal(tmp_path: Path) -> None:

@@ -243,6 +243,14 @@ class SqlStore:
             for index_name in t.INDEX_MIGRATIONS.get(target, ()):
                 index = next(i for table in t.metadata.tables.values() for i in table.indexes if i.name == index_name)
                 index.create(conn, checkfirst=True)  # checkfirst: an interrupted upgrade may have made it
+            if target == 12 and conn.dialect.name == "postgresql":
+                for table_name, column_name in t.KEY_COLUMNS:
+                    conn.exec_driver_sql(
+                        f"ALTER TABLE {preparer.quote(table_name)} ALTER COLUMN {preparer.quote(column_name)} "
+                        'TYPE VARCHAR(64) COLLATE "C"'
+                    )
+            for index_name in t.DROPPED_INDEXES.get(target, ()):
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {preparer.quote(index_name)}")
 
     def schema_version(self) -> int:
         with self._read() as conn:
