@@ -115,13 +115,24 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+#: the canonical JSON of hashed material and of payloads. Built once: ``json.dumps`` with any non-default
+#: option builds a new encoder per call, and the ledger encodes two texts per recipient
+_encode_material = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_encode_payload = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str).encode
+
+
 def event_hash(prev_hash: str, run_id: str, seq: int, at: datetime, row: dict[str, Any]) -> str:
     """sha256 over the canonical JSON of everything an auditor relies on, chained to ``prev_hash``."""
+    return _event_hash(prev_hash, run_id, seq, _iso(at), row)
+
+
+def _event_hash(prev_hash: str, run_id: str, seq: int, at_iso: str, row: dict[str, Any]) -> str:
+    """``event_hash`` with the time already in its canonical form (one append shares one time)."""
     material = [
         prev_hash,
         run_id,
         seq,
-        _iso(at),
+        at_iso,
         row.get("kind"),
         row.get("key"),
         row.get("delivery_id"),
@@ -133,8 +144,7 @@ def event_hash(prev_hash: str, run_id: str, seq: int, at: datetime, row: dict[st
         row.get("actor"),
         row.get("payload") or "",
     ]
-    blob = json.dumps(material, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return hashlib.sha256(_encode_material(material).encode("utf-8")).hexdigest()
 
 
 def keys_digest(rows: Iterable[tuple[str, str]]) -> str:
@@ -244,6 +254,7 @@ def _append_chain(
     seq = -1 if recorded[0] is None else int(recorded[0])
     prev = recorded[1] or GENESIS
     name = chain.name
+    at_iso = _iso(at)
     rows = []
     for event in events:
         seq += 1
@@ -260,7 +271,7 @@ def _append_chain(
             "actor": event.actor,
             "payload": _payload_text(event.payload),
         }
-        digest = event_hash(prev, name, seq, at, data)
+        digest = _event_hash(prev, name, seq, at_iso, data)
         rows.append(
             {**data, "run_id": run_id, "batch": chain.batch, "seq": seq, "at": at, "prev_hash": prev, "hash": digest}
         )
@@ -270,7 +281,7 @@ def _append_chain(
 
 
 def _payload_text(payload: dict[str, Any]) -> str | None:
-    return json.dumps(payload, ensure_ascii=False, sort_keys=True, default=str) if payload else None
+    return _encode_payload(payload) if payload else None
 
 
 def _chain_row(conn: Connection, chain_id: str, at: datetime) -> sa.Table:

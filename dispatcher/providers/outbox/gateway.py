@@ -35,6 +35,9 @@ from typing import Any
 from ...errors import DispatchError, GatewayDown, PermanentSendError, RetryableSendError, SendError
 from ..base import BaseGateway, LookupRequest, MessageStatus, OutgoingMessage, SendResult
 
+#: one encoder for every line: ``json.dumps`` with a non-default option builds a new encoder per call
+encode_json = json.JSONEncoder(ensure_ascii=False).encode
+
 
 class OutboxGateway(BaseGateway):
     name = "outbox"
@@ -64,7 +67,7 @@ class OutboxGateway(BaseGateway):
         self._indexed_upto = 0
         self._index_lock = threading.Lock()
 
-    def _line(self, message: OutgoingMessage) -> bytes:
+    def _line(self, message: OutgoingMessage, at: str) -> bytes:
         record = {
             "key": message.key,
             "run_id": message.run_id,
@@ -73,9 +76,9 @@ class OutboxGateway(BaseGateway):
             "body": message.body,
             "parts": message.parts,
             "encoding": message.encoding,
-            "at": datetime.now(UTC).isoformat(),
+            "at": at,
         }
-        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        return (encode_json(record) + "\n").encode("utf-8")
 
     def _check(self, message: OutgoingMessage) -> None:
         if message.to in self.fail_permanent:
@@ -110,7 +113,7 @@ class OutboxGateway(BaseGateway):
         self._check(message)
         if self.latency:
             time.sleep(self.latency)
-        self._append(self._line(message))
+        self._append(self._line(message, datetime.now(UTC).isoformat()))
         return SendResult(provider_id=f"outbox:{message.key}")
 
     def send_many(self, messages: Sequence[OutgoingMessage]) -> list[SendResult | SendError]:
@@ -120,13 +123,14 @@ class OutboxGateway(BaseGateway):
             return super().send_many(messages)
         results: list[SendResult | SendError] = []
         lines: list[bytes] = []
+        at = datetime.now(UTC).isoformat()  # the lines are written together, in one locked write
         for message in messages:
             try:
                 self._check(message)
             except SendError as exc:
                 results.append(exc)
                 continue
-            lines.append(self._line(message))
+            lines.append(self._line(message, at))
             results.append(SendResult(provider_id=f"outbox:{message.key}"))
         if lines:
             self._append(b"".join(lines))

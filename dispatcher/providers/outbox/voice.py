@@ -9,13 +9,11 @@ webhooks a real provider would send.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 from ...errors import SendError
 from ..base import LookupRequest, MessageStatus, OutgoingMessage, SendResult
-from .gateway import OutboxGateway
+from .gateway import OutboxGateway, encode_json
 
 
 class OutboxVoice(OutboxGateway):
@@ -23,7 +21,7 @@ class OutboxVoice(OutboxGateway):
     #: nothing reports on a drill call: its ``sent`` is where it ends
     can_fetch_status = False
 
-    def _line(self, message: OutgoingMessage) -> bytes:
+    def _line(self, message: OutgoingMessage, at: str) -> bytes:
         record = {
             "channel": "voice",
             "key": message.key,
@@ -32,9 +30,9 @@ class OutboxVoice(OutboxGateway):
             "delivery_id": message.delivery_id,
             "to": message.to,
             "text": message.body,
-            "at": datetime.now(UTC).isoformat(),
+            "at": at,
         }
-        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        return (encode_json(record) + "\n").encode("utf-8")
 
     def send(self, message: OutgoingMessage) -> SendResult:
         result = super().send(message)
