@@ -94,13 +94,16 @@ def keys_digest(conn: Connection, run_id: str, *, is_sqlite: bool) -> str:
     d = t.deliveries
     if is_sqlite:
         return ledger.keys_digest(conn.execute(select(d.c.key, d.c.state).where(d.c.run_id == run_id).order_by(d.c.id)))
-    line = d.c.key + literal("\t") + d.c.state + literal("\n")
-    digest = conn.execute(
-        select(
-            func.encode(func.sha256(func.convert_to(func.string_agg(line, sa.text("'' ORDER BY id")), "UTF8")), "hex")
-        ).where(d.c.run_id == run_id)
-    ).scalar_one()
+    digest = conn.execute(select(keys_digest_sql(d)).where(d.c.run_id == run_id)).scalar_one()
     return digest or ledger.keys_digest([])
+
+
+def keys_digest_sql(rows: Any) -> Any:
+    """PostgreSQL's ``ledger.keys_digest`` of ``rows`` (a table or CTE with id, key and state): the same
+    lines in id order, hashed by the server. NULL when there are no rows."""
+    line = rows.c.key + literal("\t") + rows.c.state + literal("\n")
+    ordered = func.string_agg(line, sa.text("'' ORDER BY id"))
+    return func.encode(func.sha256(func.convert_to(ordered, "UTF8")), "hex")
 
 
 def transition(

@@ -258,7 +258,7 @@ def _append_chain(
     rows = []
     for event in events:
         seq += 1
-        data = {
+        data: dict[str, Any] = {
             "kind": event.kind,
             "key": event.key,
             "delivery_id": event.delivery_id,
@@ -272,9 +272,8 @@ def _append_chain(
             "payload": _payload_text(event.payload),
         }
         digest = _event_hash(prev, name, seq, at_iso, data)
-        rows.append(
-            {**data, "run_id": run_id, "batch": chain.batch, "seq": seq, "at": at, "prev_hash": prev, "hash": digest}
-        )
+        data.update(run_id=run_id, batch=chain.batch, seq=seq, at=at, prev_hash=prev, hash=digest)
+        rows.append(data)
         prev = digest
     insert_rows(conn, t.events, rows)
     conn.execute(sa.update(table).where(*where).values(ledger_seq=seq, ledger_hash=prev))
@@ -296,13 +295,15 @@ def _chain_row(conn: Connection, chain_id: str, at: datetime) -> sa.Table:
     return t.ledger_chains
 
 
-def open_run(conn: Connection, run_id: str, head: Event, at: datetime) -> int:
+def open_run(conn: Connection, run_id: str, head: Event, at: datetime, *, chains: int | None = None) -> int:
     """Start a run's ledger, inside the transaction that wrote its delivery rows: one empty tail per batch
     (``ledger_tails``), their number on the run row, and the ``run.created`` head, which seals that number
-    too. Returns the number of batch chains."""
+    too. ``chains``: the number of batches, when the caller counted them as it wrote the rows (read from
+    the rows otherwise). Returns the number of batch chains."""
     d, lt = t.deliveries, t.ledger_tails
-    top = conn.execute(sa.select(sa.func.max(d.c.batch_no)).where(d.c.run_id == run_id)).scalar()
-    chains = 0 if top is None else int(top) + 1
+    if chains is None:
+        top = conn.execute(sa.select(sa.func.max(d.c.batch_no)).where(d.c.run_id == run_id)).scalar()
+        chains = 0 if top is None else int(top) + 1
     if chains:
         conn.execute(sa.insert(lt), [{"run_id": run_id, "batch": b} for b in range(chains)])
     conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(batch_chains=chains))

@@ -45,7 +45,16 @@ from ._bulk import insert_rows, update_where_held
 from ._dashboard import DashboardReads
 from ._db import Db, one_line
 from ._reports import ReportReads
-from ._rows import as_utc, attempt_row, delivery_row, head_payload, insert_run, keys_digest, transition
+from ._rows import (
+    as_utc,
+    attempt_row,
+    delivery_row,
+    head_payload,
+    insert_run,
+    keys_digest,
+    keys_digest_sql,
+    transition,
+)
 from ._traces import TraceReads
 from ._voice import VoiceCalls
 from .base import (
@@ -450,7 +459,7 @@ class SqlStore:
         they were selected and deliberately not messaged.
         """
         now = self.clock()
-        r, d = t.residents, t.deliveries
+        r = t.residents
         # numbered in resident-id order (no sort beyond the primary key); opted-out residents take a
         # place in a batch but are written `skipped`, so a batch may carry a few fewer sends
         batch_no = (func.row_number().over(order_by=r.c.id) - 1) // spec.batch_size
@@ -493,30 +502,21 @@ class SqlStore:
                     # numbering the selection sorts it; give the sort memory instead of spilling to disk
                     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
                 insert_run(conn, spec, now)
-                conn.execute(sa.insert(d).from_select(columns, selection))
-                total, pending, batches = conn.execute(
-                    select(
-                        func.count(),
-                        func.sum(sa.case((d.c.state == PENDING, 1), else_=0)),
-                        func.max(sa.case((d.c.state == PENDING, d.c.batch_no), else_=None)),
-                    ).where(d.c.run_id == spec.run_id)
-                ).one()
-                pending = int(pending or 0)
-                batches = 0 if batches is None else int(batches) + 1
-                digest = keys_digest(conn, spec.run_id, is_sqlite=self.is_sqlite)
+                total, pending, batches, chains, digest = self._write_rows(conn, spec.run_id, columns, selection)
                 ledger.open_run(
                     conn,
                     spec.run_id,
                     ledger.Event(
-                        kind="run.created", actor=spec.actor, payload=head_payload(spec, int(total), pending, digest)
+                        kind="run.created", actor=spec.actor, payload=head_payload(spec, total, pending, digest)
                     ),
                     now,
+                    chains=chains,
                 )
                 conn.execute(
                     sa.update(t.runs)
                     .where(t.runs.c.id == spec.run_id)
                     .values(
-                        total=int(total),
+                        total=total,
                         batches=batches,
                         status="running" if pending else "completed",
                         finished_at=None if pending else now,
@@ -527,9 +527,48 @@ class SqlStore:
             if spec.fire_time is not None and ("uq_runs" in detail or "fire_time" in detail):
                 raise DuplicateRun(spec.campaign_id, spec.fire_time) from exc
             raise StoreError(f"cannot create run {spec.run_id}: {exc.orig}") from exc
-        if int(total) >= self.ANALYZE_AFTER_ROWS:
+        if total >= self.ANALYZE_AFTER_ROWS:
             self._analyze_after_fanout()
-        return CreatedRun(spec.run_id, int(total), pending, batches)
+        return CreatedRun(spec.run_id, total, pending, batches)
+
+    def _write_rows(
+        self, conn: Connection, run_id: str, columns: Sequence[str], selection: Any
+    ) -> tuple[int, int, int, int, str]:
+        """Write a run's delivery rows; returns rows written, pending rows, batches to send, batch
+        chains (every batch, skipped rows' included) and the digest of the keys (``keys_digest``).
+
+        PostgreSQL does it in one statement whose aggregates read the rows the INSERT returns, rather
+        than reading the run back from the table three times (about 30 ms at 50,000 rows).
+        """
+        d = t.deliveries
+        write = sa.insert(d).from_select(columns, selection)
+        rows: Any
+        if self.is_sqlite:
+            conn.execute(write)
+            rows, where, digests = d, [d.c.run_id == run_id], []
+        else:
+            rows, where = write.returning(d.c.id, d.c.key, d.c.state, d.c.batch_no).cte("written"), []
+            digests = [keys_digest_sql(rows)]
+        total, pending, last_pending, last, *digest = conn.execute(
+            select(
+                func.count(),
+                func.sum(sa.case((rows.c.state == PENDING, 1), else_=0)),
+                func.max(sa.case((rows.c.state == PENDING, rows.c.batch_no), else_=None)),
+                func.max(rows.c.batch_no),
+                *digests,
+            )
+            .select_from(rows)
+            .where(*where)
+        ).one()
+        if self.is_sqlite:
+            digest = [keys_digest(conn, run_id, is_sqlite=True)]
+        return (
+            int(total),
+            int(pending or 0),
+            0 if last_pending is None else int(last_pending) + 1,
+            0 if last is None else int(last) + 1,
+            digest[0] or ledger.keys_digest([]),
+        )
 
     #: a run this large refreshes the planner's statistics (an alert's one-row run never waits for that)
     ANALYZE_AFTER_ROWS = 10_000
