@@ -208,8 +208,8 @@ class SqlStore:
             with self._write() as conn:
                 if not self._db.is_sqlite:
                     # PostgreSQL's CREATE TABLE is not safe to race (two processes starting on a fresh
-                    # database both see no table, and the second fails on the catalog's unique type
-                    # name): the first takes this lock, the others wait, then find the tables made.
+                    # database both see no table, and the second fails with "relation/type ... already
+                    # exists"): the first takes this lock, the others wait, then find the tables made.
                     # SQLite's write turn already serialises the whole transaction.
                     conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
                 t.metadata.create_all(conn)
