@@ -8,6 +8,7 @@ sees a connection.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import threading
 import time
@@ -21,6 +22,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from ..errors import StoreError
+
+
+def advisory_key(name: str) -> int:
+    """The PostgreSQL advisory lock key for ``name``: a signed 64-bit integer from its sha256, the same
+    in every process."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def one_line(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ..errors import StoreError
 from . import schema as t
-from ._db import Db
+from ._db import Db, advisory_key
 from ._rows import transition
 from .base import CANCELLED, DELIVERED, SENDING, SENT, UNCONFIRMED
 
@@ -203,7 +203,7 @@ class Coordination:
         """
         deadline = time.monotonic() + wait
         if not self._db.is_sqlite:
-            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            key = advisory_key(name)
             with self._db.engine.connect() as conn:
                 try:
                     while not conn.execute(select(func.pg_try_advisory_lock(key))).scalar_one():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import secrets
 import uuid
@@ -43,7 +42,7 @@ from ._approvals import Approvals, still_approved
 from ._audit import AuditLog
 from ._bulk import insert_rows, update_where_held
 from ._dashboard import DashboardReads
-from ._db import Db, one_line
+from ._db import Db, advisory_key, one_line
 from ._reports import ReportReads
 from ._rows import (
     as_utc,
@@ -83,8 +82,7 @@ from .provider import ProviderEvents, Ringback
 Clock = Callable[[], datetime]
 
 #: The PostgreSQL advisory lock that serialises schema creation and upgrades across processes
-#: (a fixed 64-bit key: the first 8 bytes of sha256("dispatch schema")).
-_SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"dispatch schema").digest()[:8], "big", signed=True)
+_SCHEMA_LOCK_KEY = advisory_key("dispatch schema")
 
 
 def utcnow() -> datetime:
@@ -549,7 +547,7 @@ class SqlStore:
         else:
             rows, where = write.returning(d.c.id, d.c.key, d.c.state, d.c.batch_no).cte("written"), []
             digests = [keys_digest_sql(rows)]
-        total, pending, last_pending, last, *digest = conn.execute(
+        total, pending, last_pending, last, *digested = conn.execute(
             select(
                 func.count(),
                 func.sum(sa.case((rows.c.state == PENDING, 1), else_=0)),
@@ -560,14 +558,14 @@ class SqlStore:
             .select_from(rows)
             .where(*where)
         ).one()
-        if self.is_sqlite:
-            digest = [keys_digest(conn, run_id, is_sqlite=True)]
+        # SQLite hashes the keys here, streaming them (ledger.keys_digest); PostgreSQL hashed them above
+        digest = keys_digest(conn, run_id, is_sqlite=True) if self.is_sqlite else digested[0]
         return (
             int(total),
             int(pending or 0),
             0 if last_pending is None else int(last_pending) + 1,
             0 if last is None else int(last) + 1,
-            digest[0] or ledger.keys_digest([]),
+            digest or ledger.keys_digest([]),
         )
 
     #: a run this large refreshes the planner's statistics (an alert's one-row run never waits for that)
