@@ -15,7 +15,7 @@ import functools
 import hashlib
 import re
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +284,26 @@ class Composer:
         except (RecursionError, SyntaxError) as exc:  # Python cannot compile blocks nested that deep
             raise TemplateError("template is nested too deeply", path=self.source.name, field="template") from exc
         object.__setattr__(self, "_template", template)
+        # the template's globals (jinja's own, the environment's) as one plain dict, merged once per run
+        object.__setattr__(self, "_globals", dict(template.globals))
+
+    def _generate(self, template: jinja2.Template, context: dict[str, Any]) -> Iterator[str]:
+        """``Template.generate`` without merging the template's globals into every recipient's context anew.
+
+        ``generate`` copies the globals, a ``ChainMap`` read key by key in Python, into a new dict for
+        each render, and its context then iterates them once more: about 8 % of a worker's CPU per
+        recipient. Here they are merged once (``_globals``) and the context is given the merged dict as
+        it is (``shared``). The compiled template, and with it the sandbox, is the same; an exception
+        is handed to the environment as ``generate`` does, which rewrites its traceback to template lines.
+        """
+        globals_: dict[str, Any] = self._globals  # type: ignore[attr-defined]  # set in __post_init__
+        ctx = template.environment.context_class(
+            template.environment, {**globals_, **context}, template.name, template.blocks, globals=globals_
+        )
+        try:
+            yield from template.root_render_func(ctx)
+        except Exception:
+            yield template.environment.handle_exception()
 
     def body(self, recipient: Mapping[str, Any]) -> str:
         context = {**self.variables, "recipient": recipient, "campaign": self.campaign}
@@ -292,7 +312,7 @@ class Composer:
             chunks: list[str] = []
             size = 0
             template: jinja2.Template = self._template  # type: ignore[attr-defined]  # set in __post_init__
-            output = template.generate(context)
+            output = self._generate(template, context)
             # read the output piece by piece and stop past the bound, rather than build it all first
             for chunk in output:
                 size += len(chunk)
