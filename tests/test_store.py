@@ -113,6 +113,49 @@ def test_results_are_recorded_with_attempts_and_only_for_rows_in_flight(store) -
     assert len(store.attempts_for(claimed[0].id)) == 1
 
 
+def test_a_connection_lost_while_results_are_copied_is_an_outage_and_the_retry_records_them_once(
+    postgres_url: str,
+) -> None:
+    # the results reach PostgreSQL by COPY into a temporary table, then one UPDATE from it: a connection
+    # cut between the two is a StoreError (what the worker retries and spools on), leaves no row half
+    # recorded, and the retry on a new connection (whose temporary table is made afresh) records each once
+    from sqlalchemy import event
+
+    from dispatcher.errors import StoreError
+
+    store = open_store(postgres_url)
+    killer = sa.create_engine(postgres_url.split("?")[0])
+    try:
+        store.upsert_residents(_residents(5))
+        store.create_run(_spec("r1"), ALL)
+        claimed = store.claim("r1", 0, "w")
+        outcomes = [
+            Outcome(id=c.id, run_id="r1", state="sent", attempt=1, gateway="outbox", outcome="sent",
+                    provider_id=f"p{c.id}", parts=1, claim_token=c.claim_token, key=c.key, batch=c.batch)
+            for c in claimed
+        ]  # fmt: skip
+        cut: list[int] = []
+
+        def cut_the_connection_before_the_copy(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+            if statement.startswith("CREATE TEMPORARY TABLE") and not cut:
+                pid = conn.connection.driver_connection.info.backend_pid
+                with killer.begin() as other:
+                    other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                cut.append(pid)
+
+        event.listen(store.engine, "after_cursor_execute", cut_the_connection_before_the_copy)
+        with pytest.raises(StoreError):
+            store.record(outcomes)
+        assert cut, "the results were not written through the temporary table"
+        assert store.counts("r1") == {"sending": 5}  # nothing of the cut transaction stayed
+        store.record(outcomes)
+        assert store.counts("r1") == {"sent": 5}
+        assert all(len(store.attempts_for(c.id)) == 1 for c in claimed)
+    finally:
+        store.close()
+        killer.dispose()
+
+
 def test_rows_of_a_dead_worker_are_orphans_and_live_workers_keep_theirs(store) -> None:  # type: ignore[no-untyped-def]
     store.upsert_residents(_residents(20))
     store.create_run(_spec("r1"), ALL)
