@@ -283,6 +283,74 @@ def test_a_version_11_delivery_log_trades_its_two_run_indexes_for_one_and_its_ru
         upgraded.close()
 
 
+def _cap_query_plan(store) -> str:  # type: ignore[no-untyped-def]
+    """The plan of the frequency cap's query, as the database would run it (PostgreSQL told to avoid
+    sequential scans: on a table this small it would read it whole anyway)."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import event
+
+    seen: list[tuple[str, object]] = []
+
+    def grab(conn, cursor, statement, params, *args) -> None:  # type: ignore[no-untyped-def]
+        if "count(" in statement.lower() and "resident_id" in statement:
+            seen.append((statement, params))
+
+    event.listen(store.engine, "before_cursor_execute", grab)
+    try:
+        store.coordination.bulk_sends_since([1, 2, 3], datetime.now(UTC) - timedelta(days=30), exclude_run="x")
+    finally:
+        event.remove(store.engine, "before_cursor_execute", grab)
+    statement, params = seen[-1]
+    with store.engine.connect() as conn:
+        if store.is_sqlite:
+            conn.exec_driver_sql("ANALYZE")
+            return "\n".join(str(row) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
+        conn.exec_driver_sql("SET enable_seqscan = off")
+        return "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + statement, params))
+
+
+def test_a_version_12_delivery_log_indexes_only_the_rows_the_cap_counts_and_the_cap_still_counts_them(store) -> None:  # type: ignore[no-untyped-def]
+    # version 12 indexed every delivery row by resident, though the frequency cap (its only reader) counts
+    # rows being sent or sent: a fan-out's pending rows, and rows that end failed or skipped, paid for entries
+    # nothing reads. The index now holds only the states the cap counts, and the cap's query still uses it
+    from datetime import timedelta
+
+    store.upsert_residents(_residents(30))
+    store.create_run(_spec("r1"), ALL)
+    claimed = store.claim("r1", 0, "w")
+    store.record(
+        [
+            Outcome(id=c.id, run_id="r1", state="sent" if i % 2 == 0 else "failed", attempt=1, gateway="outbox",
+                    outcome="sent" if i % 2 == 0 else "failed", claim_token=c.claim_token, key=c.key, batch=c.batch)
+            for i, c in enumerate(claimed)
+        ]
+    )  # fmt: skip
+    with store.engine.begin() as conn:  # what a version 12 program left
+        conn.execute(sa.text("DROP INDEX ix_deliveries_resident_counted"))
+        conn.execute(sa.text("CREATE INDEX ix_deliveries_resident ON deliveries (resident_id)"))
+        conn.execute(sa.text("UPDATE dispatch_meta SET value = '12' WHERE key = 'schema_version'"))
+    upgraded = open_store(store.url)
+    try:
+        assert upgraded.schema_version() == t.SCHEMA_VERSION
+        with upgraded.engine.connect() as conn:
+            indexes = {i["name"]: i for i in sa.inspect(conn).get_indexes("deliveries")}
+        assert "ix_deliveries_resident" not in indexes
+        assert indexes["ix_deliveries_resident_counted"]["column_names"] == ["resident_id"]
+        assert "ix_deliveries_resident_counted" in _cap_query_plan(upgraded)
+        # the residents of batch 0 sent (not failed, not still pending) count once each for another run
+        sent = {c.resident_id for i, c in enumerate(claimed) if i % 2 == 0}
+        since = claimed[0].claimed_at - timedelta(days=1)
+        everyone = [c.resident_id for c in claimed] + list(range(1, 40))
+        assert upgraded.coordination.bulk_sends_since(everyone, since, exclude_run="r2") == dict.fromkeys(sent, 1)
+        # rows a worker holds count too (two runs checking one person at once never both pass the cap)
+        held = upgraded.claim("r1", 1, "w")
+        counted = upgraded.coordination.bulk_sends_since([c.resident_id for c in held], since, exclude_run="r2")
+        assert counted == {c.resident_id: 1 for c in held}
+    finally:
+        upgraded.close()
+
+
 def test_sqlite_store_uses_wal(tmp_path: Path) -> None:
     s = open_store(f"sqlite:///{tmp_path / 'x.db'}")
     with s.engine.connect() as conn:

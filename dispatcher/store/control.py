@@ -308,6 +308,8 @@ class Coordination:
                 sa.and_(d.c.state == SENDING, d.c.claimed_at >= since),
             ),
             r.c.priority == "bulk",
+            # the condition of the partial index by resident, word for word (see schema.COUNTED_BY_CAP)
+            sa.text(t.COUNTED_BY_CAP),
         ]
         if exclude_run:
             where.append(d.c.run_id != exclude_run)
