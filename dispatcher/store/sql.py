@@ -651,44 +651,34 @@ class SqlStore:
         d, r = t.deliveries, t.residents
         token = uuid.uuid4().hex
         now = self.clock()
-        take = (
-            sa.update(d)
-            .where(
-                d.c.run_id == run_id,
-                d.c.batch_no == batch_no,
-                d.c.state == PENDING,
-                sa.or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now),
-            )
-            .values(
-                state=SENDING,
-                claim_token=token,
-                claimed_by=worker_id,
-                claimed_at=now,
-                attempts=d.c.attempts + 1,
-                updated_at=now,
-            )
-        )
         with self._write() as conn:
-            if self.is_sqlite:
-                if not conn.execute(take).rowcount:
-                    return []
-                taken: Any = d
-                where = [d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == SENDING, d.c.claim_token == token]
-            else:
-                # one statement: the rows the UPDATE returns, joined to the registry, rather than finding
-                # the batch's rows a second time by the run index (SQLite has no UPDATE in a WITH)
-                taken = take.returning(*(d.c[c] for c in _CLAIMED_DELIVERY_COLUMNS)).cte("taken")
-                where = []
-            rows = conn.execute(
-                select(*_claimed_columns(taken))
-                # loosely: a row of a run made from a list (an alert's number) may have no resident
-                .select_from(taken.outerjoin(r, r.c.id == taken.c.resident_id))
-                # on SQLite the (run, state, batch) index finds the batch; the token picks this claim's rows
-                .where(*where)
-                .order_by(taken.c.id)
-            ).all()
-            if not rows:
+            claimed = conn.execute(
+                sa.update(d)
+                .where(
+                    d.c.run_id == run_id,
+                    d.c.batch_no == batch_no,
+                    d.c.state == PENDING,
+                    sa.or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now),
+                )
+                .values(
+                    state=SENDING,
+                    claim_token=token,
+                    claimed_by=worker_id,
+                    claimed_at=now,
+                    attempts=d.c.attempts + 1,
+                    updated_at=now,
+                )
+            ).rowcount
+            if not claimed:
                 return []
+            rows = conn.execute(
+                select(*_claimed_columns())
+                # loosely: a row of a run made from a list (an alert's number) may have no resident
+                .select_from(d.outerjoin(r, r.c.id == d.c.resident_id))
+                # the (run, state, batch) index finds the batch; the token picks this claim's rows
+                .where(d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == SENDING, d.c.claim_token == token)
+                .order_by(d.c.id)
+            ).all()
             # one event for the whole claim, naming every row it took: a claim is one decision about a batch,
             # and an event per row cost as much again as recording the rows' results
             ledger.append(conn, run_id, [ledger.claim_event([row.id for row in rows], batch_no, worker_id)], now)
@@ -1237,16 +1227,9 @@ def _events_unique_per_chain(conn: Connection) -> None:
     conn.exec_driver_sql("DROP TABLE events_v9")
 
 
-#: the columns of ``deliveries`` in a claimed row (``_claimed_columns``)
-_CLAIMED_DELIVERY_COLUMNS = (
-    "id", "key", "run_id", "phone", "district", "grid", "attempts", "claim_token", "batch_no", "resident_id",
-)  # fmt: skip
-
-
-def _claimed_columns(d: Any = None) -> tuple[Any, ...]:
-    """What a worker needs of a claimed row to render and send it (deliveries, or the rows a claim's UPDATE
-    returned, as ``d``, joined to residents)."""
-    d, r = t.deliveries if d is None else d, t.residents
+def _claimed_columns() -> tuple[Any, ...]:
+    """What a worker needs of a claimed row to render and send it (deliveries joined to residents)."""
+    d, r = t.deliveries, t.residents
     return (
         d.c.id, d.c.key, d.c.run_id, d.c.phone, func.coalesce(r.c.name, "").label("name"), d.c.district,
         d.c.grid, d.c.attempts, func.coalesce(r.c.opted_out, sa.false()).label("opted_out"), d.c.claim_token,
