@@ -309,12 +309,6 @@ class Coordination:
             ),
             r.c.priority == "bulk",
         ]
-        if self._db.is_sqlite:
-            # SQLite uses a partial index only for a query that has the index's condition among its own
-            # terms, word for word (schema.COUNTED_BY_CAP). PostgreSQL proves it from the states above,
-            # and given the term as well it preferred the run index: every counted row of every bulk run
-            # read through it (1.4 ms a batch at 10,000 sent rows, growing with the delivery log)
-            where.append(sa.text(t.COUNTED_BY_CAP))
         if exclude_run:
             where.append(d.c.run_id != exclude_run)
         with self._db.read() as conn:

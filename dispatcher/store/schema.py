@@ -24,7 +24,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 12
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
@@ -49,18 +49,11 @@ INDEX_MIGRATIONS: dict[int, tuple[str, ...]] = {
     5: ("ix_deliveries_provider_id",),
     10: ("uq_events_chain_seq", "uq_events_main_seq"),
     12: ("ix_deliveries_run_state_batch",),
-    13: ("ix_deliveries_resident_counted",),
 }
 #: indexes an upgrade to that version drops, once the ones that replace them are made
 DROPPED_INDEXES: dict[int, tuple[str, ...]] = {
     12: ("ix_deliveries_run_batch_state", "ix_deliveries_run_state"),
-    13: ("ix_deliveries_resident",),
 }
-
-#: the states of a delivery row the frequency cap counts (``Coordination.bulk_sends_since``: being sent, or
-#: sent), as the predicate of the partial index it reads. The cap's query repeats this very text: SQLite uses
-#: a partial index only for a query that has the index's condition among its own terms
-COUNTED_BY_CAP = "state IN ('sending', 'sent', 'delivered', 'unconfirmed')"
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for a log that grows
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -188,16 +181,9 @@ deliveries = Table(
     # state) and (run, state); every row written at fan-out and each of its two updates (claim, result:
     # state is indexed, so neither is a HOT update) paid for both
     Index("ix_deliveries_run_state_batch", "run_id", "state", "batch_no"),
-    # the frequency cap counts a person's messages by resident (not by phone: a phone index, in random
-    # order, doubled the time of writing a 200,000-row run), and only rows in the states it counts. So
-    # the index holds only those: a fan-out's rows (pending) and rows that end failed, skipped or
-    # expired cost it nothing. It took about a quarter of the time of writing a run's rows
-    Index(
-        "ix_deliveries_resident_counted",
-        "resident_id",
-        sqlite_where=text(COUNTED_BY_CAP),
-        postgresql_where=text(COUNTED_BY_CAP),
-    ),
+    # by resident, not by phone: ids arrive in ascending order at fan-out, so this index costs little
+    # to maintain, where a phone index (random order) doubled the time of writing a 200,000-row run
+    Index("ix_deliveries_resident", "resident_id"),
     # delivery reports (callbacks, and the sweep that asks for them) find their row by the provider's id;
     # partial, so the rows written at fan-out (no id yet) cost this index nothing
     Index(
