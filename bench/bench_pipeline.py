@@ -63,16 +63,25 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
     """User + system CPU a live process has used so far (to compare work per message on a noisy host:
-    a neighbour stealing cycles slows every rate here, not the CPU each message costs)."""
+    a neighbour stealing cycles slows every rate here, not the CPU each message costs); with
+    ``children``, also what its exited children used (those it has waited for)."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def postgres_cpu_seconds() -> float:
-    """CPU used so far by every PostgreSQL process on this machine (its backends serve our workers)."""
+    """CPU used so far by every PostgreSQL process on this machine (its backends serve our workers),
+    those that have exited included.
+
+    A worker's connection pool closes the connections it opened beyond its size once they are
+    returned, and their backends exit: counting live processes only lost their CPU (with 8 threads
+    per worker, half of PostgreSQL's). The postmaster's children's times hold what its exited
+    backends used.
+    """
     total = 0.0
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -80,7 +89,7 @@ def postgres_cpu_seconds() -> float:
                 with open(f"/proc/{entry}/comm") as fh:
                     if fh.read().strip() != "postgres":
                         continue
-                total += cpu_seconds(int(entry))
+                total += cpu_seconds(int(entry), children=True)
             except OSError:
                 continue
     return total
