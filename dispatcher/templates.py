@@ -292,9 +292,10 @@ class Composer:
 
         ``generate`` copies the globals, a ``ChainMap`` read key by key in Python, into a new dict for
         each render, and its context then iterates them once more: about 8 % of a worker's CPU per
-        recipient. Here they are merged once (``_globals``) and the context is given the merged dict as
-        it is (``shared``). The compiled template, and with it the sandbox, is the same; an exception
-        is handed to the environment as ``generate`` does, which rewrites its traceback to template lines.
+        recipient. Here they are merged once (``_globals``), and each render's context is built on one
+        new dict of those and the recipient's values, as ``generate`` builds it. The compiled template,
+        and with it the sandbox, is the same; an exception is handed to the environment as ``generate``
+        does, which rewrites its traceback to template lines.
         """
         globals_: dict[str, Any] = self._globals  # type: ignore[attr-defined]  # set in __post_init__
         ctx = template.environment.context_class(

@@ -139,10 +139,10 @@ def _postgres_update_held(
     """The new values go to a temporary table by ``COPY``, then one statement updates the rows from it.
 
     Per row this costs about a third less of PostgreSQL's CPU and of the worker's than a pipelined
-    ``executemany`` of one UPDATE per row (13–15 against 19–20 µs on the server, 6.5 against 11 µs in the
-    worker, for 500-row batches): one
-    statement is planned and started per batch instead of per row, and the values cross in C. An array
-    parameter per column (``unnest``) would be one statement too, but psycopg builds arrays in Python.
+    ``executemany`` of one UPDATE per row (13–15 against 19–20 µs on the server, 6.5 against 11 µs in
+    the worker, for 500-row batches): one statement is planned and started per batch instead of per
+    row, and the values cross in C. An array parameter per column (``unnest``) would be one statement
+    too, but psycopg builds arrays in Python.
     The temporary table is the session's own and empties itself at every commit, so a batch never
     sees another's values; ``IF NOT EXISTS`` makes it on a connection's first use (or again after
     the transaction that made it rolled back).
