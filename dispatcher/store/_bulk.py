@@ -143,15 +143,17 @@ def _postgres_update_held(
     the worker, for 500-row batches): one statement is planned and started per batch instead of per
     row, and the values cross in C. An array parameter per column (``unnest``) would be one statement
     too, but psycopg builds arrays in Python.
+
     The temporary table is the session's own and empties itself at every commit, so a batch never
     sees another's values; ``IF NOT EXISTS`` makes it on a connection's first use (or again after
     the transaction that made it rolled back).
     """
     create, copy_sql, update = _postgres_held_statements(conn.dialect, table, columns)
     conn.exec_driver_sql(create)
+    values = _values_of(columns)
     with _driver_cursor(conn, copy_sql) as cursor, cursor.copy(copy_sql) as copy:
         for r in rows:
-            copy.write_row((r["_id"], r["_token"], held_state, *(r[c] for c in columns)))
+            copy.write_row((r["_id"], r["_token"], held_state, *values(r)))
     return int(conn.exec_driver_sql(update).rowcount)
 
 
