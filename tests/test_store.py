@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,57 @@ def test_results_are_recorded_with_attempts_and_only_for_rows_in_flight(store) -
     assert store.get_run("r1").status == "completed"
     store.record(outcomes)  # a replay changes nothing: rows are no longer in flight
     assert len(store.attempts_for(claimed[0].id)) == 1
+
+
+def test_results_hashed_before_the_write_are_hashed_again_if_their_chain_grew_meanwhile(tmp_path: Path) -> None:
+    # on SQLite a batch's ledger events are hashed before the write lock is taken, against the chain's tail
+    # as read then; another event appended to the same batch chain in between (here a row of the batch
+    # released by another writer) must not be overwritten or forked: the events are hashed again under
+    # the lock, every result is recorded once, and the run's ledger still verifies
+    from sqlalchemy import event
+
+    store = open_store(f"sqlite:///{tmp_path / 'log.db'}")
+    try:
+        store.upsert_residents(_residents(6))
+        spec = _spec("r1")
+        sha = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731 - the snapshot verify checks
+        store.create_run(
+            dataclasses.replace(spec, campaign_sha256=sha(spec.campaign_yaml), template_sha256=sha(spec.template_text)),
+            ALL,
+        )
+        claimed = store.claim("r1", 0, "w")
+        assert len(claimed) == 6
+        kept, other = claimed[:5], claimed[5]
+        outcomes = [
+            Outcome(id=c.id, run_id="r1", state="sent", attempt=1, gateway="outbox", outcome="sent",
+                    provider_id=f"p{c.id}", parts=1, claim_token=c.claim_token, key=c.key, batch=c.batch)
+            for c in kept
+        ]  # fmt: skip
+        moved: list[int] = []
+
+        def append_to_the_chain_after_the_draft_read_it(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+            if "ledger_tails.batch IN" in statement and not moved:  # the draft reads its tails with IN
+                moved.append(store.release([other.id], other.claim_token))
+
+        event.listen(store.engine, "after_cursor_execute", append_to_the_chain_after_the_draft_read_it)
+        store.record(outcomes)
+        assert moved == [1], "no other event was appended between the draft and the write"
+        assert store.counts("r1") == {"sent": 5, "pending": 1}
+        events, problem = store.audit.verify_run("r1")
+        assert problem is None, str(problem)
+        with store.engine.connect() as conn:
+            chain = conn.execute(
+                sa.select(t.events.c.kind, t.events.c.to_state, t.events.c.seq)
+                .where(t.events.c.run_id == "r1", t.events.c.batch == 0)
+                .order_by(t.events.c.seq)
+            ).all()
+        # the claim, the release appended meanwhile, then the five results after it
+        assert [(k, s) for k, s, _ in chain] == [
+            ("batch.claimed", "sending"), ("delivery.state", "pending"), *[("delivery.state", "sent")] * 5
+        ]
+        assert [seq for _, _, seq in chain] == list(range(7))
+    finally:
+        store.close()
 
 
 def test_a_connection_lost_while_results_are_copied_is_an_outage_and_the_retry_records_them_once(

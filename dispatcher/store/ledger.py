@@ -161,8 +161,14 @@ def append(conn: Connection, run_id: str, events: Sequence[Event], at: datetime)
     append_by_run(conn, ((run_id, event) for event in events), at)
 
 
-def append_by_run(conn: Connection, events: Iterable[tuple[str, Event]], at: datetime) -> None:
-    """Append ``(run_id, event)`` pairs, each to its chain, in the order given within each chain."""
+def append_by_run(
+    conn: Connection, events: Iterable[tuple[str, Event]], at: datetime, *, draft: Draft | None = None
+) -> None:
+    """Append ``(run_id, event)`` pairs, each to its chain, in the order given within each chain.
+
+    ``draft``: the same events hashed before the caller's write began (``draft``); a chain whose tail
+    is still the one the draft was hashed against takes the draft's rows as they are.
+    """
     pairs = list(events)
     if not pairs:
         return
@@ -176,7 +182,7 @@ def append_by_run(conn: Connection, events: Iterable[tuple[str, Event]], at: dat
         by_run.setdefault(run_id, []).append((batch, event))
     # one order of locks for every writer (runs by id, a run's batches ascending, its own chain last)
     for run_id in sorted(by_run):
-        _append_run(conn, run_id, by_run[run_id], at)
+        _append_run(conn, run_id, by_run[run_id], at, draft)
 
 
 def _routed(run_id: str, event: Event) -> bool:
@@ -191,7 +197,9 @@ def _batches_of(conn: Connection, ids: Sequence[int | None]) -> dict[int, int]:
     return {int(i): int(b) for i, b in conn.execute(sa.select(d.c.id, d.c.batch_no).where(d.c.id.in_(wanted)))}
 
 
-def _append_run(conn: Connection, run_id: str, items: Sequence[tuple[int | None, Event]], at: datetime) -> None:
+def _append_run(
+    conn: Connection, run_id: str, items: Sequence[tuple[int | None, Event]], at: datetime, draft: Draft | None
+) -> None:
     groups: dict[int | None, list[Event]] = {}
     for batch, event in items:
         groups.setdefault(batch, []).append(event)
@@ -206,7 +214,7 @@ def _append_run(conn: Connection, run_id: str, items: Sequence[tuple[int | None,
             raise StoreError(
                 f"run {run_id}: the ledger has no tail for batch {batch}; `dispatch audit verify {run_id}`"
             )
-        _append_chain(conn, Chain(run_id, batch), groups[batch], at, tail)
+        _append_chain(conn, Chain(run_id, batch), groups[batch], at, tail, draft)
     if None in groups:
         _append_chain(conn, Chain(run_id), groups[None], at)
 
@@ -232,6 +240,7 @@ def _append_chain(
     events: Sequence[Event],
     at: datetime,
     tail: tuple[int | None, str | None] | None = None,
+    draft: Draft | None = None,
 ) -> None:
     """Append to one chain; ``tail`` is the batch chain's tail already locked by the caller."""
     if not events:
@@ -251,8 +260,18 @@ def _append_chain(
             query = query.with_for_update()
         row = conn.execute(query).one()
         recorded = (row.ledger_seq, row.ledger_hash)
-    seq = -1 if recorded[0] is None else int(recorded[0])
-    prev = recorded[1] or GENESIS
+    drafted = draft.rows_for(chain, events, at, recorded) if draft is not None else None
+    rows = drafted if drafted is not None else _hashed_rows(chain, events, at, recorded)
+    insert_rows(conn, t.events, rows)
+    conn.execute(sa.update(table).where(*where).values(ledger_seq=rows[-1]["seq"], ledger_hash=rows[-1]["hash"]))
+
+
+def _hashed_rows(
+    chain: Chain, events: Sequence[Event], at: datetime, tail: tuple[int | None, str | None]
+) -> list[dict[str, Any]]:
+    """The rows of ``events`` appended after ``tail`` (seq, hash) of ``chain``, each hashed and linked."""
+    seq = -1 if tail[0] is None else int(tail[0])
+    prev = tail[1] or GENESIS
     name = chain.name
     at_iso = _iso(at)
     rows = []
@@ -272,11 +291,73 @@ def _append_chain(
             "payload": _payload_text(event.payload),
         }
         digest = _event_hash(prev, name, seq, at_iso, data)
-        data.update(run_id=run_id, batch=chain.batch, seq=seq, at=at, prev_hash=prev, hash=digest)
+        data.update(run_id=chain.run_id, batch=chain.batch, seq=seq, at=at, prev_hash=prev, hash=digest)
         rows.append(data)
         prev = digest
-    insert_rows(conn, t.events, rows)
-    conn.execute(sa.update(table).where(*where).values(ledger_seq=seq, ledger_hash=prev))
+    return rows
+
+
+@dataclass
+class Draft:
+    """Batch-chain events hashed before the write that appends them, against each chain's tail as read then.
+
+    Hashing is the largest share of an append, and on SQLite every writer waits while one writes: done
+    beforehand, it leaves the write lock free. A chain's rows are taken only if, under the write's lock,
+    its tail is still the one they were hashed against and the events appended are exactly those
+    drafted (same objects, same order, same time); otherwise they are hashed again there, as without a draft. So
+    a draft can only save work, never change what is written.
+    """
+
+    at: datetime
+    chains: dict[Chain, tuple[tuple[int | None, str | None], list[Event], list[dict[str, Any]]]] = field(
+        default_factory=dict
+    )
+
+    def rows_for(
+        self, chain: Chain, events: Sequence[Event], at: datetime, tail: tuple[int | None, str | None]
+    ) -> list[dict[str, Any]] | None:
+        drafted = self.chains.get(chain)
+        if drafted is None or at != self.at:
+            return None
+        expected, drafted_events, rows = drafted
+        if expected != tail or len(drafted_events) != len(events):
+            return None
+        if any(a is not b for a, b in zip(drafted_events, events, strict=True)):
+            return None
+        return rows
+
+
+def draft(conn: Connection, events: Iterable[tuple[str, Event]], at: datetime) -> Draft:
+    """Hash ``(run_id, event)`` pairs ahead of ``append_by_run(..., draft=...)``, on any connection (a read).
+
+    Only events of batch chains whose batch the event names are drafted (a result's, as workers record
+    them); the rest are hashed when appended, as ever.
+    """
+    result = Draft(at)
+    groups: dict[Chain, list[Event]] = {}
+    for run_id, event in events:
+        if event.batch is None or not _routed(run_id, event):
+            continue
+        groups.setdefault(Chain(run_id, event.batch), []).append(event)
+    if not groups:
+        return result
+    lt = t.ledger_tails
+    for run_id in sorted({c.run_id for c in groups}):
+        batches = sorted(c.batch for c in groups if c.run_id == run_id and c.batch is not None)
+        tails = {
+            int(b): (s, h)
+            for b, s, h in conn.execute(
+                sa.select(lt.c.batch, lt.c.ledger_seq, lt.c.ledger_hash).where(
+                    lt.c.run_id == run_id, lt.c.batch.in_(batches)
+                )
+            )
+        }
+        for batch in batches:
+            if batch in tails:
+                chain = Chain(run_id, batch)
+                chain_events = groups[chain]
+                result.chains[chain] = (tails[batch], chain_events, _hashed_rows(chain, chain_events, at, tails[batch]))
+    return result
 
 
 def _payload_text(payload: dict[str, Any]) -> str | None:

@@ -744,48 +744,39 @@ class SqlStore:
             self.provider_events.drain_status_backlog()
 
     def _record(self, outcomes: Sequence[Outcome], actor: str) -> None:
-        now = self.clock()
-        with self._write() as conn:
-            if any(o.key is None for o in outcomes):
-                # a caller that did not carry the keys: read them, the ledger names every row by its key
-                d = t.deliveries
+        if any(o.key is None for o in outcomes):
+            # a caller that did not carry the keys: read them (a row's key never changes), the ledger
+            # names every row by its key
+            d = t.deliveries
+            with self._read() as conn:
                 keys = dict(conn.execute(select(d.c.id, d.c.key).where(d.c.id.in_([o.id for o in outcomes]))).all())
-                outcomes = [o if o.key else dataclasses.replace(o, key=keys.get(o.id)) for o in outcomes]
-            applied, late = self._apply_outcomes(conn, outcomes, now)
+            outcomes = [o if o.key else dataclasses.replace(o, key=keys.get(o.id)) for o in outcomes]
+        now = self.clock()
+        # what does not depend on what the write finds is built before it begins: on SQLite every other
+        # writer waits while one writes, and these took half of a worker's time in the write
+        updates = [_record_values(o, now) for o in outcomes]
+        events = [(o.run_id, _state_event(o, actor)) for o in outcomes]
+        attempts = [(o, [*_refusal_rows(o, now), _attempt_row(o, now)]) for o in outcomes if o.outcome != "skipped"]
+        draft = None
+        if self.is_sqlite:
+            # hashed against the tails as they are now; taken under the lock only if no one appended since
+            with self._read() as conn:
+                draft = ledger.draft(conn, events, now)
+        with self._write() as conn:
+            applied, late = self._apply_outcomes(conn, outcomes, updates, now)
             settled_late = self._late_outcomes(conn, late, now, actor) if late else set()
-            ledger.append_by_run(
-                conn,
-                (
-                    (
-                        o.run_id,
-                        ledger.Event(
-                            "delivery.state",
-                            o.key,
-                            o.id,
-                            SENDING,
-                            o.state,
-                            provider_id=o.provider_id,
-                            error_code=o.error_code,
-                            reason=o.reason or (o.outcome if o.outcome == "retry" else None),
-                            actor=actor,
-                            batch=o.batch,
-                        ),
-                    )
-                    for o in outcomes
-                    if o.id in applied
-                ),
-                now,
-            )
+            if len(applied) < len(outcomes):
+                events = [pair for o, pair in zip(outcomes, events, strict=True) if o.id in applied]
+            ledger.append_by_run(conn, events, now, draft=draft)
             late_ids = {o.id for o in late}
-            recorded = [
-                o
-                for o in outcomes
-                if o.outcome != "skipped"
-                and (o.id in applied or o.id in settled_late or (o.id in late_ids and _handed_over(o)))
-            ]
+            if late_ids or len(applied) < len(outcomes):
+                attempts = [
+                    (o, rows)
+                    for o, rows in attempts
+                    if o.id in applied or o.id in settled_late or (o.id in late_ids and _handed_over(o))
+                ]
             # providers a failover list tried first and that took nothing come before the one that answered
-            attempt_rows = [row for o in recorded for row in (*_refusal_rows(o, now), _attempt_row(o, now))]
-            insert_rows(conn, t.attempts, attempt_rows)
+            insert_rows(conn, t.attempts, [row for _, rows in attempts for row in rows])
             opt_outs = {o.opt_out_phone for o in outcomes if o.opt_out_phone and o.id in applied}
             for phone in opt_outs:
                 conn.execute(
@@ -795,30 +786,12 @@ class SqlStore:
                 )
 
     def _apply_outcomes(
-        self, conn: Connection, outcomes: Sequence[Outcome], now: datetime
+        self, conn: Connection, outcomes: Sequence[Outcome], updates: list[dict[str, Any]], now: datetime
     ) -> tuple[set[int], list[Outcome]]:
-        """UPDATE the rows still held under each outcome's claim; returns the ids applied and the
-        outcomes whose claim was taken away (a row settled under the same claim already is a replay)."""
+        """UPDATE the rows still held under each outcome's claim (``updates``: their new values, in the
+        same order); returns the ids applied and the outcomes whose claim was taken away (a row settled
+        under the same claim already is a replay)."""
         d = t.deliveries
-        updates = [
-            {
-                "_id": o.id,
-                "_token": o.claim_token,
-                "state": o.state,
-                "gateway": o.gateway,
-                "provider_id": o.provider_id,
-                "error_code": o.error_code,
-                "error_message": scrub_optional(o.error_message),
-                "reason": scrub_optional(o.reason),
-                "parts": o.parts,
-                "encoding": o.encoding,
-                "body": o.body,
-                "next_attempt_at": o.next_attempt_at,
-                "sent_at": now if o.state == "sent" else None,
-                "updated_at": now,
-            }
-            for o in outcomes
-        ]
         if self._update_from_values(conn, updates) == len(outcomes):
             return {o.id for o in outcomes}, []
         # some rows were settled or re-claimed by someone else meanwhile: find which ones we moved
@@ -1317,6 +1290,42 @@ def _handed_over(o: Outcome) -> bool:
 
 #: failures decided before anything reached a gateway
 _NO_HANDOVER_CODES = ("template.render", "render_error")
+
+
+def _record_values(o: Outcome, now: datetime) -> dict[str, Any]:
+    """A result's new values for its delivery row (``_id``, ``_token``: which row, under which claim)."""
+    return {
+        "_id": o.id,
+        "_token": o.claim_token,
+        "state": o.state,
+        "gateway": o.gateway,
+        "provider_id": o.provider_id,
+        "error_code": o.error_code,
+        "error_message": scrub_optional(o.error_message),
+        "reason": scrub_optional(o.reason),
+        "parts": o.parts,
+        "encoding": o.encoding,
+        "body": o.body,
+        "next_attempt_at": o.next_attempt_at,
+        "sent_at": now if o.state == "sent" else None,
+        "updated_at": now,
+    }
+
+
+def _state_event(o: Outcome, actor: str) -> ledger.Event:
+    """The ledger event of a result applied to a row its claim held (``sending`` -> the result's state)."""
+    return ledger.Event(
+        "delivery.state",
+        o.key,
+        o.id,
+        SENDING,
+        o.state,
+        provider_id=o.provider_id,
+        error_code=o.error_code,
+        reason=o.reason or (o.outcome if o.outcome == "retry" else None),
+        actor=actor,
+        batch=o.batch,
+    )
 
 
 def _attempt_row(o: Outcome, now: datetime) -> dict[str, Any]:
