@@ -148,8 +148,9 @@ def test_results_hashed_before_the_write_are_hashed_again_if_their_chain_grew_me
         store.record(outcomes)
         assert moved == [1], "no other event was appended between the draft and the write"
         assert store.counts("r1") == {"sent": 5, "pending": 1}
-        events, problem = store.audit.verify_run("r1")
+        checked, problem = store.audit.verify_run("r1")
         assert problem is None, str(problem)
+        assert checked == 8  # the head, then the claim, the release and five results on the batch chain
         with store.engine.connect() as conn:
             chain = conn.execute(
                 sa.select(t.events.c.kind, t.events.c.to_state, t.events.c.seq)
