@@ -217,6 +217,10 @@ _PIECES = (
 @example("\u017fecret=abc")
 @example("author\u0130zation: Basic Zm9vOmJhcg==")
 @example("acce\u017f\u017f_token=abc")
+@example('{"proxy-authorization": "abc"}')
+@example("Proxy-Authorization: Basic Zm9vOmJhcg==")
+@example('"token": "abc"')
+@example('token=abc"token": "x"')
 def test_scrub_finds_what_its_patterns_alone_would_find(text: str) -> None:
     # the scrub skips a pattern when the text holds none of its words, and each pattern starts with a
     # lookahead of its first characters: both only make it faster, so every text comes out exactly as
