@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dispatcher.store import AudienceFilter, CreatedRun, DuplicateRun, Outcome, Resident, RunSpec, open_store
+from dispatcher.store import AudienceFilter, Claimed, CreatedRun, DuplicateRun, Outcome, Resident, RunSpec, open_store
 from dispatcher.store import schema as t
 
 ALL = AudienceFilter(districts=("henglin", "yaoguan"))
@@ -36,6 +36,15 @@ def _spec(run_id: str, batch_size: int = 10, fire_time=None) -> RunSpec:  # type
         template_name="x.j2", template_text="hi", template_sha256="b" * 64, send_by=None,
         batch_size=batch_size, fire_time=fire_time,
     )  # fmt: skip
+
+
+def _sent(claimed: list[Claimed]) -> list[Outcome]:
+    """The outbox's answer for each claimed row: sent, under the row's claim."""
+    return [
+        Outcome(id=c.id, run_id=c.run_id, state="sent", attempt=c.attempts, gateway="outbox", outcome="sent",
+                provider_id=f"p{c.id}", parts=1, claim_token=c.claim_token, key=c.key, batch=c.batch)
+        for c in claimed
+    ]  # fmt: skip
 
 
 @pytest.fixture
@@ -133,11 +142,7 @@ def test_results_hashed_before_the_write_are_hashed_again_if_their_chain_grew_me
         claimed = store.claim("r1", 0, "w")
         assert len(claimed) == 6
         kept, other = claimed[:5], claimed[5]
-        outcomes = [
-            Outcome(id=c.id, run_id="r1", state="sent", attempt=1, gateway="outbox", outcome="sent",
-                    provider_id=f"p{c.id}", parts=1, claim_token=c.claim_token, key=c.key, batch=c.batch)
-            for c in kept
-        ]  # fmt: skip
+        outcomes = _sent(kept)
         moved: list[int] = []
 
         def append_to_the_chain_after_the_draft_read_it(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
@@ -182,11 +187,7 @@ def test_a_connection_lost_while_results_are_copied_is_an_outage_and_the_retry_r
         store.upsert_residents(_residents(5))
         store.create_run(_spec("r1"), ALL)
         claimed = store.claim("r1", 0, "w")
-        outcomes = [
-            Outcome(id=c.id, run_id="r1", state="sent", attempt=1, gateway="outbox", outcome="sent",
-                    provider_id=f"p{c.id}", parts=1, claim_token=c.claim_token, key=c.key, batch=c.batch)
-            for c in claimed
-        ]  # fmt: skip
+        outcomes = _sent(claimed)
         cut: list[int] = []
 
         def cut_the_connection_before_the_copy(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
