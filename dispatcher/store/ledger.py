@@ -166,7 +166,7 @@ def append_by_run(
 ) -> None:
     """Append ``(run_id, event)`` pairs, each to its chain, in the order given within each chain.
 
-    ``draft``: the same events hashed before the caller's write began (``draft``); a chain whose tail
+    ``draft``: the same events hashed before the caller's write began (``draft()``); a chain whose tail
     is still the one the draft was hashed against takes the draft's rows as they are.
     """
     pairs = list(events)
@@ -304,8 +304,8 @@ class Draft:
     Hashing is the largest share of an append, and on SQLite every writer waits while one writes: done
     beforehand, it leaves the write lock free. A chain's rows are taken only if, under the write's lock,
     its tail is still the one they were hashed against and the events appended are exactly those
-    drafted (same objects, same order, same time); otherwise they are hashed again there, as without a draft. So
-    a draft can only save work, never change what is written.
+    drafted (same objects, same order, same time); otherwise they are hashed again there, as without a
+    draft. So a draft can only save work, never change what is written.
     """
 
     at: datetime
