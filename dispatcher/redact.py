@@ -68,14 +68,17 @@ def _pair(match: re.Match[str]) -> str:
     return f"{match.group('name')}{match.group('sep')}{quote}{REDACTED}"
 
 
-def _starts(text: str, words: tuple[str, ...], *, quoted: bool = False) -> list[int]:
-    """Where the words occur in ``text`` as IGNORECASE compares (and, ``quoted``, one character before)."""
-    folded = text
+def _folded(text: str) -> str:
+    """``text`` lowercased with ``_FOLDS`` applied: where a word occurs in it, IGNORECASE finds it in ``text``."""
     if not text.isascii():
         for odd, letter in _FOLDS:
-            if odd in folded:
-                folded = folded.replace(odd, letter)
-    folded = folded.lower()
+            if odd in text:
+                text = text.replace(odd, letter)
+    return text.lower()
+
+
+def _starts(folded: str, words: tuple[str, ...], *, quoted: bool = False) -> list[int]:
+    """Where the words occur in the folded text (and, ``quoted``, one character before each)."""
     found: set[int] = set()
     for word in words:
         at = folded.find(word)
@@ -89,7 +92,7 @@ def _starts(text: str, words: tuple[str, ...], *, quoted: bool = False) -> list[
 
 def _sub_at(pattern: re.Pattern[str], replace: Callable[[re.Match[str]], str], text: str, starts: list[int]) -> str:
     """``pattern.sub(replace, text)`` for a pattern whose every match starts at one of ``starts``: the
-    same matches, left to right, none overlapping the one before."""
+    same matches, left to right, none overlapping the one before. ``text`` itself when nothing matched."""
     parts: list[str] = []
     done = 0
     for start in starts:
@@ -107,9 +110,15 @@ def _sub_at(pattern: re.Pattern[str], replace: Callable[[re.Match[str]], str], t
 
 def redact_credentials(text: str) -> str:
     """Replace credentials recognisable by their shape with ``[redacted]``."""
-    text = _sub_at(_HEADER_RE, lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text, _starts(text, _HEADER_WORDS))
-    text = _sub_at(_AUTH_SCHEME_RE, lambda m: f"{m.group(1)} {REDACTED}", text, _starts(text, _SCHEME_WORDS))
-    text = _sub_at(_SECRET_PAIR_RE, _pair, text, _starts(text, _PAIR_WORDS, quoted=True))
+    # folded once, and again only after a pattern changed the text (positions moved)
+    folded = _folded(text)
+    done = _sub_at(_HEADER_RE, lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text, _starts(folded, _HEADER_WORDS))
+    if done is not text:
+        text, folded = done, _folded(done)
+    done = _sub_at(_AUTH_SCHEME_RE, lambda m: f"{m.group(1)} {REDACTED}", text, _starts(folded, _SCHEME_WORDS))
+    if done is not text:
+        text, folded = done, _folded(done)
+    text = _sub_at(_SECRET_PAIR_RE, _pair, text, _starts(folded, _PAIR_WORDS, quoted=True))
     if "AC" in text or "SK" in text:
         text = _SID_RE.sub(REDACTED, text)
     return text

@@ -221,6 +221,8 @@ _PIECES = (
 @example("Proxy-Authorization: Basic Zm9vOmJhcg==")
 @example('"token": "abc"')
 @example('token=abc"token": "x"')
+@example("X-Api-Key: k1k1k1k1k1k1k1k1 secret=abc Bearer abcdefgh")
+@example("Bearer abcdefghijklmnop secret=abc")
 def test_scrub_finds_what_its_patterns_alone_would_find(text: str) -> None:
     # the scrub skips a pattern when the text holds none of its words, and each pattern starts with a
     # lookahead of its first characters: both only make it faster, so every text comes out exactly as
