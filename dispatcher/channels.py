@@ -45,7 +45,7 @@ SMS = "sms"
 VOICE = "voice"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per recipient: not frozen (see providers.base.OutgoingMessage)
 class Composed:
     body: str
     parts: int

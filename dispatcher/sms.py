@@ -31,7 +31,7 @@ LIMITS = {"GSM-7": (160, 153), "UCS-2": (70, 67)}
 MAX_MESSAGE_CHARS = 500
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per recipient: not frozen (see providers.base.OutgoingMessage)
 class Segmentation:
     encoding: str  # "GSM-7" or "UCS-2"
     #: units counted against the limits: septets for GSM-7, UTF-16 code units for UCS-2

@@ -47,7 +47,11 @@ if TYPE_CHECKING:
 Channel = Literal["sms", "ringback", "voice"]
 
 
-@dataclass(frozen=True)
+# Not frozen: one of these is built for every recipient, and a frozen dataclass's ``__init__`` sets each
+# field through ``object.__setattr__``, three times the cost of a plain one's (1.6 µs against 0.5 for an
+# ``Event``). The per-recipient types (this, ``SendResult``, ``Claimed``, ``ledger.Event``, ``Composed``,
+# ``Segmentation``) are plain slotted dataclasses that nothing mutates or hashes.
+@dataclass(slots=True)
 class OutgoingMessage:
     key: str  # idempotency key: run + phone
     run_id: str
@@ -63,7 +67,7 @@ class OutgoingMessage:
     delivery_id: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per recipient: not frozen (see OutgoingMessage)
 class SendResult:
     provider_id: str
     #: the provider's own status at hand-over (queued, accepted, ...)

@@ -232,7 +232,7 @@ class AudienceFilter:
         return tuple(d for d in self.districts if d not in narrowed)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per recipient: not frozen (see providers.base.OutgoingMessage)
 class Claimed:
     """A delivery row claimed by a worker for sending, with what is needed to render it."""
 

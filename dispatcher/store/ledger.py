@@ -64,7 +64,7 @@ def is_side_chain(chain_id: str) -> bool:
     return chain_id == AUDIT_CHAIN or chain_id.startswith(ALERT_CHAIN_PREFIX)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per recipient: not frozen (see providers.base.OutgoingMessage)
 class Event:
     kind: str  # "run.created", "delivery.state", "audit.export", ...
     key: str | None = None

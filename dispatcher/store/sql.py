@@ -1346,6 +1346,8 @@ def _attempt_row(o: Outcome, now: datetime) -> dict[str, Any]:
 
 def _refusal_rows(o: Outcome, now: datetime) -> list[dict[str, Any]]:
     """One ``refused`` attempt per provider that proved it did not take the message (failover)."""
+    if not o.refusals:  # nearly every result: no list comprehension to set up for nothing
+        return []
     return [
         {
             "delivery_id": o.id,
