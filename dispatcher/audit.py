@@ -39,7 +39,7 @@ from .store import AUDIT_CHAIN, STATES, ChainBreak, SqlStore
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 
 LOG_COLUMNS = (
-    "event_id", "at", "run_id", "campaign_id", "owner", "key", "phone", "district", "grid",
+    "event_id", "delivery_id", "at", "run_id", "campaign_id", "owner", "key", "phone", "district", "grid",
     "from_state", "to_state", "gateway", "provider_id", "error_code", "reason", "actor",
 )  # fmt: skip
 FORMATS = ("table", "csv", "jsonl")

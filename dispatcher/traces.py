@@ -46,10 +46,12 @@ def delivery_trace(
     *,
     phone: str | None = None,
     event_id: int | None = None,
+    delivery_id: int | None = None,
     actor: str,
     via: str,
 ) -> dict[str, Any]:
-    """The trace of the run's delivery to ``phone`` (or the one ledger event ``event_id`` names), masked.
+    """The trace of the run's delivery to ``phone`` (or the one ledger event ``event_id`` names; of a
+    batch's event, the one of its deliveries ``delivery_id`` says), masked.
 
     The view is recorded before the delivery is looked up: whether a number is in a run is
     itself what a search reveals. An unknown run, or a person not in it, is a ``UsageError``.
@@ -63,7 +65,9 @@ def delivery_trace(
         if found is None:
             raise UsageError(f"nobody with number {mask(number)} in run {run_id}", field="phone")
     else:
-        found = store.traces.delivery(run_id, event_id=event_id) if event_id is not None else None
+        found = (
+            store.traces.delivery(run_id, event_id=event_id, delivery_id=delivery_id) if event_id is not None else None
+        )
         if found is None:
             raise UsageError(f"no delivery for ledger event {event_id} in run {run_id}", field="event")
         _record_view(store, actor=actor, via=via, run_id=run_id, phone=found.row.phone)

@@ -95,6 +95,12 @@ def _restore(conn: Any, *rows: dict[str, Any]) -> None:
         _set(conn, row["id"], {k: v for k, v in row.items() if k != "id"})
 
 
+def _without_first_row(payload: str) -> str:
+    """A ``batch.recorded`` payload with its first row left out, in the ledger's own JSON form."""
+    data = json.loads(payload)
+    return json.dumps({**data, "rows": data["rows"][1:]}, ensure_ascii=False, sort_keys=True)
+
+
 def chain_of(events: list[dict[str, Any]], batch: int | None) -> list[dict[str, Any]]:
     """One chain's events in id order: the run's own (``None``) or a batch's."""
     return [e for e in events if e["batch"] == batch]
@@ -108,25 +114,35 @@ def test_verify_names_the_event_after_any_single_row_is_edited_deleted_or_swappe
     events = event_rows(engine, run_id)
     intact = verify_cli(any_db_project)
     assert intact.returncode == 0, intact.stderr
-    # head + pending->sending + sending->sent for every recipient that was not skipped, + the seal
-    assert events[0]["kind"] == "run.created" and len(events) > 100
+    # the head, then on each batch's chain its claim and its results (one event each, naming every row)
+    assert events[0]["kind"] == "run.created" and len(events) >= 8
     assert f"ok {run_id}: {len(events)} events" in intact.stdout
     store = any_db_project.runtime().store
     # the run's own chain: its head, then the seal of the batch tails written when the run finished
     head, after_head = chain_of(events, None)[:2]
     assert after_head["kind"] == "batches.sealed"
-    # a batch's chain: every delivery event of that batch
+    # a batch's chain: the worker's claim of its 40 rows, then its results for them
     batch = chain_of(events, 1)
-    mid, nxt, last = batch[len(batch) // 2], batch[len(batch) // 2 + 1], batch[-1]
-    sent = next(e for e in batch if e["to_state"] == "sent")
+    mid, nxt, last = batch[0], batch[1], batch[-1]
+    assert (mid["kind"], nxt["kind"]) == ("batch.claimed", "batch.recorded"), batch
+    assert len(json.loads(nxt["payload"])["rows"]) == len(json.loads(mid["payload"])["ids"]) == 40
+    sent = nxt
+    assert '"sent"' in sent["payload"]
     other = chain_of(events, 0)
 
     # (description, tamper, undo, the event id the message must name, a phrase it must contain)
     cases = [
         (
-            "edit a to_state",
-            lambda c: _set(c, sent["id"], {"to_state": "failed"}),
-            lambda c: _set(c, sent["id"], {"to_state": "sent"}),
+            "edit one row's state in a batch's results",
+            lambda c: _set(c, sent["id"], {"payload": sent["payload"].replace('"sent"', '"failed"', 1)}),
+            lambda c: _set(c, sent["id"], {"payload": sent["payload"]}),
+            sent["id"],
+            "edited",
+        ),
+        (
+            "drop a row from a batch's results",
+            lambda c: _set(c, sent["id"], {"payload": _without_first_row(sent["payload"])}),
+            lambda c: _set(c, sent["id"], {"payload": sent["payload"]}),
             sent["id"],
             "edited",
         ),

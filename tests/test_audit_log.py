@@ -165,9 +165,10 @@ def test_keyset_pages_on_postgresql(tmp_path: Any, postgres_url: str) -> None:
 def _keyset_pages(project: Project) -> None:
     store = project.runtime().store
     f = audit.LogFilter.parse(district="lucheng")
-    small = [r["event_id"] for r in audit.iter_log(store, f, chunk=7)]
-    whole = [r["event_id"] for r in audit.iter_log(store, f)]
+    # a worker's results are one event per batch, so a row is (event, delivery): each once, in order
+    small = [(r["event_id"], r["delivery_id"]) for r in audit.iter_log(store, f, chunk=7)]
+    whole = [(r["event_id"], r["delivery_id"]) for r in audit.iter_log(store, f)]
     assert small == whole and len(whole) > 20 and small == sorted(set(small))
-    assert [r["event_id"] for r in audit.iter_log(store, f, chunk=7, limit=10)] == whole[:10]
+    assert [(r["event_id"], r["delivery_id"]) for r in audit.iter_log(store, f, chunk=7, limit=10)] == whole[:10]
     assert {r["district"] for r in audit.iter_log(store, f)} == {"lucheng"}
     assert THREE[0] == "lucheng"

@@ -351,13 +351,26 @@ class Alerts:
             + "."
             + sa.case((e.c.kind == "delivery.confirmed", "confirmed"), else_=e.c.to_state),
         )
+        steps = s.join(a, a.c.id == s.c.alert_id).join(e, e.c.run_id == s.c.run_id)
         with self._db.read() as conn:
-            found = conn.execute(
-                sa.select(s.c.alert_id, s.c.seq, s.c.action, e.c.kind, e.c.to_state, e.c.at)
-                .select_from(s.join(a, a.c.id == s.c.alert_id).join(e, e.c.run_id == s.c.run_id))
-                .where(a.c.status == "open", s.c.run_id.is_not(None), relevant, ~seen)
-                .order_by(e.c.id)
-            ).all()
+            found = [
+                (event_id, *row)
+                for event_id, *row in conn.execute(
+                    sa.select(e.c.id, s.c.alert_id, s.c.seq, s.c.action, e.c.kind, e.c.to_state, e.c.at)
+                    .select_from(steps)
+                    .where(a.c.status == "open", s.c.run_id.is_not(None), relevant, ~seen)
+                )
+            ]
+            # a worker's results are one event per batch: each row it names is a state change of its own
+            for event_id, alert_id, seq, action, kind, from_state, at, payload in conn.execute(
+                sa.select(e.c.id, s.c.alert_id, s.c.seq, s.c.action, e.c.kind, e.c.from_state, e.c.at, e.c.payload)
+                .select_from(steps)
+                .where(a.c.status == "open", s.c.run_id.is_not(None), e.c.kind == ledger.RECORD_KIND)
+            ):
+                for state in sorted({str(c.to_state) for c in ledger.row_changes(kind, from_state, None, payload)}):
+                    if state in _MILESTONE_STATES:
+                        found.append((event_id, alert_id, seq, action, "delivery.state", state, at))
+        found = [row[1:] for row in sorted(found, key=lambda row: row[0])]
         if not found:
             return []
         confirmed: list[str] = []

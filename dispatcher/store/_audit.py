@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -45,32 +48,63 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _where(f: EventQuery) -> list[Any]:
-    e, d, r = t.events, t.deliveries, t.runs
-    where: list[Any] = [e.c.kind == "delivery.state"]
+def _event_where(f: EventQuery) -> list[Any]:
+    """What narrows the events themselves (their run, campaign and time)."""
+    e, r = t.events, t.runs
+    where: list[Any] = []
     if f.run:
         where.append(e.c.run_id == f.run)
     if f.campaign:
         where.append(r.c.campaign_id == f.campaign)
+    if f.since:
+        where.append(e.c.at >= f.since)
+    if f.until:
+        where.append(e.c.at <= f.until)
+    return where
+
+
+def _delivery_where(f: EventQuery) -> list[Any]:
+    """What narrows the deliveries the events are about (their district, group and number)."""
+    d = t.deliveries
+    where: list[Any] = []
     if f.district:
         where.append(d.c.district == f.district)
     if f.segment:
         rs = t.resident_segments
         where.append(sa.exists().where(rs.c.resident_id == d.c.resident_id, rs.c.segment == f.segment))
+    if f.phone:
+        where.append(d.c.phone == f.phone)
+    return where
+
+
+def _phone_keys(phone: str) -> Any:
+    """The number's idempotency keys, one per run. deliveries.phone has no index (it slowed fan-out); a
+    delivery's key is its run's id and its number (keys.delivery_key), and the keys are indexed: numbers
+    outside the registry (an alert's list) included."""
+    return sa.select(t.runs.c.id + sa.literal(SEPARATOR + phone))
+
+
+def _where(f: EventQuery) -> list[Any]:
+    """The filter on events of one delivery each (``delivery.state``)."""
+    e = t.events
+    where: list[Any] = [e.c.kind == "delivery.state", *_event_where(f), *_delivery_where(f)]
     if f.state:
         where.append(e.c.to_state == f.state)
     if f.error_code:
         where.append(e.c.error_code == f.error_code)
     if f.phone:
-        # deliveries.phone has no index (it slowed fan-out). A delivery's key is its run's id and its number
-        # (keys.delivery_key), so the number's keys are one per run, and the events' key index finds each:
-        # numbers outside the registry (an alert's list) included
-        keys = sa.select(t.runs.c.id + sa.literal(SEPARATOR + f.phone))
-        where.extend([e.c.key.in_(keys), d.c.phone == f.phone])
-    if f.since:
-        where.append(e.c.at >= f.since)
-    if f.until:
-        where.append(e.c.at <= f.until)
+        where.append(e.c.key.in_(_phone_keys(f.phone)))
+    return where
+
+
+def _batch_where(f: EventQuery) -> list[Any]:
+    """The filter on a worker's batch results (``batch.recorded``) that SQL can apply before expanding them."""
+    e, d = t.events, t.deliveries
+    where: list[Any] = [e.c.kind == ledger.RECORD_KIND, *_event_where(f)]
+    if f.phone:
+        # only the chains of the batches that hold the number (its delivery rows found by their keys)
+        chains = sa.select(d.c.run_id, d.c.batch_no).where(d.c.key.in_(_phone_keys(f.phone)))
+        where.append(sa.tuple_(e.c.run_id, e.c.batch).in_(chains))
     return where
 
 
@@ -123,11 +157,26 @@ class AuditLog:
     # ------------------------------------------------------------------ the log
 
     def events(self, f: EventQuery, *, limit: int | None = None, chunk: int = 5000) -> Iterator[dict[str, Any]]:
-        """Matching delivery events (oldest first), unmasked, ``at`` in UTC; one page in memory at a time."""
+        """Matching delivery state changes (oldest first), unmasked, ``at`` in UTC; one page in memory at a time.
+
+        Two streams merged in event order: events about one delivery each, and the rows of workers'
+        batch results (``batch.recorded``), one item per delivery the event names, all with that
+        event's id. Claims (``batch.claimed``: pending -> sending) are not listed, as ever.
+        """
+        merged = heapq.merge(
+            self._single_events(f, limit, chunk),
+            self._batch_rows(f, chunk),
+            key=itemgetter("event_id", "delivery_id"),
+        )
+        for item in merged if limit is None else itertools.islice(merged, limit):
+            item["at"] = _utc(item["at"])
+            yield item
+
+    def _single_events(self, f: EventQuery, limit: int | None, chunk: int) -> Iterator[dict[str, Any]]:
         e, d, r = t.events, t.deliveries, t.runs
         cols = [
-            e.c.id.label("event_id"), e.c.at, e.c.run_id, r.c.campaign_id, r.c.owner, e.c.key, d.c.phone,
-            d.c.district, d.c.grid, e.c.from_state, e.c.to_state, d.c.gateway, e.c.provider_id,
+            e.c.id.label("event_id"), e.c.delivery_id, e.c.at, e.c.run_id, r.c.campaign_id, r.c.owner, e.c.key,
+            d.c.phone, d.c.district, d.c.grid, e.c.from_state, e.c.to_state, d.c.gateway, e.c.provider_id,
             e.c.error_code, e.c.reason, e.c.actor,
         ]  # fmt: skip
         base = (
@@ -136,9 +185,66 @@ class AuditLog:
             .where(*_where(f))
         )
         for row in self._pages(base, e.c.id, "event_id", limit, chunk):
-            item = dict(row)
-            item["at"] = _utc(item["at"])
-            yield item
+            yield dict(row)
+
+    def _batch_rows(self, f: EventQuery, chunk: int) -> Iterator[dict[str, Any]]:
+        """The rows of matching ``batch.recorded`` events, in event order and delivery-id order within one.
+
+        The events are read a page at a time; their rows' deliveries (number, district, gateway), with
+        the district, group and number filters, one query per ``chunk`` rows named.
+        """
+        e, r = t.events, t.runs
+        cols = [
+            e.c.id.label("event_id"), e.c.at, e.c.run_id, r.c.campaign_id, r.c.owner, e.c.from_state, e.c.actor,
+            e.c.payload,
+        ]  # fmt: skip
+        base = sa.select(*cols).select_from(e.join(r, r.c.id == e.c.run_id)).where(*_batch_where(f))
+        pending: list[tuple[Any, list[ledger.RowChange]]] = []
+        named = 0
+        # not limited here: an event's rows may all fail the delivery filters; the merge stops reading
+        for event in self._pages(base, e.c.id, "event_id", None, chunk):
+            changes = [
+                c
+                for c in ledger.row_changes(ledger.RECORD_KIND, event["from_state"], None, event["payload"])
+                if (not f.state or c.to_state == f.state) and (not f.error_code or c.error_code == f.error_code)
+            ]
+            if not changes:
+                continue
+            pending.append((event, changes))
+            named += len(changes)
+            if named >= chunk:
+                yield from self._expand(f, pending)
+                pending, named = [], 0
+        yield from self._expand(f, pending)
+
+    def _expand(self, f: EventQuery, events: list[tuple[Any, list[ledger.RowChange]]]) -> Iterator[dict[str, Any]]:
+        """One item per row of these batch events whose delivery passes the delivery filters."""
+        if not events:
+            return
+        d = t.deliveries
+        ids = [c.delivery_id for _, changes in events for c in changes]
+        with self._db.read() as conn:
+            rows = {
+                row.id: row
+                for row in conn.execute(
+                    sa.select(d.c.id, d.c.key, d.c.phone, d.c.district, d.c.grid, d.c.gateway).where(
+                        d.c.id.in_(ids), *_delivery_where(f)
+                    )
+                )
+            }
+        for event, changes in events:
+            for c in changes:
+                row = rows.get(c.delivery_id)
+                if row is None:
+                    continue
+                yield {
+                    "event_id": event["event_id"], "delivery_id": c.delivery_id, "at": event["at"],
+                    "run_id": event["run_id"], "campaign_id": event["campaign_id"], "owner": event["owner"],
+                    "key": row.key, "phone": row.phone, "district": row.district, "grid": row.grid,
+                    "from_state": c.from_state, "to_state": c.to_state, "gateway": row.gateway,
+                    "provider_id": c.provider_id, "error_code": c.error_code, "reason": c.reason,
+                    "actor": event["actor"],
+                }  # fmt: skip
 
     def _pages(self, base: Any, order: Any, label: str, limit: int | None, chunk: int) -> Iterator[Any]:
         """Rows of ``base`` in ``order`` (selected as ``label``) with one page in memory at a time.

@@ -8,7 +8,10 @@ deleted is missed by name. Every event about a delivery (its key, from- and to-s
 error code, reason, actor and time) goes to the chain of the delivery's batch (``events.batch`` =
 ``deliveries.batch_no``) and carries the hash of the event before it in that chain. A worker's claim
 is one ``batch.claimed`` event on that chain naming every row it took (pending -> sending for each),
-which ``audit verify`` reads as one state change per row named; the chain's
+and its results are one ``batch.recorded`` event naming each row with its new state, provider id,
+error code and reason (sending -> that state); ``audit verify`` and every reader of the ledger read
+each as one state change per row named (``row_changes``). Changes made one row at a time (delivery
+reports, operators, late results) are ``delivery.state`` events of their own. The chain's
 identity (``<run id>/<batch>``) is inside the hashed material, so an event moved to another chain
 does not verify. Each chain's tail (last seq and hash) is kept apart from its events: the run's in
 ``runs.ledger_seq``/``ledger_hash``, each batch chain's in its own ``ledger_tails`` row, so cutting
@@ -87,6 +90,13 @@ SEAL_KIND = "batches.sealed"
 CLAIM_KIND = "batch.claimed"
 
 
+#: the event on a batch's chain that records a worker's results for the rows it names (``payload.rows``):
+#: ``sending -> state`` for each
+RECORD_KIND = "batch.recorded"
+#: events that stand for one state change per delivery they name
+BATCH_KINDS = (CLAIM_KIND, RECORD_KIND)
+
+
 def claim_event(ids: Sequence[int], batch: int, actor: str) -> Event:
     """A worker's claim of a batch's rows as one event: ``pending -> sending`` for each delivery id listed.
 
@@ -94,6 +104,45 @@ def claim_event(ids: Sequence[int], batch: int, actor: str) -> Event:
     """
     return Event(CLAIM_KIND, from_state="pending", to_state="sending", actor=actor, batch=batch,
                  payload={"ids": sorted(int(i) for i in ids)})  # fmt: skip
+
+
+def record_event(rows: Iterable[tuple[int, str, str | None, str | None, str | None]], batch: int, actor: str) -> Event:
+    """A worker's results for rows of one batch as one event: ``sending -> state`` for each row
+    ``(delivery id, state, provider id, error code, reason)``, kept in delivery-id order.
+
+    One hashed event per recorded batch instead of one per recipient: building, hashing and storing
+    an event per row was about a quarter of the CPU a recipient cost the workers and the database
+    together. Every reader (``audit verify``, ``audit log``, traces, alerts) expands it with
+    ``row_changes`` into the per-delivery changes it stands for, at this event's place in the chain.
+    Reasons are masked here, as ``_hashed_rows`` masks the ``reason`` column.
+    """
+    listed: list[list[Any]] = [
+        [int(i), state, provider_id, error_code, scrub_optional(reason)]
+        for i, state, provider_id, error_code, reason in sorted(rows, key=lambda row: row[0])
+    ]
+    return Event(RECORD_KIND, from_state="sending", actor=actor, batch=batch, payload={"rows": listed})
+
+
+@dataclass(slots=True)
+class RowChange:
+    """One delivery's state change inside a batch event (a claim or a worker's results)."""
+
+    delivery_id: int
+    from_state: str | None
+    to_state: str | None
+    provider_id: str | None = None
+    error_code: str | None = None
+    reason: str | None = None
+
+
+def row_changes(kind: str, from_state: str | None, to_state: str | None, payload: str | None) -> list[RowChange]:
+    """The per-delivery state changes a stored event of ``BATCH_KINDS`` stands for (none for other kinds)."""
+    if kind not in BATCH_KINDS:
+        return []
+    data = json.loads(payload or "{}")
+    if kind == CLAIM_KIND:
+        return [RowChange(int(i), from_state, to_state) for i in data.get("ids", ())]
+    return [RowChange(int(r[0]), from_state, r[1], r[2], r[3], r[4]) for r in data.get("rows", ())]
 
 
 @dataclass(frozen=True)
@@ -187,8 +236,8 @@ def append_by_run(
 
 def _routed(run_id: str, event: Event) -> bool:
     """Whether the event goes to a batch chain: it is about a delivery of a run, or about a batch of its
-    deliveries (a claim), not a side chain's."""
-    return (event.delivery_id is not None or event.kind == CLAIM_KIND) and not is_side_chain(run_id)
+    deliveries (a claim, a worker's results), not a side chain's."""
+    return (event.delivery_id is not None or event.kind in BATCH_KINDS) and not is_side_chain(run_id)
 
 
 def _batches_of(conn: Connection, ids: Sequence[int | None]) -> dict[int, int]:
@@ -577,7 +626,6 @@ def verify_run(conn: Connection, run: Any, chunk: int = 5000) -> Break | None:
     return (
         _verify_batch_chains(conn, run, head_payload.get("batch_chains"), seals, chunk)
         or _check_deliveries(conn, run, head_payload, chunk)
-        or _check_attempts(conn, run)
         or _check_confirmed(conn, run)
     )
 
@@ -650,54 +698,6 @@ def _verify_batch_chains(
     return None
 
 
-#: events that record a gateway's answer to a hand-over: each must have its attempt row, and back
-_HANDOVER = sa.or_(
-    sa.and_(
-        t.events.c.kind == "delivery.state",
-        t.events.c.from_state == "sending",
-        t.events.c.to_state.in_(("sent", "unknown")),
-    ),
-    t.events.c.kind == "delivery.late",
-)
-
-
-def _check_attempts(conn: Connection, run: Any) -> Break | None:
-    """Cross-check the attempts table against the chain: every attempt was written with its ledger
-    event (same delivery, same instant), and every hand-over event has its attempt. An attempt
-    without an event is a hand-over the ledger does not show; an event without one, a forged send."""
-    a, d, e = t.attempts, t.deliveries, t.events
-    orphan_attempt = conn.execute(
-        sa.select(a.c.id, a.c.delivery_id, a.c.attempt)
-        .select_from(a.join(d, d.c.id == a.c.delivery_id))
-        .where(
-            a.c.run_id == run.id,
-            ~sa.exists().where(e.c.key == d.c.key, e.c.at == a.c.at, e.c.run_id == a.c.run_id),
-        )
-        .limit(1)
-    ).first()
-    if orphan_attempt is not None:
-        return Break(
-            run.id, None, None,
-            f"attempt {orphan_attempt.attempt} of delivery {orphan_attempt.delivery_id} has no ledger event: "
-            "a hand-over to the gateway is missing from the ledger",
-        )  # fmt: skip
-    unbacked = conn.execute(
-        sa.select(e.c.id, e.c.seq, e.c.delivery_id, e.c.batch)
-        .where(
-            e.c.run_id == run.id,
-            _HANDOVER,
-            ~sa.exists().where(a.c.delivery_id == e.c.delivery_id, a.c.at == e.c.at),
-        )
-        .limit(1)
-    ).first()
-    if unbacked is not None:
-        return Break(
-            Chain(run.id, unbacked.batch).name, unbacked.seq, unbacked.id,
-            f"hand-over event of delivery {unbacked.delivery_id} has no attempt row",
-        )  # fmt: skip
-    return None
-
-
 def _check_confirmed(conn: Connection, run: Any) -> Break | None:
     """A voice call's confirmation (``deliveries.confirmed_at``) and its ``delivery.confirmed`` event go
     together: a row confirmed without the event was changed behind the ledger's back, an event whose row
@@ -748,7 +748,9 @@ def _sha(text: str) -> str:
 
 
 def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: int) -> Break | None:
-    """Cross-check the deliveries table against the (already verified) chain, one page of rows at a time."""
+    """Cross-check the deliveries and attempts tables against the (already verified) chains, one page
+    of rows at a time: each row's state against its last event, each attempt against the event written
+    with it, and the (key, initial state) digest against the head."""
     d, e = t.deliveries, t.events
     digest = hashlib.sha256()
     last_id = 0
@@ -762,35 +764,35 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
         ).all()
         if not rows:
             break
-        first_from: dict[str, str] = {}
-        last_to: dict[str, tuple[str, int, int]] = {}
+        first_from: dict[str, str | None] = {}
+        last_to: dict[str, tuple[str | None, int, int]] = {}
         batch_of = {r.key: r.batch_no for r in rows}
+        id_of = {r.key: r.id for r in rows}
         # select by key only (ix_events_key) and order here: with run_id or ORDER BY seq in the query
         # SQLite picks the (run_id, seq) index and scans the whole chain once per page
         found = [
-            tuple(ev)
+            _Change(*ev)
             for ev in conn.execute(
                 sa.select(
-                    e.c.key, e.c.from_state, e.c.to_state, e.c.seq, e.c.id, e.c.run_id, e.c.kind, e.c.batch
+                    e.c.key, e.c.from_state, e.c.to_state, e.c.seq, e.c.id, e.c.run_id, e.c.kind, e.c.batch, e.c.at
                 ).where(e.c.key.in_([r.key for r in rows]))
             )
         ]
-        found.extend(_claimed_in(conn, run, rows))
+        found.extend(_batched_in(conn, run, rows))
         # a delivery's events are all in one chain (its batch's; the run's own for a run made before
         # batch chains), so their seqs order them
-        for key, from_state, to_state, seq, event_id, chain, kind, batch in sorted(found, key=lambda ev: ev[3]):
-            if chain != run.id:
-                continue
-            expected = None if run.batch_chains is None else batch_of[key]
-            if batch != expected:
+        found = sorted((ev for ev in found if ev.chain == run.id), key=lambda ev: ev.seq)
+        for ev in found:
+            expected = None if run.batch_chains is None else batch_of[ev.key]
+            if ev.batch != expected:
                 return Break(
-                    Chain(run.id, batch).name, seq, event_id,
-                    f"an event of delivery {key!r} outside its batch's chain ({Chain(run.id, expected).name})",
+                    Chain(run.id, ev.batch).name, ev.seq, ev.event_id,
+                    f"an event of delivery {ev.key!r} outside its batch's chain ({Chain(run.id, expected).name})",
                 )  # fmt: skip
-            if kind != "delivery.state":
+            if ev.kind != "delivery.state":
                 continue
-            first_from.setdefault(key, from_state)
-            last_to[key] = (to_state, seq, event_id)
+            first_from.setdefault(ev.key, ev.from_state)
+            last_to[ev.key] = (ev.to_state, ev.seq, ev.event_id)
         for row in rows:
             if row.key != delivery_key(run.id, row.phone):
                 # the key (run + number) is sealed in the head's digest; the number column must agree with it
@@ -803,6 +805,9 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
                     f"but its last event says {to_state!r}",
                 )  # fmt: skip
             digest.update(f"{row.key}\t{first_from.get(row.key, row.state)}\n".encode())
+        brk = _check_attempts(conn, run, found, id_of, batch_of)
+        if brk is not None:
+            return brk
         total += len(rows)
         last_id = rows[-1].id
     if digest.hexdigest() != head.get("keys_sha256") or total != head.get("total"):
@@ -815,23 +820,81 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
     return None
 
 
-def _claimed_in(conn: Connection, run: Any, rows: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """The claims of a page of delivery rows, one ``delivery.state`` pending -> sending per row a claim
-    event names, shaped like the rows ``_check_deliveries`` reads (key, from, to, seq, id, chain, kind,
-    batch)."""
+@dataclass(slots=True)
+class _Change:
+    """An event about one delivery as verify reads it: a row of its own, or one row of a batch event."""
+
+    key: str
+    from_state: str | None
+    to_state: str | None
+    seq: int
+    event_id: int
+    chain: str
+    kind: str
+    batch: int | None
+    at: datetime
+
+
+def _instant(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _handover(ev: _Change) -> bool:
+    """Whether the event records a gateway's answer to a hand-over (it must have its attempt row)."""
+    return ev.kind == "delivery.late" or (
+        ev.kind == "delivery.state" and ev.from_state == "sending" and ev.to_state in ("sent", "unknown")
+    )
+
+
+def _check_attempts(
+    conn: Connection, run: Any, found: Sequence[_Change], id_of: dict[str, int], batch_of: dict[str, int]
+) -> Break | None:
+    """Cross-check a page's attempts against its events: every attempt was written with a ledger event
+    of its delivery (same instant), and every hand-over event has its attempt. An attempt without an
+    event is a hand-over the ledger does not show; an event without one, a forged send."""
+    a = t.attempts
+    attempts = conn.execute(
+        sa.select(a.c.delivery_id, a.c.attempt, a.c.at).where(
+            a.c.run_id == run.id, a.c.delivery_id.in_(list(id_of.values()))
+        )
+    ).all()
+    evented = {(id_of[ev.key], _instant(ev.at)) for ev in found}
+    attempted = set()
+    for delivery_id, attempt, at in sorted(attempts):
+        attempted.add((delivery_id, _instant(at)))
+        if (delivery_id, _instant(at)) not in evented:
+            return Break(
+                run.id, None, None,
+                f"attempt {attempt} of delivery {delivery_id} has no ledger event: "
+                "a hand-over to the gateway is missing from the ledger",
+            )  # fmt: skip
+    for ev in found:
+        if _handover(ev) and (id_of[ev.key], _instant(ev.at)) not in attempted:
+            return Break(
+                Chain(run.id, ev.batch).name, ev.seq, ev.event_id,
+                f"hand-over event of delivery {id_of[ev.key]} has no attempt row",
+            )  # fmt: skip
+    return None
+
+
+def _batched_in(conn: Connection, run: Any, rows: Sequence[Any]) -> list[_Change]:
+    """The changes batch events (claims, results) make to a page of delivery rows: one ``delivery.state``
+    per row an event names, at the event's place in its chain."""
     e = t.events
     by_id = {r.id: r.key for r in rows}
     # a run made before batch chains keeps every event in its own chain
     batches = sorted({r.batch_no for r in rows})
     where = e.c.batch.is_(None) if run.batch_chains is None else e.c.batch.in_(batches)
     found = []
-    for seq, event_id, batch, from_state, to_state, payload in conn.execute(
-        sa.select(e.c.seq, e.c.id, e.c.batch, e.c.from_state, e.c.to_state, e.c.payload).where(
-            e.c.run_id == run.id, e.c.kind == CLAIM_KIND, where
+    for seq, event_id, batch, kind, from_state, to_state, at, payload in conn.execute(
+        sa.select(e.c.seq, e.c.id, e.c.batch, e.c.kind, e.c.from_state, e.c.to_state, e.c.at, e.c.payload).where(
+            e.c.run_id == run.id, e.c.kind.in_(BATCH_KINDS), where
         )
     ):
-        for delivery_id in json.loads(payload or "{}").get("ids", ()):
-            key = by_id.get(delivery_id)
+        for change in row_changes(kind, from_state, to_state, payload):
+            key = by_id.get(change.delivery_id)
             if key is not None:
-                found.append((key, from_state, to_state, seq, event_id, run.id, "delivery.state", batch))
+                found.append(
+                    _Change(key, change.from_state, change.to_state, seq, event_id, run.id, "delivery.state", batch, at)
+                )
     return found

@@ -755,7 +755,7 @@ class SqlStore:
         # what does not depend on what the write finds is built before it begins: on SQLite every other
         # writer waits while one writes, and these took half of a worker's time in the write
         updates = [_record_values(o, now) for o in outcomes]
-        events = [(o.run_id, _state_event(o, actor)) for o in outcomes]
+        events = _result_events(outcomes, actor)
         attempts = [(o, [*_refusal_rows(o, now), _attempt_row(o, now)]) for o in outcomes if o.outcome != "skipped"]
         draft = None
         if self.is_sqlite:
@@ -766,7 +766,7 @@ class SqlStore:
             applied, late = self._apply_outcomes(conn, outcomes, updates, now)
             settled_late = self._late_outcomes(conn, late, now, actor) if late else set()
             if len(applied) < len(outcomes):
-                events = [pair for o, pair in zip(outcomes, events, strict=True) if o.id in applied]
+                events = _result_events([o for o in outcomes if o.id in applied], actor)
             ledger.append_by_run(conn, events, now, draft=draft)
             late_ids = {o.id for o in late}
             if late_ids or len(applied) < len(outcomes):
@@ -1312,8 +1312,26 @@ def _record_values(o: Outcome, now: datetime) -> dict[str, Any]:
     }
 
 
+def _result_events(outcomes: Sequence[Outcome], actor: str) -> list[tuple[str, ledger.Event]]:
+    """The ledger events of results applied to rows their claims held (``sending`` -> each result's state):
+    one ``batch.recorded`` event per batch the results belong to, or, from a caller that did not carry
+    each row's batch, one ``delivery.state`` event per row."""
+    by_batch: dict[tuple[str, int], list[tuple[int, str, str | None, str | None, str | None]]] = {}
+    for o in outcomes:
+        if o.batch is None:
+            return [(o.run_id, _state_event(o, actor)) for o in outcomes]
+        by_batch.setdefault((o.run_id, o.batch), []).append(
+            (o.id, o.state, o.provider_id, o.error_code, _event_reason(o))
+        )
+    return [(run_id, ledger.record_event(rows, batch, actor)) for (run_id, batch), rows in by_batch.items()]
+
+
+def _event_reason(o: Outcome) -> str | None:
+    return o.reason or (o.outcome if o.outcome == "retry" else None)
+
+
 def _state_event(o: Outcome, actor: str) -> ledger.Event:
-    """The ledger event of a result applied to a row its claim held (``sending`` -> the result's state)."""
+    """The ledger event of one result applied to a row its claim held (``sending`` -> the result's state)."""
     return ledger.Event(
         "delivery.state",
         o.key,
@@ -1322,7 +1340,7 @@ def _state_event(o: Outcome, actor: str) -> ledger.Event:
         o.state,
         provider_id=o.provider_id,
         error_code=o.error_code,
-        reason=o.reason or (o.outcome if o.outcome == "retry" else None),
+        reason=_event_reason(o),
         actor=actor,
         batch=o.batch,
     )

@@ -425,7 +425,8 @@ def routes(runtime: Runtime) -> list[Route]:
         for row in rows:
             # operators open the person's delivery page (attempts and HTTP exchanges) from the event
             link = (
-                f'<td class="l"><a href="/dashboard/delivery?run={quote(str(row["run_id"]))}&amp;event={row["event_id"]}">'
+                f'<td class="l"><a href="/dashboard/delivery?run={quote(str(row["run_id"]))}&amp;event={row["event_id"]}'
+                f'&amp;delivery={row["delivery_id"]}">'
                 "attempts</a></td>"
                 if account.may_unmask
                 else ""
@@ -457,6 +458,8 @@ def routes(runtime: Runtime) -> list[Route]:
             return page(request, title, form + '<p class="muted">Give a run and a phone number.</p>', account)
         try:
             event_id = int(event) if event and not phone else None
+            # an event about a whole batch names many deliveries: the link says which one
+            delivery_id = int(q["delivery"]) if event_id is not None and q.get("delivery") else None
             phone = traces.parse_phone(phone) if phone else ""
         except ValueError:
             return page(request, title, form + '<p class="err">event: expected an event id</p>', account, 400)
@@ -465,8 +468,9 @@ def routes(runtime: Runtime) -> list[Route]:
 
         def look() -> dict[str, Any]:
             return traces.delivery_trace(
-                store, run_id, phone=phone or None, event_id=event_id, actor=f"web:{account.name}", via="dashboard"
-            )
+                store, run_id, phone=phone or None, event_id=event_id, delivery_id=delivery_id,
+                actor=f"web:{account.name}", via="dashboard",
+            )  # fmt: skip
 
         try:
             found = await run_in_threadpool(look)

@@ -292,6 +292,7 @@ def check_recovery(project: Project, run_id: str, *, expected: set[str] | None =
     import sqlalchemy as sa
 
     from dispatcher.providers.outbox.gateway import read_outbox
+    from dispatcher.store import ledger
     from dispatcher.store import schema as t
 
     lines = [line for line in read_outbox(project.outbox) if line["run_id"] == run_id]
@@ -312,6 +313,11 @@ def check_recovery(project: Project, run_id: str, *, expected: set[str] | None =
                 ),
             )
         ).scalar_one()
+        # a worker's results are one event per batch: each row it names sent is a hand-over
+        for kind, from_state, payload in conn.execute(
+            sa.select(e.c.kind, e.c.from_state, e.c.payload).where(e.c.run_id == run_id, e.c.kind == ledger.RECORD_KIND)
+        ):
+            handovers += sum(1 for c in ledger.row_changes(kind, from_state, None, payload) if c.to_state == "sent")
     verify = project.dispatch("audit", "verify", run_id, "--json", timeout=120)
     result = Recovery(
         eligible=len(expected),

@@ -88,6 +88,30 @@ def test_verify_flags_an_attempt_without_its_ledger_event(database_url: str) -> 
     store.close()
 
 
+def test_verify_flags_a_batch_result_whose_attempt_row_was_deleted(database_url: str) -> None:
+    import dataclasses
+
+    import sqlalchemy as sa
+
+    from dispatcher.store import schema as t
+
+    store = open_store(database_url)
+    store.upsert_residents(_residents(5))
+    store.create_run(_spec("r1", batch_size=10), ALL)
+    rows = store.claim("r1", 0, "w")
+    # as a worker records them: each result carries its batch, so the batch's results are one event
+    store.record([dataclasses.replace(_sent(r), batch=r.batch) for r in rows])
+    assert [r.problem for r in audit.verify(store, "r1")] == [None]
+    with store.engine.begin() as conn:  # a send that leaves no attempt behind: the ledger's event is a forgery
+        e = t.events
+        result = conn.execute(sa.select(e.c.id, e.c.seq).where(e.c.kind == "batch.recorded", e.c.run_id == "r1")).one()
+        conn.execute(sa.delete(t.attempts).where(t.attempts.c.delivery_id == rows[2].id))
+    problem = next(r.problem for r in audit.verify(store, "r1"))
+    assert problem is not None and problem.event_id == result.id and problem.seq == result.seq
+    assert f"hand-over event of delivery {rows[2].id} has no attempt row" in str(problem)
+    store.close()
+
+
 def _events(store, run_id: str) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
     import sqlalchemy as sa
 
