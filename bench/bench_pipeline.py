@@ -34,6 +34,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import redis
 import sqlalchemy as sa
@@ -95,6 +96,33 @@ def postgres_cpu_seconds() -> float:
             except OSError:
                 continue
     return total
+
+
+def postgres_io() -> dict[str, float]:
+    """PostgreSQL's cluster-wide write counters so far: WAL bytes and full-page images, checkpoints forced by
+    WAL volume, and buffers the backends had to write themselves (the pool was full of dirty pages)."""
+    engine = sa.create_engine(POSTGRES_URL)
+    try:
+        with engine.connect() as conn:
+            wal = conn.execute(sa.text("SELECT wal_bytes, wal_fpi FROM pg_stat_wal")).one()
+            bg = conn.execute(sa.text("SELECT checkpoints_req, buffers_backend FROM pg_stat_bgwriter")).one()
+    except sa.exc.DBAPIError:
+        return {}  # PostgreSQL 17 moved these counters (pg_stat_checkpointer, pg_stat_io): the line is left out
+    finally:
+        engine.dispose()
+    return {"wal_bytes": float(wal[0]), "wal_fpi": wal[1], "checkpoints_req": bg[0], "buffers_backend": bg[1]}
+
+
+def postgres_context(schema: str) -> dict[str, float]:
+    """The run's tables against the buffer pool: ``deliveries`` with its indexes, and ``shared_buffers``."""
+    engine = sa.create_engine(POSTGRES_URL)
+    try:
+        with engine.connect() as conn:
+            table = conn.execute(sa.text(f"SELECT pg_total_relation_size('\"{schema}\".deliveries')")).scalar_one()
+            pool = conn.execute(sa.text("SELECT setting::bigint * 8192 FROM pg_settings WHERE name = 'shared_buffers'"))
+            return {"deliveries_bytes": float(table), "shared_buffers_bytes": float(pool.scalar_one())}
+    finally:
+        engine.dispose()
 
 
 def wait_ready(proc: subprocess.Popen[str]) -> None:
@@ -161,7 +189,7 @@ def drop_schema(schema: str | None) -> None:
         engine.dispose()
 
 
-def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> dict[str, float]:
+def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="dispatch-bench-"))
     shutil.copytree(ROOT / "campaigns", workdir / "campaigns")
     shutil.copytree(ROOT / "templates", workdir / "templates")
@@ -222,6 +250,7 @@ def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> di
             ]
         cpu_before = [cpu_seconds(w.pid) for w in workers]
         pg_before = postgres_cpu_seconds()
+        io_before = postgres_io() if kind == "postgresql" else {}
         # fan-out: the `dispatch run --no-wait` process (it reports its own fan-out time)
         run = subprocess.run(
             [sys.executable, str(ROOT / "bench" / "maxrss.py"), *DISPATCH, "run", CAMPAIGN, "--no-wait", "--json"],
@@ -240,6 +269,11 @@ def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> di
         e2e_seconds = time.time() - enqueued_at
         worker_cpu = sum(cpu_seconds(w.pid) for w in workers) - sum(cpu_before)
         pg_cpu = postgres_cpu_seconds() - pg_before  # includes the fan-out's share
+        # what the database had to write meanwhile: a run whose rows and indexes outgrow shared_buffers costs
+        # PostgreSQL more per recipient (evictions, forced checkpoints, full-page images of random index pages)
+        io = {k: v - io_before[k] for k, v in postgres_io().items() if k in io_before} if kind == "postgresql" else {}
+        if io and schema:
+            io.update(postgres_context(schema))
         if os.environ.get("BENCH_PROFILE"):
             for prof in profilers:
                 prof.wait(60)
@@ -265,6 +299,7 @@ def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> di
             "worker_rss_mb": max(worker_rss),
             "worker_cpu_ms": worker_cpu * 1000 / max(1, sent),
             "pg_cpu_ms": pg_cpu * 1000 / max(1, sent),
+            "pg_io": io,
         }
     finally:
         client = redis.Redis.from_url(REDIS_URL)
@@ -319,6 +354,15 @@ def main() -> int:
                 + (f", PostgreSQL {r['pg_cpu_ms']:.3f} ms" if kind == "postgresql" else "")
                 + f" (bare Dramatiq: {BARE_CPU_MS:.3f} ms per message)"
             )
+            if r["pg_io"]:
+                io = r["pg_io"]
+                print(
+                    f"{'':10} {'':>8} PostgreSQL meanwhile: WAL {io['wal_bytes'] / max(1, r['sent']):.0f} bytes per "
+                    f"recipient ({io['wal_fpi']:.0f} full-page images), {io['checkpoints_req']:.0f} checkpoints forced "
+                    f"by WAL, {io['buffers_backend']:.0f} buffers written by backends; deliveries "
+                    f"{io['deliveries_bytes'] / 2**20:.0f} MB with indexes, shared_buffers "
+                    f"{io['shared_buffers_bytes'] / 2**20:.0f} MB"
+                )
         checks = {
             f"{kind}: fan-out >= 20x bare enqueue": (big["fanout_rate"] / enqueue_rate, 20.0, "x"),
             f"{kind}: end-to-end >= 5x bare processing": (big["e2e_rate"] / process_rate, 5.0, "x"),

@@ -18,6 +18,9 @@ the ratio (target: at least 80 %), the most requests in flight the provider saw 
 "sent twice" from the provider's per-number counts. Needs PostgreSQL and Redis (bench/_harness.py).
 
     .venv/bin/python bench/bench_twilio_concurrency.py [--size 3000] [--workers 2] [--concurrency 50] [--batch-size 250]
+
+BENCH_PROFILE=/tmp/prof (py-spy on PATH) writes py-spy samples of each worker while it sends (of the thread
+holding the GIL: where its Python CPU goes), BENCH_PROFILE_SECONDS long (15).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -181,6 +185,21 @@ def settled(provider: ProviderProcess, expected: int, timeout: float) -> dict[st
 # ---------------------------------------------------------------- (a) dispatch workers
 
 
+def profile(procs: list[subprocess.Popen[str]]) -> list[subprocess.Popen[bytes]]:
+    """With BENCH_PROFILE set, py-spy samples of each worker while it sends (the thread holding the GIL)."""
+    if not os.environ.get("BENCH_PROFILE"):
+        return []
+    seconds = os.environ.get("BENCH_PROFILE_SECONDS", "15")
+    out = os.environ["BENCH_PROFILE"]
+    spy = ["py-spy", "record", "--gil", "--format", "raw", "--rate", "200", "--nonblocking", "--duration", seconds]
+    return [
+        subprocess.Popen(
+            [*spy, "-o", f"{out}-{i}.txt", "--pid", str(p.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for i, p in enumerate(procs)
+    ]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used (Linux ``/proc``)."""
     import os
@@ -223,6 +242,7 @@ def dispatch_workers(args: argparse.Namespace, provider: ProviderProcess) -> tup
             project.popen("worker", "--threads", str(args.threads), log=f"worker-{i}.log")
         for i in range(args.workers):
             project.wait_log(f"worker-{i}.log", "worker.started")
+        profilers = profile(project.procs)
         provider.reset()
         started = time.monotonic()
         run = json.loads(project.dispatch("run", "campaigns/bench-twilio.yaml", "--no-wait", "--json").stdout)
@@ -236,6 +256,8 @@ def dispatch_workers(args: argparse.Namespace, provider: ProviderProcess) -> tup
         stats = settled(provider, 1, 600)
         cpu = sum(cpu_seconds(p.pid) for p in project.procs) - sum(cpu_before)
         wait_for(finished, 600, "the run to complete", every=2.0)
+        for prof in profilers:
+            prof.wait(120)
         stats = provider.stats()
         stats["worker_cpu"] = cpu
         stats["wall"] = time.monotonic() - started
