@@ -100,7 +100,8 @@ def postgres_cpu_seconds() -> float:
 
 def postgres_io() -> dict[str, float]:
     """PostgreSQL's cluster-wide write counters so far: WAL bytes and full-page images, checkpoints forced by
-    WAL volume, and buffers the backends had to write themselves (the pool was full of dirty pages)."""
+    WAL volume, and buffers the backends had to write themselves (the pool was full of dirty pages).
+    Backends publish their counts about once a second, so a run's figures are close, not exact."""
     engine = sa.create_engine(POSTGRES_URL)
     try:
         with engine.connect() as conn:

@@ -202,8 +202,6 @@ def profile(procs: list[subprocess.Popen[str]]) -> list[subprocess.Popen[bytes]]
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used (Linux ``/proc``)."""
-    import os
-
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
