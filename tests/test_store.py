@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,9 @@ def _residents(n: int) -> list[Resident]:
 def _spec(run_id: str, batch_size: int = 10, fire_time=None) -> RunSpec:  # type: ignore[no-untyped-def]
     return RunSpec(
         run_id=run_id, campaign_id="c1", title="t", owner="police", channel="sms", priority="bulk", reason=None,
-        gateway="outbox", campaign_path="c.yaml", campaign_yaml="id: c1", campaign_sha256="a" * 64,
-        template_name="x.j2", template_text="hi", template_sha256="b" * 64, send_by=None,
+        gateway="outbox", campaign_path="c.yaml", campaign_yaml="id: c1",
+        campaign_sha256=hashlib.sha256(b"id: c1").hexdigest(), template_name="x.j2", template_text="hi",
+        template_sha256=hashlib.sha256(b"hi").hexdigest(), send_by=None,
         batch_size=batch_size, fire_time=fire_time,
     )  # fmt: skip
 
@@ -223,6 +225,118 @@ def test_rows_of_a_dead_worker_are_orphans_and_live_workers_keep_theirs(store) -
     assert {o.id for o in orphans} == {c.id for c in dead}
     assert store.requeue(orphans) == len(dead)
     assert store.counts("r1") == {"pending": 10, "sending": 9, "skipped": 1}
+
+
+def _table_states(store, run_id: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Rows per state as the deliveries table itself holds them (``counts`` adds live leases' rows)."""
+    d = t.deliveries
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(d.c.state, sa.func.count()).where(d.c.run_id == run_id).group_by(d.c.state))
+        return {state: int(n) for state, n in rows}
+
+
+def test_a_claim_leases_its_batch_and_writes_each_row_only_with_its_result(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(20))
+    store.create_run(_spec("r1"), ALL)
+    claimed = store.claim("r1", 0, "w")
+    # one lease row holds the batch; its rows are untouched in the table until their results come
+    assert _table_states(store, "r1") == {"pending": 19, "skipped": 1}
+    assert store.counts("r1") == {"pending": 10, "sending": 9, "skipped": 1}
+    assert store.control.progress("r1").sending == 9 and store.control.progress("r1").due == 10
+    assert store.sending_holders("r1") == {"w": 9}
+    # the ledger says the claim took them: in flight, the table and the chain still agree
+    _, problem = store.audit.verify_run("r1")
+    assert problem is None, str(problem)
+    store.record(_sent(claimed), actor="w")
+    rows = {r.id: r for r in store.deliveries("r1")}
+    assert all(rows[c.id].state == "sent" and rows[c.id].attempts == 1 for c in claimed)
+    # the row keeps the claim it was sent under, as a row claimed by an UPDATE did
+    assert {(rows[c.id].claim_token, rows[c.id].claimed_by) for c in claimed} == {(claimed[0].claim_token, "w")}
+    assert store.counts("r1") == {"pending": 10, "sent": 9, "skipped": 1}
+    assert store.claim("r1", 0, "w2") == []  # the batch is done, and no lease is left to hold it
+    _, problem = store.audit.verify_run("r1")
+    assert problem is None, str(problem)
+
+
+def test_a_row_moved_behind_a_live_lease_is_still_caught_by_verify(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(20))
+    store.create_run(_spec("r1"), ALL)
+    claimed = store.claim("r1", 0, "w")
+    # a row of the lease set to sent in the table without its result's event
+    with store.engine.begin() as conn:
+        d = t.deliveries
+        conn.execute(sa.update(d).where(d.c.id == claimed[0].id).values(state="sent"))
+    _, problem = store.audit.verify_run("r1")
+    assert problem is not None and f"delivery {claimed[0].id} is 'sent'" in str(problem), str(problem)
+
+
+def test_a_dead_workers_lease_becomes_its_rows_in_sending_under_the_same_claim(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(20))
+    store.create_run(_spec("r1"), ALL)
+    claimed = store.claim("r1", 0, "dead")  # never registered: dead as soon as anyone looks
+    orphans = store.orphans("r1", stale_after_seconds=10)
+    assert sorted(o.id for o in orphans) == sorted(c.id for c in claimed)
+    assert {o.claim_token for o in orphans} == {claimed[0].claim_token}
+    # as the claim's UPDATE used to leave them: in sending, attempt counted, under the lease's token
+    assert _table_states(store, "r1") == {"pending": 10, "sending": 9, "skipped": 1}
+    assert all(r.attempts == 1 for r in store.deliveries("r1") if r.state == "sending")
+    assert store.still_claimed([c.id for c in claimed], claimed[0].claim_token) == {c.id for c in claimed}
+    # the worker was only cut off: back, its results are written from sending, once
+    store.record(_sent(claimed), actor="dead")
+    assert store.counts("r1") == {"pending": 10, "sent": 9, "skipped": 1}
+    assert all(len(store.attempts_for(c.id)) == 1 for c in claimed)
+    _, problem = store.audit.verify_run("r1")
+    assert problem is None, str(problem)
+
+
+def test_a_renewed_lease_is_not_taken_over_by_a_look_from_before_the_renewal(store) -> None:  # type: ignore[no-untyped-def]
+    from dispatcher.store import _leases as leases
+
+    store.upsert_residents(_residents(20))
+    store.create_run(_spec("r1"), ALL)
+    claimed = store.claim("r1", 0, "w")
+    token = claimed[0].claim_token
+    with store.engine.connect() as conn:
+        seen = leases.held(conn, token)
+    assert seen is not None
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    store.clock = lambda: later  # type: ignore[method-assign]
+    assert store.renew_claim("r1", token) == {c.id for c in claimed}
+    with store.engine.begin() as conn:
+        assert leases.materialize(conn, seen, later) == 0  # fenced on the claimed_at it read
+    assert _table_states(store, "r1") == {"pending": 19, "skipped": 1}
+    assert store.still_claimed([c.id for c in claimed], token) == {c.id for c in claimed}
+
+
+def test_a_cancel_takes_live_leases_and_the_worker_cancels_what_it_had_not_handed_over(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(20))
+    store.create_run(_spec("r1"), ALL)
+    claimed = store.claim("r1", 0, "w")
+    cancelled = store.cancel_open("r1")
+    assert cancelled == 10  # the other batch's rows; the leased ones are the worker's to settle
+    assert _table_states(store, "r1") == {"cancelled": 10, "sending": 9, "skipped": 1}
+    # the worker handed over four before it saw the cancel: those are recorded, the rest cancelled
+    store.record(_sent(claimed[:4]), actor="w")
+    store.control.cancel_claimed([c.id for c in claimed[4:]], actor="w", token=claimed[0].claim_token)
+    assert store.counts("r1") == {"cancelled": 15, "sent": 4, "skipped": 1}
+    assert store.claim("r1", 1, "w2") == []  # a cancelled run gives no new lease
+    _, problem = store.audit.verify_run("r1")
+    assert problem is None, str(problem)
+
+
+def test_a_batch_stopped_part_way_records_what_left_and_releases_the_rest_uncounted(store) -> None:  # type: ignore[no-untyped-def]
+    store.upsert_residents(_residents(20))
+    store.create_run(_spec("r1"), ALL)
+    claimed = store.claim("r1", 0, "w")
+    store.record(_sent(claimed[:3]), actor="w")
+    assert store.release([c.id for c in claimed[3:]], claimed[0].claim_token) == 6
+    rows = {r.id: r for r in store.deliveries("r1")}
+    assert [rows[c.id].state for c in claimed] == ["sent"] * 3 + ["pending"] * 6
+    assert [rows[c.id].attempts for c in claimed] == [1] * 3 + [0] * 6  # a release does not count an attempt
+    again = store.claim("r1", 0, "w2")
+    assert sorted(c.id for c in again) == sorted(c.id for c in claimed[3:])
+    _, problem = store.audit.verify_run("r1")
+    assert problem is None, str(problem)
 
 
 def test_duplicate_fire_of_the_same_campaign_creates_nothing(store) -> None:  # type: ignore[no-untyped-def]

@@ -44,7 +44,9 @@ own module and each owning its tables and queries::
     store.alerts     (_alerts.py)                             early-warning alerts, their steps and chains,
                                                               the roster, API keys
 
-Groups share only the connection plumbing (``_db.Db``) and the row helpers in ``_rows``; none
+Groups share only the connection plumbing (``_db.Db``), the row helpers in ``_rows`` and the batch
+leases in ``_leases`` (a claim holds a batch by one lease row; whoever else acts on its rows turns
+it into rows in ``sending`` first, and whoever counts counts its rows as ``sending``); none
 calls another's private methods. Everything else in this package (``sql``, ``control``,
 ``provider``, ``ledger``, ``schema``, the ``_``-prefixed modules) is implementation: import
 from ``dispatcher.store`` only. SQL stays inside this package; callers get records

@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import sqlalchemy as sa
 
+from . import _leases as leases
 from . import schema as t
 from ._db import Db
 
@@ -29,4 +30,10 @@ class DashboardReads:
                 .group_by(d.c.run_id, d.c.state)
             ):
                 out[run_id][state] = int(n)
+            # a live lease's rows read pending but are in flight (store/_leases.py)
+            held: dict[str, int] = defaultdict(int)
+            for lease in leases.all_of(conn, run_ids):
+                held[lease.run_id] += len(lease.ids)
+        for run_id, n in held.items():
+            out[run_id] = leases.as_sending(out[run_id], n)
         return out

@@ -26,10 +26,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ..errors import StoreError
+from . import _leases as leases
 from . import schema as t
 from ._db import Db, advisory_key
 from ._rows import transition
-from .base import CANCELLED, DELIVERED, SENDING, SENT, UNCONFIRMED
+from .base import CANCELLED, DELIVERED, PENDING, SENDING, SENT, UNCONFIRMED
 
 #: states in which a message counts against a person's frequency cap (it reached the gateway)
 CAPPED_STATES = (SENT, DELIVERED, UNCONFIRMED)
@@ -105,6 +106,9 @@ class RunControl:
         if not ids:
             return 0
         with self._db.write() as conn:
+            # a lease left live (the results recorded nothing of the batch) goes to rows in sending first
+            if token is not None and (lease := leases.held(conn, token, lock=True)) is not None:
+                leases.materialize(conn, lease, self._db.now())
             return transition(
                 conn,
                 self._db.now(),
@@ -160,7 +164,12 @@ class RunControl:
                     func.sum(sa.case((d.c.state == SENDING, 1), else_=0)),
                 ).where(d.c.run_id == run_id)
             ).one()
-        return RunProgress(_utc(last), int(due or 0), int(sending or 0))
+            # a live lease's rows read as pending and due, but are in flight; taking or renewing it is progress
+            held = leases.of_run(conn, run_id)
+        n = min(leases.in_flight(held), int(due or 0))
+        moved = [_utc(lease.claimed_at) for lease in held]
+        last = max((at for at in [_utc(last), *moved] if at is not None), default=None)
+        return RunProgress(last, int(due or 0) - n, int(sending or 0) + n)
 
     def running_runs(self) -> list[str]:
         with self._db.read() as conn:
@@ -297,7 +306,7 @@ class Coordination:
         """
         if not resident_ids:
             return {}
-        d, r = t.deliveries, t.runs
+        d, r, b = t.deliveries, t.runs, t.batch_leases
         where = [
             self._db.one_of(d.c.resident_id, list(set(resident_ids))),
             # a message another run has claimed but not yet recorded counts too: of two runs
@@ -306,6 +315,12 @@ class Coordination:
             sa.or_(
                 sa.and_(d.c.state.in_(CAPPED_STATES), d.c.sent_at >= since),
                 sa.and_(d.c.state == SENDING, d.c.claimed_at >= since),
+                # a leased row reads pending: its batch's lease says it is claimed (a row of the batch
+                # not yet due counts too, which can only make the cap stricter)
+                sa.and_(
+                    d.c.state == PENDING,
+                    sa.exists().where(b.c.run_id == d.c.run_id, b.c.batch_no == d.c.batch_no, b.c.claimed_at >= since),
+                ),
             ),
             r.c.priority == "bulk",
         ]

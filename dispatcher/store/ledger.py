@@ -47,8 +47,10 @@ from sqlalchemy.engine import Connection
 from ..errors import StoreError
 from ..keys import delivery_key
 from ..redact import scrub_optional
+from . import _leases as leases
 from . import schema as t
 from ._bulk import insert_rows
+from .base import PENDING, SENDING
 
 GENESIS = "0" * 64
 #: the chain of audit events that belong to no run (``audit.export``: who exported unmasked numbers).
@@ -755,6 +757,8 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
     digest = hashlib.sha256()
     last_id = 0
     total = 0
+    # a live lease's rows stay pending in the table while the chain says a claim took them (store/_leases.py)
+    leased = {i for lease in leases.of_run(conn, run.id) for i in lease.ids}
     while True:
         rows = conn.execute(
             sa.select(d.c.id, d.c.key, d.c.state, d.c.phone, d.c.batch_no)
@@ -797,7 +801,11 @@ def _check_deliveries(conn: Connection, run: Any, head: dict[str, Any], chunk: i
             if row.key != delivery_key(run.id, row.phone):
                 # the key (run + number) is sealed in the head's digest; the number column must agree with it
                 return Break(run.id, None, None, f"delivery {row.id}: phone column differs from its key")
-            if row.key in last_to and last_to[row.key][0] != row.state:
+            if (
+                row.key in last_to
+                and last_to[row.key][0] != row.state
+                and not (row.id in leased and (row.state, last_to[row.key][0]) == (PENDING, SENDING))
+            ):
                 to_state, seq, event_id = last_to[row.key]
                 return Break(
                     Chain(run.id, None if run.batch_chains is None else row.batch_no).name, seq, event_id,

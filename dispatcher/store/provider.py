@@ -32,6 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from ..keys import delivery_key_prefix
+from . import _leases as leases
 from . import ledger
 from . import schema as t
 from ._db import Db
@@ -499,6 +500,10 @@ class Ringback:
             "updated_at",
         ]
         with self._db.write() as conn:
+            if SENDING in states:
+                # a batch still leased (a worker handing it over as the window closed) may have changed
+                # numbers too: its rows go to ``sending`` first, so they are selected
+                leases.materialize_run(conn, enrol_run_id, now)
             insert_run(conn, spec, now)
             conn.execute(sa.insert(d).from_select(columns, selection))
             total = int(conn.execute(select(sa.func.count()).where(d.c.run_id == spec.run_id)).scalar_one())

@@ -24,15 +24,15 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 #: what upgrades a delivery log written by an older version, by the version it brings it to:
 #: (table, column) pairs added with ALTER TABLE, since ``create_all`` leaves existing tables alone.
 #: Each column is declared on its table below as well, so a new database gets it directly.
 #: New tables (3: leader_fences; 4: sessions, login_throttle; 7: run_prices; 8: alerts, alert_steps,
-#: alert_milestones, roster, api_keys; 9: campaign_approvals; 10: ledger_tails; 11: rate_schedules) need no
-#: entry: ``create_all`` adds them, but only when the version moves (a log at this version is only read),
-#: hence a bump for each.
+#: alert_milestones, roster, api_keys; 9: campaign_approvals; 10: ledger_tails; 11: rate_schedules;
+#: 13: batch_leases) need no entry: ``create_all`` adds them, but only when the version moves (a log at
+#: this version is only read), hence a bump for each.
 MIGRATIONS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("runs", "as_of"),),
     3: (("runs", "halted"), ("schedule_fires", "lease_token")),
@@ -192,6 +192,22 @@ deliveries = Table(
         sqlite_where=text("provider_id IS NOT NULL"),
         postgresql_where=text("provider_id IS NOT NULL"),
     ),
+)
+
+#: a worker's hold on the rows of one batch while it sends them (store/_leases.py): one row per batch in
+#: flight, in place of moving each of its rows to ``sending`` and back out. At most one per batch at a time
+batch_leases = Table(
+    "batch_leases",
+    metadata,
+    Column("run_id", String(32), primary_key=True),
+    Column("batch_no", Integer, primary_key=True),
+    #: the claim's token: the holder's results, renewals and releases name it
+    Column("token", String(40), nullable=False, unique=True),
+    Column("claimed_by", String(64), nullable=False),
+    #: when the lease was taken or last renewed; a takeover is fenced on the value it read
+    Column("claimed_at", DateTime(timezone=True), nullable=False),
+    #: the ids of the rows the lease holds, ascending, comma-separated (written once, read whole)
+    Column("ids", Text, nullable=False),
 )
 
 #: the price per SMS part of each provider when the run was created (DISPATCH_PART_PRICES), in CNY:

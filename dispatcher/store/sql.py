@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from ..errors import StoreError, UsageError
 from ..keys import delivery_key_prefix
 from ..redact import scrub, scrub_optional
+from . import _leases as leases
 from . import ledger
 from . import schema as t
 from ._accounts import Accounts
@@ -651,43 +652,45 @@ class SqlStore:
             ]
 
     def claim(self, run_id: str, batch_no: int, worker_id: str) -> list[Claimed]:
-        """Atomically take this batch's pending rows; rows another worker holds are not touched."""
+        """Atomically lease this batch's due pending rows (``_leases``); rows another worker holds are not
+        touched, and a batch another worker's lease holds gives nothing."""
         d, r = t.deliveries, t.residents
         token = uuid.uuid4().hex
         now = self.clock()
         with self._write() as conn:
-            claimed = conn.execute(
-                sa.update(d)
+            if not self.is_sqlite:
+                # a cancel takes the run row before it materializes the run's leases and cancels what is
+                # pending: holding the row shared, a claim is decided wholly before or after it
+                status = conn.execute(
+                    select(t.runs.c.status).where(t.runs.c.id == run_id).with_for_update(read=True)
+                ).scalar_one_or_none()
+                if status in ("cancelled", "completed"):
+                    return []
+            # the batch first, then its rows: taken only once any earlier lease of the batch has ended, and
+            # that lease's results commit with its end, so the rows read next are as it left them
+            if not leases.take(conn, run_id, batch_no, token, worker_id, now):
+                return []
+            rows = conn.execute(
+                select(*_claimed_columns())
+                # loosely: a row of a run made from a list (an alert's number) may have no resident
+                .select_from(d.outerjoin(r, r.c.id == d.c.resident_id))
                 .where(
                     d.c.run_id == run_id,
                     d.c.batch_no == batch_no,
                     d.c.state == PENDING,
                     sa.or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now),
                 )
-                .values(
-                    state=SENDING,
-                    claim_token=token,
-                    claimed_by=worker_id,
-                    claimed_at=now,
-                    attempts=d.c.attempts + 1,
-                    updated_at=now,
-                )
-            ).rowcount
-            if not claimed:
-                return []
-            rows = conn.execute(
-                select(*_claimed_columns())
-                # loosely: a row of a run made from a list (an alert's number) may have no resident
-                .select_from(d.outerjoin(r, r.c.id == d.c.resident_id))
-                # the (run, state, batch) index finds the batch; the token picks this claim's rows
-                .where(d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == SENDING, d.c.claim_token == token)
                 .order_by(d.c.id)
             ).all()
+            if not rows:
+                leases.end(conn, token)
+                return []
+            leases.hold(conn, token, [row.id for row in rows])
             # one event for the whole claim, naming every row it took: a claim is one decision about a batch,
             # and an event per row cost as much again as recording the rows' results
             ledger.append(conn, run_id, [ledger.claim_event([row.id for row in rows], batch_no, worker_id)], now)
         self._prove_alive(worker_id, now)
-        return [_claimed(row, now) for row in rows]
+        return [_claimed(row, now, token) for row in rows]
 
     #: a claim refreshes its worker's heartbeat at most this often (seconds of the store's clock)
     PROOF_EVERY = 1.0
@@ -792,7 +795,11 @@ class SqlStore:
         same order); returns the ids applied and the outcomes whose claim was taken away (a row settled
         under the same claim already is a replay)."""
         d = t.deliveries
-        if self._update_from_values(conn, updates) == len(outcomes):
+        leased, updates = self._leased_updates(conn, outcomes, updates, now)
+        written = update_where_held(conn, d, leased, self._LEASED_COLUMNS, held_state=PENDING) if leased else 0
+        if updates:
+            written += self._update_from_values(conn, updates)
+        if written == len(outcomes):
             return {o.id for o in outcomes}, []
         # some rows were settled or re-claimed by someone else meanwhile: find which ones we moved
         current = {
@@ -828,11 +835,13 @@ class SqlStore:
         }
         settled: set[int] = set()
         events: list[tuple[str, ledger.Event]] = []
+        # a row another worker's lease holds again is theirs, though it reads pending
+        leased = {i for run_id in {o.run_id for o in late} for lease in leases.of_run(conn, run_id) for i in lease.ids}
         for o in late:
             row = current.get(o.id)
             if row is None:
                 continue
-            if o.state == SENT and row.state == PENDING:
+            if o.state == SENT and row.state == PENDING and o.id not in leased:
                 moved = conn.execute(
                     sa.update(d)
                     .where(d.c.id == o.id, d.c.state == PENDING)
@@ -862,6 +871,56 @@ class SqlStore:
         "parts", "encoding", "body", "next_attempt_at", "sent_at", "updated_at",
     )  # fmt: skip
 
+    #: a leased row's result also writes the claim the row was sent under, and counts its attempt
+    _LEASED_COLUMNS = (*_RECORD_COLUMNS, "attempts", "claim_token", "claimed_by", "claimed_at")
+
+    def _leased_updates(
+        self, conn: Connection, outcomes: Sequence[Outcome], updates: list[dict[str, Any]], now: datetime
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Split the new values into rows held by a live lease whose every row has its result here (written
+        from ``pending``, and the lease ends) and the rest (written from ``sending``, fenced on the token).
+
+        A lease with rows left over (a batch the gate stopped part way) is materialized first, so those
+        rows are released or cancelled from ``sending`` as before. The lease is locked until the results
+        commit: a takeover waits, then finds it gone.
+        """
+        unfenced = {o.id for o in outcomes if o.claim_token is None}
+        if unfenced:
+            # a result not fenced on a claim (an operator's, a caller's own) applies to a row in flight
+            # whoever holds it, as it always did: a lease holding such a row goes to rows in sending first
+            for run_id in {o.run_id for o in outcomes if o.claim_token is None}:
+                for holding in leases.of_run(conn, run_id, lock=True):
+                    if holding.ids & unfenced:
+                        leases.materialize(conn, holding, now)
+        tokens = {o.claim_token for o in outcomes if o.claim_token is not None}
+        if not tokens:
+            return [], updates
+        live: dict[str, leases.Lease] = {}
+        for token in tokens:
+            found = leases.held(conn, token, lock=True)
+            if found is None:
+                continue
+            if found.ids <= {o.id for o in outcomes if o.claim_token == token}:
+                live[token] = found
+                leases.end(conn, token)
+            else:
+                leases.materialize(conn, found, now)
+        if not live:
+            return [], updates
+        leased, rest = [], []
+        for o, values in zip(outcomes, updates, strict=True):
+            lease = live.get(o.claim_token) if o.claim_token is not None else None
+            if lease is None or o.id not in lease.ids:
+                rest.append(values)
+                continue
+            leased.append(
+                {
+                    **values, "_token": None, "attempts": o.attempt, "claim_token": lease.token,
+                    "claimed_by": lease.claimed_by, "claimed_at": lease.claimed_at,
+                }
+            )  # fmt: skip
+        return leased, rest
+
     def _update_from_values(self, conn: Connection, updates: list[dict[str, Any]]) -> int:
         """UPDATE the rows still ``sending`` (under the outcome's claim token, when it has one); returns
         how many were updated. One statement over arrays on PostgreSQL (``_bulk``)."""
@@ -876,6 +935,7 @@ class SqlStore:
             return 0
         d = t.deliveries
         with self._write() as conn:
+            self._materialize_own(conn, token)
             return transition(
                 conn,
                 self.clock(),
@@ -888,12 +948,22 @@ class SqlStore:
                 token=token,
             )
 
+    def _materialize_own(self, conn: Connection, token: str | None) -> None:
+        """The holder's own lease turned into rows in ``sending``, before it moves some of them (a release,
+        a cancel): those moves are rare, and written from ``sending`` they are what they always were."""
+        if token is not None and (lease := leases.held(conn, token, lock=True)) is not None:
+            leases.materialize(conn, lease, self.clock())
+
     def still_claimed(self, ids: Sequence[int], token: str | None) -> set[int]:
-        """Which of ``ids`` are still ``sending`` under ``token`` (a worker checks before handing over)."""
+        """Which of ``ids`` are still held under ``token``, by its lease or as ``sending`` rows (a worker
+        checks before handing over)."""
         d = t.deliveries
         if token is None or not ids:
             return set(ids)
         with self._read() as conn:
+            lease = leases.held(conn, token)
+            if lease is not None:
+                return set(ids) & lease.ids
             return {
                 i
                 for (i,) in conn.execute(
@@ -904,7 +974,8 @@ class SqlStore:
     def renew_claim(self, run_id: str, token: str | None) -> set[int] | None:
         """Renew this claim on every row still held under ``token``; returns their ids (None: no token).
 
-        One UPDATE of ``claimed_at``: the leader requeues, settles or marks an orphan only if its
+        One UPDATE of ``claimed_at``, of the claim's lease while it is live (``_leases``), else of its
+        rows in ``sending``: the leader materializes a lease, requeues, settles or marks an orphan only if its
         ``claimed_at`` is still what it read with the orphan list, so for each row either this renewal
         or the leader's move wins, decided by the row itself. A row not in the answer was taken away
         and must not be handed over. Like a claim, a renewal proves the worker alive (its heartbeat
@@ -915,6 +986,10 @@ class SqlStore:
         d = t.deliveries
         now = self.clock()
         with self._write() as conn:
+            lease = leases.renew(conn, token, now)
+            if lease is not None:
+                conn.execute(sa.update(t.workers).where(t.workers.c.id == lease.claimed_by).values(heartbeat_at=now))
+                return set(lease.ids)
             rows = conn.execute(
                 sa.update(d)
                 # the (run, state) index bounds the scan to the run's rows in flight
@@ -968,6 +1043,25 @@ class SqlStore:
         d, r = t.deliveries, t.residents
         alive, exited, registered = self._worker_liveness(stale_after_seconds)
         stale = datetime.fromtimestamp(self.clock().timestamp() - stale_after_seconds, UTC)
+        never = datetime.min.replace(tzinfo=UTC)
+
+        def orphaned(holder: str | None, claimed_at: datetime | None) -> bool:
+            at = as_utc(claimed_at) or never
+            return (
+                holder in exited
+                or holder not in registered
+                or (holder not in alive and at < stale)
+                or (older_than is not None and at < older_than)
+            )
+
+        with self._read() as conn:
+            gone = [lease for lease in leases.of_run(conn, run_id) if orphaned(lease.claimed_by, lease.claimed_at)]
+        if gone:
+            # their rows become rows in ``sending`` under the same claim, and are judged below as such;
+            # a lease renewed since it was read stays its holder's
+            with self._write() as conn:
+                for lease in gone:
+                    leases.materialize(conn, lease, self.clock())
         with self._read() as conn:
             rows = conn.execute(
                 select(*_claimed_columns(), d.c.claimed_by, d.c.claimed_at)
@@ -975,21 +1069,13 @@ class SqlStore:
                 .where(d.c.run_id == run_id, d.c.state == SENDING)
                 .order_by(d.c.id)
             ).all()
-        never = datetime.min.replace(tzinfo=UTC)
-        return [
-            _claimed(row, as_utc(row.claimed_at))
-            for row in rows
-            if row.claimed_by in exited
-            or row.claimed_by not in registered
-            or (row.claimed_by not in alive and (as_utc(row.claimed_at) or never) < stale)
-            or (older_than is not None and (as_utc(row.claimed_at) or never) < older_than)
-        ]
+        return [_claimed(row, as_utc(row.claimed_at)) for row in rows if orphaned(row.claimed_by, row.claimed_at)]
 
     def sending_holders(self, run_id: str) -> dict[str, int]:
-        """Rows in ``sending`` per worker holding them (what ``resume`` reports when it must wait)."""
+        """Rows in ``sending`` per worker holding them, leased or not (what ``resume`` reports when it must wait)."""
         d = t.deliveries
         with self._read() as conn:
-            return {
+            holders = {
                 str(holder): int(n)
                 for holder, n in conn.execute(
                     select(d.c.claimed_by, func.count())
@@ -997,6 +1083,9 @@ class SqlStore:
                     .group_by(d.c.claimed_by)
                 )
             }
+            for lease in leases.of_run(conn, run_id):
+                holders[lease.claimed_by] = holders.get(lease.claimed_by, 0) + len(lease.ids)
+        return holders
 
     def requeue(self, rows: Sequence[Claimed], actor: str = "resume") -> int:
         """Orphaned rows the gateway never received go back to ``pending`` (attempt already counted).
@@ -1052,6 +1141,13 @@ class SqlStore:
         d = t.deliveries
         n = 0
         with self._write() as conn:
+            if not self.is_sqlite:
+                # first, as a claim takes it first: a claim is then wholly before this (its lease is
+                # materialized below) or after (it sees the run cancelled and takes nothing)
+                conn.execute(sa.update(t.runs).where(t.runs.c.id == run_id).values(status="cancelled"))
+            # leased rows go to ``sending`` under their claims: their workers stop at the next chunk and
+            # cancel what they had not handed over, as they always did
+            leases.materialize_run(conn, run_id, self.clock())
             ids = [
                 i
                 for (i,) in conn.execute(
@@ -1089,14 +1185,18 @@ class SqlStore:
     # ------------------------------------------------------------------ reading the log
 
     def counts(self, run_id: str) -> dict[str, int]:
+        """Rows per state; a live lease's rows (``pending`` in the table) count as ``sending``."""
         d = t.deliveries
         with self._read() as conn:
-            return {
+            counts = {
                 state: int(n)
                 for state, n in conn.execute(
                     select(d.c.state, func.count()).where(d.c.run_id == run_id).group_by(d.c.state)
                 )
             }
+            # read after the counts: a lease taken in between moves rows counted pending (as it should), one
+            # ended in between leaves its rows counted pending for this once, never below zero
+            return leases.as_sending(counts, leases.in_flight(leases.of_run(conn, run_id)))
 
     def by_district(self, run_id: str) -> dict[str, dict[str, int]]:
         d = t.deliveries
@@ -1108,6 +1208,14 @@ class SqlStore:
                 .group_by(d.c.district, d.c.state)
             ):
                 out[district][state] = int(n)
+            held = sorted(i for lease in leases.of_run(conn, run_id) for i in lease.ids)
+            for start in range(0, len(held), 5000):
+                for district, n in conn.execute(
+                    select(d.c.district, func.count())
+                    .where(d.c.id.in_(held[start : start + 5000]), d.c.state == PENDING)
+                    .group_by(d.c.district)
+                ):
+                    out[district] = leases.as_sending(out[district], int(n))
         return dict(out)
 
     def parts_sent(self, run_id: str) -> int:
@@ -1228,13 +1336,17 @@ def claim_unrenewed(seen: datetime | None) -> list[Any]:
     return [d.c.claimed_at.is_(None) if seen is None else d.c.claimed_at == seen]
 
 
-def _claimed(row: Any, claimed_at: datetime | None) -> Claimed:
-    """A ``Claimed`` from a row selected as ``_claimed_columns()`` (optionally followed by more columns).
+def _claimed(row: Any, claimed_at: datetime | None, lease: str | None = None) -> Claimed:
+    """A ``Claimed`` from a row selected as ``_claimed_columns()`` (optionally followed by more columns);
+    with ``lease`` (its token), a row just leased: the lease left it as it was, so the claim's token and
+    its attempt (counted when the result is written) are the row's as they will be.
 
     By position: a claim builds one per recipient, and reading a Row's 12 fields by name cost about as
     much as the rest of building it.
     """
     id_, key, run_id, phone, name, district, grid, attempts, opted_out, token, batch, resident_id = row[:12]
+    if lease is not None:
+        token, attempts = lease, attempts + 1
     return Claimed(
         id_, key, run_id, phone, name, district, grid, attempts, bool(opted_out), claimed_at, token, batch, resident_id
     )

@@ -317,7 +317,8 @@ def test_a_gate_that_renewed_keeps_its_rows_from_the_leaders_requeue(any_db_proj
 
 def test_a_claim_is_one_event_naming_its_rows_and_verify_reads_it_as_each_rows_change(database_url: str) -> None:
     """A batch's claim is one ``batch.claimed`` event; verify still holds each row to it: a claimed row
-    is ``sending`` by its ledger, so a row put back to ``pending`` behind the ledger is caught."""
+    is ``sending`` by its ledger, and reads ``pending`` in the table only while its lease is live, so a
+    lease dropped behind the ledger (its rows back to plain ``pending``) is caught."""
     import json
 
     import sqlalchemy as sa
@@ -331,7 +332,7 @@ def test_a_claim_is_one_event_naming_its_rows_and_verify_reads_it_as_each_rows_c
     assert json.loads(claims[0]["payload"])["ids"] == sorted(r.id for r in claimed)
     assert [r.problem for r in audit.verify(store, "r1")] == [None], "a run mid-claim verifies"
     with store.engine.begin() as conn:
-        conn.execute(sa.text("UPDATE deliveries SET state = 'pending' WHERE id = :i"), {"i": claimed[0].id})
+        conn.execute(sa.text("DELETE FROM batch_leases WHERE token = :t"), {"t": claimed[0].claim_token})
     problem = str(next(audit.verify(store, "r1")).problem)
     assert f"delivery {claimed[0].id} is 'pending'" in problem and "last event says 'sending'" in problem, problem
     assert f"event {claims[0]['id']} " in problem, "the break names the claim event"
