@@ -227,6 +227,18 @@ def test_rows_of_a_dead_worker_are_orphans_and_live_workers_keep_theirs(store) -
     assert store.counts("r1") == {"pending": 10, "sending": 9, "skipped": 1}
 
 
+def _leased_batch(store, worker: str = "w") -> list[Claimed]:  # type: ignore[no-untyped-def]
+    """Run r1 over 20 residents (two batches of 10, one opted out in batch 0), batch 0 claimed by ``worker``."""
+    store.upsert_residents(_residents(20))
+    store.create_run(_spec("r1"), ALL)
+    return list(store.claim("r1", 0, worker))
+
+
+def _assert_verifies(store) -> None:  # type: ignore[no-untyped-def]
+    _, problem = store.audit.verify_run("r1")
+    assert problem is None, str(problem)
+
+
 def _table_states(store, run_id: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Rows per state as the deliveries table itself holds them (``counts`` adds live leases' rows)."""
     d = t.deliveries
@@ -236,17 +248,14 @@ def _table_states(store, run_id: str) -> dict[str, int]:  # type: ignore[no-unty
 
 
 def test_a_claim_leases_its_batch_and_writes_each_row_only_with_its_result(store) -> None:  # type: ignore[no-untyped-def]
-    store.upsert_residents(_residents(20))
-    store.create_run(_spec("r1"), ALL)
-    claimed = store.claim("r1", 0, "w")
+    claimed = _leased_batch(store)
     # one lease row holds the batch; its rows are untouched in the table until their results come
     assert _table_states(store, "r1") == {"pending": 19, "skipped": 1}
     assert store.counts("r1") == {"pending": 10, "sending": 9, "skipped": 1}
     assert store.control.progress("r1").sending == 9 and store.control.progress("r1").due == 10
     assert store.sending_holders("r1") == {"w": 9}
     # the ledger says the claim took them: in flight, the table and the chain still agree
-    _, problem = store.audit.verify_run("r1")
-    assert problem is None, str(problem)
+    _assert_verifies(store)
     store.record(_sent(claimed), actor="w")
     rows = {r.id: r for r in store.deliveries("r1")}
     assert all(rows[c.id].state == "sent" and rows[c.id].attempts == 1 for c in claimed)
@@ -254,14 +263,11 @@ def test_a_claim_leases_its_batch_and_writes_each_row_only_with_its_result(store
     assert {(rows[c.id].claim_token, rows[c.id].claimed_by) for c in claimed} == {(claimed[0].claim_token, "w")}
     assert store.counts("r1") == {"pending": 10, "sent": 9, "skipped": 1}
     assert store.claim("r1", 0, "w2") == []  # the batch is done, and no lease is left to hold it
-    _, problem = store.audit.verify_run("r1")
-    assert problem is None, str(problem)
+    _assert_verifies(store)
 
 
 def test_a_row_moved_behind_a_live_lease_is_still_caught_by_verify(store) -> None:  # type: ignore[no-untyped-def]
-    store.upsert_residents(_residents(20))
-    store.create_run(_spec("r1"), ALL)
-    claimed = store.claim("r1", 0, "w")
+    claimed = _leased_batch(store)
     # a row of the lease set to sent in the table without its result's event
     with store.engine.begin() as conn:
         d = t.deliveries
@@ -285,16 +291,13 @@ def test_a_dead_workers_lease_becomes_its_rows_in_sending_under_the_same_claim(s
     store.record(_sent(claimed), actor="dead")
     assert store.counts("r1") == {"pending": 10, "sent": 9, "skipped": 1}
     assert all(len(store.attempts_for(c.id)) == 1 for c in claimed)
-    _, problem = store.audit.verify_run("r1")
-    assert problem is None, str(problem)
+    _assert_verifies(store)
 
 
 def test_a_renewed_lease_is_not_taken_over_by_a_look_from_before_the_renewal(store) -> None:  # type: ignore[no-untyped-def]
     from dispatcher.store import _leases as leases
 
-    store.upsert_residents(_residents(20))
-    store.create_run(_spec("r1"), ALL)
-    claimed = store.claim("r1", 0, "w")
+    claimed = _leased_batch(store)
     token = claimed[0].claim_token
     with store.engine.connect() as conn:
         seen = leases.held(conn, token)
@@ -309,9 +312,7 @@ def test_a_renewed_lease_is_not_taken_over_by_a_look_from_before_the_renewal(sto
 
 
 def test_a_cancel_takes_live_leases_and_the_worker_cancels_what_it_had_not_handed_over(store) -> None:  # type: ignore[no-untyped-def]
-    store.upsert_residents(_residents(20))
-    store.create_run(_spec("r1"), ALL)
-    claimed = store.claim("r1", 0, "w")
+    claimed = _leased_batch(store)
     cancelled = store.cancel_open("r1")
     assert cancelled == 10  # the other batch's rows; the leased ones are the worker's to settle
     assert _table_states(store, "r1") == {"cancelled": 10, "sending": 9, "skipped": 1}
@@ -320,14 +321,11 @@ def test_a_cancel_takes_live_leases_and_the_worker_cancels_what_it_had_not_hande
     store.control.cancel_claimed([c.id for c in claimed[4:]], actor="w", token=claimed[0].claim_token)
     assert store.counts("r1") == {"cancelled": 15, "sent": 4, "skipped": 1}
     assert store.claim("r1", 1, "w2") == []  # a cancelled run gives no new lease
-    _, problem = store.audit.verify_run("r1")
-    assert problem is None, str(problem)
+    _assert_verifies(store)
 
 
 def test_a_batch_stopped_part_way_records_what_left_and_releases_the_rest_uncounted(store) -> None:  # type: ignore[no-untyped-def]
-    store.upsert_residents(_residents(20))
-    store.create_run(_spec("r1"), ALL)
-    claimed = store.claim("r1", 0, "w")
+    claimed = _leased_batch(store)
     store.record(_sent(claimed[:3]), actor="w")
     assert store.release([c.id for c in claimed[3:]], claimed[0].claim_token) == 6
     rows = {r.id: r for r in store.deliveries("r1")}
@@ -335,8 +333,7 @@ def test_a_batch_stopped_part_way_records_what_left_and_releases_the_rest_uncoun
     assert [rows[c.id].attempts for c in claimed] == [1] * 3 + [0] * 6  # a release does not count an attempt
     again = store.claim("r1", 0, "w2")
     assert sorted(c.id for c in again) == sorted(c.id for c in claimed[3:])
-    _, problem = store.audit.verify_run("r1")
-    assert problem is None, str(problem)
+    _assert_verifies(store)
 
 
 def test_duplicate_fire_of_the_same_campaign_creates_nothing(store) -> None:  # type: ignore[no-untyped-def]
