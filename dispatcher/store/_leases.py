@@ -153,6 +153,13 @@ def materialize(conn: Connection, lease: Lease, now: datetime) -> int:
     return moved
 
 
+def materialize_held(conn: Connection, token: str | None, now: datetime) -> None:
+    """The holder's own lease turned into its rows in ``sending`` before it moves some of them (a release, a
+    cancel): those moves are rare, and written from ``sending`` they are what they always were."""
+    if token is not None and (lease := held(conn, token, lock=True)) is not None:
+        materialize(conn, lease, now)
+
+
 def materialize_run(conn: Connection, run_id: str, now: datetime) -> int:
     """Materialize every live lease of the run (before cancelling it, or reading which rows may have left)."""
     return sum(materialize(conn, lease, now) for lease in of_run(conn, run_id, lock=True))

@@ -106,9 +106,7 @@ class RunControl:
         if not ids:
             return 0
         with self._db.write() as conn:
-            # a lease left live (the results recorded nothing of the batch) goes to rows in sending first
-            if token is not None and (lease := leases.held(conn, token, lock=True)) is not None:
-                leases.materialize(conn, lease, self._db.now())
+            leases.materialize_held(conn, token, self._db.now())
             return transition(
                 conn,
                 self._db.now(),

@@ -935,7 +935,7 @@ class SqlStore:
             return 0
         d = t.deliveries
         with self._write() as conn:
-            self._materialize_own(conn, token)
+            leases.materialize_held(conn, token, self.clock())
             return transition(
                 conn,
                 self.clock(),
@@ -947,12 +947,6 @@ class SqlStore:
                 values={"attempts": d.c.attempts - 1, "claim_token": None},
                 token=token,
             )
-
-    def _materialize_own(self, conn: Connection, token: str | None) -> None:
-        """The holder's own lease turned into rows in ``sending``, before it moves some of them (a release,
-        a cancel): those moves are rare, and written from ``sending`` they are what they always were."""
-        if token is not None and (lease := leases.held(conn, token, lock=True)) is not None:
-            leases.materialize(conn, lease, self.clock())
 
     def still_claimed(self, ids: Sequence[int], token: str | None) -> set[int]:
         """Which of ``ids`` are still held under ``token``, by its lease or as ``sending`` rows (a worker
