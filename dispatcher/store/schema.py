@@ -175,11 +175,11 @@ deliveries = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     #: voice calls: when the listener pressed 1 to confirm they heard the warning (``delivery.confirmed``)
     Column("confirmed_at", DateTime(timezone=True)),
-    # one index for a run's rows by state, then batch: a worker's claim (run, batch, pending), the rows it
-    # took (run, batch, sending), "is anything still open" after each batch (run, open states), the
+    # one index for a run's rows by state, then batch: a worker's claim (run, batch, pending), the rows a
+    # dead worker left (run, sending), "is anything still open" after each batch (run, open states), the
     # pending batches a resume re-enqueues, and the counts by state. Two indexes served these, (run, batch,
-    # state) and (run, state); every row written at fan-out and each of its two updates (claim, result:
-    # state is indexed, so neither is a HOT update) paid for both
+    # state) and (run, state); every row written at fan-out and its result (state is indexed, so not a HOT
+    # update) paid for both. A claim no longer updates the rows (batch_leases below)
     Index("ix_deliveries_run_state_batch", "run_id", "state", "batch_no"),
     # by resident, not by phone: ids arrive in ascending order at fan-out, so this index costs little
     # to maintain, where a phone index (random order) doubled the time of writing a 200,000-row run
