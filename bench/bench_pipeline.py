@@ -126,6 +126,22 @@ def postgres_context(schema: str) -> dict[str, float]:
         engine.dispose()
 
 
+def wait_settled(pids: list[int], timeout: float = 60.0) -> None:
+    """Wait until every process is idle: each used under a tenth of a core over the last half second.
+
+    A `dispatch worker` registers itself before its Dramatiq worker has started its threads and
+    connected; timing a run from registration measured the workers' start-up as well, competing for
+    the CPU with the fan-out (the bare baseline's workers are timed once they say they are ready).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = [cpu_seconds(pid) for pid in pids]
+        time.sleep(0.5)
+        if all(cpu_seconds(pid) - b < 0.05 for pid, b in zip(pids, before, strict=True)):
+            return
+    raise RuntimeError(f"workers still busy after {timeout:.0f} s with no run")
+
+
 def wait_ready(proc: subprocess.Popen[str]) -> None:
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -226,6 +242,7 @@ def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> di
                 if conn.execute(sa.text("select count(*) from workers")).scalar_one() >= n_workers:
                     break
             time.sleep(0.05)
+        wait_settled([w.pid for w in workers])
         profilers = []
         if os.environ.get("BENCH_PROFILE"):
             profilers = [
