@@ -654,7 +654,7 @@ class SqlStore:
     def claim(self, run_id: str, batch_no: int, worker_id: str) -> list[Claimed]:
         """Atomically lease this batch's due pending rows (``_leases``); rows another worker holds are not
         touched, and a batch another worker's lease holds gives nothing."""
-        d, r = t.deliveries, t.residents
+        d = t.deliveries
         token = uuid.uuid4().hex
         now = self.clock()
         with self._write() as conn:
@@ -672,8 +672,6 @@ class SqlStore:
                 return []
             rows = conn.execute(
                 select(*_claimed_columns())
-                # loosely: a row of a run made from a list (an alert's number) may have no resident
-                .select_from(d.outerjoin(r, r.c.id == d.c.resident_id))
                 .where(
                     d.c.run_id == run_id,
                     d.c.batch_no == batch_no,
@@ -1034,7 +1032,7 @@ class SqlStore:
         Each row carries the ``claimed_at`` read here: every move of an orphan is fenced on it, so a
         row whose worker renews its claim meanwhile (back from a network cut) is left to that worker.
         """
-        d, r = t.deliveries, t.residents
+        d = t.deliveries
         alive, exited, registered = self._worker_liveness(stale_after_seconds)
         stale = datetime.fromtimestamp(self.clock().timestamp() - stale_after_seconds, UTC)
         never = datetime.min.replace(tzinfo=UTC)
@@ -1059,7 +1057,6 @@ class SqlStore:
         with self._read() as conn:
             rows = conn.execute(
                 select(*_claimed_columns(), d.c.claimed_by, d.c.claimed_at)
-                .select_from(d.outerjoin(r, r.c.id == d.c.resident_id))
                 .where(d.c.run_id == run_id, d.c.state == SENDING)
                 .order_by(d.c.id)
             ).all()
@@ -1307,12 +1304,23 @@ def _events_unique_per_chain(conn: Connection) -> None:
 
 
 def _claimed_columns() -> tuple[Any, ...]:
-    """What a worker needs of a claimed row to render and send it (deliveries joined to residents)."""
+    """What a worker needs of a claimed row to render and send it, selected from ``deliveries`` alone.
+
+    The resident's name and opt-out are looked up per row by its primary key. As an outer join,
+    PostgreSQL's planner hashed the whole ``residents`` table for every batch (its cost model prices
+    500 index lookups above one sequential scan): 14 ms for a batch of 500 at 100,000 residents, against
+    1.2 ms this way, and growing with the registry. A row of a run made from a list (an alert's number)
+    may have no resident: it gets an empty name and is not opted out.
+    """
     d, r = t.deliveries, t.residents
+
+    def resident(column: Any) -> Any:
+        return select(column).where(r.c.id == d.c.resident_id).scalar_subquery()
+
     return (
-        d.c.id, d.c.key, d.c.run_id, d.c.phone, func.coalesce(r.c.name, "").label("name"), d.c.district,
-        d.c.grid, d.c.attempts, func.coalesce(r.c.opted_out, sa.false()).label("opted_out"), d.c.claim_token,
-        d.c.batch_no, d.c.resident_id,
+        d.c.id, d.c.key, d.c.run_id, d.c.phone, func.coalesce(resident(r.c.name), "").label("name"), d.c.district,
+        d.c.grid, d.c.attempts, func.coalesce(resident(r.c.opted_out), sa.false()).label("opted_out"),
+        d.c.claim_token, d.c.batch_no, d.c.resident_id,
     )  # fmt: skip
 
 
