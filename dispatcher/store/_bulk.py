@@ -177,39 +177,70 @@ def _postgres_update_held(
     row, and the values cross in C. An array parameter per column (``unnest``) would be one statement
     too, but psycopg builds arrays in Python.
 
+    A column whose new value is the same in every row (the batch's time, its gateway, the claim's
+    holder; no error in a batch that all went out) is set once, as a parameter of the UPDATE, and
+    only the columns that differ from row to row cross by ``COPY``: formatting every value of every
+    row was a ninth of a worker's CPU per recipient, and most of those values were the same.
+
     The temporary table is the session's own and empties itself at every commit, so a batch never
     sees another's values; ``IF NOT EXISTS`` makes it on a connection's first use (or again after
     the transaction that made it rolled back).
     """
-    create, copy_sql, update = _postgres_held_statements(conn.dialect, table, columns)
+    first = rows[0]
+    shared = tuple(c for c in columns if _same_in_every_row(rows, c, first[c]))
+    varying = tuple(c for c in columns if c not in shared)
+    create, copy_sql, update = _postgres_held_statements(conn.dialect, table, varying, shared)
     conn.exec_driver_sql(create)
-    values = _values_of(columns)
+    values = _values_of(varying) if varying else None
     with _driver_cursor(conn, copy_sql) as cursor, cursor.copy(copy_sql) as copy:
         for r in rows:
-            copy.write_row((r["_id"], r["_token"], held_state, *values(r)))
-    return int(conn.exec_driver_sql(update).rowcount)
+            if values is None:
+                copy.write_row((r["_id"], r["_token"], held_state))
+            else:
+                copy.write_row((r["_id"], r["_token"], held_state, *values(r)))
+    params = {f"shared_{i}": first[c] for i, c in enumerate(shared)}
+    return int(conn.exec_driver_sql(update, params).rowcount)
 
 
-@lru_cache(maxsize=64)
-def _postgres_held_statements(dialect: Dialect, table: sa.Table, columns: tuple[str, ...]) -> tuple[str, str, str]:
-    """CREATE of the temporary table, COPY into it, and UPDATE from it, for one table and set of columns."""
+def _same_in_every_row(rows: Sequence[dict[str, Any]], column: str, value: Any) -> bool:
+    """Whether every row has ``value`` in ``column`` (the very object, as a batch's rows mostly share it,
+    or an equal one)."""
+    for r in rows:
+        other = r[column]
+        if other is not value and other != value:
+            return False
+    return True
+
+
+@lru_cache(maxsize=128)
+def _postgres_held_statements(
+    dialect: Dialect, table: sa.Table, varying: tuple[str, ...], shared: tuple[str, ...] = ()
+) -> tuple[str, str, str]:
+    """CREATE of the temporary table, COPY into it, and UPDATE from it, for one table: the ``varying``
+    columns come from the temporary table, the ``shared`` ones from the parameters ``shared_0``, ..."""
     target = _quoted(dialect, table.name)
-    kinds = ", ".join(f"{_quoted(dialect, c)} {table.c[c].type.compile(dialect)}" for c in columns)
+    kinds = "".join(f", {_quoted(dialect, c)} {table.c[c].type.compile(dialect)}" for c in varying)
     id_type = table.c.id.type.compile(dialect)
     # named in pg_temp, so no table of the schema with the same name can be meant instead; the name
     # carries its columns' digest, so a session that outlives an upgrade of the table makes a new one
-    shape = hashlib.sha256(f"{id_type} {kinds}".encode()).hexdigest()[:8]
+    shape = hashlib.sha256(f"{id_type}{kinds}".encode()).hexdigest()[:8]
     held = f"pg_temp.{_quoted(dialect, f'held_{table.name}_{shape}')}"
-    sets = ", ".join(f"{_quoted(dialect, c)} = v.{_quoted(dialect, c)}" for c in columns)
+    sets = [f"{_quoted(dialect, c)} = v.{_quoted(dialect, c)}" for c in varying]
+    # a parameter is cast to its column's type: psycopg sends a Python str untyped, None as NULL
+    sets += [
+        f"{_quoted(dialect, c)} = CAST(%(shared_{i})s AS {table.c[c].type.compile(dialect)})"
+        for i, c in enumerate(shared)
+    ]
+    names = "".join(f", {_quoted(dialect, c)}" for c in varying)
     return (
-        f"CREATE TEMPORARY TABLE IF NOT EXISTS {held} (_id {id_type}, _token text, _state text, {kinds}) "
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {held} (_id {id_type}, _token text, _state text{kinds}) "
         "ON COMMIT DELETE ROWS",
-        f"COPY {held} (_id, _token, _state, {', '.join(_quoted(dialect, c) for c in columns)}) FROM STDIN",
+        f"COPY {held} (_id, _token, _state{names}) FROM STDIN",
         # the held state is compared with a column of the new values, not with a constant: just after a
         # fan-out the statistics know no row in it, and against a constant the planner then scanned the
         # (run, state, batch) index for it with the temporary table as the inner side of a nested loop
         # (500 x 500 comparisons a batch: PostgreSQL's CPU per recipient quadrupled in `make bench`).
         # Compared as a join condition, it looks each row up by its primary key
-        f"UPDATE {target} AS t SET {sets} FROM {held} AS v "
+        f"UPDATE {target} AS t SET {', '.join(sets)} FROM {held} AS v "
         "WHERE t.id = v._id AND t.state = v._state AND (v._token IS NULL OR t.claim_token = v._token)",
     )
