@@ -158,3 +158,26 @@ def test_preview_shows_where_each_part_ends(project: Project) -> None:
     lines = [line for line in text.stdout.splitlines() if line.startswith("[")]
     assert [line.split(",")[0] for line in lines] == ["[1/3", "[2/3", "[3/3"]
     assert lines[0].endswith(variant["part_texts"][0]) and lines[2].endswith(variant["part_texts"][2])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(max_size=200),
+    key=st.text(max_size=60),
+    parts=st.integers(min_value=0, max_value=20),
+)
+def test_an_outbox_line_is_the_json_of_its_message_whatever_the_text(text: str, key: str, parts: int) -> None:
+    from dispatcher.providers.base import OutgoingMessage
+    from dispatcher.providers.outbox.gateway import OutboxGateway, encode_json
+
+    message = OutgoingMessage(
+        key=key, run_id="run-1", campaign_id="c", to="+8613800000000", body=text, parts=parts, encoding="ucs2"
+    )
+    line = OutboxGateway._line(OutboxGateway.__new__(OutboxGateway), message, "2026-11-30T10:00:00+08:00")
+    record = {
+        "key": key, "run_id": "run-1", "campaign_id": "c", "to": "+8613800000000", "body": text,
+        "parts": parts, "encoding": "ucs2", "at": "2026-11-30T10:00:00+08:00",
+    }  # fmt: skip
+    # one line, byte for byte what the JSON encoder writes, and it reads back as the message
+    assert line == (encode_json(record) + "\n").encode()
+    assert line.count(b"\n") == 1 and json.loads(line) == record
