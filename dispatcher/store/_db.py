@@ -12,7 +12,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from typing import Any
@@ -139,18 +139,6 @@ class Db:
                 yield conn
         except (OperationalError, sa.exc.InterfaceError) as exc:
             raise StoreError(f"could not read the delivery log: {one_line(exc.orig or exc)}") from exc
-
-    def one_of(self, column: Any, values: Sequence[Any]) -> Any:
-        """``column IN values``; on PostgreSQL ``column = ANY(array)``, one parameter however many values.
-
-        An IN list of a batch's 500 phones is 500 parameters, and psycopg re-parses a statement with
-        more than 50 (it caches only smaller ones): that was half the cost of the frequency cap's query.
-        """
-        if self.is_sqlite:
-            return column.in_(list(values))
-        from sqlalchemy.dialects import postgresql
-
-        return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
 
     def insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
