@@ -451,6 +451,43 @@ def test_a_version_11_delivery_log_trades_its_two_run_indexes_for_one_and_its_ru
         upgraded.close()
 
 
+def _delivery_id_cache(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT cache_size FROM pg_sequences WHERE schemaname = current_schema() "
+                    "AND sequencename = 'deliveries_id_seq'"
+                )
+            ).scalar_one()
+        )
+
+
+def test_postgres_hands_out_delivery_ids_a_thousand_at_a_time_on_a_new_log_and_after_an_upgrade(
+    store,  # type: ignore[no-untyped-def]
+) -> None:
+    if store.is_sqlite:
+        pytest.skip("SQLite numbers rows itself")
+    assert _delivery_id_cache(store.engine) == t.DELIVERY_ID_CACHE == 1000
+    store.upsert_residents(_residents(30))
+    store.create_run(_spec("r1"), ALL)
+    with store.engine.begin() as conn:  # what a version 13 program left
+        conn.execute(sa.text("ALTER SEQUENCE deliveries_id_seq CACHE 1"))
+        conn.execute(sa.text("UPDATE dispatch_meta SET value = '13' WHERE key = 'schema_version'"))
+    upgraded = open_store(store.url)
+    try:
+        assert _delivery_id_cache(upgraded.engine) == 1000
+        # a run written after the upgrade is numbered in selection order, after the one before it
+        upgraded.create_run(_spec("r2"), ALL)
+        with upgraded.engine.connect() as conn:
+            query = sa.text("SELECT id FROM deliveries WHERE run_id = :r ORDER BY resident_id")
+            ids = {run: [row.id for row in conn.execute(query, {"r": run})] for run in ("r1", "r2")}
+        assert ids["r2"] == sorted(ids["r2"]) and min(ids["r2"]) > max(ids["r1"])
+        assert upgraded.claim("r2", 0, "w1") and not upgraded.claim("r2", 0, "w2")  # claimed once
+    finally:
+        upgraded.close()
+
+
 def test_sqlite_store_uses_wal(tmp_path: Path) -> None:
     s = open_store(f"sqlite:///{tmp_path / 'x.db'}")
     with s.engine.connect() as conn:

@@ -58,7 +58,8 @@ def _bulk_sends_query(is_sqlite: bool, excluding: bool) -> Any:
         # checking the same person at once, each sees the other's claim (claims commit
         # before the check), so together they can fall short of the cap but never exceed it
         sa.or_(
-            sa.and_(d.c.state.in_(CAPPED_STATES), d.c.sent_at >= since),
+            # one parameter per state, not an expanding IN: that one is rendered again on every call
+            sa.and_(sa.or_(*(d.c.state == state for state in CAPPED_STATES)), d.c.sent_at >= since),
             sa.and_(d.c.state == SENDING, d.c.claimed_at >= since),
             # a leased row reads pending: its batch's lease says it is claimed (a row of the batch
             # not yet due counts too, which can only make the cap stricter)
