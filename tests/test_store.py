@@ -356,6 +356,35 @@ def test_idempotency_key_is_unique_in_the_database(store) -> None:  # type: igno
         conn.execute(sa.insert(t.deliveries).values({k: v for k, v in dataclasses.asdict(row).items() if k != "id"}))
 
 
+def test_a_number_outside_the_registry_is_held_once_per_run_and_a_resident_once(store) -> None:  # type: ignore[no-untyped-def]
+    from dispatcher.store.base import DirectRecipient
+
+    store.upsert_residents(_residents(3))
+    store.create_run(_spec("r1"), ALL)
+    resident = next(store.deliveries("r1"))
+    from datetime import UTC, datetime
+
+    from dispatcher.store._rows import insert_direct_run
+
+    with store.engine.begin() as conn:  # an alert's run: numbers from a list, one outside the registry
+        number = DirectRecipient("+8613912345678")
+        insert_direct_run(conn, _spec("r2"), [number, number], datetime.now(UTC), is_sqlite=store.is_sqlite)
+    assert [row.phone for row in store.deliveries("r2")] == ["+8613912345678"]  # a repeated number: one row
+    direct = next(store.deliveries("r2"))
+
+    def again(row, **changes):  # type: ignore[no-untyped-def]
+        values = {k: v for k, v in dataclasses.asdict(row).items() if k != "id"}
+        with store.engine.begin() as conn:
+            conn.execute(sa.insert(t.deliveries).values({**values, **changes}))
+
+    with pytest.raises(sa.exc.IntegrityError):
+        again(direct)  # the same number outside the registry, again in its run
+    with pytest.raises(sa.exc.IntegrityError):
+        again(resident)  # the same resident, again in its run
+    again(direct, run_id="r3", key="r3:+8613912345678")  # in another run: a row of its own
+    assert store.counts("r3") == {"pending": 1}
+
+
 def test_commands_starting_together_on_a_fresh_database_all_find_one_schema(database_url: str) -> None:
     # `honcho start` on a new database starts the web, the workers and the scheduler at once, and each
     # creates the schema if it is missing. The second here looks for the tables while the first has
@@ -463,7 +492,7 @@ def _delivery_id_cache(engine: sa.Engine) -> int:
         )
 
 
-def test_postgres_hands_out_delivery_ids_a_thousand_at_a_time_on_a_new_log_and_after_an_upgrade(
+def test_postgres_numbers_and_indexes_deliveries_for_fast_writes_on_a_new_log_and_after_an_upgrade(
     store,  # type: ignore[no-untyped-def]
 ) -> None:
     if store.is_sqlite:
@@ -473,10 +502,22 @@ def test_postgres_hands_out_delivery_ids_a_thousand_at_a_time_on_a_new_log_and_a
     store.create_run(_spec("r1"), ALL)
     with store.engine.begin() as conn:  # what a version 13 program left
         conn.execute(sa.text("ALTER SEQUENCE deliveries_id_seq CACHE 1"))
+        for index in ("ix_deliveries_key", "uq_deliveries_resident_run", "uq_deliveries_unlisted_key"):
+            conn.execute(sa.text(f"DROP INDEX {index}"))
+        conn.execute(sa.text("ALTER TABLE deliveries ADD CONSTRAINT deliveries_key_key UNIQUE (key)"))
+        conn.execute(sa.text("CREATE INDEX ix_deliveries_resident ON deliveries (resident_id)"))
         conn.execute(sa.text("UPDATE dispatch_meta SET value = '13' WHERE key = 'schema_version'"))
     upgraded = open_store(store.url)
     try:
         assert _delivery_id_cache(upgraded.engine) == 1000
+        with upgraded.engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            indexes = {i["name"] for i in inspector.get_indexes("deliveries")}
+            constraints = {c["name"] for c in inspector.get_unique_constraints("deliveries")}
+        # the key's unique B-tree and the resident index give way to a hash index on the key and the two
+        # unique indexes that keep each number to one row per run
+        assert {"ix_deliveries_key", "uq_deliveries_resident_run", "uq_deliveries_unlisted_key"} <= indexes
+        assert "ix_deliveries_resident" not in indexes and "deliveries_key_key" not in constraints
         # a run written after the upgrade is numbered in selection order, after the one before it
         upgraded.create_run(_spec("r2"), ALL)
         with upgraded.engine.connect() as conn:

@@ -54,6 +54,9 @@ def _bulk_sends_query(is_sqlite: bool, excluding: bool) -> Any:
         among = d.c.resident_id == sa.any_(sa.cast(sa.bindparam("ids", type_=sa.Text), postgresql.ARRAY(sa.BigInteger)))
     where = [
         among,
+        # a number outside the registry (resident 0) is nobody's to cap; written as a constant, so that
+        # PostgreSQL's planner, which must prove it, may read the residents' index (``resident_id <> 0``)
+        d.c.resident_id != sa.literal_column("0"),
         # a message another run has claimed but not yet recorded counts too: of two runs
         # checking the same person at once, each sees the other's claim (claims commit
         # before the check), so together they can fall short of the cap but never exceed it

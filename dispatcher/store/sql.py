@@ -261,8 +261,18 @@ class SqlStore:
                         f"ALTER TABLE {preparer.quote(table_name)} ALTER COLUMN {preparer.quote(column_name)} "
                         'TYPE VARCHAR(64) COLLATE "C"'
                     )
-            if target == 14 and conn.dialect.name == "postgresql":
-                conn.exec_driver_sql(t.SET_DELIVERY_ID_CACHE)
+            if conn.dialect.name == "postgresql":
+                for index_name in t.POSTGRES_INDEX_MIGRATIONS.get(target, ()):
+                    index = next(i for i in t.deliveries.indexes if i.name == index_name)
+                    index.create(conn, checkfirst=True)
+                if target == 14:
+                    # the indexes above keep each number to one row per run, as this constraint did
+                    conn.exec_driver_sql(
+                        f"ALTER TABLE deliveries DROP CONSTRAINT IF EXISTS {preparer.quote(t.OLD_KEY_CONSTRAINT)}"
+                    )
+                    conn.exec_driver_sql(t.SET_DELIVERY_ID_CACHE)
+                for index_name in t.POSTGRES_DROPPED.get(target, ()):
+                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {preparer.quote(index_name)}")
             for index_name in t.DROPPED_INDEXES.get(target, ()):
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {preparer.quote(index_name)}")
 
