@@ -8,6 +8,7 @@ beat as orphaned (the process died with them in hand).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -130,6 +131,27 @@ def stop_worker(runtime: Runtime, worker: Worker, heartbeat: Heartbeat) -> None:
         runtime.store.forget_worker(runtime.worker_id)
 
 
+#: a worker process collects cyclic garbage after this many net allocations (Python's default: 700)
+GC_THRESHOLD = 10_000
+
+
+def tune_collector() -> None:
+    """Keep Python's cyclic garbage collector from costing a worker process a fifth of its CPU.
+
+    A batch allocates tens of thousands of objects (rows, outcomes, events, attempts). At Python's
+    default threshold a worker ran a young collection every few hundred recipients, and each of the
+    older ones walked every object the process made at start-up (SQLAlchemy, Jinja, Dramatiq): 0.43–0.46 s
+    of the 2.3 s of CPU a worker spent on 50,000 recipients (timed with ``gc.callbacks`` in
+    ``bench/bench_pipeline.py``). With those objects frozen out of the collector and a threshold of
+    10,000, collections took 0.04–0.06 s and the workers' CPU per recipient fell from 0.046 to 0.037 ms.
+    Reference counting still frees at once whatever is not part of a cycle; cycles wait a little longer.
+    What is garbage already is collected before the freeze, which would otherwise keep it for good.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def serve(
     runtime: Runtime, *, queues: set[str] | None, threads: int | None, ready: Callable[[], None] | None = None
 ) -> None:
@@ -144,6 +166,7 @@ def serve(
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
     worker, heartbeat = start_worker(runtime, queues=queues, threads=threads)
+    tune_collector()  # after start-up, whose objects live as long as the process
     log.info(
         "worker.started",
         worker_id=runtime.worker_id,
