@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dispatcher.store import AudienceFilter, Claimed, CreatedRun, DuplicateRun, Outcome, Resident, RunSpec, open_store
 from dispatcher.store import schema as t
@@ -176,12 +178,12 @@ def test_results_hashed_before_the_write_are_hashed_again_if_their_chain_grew_me
         store.close()
 
 
-def test_a_connection_lost_while_results_are_copied_is_an_outage_and_the_retry_records_them_once(
+def test_a_connection_lost_while_results_are_written_is_an_outage_and_the_retry_records_them_once(
     postgres_url: str,
 ) -> None:
-    # the results reach PostgreSQL by COPY into a temporary table, then one UPDATE from it: a connection
-    # cut between the two is a StoreError (what the worker retries and spools on), leaves no row half
-    # recorded, and the retry on a new connection (whose temporary table is made afresh) records each once
+    # the results reach PostgreSQL as one UPDATE over arrays, then the attempts and the ledger event: a
+    # connection cut after the UPDATE is a StoreError (what the worker retries and spools on), leaves no
+    # row half recorded, and the retry on a new connection records each once
     from sqlalchemy import event
 
     from dispatcher.errors import StoreError
@@ -195,17 +197,17 @@ def test_a_connection_lost_while_results_are_copied_is_an_outage_and_the_retry_r
         outcomes = _sent(claimed)
         cut: list[int] = []
 
-        def cut_the_connection_before_the_copy(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
-            if statement.startswith("CREATE TEMPORARY TABLE") and not cut:
+        def cut_the_connection_after_the_update(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+            if statement.startswith("UPDATE deliveries") and not cut:
                 pid = conn.connection.driver_connection.info.backend_pid
                 with killer.begin() as other:
                     other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
                 cut.append(pid)
 
-        event.listen(store.engine, "after_cursor_execute", cut_the_connection_before_the_copy)
+        event.listen(store.engine, "after_cursor_execute", cut_the_connection_after_the_update)
         with pytest.raises(StoreError):
             store.record(outcomes)
-        assert cut, "the results were not written through the temporary table"
+        assert cut, "the results were not written by one UPDATE"
         assert store.counts("r1") == {"sending": 5}  # nothing of the cut transaction stayed
         store.record(outcomes)
         assert store.counts("r1") == {"sent": 5}
@@ -584,3 +586,60 @@ def test_a_large_run_on_postgresql_refreshes_the_planners_statistics_of_its_rows
         time.sleep(0.2)
     assert analyzed() != before, "deliveries was not analyzed after a large run"
     store.close()
+
+
+@pytest.fixture(scope="module")
+def postgres_store(postgres_available: str):  # type: ignore[no-untyped-def]
+    """One store on a schema of its own for a whole property test (Hypothesis runs it many times)."""
+    import uuid
+
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(postgres_available)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in postgres_available else "?"
+    s = open_store(f"{postgres_available}{sep}options=-csearch_path%3D{schema}")
+    yield s
+    s.close()
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.lists(
+        st.one_of(st.none(), st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)))),
+        min_size=16,
+        max_size=40,
+    )
+)
+def test_a_batch_of_attempts_reads_back_exactly_as_written_whatever_the_text(postgres_store, texts) -> None:  # type: ignore[no-untyped-def]
+    # a batch's rows reach PostgreSQL as arrays written out as text (quotes, backslashes, braces, commas,
+    # NULL, the word "NULL" and blanks included): each value must come back as it went in, in order
+    from dispatcher.store._bulk import insert_rows
+
+    at = datetime(2026, 11, 30, 10, 0, 0, 123456, tzinfo=UTC)
+    common = {"run_id": "r-arrays", "attempt": 1, "gateway": "outbox", "outcome": "failed", "trace": None, "at": at}
+    rows = [
+        {
+            **common,
+            "delivery_id": 10_000 + i,
+            "provider_id": None if text is None else text[:64],
+            "error_code": "NULL" if i % 3 == 0 else None,
+            "error_message": text,
+        }
+        for i, text in enumerate(texts)
+    ]
+    a = t.attempts
+    with postgres_store.engine.begin() as conn:
+        conn.execute(sa.delete(a).where(a.c.run_id == "r-arrays"))
+        insert_rows(conn, a, rows)
+        back = conn.execute(
+            sa.select(a.c.delivery_id, a.c.provider_id, a.c.error_code, a.c.error_message, a.c.at)
+            .where(a.c.run_id == "r-arrays")
+            .order_by(a.c.id)
+        ).all()
+    assert [tuple(b) for b in back] == [
+        (r["delivery_id"], r["provider_id"], r["error_code"], r["error_message"], at) for r in rows
+    ]
