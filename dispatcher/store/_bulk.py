@@ -17,7 +17,6 @@ atomicity, only the cost of getting rows to the database.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -181,35 +180,22 @@ def _postgres_update_held(
     row. The arrays go as their text form, joined here (psycopg would build each array value by
     value); before, the values went by ``COPY`` into a temporary table the UPDATE then read: two more
     statements and a table written per batch, 6.2 against 5.8 ms a batch of 500 (alternating, 94
-    batches each). A value without a text form here (``_array``) takes that way still.
+    batches each).
 
     A column whose new value is the same in every row (the batch's time, its gateway, the claim's
     holder; no error in a batch that all went out) is set once, as a parameter of the UPDATE, and
-    only the columns that differ from row to row cross by ``COPY``: formatting every value of every
+    only the columns that differ from row to row go as arrays: formatting every value of every
     row was a ninth of a worker's CPU per recipient, and most of those values were the same.
-
-    The temporary table is the session's own and empties itself at every commit, so a batch never
-    sees another's values; ``IF NOT EXISTS`` makes it on a connection's first use (or again after
-    the transaction that made it rolled back).
     """
     first = rows[0]
     shared = tuple(c for c in columns if _same_in_every_row(rows, c, first[c]))
     varying = tuple(c for c in columns if c not in shared)
-    params = {f"shared_{i}": first[c] for i, c in enumerate(shared)}
     arrays = _arrays(rows, ("_id", "_token", *varying), state=held_state)
-    if arrays is not None:
-        params.update(arrays)
-        update = _postgres_unnest_update(conn.dialect, table, varying, shared)
-        return int(conn.exec_driver_sql(update, params).rowcount)
-    create, copy_sql, update = _postgres_held_statements(conn.dialect, table, varying, shared)
-    conn.exec_driver_sql(create)
-    values = _values_of(varying) if varying else None
-    with _driver_cursor(conn, copy_sql) as cursor, cursor.copy(copy_sql) as copy:
-        for r in rows:
-            if values is None:
-                copy.write_row((r["_id"], r["_token"], held_state))
-            else:
-                copy.write_row((r["_id"], r["_token"], held_state, *values(r)))
+    if arrays is None:
+        # a delivery row's columns hold text, integers and times: anything else is a caller's mistake
+        raise TypeError(f"a new value of {table.name} ({', '.join(varying)}) has no array form")
+    params = {**arrays, **{f"shared_{i}": first[c] for i, c in enumerate(shared)}}
+    update = _postgres_unnest_update(conn.dialect, table, varying, shared)
     return int(conn.exec_driver_sql(update, params).rowcount)
 
 
@@ -322,7 +308,14 @@ def _postgres_unnest_update(
     dialect: Dialect, table: sa.Table, varying: tuple[str, ...], shared: tuple[str, ...]
 ) -> str:
     """The record UPDATE from arrays: ``array_0`` the ids, ``array_1`` the claim tokens, then ``varying``;
-    ``array_state`` the held state, repeated (see ``_postgres_held_statements`` for why a column)."""
+    ``array_state`` the held state, repeated for every row.
+
+    The held state is compared with a column of the new values, not with a constant: just after a fan-out
+    the statistics know no row in it, and against a constant the planner then scanned the (run, state,
+    batch) index for it with the new values as the inner side of a nested loop (500 x 500 comparisons a
+    batch: PostgreSQL's CPU per recipient quadrupled in `make bench`). Compared as a join condition, it
+    looks each row up by its primary key.
+    """
     id_type = _typed(dialect, table, "id")
     arrays = [f"CAST(%(array_0)s AS {id_type}[])", "CAST(%(array_1)s AS text[])"]
     arrays += [f"CAST(%(array_{i + 2})s AS {_typed(dialect, table, c)}[])" for i, c in enumerate(varying)]
@@ -347,37 +340,3 @@ def _same_in_every_row(rows: Sequence[dict[str, Any]], column: str, value: Any) 
         if other is not value and other != value:
             return False
     return True
-
-
-@lru_cache(maxsize=128)
-def _postgres_held_statements(
-    dialect: Dialect, table: sa.Table, varying: tuple[str, ...], shared: tuple[str, ...] = ()
-) -> tuple[str, str, str]:
-    """CREATE of the temporary table, COPY into it, and UPDATE from it, for one table: the ``varying``
-    columns come from the temporary table, the ``shared`` ones from the parameters ``shared_0``, ..."""
-    target = _quoted(dialect, table.name)
-    kinds = "".join(f", {_quoted(dialect, c)} {table.c[c].type.compile(dialect)}" for c in varying)
-    id_type = table.c.id.type.compile(dialect)
-    # named in pg_temp, so no table of the schema with the same name can be meant instead; the name
-    # carries its columns' digest, so a session that outlives an upgrade of the table makes a new one
-    shape = hashlib.sha256(f"{id_type}{kinds}".encode()).hexdigest()[:8]
-    held = f"pg_temp.{_quoted(dialect, f'held_{table.name}_{shape}')}"
-    sets = [f"{_quoted(dialect, c)} = v.{_quoted(dialect, c)}" for c in varying]
-    # a parameter is cast to its column's type: psycopg sends a Python str untyped, None as NULL
-    sets += [
-        f"{_quoted(dialect, c)} = CAST(%(shared_{i})s AS {table.c[c].type.compile(dialect)})"
-        for i, c in enumerate(shared)
-    ]
-    names = "".join(f", {_quoted(dialect, c)}" for c in varying)
-    return (
-        f"CREATE TEMPORARY TABLE IF NOT EXISTS {held} (_id {id_type}, _token text, _state text{kinds}) "
-        "ON COMMIT DELETE ROWS",
-        f"COPY {held} (_id, _token, _state{names}) FROM STDIN",
-        # the held state is compared with a column of the new values, not with a constant: just after a
-        # fan-out the statistics know no row in it, and against a constant the planner then scanned the
-        # (run, state, batch) index for it with the temporary table as the inner side of a nested loop
-        # (500 x 500 comparisons a batch: PostgreSQL's CPU per recipient quadrupled in `make bench`).
-        # Compared as a join condition, it looks each row up by its primary key
-        f"UPDATE {target} AS t SET {', '.join(sets)} FROM {held} AS v "
-        "WHERE t.id = v._id AND t.state = v._state AND (v._token IS NULL OR t.claim_token = v._token)",
-    )
