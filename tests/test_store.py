@@ -387,6 +387,44 @@ def test_a_number_outside_the_registry_is_held_once_per_run_and_a_resident_once(
     assert store.counts("r3") == {"pending": 1}
 
 
+def test_a_numbers_rows_are_found_by_phone_whether_it_is_in_the_registry_or_not(store) -> None:  # type: ignore[no-untyped-def]
+    # an auditor's search by number and a delivery's trace find rows by phone: PostgreSQL through the
+    # resident (a registered number) or the key of a row outside the registry, SQLite through every key
+    from datetime import UTC, datetime
+
+    from dispatcher.audit import LogFilter
+    from dispatcher.store._rows import insert_direct_run
+    from dispatcher.store.base import DirectRecipient
+
+    store.upsert_residents(_residents(3))
+    store.create_run(_spec("r1"), ALL)
+    resident = next(store.deliveries("r1"))
+    outside = "+8613912345678"
+    with store.engine.begin() as conn:  # an alert's run: a number outside the registry, and a resident's
+        recipients = [DirectRecipient(outside), DirectRecipient(resident.phone)]
+        insert_direct_run(conn, _spec("r2"), recipients, datetime.now(UTC), is_sqlite=store.is_sqlite)
+    for run_id in ("r1", "r2"):
+        store.record(_sent(store.claim(run_id, 0, "w1")), actor="w1")
+
+    def traced(run_id: str, phone: str) -> tuple[str, str] | None:
+        found = store.traces.delivery(run_id, phone=phone)
+        return None if found is None else (found.row.run_id, found.row.phone)
+
+    def searched(phone: str) -> list[tuple[str, str]]:
+        return [(e["run_id"], e["phone"]) for e in store.audit.events(LogFilter.parse(phone=phone))]
+
+    assert traced("r1", resident.phone) == ("r1", resident.phone)
+    assert traced("r2", resident.phone) == ("r2", resident.phone)
+    assert traced("r2", outside) == ("r2", outside)
+    assert traced("r1", outside) is None and traced("r2", "+8613800000099") is None
+    assert searched(resident.phone) == [("r1", resident.phone), ("r2", resident.phone)]
+    assert searched(outside) == [("r2", outside)]
+    # registered after the run that holds it: the row still says resident 0, and is still found
+    store.upsert_residents([dataclasses.replace(_residents(1)[0], phone=outside)])
+    assert traced("r2", outside) == ("r2", outside)
+    assert searched(outside) == [("r2", outside)]
+
+
 def test_commands_starting_together_on_a_fresh_database_all_find_one_schema(database_url: str) -> None:
     # `honcho start` on a new database starts the web, the workers and the scheduler at once, and each
     # creates the schema if it is missing. The second here looks for the tables while the first has
@@ -506,11 +544,12 @@ def test_postgres_numbers_and_indexes_deliveries_for_fast_writes_on_a_new_log_an
 
 def _numbers_and_indexes_after_an_upgrade(store) -> None:  # type: ignore[no-untyped-def]
     assert _delivery_id_cache(store.engine) == t.DELIVERY_ID_CACHE == 1000
+    assert "ix_deliveries_key" not in _index_names(store.engine)
     store.upsert_residents(_residents(30))
     store.create_run(_spec("r1"), ALL)
     with store.engine.begin() as conn:  # what a version 13 program left
         conn.execute(sa.text("ALTER SEQUENCE deliveries_id_seq CACHE 1"))
-        for index in ("ix_deliveries_key", "uq_deliveries_resident_run", "uq_deliveries_unlisted_key"):
+        for index in ("uq_deliveries_resident_run", "uq_deliveries_unlisted_key"):
             conn.execute(sa.text(f"DROP INDEX {index}"))
         conn.execute(sa.text("ALTER TABLE deliveries ADD CONSTRAINT deliveries_key_key UNIQUE (key)"))
         conn.execute(sa.text("CREATE INDEX ix_deliveries_resident ON deliveries (resident_id)"))
@@ -519,13 +558,13 @@ def _numbers_and_indexes_after_an_upgrade(store) -> None:  # type: ignore[no-unt
     try:
         assert _delivery_id_cache(upgraded.engine) == 1000
         with upgraded.engine.connect() as conn:
-            inspector = sa.inspect(conn)
-            indexes = {i["name"] for i in inspector.get_indexes("deliveries")}
-            constraints = {c["name"] for c in inspector.get_unique_constraints("deliveries")}
-        # the key's unique B-tree and the resident index give way to a hash index on the key and the two
-        # unique indexes that keep each number to one row per run
-        assert {"ix_deliveries_key", "uq_deliveries_resident_run", "uq_deliveries_unlisted_key"} <= indexes
+            constraints = {c["name"] for c in sa.inspect(conn).get_unique_constraints("deliveries")}
+        indexes = _index_names(upgraded.engine)
+        # the key's unique B-tree and the resident index give way to the two unique indexes that keep each
+        # number to one row per run; no index over every key is left
+        assert {"uq_deliveries_resident_run", "uq_deliveries_unlisted_key"} <= indexes
         assert "ix_deliveries_resident" not in indexes and "deliveries_key_key" not in constraints
+        assert "ix_deliveries_key" not in indexes
         # a run written after the upgrade is numbered in selection order, after the one before it
         upgraded.create_run(_spec("r2"), ALL)
         with upgraded.engine.connect() as conn:
@@ -535,6 +574,20 @@ def _numbers_and_indexes_after_an_upgrade(store) -> None:  # type: ignore[no-unt
         assert upgraded.claim("r2", 0, "w1") and not upgraded.claim("r2", 0, "w2")  # claimed once
     finally:
         upgraded.close()
+    with store.engine.begin() as conn:  # what a version 14 program left: a hash index over the keys
+        conn.execute(sa.text("CREATE INDEX ix_deliveries_key ON deliveries USING hash (key)"))
+        conn.execute(sa.text("UPDATE dispatch_meta SET value = '14' WHERE key = 'schema_version'"))
+    upgraded = open_store(store.url)
+    try:
+        assert upgraded.schema_version() == t.SCHEMA_VERSION
+        assert "ix_deliveries_key" not in _index_names(upgraded.engine)
+    finally:
+        upgraded.close()
+
+
+def _index_names(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        return {i["name"] for i in sa.inspect(conn).get_indexes("deliveries")}
 
 
 def test_sqlite_store_uses_wal(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from ..keys import SEPARATOR
 from . import ledger
 from . import schema as t
 from ._db import Db
+from ._rows import rows_of_phone
 
 
 class EventQuery(Protocol):
@@ -79,8 +80,8 @@ def _delivery_where(f: EventQuery) -> list[Any]:
 
 def _phone_keys(phone: str) -> Any:
     """The number's idempotency keys, one per run. deliveries.phone has no index (it slowed fan-out); a
-    delivery's key is its run's id and its number (keys.delivery_key), and the keys are indexed: numbers
-    outside the registry (an alert's list) included."""
+    delivery's key is its run's id and its number (keys.delivery_key). Events' keys are indexed; a
+    delivery row is found by its key through ``rows_of_phone``."""
     return sa.select(t.runs.c.id + sa.literal(SEPARATOR + phone))
 
 
@@ -97,13 +98,13 @@ def _where(f: EventQuery) -> list[Any]:
     return where
 
 
-def _batch_where(f: EventQuery) -> list[Any]:
+def _batch_where(f: EventQuery, *, by_key: bool) -> list[Any]:
     """The filter on a worker's batch results (``batch.recorded``) that SQL can apply before expanding them."""
     e, d = t.events, t.deliveries
     where: list[Any] = [e.c.kind == ledger.RECORD_KIND, *_event_where(f)]
     if f.phone:
         # only the chains of the batches that hold the number (its delivery rows found by their keys)
-        chains = sa.select(d.c.run_id, d.c.batch_no).where(d.c.key.in_(_phone_keys(f.phone)))
+        chains = rows_of_phone([d.c.run_id, d.c.batch_no], f.phone, _phone_keys(f.phone), by_key=by_key)
         where.append(sa.tuple_(e.c.run_id, e.c.batch).in_(chains))
     return where
 
@@ -198,7 +199,8 @@ class AuditLog:
             e.c.id.label("event_id"), e.c.at, e.c.run_id, r.c.campaign_id, r.c.owner, e.c.from_state, e.c.actor,
             e.c.payload,
         ]  # fmt: skip
-        base = sa.select(*cols).select_from(e.join(r, r.c.id == e.c.run_id)).where(*_batch_where(f))
+        where = _batch_where(f, by_key=self._db.is_sqlite)
+        base = sa.select(*cols).select_from(e.join(r, r.c.id == e.c.run_id)).where(*where)
         pending: list[tuple[Any, list[ledger.RowChange]]] = []
         named = 0
         # not limited here: an event's rows may all fail the delivery filters; the merge stops reading

@@ -30,6 +30,31 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def rows_of_phone(columns: Sequence[Any], phone: str, keys: Any, *, by_key: bool) -> Any:
+    """A select of ``columns`` from ``phone``'s deliveries among ``keys`` (its key in one run, or a select of
+    its keys in every run).
+
+    ``by_key`` (SQLite): every key is in a unique index, which finds them. PostgreSQL has no index over
+    every key since version 15: it took a tenth of writing a run's rows and of each result's UPDATE. A
+    number in the registry is found as its resident, by the unique (resident, run) index: the registry
+    holds one resident per number and never renumbers one. A number outside it (resident 0: an alert's, a
+    roster's, or one registered after the run) is found by the unique index on the keys of such rows. The
+    two parts are disjoint, and each is its own select so that a select of keys joins that index. The
+    ``0`` is a constant so that a generic plan can prove each partial index applies; the phone is compared
+    on every row found as well.
+    """
+    d, r = t.deliveries, t.residents
+    key_matches = d.c.key == keys if isinstance(keys, str) else d.c.key.in_(keys)
+    if by_key:
+        return select(*columns).where(key_matches)
+    zero = sa.literal_column("0")
+    resident = select(r.c.id).where(r.c.phone == phone).scalar_subquery()
+    return sa.union_all(
+        select(*columns).where(d.c.resident_id == resident, d.c.resident_id != zero, d.c.phone == phone, key_matches),
+        select(*columns).where(d.c.resident_id == zero, d.c.phone == phone, key_matches),
+    )
+
+
 _DELIVERY_TIMES = ("claimed_at", "next_attempt_at", "sent_at", "created_at", "updated_at", "confirmed_at")
 
 

@@ -20,7 +20,7 @@ from ..keys import delivery_key
 from . import ledger
 from . import schema as t
 from ._db import Db
-from ._rows import as_utc, attempt_row, delivery_row
+from ._rows import as_utc, attempt_row, delivery_row, rows_of_phone
 from .base import AttemptRow, DeliveryRow
 
 
@@ -77,14 +77,17 @@ class TraceReads:
     ) -> StoredDelivery | None:
         """The run's delivery to ``phone`` (E.164), or the one a ledger event of the run names; None if none.
 
-        By phone the row is found through its unique idempotency key (indexed), not the phone column.
+        By phone the row is found through indexes (``rows_of_phone``), not the phone column.
         An event about a whole batch (a worker's results) names many deliveries: ``delivery_id`` picks
         one of them (and must be one it names).
         """
         d, e = t.deliveries, t.events
         with self._db.read() as conn:
             if phone is not None:
-                where = d.c.key == delivery_key(run_id, phone)
+                key = delivery_key(run_id, phone)
+                where = sa.and_(
+                    d.c.run_id == run_id, d.c.id.in_(rows_of_phone([d.c.id], phone, key, by_key=self._db.is_sqlite))
+                )
             elif event_id is not None:
                 event = conn.execute(
                     sa.select(e.c.delivery_id, e.c.kind, e.c.from_state, e.c.to_state, e.c.payload).where(
