@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -212,6 +214,47 @@ def test_a_connection_lost_while_results_are_written_is_an_outage_and_the_retry_
         store.record(outcomes)
         assert store.counts("r1") == {"sent": 5}
         assert all(len(store.attempts_for(c.id)) == 1 for c in claimed)
+    finally:
+        store.close()
+        killer.dispose()
+
+
+def test_a_pooled_connection_the_server_dropped_while_it_lay_idle_is_replaced_before_use(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # connections are pinged on their way out of the pool only after lying unused a while (a ping before
+    # every transaction was a round trip in three); one dropped by a restart meanwhile is then replaced
+    # unseen, while one in steady use fails once, and the pool replaces every connection made before it
+    from dispatcher.errors import StoreError
+    from dispatcher.store import sql
+
+    name = f"idle-{uuid.uuid4().hex[:8]}"
+    store = open_store(f"{postgres_url}&application_name={name}")
+    killer = sa.create_engine(postgres_url.split("?")[0])
+
+    def drop_every_connection() -> None:
+        with killer.begin() as conn:
+            ended = conn.execute(
+                sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :n"),
+                {"n": name},
+            ).scalar_one()
+        assert ended >= 1
+
+    try:
+        monkeypatch.setattr(sql, "IDLE_BEFORE_PING", 0.2)
+        store.upsert_residents(_residents(3))
+        store.create_run(_spec("r1"), ALL)
+        drop_every_connection()
+        time.sleep(0.3)
+        assert store.control.run_status("r1") == "running"  # a lone statement, outside a transaction
+        assert store.counts("r1") == {"pending": 3}  # a read in a transaction
+        assert store.claim("r1", 0, "w")  # a write
+        monkeypatch.setattr(sql, "IDLE_BEFORE_PING", 3600.0)
+        drop_every_connection()
+        with pytest.raises(StoreError):
+            store.control.run_status("r1")
+        assert store.control.run_status("r1") == "running"
+        assert store.counts("r1") == {"sending": 3}
     finally:
         store.close()
         killer.dispose()

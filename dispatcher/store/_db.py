@@ -106,6 +106,8 @@ class Db:
         self._short_writer = engine.execution_options(sqlite_begin="BEGIN IMMEDIATE", sqlite_busy_ms=2000)
         path = engine.url.database if self.is_sqlite else None
         self._turns = WriterTurns(path) if path and path != ":memory:" else None
+        # PostgreSQL: a lone statement outside any transaction (see ``read_one``)
+        self._lone = engine if self.is_sqlite else engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def _turn(self, wait: float) -> Any:
         return self._turns.turn(wait) if self._turns is not None else nullcontext()
@@ -136,6 +138,21 @@ class Db:
     def read(self) -> Iterator[Connection]:
         try:
             with self.engine.connect() as conn:
+                yield conn
+        except (OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreError(f"could not read the delivery log: {one_line(exc.orig or exc)}") from exc
+
+    @contextmanager
+    def read_one(self) -> Iterator[Connection]:
+        """A read of one plain statement, for the reads a worker makes around every batch.
+
+        On PostgreSQL it runs outside any transaction (autocommit): ``read`` wraps a statement in a BEGIN
+        and a ROLLBACK, two more round trips that see the same rows, since under READ COMMITTED each
+        statement takes its own snapshot either way. Not for several statements that must agree, a
+        locking read (``FOR SHARE``) or a stream (a server-side cursor needs a transaction).
+        """
+        try:
+            with self._lone.connect() as conn:
                 yield conn
         except (OperationalError, sa.exc.InterfaceError) as exc:
             raise StoreError(f"could not read the delivery log: {one_line(exc.orig or exc)}") from exc

@@ -145,7 +145,7 @@ class RunControl:
 
     def run_status(self, run_id: str) -> str | None:
         """Only the status: workers poll it between sends, so it must be cheap."""
-        with self._db.read() as conn:
+        with self._db.read_one() as conn:
             return conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar_one_or_none()
 
     def cancel_claimed(self, ids: Sequence[int], actor: str, token: str | None = None) -> int:
@@ -361,7 +361,7 @@ class Coordination:
             # an array literal in one text parameter: psycopg dumps a list of 500 ints in Python, a tenth
             # of this call's cost; ints cannot need quoting
             params["ids"] = "{" + ",".join(map(str, ids)) + "}"
-        with self._db.read() as conn:
+        with self._db.read_one() as conn:
             return {
                 int(resident): int(n)
                 for resident, n in conn.execute(_bulk_sends_query(self._db.is_sqlite, exclude_run is not None), params)

@@ -179,7 +179,7 @@ class ProviderEvents:
     def drain_status_backlog(self) -> list[StateChange]:
         """Apply kept reports whose rows now hold the provider id (``record``, ``resume`` and every report
         call it)."""
-        with self._db.read() as conn:
+        with self._db.read_one() as conn:
             if conn.execute(select(t.status_backlog.c.id).limit(1)).first() is None:
                 return []  # the usual case, checked without taking the writer (every recorded batch asks)
         now = self._db.now()
