@@ -98,6 +98,13 @@ def postgres_cpu_seconds() -> float:
     return total
 
 
+def machine_cpu() -> tuple[int, int]:
+    """Idle and total jiffies of every core so far (/proc/stat): the share of the machine left idle."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
 def postgres_io() -> dict[str, float]:
     """PostgreSQL's cluster-wide write counters so far: WAL bytes and full-page images, checkpoints forced by
     WAL volume, and buffers the backends had to write themselves (the pool was full of dirty pages).
@@ -316,10 +323,15 @@ def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> di
         fanout_seconds = st["fanout_seconds"]
         enqueued_at = st["enqueued_at"]
         run_rss = float(run.stderr.strip().splitlines()[-1].split("=")[1])
+        # from here (just after the batches were enqueued) to the end: how much of the machine stayed idle,
+        # which no saving of CPU per recipient can turn into throughput
+        idle_before = machine_cpu()
         # end to end: from the moment the batches were enqueued until nothing is open
         while store.get_run(run_id).status != "completed":  # a cheap poll: no COUNT over the run
             time.sleep(0.05)
         e2e_seconds = time.time() - enqueued_at
+        idle_after = machine_cpu()
+        idle_share = (idle_after[0] - idle_before[0]) / max(1, idle_after[1] - idle_before[1])
         worker_cpu = sum(cpu_seconds(w.pid) for w in workers) - sum(cpu_before)
         pg_cpu = postgres_cpu_seconds() - pg_before  # includes the fan-out's share
         # what the database had to write meanwhile: a run whose rows and indexes outgrow shared_buffers costs
@@ -353,6 +365,7 @@ def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> di
             "worker_cpu_ms": worker_cpu * 1000 / max(1, sent),
             "pg_cpu_ms": pg_cpu * 1000 / max(1, sent),
             "pg_io": io,
+            "idle_share": idle_share,
         }
     finally:
         client = redis.Redis.from_url(REDIS_URL)
@@ -405,7 +418,7 @@ def main() -> int:
             print(
                 f"{'':10} {'':>8} CPU per recipient: workers {r['worker_cpu_ms']:.3f} ms"
                 + (f", PostgreSQL {r['pg_cpu_ms']:.3f} ms" if kind == "postgresql" else "")
-                + f" (bare Dramatiq: {BARE_CPU_MS:.3f} ms per message)"
+                + f" (bare Dramatiq: {BARE_CPU_MS:.3f} ms per message); machine idle {100 * r['idle_share']:.0f} %"
             )
             if r["pg_io"]:
                 io = r["pg_io"]
