@@ -48,9 +48,10 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
             f"DISPATCH_BROKER_URL: expected a redis:// or amqp:// URL, got {url.split(':')[0]}://"
         )
     import redis
-    from dramatiq.brokers.redis import RedisBroker
 
-    broker = RedisBroker(url=url, namespace=settings.broker_namespace)
+    from .redis_broker import PromptRedisBroker
+
+    broker = PromptRedisBroker(url=url, namespace=settings.broker_namespace)
     try:
         broker.client.ping()
     except redis.RedisError as exc:

@@ -131,3 +131,48 @@ def test_kill_9_of_a_worker_mid_run_then_resume_sends_everyone_exactly_once(brok
         _stop(survivor, *([replacement] if replacement else []))
         if victim.poll() is None:
             victim.kill()
+
+
+def test_a_busy_workers_consumer_neither_asks_redis_nor_backs_off_and_fetches_once_a_thread_is_free(
+    redis_url: str,
+) -> None:
+    # Dramatiq's own consumer counted each pass it could not fetch (every thread busy) as a miss and slept
+    # longer after each, so a thread that finished waited up to the idle timeout for its next batch
+    import uuid
+
+    import dramatiq
+
+    from dispatcher.redis_broker import PromptRedisBroker
+
+    namespace = f"t-consumer-{uuid.uuid4().hex[:6]}"
+    broker = PromptRedisBroker(url=redis_url, namespace=namespace)
+
+    def work(i: int) -> None:
+        return None
+
+    actor = dramatiq.actor(work, broker=broker, actor_name="work", queue_name="work")
+    try:
+        for i in range(3):
+            actor.send(i)
+        consumer = broker.consume("work", prefetch=1, timeout=100)
+        fetches: list[int] = []
+        fetch = broker.do_fetch
+
+        def counted(queue_name: str, prefetch: int) -> list[bytes]:
+            fetches.append(prefetch)
+            return fetch(queue_name, prefetch)  # type: ignore[no-any-return]
+
+        broker.do_fetch = counted
+        first = next(consumer)
+        assert first is not None and fetches == [1]
+        for _ in range(5):  # the one thread is busy: nothing to fetch, and no reason to wait longer each time
+            assert next(consumer) is None
+        assert fetches == [1] and consumer.misses == 0
+        consumer.ack(first)
+        second = next(consumer)  # the thread is free: the next message at once
+        assert second is not None and second.message_id != first.message_id and fetches == [1, 1]
+        consumer.ack(second)
+        consumer.close()
+    finally:
+        for key in broker.client.scan_iter(f"{namespace}*"):
+            broker.client.delete(key)

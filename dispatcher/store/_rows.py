@@ -47,7 +47,7 @@ def rows_of_phone(columns: Sequence[Any], phone: str, keys: Any, *, by_key: bool
     key_matches = d.c.key == keys if isinstance(keys, str) else d.c.key.in_(keys)
     if by_key:
         return select(*columns).where(key_matches)
-    zero = sa.literal_column("0")
+    zero: Any = sa.literal_column("0")
     resident = select(r.c.id).where(r.c.phone == phone).scalar_subquery()
     return sa.union_all(
         select(*columns).where(d.c.resident_id == resident, d.c.resident_id != zero, d.c.phone == phone, key_matches),
