@@ -24,6 +24,8 @@ AT_CAPACITY_SLEEP = 0.003
 
 
 class PromptConsumer(_RedisConsumer):
+    """Dramatiq's Redis consumer, except that a pass at capacity neither asks Redis nor backs off."""
+
     def __next__(self) -> Any:
         if not self.message_cache and self.outstanding_message_count >= self.prefetch:
             self.misses = 0
