@@ -187,7 +187,7 @@ def bare_dramatiq(n: int) -> tuple[float, float]:
     for most of the window, and bare processing measured 3,200-3,400/s where the same workers process
     4,200-4,300/s on their own. Our end-to-end rate is timed with its batches already enqueued, so the bare
     one is too. The workers' idle timeout is the one at which they do best (``noop_worker.BEST_TIMEOUT_MS``):
-    at Dramatiq's 100 ms in the example, their consumers slept between fetches while messages waited, and
+    at Dramatiq's default of 100 ms, their consumers slept between fetches while messages waited, and
     two processes handled 4,200/s where they handle 7,300-8,100/s at 2 ms.
     """
     namespace = f"bench-bare-{uuid.uuid4().hex[:6]}"
