@@ -44,12 +44,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.noop_worker import declare  # noqa: E402
 from dispatcher.audience import generate, parse_row  # noqa: E402
+from dispatcher.settings import Settings  # noqa: E402
 from dispatcher.store import iter_chunks, open_store  # noqa: E402
 
 REDIS_URL = os.environ.get("DISPATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("DISPATCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CAMPAIGN = "campaigns/quarterly-themes.yaml"
-WORKER_THREADS = int(os.environ.get("BENCH_WORKER_THREADS", "4"))
+#: threads per worker: what a user gets (DISPATCH_WORKER_THREADS's default) unless BENCH_WORKER_THREADS says
+WORKER_THREADS = int(os.environ.get("BENCH_WORKER_THREADS", Settings.worker_threads))
 #: the bare baseline at its best on this machine: 2 processes x 8 threads
 BARE_THREADS = 8
 #: worker CPU per bare no-op message, set by bare_dramatiq()

@@ -41,6 +41,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import BenchProject, wait_for
 
+from dispatcher.settings import Settings
+
 ACCOUNT_SID = "AC" + "0f" * 16
 AUTH_TOKEN = "bench-token-" + "7e" * 10
 FROM = "+15005550006"
@@ -304,7 +306,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=3000, help="recipients in the registry")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4, help="worker threads per dispatch worker")
+    parser.add_argument(
+        "--threads", type=int, default=Settings.worker_threads, help="worker threads per dispatch worker"
+    )
     parser.add_argument("--concurrency", type=int, default=50, help="DISPATCH_GATEWAY_CONCURRENCY")
     parser.add_argument("--batch-size", type=int, default=250, help="DISPATCH_BATCH_SIZE (rows per batch)")
     parser.add_argument("--in-flight", type=int, default=100, help="requests the twilio library keeps in flight")
