@@ -6,30 +6,54 @@ worker's idle timeout. A worker prefetches one batch per thread (``workers._work
 thread is busy each pass "misses" and the sleeps grow to the timeout (100 ms): a thread that finished a
 batch waited for the consumer's sleep to end before it got the next. With 4 threads and messages that
 take 100 ms each, 120 of them took 3.72–3.81 s where 3.00 s is the least (24–27 ms lost per message),
-and take 3.08–3.09 s with this consumer (``bench/bench_consumer.py``). Here, a pass that may not fetch sleeps
-``AT_CAPACITY_SLEEP`` and is not counted: nothing is asked of Redis meanwhile, and the backoff still
-applies once the queue itself is empty, so an idle worker polls as seldom as before. RabbitMQ pushes
-messages to its consumers, so its broker is left as it is.
+and take 3.08–3.09 s with this consumer (``bench/bench_consumer.py``). Here, a pass that may not fetch is
+not counted and asks nothing of Redis: it waits until a worker thread acknowledges a message (the worker
+thread acks through the consumer, which wakes it) or ``AT_CAPACITY_WAIT`` passes, so the consumer's loop
+still moves delayed messages whose time has come. The backoff still applies once the queue itself is
+empty, so an idle worker polls as seldom as before. RabbitMQ pushes messages to its consumers, so its
+broker is left as it is.
 """
 
 from __future__ import annotations
 
-import time
+import threading
 from typing import Any
 
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 
-#: seconds a consumer whose every prefetched message is being worked on waits before looking again
-AT_CAPACITY_SLEEP = 0.003
+#: the longest a consumer whose every prefetched message is being worked on waits for one to be acknowledged
+#: before its loop looks at the delayed messages and asks again
+AT_CAPACITY_WAIT = 0.05
 
 
 class PromptConsumer(_RedisConsumer):
-    """Dramatiq's Redis consumer, except that a pass at capacity neither asks Redis nor backs off."""
+    """Dramatiq's Redis consumer, except that a pass at capacity neither asks Redis nor backs off: it waits
+    for a thread to acknowledge its message, and fetches the next at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: set by every ack and nack (worker threads call them when they finish a message)
+        self._freed = threading.Event()
+
+    def ack(self, message: Any) -> None:
+        try:
+            super().ack(message)
+        finally:
+            self._freed.set()
+
+    def nack(self, message: Any) -> None:
+        try:
+            super().nack(message)
+        finally:
+            self._freed.set()
 
     def __next__(self) -> Any:
         if not self.message_cache and self.outstanding_message_count >= self.prefetch:
             self.misses = 0
-            time.sleep(AT_CAPACITY_SLEEP)
+            # an ack since the last pass returns at once; the count is read again on the next pass, so an
+            # ack between this wait and the clear is not lost
+            self._freed.wait(AT_CAPACITY_WAIT)
+            self._freed.clear()
             return None  # the consumer thread's loop handles delayed messages and asks again
         return super().__next__()
 

@@ -176,3 +176,45 @@ def test_a_busy_workers_consumer_neither_asks_redis_nor_backs_off_and_fetches_on
     finally:
         for key in broker.client.scan_iter(f"{namespace}*"):
             broker.client.delete(key)
+
+
+def test_a_consumer_at_capacity_is_woken_by_a_threads_ack_rather_than_waiting_out_its_timeout(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # worker threads acknowledge through the consumer: the ack itself hands the consumer its next fetch
+    import threading
+    import uuid
+
+    import dramatiq
+
+    from dispatcher import redis_broker
+
+    monkeypatch.setattr(redis_broker, "AT_CAPACITY_WAIT", 60.0)  # only an ack can end the wait in time
+    namespace = f"t-consumer-{uuid.uuid4().hex[:6]}"
+    broker = redis_broker.PromptRedisBroker(url=redis_url, namespace=namespace)
+
+    def work(i: int) -> None:
+        return None
+
+    actor = dramatiq.actor(work, broker=broker, actor_name="work", queue_name="work")
+    try:
+        for i in range(2):
+            actor.send(i)
+        consumer = broker.consume("work", prefetch=1, timeout=100)
+        first = next(consumer)
+        assert first is not None
+        passes: list[object] = []
+        waiting = threading.Thread(target=lambda: passes.append(next(consumer)), daemon=True)
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not passes  # at capacity: waiting, not polling
+        consumer.ack(first)  # as a worker thread does when it finishes
+        waiting.join(10)
+        assert not waiting.is_alive() and passes == [None]  # woken well before the 60 s wait ran out
+        second = next(consumer)
+        assert second is not None and second.message_id != first.message_id
+        consumer.ack(second)
+        consumer.close()
+    finally:
+        for key in broker.client.scan_iter(f"{namespace}*"):
+            broker.client.delete(key)
