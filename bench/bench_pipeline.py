@@ -10,9 +10,10 @@ Prints, in one run and on the same Redis:
     bare enqueue, end-to-end >= 5x bare processing;
   * peak RSS of the `dispatch run` process and of each worker at ``--small`` (10,000) and ``--size``
     recipients, with their ratio (target <= 1.3x; the target is stated for --size 1000000);
+  * our workers run DISPATCH_WORKER_THREADS's default unless BENCH_WORKER_THREADS says otherwise;
   * on PostgreSQL, the end-to-end rate with 1, 2 and 4 worker processes (``--scale``), and with batches of
-    250 (the default DISPATCH_BATCH_SIZE) and 1000 recipients beside the benchmark's 500 (``--batches``):
-    figures, not targets.
+    250 (the default DISPATCH_BATCH_SIZE) and 1000 recipients beside the benchmark's 500 (``--batches``),
+    each with its CPU per recipient and the machine's idle share: figures, not targets.
 Every run also checks that each pending recipient was sent exactly once (delivery log = outbox).
 
 Usage: python bench/bench_pipeline.py [--size 100000] [--small 10000] [--database sqlite,postgresql]
@@ -455,7 +456,9 @@ def main() -> int:
         for n, r in rates.items():
             print(
                 f"postgresql {args.size:>8} recipients, {n} worker process(es): end-to-end {r['e2e_rate']:7.0f}/s "
-                f"({r['e2e_rate'] / base:.2f}x {scale[0]}), {r['e2e_rate'] / process_rate:.2f}x bare processing"
+                f"({r['e2e_rate'] / base:.2f}x {scale[0]}), {r['e2e_rate'] / process_rate:.2f}x bare processing; "
+                f"CPU per recipient: workers {r['worker_cpu_ms']:.3f} ms, PostgreSQL {r['pg_cpu_ms']:.3f} ms; "
+                f"machine idle {100 * r['idle_share']:.0f} %"
             )
     batches = [int(n) for n in args.batches.split(",") if n]
     if batches and "postgresql" in kinds:
@@ -466,7 +469,8 @@ def main() -> int:
             print(
                 f"postgresql {args.size:>8} recipients, batches of {size_of_batch}: end-to-end {r['e2e_rate']:7.0f}/s "
                 f"= {r['e2e_rate'] / process_rate:.2f}x bare processing; CPU per recipient: workers "
-                f"{r['worker_cpu_ms']:.3f} ms, PostgreSQL {r['pg_cpu_ms']:.3f} ms"
+                f"{r['worker_cpu_ms']:.3f} ms, PostgreSQL {r['pg_cpu_ms']:.3f} ms; "
+                f"machine idle {100 * r['idle_share']:.0f} %"
             )
     return 0 if ok else 1
 
