@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -133,11 +136,10 @@ def test_kill_9_of_a_worker_mid_run_then_resume_sends_everyone_exactly_once(brok
             victim.kill()
 
 
-def test_a_busy_workers_consumer_neither_asks_redis_nor_backs_off_and_fetches_once_a_thread_is_free(
-    redis_url: str,
-) -> None:
-    # Dramatiq's own consumer counted each pass it could not fetch (every thread busy) as a miss and slept
-    # longer after each, so a thread that finished waited up to the idle timeout for its next batch
+@contextlib.contextmanager
+def _prompt_queue(redis_url: str, messages: int) -> Iterator[Any]:
+    """A ``PromptRedisBroker`` in a namespace of its own with ``messages`` queued on ``work``; its consumer
+    prefetches one, as a worker of one thread does."""
     import uuid
 
     import dramatiq
@@ -152,8 +154,20 @@ def test_a_busy_workers_consumer_neither_asks_redis_nor_backs_off_and_fetches_on
 
     actor = dramatiq.actor(work, broker=broker, actor_name="work", queue_name="work")
     try:
-        for i in range(3):
+        for i in range(messages):
             actor.send(i)
+        yield broker
+    finally:
+        for key in broker.client.scan_iter(f"{namespace}*"):
+            broker.client.delete(key)
+
+
+def test_a_busy_workers_consumer_neither_asks_redis_nor_backs_off_and_fetches_once_a_thread_is_free(
+    redis_url: str,
+) -> None:
+    # Dramatiq's own consumer counted each pass it could not fetch (every thread busy) as a miss and slept
+    # longer after each, so a thread that finished waited up to the idle timeout for its next batch
+    with _prompt_queue(redis_url, 3) as broker:
         consumer = broker.consume("work", prefetch=1, timeout=100)
         fetches: list[int] = []
         fetch = broker.do_fetch
@@ -173,9 +187,6 @@ def test_a_busy_workers_consumer_neither_asks_redis_nor_backs_off_and_fetches_on
         assert second is not None and second.message_id != first.message_id and fetches == [1, 1]
         consumer.ack(second)
         consumer.close()
-    finally:
-        for key in broker.client.scan_iter(f"{namespace}*"):
-            broker.client.delete(key)
 
 
 def test_a_consumer_at_capacity_is_woken_by_a_threads_ack_rather_than_waiting_out_its_timeout(
@@ -183,23 +194,11 @@ def test_a_consumer_at_capacity_is_woken_by_a_threads_ack_rather_than_waiting_ou
 ) -> None:
     # worker threads acknowledge through the consumer: the ack itself hands the consumer its next fetch
     import threading
-    import uuid
-
-    import dramatiq
 
     from dispatcher import redis_broker
 
     monkeypatch.setattr(redis_broker, "AT_CAPACITY_WAIT", 60.0)  # only an ack can end the wait in time
-    namespace = f"t-consumer-{uuid.uuid4().hex[:6]}"
-    broker = redis_broker.PromptRedisBroker(url=redis_url, namespace=namespace)
-
-    def work(i: int) -> None:
-        return None
-
-    actor = dramatiq.actor(work, broker=broker, actor_name="work", queue_name="work")
-    try:
-        for i in range(2):
-            actor.send(i)
+    with _prompt_queue(redis_url, 2) as broker:
         consumer = broker.consume("work", prefetch=1, timeout=100)
         first = next(consumer)
         assert first is not None
@@ -215,6 +214,3 @@ def test_a_consumer_at_capacity_is_woken_by_a_threads_ack_rather_than_waiting_ou
         assert second is not None and second.message_id != first.message_id
         consumer.ack(second)
         consumer.close()
-    finally:
-        for key in broker.client.scan_iter(f"{namespace}*"):
-            broker.client.delete(key)
