@@ -6,7 +6,8 @@ worker's idle timeout. A worker prefetches one batch per thread (``workers._work
 thread is busy each pass "misses" and the sleeps grow to the timeout (100 ms): a thread that finished a
 batch waited for the consumer's sleep to end before it got the next. With 4 threads and messages that
 take 100 ms each, 120 of them took 3.72–3.81 s where 3.00 s is the least (24–27 ms lost per message),
-and take 3.08–3.09 s with this consumer (``bench/bench_consumer.py``). Here, a pass that may not fetch is
+and take 3.06–3.09 s with this consumer (``bench/bench_consumer.py``; 3.10–3.12 s on the same host when it
+polled every 3 ms instead of waiting for an ack). Here, a pass that may not fetch is
 not counted and asks nothing of Redis: it waits until a worker thread acknowledges a message (the worker
 thread acks through the consumer, which wakes it) or ``AT_CAPACITY_WAIT`` passes, so the consumer's loop
 still moves delayed messages whose time has come. The backoff still applies once the queue itself is
