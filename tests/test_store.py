@@ -640,6 +640,37 @@ def test_sqlite_store_uses_wal(tmp_path: Path) -> None:
     s.close()
 
 
+def test_sqlite_writes_reach_the_database_file_without_waiting_for_a_thousand_pages_of_log(tmp_path: Path) -> None:
+    """A commit leaves the checkpoint to the writer once its turn is over (a commit that ran it held every
+    other writer up): after a few writes what they wrote is in the database file itself, not only in the
+    write-ahead log, which SQLite would have copied over only past 1,000 pages."""
+    import shutil
+    import sqlite3
+
+    from dispatcher.store._db import CHECKPOINT_EVERY, WAL_AUTOCHECKPOINT
+
+    path = tmp_path / "x.db"
+    s = open_store(f"sqlite:///{path}")
+    try:
+        with s.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == WAL_AUTOCHECKPOINT
+        writes = 2 * CHECKPOINT_EVERY
+        residents = _residents(writes * 10)
+        for i in range(writes):
+            s.upsert_residents(residents[i * 10 : (i + 1) * 10])
+        # the database file alone, as a copy that left the log behind would have it: at most the last
+        # CHECKPOINT_EVERY writes are only in the log
+        shutil.copy(path, tmp_path / "file-only.db")
+        copy = sqlite3.connect(tmp_path / "file-only.db")
+        try:
+            in_file = copy.execute("SELECT count(*) FROM residents").fetchone()[0]
+            assert len(residents) - CHECKPOINT_EVERY * 10 <= in_file <= len(residents)
+        finally:
+            copy.close()
+    finally:
+        s.close()
+
+
 def test_an_operator_lock_keeps_a_second_holder_out_until_it_is_released(database_url: str) -> None:
     # on SQLite the lock is a flock on a file beside the database, on PostgreSQL an advisory lock:
     # either way a second command working on the same campaign waits, then says who is in the way

@@ -44,7 +44,7 @@ from ._approvals import Approvals, still_approved
 from ._audit import AuditLog
 from ._bulk import insert_rows, update_where_held
 from ._dashboard import DashboardReads
-from ._db import Db, advisory_key, one_line
+from ._db import WAL_AUTOCHECKPOINT, Db, advisory_key, one_line
 from ._reports import ReportReads
 from ._rows import (
     as_utc,
@@ -114,6 +114,8 @@ def _sqlite_engine(url: str) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        # commits leave the checkpoint to ``Db`` (after the writer's turn) up to this many pages of log
+        cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
