@@ -32,6 +32,13 @@ def _worker(project: Project, log_name: str) -> subprocess.Popen[str]:
     return project.popen("worker", "--threads", "2", stdout=log, stderr=subprocess.STDOUT)
 
 
+def _started(project: Project, *log_names: str) -> None:
+    """Wait until each worker logged that it consumes: a run enqueued before then may all go to the other."""
+    for name in log_names:
+        log = project.root / "var" / name
+        wait_for(lambda log=log: "worker.started" in log.read_text(), 30, f"the worker logging to {name} to start")
+
+
 _wait = wait_for
 
 
@@ -54,6 +61,8 @@ def test_two_worker_processes_send_a_run_exactly_once(broker_project: Project) -
     project.registry(size=3000, seed=11)
     workers = [_worker(project, "w1.log"), _worker(project, "w2.log")]
     try:
+        # both ready first: on a quick host one worker finished a 12-batch run before the other consumed
+        _started(project, "w1.log", "w2.log")
         result = project.dispatch("run", CAMPAIGN, "--json", timeout=180)
         assert result.returncode == 0, result.stderr
         st = json.loads(result.stdout)
