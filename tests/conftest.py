@@ -44,6 +44,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_started(*logs: Path, timeout: float = 30) -> None:
+    """Wait until each `dispatch worker` logging to ``logs`` has logged ``worker.started`` (it consumes from
+    then on): a run enqueued earlier may all go to a worker that was quicker to start."""
+    for log in logs:
+        wait_for(lambda log=log: "worker.started" in log.read_text(), timeout, f"the worker of {log.name} to start")
+
+
 def stop_processes(procs: Iterable[subprocess.Popen[str]], timeout: float = 30) -> None:
     """SIGTERM each process still running (workers finish in-flight batches), then wait; kill stragglers."""
     procs = list(procs)

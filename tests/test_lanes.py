@@ -6,13 +6,13 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import pytest
 
 from dispatcher.providers.outbox.gateway import read_outbox
+from tests.conftest import wait_for, wait_started
 
 if TYPE_CHECKING:
     from tests.conftest import Project
@@ -21,19 +21,13 @@ pytestmark = pytest.mark.slow
 URGENT = "\npriority: urgent\nreason: 预警中心：本网格正发生冒充公检法诈骗\n"
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = wait_for
 
 
 def _worker(project: Project, name: str, *args: str) -> subprocess.Popen[str]:
     log = project.root / "var" / f"{name}.log"
     proc = project.popen("worker", *args, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    _wait(lambda: "worker.started" in log.read_text(), 30, f"{name} to start")
+    wait_started(log)
     return proc
 
 

@@ -7,7 +7,6 @@ import itertools
 import json
 import signal
 import subprocess
-import time
 import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ import pytest
 
 from dispatcher.providers.outbox.gateway import read_outbox
 from dispatcher.ratelimit import MemoryRateLimiter, RedisRateLimiter
+from tests.conftest import wait_started
 
 if TYPE_CHECKING:
     from tests.conftest import Project
@@ -85,11 +85,7 @@ def test_three_worker_processes_together_never_exceed_the_limit(broker_project: 
         project.popen("worker", "--threads", "2", stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs
     ]
     try:
-        for log in logs:
-            deadline = time.monotonic() + 30
-            while "worker.started" not in log.read_text():
-                assert time.monotonic() < deadline, "worker did not start"
-                time.sleep(0.1)
+        wait_started(*logs)
         result = project.dispatch("run", "campaigns/quarterly-themes.yaml", "--json", timeout=120)
         assert result.returncode == 0, result.stderr
         run_id = json.loads(result.stdout)["run_id"]

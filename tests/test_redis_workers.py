@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dispatcher.providers.outbox.gateway import read_outbox
-from tests.conftest import Project, stop_processes, wait_for
+from tests.conftest import Project, stop_processes, wait_for, wait_started
 
 CAMPAIGN = "campaigns/quarterly-themes.yaml"
 pytestmark = pytest.mark.slow
@@ -30,13 +30,6 @@ def _status(project: Project, run_id: str) -> dict:  # type: ignore[type-arg]
 def _worker(project: Project, log_name: str) -> subprocess.Popen[str]:
     log = (project.root / "var" / log_name).open("w")
     return project.popen("worker", "--threads", "2", stdout=log, stderr=subprocess.STDOUT)
-
-
-def _started(project: Project, *log_names: str) -> None:
-    """Wait until each worker logged that it consumes: a run enqueued before then may all go to the other."""
-    for name in log_names:
-        log = project.root / "var" / name
-        wait_for(lambda log=log: "worker.started" in log.read_text(), 30, f"the worker logging to {name} to start")
 
 
 _wait = wait_for
@@ -62,7 +55,7 @@ def test_two_worker_processes_send_a_run_exactly_once(broker_project: Project) -
     workers = [_worker(project, "w1.log"), _worker(project, "w2.log")]
     try:
         # both ready first: on a quick host one worker finished a 12-batch run before the other consumed
-        _started(project, "w1.log", "w2.log")
+        wait_started(project.root / "var" / "w1.log", project.root / "var" / "w2.log")
         result = project.dispatch("run", CAMPAIGN, "--json", timeout=180)
         assert result.returncode == 0, result.stderr
         st = json.loads(result.stdout)

@@ -25,7 +25,7 @@ CAMPAIGN = "campaigns/quarterly-themes.yaml"
 pytestmark = pytest.mark.slow
 
 
-from tests.conftest import stop_processes, wait_for  # noqa: E402 - shared helpers
+from tests.conftest import stop_processes, wait_for, wait_started  # noqa: E402 - shared helpers
 
 _wait = wait_for
 
@@ -35,9 +35,7 @@ def _workers(project: Project, n: int) -> list[subprocess.Popen[str]]:
     for i in range(n):
         log = (project.root / "var" / f"worker-{i}.log").open("w")
         procs.append(project.popen("worker", "--threads", "2", stdout=log, stderr=subprocess.STDOUT))
-    for i in range(n):
-        path = project.root / "var" / f"worker-{i}.log"
-        _wait(lambda p=path: "worker.started" in p.read_text(), 30, f"worker {i} to start")
+    wait_started(*(project.root / "var" / f"worker-{i}.log" for i in range(n)))
     return procs
 
 
