@@ -286,20 +286,24 @@ class Composer:
         object.__setattr__(self, "_template", template)
         # the template's globals (jinja's own, the environment's) as one plain dict, merged once per run
         object.__setattr__(self, "_globals", dict(template.globals))
+        # and every name a render sees but the recipient, merged once too: a render adds only the recipient
+        base = {**self._globals, **self.variables, "campaign": self.campaign}  # type: ignore[attr-defined]
+        object.__setattr__(self, "_base", base)
 
-    def _generate(self, template: jinja2.Template, context: dict[str, Any]) -> Iterator[str]:
+    def _generate(self, template: jinja2.Template, recipient: Mapping[str, Any]) -> Iterator[str]:
         """``Template.generate`` without merging the template's globals into every recipient's context anew.
 
         ``generate`` copies the globals, a ``ChainMap`` read key by key in Python, into a new dict for
         each render, and its context then iterates them once more: about 8 % of a worker's CPU per
-        recipient. Here they are merged once (``_globals``), and each render's context is built on one
-        new dict of those and the recipient's values, as ``generate`` builds it. The compiled template,
-        and with it the sandbox, is the same; an exception is handed to the environment as ``generate``
-        does, which rewrites its traceback to template lines.
+        recipient. Here they are merged once with the campaign's variables (``_base``), and each
+        render's context is one new dict of those and the recipient, as ``generate`` builds it. The
+        compiled template, and with it the sandbox, is the same; an exception is handed to the
+        environment as ``generate`` does, which rewrites its traceback to template lines.
         """
         globals_: dict[str, Any] = self._globals  # type: ignore[attr-defined]  # set in __post_init__
+        base: dict[str, Any] = self._base  # type: ignore[attr-defined]  # set in __post_init__
         ctx = template.environment.context_class(
-            template.environment, {**globals_, **context}, template.name, template.blocks, globals=globals_
+            template.environment, {**base, "recipient": recipient}, template.name, template.blocks, globals=globals_
         )
         try:
             yield from template.root_render_func(ctx)
@@ -307,13 +311,12 @@ class Composer:
             yield template.environment.handle_exception()
 
     def body(self, recipient: Mapping[str, Any]) -> str:
-        context = {**self.variables, "recipient": recipient, "campaign": self.campaign}
         budget = _LOOP_BUDGET.set([MAX_LOOP_ITERATIONS])
         try:
             chunks: list[str] = []
             size = 0
             template: jinja2.Template = self._template  # type: ignore[attr-defined]  # set in __post_init__
-            output = self._generate(template, context)
+            output = self._generate(template, recipient)
             # read the output piece by piece and stop past the bound, rather than build it all first
             for chunk in output:
                 size += len(chunk)
@@ -342,6 +345,9 @@ class Composer:
         reason = bad_character(text, allow=LINE_BREAKS)
         if reason:
             raise TemplateError(f"the rendered text {reason}", path=self.source.name, field="template")
+        if text.isprintable():
+            # no line break, tab or other separator (most texts): the lines below are the text itself
+            return text.strip()
         return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
     def compose(self, recipient: Mapping[str, Any]) -> str:
