@@ -97,7 +97,7 @@ def segment(text: str) -> Segmentation:
     chars = len(text)
     if units == chars:
         # every character one unit (all Chinese text): the parts are whole slices, counted without
-        # cutting them (a worker segments every recipient's text; the slices were a third of the time)
+        # cutting them (a worker segments every recipient's text; cutting took two fifths of the time)
         single, multi = LIMITS[encoding]
         return Segmentation(encoding, units, 1 if units <= single else -(-units // multi), chars)
     return Segmentation(encoding, units, len(_split(text, encoding, units)), chars)

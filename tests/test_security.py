@@ -23,7 +23,7 @@ from prism_support import ACCOUNT_SID, AUTH_TOKEN, FROM
 from starlette.testclient import TestClient
 
 from dispatcher import audit
-from dispatcher.accounts import hash_password, list_users, login, set_disabled
+from dispatcher.accounts import _DUMMY, check_password, hash_password, list_users, login, set_disabled
 from dispatcher.errors import PermanentSendError
 from dispatcher.phones import mask
 from dispatcher.providers import create_gateway
@@ -51,8 +51,6 @@ def test_mask_reveals_at_most_the_last_four_digits() -> None:
 def test_an_unknown_account_name_costs_the_same_password_check_as_a_known_one_and_matches_nothing() -> None:
     # a login for a name that does not exist checks the password against a stand-in hash, so that the time a
     # login takes does not tell which names exist: the stand-in must cost what a real hash costs to check
-    from dispatcher.accounts import _DUMMY, check_password
-
     stand_in, real = _DUMMY.split("$"), hash_password("a real password of an operator").split("$")
     assert stand_in[:4] == real[:4]  # scrypt, and its n, r and p: the same work per check
     assert [len(base64.b64decode(v)) for v in stand_in[4:]] == [len(base64.b64decode(v)) for v in real[4:]]
