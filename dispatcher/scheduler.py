@@ -236,11 +236,7 @@ class Scheduler:
     def tick(self) -> int:
         """One pass: hold (or try to take) the lease; as leader, fire what is due. Returns fires made."""
         leader = self.lease.hold()
-        metrics.leadership(leader)
-        if leader != self.is_leader:
-            log.info("scheduler.leader" if leader else "scheduler.follower", holder=self.holder)
-            self.is_leader = leader
-            self.token = None
+        self._change_leadership(leader)
         if not leader:
             return 0
         if self.token is None:
@@ -259,8 +255,7 @@ class Scheduler:
                 fired += self.fire_due(entry)
             except LeaseLost as exc:
                 log.warning("scheduler.lease_lost", error=str(exc))
-                self.is_leader, self.token = False, None
-                metrics.leadership(False)
+                self._change_leadership(False)
                 return fired
             except DispatchError as exc:
                 log.error("scheduler.fire_failed", campaign_id=entry.loaded.campaign.id, error=str(exc))
@@ -268,6 +263,18 @@ class Scheduler:
         self.watchdog.tick(leading=self.lease.hold)  # a long pass must not outlive this scheduler's lead
         self.reports_sweep.tick()
         return fired
+
+    def _change_leadership(self, leader: bool) -> None:
+        """Record whether this process leads; a change is logged, and a new term takes a new fence.
+
+        A leader that finds its lease gone mid-pass (frozen past it, another took over) says so here
+        too: on-call reads leadership from these lines, and one left saying "leader" would show two.
+        """
+        metrics.leadership(leader)
+        if leader != self.is_leader:
+            log.info("scheduler.leader" if leader else "scheduler.follower", holder=self.holder)
+            self.is_leader = leader
+            self.token = None
 
     def fire_alert_steps(self) -> None:
         """As leader, record what alerts' runs did and fire the escalation steps now due (each exactly once:

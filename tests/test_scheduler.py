@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import pytest
+import structlog.testing
 
 from dispatcher.clock import SettableClock
 from dispatcher.runtime import Runtime
-from dispatcher.scheduler import Scheduler
+from dispatcher.scheduler import LEASE_NAME, DatabaseLease, Scheduler
+from tests.conftest import wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import Project
@@ -154,6 +156,48 @@ def test_a_duplicate_fire_creates_nothing(project: Project) -> None:
     assert len(rt.store.coordination.list_fires("quarterly-themes")) == 1
 
 
+class _TakenOverAfterFirstRenewal:
+    """The real database lease, which another scheduler takes right after this one's first renewal:
+    what a leader finds that froze mid-pass for longer than its lease."""
+
+    def __init__(self, runtime: Runtime, holder: str) -> None:
+        self.inner = DatabaseLease(runtime, holder, 60)
+        self.runtime, self.holder, self.holds = runtime, holder, 0
+
+    def hold(self) -> bool:
+        self.holds += 1
+        held = self.inner.hold()
+        if self.holds == 1:
+            coordination = self.runtime.store.coordination
+            coordination.release_lease(LEASE_NAME, self.holder)
+            assert coordination.acquire_lease(LEASE_NAME, "the-new-leader", 60)
+        return held
+
+    def release(self) -> None:
+        self.inner.release()
+
+
+def test_a_leader_that_loses_its_lease_mid_pass_fires_nothing_and_logs_that_it_follows(project: Project) -> None:
+    _scheduled(project, "hourly", "  interval: 1h\n  misfire_grace: 1h\n")
+    _only(project, "hourly")
+    project.registry(size=20, seed=4)
+    rt, sched = _scheduler(project, SettableClock(datetime(2023, 5, 10, 9, 0, 10, tzinfo=SH)))
+    sched.lease = _TakenOverAfterFirstRenewal(rt, sched.holder)
+    with structlog.testing.capture_logs() as logs:
+        assert sched.tick() == 0
+        assert sched.tick() == 0
+    events = [e["event"] for e in logs if e["event"].startswith("scheduler.")]
+    # on-call reads leadership from these lines: the last one must not still say "leader"
+    assert [e for e in events if e in ("scheduler.leader", "scheduler.follower")] == [
+        "scheduler.leader",
+        "scheduler.follower",
+    ], events
+    assert "scheduler.lease_lost" in events and "scheduler.fired" not in events
+    assert not sched.is_leader
+    assert rt.store.list_runs(campaign_id="hourly") == []
+    assert rt.store.coordination.list_fires("hourly") == []
+
+
 @pytest.mark.slow
 def test_three_schedulers_fire_each_time_exactly_once_and_survive_killing_the_leader(
     broker_project: Project,
@@ -170,7 +214,13 @@ def test_three_schedulers_fire_each_time_exactly_once_and_survive_killing_the_le
     leader = None
     try:
         time.sleep(12)
-        leaders = [i for i, log in enumerate(logs) if _leads(log)]
+
+        def leaders_now() -> list[int]:
+            return [i for i, log in enumerate(logs) if _leads(log)]
+
+        # a leader a loaded host froze past its lease says it follows at its next renewal, within a tick
+        wait_for(lambda: len(leaders_now()) == 1, 10, "exactly one scheduler to say it leads")
+        leaders = leaders_now()
         assert len(leaders) == 1, leaders
         leader = leaders[0]
         procs[leader].send_signal(signal.SIGKILL)
