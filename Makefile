@@ -26,9 +26,11 @@ bytecode: $(BIN)/python
 demo: $(VENV)/.installed bytecode
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
-## test: install dev extras, make sure Redis is reachable, run the whole suite
+## test: install dev extras, make sure Redis is reachable, run the whole suite: the tests not marked slow
+## TEST_JOBS at a time, then the slow ones (worker processes, faults, timings) one at a time (scripts/suite.py)
+TEST_JOBS ?= 2
 test: $(VENV)/.installed-dev prism bytecode
-	$(BIN)/python scripts/with_redis.py $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python scripts/with_redis.py $(BIN)/python scripts/suite.py --jobs $(TEST_JOBS) $(PYTEST_ARGS)
 
 ## prism: install the pinned Prism (Twilio's OpenAPI served as a mock) under .cache/ when npm is present;
 ## without it the Twilio contract tests skip locally and fail under CI

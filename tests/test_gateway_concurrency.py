@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
+import pytest
 from prism_support import ACCOUNT_SID, AUTH_TOKEN, FROM
 from twilio_support import Clock, LocalServer, campaign_yaml, drive, json_reply, start
 
@@ -27,6 +28,10 @@ from dispatcher.providers.twilio.gateway import TwilioGateway
 from dispatcher.runs import pause_run, resume_run
 from dispatcher.sender import process_batch
 from dispatcher.templates import SAMPLE_RECIPIENT
+
+# they count the requests in flight and what leaves before a pause or a failure takes effect: timings that
+# another test sharing the machine could stretch
+pytestmark = pytest.mark.slow
 
 PUBLIC_URL = "https://dispatch.example.org"
 
