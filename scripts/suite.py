@@ -14,7 +14,7 @@ Usage: suite.py [--jobs N] [PYTEST ARGS...]; ``make test`` calls it (``TEST_JOBS
 
 Both parts always run; the exit status is the first part's failure, else the second's. A part that selects
 nothing (``PYTEST_ARGS`` naming only slow tests, say) does not fail the run. Arguments that choose their own
-markers or processes (``-m``, ``-n``) run one plain pytest with them as given.
+markers or processes (``-m``, ``-n``), or ``--jobs 1`` (``make test TEST_JOBS=1``), run one plain pytest.
 """
 
 from __future__ import annotations
