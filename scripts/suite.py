@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the whole test suite in two parts: most of it two files at a time, then the ``slow`` tests one at a time.
+"""Run the whole test suite in two parts: most of it ``N`` tests at a time, then the ``slow`` tests one at a time.
 
 Usage: suite.py [--jobs N] [PYTEST ARGS...]; ``make test`` calls it (``TEST_JOBS``, ``PYTEST_ARGS``).
 
@@ -22,11 +22,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-#: pytest's exit status when a selection collected no tests
-NO_TESTS = 5
+from pytest import ExitCode
+
+NO_TESTS = ExitCode.NO_TESTS_COLLECTED
 
 
-def pytest(*args: str) -> int:
+def run_pytest(*args: str) -> int:
     return subprocess.call([sys.executable, "-m", "pytest", *args])
 
 
@@ -35,9 +36,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--jobs"]:
         jobs, argv = argv[1], argv[2:]
     if any(a.startswith(("-m", "-n", "--numprocesses")) for a in argv) or jobs in ("0", "1"):
-        return pytest(*argv)
-    parallel = pytest("-n", jobs, "--dist", "load", "-m", "not slow", *argv)
-    serial = pytest("-m", "slow", *argv)
+        return run_pytest(*argv)
+    parallel = run_pytest("-n", jobs, "--dist", "load", "-m", "not slow", *argv)
+    serial = run_pytest("-m", "slow", *argv)
     if parallel == serial == NO_TESTS:
         return NO_TESTS
     for status in (parallel, serial):
