@@ -11,6 +11,10 @@ Usage: suite.py [--jobs N] [PYTEST ARGS...]; ``make test`` calls it (``TEST_JOBS
    134 s in one process). A module's fixtures are then built once in each process.
 2. The ``slow`` tests (worker and scheduler processes, faults, anything that times what happens within a few
    seconds) in one process, after the rest, so that none of them shares the machine with another test.
+   A test that is only long is not marked (the README's commands in a clean copy, each shipped campaign
+   through an operator's steps, 10,000 searches of the dashboard): its limits are generous, so it loses
+   nothing by sharing the machine, and in part 1 it holds one core of two instead of the whole machine
+   (together 170 s of the slow part's 917 s, on a host where the suite took 24 minutes).
 
 Both parts always run; the exit status is the first part's failure, else the second's. A part that selects
 nothing (``PYTEST_ARGS`` naming only slow tests, say) does not fail the run. Arguments that choose their own

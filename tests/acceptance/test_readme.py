@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 
 import httpx
-import pytest
 from acceptance_support import REPO, VENV_BIN, http_ready, log_in, stop, wait_until
 from prism_support import free_port
 
@@ -69,7 +68,6 @@ def test_the_acceptance_layer_sets_only_variables_the_readme_documents() -> None
     assert used and used <= documented, sorted(used - documented)
 
 
-@pytest.mark.slow
 def test_every_readme_command_works_as_written_in_a_clean_copy(tmp_path: Path) -> None:
     blocks = shell_blocks((REPO / "README.md").read_text(encoding="utf-8"))
     copy = clean_copy(tmp_path / "clone")

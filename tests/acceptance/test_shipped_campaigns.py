@@ -46,7 +46,6 @@ def test_the_shipped_campaigns_are_the_ones_this_layer_runs() -> None:
     assert len(SHIPPED) >= 5, "campaigns/ lost its shipped campaigns"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("campaign", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_campaign_validates_previews_dry_runs_runs_and_audits_with_agreeing_figures(
     campaign: Path, tmp_path: Path
