@@ -182,7 +182,7 @@ class Gate:
 
     CHECK_EVERY = 0.25
 
-    def __init__(self, runtime: Runtime, context: RunContext) -> None:
+    def __init__(self, runtime: Runtime, context: RunContext, checked_at: float = 0.0) -> None:
         self.runtime = runtime
         self.context = context
         # the shared limiter paces the channels that reach people through the gateway (not ringback)
@@ -202,7 +202,8 @@ class Gate:
         self._held: set[int] | None = None
         self._lost: set[int] = set()
         self.opens_at: datetime | None = None
-        self._checked = 0.0
+        #: when the run's status and window were last read (``time.monotonic``; 0: never, read at the first look)
+        self._checked = checked_at
 
     @staticmethod
     def chunk_size(runtime: Runtime, gateway: Gateway, *, paced: bool) -> int:
@@ -348,6 +349,7 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
     if runtime.stopping.is_set():
         # shutting down: claim nothing; the message goes back to the queue for another worker
         return BatchResult(0, {"stopping": 1}, 0.0)
+    looked = time.monotonic()
     status = store.control.run_status(run_id)
     if status in ("cancelled", "completed"):
         return BatchResult(0, {}, None)
@@ -368,7 +370,9 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
             retry_at = store.next_retry_at(run_id, batch_no)
             return BatchResult(0, {}, seconds_until(runtime, retry_at))
         token = rows[0].claim_token
-        gate = Gate(runtime, context)
+        # the status and the send window were read just before the claim: the gate's next look is due
+        # CHECK_EVERY from then, like every look after it
+        gate = Gate(runtime, context, checked_at=looked)
         try:
             outcomes = send_rows(runtime, context, rows, gate)
         except BaseException:
@@ -411,8 +415,9 @@ def process_batch(runtime: Runtime, run_id: str, batch_no: int) -> BatchResult:
         log.info("batch.done", claimed=len(rows), **counts)
         # rows of this batch postponed by this or an earlier attempt: come back when the first is due,
         # even if every row claimed this time was settled (later retries must not be stranded)
-        retry_at = store.next_retry_at(run_id, batch_no)
-        store.finish_if_done(run_id)
+        retry_at, still_open = store.batch_left(run_id, batch_no)
+        if not still_open:
+            store.finish_if_done(run_id)
         retry_in = seconds_until(runtime, retry_at)
         if stop_in is not None:
             retry_in = stop_in if retry_in is None else min(retry_in, stop_in)

@@ -130,6 +130,34 @@ def test_results_are_recorded_with_attempts_and_only_for_rows_in_flight(store) -
     assert len(store.attempts_for(claimed[0].id)) == 1
 
 
+def test_after_a_batch_the_log_says_when_its_retries_are_due_and_whether_the_run_is_still_open(
+    database_url: str,
+) -> None:
+    # a worker asks this after every batch: when to bring the batch back, and whether to finish the run
+    now = [datetime(2026, 12, 1, 2, 0, tzinfo=UTC)]
+    store = open_store(database_url, clock=lambda: now[0])
+    try:
+        store.upsert_residents(_residents(4))
+        store.create_run(_spec("r1", batch_size=2), ALL)
+        assert store.batch_left("r1", 0) == (None, True)
+        first = store.claim("r1", 0, "w")
+        due = now[0] + timedelta(minutes=5)
+        retry = dataclasses.replace(
+            _sent(first[:1])[0], state="pending", outcome="retry", provider_id=None, next_attempt_at=due
+        )
+        store.record([retry, *_sent(first[1:])])
+        assert store.batch_left("r1", 0) == (due, True)
+        assert store.batch_left("r1", 1) == (None, True)
+        store.record(_sent(store.claim("r1", 1, "w")))
+        # batch 1 is settled, but batch 0's postponed row keeps the run open
+        assert store.batch_left("r1", 1) == (None, True)
+        now[0] = due
+        store.record(_sent(store.claim("r1", 0, "w")))
+        assert store.batch_left("r1", 0) == (None, False)
+    finally:
+        store.close()
+
+
 def test_results_hashed_before_the_write_are_hashed_again_if_their_chain_grew_meanwhile(tmp_path: Path) -> None:
     # on SQLite a batch's ledger events are hashed before the write lock is taken, against the chain's tail
     # as read then; another event appended to the same batch chain in between (here a row of the batch

@@ -10,7 +10,7 @@ own module and each owning its tables and queries::
         / iter_audience / audience_matrix                     residents and audiences
       create_run / get_run / list_runs / set_run_status
         / finish_if_done                                      runs
-      pending_batches / claim / next_retry_at / record
+      pending_batches / claim / next_retry_at / batch_left / record
         / release / still_claimed / renew_claim / requeue / orphans
         / sending_holders / operator_settle / cancel_open     deliveries and claims
       heartbeat / forget_worker / live_workers                workers' heartbeats

@@ -799,6 +799,19 @@ class SqlStore:
             ).scalar_one()
         return as_utc(value)
 
+    def batch_left(self, run_id: str, batch_no: int) -> tuple[datetime | None, bool]:
+        """After a batch: when its earliest postponed row becomes due (``next_retry_at``), and whether
+        anything in the run is still open (``finish_if_done``'s first look), in one statement: a worker
+        asks both after every batch, and each statement is a round trip and a pooled connection."""
+        d = t.deliveries
+        retry = select(func.min(d.c.next_attempt_at)).where(
+            d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == PENDING
+        )
+        any_open = sa.exists().where(d.c.run_id == run_id, d.c.state.in_(OPEN_STATES))
+        with self._db.read_one() as conn:
+            row = conn.execute(select(retry.scalar_subquery(), any_open)).one()
+        return as_utc(row[0]), bool(row[1])
+
     def record(self, outcomes: Sequence[Outcome], actor: str = "worker") -> None:
         """Write a batch's results and its attempts in one transaction.
 
