@@ -690,9 +690,7 @@ class SqlStore:
 
     def finish_if_done(self, run_id: str) -> bool:
         """Mark the run completed once no row needs work; True if it is (now) finished."""
-        d = t.deliveries
-        # EXISTS, not COUNT: this runs after every batch, and counting a 200,000-row run each time is quadratic
-        any_open = sa.exists().where(d.c.run_id == run_id, d.c.state.in_(OPEN_STATES))
+        any_open = _any_open(run_id)
         with self._db.read_one() as conn:
             if conn.execute(select(any_open)).scalar_one():
                 return False
@@ -790,26 +788,16 @@ class SqlStore:
 
     def next_retry_at(self, run_id: str, batch_no: int) -> datetime | None:
         """When the earliest postponed row of this batch becomes due (None if nothing is postponed)."""
-        d = t.deliveries
         with self._db.read_one() as conn:
-            value = conn.execute(
-                select(func.min(d.c.next_attempt_at)).where(
-                    d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == PENDING
-                )
-            ).scalar_one()
+            value = conn.execute(_first_retry(run_id, batch_no)).scalar_one()
         return as_utc(value)
 
     def batch_left(self, run_id: str, batch_no: int) -> tuple[datetime | None, bool]:
         """After a batch: when its earliest postponed row becomes due (``next_retry_at``), and whether
         anything in the run is still open (``finish_if_done``'s first look), in one statement: a worker
         asks both after every batch, and each statement is a round trip and a pooled connection."""
-        d = t.deliveries
-        retry = select(func.min(d.c.next_attempt_at)).where(
-            d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == PENDING
-        )
-        any_open = sa.exists().where(d.c.run_id == run_id, d.c.state.in_(OPEN_STATES))
         with self._db.read_one() as conn:
-            row = conn.execute(select(retry.scalar_subquery(), any_open)).one()
+            row = conn.execute(select(_first_retry(run_id, batch_no).scalar_subquery(), _any_open(run_id))).one()
         return as_utc(row[0]), bool(row[1])
 
     def record(self, outcomes: Sequence[Outcome], actor: str = "worker") -> None:
@@ -1388,6 +1376,21 @@ def _events_unique_per_chain(conn: Connection) -> None:
     t.events.create(conn)
     conn.exec_driver_sql(f"INSERT INTO events ({columns}) SELECT {columns} FROM events_v9 ORDER BY id")
     conn.exec_driver_sql("DROP TABLE events_v9")
+
+
+def _any_open(run_id: str) -> Any:
+    """Whether any row of the run still needs work. EXISTS, not COUNT: asked after every batch, and counting
+    a 200,000-row run each time is quadratic."""
+    d = t.deliveries
+    return sa.exists().where(d.c.run_id == run_id, d.c.state.in_(OPEN_STATES))
+
+
+def _first_retry(run_id: str, batch_no: int) -> Any:
+    """When the earliest postponed row of a batch becomes due (NULL if none is)."""
+    d = t.deliveries
+    return select(func.min(d.c.next_attempt_at)).where(
+        d.c.run_id == run_id, d.c.batch_no == batch_no, d.c.state == PENDING
+    )
 
 
 def _claimed_select(is_sqlite: bool, *more: Any) -> Any:
