@@ -7,6 +7,7 @@ import itertools
 import json
 import signal
 import subprocess
+import time
 import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -14,11 +15,31 @@ from typing import TYPE_CHECKING
 import pytest
 
 from dispatcher.providers.outbox.gateway import read_outbox
-from dispatcher.ratelimit import MemoryRateLimiter, RedisRateLimiter
+from dispatcher.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from tests.conftest import wait_started
 
 if TYPE_CHECKING:
     from tests.conftest import Project
+
+
+#: the clocks' resolution: SQLite reads its clock to the millisecond
+RESOLUTION = 0.005
+
+
+def reserve_window(limiter: RateLimiter, cost: float = 1.0) -> tuple[float, float]:
+    """When the slot ``reserve`` gave falls, on this process's clock: its wait counts from the moment the
+    schedule (Redis, the database) read its own clock, which lies between the call's start and its end. A
+    loaded host can stretch a round trip by tens of milliseconds, so subtracting two waits measured at
+    different moments would compare the schedule with the round trips."""
+    start = time.monotonic()
+    wait = limiter.reserve(cost)
+    end = time.monotonic()
+    return start + wait, end + wait
+
+
+def assert_gap(earlier: tuple[float, float], later: tuple[float, float], gap: float) -> None:
+    """The two slots lie ``gap`` apart: as far as the windows they fall in tell, to the clocks' resolution."""
+    assert later[0] - earlier[1] - RESOLUTION <= gap <= later[1] - earlier[0] + RESOLUTION
 
 
 def test_memory_limiter_hands_out_evenly_spaced_slots_instead_of_rejecting() -> None:
@@ -42,10 +63,11 @@ def test_redis_limiter_is_one_schedule_for_every_client(redis_url: str) -> None:
     a = RedisRateLimiter(redis.Redis.from_url(redis_url), key, 20)
     b = RedisRateLimiter(redis.Redis.from_url(redis_url), key, 20)
     try:
-        waits = [limiter.reserve() for limiter in (a, b, a, b, a, b)]
-        assert waits[0] < 0.02
-        for earlier, later in itertools.pairwise(waits):
-            assert later - earlier == pytest.approx(a.interval, abs=0.02)
+        start = time.monotonic()
+        slots = [reserve_window(limiter) for limiter in (a, b, a, b, a, b)]
+        assert slots[0][0] - start < 0.02  # the first slot is now
+        for earlier, later in itertools.pairwise(slots):
+            assert_gap(earlier, later, a.interval)
     finally:
         a.client.delete(key)
 
@@ -57,12 +79,13 @@ def test_database_limiter_is_one_schedule_for_every_client(database_url: str) ->
     stores = [open_store(database_url), open_store(database_url)]  # two clients, as two processes have
     try:
         a, b = (DatabaseRateLimiter(store, "dispatch:ratelimit:outbox", 20) for store in stores)
-        waits = [limiter.reserve() for limiter in (a, b, a, b, a, b)]
-        assert waits[0] < 0.02
-        for earlier, later in itertools.pairwise(waits):
-            assert later - earlier == pytest.approx(a.interval, abs=0.02)
-        assert a.reserve(3) - waits[-1] == pytest.approx(a.interval, abs=0.02)  # after the last slot...
-        assert b.reserve() - waits[-1] == pytest.approx(4 * a.interval, abs=0.02)  # ...three parts take three
+        start = time.monotonic()
+        slots = [reserve_window(limiter) for limiter in (a, b, a, b, a, b)]
+        assert slots[0][0] - start < 0.02  # the first slot is now
+        for earlier, later in itertools.pairwise(slots):
+            assert_gap(earlier, later, a.interval)
+        assert_gap(slots[-1], reserve_window(a, 3), a.interval)  # after the last slot...
+        assert_gap(slots[-1], reserve_window(b), 4 * a.interval)  # ...three parts take three
     finally:
         for store in stores:
             store.close()
