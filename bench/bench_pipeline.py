@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -106,6 +107,35 @@ def machine_cpu() -> tuple[int, int]:
     with open("/proc/stat") as fh:
         fields = [int(v) for v in fh.readline().split()[1:]]
     return fields[3] + fields[4], sum(fields)
+
+
+class IdleSampler:
+    """The machine's idle and total jiffies every 20 ms, so that the share left idle can be read for a window
+    that began before anyone could look: a run's batches are enqueued inside `dispatch run`, which exits only
+    afterwards. Read when it had exited, a 10,000-recipient run was often over already, and a window of a few
+    jiffies printed the machine as 100 % idle."""
+
+    EVERY = 0.02
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), *machine_cpu()))
+            self._stop.wait(self.EVERY)
+
+    def idle_share(self, start: float, end: float) -> float:
+        """Idle share from the last sample at or before ``start`` (wall clock) to the first at or after ``end``."""
+        self._stop.set()
+        self._thread.join()
+        before = [s for s in self.samples if s[0] <= start] or self.samples[:1]
+        after = [s for s in self.samples if s[0] >= end] or self.samples[-1:]
+        first, last = before[-1], after[0]
+        return (last[1] - first[1]) / max(1, last[2] - first[2])
 
 
 def postgres_io() -> dict[str, float]:
@@ -314,6 +344,9 @@ def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> di
                 for i, w in enumerate(workers)
             ]
         cpu_before = [cpu_seconds(w.pid) for w in workers]
+        # how much of the machine stays idle from the moment the batches are enqueued to the end, which no
+        # saving of CPU per recipient can turn into throughput
+        idle = IdleSampler()
         pg_before = postgres_cpu_seconds()
         io_before = postgres_io() if kind == "postgresql" else {}
         # fan-out: the `dispatch run --no-wait` process (it reports its own fan-out time)
@@ -328,15 +361,12 @@ def pipeline(size: int, kind: str, n_workers: int = 2, batch: int = BATCH) -> di
         fanout_seconds = st["fanout_seconds"]
         enqueued_at = st["enqueued_at"]
         run_rss = float(run.stderr.strip().splitlines()[-1].split("=")[1])
-        # from here (just after the batches were enqueued) to the end: how much of the machine stayed idle,
-        # which no saving of CPU per recipient can turn into throughput
-        idle_before = machine_cpu()
         # end to end: from the moment the batches were enqueued until nothing is open
         while store.get_run(run_id).status != "completed":  # a cheap poll: no COUNT over the run
             time.sleep(0.05)
-        e2e_seconds = time.time() - enqueued_at
-        idle_after = machine_cpu()
-        idle_share = (idle_after[0] - idle_before[0]) / max(1, idle_after[1] - idle_before[1])
+        finished_at = time.time()
+        e2e_seconds = finished_at - enqueued_at
+        idle_share = idle.idle_share(enqueued_at, finished_at)
         worker_cpu = sum(cpu_seconds(w.pid) for w in workers) - sum(cpu_before)
         pg_cpu = postgres_cpu_seconds() - pg_before  # includes the fan-out's share
         # what the database had to write meanwhile: a run whose rows and indexes outgrow shared_buffers costs
