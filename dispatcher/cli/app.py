@@ -12,6 +12,7 @@ them together: the order below is the order ``dispatch --help`` lists them in.
 
 from __future__ import annotations
 
+import gc
 from typing import cast
 
 import click
@@ -79,6 +80,10 @@ _USAGE = _click_classes("ClickException")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # what importing the package built (SQLAlchemy's and pydantic's structures, the CLI's) lives until the
+    # process ends: frozen, it is walked by none of the command's collections nor by the one at exit, which
+    # took a quarter of a short command's time (0.15 of 0.62 s for `dispatch runs`)
+    gc.freeze()
     try:
         # with standalone_mode=False click returns the code of a typer.Exit instead of raising it
         code = app(args=argv, standalone_mode=False)
