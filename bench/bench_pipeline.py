@@ -129,7 +129,8 @@ class IdleSampler:
             self._stop.wait(self.EVERY)
 
     def idle_share(self, start: float, end: float) -> float:
-        """Idle share from the last sample at or before ``start`` (wall clock) to the first at or after ``end``."""
+        """Idle share from the last sample at or before ``start`` (wall clock) to the first at or after ``end``;
+        sampling stops here, so the end must have passed."""
         self._stop.set()
         self._thread.join()
         before = [s for s in self.samples if s[0] <= start] or self.samples[:1]
